@@ -1,0 +1,151 @@
+"""What an architecture adapter declares, and the machinery every adapter shares.
+
+An adapter is data, not code paths: where the decoder blocks, the vision blocks
+and the projector live, which submodule of a block produces each site, and how
+to turn prompts and images into model inputs.  Adding an architecture means
+adding one file under ``interp/adapters/`` that builds one :class:`ArchAdapter`
+and registers it for its transformers class name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+Getter = Callable[[Any], torch.Tensor]
+Setter = Callable[[Any, torch.Tensor], Any]
+
+
+def _identity_get(value: Any) -> torch.Tensor:
+    return value
+
+
+def _identity_set(value: Any, new: torch.Tensor) -> Any:
+    return new
+
+
+def tuple_get(index: int) -> Getter:
+    """Read element ``index`` of a tuple output (attention modules return ``(out, weights)``)."""
+
+    def get(value: Any) -> torch.Tensor:
+        return value[index] if isinstance(value, (tuple, list)) else value
+
+    return get
+
+
+def tuple_set(index: int) -> Setter:
+    def set_(value: Any, new: torch.Tensor) -> Any:
+        if isinstance(value, (tuple, list)):
+            items = list(value)
+            items[index] = new
+            return type(value)(items) if isinstance(value, tuple) else items
+        return new
+
+    return set_
+
+
+def attr_get(attr: str) -> Getter:
+    """Read a field of a ModelOutput (Qwen's vision tower returns the merged features as ``pooler_output``)."""
+    return lambda value: getattr(value, attr)
+
+
+def attr_set(attr: str) -> Setter:
+    def set_(value: Any, new: torch.Tensor) -> Any:
+        setattr(value, attr, new)
+        if hasattr(value, "__setitem__"):
+            value[attr] = new  # ModelOutput keeps a dict view in sync with its attributes
+        return value
+
+    return set_
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where one hook name lives: a module (path relative to a root), its input or output, and how to read/write the tensor.
+
+    ``kind == "input"`` means the first positional argument of the module's
+    forward (every block of every supported model takes ``hidden_states``
+    positionally).
+    """
+
+    module: str
+    kind: str = "output"  # "input" | "output"
+    get: Getter = _identity_get
+    set: Setter = _identity_set
+
+
+@dataclass(frozen=True)
+class BlockSites:
+    """The five per-block sites, as paths relative to one block."""
+
+    attn: Site
+    resid_mid: Site
+    mlp: Site
+
+
+@dataclass(frozen=True)
+class ArchAdapter:
+    """Declarative description of one VLM architecture.
+
+    Paths are dotted attribute paths from the transformers model (the
+    ``*ForConditionalGeneration``).  ``vision_batched`` is False for towers
+    that flatten all images' patches into one ``(num_patches, d)`` sequence
+    (Qwen2.5-VL), so their caches have no batch dimension.
+    """
+
+    name: str
+    hf_class: str
+    lm_layers: str
+    final_norm: str
+    lm_head: str
+    vision_layers: str
+    vision_block: BlockSites
+    lm_block: BlockSites
+    projector_in: Site
+    projector_out: Site
+    image_token_id: Callable[[Any], int]
+    vision_batched: bool = True
+    # prompt formatting and image handling, see interp.inputs
+    chat_template: Callable[[str, int], str] = field(default=lambda p, n: p)
+    image_placeholder: str = "<image>"
+    preprocess_images: Callable[..., dict[str, torch.Tensor]] | None = None
+    tokens_per_image: Callable[..., list[int]] | None = None
+
+    def n_layers(self, model: nn.Module) -> int:
+        return len(get_module(model, self.lm_layers))
+
+    def n_vision_layers(self, model: nn.Module) -> int:
+        return len(get_module(model, self.vision_layers))
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    """Follow a dotted path (``"model.language_model.layers.3"``) from ``root``."""
+    mod: Any = root
+    for part in path.split("."):
+        mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
+    return mod
+
+
+_REGISTRY: dict[str, ArchAdapter] = {}
+
+
+def register(adapter: ArchAdapter) -> ArchAdapter:
+    _REGISTRY[adapter.hf_class] = adapter
+    return adapter
+
+
+def adapter_for(model: nn.Module) -> ArchAdapter:
+    """The adapter registered for ``type(model).__name__``; a clear error for anything else."""
+    cls = type(model).__name__
+    if cls not in _REGISTRY:
+        raise NotImplementedError(
+            f"unsupported architecture {cls!r}; supported: {sorted(_REGISTRY)}. "
+            "Add one adapter file under interp/adapters/ to support it."
+        )
+    return _REGISTRY[cls]
+
+
+def registered() -> dict[str, ArchAdapter]:
+    return dict(_REGISTRY)

@@ -1,0 +1,53 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``): Llama decoder, CLIP vision tower, two-layer MLP projector."""
+from __future__ import annotations
+
+import torch
+
+from .base import ArchAdapter, BlockSites, Site, register, tuple_get, tuple_set
+
+
+def _chat(prompt: str, n_images: int) -> str:
+    # The LLaVA-1.5 conversation format: the model answers after "ASSISTANT:".
+    return "USER: " + "<image>\n" * n_images + prompt + " ASSISTANT:"
+
+
+def _preprocess(image_processor, images) -> dict[str, torch.Tensor]:
+    return {"pixel_values": image_processor(images, return_tensors="pt")["pixel_values"]}
+
+
+def _tokens_per_image(config, processed: dict[str, torch.Tensor]) -> list[int]:
+    # One token per patch; the "default" strategy drops CLS, "full" keeps it.
+    vc = config.vision_config
+    n = (vc.image_size // vc.patch_size) ** 2
+    if getattr(config, "vision_feature_select_strategy", "default") == "full":
+        n += 1
+    return [n] * processed["pixel_values"].shape[0]
+
+
+LLAVA = register(
+    ArchAdapter(
+        name="llava",
+        hf_class="LlavaForConditionalGeneration",
+        lm_layers="model.language_model.layers",
+        final_norm="model.language_model.norm",
+        lm_head="lm_head",
+        vision_layers="model.vision_tower.encoder.layers",
+        lm_block=BlockSites(
+            attn=Site("self_attn", "output", tuple_get(0), tuple_set(0)),
+            resid_mid=Site("post_attention_layernorm", "input"),
+            mlp=Site("mlp", "output"),
+        ),
+        vision_block=BlockSites(
+            attn=Site("self_attn", "output", tuple_get(0), tuple_set(0)),
+            resid_mid=Site("layer_norm2", "input"),
+            mlp=Site("mlp", "output"),
+        ),
+        projector_in=Site("model.multi_modal_projector", "input"),
+        projector_out=Site("model.multi_modal_projector", "output"),
+        image_token_id=lambda config: config.image_token_id,
+        chat_template=_chat,
+        image_placeholder="<image>",
+        preprocess_images=_preprocess,
+        tokens_per_image=_tokens_per_image,
+    )
+)

@@ -1,0 +1,140 @@
+"""ActivationCache: activations by hook name, sliceable by modality.
+
+Why modality slicing lives here: in a VLM the same residual stream mixes image
+tokens, text tokens and padding, and nearly every analysis wants one of them
+(probing image positions, steering the last prompt token).  Doing that
+slicing once, with the batch's masks, removes a whole class of off-by-one and
+padding bugs from user code.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from jaxtyping import Bool, Float, Int
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .names import HookNameError, layer_of, parse_block_name, unknown_name_error
+
+_MASKS = ("__image_mask__", "__text_mask__", "__last_index__")
+
+
+class ActivationCache:
+    """Activations of one forward pass, keyed by hook name; only requested names are stored.
+
+    >>> logits, cache = model.run_with_cache(inputs, names="blocks.*.hook_resid_pre")  # doctest: +SKIP
+    >>> cache.last("blocks.2.hook_resid_pre").shape                                       # doctest: +SKIP
+    torch.Size([2, 128])
+    """
+
+    def __init__(
+        self,
+        acts: dict[str, Tensor],
+        image_mask: Bool[Tensor, "batch pos"],
+        text_mask: Bool[Tensor, "batch pos"],
+        last_index: Int[Tensor, " batch"],
+    ) -> None:
+        self._acts = dict(acts)
+        self.image_mask = image_mask
+        self.text_mask = text_mask
+        self.last_index = last_index
+
+    # -- dict-like access -------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self._acts)
+
+    def keys(self) -> list[str]:
+        return self.names
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._acts
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._acts)
+
+    def __len__(self) -> int:
+        return len(self._acts)
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self._acts:
+            if not self._acts:
+                raise HookNameError(f"{name!r} is not cached: the cache is empty")
+            raise unknown_name_error(name, self.names)
+        return self._acts[name]
+
+    def __repr__(self) -> str:
+        return f"ActivationCache({len(self)} names, batch={self.image_mask.shape[0]}, pos={self.image_mask.shape[1]})"
+
+    # -- modality slicing -------------------------------------------------
+    def _positional(self, name: str) -> Tensor:
+        t = self[name]
+        parsed = parse_block_name(name)
+        if name.startswith(("vision.", "projector.")) or (parsed is not None and parsed[0] == "vision"):
+            raise ValueError(f"{name!r} is a vision-side site: it has no prompt positions to slice by modality")
+        if t.dim() < 2 or t.shape[:2] != self.image_mask.shape:
+            raise ValueError(f"{name!r} has shape {tuple(t.shape)}, not [batch, pos, ...] matching the prompt masks")
+        return t
+
+    def _select(self, name: str, mask: Tensor, padded: bool):
+        t = self._positional(name)
+        rows = [t[b][mask[b]] for b in range(t.shape[0])]
+        if not padded:
+            return rows
+        width = max((r.shape[0] for r in rows), default=0)
+        out = t.new_zeros((t.shape[0], width) + tuple(t.shape[2:]))
+        valid = torch.zeros((t.shape[0], width), dtype=torch.bool, device=t.device)
+        for b, r in enumerate(rows):
+            out[b, : r.shape[0]] = r
+            valid[b, : r.shape[0]] = True
+        return out, valid
+
+    def image(self, name: str, padded: bool = False):
+        """Image-token positions: a list of ``[n_image_tokens_b, ...]`` per row, or ``(padded, valid_mask)``."""
+        return self._select(name, self.image_mask, padded)
+
+    def text(self, name: str, padded: bool = False):
+        """Real text-token positions (no padding, no image tokens), like :meth:`image`."""
+        return self._select(name, self.text_mask, padded)
+
+    def last(self, name: str) -> Float[Tensor, "batch ..."]:
+        """The last prompt token of each row: ``[batch, d]``."""
+        t = self._positional(name)
+        idx = self.last_index.to(t.device)
+        return t[torch.arange(t.shape[0], device=t.device), idx]
+
+    def stack(self, pattern: str) -> Float[Tensor, "layer ..."]:
+        """Stack every cached name matching a glob (``"blocks.*.hook_resid_post"``) along a new leading layer axis."""
+        hits = [n for n in self.names if fnmatch.fnmatch(n, pattern)]
+        if not hits:
+            raise HookNameError(f"no cached name matches {pattern!r}; cached: {self.names[:8]}{'...' if len(self) > 8 else ''}")
+        hits.sort(key=lambda n: (layer_of(n) is None, layer_of(n) or 0))
+        return torch.stack([self._acts[n] for n in hits])
+
+    # -- movement and persistence ----------------------------------------
+    def to(self, device: torch.device | str) -> "ActivationCache":
+        return ActivationCache(
+            {k: v.to(device) for k, v in self._acts.items()},
+            self.image_mask.to(device),
+            self.text_mask.to(device),
+            self.last_index.to(device),
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write to one safetensors file (activations + masks); no pickle."""
+        from .io import atomic_path
+
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self._acts.items()}
+        tensors.update(dict(zip(_MASKS, (self.image_mask.cpu(), self.text_mask.cpu(), self.last_index.cpu()))))
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "interp.ActivationCache", "names": json.dumps(self.names)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ActivationCache":
+        t = load_file(str(path))
+        masks = [t.pop(k) for k in _MASKS]
+        return cls(t, *masks)

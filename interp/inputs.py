@@ -1,0 +1,198 @@
+"""Encoding prompts and images into one left-padded batch, with modality masks.
+
+Why our own encoder instead of each model's processor: the masks and the last
+prompt index must mean the same thing on every architecture (an off-by-one
+here is the most common bug in steering code, and the MLLMEraser release has
+it), and Qwen2.5-VL's processor cannot be built without torchvision.  Each
+adapter says how to format a chat turn, preprocess images and count image
+tokens; everything else is shared.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence, Union
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Int
+from PIL import Image
+from torch import Tensor
+
+from .adapters.base import ArchAdapter
+
+ImageLike = Union[Image.Image, np.ndarray, None]
+RowImages = Union[ImageLike, Sequence[Image.Image]]
+
+
+class InputError(ValueError):
+    """Bad prompts or images: the message names the row and the problem."""
+
+
+@dataclass
+class VLMInputs:
+    """A left-padded batch ready for the model, with the positions of each modality.
+
+    ``image_mask`` marks image-token positions, ``text_mask`` real text tokens
+    (not padding, not image), and ``last_index`` the last prompt token of
+    each row, the position MLLMEraser reads and steers.
+    """
+
+    input_ids: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    image_mask: Bool[Tensor, "batch pos"]
+    text_mask: Bool[Tensor, "batch pos"]
+    last_index: Int[Tensor, " batch"]
+    image_kwargs: dict[str, Tensor] = field(default_factory=dict)
+    prompts: list[str] = field(default_factory=list)
+    n_images: list[int] = field(default_factory=list)
+
+    def model_kwargs(self) -> dict[str, Tensor]:
+        """Keyword arguments to pass straight to ``hf_model(**kwargs)`` or ``hf_model.generate(**kwargs)``."""
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.image_kwargs}
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __len__(self) -> int:
+        return self.batch_size
+
+    @property
+    def has_images(self) -> bool:
+        return bool(self.image_kwargs)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "VLMInputs":
+        """Move every tensor to ``device``; ``dtype`` applies to floating image tensors only."""
+
+        def mv(t: Tensor) -> Tensor:
+            t = t.to(device)
+            return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+        return replace(
+            self,
+            input_ids=mv(self.input_ids),
+            attention_mask=mv(self.attention_mask),
+            image_mask=mv(self.image_mask),
+            text_mask=mv(self.text_mask),
+            last_index=mv(self.last_index),
+            image_kwargs={k: mv(v) for k, v in self.image_kwargs.items()},
+        )
+
+
+def _as_rgb(img: Any, row: int) -> Image.Image:
+    """Accept PIL images of any mode and HxWx3 uint8 arrays; anything else is an error naming the row."""
+    if isinstance(img, np.ndarray):
+        if img.ndim == 2 or (img.ndim == 3 and img.shape[-1] in (1, 3, 4)):
+            img = Image.fromarray(img.astype(np.uint8) if img.dtype != np.uint8 else img)
+        else:
+            raise InputError(f"row {row}: image array has shape {img.shape}; expected HxW or HxWx{{1,3,4}}")
+    if not isinstance(img, Image.Image):
+        raise InputError(f"row {row}: expected a PIL image, a numpy array or None, got {type(img).__name__}")
+    if img.width < 1 or img.height < 1:
+        raise InputError(f"row {row}: image has zero size {img.size}")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _row_images(entry: RowImages, row: int) -> list[Image.Image]:
+    if entry is None:
+        return []
+    if isinstance(entry, (list, tuple)):
+        return [_as_rgb(im, row) for im in entry]
+    return [_as_rgb(entry, row)]
+
+
+def encode_batch(
+    adapter: ArchAdapter,
+    tokenizer: Any,
+    image_processor: Any,
+    config: Any,
+    images: Sequence[RowImages] | None,
+    prompts: Sequence[str] | str,
+    chat: bool = True,
+) -> VLMInputs:
+    """Encode a batch: format each prompt, expand image placeholders, left-pad, build masks.
+
+    ``images`` has one entry per prompt: None (text only), an image, or a list
+    of images.  With ``chat=True`` the adapter's chat template wraps the prompt
+    and inserts one placeholder per image unless the prompt already has them;
+    with ``chat=False`` the prompt is used as is.  Either way the number of
+    placeholders must equal the number of images.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise InputError("encode() needs at least one prompt")
+    if images is None:
+        images = [None] * len(prompts)
+    images = list(images)
+    if len(images) != len(prompts):
+        raise InputError(f"got {len(images)} image entries for {len(prompts)} prompts; pass one entry (or None) per prompt")
+
+    placeholder = adapter.image_placeholder
+    image_token = adapter.image_token_id(config)
+    placeholder_id = tokenizer.convert_tokens_to_ids(placeholder)
+    if placeholder_id != image_token:
+        raise InputError(f"tokenizer maps {placeholder!r} to {placeholder_id}, but the model's image token id is {image_token}")
+
+    rows_imgs = [_row_images(e, i) for i, e in enumerate(images)]
+    texts: list[str] = []
+    for i, (p, imgs) in enumerate(zip(prompts, rows_imgs)):
+        if not isinstance(p, str):
+            raise InputError(f"row {i}: prompt must be a string, got {type(p).__name__}")
+        n_ph = p.count(placeholder)
+        if chat and n_ph == 0:
+            text = adapter.chat_template(p, len(imgs))
+        else:
+            text = adapter.chat_template(p, 0) if chat else p
+        n_ph = text.count(placeholder)
+        if n_ph != len(imgs):
+            raise InputError(
+                f"row {i}: the prompt has {n_ph} image placeholder(s) {placeholder!r} but {len(imgs)} image(s) were given"
+            )
+        texts.append(text)
+
+    flat = [im for imgs in rows_imgs for im in imgs]
+    image_kwargs: dict[str, Tensor] = {}
+    counts: list[int] = []
+    if flat:
+        if adapter.preprocess_images is None or image_processor is None:
+            raise InputError(f"{adapter.name}: this model has no image processor, so it cannot take images")
+        image_kwargs = adapter.preprocess_images(image_processor, flat)
+        counts = adapter.tokens_per_image(config, image_kwargs)
+
+    seqs: list[list[int]] = []
+    k = 0
+    for text, imgs in zip(texts, rows_imgs):
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        out: list[int] = []
+        for t in ids:
+            if t == image_token:
+                out.extend([image_token] * counts[k])
+                k += 1
+            else:
+                out.append(t)
+        seqs.append(out)
+
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    width = max(len(s) for s in seqs)
+    ids_t = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids_t[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        attn[i, width - len(s):] = 1
+    image_mask = (ids_t == image_token) & attn.bool()
+    text_mask = attn.bool() & ~image_mask
+    last_index = torch.full((len(seqs),), width - 1, dtype=torch.long)
+    return VLMInputs(
+        input_ids=ids_t,
+        attention_mask=attn,
+        image_mask=image_mask,
+        text_mask=text_mask,
+        last_index=last_index,
+        image_kwargs=image_kwargs,
+        prompts=texts,
+        n_images=[len(r) for r in rows_imgs],
+    )

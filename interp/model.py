@@ -1,0 +1,195 @@
+"""HookedVLM: a Hugging Face vision-language model with TransformerLens hook names, run through nnsight.
+
+Why nnsight underneath: the same intervention code then runs on a local tiny
+model, on a 7B model sharded with ``device_map``, and (through nnsight) on
+remote hosts.  Every nnsight call of the project lives in this module and
+:mod:`interp.tracing`, so an nnsight API change is one diff.
+
+>>> from interp.tiny import tiny_vlm
+>>> model = tiny_vlm("llava", n_layers=2)
+>>> inputs = model.encode(images=[None], prompts=["who is this person"])
+>>> logits, cache = model.run_with_cache(inputs, names="blocks.*.hook_resid_post")
+>>> cache.stack("blocks.*.hook_resid_post").shape[0]
+2
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from .adapters import ArchAdapter, adapter_for, get_module
+from .cache import ActivationCache
+from .hooks import HookSpec, expand_hooks
+from .inputs import RowImages, VLMInputs, encode_batch
+from .names import NameFilter, all_hook_names, resolve_names
+from .sites import resolve_site
+from . import tracing
+
+
+@dataclass
+class Generation:
+    """Output of :meth:`HookedVLM.generate`: token ids and decoded answers (prompt excluded, stopped at EOS)."""
+
+    sequences: Int[Tensor, "batch total"]
+    new_tokens: Int[Tensor, "batch new"]
+    texts: list[str]
+
+
+class HookedVLM:
+    """A VLM with stable hook names, modality-aware caches, hooks, and hooked generation."""
+
+    def __init__(self, hf_model: torch.nn.Module, tokenizer: Any, image_processor: Any = None,
+                 adapter: ArchAdapter | None = None) -> None:
+        self.hf_model = hf_model
+        self.adapter = adapter or adapter_for(hf_model)
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self._names = all_hook_names(self.n_layers, self.n_vision_layers)
+        self._envoy = None
+
+    # -- construction -----------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf_model: torch.nn.Module, processor: Any = None, *, tokenizer: Any = None,
+                image_processor: Any = None) -> "HookedVLM":
+        """Wrap an existing transformers model.  ``processor`` may be a combined processor or a tokenizer."""
+        if processor is not None:
+            tokenizer = tokenizer or getattr(processor, "tokenizer", processor)
+            image_processor = image_processor or getattr(processor, "image_processor", None)
+        if tokenizer is None:
+            raise ValueError("from_hf needs a processor or a tokenizer")
+        return cls(hf_model, tokenizer, image_processor)
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path, dtype: torch.dtype | str | None = None,
+                        device_map: Any = None, **kwargs: Any) -> "HookedVLM":
+        """Load a checkpoint (a local directory works offline), its tokenizer and its image processor."""
+        from transformers import AutoConfig, AutoTokenizer
+
+        from .loading import load_image_processor, model_class_for
+
+        config = AutoConfig.from_pretrained(path_or_id)
+        model_cls = model_class_for(config)
+        model = model_cls.from_pretrained(path_or_id, dtype=dtype, device_map=device_map, **kwargs).eval()
+        tok = AutoTokenizer.from_pretrained(path_or_id)
+        tok.padding_side = "left"
+        return cls(model, tok, load_image_processor(path_or_id))
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Save model, tokenizer and image processor so :meth:`from_pretrained` restores the same model."""
+        path = Path(path)
+        self.hf_model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        if self.image_processor is not None:
+            self.image_processor.save_pretrained(path)
+
+    # -- facts -------------------------------------------------------------
+    @property
+    def arch(self) -> str:
+        return self.adapter.name
+
+    @property
+    def n_layers(self) -> int:
+        return self.adapter.n_layers(self.hf_model)
+
+    @property
+    def n_vision_layers(self) -> int:
+        return self.adapter.n_vision_layers(self.hf_model)
+
+    @property
+    def d_model(self) -> int:
+        return get_module(self.hf_model, self.adapter.lm_head).in_features
+
+    @property
+    def device(self) -> torch.device:
+        return get_module(self.hf_model, self.adapter.lm_layers + ".0").input_layernorm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf_model.parameters()).dtype
+
+    def hook_names(self) -> list[str]:
+        """Every valid hook name, in execution order."""
+        return list(self._names)
+
+    def module_for(self, name: str) -> torch.nn.Module:
+        """The torch module a hook name lives on (after validating the name)."""
+        (name,) = resolve_names([name], self._names)
+        return get_module(self.hf_model, resolve_site(self.adapter, name).module)
+
+    @property
+    def envoy(self):
+        """The nnsight wrapper of :attr:`hf_model` (built on first use)."""
+        if self._envoy is None:
+            self._envoy = tracing.wrap(self.hf_model)
+        return self._envoy
+
+    # -- inputs ------------------------------------------------------------
+    def encode(self, images: Sequence[RowImages] | None = None, prompts: Sequence[str] | str = (),
+               chat: bool = True) -> VLMInputs:
+        """Batch prompts (and one image, list of images or None per prompt), left-padded, on the model's device."""
+        enc = encode_batch(self.adapter, self.tokenizer, self.image_processor, self.hf_model.config,
+                           images, prompts, chat=chat)
+        return enc.to(self.device, dtype=self.dtype)
+
+    # -- running -----------------------------------------------------------
+    def _plan(self, names: NameFilter, hooks: HookSpec | None, inputs: VLMInputs) -> tracing.Plan:
+        cache_names = [] if names is None or (isinstance(names, (list, tuple)) and not names and hooks) else resolve_names(names, self._names)
+        hook_map = expand_hooks(hooks, self._names)
+        wanted = set(cache_names) | set(hook_map)
+        if not inputs.has_images:
+            vision = sorted(n for n in wanted if n.startswith(("vision.", "projector.")))
+            if vision:
+                raise ValueError(f"{vision[:3]} are vision-side sites, but this batch has no images")
+        ordered = [n for n in self._names if n in wanted]
+        return tracing.Plan(
+            sites=[(n, resolve_site(self.adapter, n)) for n in ordered],
+            hooks=hook_map,
+            cache=set(cache_names),
+        )
+
+    def run_with_cache(self, inputs: VLMInputs, names: NameFilter = None, hooks: HookSpec | None = None,
+                       ) -> tuple[Float[Tensor, "batch pos vocab"], ActivationCache]:
+        """One forward pass; returns logits and an :class:`ActivationCache` of ``names`` (all names if None).
+
+        ``hooks`` run in the same pass, and cached values are the values after the hooks at that site.
+        """
+        plan = self._plan(self.hook_names() if names is None else names, hooks, inputs)
+        logits, acts = tracing.run(self, inputs, plan)
+        return logits, ActivationCache(acts, inputs.image_mask, inputs.text_mask, inputs.last_index)
+
+    def run_with_hooks(self, inputs: VLMInputs, hooks: HookSpec) -> Float[Tensor, "batch pos vocab"]:
+        """One forward pass with ``hooks = [(name, fn), ...]``; returns the logits."""
+        logits, _ = tracing.run(self, inputs, self._plan(None, hooks, inputs))
+        return logits
+
+    def generate(self, inputs: VLMInputs, max_new_tokens: int = 32, hooks: HookSpec | None = None,
+                 every_step: bool = False, **generate_kwargs: Any) -> Generation:
+        """Greedy generation (by default) with hooks on the prefill pass only, or on every step."""
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        plan = self._plan(None, hooks, inputs)
+        kwargs = dict(do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
+                      eos_token_id=self.tokenizer.eos_token_id)
+        kwargs.update(generate_kwargs)
+        seqs = tracing.generate(self, inputs, plan, max_new_tokens, every_step, kwargs)
+        new = seqs[:, inputs.input_ids.shape[1]:]
+        return Generation(sequences=seqs, new_tokens=new, texts=self.decode(new))
+
+    def decode(self, tokens: Int[Tensor, "batch n"]) -> list[str]:
+        """Decode answer tokens, cutting each row at its first EOS."""
+        eos = self.tokenizer.eos_token_id
+        texts = []
+        for row in tokens.tolist():
+            if eos is not None and eos in row:
+                row = row[: row.index(eos)]
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        return texts
+
+    def __repr__(self) -> str:
+        return (f"HookedVLM({self.arch}: {self.n_layers} LM blocks x d_model {self.d_model}, "
+                f"{self.n_vision_layers} vision blocks, {len(self._names)} hook names)")

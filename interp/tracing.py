@@ -1,0 +1,133 @@
+"""Every nnsight call of the project: wrapping a model and running a plan of sites and hooks inside a trace.
+
+A :class:`Plan` is the list of sites to visit in execution order (nnsight
+requires that order), the hooks to apply at each, and which values to keep.
+The same body runs once for a forward pass, once for the prefill pass of a
+generation, or on every generation step.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import nnsight
+import torch
+from torch import Tensor
+
+from .adapters.base import Site
+from .hooks import HookContext, HookFn
+from .names import layer_of
+
+if TYPE_CHECKING:
+    from .inputs import VLMInputs
+    from .model import HookedVLM
+
+
+@dataclass
+class Plan:
+    sites: list[tuple[str, Site]]
+    hooks: dict[str, list[HookFn]] = field(default_factory=dict)
+    cache: set[str] = field(default_factory=set)
+
+    @property
+    def empty(self) -> bool:
+        return not self.sites
+
+
+def wrap(hf_model: torch.nn.Module):
+    """The nnsight envoy of a transformers model."""
+    return nnsight.NNsight(hf_model)
+
+
+def envoy_at(root, path: str):
+    env = root
+    for part in path.split("."):
+        env = env[int(part)] if part.isdigit() else getattr(env, part)
+    return env
+
+
+def _groups(sites: list[tuple[str, Site]]):
+    """Consecutive names that share one module and kind are read (and written) once."""
+    group: list[tuple[str, Site]] = []
+    for name, site in sites:
+        if group and (group[-1][1].module, group[-1][1].kind) != (site.module, site.kind):
+            yield group
+            group = []
+        group.append((name, site))
+    if group:
+        yield group
+
+
+def apply_plan(root, plan: Plan, inputs: "VLMInputs", step: int, acts: dict[str, Tensor]) -> Tensor | None:
+    """Visit each site inside a running trace: apply hooks, write back changes, keep requested values.
+
+    Returns the (possibly hooked) logits if ``hook_logits`` was visited.
+    """
+    logits = None
+    for group in _groups(plan.sites):
+        site0 = group[0][1]
+        env = envoy_at(root, site0.module)
+        raw = env.output if site0.kind == "output" else env.input
+        value = site0.get(raw)
+        changed = False
+        for name, _site in group:
+            for fn in plan.hooks.get(name, ()):
+                new = fn(value, HookContext(name=name, layer=layer_of(name), step=step, inputs=inputs))
+                if new is not None:
+                    if new.shape != value.shape:
+                        raise ValueError(f"hook on {name!r} returned shape {tuple(new.shape)}, expected {tuple(value.shape)}")
+                    value, changed = new, True
+            if name in plan.cache:
+                acts[name] = value.detach()
+            if name == "hook_logits":
+                logits = value
+        if changed:
+            if site0.kind == "output":
+                env.output = site0.set(raw, value)
+            else:
+                env.input = value
+    return logits
+
+
+def run(model: "HookedVLM", inputs: "VLMInputs", plan: Plan) -> tuple[Tensor, dict[str, Tensor]]:
+    """One forward pass under ``plan``; a plain forward when the plan is empty (same numbers, no tracing cost)."""
+    kwargs = inputs.model_kwargs()
+    with torch.no_grad():
+        if plan.empty:
+            return model.hf_model(**kwargs).logits, {}
+        root = model.envoy
+        acts: dict[str, Tensor] = {}
+        with root.trace(**kwargs):
+            hooked = apply_plan(root, plan, inputs, 0, acts)
+            logits = (hooked if hooked is not None else envoy_at(root, model.adapter.lm_head).output).save()
+            acts = nnsight.save(acts)
+    return logits, dict(acts)
+
+
+def generate(model: "HookedVLM", inputs: "VLMInputs", plan: Plan, max_new_tokens: int, every_step: bool,
+             kwargs: dict[str, Any]) -> Tensor:
+    """Generate under ``plan``: hooks on the prefill pass only, or on every step."""
+    model_kwargs = inputs.model_kwargs()
+    with torch.no_grad():
+        if plan.empty:
+            return model.hf_model.generate(**model_kwargs, max_new_tokens=max_new_tokens, **kwargs)
+        root = model.envoy
+        box: list[Tensor] = []
+
+        def capture(*args: Any, **kw: Any) -> Tensor:
+            # The result is caught here rather than read from tracer.result: after an
+            # open-ended every-step loop nnsight runs no further statement of the body.
+            out = model.hf_model.generate(*args, **kw)
+            box.append(out)
+            return out
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*was never reached.*")
+            with root.trace(**model_kwargs, fn=capture, max_new_tokens=max_new_tokens, **kwargs) as tracer:
+                if every_step:
+                    for step in tracer.all():
+                        apply_plan(root, plan, inputs, step, {})
+                else:
+                    apply_plan(root, plan, inputs, 0, {})
+    return box[0]
