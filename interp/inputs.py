@@ -10,7 +10,7 @@ tokens; everything else is shared.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -45,6 +45,12 @@ class VLMInputs:
     image_kwargs: dict[str, Tensor] = field(default_factory=dict)
     prompts: list[str] = field(default_factory=list)
     n_images: list[int] = field(default_factory=list)
+    labels: Optional[Int[Tensor, "batch pos"]] = None
+
+    @property
+    def answer_mask(self) -> Optional[Bool[Tensor, "batch pos"]]:
+        """Positions whose next token is an answer token (where the loss is read), when answers were encoded."""
+        return None if self.labels is None else self.labels[:, 1:] != -100
 
     def model_kwargs(self) -> dict[str, Tensor]:
         """Keyword arguments to pass straight to ``hf_model(**kwargs)`` or ``hf_model.generate(**kwargs)``."""
@@ -75,6 +81,7 @@ class VLMInputs:
             image_mask=mv(self.image_mask),
             text_mask=mv(self.text_mask),
             last_index=mv(self.last_index),
+            labels=None if self.labels is None else mv(self.labels),
             image_kwargs={k: mv(v) for k, v in self.image_kwargs.items()},
         )
 
@@ -109,6 +116,7 @@ def encode_batch(
     images: Sequence[RowImages] | None,
     prompts: Sequence[str] | str,
     chat: bool = True,
+    answers: Sequence[str] | None = None,
 ) -> VLMInputs:
     """Encode a batch: format each prompt, expand image placeholders, left-pad, build masks.
 
@@ -117,6 +125,11 @@ def encode_batch(
     and inserts one placeholder per image unless the prompt already has them;
     with ``chat=False`` the prompt is used as is.  Either way the number of
     placeholders must equal the number of images.
+
+    With ``answers``, each answer (plus EOS) is appended after its prompt and
+    ``labels`` holds the answer token ids at their positions (-100 elsewhere),
+    the standard causal-LM convention; ``last_index`` still points at the last
+    *prompt* token.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -161,9 +174,12 @@ def encode_batch(
         image_kwargs = adapter.preprocess_images(image_processor, flat)
         counts = adapter.tokens_per_image(config, image_kwargs)
 
+    if answers is not None and len(answers) != len(prompts):
+        raise InputError(f"got {len(answers)} answers for {len(prompts)} prompts")
     seqs: list[list[int]] = []
+    n_answer: list[int] = []
     k = 0
-    for text, imgs in zip(texts, rows_imgs):
+    for row, (text, imgs) in enumerate(zip(texts, rows_imgs)):
         ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         out: list[int] = []
         for t in ids:
@@ -172,6 +188,14 @@ def encode_batch(
                 k += 1
             else:
                 out.append(t)
+        if answers is not None:
+            ans = tokenizer(" " + answers[row], add_special_tokens=False)["input_ids"]
+            if tokenizer.eos_token_id is not None:
+                ans = ans + [tokenizer.eos_token_id]
+            n_answer.append(len(ans))
+            out = out + ans
+        else:
+            n_answer.append(0)
         seqs.append(out)
 
     pad_id = tokenizer.pad_token_id
@@ -185,7 +209,12 @@ def encode_batch(
         attn[i, width - len(s):] = 1
     image_mask = (ids_t == image_token) & attn.bool()
     text_mask = attn.bool() & ~image_mask
-    last_index = torch.full((len(seqs),), width - 1, dtype=torch.long)
+    last_index = torch.tensor([width - 1 - n for n in n_answer], dtype=torch.long)
+    labels = None
+    if answers is not None:
+        labels = torch.full_like(ids_t, -100)
+        for i, n in enumerate(n_answer):
+            labels[i, width - n:] = ids_t[i, width - n:]
     return VLMInputs(
         input_ids=ids_t,
         attention_mask=attn,
@@ -195,4 +224,5 @@ def encode_batch(
         image_kwargs=image_kwargs,
         prompts=texts,
         n_images=[len(r) for r in rows_imgs],
+        labels=labels,
     )

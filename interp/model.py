@@ -40,6 +40,15 @@ class Generation:
     texts: list[str]
 
 
+def sequence_nll(logits: Float[Tensor, "batch pos vocab"], labels: Int[Tensor, "batch pos"]) -> Float[Tensor, " batch"]:
+    """Mean NLL over each row's labelled tokens (labels are shifted: position t predicts t+1)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    tgt = labels[:, 1:]
+    mask = tgt != -100
+    tok = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return -(tok * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
 class HookedVLM:
     """A VLM with stable hook names, modality-aware caches, hooks, and hooked generation."""
 
@@ -130,11 +139,24 @@ class HookedVLM:
 
     # -- inputs ------------------------------------------------------------
     def encode(self, images: Sequence[RowImages] | None = None, prompts: Sequence[str] | str = (),
-               chat: bool = True) -> VLMInputs:
-        """Batch prompts (and one image, list of images or None per prompt), left-padded, on the model's device."""
+               chat: bool = True, answers: Sequence[str] | None = None) -> VLMInputs:
+        """Batch prompts (and one image, list of images or None per prompt), left-padded, on the model's device.
+
+        With ``answers`` the answers are appended (teacher forcing) and ``inputs.labels`` is set,
+        for training and for scoring answers with :meth:`answer_nll`.
+        """
         enc = encode_batch(self.adapter, self.tokenizer, self.image_processor, self.hf_model.config,
-                           images, prompts, chat=chat)
+                           images, prompts, chat=chat, answers=answers)
         return enc.to(self.device, dtype=self.dtype)
+
+    def answer_nll(self, inputs: VLMInputs, logits: Tensor | None = None, hooks: HookSpec | None = None,
+                   ) -> Float[Tensor, " batch"]:
+        """Mean token negative log-likelihood of each row's answer (inputs from ``encode(..., answers=...)``)."""
+        if inputs.labels is None:
+            raise ValueError("answer_nll needs inputs encoded with answers=[...]")
+        if logits is None:
+            logits = self.run_with_hooks(inputs, hooks) if hooks else tracing.run(self, inputs, tracing.Plan([]))[0]
+        return sequence_nll(logits, inputs.labels)
 
     # -- running -----------------------------------------------------------
     def _plan(self, names: NameFilter, hooks: HookSpec | None, inputs: VLMInputs) -> tracing.Plan:

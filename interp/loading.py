@@ -1,0 +1,45 @@
+"""Loading checkpoints offline without torchvision.
+
+transformers' auto classes may pick a torchvision-backed ("fast") image
+processor, and torchvision cannot be installed next to the pinned CPU torch.
+We read the saved processor type and use its PIL twin when one exists.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import transformers
+
+from .adapters import registered
+
+
+def model_class_for(config: Any) -> type:
+    """The transformers class named in ``config.architectures``, checked against the supported adapters."""
+    names = list(getattr(config, "architectures", None) or [])
+    for name in names:
+        if name in registered():
+            return getattr(transformers, name)
+    raise NotImplementedError(
+        f"unsupported architecture {names or type(config).__name__!r}; supported: {sorted(registered())}"
+    )
+
+
+def load_image_processor(path: str | Path) -> Any:
+    """The image processor saved at ``path`` (PIL backend), or None if the checkpoint has none."""
+    cfg_file = Path(path) / "preprocessor_config.json"
+    if not cfg_file.exists():
+        from transformers import AutoImageProcessor
+
+        try:  # a hub id or a layout we do not know: let transformers decide
+            return AutoImageProcessor.from_pretrained(path, use_fast=False)
+        except (OSError, ValueError):
+            return None
+    kind = json.loads(cfg_file.read_text()).get("image_processor_type", "")
+    kind = kind.removesuffix("Fast")
+    cls = getattr(transformers, kind + "Pil", None) if not kind.endswith("Pil") else getattr(transformers, kind, None)
+    cls = cls or getattr(transformers, kind, None)
+    if cls is None:
+        raise ValueError(f"{cfg_file}: unknown image_processor_type {kind!r}")
+    return cls.from_pretrained(path)
