@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny models are built once per session (they are deterministic for a seed)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def random_image(size: int, seed: int) -> Image.Image:
+    rng = np.random.RandomState(seed)
+    return Image.fromarray(rng.randint(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava():
+    from interp.tiny import tiny_vlm
+
+    return tiny_vlm("llava", seed=0, n_layers=3, vision_layers=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen():
+    from interp.tiny import tiny_vlm
+
+    return tiny_vlm("qwen2_5_vl", seed=0, n_layers=3, vision_layers=2)
+
+
+@pytest.fixture(scope="session", params=["llava", "qwen2_5_vl"])
+def tiny_model(request, tiny_llava, tiny_qwen):
+    return tiny_llava if request.param == "llava" else tiny_qwen
+
+
+@pytest.fixture
+def two_prompts(tiny_model):
+    """A batch of two prompts of different lengths, each with an image."""
+    size = 32 if tiny_model.arch == "llava" else 64
+    images = [random_image(size, 1), random_image(size, 2)]
+    prompts = ["what is the name of the person in this image ?", "who is he"]
+    return images, prompts

@@ -1,0 +1,68 @@
+"""ActivationCache: modality slicing, stacking, persistence."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from interp import ActivationCache
+from interp.names import HookNameError
+from tests.conftest import random_image
+
+
+@pytest.fixture
+def mixed_cache(tiny_llava):
+    inputs = tiny_llava.encode(images=[random_image(32, 0), None], prompts=["what is the name of the person", "who is he"])
+    _, cache = tiny_llava.run_with_cache(inputs, names=["blocks.*.hook_resid_pre", "vision.blocks.0.hook_resid_post"])
+    return inputs, cache
+
+
+def test_only_requested_names_are_stored(mixed_cache, tiny_llava):
+    _, cache = mixed_cache
+    expected = ["vision.blocks.0.hook_resid_post"] + [f"blocks.{l}.hook_resid_pre" for l in range(tiny_llava.n_layers)]
+    assert cache.names == expected  # execution order, nothing else
+    assert len(cache) == tiny_llava.n_layers + 1
+    assert "blocks.0.hook_resid_post" not in cache
+    with pytest.raises(HookNameError):
+        cache["blocks.0.hook_resid_post"]
+
+
+def test_image_text_last_slices(mixed_cache):
+    inputs, cache = mixed_cache
+    name = "blocks.1.hook_resid_pre"
+    full = cache[name]
+    img = cache.image(name)
+    assert [r.shape[0] for r in img] == [16, 0]
+    assert torch.equal(img[0], full[0][inputs.image_mask[0]])
+    txt = cache.text(name)
+    assert [r.shape[0] for r in txt] == inputs.text_mask.sum(1).tolist()
+    padded, valid = cache.text(name, padded=True)
+    assert padded.shape == (2, int(inputs.text_mask.sum(1).max()), full.shape[-1])
+    assert valid.sum().item() == inputs.text_mask.sum().item()
+    last = cache.last(name)
+    assert last.shape == (2, full.shape[-1])
+    assert torch.equal(last[1], full[1, inputs.last_index[1]])
+    with pytest.raises(ValueError, match="vision-side"):
+        cache.image("vision.blocks.0.hook_resid_post")
+
+
+def test_stack_orders_by_layer(mixed_cache, tiny_llava):
+    _, cache = mixed_cache
+    stacked = cache.stack("blocks.*.hook_resid_pre")
+    assert stacked.shape[0] == tiny_llava.n_layers
+    for l in range(tiny_llava.n_layers):
+        assert torch.equal(stacked[l], cache[f"blocks.{l}.hook_resid_pre"])
+    with pytest.raises(HookNameError):
+        cache.stack("blocks.*.hook_mlp_out")
+
+
+def test_save_load_round_trip_and_to(mixed_cache, tmp_path):
+    _, cache = mixed_cache
+    path = tmp_path / "cache.safetensors"
+    cache.save(path)
+    loaded = ActivationCache.load(path)
+    assert sorted(loaded.names) == sorted(cache.names)
+    for n in cache.names:
+        assert torch.equal(loaded[n], cache[n])
+    assert torch.equal(loaded.last_index, cache.last_index)
+    moved = cache.to("cpu")
+    assert torch.equal(moved.image_mask, cache.image_mask)

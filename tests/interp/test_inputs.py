@@ -1,0 +1,53 @@
+"""Encoding: masks, left padding, image-count checks, image conversion."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from interp.inputs import InputError
+
+
+def test_masks_count_image_tokens_and_cover_non_pad(tiny_model, two_prompts):
+    images, prompts = two_prompts
+    inputs = tiny_model.encode(images=images, prompts=prompts)
+    image_id = tiny_model.adapter.image_token_id(tiny_model.hf_model.config)
+    assert inputs.image_mask.sum().item() == (inputs.input_ids == image_id).sum().item() == 2 * 16
+    assert not (inputs.image_mask & inputs.text_mask).any()
+    assert ((inputs.image_mask | inputs.text_mask) == inputs.attention_mask.bool()).all()
+    # left padding: every row ends at the last column, which is the last prompt token
+    assert (inputs.attention_mask[:, -1] == 1).all()
+    assert (inputs.last_index == inputs.input_ids.shape[1] - 1).all()
+    assert inputs.attention_mask[0].sum() != inputs.attention_mask[1].sum()
+
+
+def test_image_count_must_match_placeholders(tiny_model):
+    ph = tiny_model.adapter.image_placeholder
+    size = 32 if tiny_model.arch == "llava" else 64
+    img = Image.new("RGB", (size, size))
+    with pytest.raises(InputError, match="placeholder"):
+        tiny_model.encode(images=[img], prompts=[f"{ph} and {ph} who"], chat=False)
+    with pytest.raises(InputError, match="placeholder"):
+        tiny_model.encode(images=[None], prompts=[f"{ph} who"], chat=False)
+    with pytest.raises(InputError, match="2 image entries for 1 prompts"):
+        tiny_model.encode(images=[img, img], prompts=["who"])
+    with pytest.raises(InputError, match="at least one prompt"):
+        tiny_model.encode(images=[], prompts=[])
+
+
+def test_non_rgb_images_are_converted_and_bad_ones_rejected(tiny_llava):
+    gray = Image.new("L", (40, 30), 128)
+    rgba = Image.new("RGBA", (32, 32), (1, 2, 3, 4))
+    arr = np.zeros((32, 32, 3), dtype=np.uint8)
+    inputs = tiny_llava.encode(images=[gray, rgba, arr], prompts=["a", "b", "c"])
+    assert inputs.image_kwargs["pixel_values"].shape == (3, 3, 32, 32)
+    with pytest.raises(InputError, match="row 0"):
+        tiny_llava.encode(images=["not an image"], prompts=["a"])
+    with pytest.raises(InputError, match="shape"):
+        tiny_llava.encode(images=[np.zeros((4, 4, 7), dtype=np.uint8)], prompts=["a"])
+
+
+def test_multiple_images_per_row(tiny_llava):
+    img = Image.new("RGB", (32, 32), (10, 20, 30))
+    inputs = tiny_llava.encode(images=[[img, img], None], prompts=["compare them", "hi"])
+    assert inputs.image_mask[0].sum().item() == 32 and inputs.image_mask[1].sum().item() == 0

@@ -1,0 +1,185 @@
+"""HookedVLM: sites equal the plain forward, batching is exact, hooks match plain torch hooks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from interp.adapters import get_module
+
+
+def _real_positions(t, attn):
+    return t[attn.bool()]
+
+
+def test_resid_sites_equal_hidden_states(tiny_model, two_prompts):
+    images, prompts = two_prompts
+    inputs = tiny_model.encode(images=images, prompts=prompts)
+    logits, cache = tiny_model.run_with_cache(inputs, names=["blocks.*.hook_resid_pre", "blocks.*.hook_resid_post"])
+    with torch.no_grad():
+        ref = tiny_model.hf_model(**inputs.model_kwargs(), output_hidden_states=True)
+    n = tiny_model.n_layers
+    last_post = None
+    for l in range(n):
+        pre = cache[f"blocks.{l}.hook_resid_pre"]
+        diff = (_real_positions(pre, inputs.attention_mask) - _real_positions(ref.hidden_states[l], inputs.attention_mask)).abs().max()
+        assert diff <= 1e-5, (l, diff)
+        if l < n - 1:  # the last entry of hidden_states has the final norm applied
+            post = cache[f"blocks.{l}.hook_resid_post"]
+            diff = (_real_positions(post, inputs.attention_mask) - _real_positions(ref.hidden_states[l + 1], inputs.attention_mask)).abs().max()
+            assert diff <= 1e-5, (l, diff)
+        last_post = cache[f"blocks.{l}.hook_resid_post"]
+    norm = get_module(tiny_model.hf_model, tiny_model.adapter.final_norm)
+    with torch.no_grad():
+        normed = norm(last_post)
+    assert (_real_positions(normed, inputs.attention_mask) - _real_positions(ref.hidden_states[n], inputs.attention_mask)).abs().max() <= 1e-5
+    assert torch.allclose(logits, ref.logits, atol=1e-5)
+
+
+def test_llava_vision_blocks_equal_tower_hidden_states(tiny_llava):
+    from tests.conftest import random_image
+
+    inputs = tiny_llava.encode(images=[random_image(32, 3), random_image(32, 4)], prompts=["who", "who is she"])
+    _, cache = tiny_llava.run_with_cache(inputs, names="vision.blocks.*")
+    with torch.no_grad():
+        ref = tiny_llava.hf_model.model.vision_tower(inputs.image_kwargs["pixel_values"], output_hidden_states=True)
+    for l in range(tiny_llava.n_vision_layers):
+        assert (cache[f"vision.blocks.{l}.hook_resid_pre"] - ref.hidden_states[l]).abs().max() <= 1e-5
+        assert (cache[f"vision.blocks.{l}.hook_resid_post"] - ref.hidden_states[l + 1]).abs().max() <= 1e-5
+
+
+def test_projector_out_is_what_the_model_scatters_in(tiny_model, two_prompts):
+    images, prompts = two_prompts
+    inputs = tiny_model.encode(images=images, prompts=prompts)
+    _, cache = tiny_model.run_with_cache(inputs, names=["projector.hook_out", "hook_embed"])
+    features = cache["projector.hook_out"].reshape(-1, tiny_model.d_model)
+    scattered = torch.cat(cache.image("hook_embed"))
+    assert features.shape == scattered.shape
+    assert (features - scattered).abs().max() <= 1e-6
+
+
+def test_batch_rows_equal_single_prompts(tiny_model, two_prompts):
+    images, prompts = two_prompts
+    batch = tiny_model.encode(images=images, prompts=prompts)
+    _, cache = tiny_model.run_with_cache(batch, names="blocks.*.hook_resid_post")
+    for i in range(2):
+        single = tiny_model.encode(images=[images[i]], prompts=[prompts[i]])
+        _, c1 = tiny_model.run_with_cache(single, names="blocks.*.hook_resid_post")
+        n = single.input_ids.shape[1]
+        for name in cache.names:
+            diff = (cache[name][i, -n:] - c1[name][0]).abs().max()
+            assert diff <= 1e-5, (name, i, diff)
+        assert torch.equal(cache.last(cache.names[-1])[i], cache[cache.names[-1]][i, -1])
+
+
+def test_text_only_prompts_work(tiny_model):
+    inputs = tiny_model.encode(images=None, prompts=["who is he", "what is the name of the person"])
+    assert not inputs.image_mask.any()
+    logits, cache = tiny_model.run_with_cache(inputs, names="blocks.0.hook_resid_pre")
+    assert logits.shape[:2] == inputs.input_ids.shape
+    with pytest.raises(ValueError, match="no images"):
+        tiny_model.run_with_cache(inputs, names="projector.hook_out")
+
+
+def test_hook_adding_a_vector_matches_register_forward_hook(tiny_model, two_prompts):
+    images, prompts = two_prompts
+    inputs = tiny_model.encode(images=images, prompts=prompts)
+    vec = torch.linspace(-1, 1, tiny_model.d_model)
+
+    ours = tiny_model.run_with_hooks(inputs, hooks=[("blocks.1.hook_resid_post", lambda x, ctx: x + vec)])
+    handle = tiny_model.module_for("blocks.1.hook_resid_post").register_forward_hook(lambda m, a, out: out + vec)
+    try:
+        with torch.no_grad():
+            plain = tiny_model.hf_model(**inputs.model_kwargs()).logits
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        vanilla = tiny_model.hf_model(**inputs.model_kwargs()).logits
+    assert torch.equal(ours, plain)
+    assert (ours - vanilla).abs().max() > 1e-3  # the hook did something
+
+
+def test_hook_on_attn_out_and_vision_site(tiny_llava):
+    from tests.conftest import random_image
+
+    inputs = tiny_llava.encode(images=[random_image(32, 5)], prompts=["who is he"])
+    base = tiny_llava.run_with_hooks(inputs, hooks=[("blocks.0.hook_attn_out", lambda x, c: None)])
+    with torch.no_grad():
+        vanilla = tiny_llava.hf_model(**inputs.model_kwargs()).logits
+    assert torch.equal(base, vanilla)  # a read-only hook changes nothing
+    zeroed = tiny_llava.run_with_hooks(inputs, hooks=[("vision.blocks.0.hook_mlp_out", lambda x, c: x * 0)])
+    assert (zeroed - vanilla).abs().max() > 1e-4
+
+
+def _pre_hook_generation(model, inputs, vec, prefill_only, n):
+    def pre(mod, args):
+        if prefill_only and args[0].shape[1] == 1:
+            return None
+        return (args[0] + vec,) + tuple(args[1:])
+
+    h = model.module_for("blocks.1.hook_resid_pre").register_forward_pre_hook(pre)
+    try:
+        with torch.no_grad():
+            return model.hf_model.generate(**inputs.model_kwargs(), max_new_tokens=n, do_sample=False,
+                                           pad_token_id=model.tokenizer.pad_token_id, eos_token_id=None)
+    finally:
+        h.remove()
+
+
+@pytest.mark.parametrize("every_step", [False, True])
+def test_generation_hooks_affect_exactly_their_steps(tiny_model, two_prompts, every_step):
+    images, prompts = two_prompts
+    inputs = tiny_model.encode(images=images, prompts=prompts)
+    vec = 3.0 * torch.linspace(-1, 1, tiny_model.d_model)
+    seen: list[tuple[int, int]] = []
+
+    def steer(x, ctx):
+        seen.append((ctx.step, x.shape[1]))
+        return x + vec
+
+    n = 6
+    out = tiny_model.generate(inputs, max_new_tokens=n, hooks=[("blocks.1.hook_resid_pre", steer)],
+                              every_step=every_step, eos_token_id=None)
+    expected = _pre_hook_generation(tiny_model, inputs, vec, prefill_only=not every_step, n=n)
+    assert torch.equal(out.sequences, expected)
+    steps = [s for s, _ in seen]
+    assert steps == (list(range(n)) if every_step else [0])
+    assert seen[0][1] == inputs.input_ids.shape[1] and all(p == 1 for _, p in seen[1:])
+    other = _pre_hook_generation(tiny_model, inputs, vec, prefill_only=every_step, n=n)
+    assert not torch.equal(out.sequences, other)  # the two modes really differ on this model
+
+
+def test_generate_without_hooks_equals_hf_generate(tiny_model, two_prompts):
+    images, prompts = two_prompts
+    inputs = tiny_model.encode(images=images, prompts=prompts)
+    out = tiny_model.generate(inputs, max_new_tokens=5, eos_token_id=None)
+    with torch.no_grad():
+        ref = tiny_model.hf_model.generate(**inputs.model_kwargs(), max_new_tokens=5, do_sample=False,
+                                           pad_token_id=tiny_model.tokenizer.pad_token_id, eos_token_id=None)
+    assert torch.equal(out.sequences, ref)
+    assert out.new_tokens.shape == (2, 5) and len(out.texts) == 2
+
+
+def test_answer_nll_is_batch_invariant(tiny_model, two_prompts):
+    images, prompts = two_prompts
+    answers = ["he is named tom", "a"]
+    batch = tiny_model.encode(images=images, prompts=prompts, answers=answers)
+    nll = tiny_model.answer_nll(batch)
+    for i in range(2):
+        one = tiny_model.encode(images=[images[i]], prompts=[prompts[i]], answers=[answers[i]])
+        assert abs(tiny_model.answer_nll(one)[0].item() - nll[i].item()) <= 1e-5
+    # last_index points at the last prompt token, before the answer
+    assert (batch.labels[torch.arange(2), batch.last_index] == -100).all()
+    assert (batch.labels[torch.arange(2), batch.last_index + 1] != -100).all()
+
+
+def test_save_and_from_pretrained_round_trip(tiny_model, two_prompts, tmp_path):
+    from interp import HookedVLM
+
+    images, prompts = two_prompts
+    tiny_model.save_pretrained(tmp_path)
+    loaded = HookedVLM.from_pretrained(tmp_path)
+    a = tiny_model.encode(images=images, prompts=prompts)
+    b = loaded.encode(images=images, prompts=prompts)
+    assert torch.equal(a.input_ids, b.input_ids)
+    with torch.no_grad():
+        assert torch.equal(tiny_model.hf_model(**a.model_kwargs()).logits, loaded.hf_model(**b.model_kwargs()).logits)
