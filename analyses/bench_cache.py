@@ -1,0 +1,52 @@
+"""Benchmark: ``run_with_cache`` over every residual-stream name vs a plain ``output_hidden_states=True`` forward.
+
+Prints medians over interleaved repeats and their ratio (target <= 1.3) on a
+21M-parameter LLaVA-architecture config.  Run: ``python -m analyses.bench_cache``.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from analyses._timing import interleaved
+from interp.tiny import tiny_vlm
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--d-model", type=int, default=512)
+    ap.add_argument("--n-layers", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=30)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+
+    model = tiny_vlm("llava", seed=0, d_model=args.d_model, n_layers=args.n_layers, n_heads=8, n_kv_heads=8, d_mlp=2 * args.d_model,
+                     vision_d_model=256, vision_layers=4, vision_heads=4, image_size=64, patch_size=8)
+    n_params = sum(p.numel() for p in model.hf_model.parameters())
+    from PIL import Image
+
+    img = Image.new("RGB", (64, 64), (120, 30, 200))
+    inputs = model.encode(images=[img] * args.batch, prompts=["what is the name of the person in the image ?"] * args.batch)
+    names = "blocks.*.hook_resid_*"
+
+    def plain():
+        with torch.no_grad():
+            model.hf_model(**inputs.model_kwargs(), output_hidden_states=True)
+
+    def cached():
+        model.run_with_cache(inputs, names=names)
+
+    med = interleaved({"plain": plain, "run_with_cache": cached}, repeats=args.repeats)
+    ratio = med["run_with_cache"] / med["plain"]
+    print(f"model: {n_params / 1e6:.1f}M params, batch {args.batch}, seq {inputs.input_ids.shape[1]}, "
+          f"{2 * model.n_layers} resid names cached")
+    print(f"plain forward (output_hidden_states): {med['plain'] * 1e3:.2f} ms")
+    print(f"run_with_cache (all resid names):     {med['run_with_cache'] * 1e3:.2f} ms")
+    print(f"ratio: {ratio:.3f} (target <= 1.3)")
+    return {**med, "ratio": ratio}
+
+
+if __name__ == "__main__":
+    main()
