@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m eraser.cli demo --out runs/demo
+	$(BIN)/python -m analyses.interp_tour
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
