@@ -14,9 +14,10 @@ remote hosts.  Every nnsight call of the project lives in this module and
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -28,7 +29,7 @@ from .hooks import HookSpec, expand_hooks
 from .inputs import RowImages, VLMInputs, encode_batch
 from .names import NameFilter, all_hook_names, resolve_names
 from .sites import resolve_site
-from . import tracing
+from . import torch_hooks, tracing
 
 
 @dataclass
@@ -60,6 +61,7 @@ class HookedVLM:
         self.image_processor = image_processor
         self._names = all_hook_names(self.n_layers, self.n_vision_layers)
         self._envoy = None
+        self._persistent: list[tuple[str, Any]] = []  # nnsight-backend hooks added by `hooks()`
 
     # -- construction -----------------------------------------------------
     @classmethod
@@ -155,13 +157,13 @@ class HookedVLM:
         if inputs.labels is None:
             raise ValueError("answer_nll needs inputs encoded with answers=[...]")
         if logits is None:
-            logits = self.run_with_hooks(inputs, hooks) if hooks else tracing.run(self, inputs, tracing.Plan([]))[0]
+            logits = self.run_with_hooks(inputs, hooks or [])
         return sequence_nll(logits, inputs.labels)
 
     # -- running -----------------------------------------------------------
     def _plan(self, names: NameFilter, hooks: HookSpec | None, inputs: VLMInputs) -> tracing.Plan:
-        cache_names = [] if names is None or (isinstance(names, (list, tuple)) and not names and hooks) else resolve_names(names, self._names)
-        hook_map = expand_hooks(hooks, self._names)
+        cache_names = [] if names is None else resolve_names(names, self._names)
+        hook_map = expand_hooks(list(self._persistent) + list(hooks or ()), self._names)
         wanted = set(cache_names) | set(hook_map)
         if not inputs.has_images:
             vision = sorted(n for n in wanted if n.startswith(("vision.", "projector.")))
@@ -181,12 +183,14 @@ class HookedVLM:
         ``hooks`` run in the same pass, and cached values are the values after the hooks at that site.
         """
         plan = self._plan(self.hook_names() if names is None else names, hooks, inputs)
-        logits, acts = tracing.run(self, inputs, plan)
+        with torch_hooks.active_inputs(inputs):
+            logits, acts = tracing.run(self, inputs, plan)
         return logits, ActivationCache(acts, inputs.image_mask, inputs.text_mask, inputs.last_index)
 
     def run_with_hooks(self, inputs: VLMInputs, hooks: HookSpec) -> Float[Tensor, "batch pos vocab"]:
         """One forward pass with ``hooks = [(name, fn), ...]``; returns the logits."""
-        logits, _ = tracing.run(self, inputs, self._plan(None, hooks, inputs))
+        with torch_hooks.active_inputs(inputs):
+            logits, _ = tracing.run(self, inputs, self._plan(None, hooks, inputs))
         return logits
 
     def generate(self, inputs: VLMInputs, max_new_tokens: int = 32, hooks: HookSpec | None = None,
@@ -198,9 +202,35 @@ class HookedVLM:
         kwargs = dict(do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
                       eos_token_id=self.tokenizer.eos_token_id)
         kwargs.update(generate_kwargs)
-        seqs = tracing.generate(self, inputs, plan, max_new_tokens, every_step, kwargs)
+        with torch_hooks.active_inputs(inputs):
+            seqs = tracing.generate(self, inputs, plan, max_new_tokens, every_step, kwargs)
         new = seqs[:, inputs.input_ids.shape[1]:]
         return Generation(sequences=seqs, new_tokens=new, texts=self.decode(new))
+
+    @contextlib.contextmanager
+    def hooks(self, hooks: HookSpec, backend: str = "torch") -> Iterator["HookedVLM"]:
+        """Attach hooks to every call inside the block; they are removed on exit, whatever happens.
+
+        ``backend="torch"`` registers plain module hooks (no tracing cost; the
+        deployment path); ``backend="nnsight"`` adds them to every trace's plan.
+        Both call the hook functions with the same context and give the same outputs.
+        """
+        hook_map = expand_hooks(hooks, self._names)  # validate names before touching anything
+        if backend == "torch":
+            handles = torch_hooks.register(self, hook_map)
+            try:
+                yield self
+            finally:
+                torch_hooks.remove(handles)
+        elif backend == "nnsight":
+            added = [(n, fn) for n, fns in hook_map.items() for fn in fns]
+            self._persistent.extend(added)
+            try:
+                yield self
+            finally:
+                del self._persistent[len(self._persistent) - len(added):]
+        else:
+            raise ValueError(f"unknown hook backend {backend!r}; use 'torch' or 'nnsight'")
 
     def decode(self, tokens: Int[Tensor, "batch n"]) -> list[str]:
         """Decode answer tokens, cutting each row at its first EOS."""
