@@ -1,0 +1,58 @@
+"""Stage 2b: the closed-form ridge gate, stored in its rank-one (or low-rank) form.
+
+The release fits ``Delta* = pinv(P H_f^T H_f P + gamma P) P H_f^T 1 d^T`` and
+steers with the d x d matrix ``S = P Delta*``.  Every target row is the same
+direction ``d``, so ``S = w d^T`` with ``w = P pinv(P H_f^T H_f P + gamma P) P H_f^T 1``:
+the steering is a scalar gate ``g(h) = w . h`` times ``d``.  We store ``w``
+and ``d`` (2d floats per layer instead of d^2).  With several concepts
+(targets ``Y`` one-hot over C concepts, directions ``D`` d x C) the same
+algebra gives ``S = W D^T`` with ``W = P pinv(...) P H_f^T Y``.
+"""
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+
+def _ridge_core(H_f: Tensor, P: Tensor, gamma: float) -> Tensor:
+    """``P pinv(P H^T H P + gamma P) P H^T``: the map from per-query targets to gate weights."""
+    if H_f.shape[0] == 0:
+        raise ValueError("the forget set is empty: no activations to fit the gate on")
+    if not torch.isfinite(H_f).all():
+        raise ValueError("forget activations contain NaN or inf")
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    H = H_f.to(torch.float64)
+    P = P.to(torch.float64)
+    A = P @ H.T @ H @ P + gamma * P
+    return P @ torch.linalg.pinv(A, hermitian=True) @ P @ H.T
+
+
+def fit_gate(H_f: Float[Tensor, "n d"], P: Float[Tensor, "d d"], gamma: float) -> Float[Tensor, " d"]:
+    """Rank-one gate weights ``w`` so that ``w . h ~ 1`` on forget activations and ``w`` lies in the null space."""
+    core = _ridge_core(H_f, P, gamma)
+    return core @ torch.ones(H_f.shape[0], dtype=torch.float64)
+
+
+def fit_gates(H_f: Float[Tensor, "n d"], Y: Float[Tensor, "n c"], P: Float[Tensor, "d d"], gamma: float
+              ) -> Float[Tensor, "d c"]:
+    """Low-rank generalisation: one gate per concept; ``Y[i, c] = 1`` if query ``i`` is about concept ``c``."""
+    if Y.shape[0] != H_f.shape[0]:
+        raise ValueError(f"Y has {Y.shape[0]} rows for {H_f.shape[0]} activations")
+    return _ridge_core(H_f, P, gamma) @ Y.to(torch.float64)
+
+
+def release_steering_matrix(H_f: Float[Tensor, "n d"], P: Float[Tensor, "d d"], direction: Float[Tensor, " d"],
+                            gamma: float) -> Float[Tensor, "d d"]:
+    """The release's d x d matrix ``S = P Delta*``, for testing that ``S == w d^T`` (never used to steer)."""
+    H = H_f.to(torch.float64)
+    P = P.to(torch.float64)
+    target = torch.ones(H.shape[0], 1, dtype=torch.float64) @ direction.to(torch.float64)[None]
+    delta = torch.linalg.pinv(P @ H.T @ H @ P + gamma * P, hermitian=True) @ P @ H.T @ target
+    return P @ delta
+
+
+def gate_score(h: Float[Tensor, "... d"], w: Float[Tensor, " d"]) -> Float[Tensor, "..."]:
+    """``g(h) = w . h`` in the activations' dtype."""
+    return h @ w.to(h.dtype)

@@ -1,0 +1,108 @@
+"""The gate maths on synthetic activations where the retain subspace is known."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eraser.direction import mean_difference, projection
+from eraser.gate import fit_gate, fit_gates, gate_score, release_steering_matrix
+from eraser.nullspace import SecondMoment, null_space_projector
+
+
+def _synthetic(d=32, r=12, n_r=400, n_f=40, seed=0):
+    """Retain activations span exactly the first r coordinates; forget ones have energy outside them."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    Ur = basis[:, :r]
+    H_r = torch.randn(n_r, r, generator=g, dtype=torch.float64) @ Ur.T
+    H_f = torch.randn(n_f, d, generator=g, dtype=torch.float64) + 2.0 * basis[:, -1]
+    return H_r, H_f, Ur
+
+
+def test_streaming_second_moment_equals_batch():
+    H_r, _, _ = _synthetic()
+    acc = SecondMoment(H_r.shape[1])
+    for chunk in H_r.split(37):
+        acc.update(chunk.float())
+    assert acc.n == H_r.shape[0]
+    assert torch.allclose(acc.K, H_r.float().double().T @ H_r.float().double(), atol=1e-6)
+
+
+def test_projector_idempotent_symmetric_and_orthogonal_to_retain():
+    H_r, _, Ur = _synthetic()
+    P, info = null_space_projector(H_r.T @ H_r, rho=0.5)
+    assert info.rank == 16 and info.d == 32
+    assert torch.allclose(P @ P, P, atol=1e-10)
+    assert torch.allclose(P, P.T, atol=1e-12)
+    assert (P @ Ur).abs().max() < 1e-8  # annihilates the retain span
+    assert info.leak < 1e-12
+
+
+def test_energy_rule_picks_the_exact_null_space():
+    H_r, _, _ = _synthetic()
+    P, info = null_space_projector(H_r.T @ H_r, energy=1e-6)
+    assert info.rank == 32 - 12  # every zero-eigenvalue direction, no more
+    assert torch.allclose(torch.trace(P), torch.tensor(20.0, dtype=torch.float64), atol=1e-8)
+
+
+def test_gate_zero_on_retain_and_one_on_forget():
+    # 15 forget queries fit exactly in the 20-dim null space, so only the ridge bias separates g from 1
+    H_r, H_f, _ = _synthetic(n_f=15)
+    P, _ = null_space_projector(H_r.T @ H_r, energy=1e-6)
+    errs = []
+    for gamma in (1e-4, 1e-2, 1.0):
+        w = fit_gate(H_f, P, gamma)
+        g_f = gate_score(H_f, w)
+        g_r = gate_score(H_r, w)
+        assert g_r.abs().max() < 1e-6 * g_f.abs().mean()
+        errs.append(float((g_f - 1).abs().max()))
+    assert errs[0] < 1e-3  # almost no ridge: g = 1 on every forget query
+    assert errs[0] < errs[1] < errs[2]  # the shortfall is the ridge bias, growing with gamma
+
+
+def test_rank_one_gate_equals_release_matrix():
+    H_r, H_f, _ = _synthetic(d=16, r=6, n_r=100, n_f=20)
+    P, _ = null_space_projector(H_r.T @ H_r, rho=0.5)
+    d_l = torch.randn(16, dtype=torch.float64)
+    for gamma in (0.1, 1.0):
+        S = release_steering_matrix(H_f, P, d_l, gamma)
+        w = fit_gate(H_f, P, gamma)
+        assert torch.allclose(S, torch.outer(w, d_l), atol=1e-9)
+        h = torch.randn(5, 16, dtype=torch.float64)
+        assert torch.allclose(h @ S, gate_score(h, w)[:, None] * d_l, atol=1e-9)
+
+
+def test_low_rank_generalisation_matches_per_concept_fits_jointly():
+    H_r, H_f, _ = _synthetic(d=16, r=6, n_r=100, n_f=20)
+    P, _ = null_space_projector(H_r.T @ H_r, rho=0.5)
+    Y = torch.zeros(20, 2, dtype=torch.float64)
+    Y[:10, 0] = 1
+    Y[10:, 1] = 1
+    W = fit_gates(H_f, Y, P, 0.1)
+    D = torch.randn(16, 2, dtype=torch.float64)
+    T = Y @ D.T  # each query's target is its concept's direction
+    delta = torch.linalg.pinv(P @ H_f.T @ H_f @ P + 0.1 * P, hermitian=True) @ P @ H_f.T @ T
+    assert torch.allclose(P @ delta, W @ D.T, atol=1e-9)
+    # with one concept covering everything it reduces to the rank-one gate
+    assert torch.allclose(fit_gates(H_f, torch.ones(20, 1, dtype=torch.float64), P, 0.1)[:, 0], fit_gate(H_f, P, 0.1))
+
+
+def test_direction_and_projection():
+    rec = torch.tensor([[2.0, 0.0], [4.0, 0.0]])
+    era = torch.tensor([[0.0, 1.0]])
+    d = mean_difference(rec, era)
+    assert torch.allclose(d, torch.tensor([3.0, -1.0], dtype=torch.float64))
+    assert torch.allclose(projection(torch.tensor([[3.0, -1.0]]), d.float()), torch.tensor([10 ** 0.5]))
+
+
+def test_bad_inputs_are_rejected():
+    with pytest.raises(ValueError, match="empty"):
+        fit_gate(torch.zeros(0, 4), torch.eye(4), 0.1)
+    with pytest.raises(ValueError, match="NaN"):
+        SecondMoment(2).update(torch.tensor([[float("nan"), 0.0]]))
+    with pytest.raises(ValueError, match="exactly one"):
+        null_space_projector(torch.eye(3), rho=0.3, energy=0.1)
+    with pytest.raises(ValueError, match="zero"):
+        null_space_projector(torch.zeros(3, 3), rho=0.3)
+    with pytest.raises(ValueError, match="at least one pair"):
+        mean_difference(torch.zeros(0, 3), torch.zeros(2, 3))
