@@ -1,0 +1,54 @@
+"""Streaming activation collection at the last prompt token.
+
+Why streaming: fitting statistics (means, second moments) over thousands of
+queries must not hold every activation in memory, and at 7B scale one batch
+of full caches is already gigabytes.  Each batch yields only ``[batch, d]``
+per name, at the position MLLMEraser (and most probing work) reads.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .hooks import HookSpec
+from .inputs import RowImages
+from .model import HookedVLM
+from .names import NameFilter
+
+
+def iter_last_token(
+    model: HookedVLM,
+    images: Sequence[RowImages],
+    prompts: Sequence[str],
+    names: NameFilter,
+    batch_size: int = 32,
+    hooks: HookSpec | None = None,
+    progress: bool = False,
+    desc: str = "activations",
+) -> Iterator[dict[str, Float[Tensor, "batch d"]]]:
+    """Yield ``{name: [batch, d]}`` last-prompt-token activations, one batch at a time, in input order."""
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+    if not prompts:
+        raise ValueError(f"no queries to collect {desc} from (an empty set)")
+    starts = range(0, len(prompts), batch_size)
+    for s in tqdm(starts, desc=desc, disable=not progress, leave=False):
+        inputs = model.encode(images=list(images[s:s + batch_size]), prompts=list(prompts[s:s + batch_size]))
+        _, cache = model.run_with_cache(inputs, names=names, hooks=hooks)
+        yield {n: cache.last(n).float() for n in cache.names}
+
+
+def last_token(model: HookedVLM, images: Sequence[RowImages], prompts: Sequence[str], names: NameFilter,
+               batch_size: int = 32, hooks: HookSpec | None = None, progress: bool = False,
+               desc: str = "activations") -> dict[str, Float[Tensor, "n d"]]:
+    """All last-token activations stacked: ``{name: [n, d]}`` (for small sets; use :func:`iter_last_token` for large)."""
+    import torch
+
+    out: dict[str, list[Tensor]] = {}
+    for batch in iter_last_token(model, images, prompts, names, batch_size, hooks, progress, desc):
+        for n, t in batch.items():
+            out.setdefault(n, []).append(t)
+    return {n: torch.cat(ts) for n, ts in out.items()}
