@@ -35,6 +35,21 @@ def fit_gate(H_f: Float[Tensor, "n d"], P: Float[Tensor, "d d"], gamma: float) -
     return core @ torch.ones(H_f.shape[0], dtype=torch.float64)
 
 
+def fit_gate_from_moments(K_f: Float[Tensor, "d d"], s_f: Float[Tensor, " d"], P: Float[Tensor, "d d"],
+                          gamma: float) -> Float[Tensor, " d"]:
+    """The same ``w`` from streaming statistics ``K_f = H_f^T H_f`` and ``s_f = H_f^T 1``.
+
+    The fit needs nothing else, so forget activations never have to be held in memory at once.
+    """
+    if not torch.isfinite(K_f).all() or not torch.isfinite(s_f).all():
+        raise ValueError("forget statistics contain NaN or inf")
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    P = P.to(torch.float64)
+    A = P @ K_f.to(torch.float64) @ P + gamma * P
+    return P @ torch.linalg.pinv(A, hermitian=True) @ P @ s_f.to(torch.float64)
+
+
 def fit_gates(H_f: Float[Tensor, "n d"], Y: Float[Tensor, "n c"], P: Float[Tensor, "d d"], gamma: float
               ) -> Float[Tensor, "d c"]:
     """Low-rank generalisation: one gate per concept; ``Y[i, c] = 1`` if query ``i`` is about concept ``c``."""

@@ -106,3 +106,16 @@ def test_bad_inputs_are_rejected():
         null_space_projector(torch.zeros(3, 3), rho=0.3)
     with pytest.raises(ValueError, match="at least one pair"):
         mean_difference(torch.zeros(0, 3), torch.zeros(2, 3))
+
+
+def test_gate_from_streaming_moments_equals_direct_fit():
+    from eraser.gate import fit_gate_from_moments
+
+    H_r, H_f, _ = _synthetic()
+    P, _ = null_space_projector(H_r.T @ H_r, rho=0.4)
+    acc = SecondMoment(H_f.shape[1])
+    s = torch.zeros(H_f.shape[1], dtype=torch.float64)
+    for chunk in H_f.split(7):
+        acc.update(chunk)
+        s += chunk.sum(0)
+    assert torch.allclose(fit_gate_from_moments(acc.K, s, P, 0.1), fit_gate(H_f, P, 0.1), atol=1e-9)

@@ -1,0 +1,275 @@
+"""MLLMEraser: fit an input-aware erasure steering on a HookedVLM and attach it reversibly.
+
+>>> from eraser import MLLMEraser, EraserConfig                       # doctest: +SKIP
+>>> eraser = MLLMEraser.fit(model, forget=f, retain=r, recall_pairs=rp, erase_pairs=ep, config=EraserConfig())
+>>> with eraser.attached(model, strength=-0.25):
+...     out = model.generate(inputs, max_new_tokens=32)
+>>> eraser.save("eraser.safetensors"); MLLMEraser.load("eraser.safetensors", model)
+
+Nothing touches the weights: ``attached`` registers one hook per steered
+layer and removes it on exit, so outputs after detaching are bit-identical
+to vanilla.  Queries are ``(image_or_None, prompt)`` pairs.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from interp import HookedVLM
+from interp.collect import iter_last_token
+from interp.fingerprint import fingerprint_mismatch, model_fingerprint
+from interp.io import atomic_path
+
+from .direction import mean_difference
+from .gate import fit_gate_from_moments, gate_score
+from .nullspace import ProjectorInfo, SecondMoment, null_space_projector
+from .steer import gated_hook, static_hook
+
+FORMAT = "mllmeraser.v1"
+Query = tuple[Any, str]
+
+
+class ArtifactError(ValueError):
+    """An eraser file that cannot be read (corrupt, truncated, not ours)."""
+
+
+class ArtifactMismatchError(ValueError):
+    """An eraser fitted on a different model than the one it is loaded onto."""
+
+
+@dataclass(frozen=True)
+class EraserConfig:
+    """Method settings.  Defaults follow the release for LLaVA (METHOD.md).
+
+    ``layers`` None means every decoder layer except 0.  Exactly one of
+    ``rho`` (null-space dimension as a fraction of d) or ``energy`` (retain
+    energy the null space may hold) is used; ``energy`` wins when set.
+    ``use_null_space=False`` is the ablation with ``P = I``.
+    """
+
+    layers: tuple[int, ...] | None = None
+    site: str = "resid_pre"
+    rho: float = 0.3
+    energy: float | None = None
+    gamma: float = 0.1
+    strength: float = -0.25
+    use_null_space: bool = True
+    every_step: bool = False
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.site not in ("resid_pre", "resid_post"):
+            raise ValueError(f"site must be 'resid_pre' or 'resid_post', got {self.site!r}")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+
+    def hook_name(self, layer: int) -> str:
+        return f"blocks.{layer}.hook_{self.site}"
+
+
+def _hash_queries(queries: Sequence[Query]) -> str:
+    h = hashlib.sha256()
+    for image, prompt in queries:
+        h.update(prompt.encode())
+        if image is not None:
+            h.update(image.tobytes() if hasattr(image, "tobytes") else repr(image).encode())
+    return h.hexdigest()[:16]
+
+
+def _split(queries: Sequence[Query], what: str) -> tuple[list, list[str]]:
+    queries = list(queries)
+    if not queries:
+        raise ValueError(f"the {what} set is empty; MLLMEraser needs at least one {what} query")
+    return [q[0] for q in queries], [q[1] for q in queries]
+
+
+@dataclass
+class MLLMEraser:
+    """Per steered layer ``l``: gate weights ``w_l`` and direction ``d_l`` (2d floats), plus provenance."""
+
+    layers: list[int]
+    w: Tensor  # [n_layers, d]
+    d: Tensor  # [n_layers, d]
+    config: EraserConfig
+    fingerprint: dict[str, Any]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    # -- fitting -------------------------------------------------------------
+    @classmethod
+    def fit(cls, model: HookedVLM, forget: Sequence[Query], retain: Sequence[Query],
+            recall_pairs: Sequence[Query], erase_pairs: Sequence[Query],
+            config: EraserConfig = EraserConfig(), progress: bool = False) -> "MLLMEraser":
+        """Stage 1 (directions) and stage 2 (null-space gates) in four streaming passes over the data."""
+        t0 = time.perf_counter()
+        layers = list(config.layers) if config.layers is not None else list(range(1, model.n_layers))
+        bad = [l for l in layers if not 0 <= l < model.n_layers]
+        if bad or not layers:
+            raise ValueError(f"layers {bad or layers} are not decoder layers of this {model.n_layers}-layer model")
+        names = [config.hook_name(l) for l in layers]
+        sets = {k: _split(v, k) for k, v in
+                (("forget", forget), ("retain", retain), ("recall", recall_pairs), ("erase", erase_pairs))}
+
+        def stream(key: str):
+            imgs, prompts = sets[key]
+            return iter_last_token(model, imgs, prompts, names, config.batch_size, progress=progress, desc=key)
+
+        means: dict[str, dict[str, Tensor]] = {}
+        for key in ("recall", "erase"):
+            sums: dict[str, Tensor] = {}
+            for batch in stream(key):
+                for n, h in batch.items():
+                    if not torch.isfinite(h).all():
+                        raise ValueError(f"{key} activations at {n} contain NaN or inf")
+                    sums[n] = sums.get(n, 0) + h.double().sum(0)
+            means[key] = {n: s / len(sets[key][1]) for n, s in sums.items()}
+        directions = torch.stack([means["recall"][n] - means["erase"][n] for n in names])
+
+        d = model.d_model
+        K_r = {n: SecondMoment(d) for n in names}
+        for batch in stream("retain"):
+            for n, h in batch.items():
+                K_r[n].update(h)
+        K_f = {n: SecondMoment(d) for n in names}
+        s_f = {n: torch.zeros(d, dtype=torch.float64) for n in names}
+        for batch in stream("forget"):
+            for n, h in batch.items():
+                K_f[n].update(h)
+                s_f[n] += h.double().sum(0)
+
+        ws, infos = [], []
+        for n in names:
+            if config.use_null_space:
+                if config.energy is not None:
+                    P, pinfo = null_space_projector(K_r[n].K, energy=config.energy)
+                else:
+                    P, pinfo = null_space_projector(K_r[n].K, rho=config.rho)
+            else:
+                P, pinfo = torch.eye(d, dtype=torch.float64), ProjectorInfo(rank=d, d=d, leak=1.0, rule="identity")
+            ws.append(fit_gate_from_moments(K_f[n].K, s_f[n], P, config.gamma))
+            infos.append(asdict(pinfo))
+        info = {
+            "projector": dict(zip(map(str, layers), infos)),
+            "counts": {k: len(v[1]) for k, v in sets.items()},
+            "data_hashes": {k: _hash_queries(list(zip(*v))) for k, v in sets.items()},
+            "fit_s": time.perf_counter() - t0,
+        }
+        return cls(layers=layers, w=torch.stack(ws).float(), d=directions.float(), config=config,
+                   fingerprint=model_fingerprint(model), info=info)
+
+    # -- applying --------------------------------------------------------------
+    def _strengths(self, strength: float | Sequence[float] | dict[int, float] | None) -> dict[int, float]:
+        if strength is None:
+            strength = self.config.strength
+        if isinstance(strength, dict):
+            unknown = set(strength) - set(self.layers)
+            if unknown:
+                raise ValueError(f"strengths given for layers {sorted(unknown)} that this eraser does not steer")
+            return {l: float(strength.get(l, 0.0)) for l in self.layers}
+        if isinstance(strength, (list, tuple)):
+            if len(strength) != len(self.layers):
+                raise ValueError(f"{len(strength)} strengths for {len(self.layers)} layers")
+            return dict(zip(self.layers, map(float, strength)))
+        return {l: float(strength) for l in self.layers}
+
+    def hooks(self, strength: float | Sequence[float] | dict[int, float] | None = None,
+              every_step: bool | None = None, gated: bool = True, record: list | None = None) -> list:
+        """Hook specs ``[(name, fn), ...]`` for ``model.run_with_hooks`` / ``generate`` / ``hooks``.
+
+        ``gated=False`` gives the static-steering ablation (same direction, no gate).
+        """
+        every = self.config.every_step if every_step is None else every_step
+        specs = []
+        for i, (l, lam) in enumerate(self._strengths(strength).items()):
+            if lam == 0.0:
+                continue
+            fn = gated_hook(self.w[i], self.d[i], lam, every, record) if gated else static_hook(self.d[i], lam, every)
+            specs.append((self.config.hook_name(l), fn))
+        return specs
+
+    @contextlib.contextmanager
+    def attached(self, model: HookedVLM, strength: float | Sequence[float] | dict[int, float] | None = None,
+                 backend: str = "torch", every_step: bool | None = None, gated: bool = True) -> Iterator[HookedVLM]:
+        """Steer every call on ``model`` inside the block; detaching restores vanilla outputs bit for bit."""
+        self.check_model(model)
+        with model.hooks(self.hooks(strength, every_step, gated), backend=backend):
+            yield model
+
+    # -- diagnostics ------------------------------------------------------------
+    def gate_values(self, model: HookedVLM, queries: Sequence[Query], batch_size: int | None = None) -> Tensor:
+        """``[n_queries, n_layers]`` gate values on vanilla activations (what each layer's gate sees unsteered)."""
+        imgs, prompts = _split(queries, "diagnostic")
+        names = [self.config.hook_name(l) for l in self.layers]
+        rows = []
+        for batch in iter_last_token(model, imgs, prompts, names, batch_size or self.config.batch_size):
+            rows.append(torch.stack([gate_score(batch[n], self.w[i]) for i, n in enumerate(names)], dim=1))
+        return torch.cat(rows)
+
+    def check_model(self, model: HookedVLM) -> None:
+        diffs = fingerprint_mismatch(self.fingerprint, model_fingerprint(model))
+        if diffs:
+            raise ArtifactMismatchError("this eraser was fitted on a different model: " + "; ".join(diffs))
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.numel() * self.w.element_size() + self.d.numel() * self.d.element_size()
+
+    # -- persistence --------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        return {"format": FORMAT, "layers": self.layers, "config": asdict(self.config),
+                "fingerprint": self.fingerprint, "info": self.info}
+
+    def save(self, path: str | Path) -> Path:
+        """One safetensors file; its header holds the JSON metadata.  Written atomically."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "eraser.safetensors"
+        with atomic_path(path) as tmp:
+            save_file({"w": self.w.contiguous(), "d": self.d.contiguous()}, str(tmp),
+                      metadata={"mllmeraser": json.dumps(self.metadata())})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model: HookedVLM | None = None) -> "MLLMEraser":
+        """Read an artifact (no code is executed: safetensors + JSON only); refuse it if ``model`` does not match."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "eraser.safetensors"
+        try:
+            tensors = load_file(str(path))
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                header = f.metadata() or {}
+            meta = json.loads(header["mllmeraser"])
+        except FileNotFoundError:
+            raise
+        except (SafetensorError, KeyError, json.JSONDecodeError, OSError, ValueError) as e:
+            raise ArtifactError(f"{path} is not a readable MLLMEraser artifact ({type(e).__name__}: {e})") from None
+        if meta.get("format") != FORMAT:
+            raise ArtifactError(f"{path}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
+        cfg = dict(meta["config"])
+        if cfg.get("layers") is not None:
+            cfg["layers"] = tuple(cfg["layers"])
+        eraser = cls(layers=list(meta["layers"]), w=tensors["w"], d=tensors["d"], config=EraserConfig(**cfg),
+                     fingerprint=meta["fingerprint"], info=meta.get("info", {}))
+        if eraser.w.shape != eraser.d.shape or eraser.w.shape[0] != len(eraser.layers):
+            raise ArtifactError(f"{path}: tensor shapes {tuple(eraser.w.shape)} / {tuple(eraser.d.shape)} "
+                                f"do not match {len(eraser.layers)} layers")
+        if model is not None:
+            eraser.check_model(model)
+        return eraser
+
+    def with_config(self, **changes: Any) -> "MLLMEraser":
+        """The same fitted gates with other application settings (e.g. strength)."""
+        return replace(self, config=replace(self.config, **changes))

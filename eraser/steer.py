@@ -1,0 +1,77 @@
+"""Applying the gate: small pure functions, composed into one hook per steered layer.
+
+``h_t <- h_t + lambda * g(h_T) * d`` for every prompt position ``t``, where
+``h_T`` is the layer input at the last prompt token.  Composed per layer, in
+order, so each layer's gate already sees earlier layers' steering.  The same
+hook functions run on the nnsight backend (composable, remote-capable) and on
+the plain-PyTorch backend (deployment); the tests assert identical outputs.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from interp import HookContext
+
+from .gate import gate_score
+
+
+def scale(g: Float[Tensor, " batch"], strength: float) -> Float[Tensor, " batch"]:
+    return strength * g
+
+
+def add_direction(x: Float[Tensor, "batch pos d"], coef: Float[Tensor, " batch"], direction: Float[Tensor, " d"],
+                  mask: Bool[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d"]:
+    """``x + coef[b] * direction`` at the masked positions only."""
+    return x + (coef[:, None, None] * mask[..., None].to(x.dtype)) * direction.to(x.dtype)
+
+
+def prompt_mask(x: Tensor, ctx: HookContext) -> Bool[Tensor, "batch pos"]:
+    """Real prompt positions up to and including the last prompt token (not padding, not teacher-forced answers)."""
+    pos = torch.arange(x.shape[1], device=x.device)
+    last = ctx.last_index.to(x.device)
+    attn = ctx.inputs.attention_mask.to(x.device).bool()
+    return (pos[None, :] <= last[:, None]) & attn
+
+
+def last_token(x: Tensor, ctx: HookContext) -> Float[Tensor, "batch d"]:
+    return x[torch.arange(x.shape[0], device=x.device), ctx.last_index.to(x.device)]
+
+
+def gated_hook(w: Tensor, direction: Tensor, strength: float, every_step: bool = False,
+               record: list | None = None) -> Callable[[Tensor, HookContext], Tensor | None]:
+    """The hook for one layer.  ``record`` (optional) collects the gate values it computed, per call."""
+    w = w.float()
+    direction = direction.float()
+
+    def hook(x: Tensor, ctx: HookContext) -> Tensor | None:
+        if ctx.is_prefill:
+            g = gate_score(last_token(x, ctx).float(), w.to(x.device))
+            mask = prompt_mask(x, ctx)
+        elif every_step:
+            g = gate_score(x[:, -1].float(), w.to(x.device))
+            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        else:
+            return None
+        if record is not None:
+            record.append((ctx.layer, ctx.step, g.detach().cpu()))
+        return add_direction(x, scale(g, strength).to(x.dtype), direction.to(x.device), mask)
+
+    return hook
+
+
+def static_hook(direction: Tensor, strength: float, every_step: bool = False) -> Callable[[Tensor, HookContext], Tensor | None]:
+    """The no-gate ablation: the same direction added to every input, as if the gate were always 1."""
+    direction = direction.float()
+
+    def hook(x: Tensor, ctx: HookContext) -> Tensor | None:
+        if not ctx.is_prefill and not every_step:
+            return None
+        mask = prompt_mask(x, ctx) if ctx.is_prefill else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        coef = torch.full((x.shape[0],), strength, dtype=x.dtype, device=x.device)
+        return add_direction(x, coef, direction.to(x.device), mask)
+
+    return hook

@@ -1,0 +1,165 @@
+"""MLLMEraser mechanics on a tiny random model: fit, parity of backends, reversibility, persistence, refusals."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from eraser import ArtifactError, ArtifactMismatchError, EraserConfig, MLLMEraser
+from tests.conftest import random_image
+
+WORDS = "who is the person in this image what name city job year hobby pet likes".split()
+
+
+def _queries(n, seed, image_seed, text_only_every=2):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        words = [WORDS[int(j)] for j in torch.randint(len(WORDS), (6,), generator=g)]
+        with_image = text_only_every == 0 or i % text_only_every != 0
+        out.append((random_image(32, image_seed + i % 3) if with_image else None, " ".join(words)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_llava):
+    forget = _queries(12, 1, 100, text_only_every=0)  # the forget identities: all asked about with their images
+    retain = _queries(60, 2, 200)
+    recall = _queries(6, 3, 300)
+    erase = _queries(6, 4, 400)
+    eraser = MLLMEraser.fit(tiny_llava, forget=forget, retain=retain, recall_pairs=recall, erase_pairs=erase,
+                            config=EraserConfig(rho=0.5, gamma=1e-3, strength=-4.0, batch_size=16))
+    return eraser, forget, retain
+
+
+def test_fit_shapes_and_gate_separation(fitted, tiny_llava):
+    eraser, forget, retain = fitted
+    assert eraser.layers == [1, 2]
+    assert eraser.w.shape == eraser.d.shape == (2, tiny_llava.d_model)
+    info = eraser.info["projector"]["1"]
+    assert info["rank"] == tiny_llava.d_model // 2 and 0 <= info["leak"] < 0.5
+    g_f = eraser.gate_values(tiny_llava, forget)
+    g_r = eraser.gate_values(tiny_llava, retain)
+    assert g_f.shape == (12, 2)
+    # forget gates sit near 1, retain gates much nearer 0 (retain leak is the only thing keeping them off 0)
+    assert (g_f.mean(0) - 1).abs().max() < 0.15
+    assert g_r.abs().mean() < 0.25 * g_f.abs().mean()
+    assert eraser.nbytes == 2 * 2 * tiny_llava.d_model * 4
+
+
+def test_backends_agree_and_detach_is_bit_exact(fitted, tiny_llava):
+    eraser, forget, _ = fitted
+    imgs, prompts = zip(*forget[:4])
+    inputs = tiny_llava.encode(images=list(imgs), prompts=list(prompts))
+    vanilla_logits = tiny_llava.run_with_hooks(inputs, [])
+    vanilla_gen = tiny_llava.generate(inputs, max_new_tokens=5, eos_token_id=None)
+    graph = tiny_llava.run_with_hooks(inputs, eraser.hooks())
+    with eraser.attached(tiny_llava, backend="torch"):
+        fast = tiny_llava.run_with_hooks(inputs, [])
+        fast_gen = tiny_llava.generate(inputs, max_new_tokens=5, eos_token_id=None)
+    with eraser.attached(tiny_llava, backend="nnsight"):
+        graph_gen = tiny_llava.generate(inputs, max_new_tokens=5, eos_token_id=None)
+    assert torch.equal(graph, fast)
+    assert torch.equal(fast_gen.sequences, graph_gen.sequences)
+    assert (graph - vanilla_logits).abs().max() > 1e-3  # steering changed something
+    assert torch.equal(tiny_llava.run_with_hooks(inputs, []), vanilla_logits)
+    assert torch.equal(tiny_llava.generate(inputs, max_new_tokens=5, eos_token_id=None).sequences, vanilla_gen.sequences)
+
+
+def test_steering_is_gated_per_input(fitted, tiny_llava):
+    """The added vector at layer l is lambda * g(h_T) * d: check it on the first steered layer."""
+    eraser, forget, retain = fitted
+    imgs, prompts = zip(*(forget[:2] + retain[:2]))
+    inputs = tiny_llava.encode(images=list(imgs), prompts=list(prompts))
+    name = "blocks.1.hook_resid_pre"
+    _, base = tiny_llava.run_with_cache(inputs, names=[name])
+    _, steered = tiny_llava.run_with_cache(inputs, names=[name], hooks=eraser.hooks())
+    delta = steered.last(name) - base.last(name)
+    g = base.last(name) @ eraser.w[0]
+    expected = (-4.0 * g)[:, None] * eraser.d[0]
+    assert torch.allclose(delta, expected, atol=1e-4)
+    # padding positions are never touched
+    pad = inputs.attention_mask == 0
+    assert torch.equal(steered[name][pad], base[name][pad])
+
+
+def test_save_load_round_trip(fitted, tiny_llava, tmp_path):
+    eraser, forget, _ = fitted
+    path = eraser.save(tmp_path / "e.safetensors")
+    loaded = MLLMEraser.load(path, tiny_llava)
+    assert torch.equal(loaded.w, eraser.w) and torch.equal(loaded.d, eraser.d)
+    assert loaded.config == eraser.config and loaded.layers == eraser.layers
+    assert loaded.info["counts"] == {"forget": 12, "retain": 60, "recall": 6, "erase": 6}
+    imgs, prompts = zip(*forget[:2])
+    inputs = tiny_llava.encode(images=list(imgs), prompts=list(prompts))
+    assert torch.equal(tiny_llava.run_with_hooks(inputs, eraser.hooks()), tiny_llava.run_with_hooks(inputs, loaded.hooks()))
+
+
+def test_load_refuses_other_models(fitted, tmp_path):
+    from interp.tiny import tiny_vlm
+
+    eraser, _, _ = fitted
+    path = eraser.save(tmp_path / "e.safetensors")
+    with pytest.raises(ArtifactMismatchError, match="weights"):
+        MLLMEraser.load(path, tiny_vlm("llava", seed=1, n_layers=3, vision_layers=2))  # same shapes, other weights
+    with pytest.raises(ArtifactMismatchError, match="d_model"):
+        MLLMEraser.load(path, tiny_vlm("llava", seed=0, d_model=64, n_layers=3))
+    with pytest.raises(ArtifactMismatchError, match="arch"):
+        MLLMEraser.load(path, tiny_vlm("qwen2_5_vl", seed=0, n_layers=3))
+
+
+def test_corrupt_truncated_and_pickle_files_are_rejected(fitted, tmp_path):
+    eraser, _, _ = fitted
+    good = eraser.save(tmp_path / "e.safetensors").read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(good[: len(good) // 2])
+    with pytest.raises(ArtifactError):
+        MLLMEraser.load(tmp_path / "trunc.safetensors")
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+    (tmp_path / "evil.safetensors").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(ArtifactError):
+        MLLMEraser.load(tmp_path / "evil.safetensors")
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_failed_save_keeps_previous_file(fitted, tmp_path, monkeypatch):
+    import eraser.method as method
+
+    eraser, _, _ = fitted
+    path = eraser.save(tmp_path / "e.safetensors")
+    before = path.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(method, "save_file", boom)
+    with pytest.raises(OSError):
+        eraser.save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["e.safetensors"]  # no temp file left behind
+
+
+def test_bad_inputs(tiny_llava):
+    q = _queries(4, 0, 0)
+    with pytest.raises(ValueError, match="forget set is empty"):
+        MLLMEraser.fit(tiny_llava, forget=[], retain=q, recall_pairs=q, erase_pairs=q)
+    with pytest.raises(ValueError, match="retain set is empty"):
+        MLLMEraser.fit(tiny_llava, forget=q, retain=[], recall_pairs=q, erase_pairs=q)
+    with pytest.raises(ValueError, match="not decoder layers"):
+        MLLMEraser.fit(tiny_llava, forget=q, retain=q, recall_pairs=q, erase_pairs=q, config=EraserConfig(layers=(7,)))
+    with pytest.raises(ValueError, match="site"):
+        EraserConfig(site="mlp_out")
+
+
+def test_static_ablation_ignores_the_gate(fitted, tiny_llava):
+    eraser, forget, _ = fitted
+    imgs, prompts = zip(*forget[:2])
+    inputs = tiny_llava.encode(images=list(imgs), prompts=list(prompts))
+    name = "blocks.1.hook_resid_pre"
+    _, base = tiny_llava.run_with_cache(inputs, names=[name])
+    _, stat = tiny_llava.run_with_cache(inputs, names=[name], hooks=eraser.hooks(strength=-1.0, gated=False))
+    assert torch.allclose(stat.last(name) - base.last(name), (-1.0 * eraser.d[0]).expand(2, -1), atol=1e-5)
