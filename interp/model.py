@@ -61,6 +61,7 @@ class HookedVLM:
         self.image_processor = image_processor
         self._names = all_hook_names(self.n_layers, self.n_vision_layers)
         self._envoy = None
+        self._remote_envoy = None
         self._persistent: list[tuple[str, Any]] = []  # nnsight-backend hooks added by `hooks()`
 
     # -- construction -----------------------------------------------------
@@ -139,6 +140,13 @@ class HookedVLM:
             self._envoy = tracing.wrap(self.hf_model)
         return self._envoy
 
+    @property
+    def remote_envoy(self):
+        """A remotable nnsight wrapper (``nnsight.TransformersModel``) over the same weights, built on first use."""
+        if self._remote_envoy is None:
+            self._remote_envoy = tracing.wrap_remotable(self.hf_model, self.tokenizer)
+        return self._remote_envoy
+
     # -- inputs ------------------------------------------------------------
     def encode(self, images: Sequence[RowImages] | None = None, prompts: Sequence[str] | str = (),
                chat: bool = True, answers: Sequence[str] | None = None) -> VLMInputs:
@@ -177,20 +185,22 @@ class HookedVLM:
         )
 
     def run_with_cache(self, inputs: VLMInputs, names: NameFilter = None, hooks: HookSpec | None = None,
-                       ) -> tuple[Float[Tensor, "batch pos vocab"], ActivationCache]:
+                       remote: bool | str = False) -> tuple[Float[Tensor, "batch pos vocab"], ActivationCache]:
         """One forward pass; returns logits and an :class:`ActivationCache` of ``names`` (all names if None).
 
         ``hooks`` run in the same pass, and cached values are the values after the hooks at that site.
+        ``remote=True`` runs the trace on an NDIF host; ``remote="local"`` simulates that round trip here.
         """
         plan = self._plan(self.hook_names() if names is None else names, hooks, inputs)
         with torch_hooks.active_inputs(inputs):
-            logits, acts = tracing.run(self, inputs, plan)
+            logits, acts = tracing.run(self, inputs, plan, remote=remote)
         return logits, ActivationCache(acts, inputs.image_mask, inputs.text_mask, inputs.last_index)
 
-    def run_with_hooks(self, inputs: VLMInputs, hooks: HookSpec) -> Float[Tensor, "batch pos vocab"]:
-        """One forward pass with ``hooks = [(name, fn), ...]``; returns the logits."""
+    def run_with_hooks(self, inputs: VLMInputs, hooks: HookSpec, remote: bool | str = False
+                       ) -> Float[Tensor, "batch pos vocab"]:
+        """One forward pass with ``hooks = [(name, fn), ...]``; returns the logits (``remote`` as in run_with_cache)."""
         with torch_hooks.active_inputs(inputs):
-            logits, _ = tracing.run(self, inputs, self._plan(None, hooks, inputs))
+            logits, _ = tracing.run(self, inputs, self._plan(None, hooks, inputs), remote=remote)
         return logits
 
     def generate(self, inputs: VLMInputs, max_new_tokens: int = 32, hooks: HookSpec | None = None,

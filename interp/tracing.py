@@ -40,6 +40,19 @@ def wrap(hf_model: torch.nn.Module):
     return nnsight.NNsight(hf_model)
 
 
+def wrap_remotable(hf_model: torch.nn.Module, tokenizer: Any):
+    """An envoy that can ship traces to a remote host (``remote=True``) or simulate it (``remote="local"``)."""
+    import logging
+
+    logger = logging.getLogger("transformers.pipelines.base")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)  # TransformersModel builds a text-generation pipeline it never uses; silence its complaint
+    try:
+        return nnsight.TransformersModel(hf_model, tokenizer=tokenizer)
+    finally:
+        logger.setLevel(level)
+
+
 def envoy_at(root, path: str):
     env = root
     for part in path.split("."):
@@ -90,15 +103,22 @@ def apply_plan(root, plan: Plan, inputs: "VLMInputs", step: int, acts: dict[str,
     return logits
 
 
-def run(model: "HookedVLM", inputs: "VLMInputs", plan: Plan) -> tuple[Tensor, dict[str, Tensor]]:
-    """One forward pass under ``plan``; a plain forward when the plan is empty (same numbers, no tracing cost)."""
+def run(model: "HookedVLM", inputs: "VLMInputs", plan: Plan, remote: bool | str = False
+        ) -> tuple[Tensor, dict[str, Tensor]]:
+    """One forward pass under ``plan``; a plain forward when the plan is empty (same numbers, no tracing cost).
+
+    ``remote`` ships the trace (hook functions included, by value) to an NDIF
+    host (True) or runs nnsight's exact serialise/deserialise round trip in
+    process (``"local"``).
+    """
     kwargs = inputs.model_kwargs()
     with torch.no_grad():
-        if plan.empty:
+        if plan.empty and not remote:
             return model.hf_model(**kwargs).logits, {}
-        root = model.envoy
+        root = model.remote_envoy if remote else model.envoy
         acts: dict[str, Tensor] = {}
-        with root.trace(**kwargs):
+        trace_kwargs = {"remote": remote} if remote else {}
+        with root.trace(**kwargs, **trace_kwargs):
             hooked = apply_plan(root, plan, inputs, 0, acts)
             logits = (hooked if hooked is not None else envoy_at(root, model.adapter.lm_head).output).save()
             acts = nnsight.save(acts)

@@ -163,3 +163,14 @@ def test_static_ablation_ignores_the_gate(fitted, tiny_llava):
     _, base = tiny_llava.run_with_cache(inputs, names=[name])
     _, stat = tiny_llava.run_with_cache(inputs, names=[name], hooks=eraser.hooks(strength=-1.0, gated=False))
     assert torch.allclose(stat.last(name) - base.last(name), (-1.0 * eraser.d[0]).expand(2, -1), atol=1e-5)
+
+
+def test_gate_graph_runs_under_remote_serialisation(fitted, tiny_llava):
+    """The gate graph is shipped by value (remote="local"), with outputs identical to the local run."""
+    eraser, forget, _ = fitted
+    imgs, prompts = zip(*forget[:3])
+    inputs = tiny_llava.encode(images=list(imgs), prompts=list(prompts))
+    local = tiny_llava.run_with_hooks(inputs, eraser.hooks())
+    remote = tiny_llava.run_with_hooks(inputs, eraser.hooks(), remote="local")
+    assert torch.equal(local, remote)
+    assert (local - tiny_llava.run_with_hooks(inputs, [])).abs().max() > 1e-3

@@ -1,0 +1,180 @@
+"""Steering hooks, and running one steering at many strengths in a single batched pass.
+
+Why batch strengths: choosing a steering coefficient means evaluating the
+same prompts at, say, 8 strengths.  One trace per strength pays the tracing
+and launch overhead 8 times and runs 8 small batches; replicating the batch
+once per strength and giving every row its own scale runs one large batch
+with identical numbers (each row only ever sees its own scale).
+
+>>> import torch
+>>> from interp.tiny import tiny_vlm
+>>> model = tiny_vlm("llava", n_layers=2)
+>>> inputs = model.encode(images=[None, None], prompts=["who is this", "who is she"])
+>>> v = torch.ones(model.d_model)
+>>> hooks_for = lambda s: [("blocks.1.hook_resid_pre", add_vector(v, scale=s, positions="last"))]
+>>> run_coefficients(model, inputs, hooks_for, [-1.0, 0.0, 1.0]).shape[:2]
+torch.Size([3, 2])
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING, Callable, Literal, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from .hooks import HookContext, HookFn, HookSpec
+from .inputs import VLMInputs
+
+if TYPE_CHECKING:
+    from .model import HookedVLM
+
+Positions = Literal["all", "last", "image", "text"]
+Scale = Union[float, Float[Tensor, " batch"]]
+POSITIONS = ("all", "last", "image", "text")
+
+
+# -- hooks -------------------------------------------------------------------
+def position_mask(x: Float[Tensor, "batch pos d"], ctx: HookContext, positions: Positions) -> Optional[Bool[Tensor, "batch pos"]]:
+    """Which positions of ``x`` a hook at ``ctx`` should touch; None means all of them.
+
+    At generation steps after the prefill ``x`` holds only the new position(s),
+    which are text: "last" is the newest position, "text" and "all" are
+    everything, and "image" is nothing.
+    """
+    if positions == "all":
+        return None
+    if x.dim() != 3:
+        raise ValueError(f"positions={positions!r} needs a [batch, pos, d] activation at {ctx.name!r}, got shape {tuple(x.shape)}")
+    if positions == "last":
+        return ctx.last_token_mask(x)
+    if not ctx.is_prefill:
+        fill = positions == "text"
+        return torch.full(x.shape[:2], fill, dtype=torch.bool, device=x.device)
+    mask = ctx.image_mask if positions == "image" else ctx.text_mask
+    if tuple(mask.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"positions={positions!r}: mask shape {tuple(mask.shape)} does not match the activation "
+                         f"{tuple(x.shape[:2])} at {ctx.name!r}; use positions='all' on sites without prompt positions")
+    return mask.to(x.device)
+
+
+def _row_scale(scale: Scale, x: Tensor) -> Tensor | float:
+    if not isinstance(scale, Tensor):
+        return float(scale)
+    if scale.dim() == 0:
+        return scale.to(device=x.device, dtype=x.dtype)
+    if scale.dim() != 1 or scale.shape[0] != x.shape[0]:
+        raise ValueError(f"per-row scale has shape {tuple(scale.shape)}, but the activation has batch {x.shape[0]}")
+    return scale.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def add_vector(v: Float[Tensor, " d_model"], scale: Scale = 1.0, positions: Positions = "all") -> HookFn:
+    """A hook ``fn(x, ctx)`` that adds ``scale * v`` at the chosen positions.
+
+    ``scale`` is a float, or a 1-D tensor with one scale per batch row, so
+    rows of one batch can be steered at different strengths (see
+    :func:`run_coefficients`).  ``positions``: "all", "last" (the last prompt
+    token; the new token at later generation steps), "image" or "text"
+    (non-pad, non-image prompt tokens).
+    """
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    if v.dim() != 1:
+        raise ValueError(f"add_vector expects a 1-D vector, got shape {tuple(v.shape)}")
+
+    def hook(x: Tensor, ctx: HookContext) -> Tensor:
+        if x.shape[-1] != v.shape[0]:
+            raise ValueError(f"vector has size {v.shape[0]}, but {ctx.name!r} has width {x.shape[-1]}")
+        delta = _row_scale(scale, x) * v.to(device=x.device, dtype=x.dtype)
+        mask = position_mask(x, ctx, positions)
+        if mask is None:
+            return x + delta
+        return x + delta * mask.unsqueeze(-1).to(x.dtype)
+
+    return hook
+
+
+# -- batched coefficients ------------------------------------------------------
+def repeat_inputs(inputs: VLMInputs, k: int) -> VLMInputs:
+    """The batch stacked ``k`` times along the batch dim: rows ``[c*B, (c+1)*B)`` are copy ``c``.
+
+    Image tensors repeat the same way because every image kwarg is laid out in
+    row order along dim 0: LLaVA's ``pixel_values`` ``[n_images, 3, H, W]``;
+    Qwen2.5-VL's ``pixel_values`` ``[total_patches, D]`` with
+    ``image_grid_thw`` ``[n_images, 3]``.  Repeating all of them whole keeps
+    image ``i`` of copy ``c`` paired with its patches and its rows.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if k == 1:
+        return inputs
+
+    def rep(t: Tensor) -> Tensor:
+        return t.repeat(k, *([1] * (t.dim() - 1)))
+
+    return replace(
+        inputs,
+        input_ids=rep(inputs.input_ids),
+        attention_mask=rep(inputs.attention_mask),
+        image_mask=rep(inputs.image_mask),
+        text_mask=rep(inputs.text_mask),
+        last_index=rep(inputs.last_index),
+        labels=None if inputs.labels is None else rep(inputs.labels),
+        image_kwargs={name: rep(t) for name, t in inputs.image_kwargs.items()},
+        prompts=list(inputs.prompts) * k,
+        n_images=list(inputs.n_images) * k,
+    )
+
+
+def row_scales(coeffs: Sequence[float], batch: int, device: torch.device | str | None = None) -> Float[Tensor, " rows"]:
+    """``[c0]*batch + [c1]*batch + ...``: the per-row scale matching :func:`repeat_inputs`."""
+    return torch.tensor([float(c) for c in coeffs], dtype=torch.float32, device=device).repeat_interleave(batch)
+
+
+def _chunks(n_coeffs: int, batch: int, max_rows: int | None) -> list[range]:
+    per = n_coeffs if max_rows is None else max(1, max_rows // batch)
+    return [range(i, min(i + per, n_coeffs)) for i in range(0, n_coeffs, per)]
+
+
+def run_coefficients(model: "HookedVLM", inputs: VLMInputs, hooks_for: Callable[[Tensor], HookSpec],
+                     coeffs: Sequence[float], max_rows: int | None = None) -> Float[Tensor, "n_coeffs batch pos vocab"]:
+    """Logits at every coefficient, in one forward pass (or one per ``max_rows`` rows).
+
+    ``hooks_for(scales)`` gets a 1-D tensor of per-row scales and returns a
+    hook spec, typically ``[(name, add_vector(v, scale=scales))]``.  The
+    result equals calling ``model.run_with_hooks(inputs, hooks_for(full(c)))``
+    for each ``c`` in turn.  ``max_rows`` caps the rows of one pass to bound
+    memory on large models.
+    """
+    coeffs = list(coeffs)
+    if not coeffs:
+        raise ValueError("run_coefficients needs at least one coefficient")
+    b = inputs.batch_size
+    outs = []
+    for chunk in _chunks(len(coeffs), b, max_rows):
+        cs = [coeffs[i] for i in chunk]
+        logits = model.run_with_hooks(repeat_inputs(inputs, len(cs)), hooks_for(row_scales(cs, b, model.device)))
+        outs.append(logits.reshape(len(cs), b, *logits.shape[1:]))
+    return torch.cat(outs)
+
+
+def generate_coefficients(model: "HookedVLM", inputs: VLMInputs, hooks_for: Callable[[Tensor], HookSpec],
+                          coeffs: Sequence[float], max_new_tokens: int = 32, every_step: bool = False,
+                          max_rows: int | None = None, **generate_kwargs) -> list[list[str]]:
+    """Greedy answers at every coefficient from one batched generation: ``texts[coeff][row]``.
+
+    Hooks run on the prefill pass only unless ``every_step``; same contract
+    for ``hooks_for`` as :func:`run_coefficients`.
+    """
+    coeffs = list(coeffs)
+    if not coeffs:
+        raise ValueError("generate_coefficients needs at least one coefficient")
+    b = inputs.batch_size
+    texts: list[list[str]] = []
+    for chunk in _chunks(len(coeffs), b, max_rows):
+        cs = [coeffs[i] for i in chunk]
+        out = model.generate(repeat_inputs(inputs, len(cs)), max_new_tokens=max_new_tokens,
+                             hooks=hooks_for(row_scales(cs, b, model.device)), every_step=every_step, **generate_kwargs)
+        texts.extend(out.texts[i * b:(i + 1) * b] for i in range(len(cs)))
+    return texts

@@ -1,0 +1,413 @@
+"""Resumable grid sweeps, their results, and constrained choice of a setting.
+
+Why a JSONL journal: a sweep over layers x strengths on a 7B model runs for
+hours, and a crash (or a pre-empted job) must not cost the finished part.
+Every finished setting is appended as one line ``{"setting": ..., "result": ...}``
+and fsync'ed; a restart reads the journal, drops a half-written last line,
+and evaluates only what is missing.  A finished setting is never recomputed.
+
+The sweep knows nothing about what it evaluates: settings are JSON dicts,
+results are JSON dicts of metrics.  :func:`choose_setting` then picks the
+best setting under constraints ("maximise forgetting subject to retain
+accuracy >= vanilla - 0.03").
+
+The batched-coefficient helpers live in :mod:`interp.steering` and are
+re-exported here, since sweeps over strengths are their main use.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import operator
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+
+import numpy as np
+
+from .io import atomic_path
+from .steering import generate_coefficients, repeat_inputs, row_scales, run_coefficients
+
+__all__ = [
+    "NoFeasibleSetting", "Sweep", "SweepResult", "choose_setting", "generate_coefficients", "repeat_inputs",
+    "row_scales", "run_coefficients", "run_sweep", "setting_key",
+]
+
+Record = dict[str, dict[str, Any]]
+
+
+# -- JSON helpers --------------------------------------------------------------
+def _plain(obj: Any) -> Any:
+    """numpy / torch scalars and arrays -> Python numbers and lists, so settings and results serialise."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        return obj.tolist()  # numpy arrays/scalars, torch tensors
+    return obj
+
+
+def setting_key(setting: Mapping[str, Any]) -> str:
+    """Canonical JSON of a setting: the identity used to skip finished work.
+
+    Key order does not matter; a tuple and a list of the same values are the
+    same; ``1`` and ``1.0`` are not (keep a key's type consistent).
+    """
+    return json.dumps(_plain(setting), sort_keys=True, separators=(",", ":"), allow_nan=True)
+
+
+def _line(record: Record) -> str:
+    return json.dumps(record, allow_nan=True) + "\n"
+
+
+def _read_records(path: Path, repair: bool) -> list[Record]:
+    """Parse a journal; a last line without its newline is a crash mid-write and is dropped (and cut off if ``repair``)."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data) and repair:
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+    records = []
+    for i, raw in enumerate(data[:end].decode("utf-8").splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: corrupt sweep record ({e}); only the last line may be partial") from None
+        if not (isinstance(rec, dict) and isinstance(rec.get("setting"), dict) and isinstance(rec.get("result"), dict)):
+            raise ValueError(f"{path}:{i}: expected {{'setting': {{...}}, 'result': {{...}}}}, got {raw[:80]!r}")
+        records.append(rec)
+    return records
+
+
+# -- results -------------------------------------------------------------------
+@dataclass
+class Grid:
+    """A metric on a 2-D grid of two setting keys (for heatmaps): ``values[i, j]`` at ``rows[i]``, ``cols[j]``; NaN where missing."""
+
+    row_key: str
+    col_key: str
+    rows: list[Any]
+    cols: list[Any]
+    values: np.ndarray
+
+
+def _sort_values(values: Iterable[Any]) -> list[Any]:
+    vals = list(dict.fromkeys(setting_key({"v": v}) for v in values))
+    decoded = [json.loads(k)["v"] for k in vals]
+    try:
+        return sorted(decoded)
+    except TypeError:
+        return decoded
+
+
+@dataclass
+class SweepResult:
+    """The finished records of a sweep, in completion order, with the queries a sweep is run for.
+
+    Each record is ``{"setting": {...}, "result": {...}}``; :meth:`rows`
+    flattens them to ``{**setting, **result}`` (a result value wins over a
+    setting value of the same name), which is what constraints receive.
+    """
+
+    records: list[Record] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[Record]:
+        return iter(self.records)
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [{**r["setting"], **r["result"]} for r in self.records]
+
+    def where(self, predicate: Callable[[dict[str, Any]], bool] | None = None, **fixed: Any) -> "SweepResult":
+        """The records whose flat row satisfies ``predicate`` and has ``key == value`` for each ``fixed`` pair."""
+        keep = []
+        for rec, row in zip(self.records, self.rows()):
+            if all(k in row and setting_key({"v": row[k]}) == setting_key({"v": v}) for k, v in fixed.items()) and (
+                    predicate is None or predicate(row)):
+                keep.append(rec)
+        return SweepResult(keep)
+
+    def metrics(self) -> list[str]:
+        return list(dict.fromkeys(k for r in self.records for k in r["result"]))
+
+    def table(self, keys: Sequence[str] | str, metric: str) -> dict[Any, Any]:
+        """``metric`` indexed by setting ``keys``: one key -> ``{v: x}``; two -> ``{v1: {v2: x}}``; and so on.
+
+        Raises if two records share the same key values (another setting key
+        varies too): narrow first with :meth:`where`.
+        """
+        keys = [keys] if isinstance(keys, str) else list(keys)
+        if not keys:
+            raise ValueError("table needs at least one key")
+        out: dict[Any, Any] = {}
+        seen: dict[str, dict] = {}
+        for rec, row in zip(self.records, self.rows()):
+            missing = [k for k in keys + [metric] if k not in row]
+            if missing:
+                raise KeyError(f"record {rec['setting']} has no {missing}; metrics are {self.metrics()}")
+            ident = setting_key({k: row[k] for k in keys})
+            if ident in seen:
+                varying = sorted(k for k in rec["setting"] if k not in keys
+                                 and setting_key({"v": rec["setting"][k]}) != setting_key({"v": seen[ident].get(k)}))
+                raise ValueError(f"two records share {json.loads(ident)}; setting keys {varying} vary too: "
+                                 f"add them to keys or narrow with .where({varying[0] if varying else 'key'}=...)")
+            seen[ident] = rec["setting"]
+            node = out
+            for k in keys[:-1]:
+                node = node.setdefault(_hashable(row[k]), {})
+            node[_hashable(row[keys[-1]])] = row[metric]
+        return out
+
+    def grid(self, row_key: str, col_key: str, metric: str) -> Grid:
+        """``metric`` as a 2-D array over two setting keys (sorted values; NaN where no record), for heatmaps."""
+        nested = self.table([row_key, col_key], metric)
+        rows = _sort_values(nested)
+        cols = _sort_values(c for inner in nested.values() for c in inner)
+        values = np.full((len(rows), len(cols)), np.nan)
+        for i, r in enumerate(rows):
+            for j, c in enumerate(cols):
+                v = nested.get(_hashable(r), {}).get(_hashable(c))
+                if v is not None:
+                    values[i, j] = float(v)
+        return Grid(row_key, col_key, rows, cols, values)
+
+    def best(self, objective: str, maximize: bool = True,
+             constraint: Callable[[dict[str, Any]], bool] | None = None) -> Record:
+        """The record with the highest (or lowest) ``objective`` among those meeting ``constraint``.
+
+        NaN objectives never win; ties go to the earliest record.
+        """
+        cands = [(rec, row) for rec, row in zip(self.records, self.rows())
+                 if objective in row and _finite(row[objective]) and (constraint is None or constraint(row))]
+        if not cands:
+            have = any(objective in row for row in self.rows())
+            why = "no record satisfies the constraint" if have else f"no record has {objective!r}; metrics are {self.metrics()}"
+            raise NoFeasibleSetting(f"best({objective!r}): {why} ({len(self.records)} records)")
+        pick = max if maximize else min
+        return pick(cands, key=lambda c: float(c[1][objective]))[0]
+
+    def save(self, path: str | Path) -> None:
+        """Write the records as a JSONL journal (atomically), readable by :meth:`load` and resumable by :class:`Sweep`."""
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(_line(r) for r in self.records))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SweepResult":
+        """Read a journal; a partial last line (a crash mid-write) is ignored, the file is left untouched."""
+        return cls(_read_records(Path(path), repair=False))
+
+
+def _hashable(v: Any) -> Any:
+    return tuple(_hashable(x) for x in v) if isinstance(v, list) else v
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class NoFeasibleSetting(ValueError):
+    """No setting of a sweep satisfies the constraints; the message says which came closest."""
+
+
+# -- running -------------------------------------------------------------------
+class Sweep:
+    """A sweep's journal on disk: what is done, and appending what finishes.
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "sweep.jsonl")
+    >>> settings = [{"layer": l, "coeff": c} for l in (1, 2) for c in (-1.0, 1.0)]
+    >>> res = run_sweep(settings, lambda s: {"score": s["layer"] * s["coeff"]}, path, progress=False)
+    >>> res.best("score")["setting"]
+    {'layer': 2, 'coeff': 1.0}
+    >>> calls = []
+    >>> _ = run_sweep(settings, lambda s: calls.append(s) or {"score": 0.0}, path, progress=False)
+    >>> calls  # everything was already done
+    []
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._records = _read_records(self.path, repair=True)
+        self._done = {setting_key(r["setting"]) for r in self._records}
+
+    @property
+    def result(self) -> SweepResult:
+        return SweepResult(list(self._records))
+
+    def is_done(self, setting: Mapping[str, Any]) -> bool:
+        return setting_key(setting) in self._done
+
+    def append(self, setting: Mapping[str, Any], result: Mapping[str, Any]) -> None:
+        """Record a finished setting durably (one line, flushed and fsync'ed)."""
+        if not isinstance(result, Mapping):
+            raise TypeError(f"evaluate must return a dict of metrics, got {type(result).__name__} for {dict(setting)}")
+        rec = {"setting": _plain(setting), "result": _plain(result)}
+        line = _line(rec)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        self._records.append(rec)
+        self._done.add(setting_key(setting))
+
+    def run(self, settings: Iterable[Mapping[str, Any]], evaluate: Callable[[dict], dict] | None = None,
+            progress: bool = True, evaluate_batch: Callable[[list[dict]], list[dict]] | None = None,
+            group_by: Sequence[str] = ()) -> SweepResult:
+        """Evaluate every setting not yet in the journal; return the records of ``settings`` (in their order).
+
+        With ``evaluate_batch``, pending settings are grouped by the values of
+        ``group_by`` (all in one group if empty) and each group is evaluated
+        by one call, which must return one result per setting, in order.
+        """
+        if (evaluate is None) == (evaluate_batch is None):
+            raise ValueError("pass exactly one of evaluate or evaluate_batch")
+        if group_by and evaluate_batch is None:
+            raise ValueError("group_by only applies with evaluate_batch")
+        wanted = {}
+        for s in settings:
+            if not isinstance(s, Mapping):
+                raise TypeError(f"each setting must be a dict, got {type(s).__name__}")
+            wanted.setdefault(setting_key(s), dict(s))
+        pending = [s for k, s in wanted.items() if k not in self._done]
+        bar = _progress(len(wanted), len(wanted) - len(pending), progress, self.path.name)
+        try:
+            if evaluate is not None:
+                for s in pending:
+                    self.append(s, evaluate(dict(s)))
+                    bar.update(1)
+            else:
+                for group in _group(pending, group_by):
+                    results = evaluate_batch([dict(s) for s in group])
+                    if len(results) != len(group):
+                        raise ValueError(f"evaluate_batch returned {len(results)} results for {len(group)} settings")
+                    for s, r in zip(group, results):
+                        self.append(s, r)
+                    bar.update(len(group))
+        finally:
+            bar.close()
+        by_key = {setting_key(r["setting"]): r for r in self._records}
+        return SweepResult([by_key[k] for k in wanted])
+
+
+def _group(settings: list[dict], keys: Sequence[str]) -> list[list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for s in settings:
+        missing = [k for k in keys if k not in s]
+        if missing:
+            raise KeyError(f"group_by keys {missing} are not in setting {s}")
+        groups.setdefault(setting_key({k: s[k] for k in keys}), []).append(s)
+    return list(groups.values())
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, done: int, enabled: bool, name: str):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc=f"sweep {name}", unit="setting")
+
+
+def run_sweep(settings: Iterable[Mapping[str, Any]], evaluate: Callable[[dict], dict] | None = None,
+              path: str | Path | None = None, progress: bool = True,
+              evaluate_batch: Callable[[list[dict]], list[dict]] | None = None,
+              group_by: Sequence[str] = ()) -> SweepResult:
+    """Evaluate a grid of settings, resumably, journaled at ``path`` (JSONL).
+
+    Kill it at any point and run it again with the same arguments: finished
+    settings are read back, never recomputed.  Use ``evaluate_batch`` with
+    ``group_by=("layer",)`` to evaluate all strengths of one layer in one
+    batched forward (see :func:`interp.steering.run_coefficients`).
+
+    >>> import tempfile, os, itertools
+    >>> path = os.path.join(tempfile.mkdtemp(), "grid.jsonl")
+    >>> grid = [{"layer": l, "coeff": c} for l, c in itertools.product([0, 1], [-0.5, 0.5])]
+    >>> res = run_sweep(grid, lambda s: {"forget": s["coeff"] * (s["layer"] + 1), "retain": 1 - abs(s["coeff"]) * s["layer"]},
+    ...                 path, progress=False)
+    >>> res.table(["layer", "coeff"], "forget")
+    {0: {-0.5: -0.5, 0.5: 0.5}, 1: {-0.5: -1.0, 0.5: 1.0}}
+    >>> choose_setting(res, "forget", {"retain": (">=", 0.6)})["setting"]
+    {'layer': 0, 'coeff': 0.5}
+    """
+    if path is None:
+        raise TypeError("run_sweep needs a path for its journal")
+    return Sweep(path).run(settings, evaluate, progress=progress, evaluate_batch=evaluate_batch, group_by=group_by)
+
+
+# -- choosing ------------------------------------------------------------------
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt, "==": operator.eq, "!=": operator.ne,
+}
+
+
+def _shortfall(value: Any, op: str, bound: float) -> float:
+    """How far ``value`` is from meeting ``op bound`` (0 when met, inf when missing or NaN)."""
+    if not _finite(value):
+        return math.inf
+    if _OPS[op](value, bound):
+        return 0.0
+    if op in ("!=",):
+        return math.inf  # "!=" cannot be nearly met
+    return abs(float(value) - float(bound))
+
+
+def choose_setting(result: SweepResult, objective: str, constraints: Mapping[str, tuple[str, float]] | None = None,
+                   maximize: bool = True) -> Record:
+    """The record that maximises (or minimises) ``objective`` subject to every ``metric op bound`` constraint.
+
+    ``constraints`` maps a metric (or setting key) to ``(op, bound)`` with op
+    in ``>= > <= < == !=``.  When nothing is feasible, :class:`NoFeasibleSetting`
+    says, per constraint, how many settings meet it and how close the best
+    came, and which single setting came closest to meeting all of them.
+    """
+    constraints = dict(constraints or {})
+    for metric, spec in constraints.items():
+        if not (isinstance(spec, (tuple, list)) and len(spec) == 2 and spec[0] in _OPS):
+            raise ValueError(f"constraint on {metric!r} must be (op, bound) with op in {sorted(_OPS)}, got {spec!r}")
+    if not result.records:
+        raise NoFeasibleSetting("the sweep has no records")
+    rows = result.rows()
+    known = set().union(*(r.keys() for r in rows))
+    for name in [objective, *constraints]:
+        if name not in known:
+            raise KeyError(f"{name!r} is not a metric or setting key of this sweep; metrics: {result.metrics()}")
+
+    def feasible(row: dict) -> bool:
+        return all(_shortfall(row.get(m), op, b) == 0.0 for m, (op, b) in constraints.items())
+
+    try:
+        return result.best(objective, maximize=maximize, constraint=feasible)
+    except NoFeasibleSetting:
+        pass
+    lines = [f"no setting of {len(rows)} satisfies all constraints for {'max' if maximize else 'min'} {objective!r}:"]
+    for m, (op, b) in constraints.items():
+        gaps = [_shortfall(r.get(m), op, b) for r in rows]
+        met = sum(g == 0.0 for g in gaps)
+        i = int(np.argmin(gaps))
+        status = f"met by {met}/{len(rows)}" if met else f"met by none; closest {m} = {rows[i].get(m)!r} misses by {gaps[i]:.4g}"
+        lines.append(f"  {m} {op} {b}: {status}")
+    worst = [max((_shortfall(r.get(m), op, b), m) for m, (op, b) in constraints.items()) for r in rows]
+    i = min(range(len(rows)), key=lambda j: worst[j][0])
+    gap, m = worst[i]
+    op, b = constraints[m]
+    lines.append(f"  nearest miss: {result.records[i]['setting']} fails {m} {op} {b} by {gap:.4g} ({m} = {rows[i].get(m)!r})")
+    raise NoFeasibleSetting("\n".join(lines))
