@@ -172,5 +172,5 @@ def test_gate_graph_runs_under_remote_serialisation(fitted, tiny_llava):
     inputs = tiny_llava.encode(images=list(imgs), prompts=list(prompts))
     local = tiny_llava.run_with_hooks(inputs, eraser.hooks())
     remote = tiny_llava.run_with_hooks(inputs, eraser.hooks(), remote="local")
-    assert torch.equal(local, remote)
+    assert (local - remote).abs().max() <= 1e-5  # float noise of nnsight's remotable call path, ~1e-7
     assert (local - tiny_llava.run_with_hooks(inputs, [])).abs().max() > 1e-3
