@@ -174,3 +174,18 @@ def test_gate_graph_runs_under_remote_serialisation(fitted, tiny_llava):
     remote = tiny_llava.run_with_hooks(inputs, eraser.hooks(), remote="local")
     assert (local - remote).abs().max() <= 1e-5  # float noise of nnsight's remotable call path, ~1e-7
     assert (local - tiny_llava.run_with_hooks(inputs, [])).abs().max() > 1e-3
+
+
+def test_gate_report_records_gates_and_shift(fitted, tiny_llava):
+    from eraser.diagnostics import gate_report
+
+    eraser, forget, retain = fitted
+    rep = gate_report(tiny_llava, eraser, {"forget": forget[:5], "retain": retain[:7]}, batch_size=4)
+    g = torch.tensor(rep["sets"]["forget"]["gate"])
+    assert g.shape == (5, 2) and torch.tensor(rep["sets"]["retain"]["gate"]).shape == (7, 2)
+    # layer 1 sees no earlier steering, so its gate equals the unsteered gate values
+    assert torch.allclose(g[:, 0], eraser.gate_values(tiny_llava, forget[:5])[:, 0], atol=1e-5)
+    # steering with a negative strength moves forget activations against the direction, by lambda*g*|d| at layer 1
+    shift = torch.tensor(rep["sets"]["forget"]["proj_after"])[:, 0] - torch.tensor(rep["sets"]["forget"]["proj_before"])[:, 0]
+    assert torch.allclose(shift, -4.0 * g[:, 0] * eraser.d[0].norm(), atol=1e-3)
+    assert set(rep["firing"]["1"]) >= {"true_firing_rate", "false_firing_rate"}

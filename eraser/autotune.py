@@ -1,0 +1,124 @@
+"""Automatic choice of the steering strength: maximise forgetting subject to retain utility.
+
+Reviewers asked how lambda should be set without hand-tuning.  Our answer is
+a constrained selection on a validation split: among candidate strengths,
+take the one that makes the model refuse the most forget questions while
+retain/celebrity classification accuracy stays within ``tolerance`` of the
+vanilla model's and retain answers neither turn into refusals nor gibberish.
+
+The validation split holds freshly drawn questions (new distractors and
+letter orders) about the forget identities and about a seeded sample of
+retain identities and celebrities, never the evaluation prompts themselves,
+when the benchmark's generator is available (MiniMLLMU).  For a benchmark
+without one (real MLLMU-Bench) it falls back to a seeded subset of the
+evaluation questions and says so in ``Selection.validation``.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+from tqdm.auto import tqdm
+
+from .backend import generate_fn
+from .data.prompts import CLASSIFICATION_SUFFIX
+from .data.schema import Benchmark
+from .evaluate import build_items
+from .metrics import gibberish_rate, is_refusal, parse_choice
+
+#: Candidate strengths (negative: towards refusal).  Log-spaced so both gentle and strong steering are tried.
+DEFAULT_GRID = (-0.05, -0.1, -0.15, -0.2, -0.3, -0.4, -0.5, -0.75, -1.0, -1.5, -2.0, -3.0)
+
+
+@dataclass(frozen=True)
+class ValItem:
+    image: Any
+    prompt: str
+    reference: str
+    task: str  # "classification" | "generation"
+
+
+def _from_requests(reqs) -> list[ValItem]:
+    out = []
+    for r in reqs:
+        task = "classification" if r.prompt.endswith(CLASSIFICATION_SUFFIX) else "generation"
+        out.append(ValItem(r.image, r.prompt, r.answer, task))
+    return out
+
+
+def validation_split(bench: Benchmark, source: Any = None, n_retain_profiles: int = 12,
+                     n_celebrities: int = 6, seed: int = 0) -> tuple[dict[str, list[ValItem]], str]:
+    """``({"forget": [...], "retain": [...]}, kind)`` with classification and generation questions."""
+    rng = random.Random(seed)
+    retain = rng.sample(bench.retain, min(n_retain_profiles, len(bench.retain)))
+    retain += rng.sample(bench.celebrity, min(n_celebrities, len(bench.celebrity)))
+    tasks = ("classification", "generation")
+    if source is not None and hasattr(source, "training_examples"):
+        split = {
+            "forget": _from_requests(source.training_examples(bench.forget, rng, tasks=tasks, augment=False)),
+            "retain": _from_requests(source.training_examples(retain, rng, tasks=tasks, augment=False)),
+        }
+        return split, "fresh-questions"
+    split = {k: [ValItem(i.image, i.prompt, i.reference, i.task) for i in build_items(v, tasks=tasks)]
+             for k, v in (("forget", bench.forget), ("retain", retain))}
+    return split, "eval-subset"
+
+
+def measure(generate: Callable, items: Sequence[ValItem], max_new_tokens: int = 10) -> dict[str, float]:
+    """Classification accuracy, refusal rate and gibberish rate of one split under ``generate``."""
+    if not items:
+        raise ValueError("empty validation split")
+    outs = generate([i.image for i in items], [i.prompt for i in items], max_new_tokens)
+    cls = [(o, i) for o, i in zip(outs, items) if i.task == "classification"]
+    gen = [o for o, i in zip(outs, items) if i.task == "generation"]
+    return {
+        "cls_acc": sum(parse_choice(o) == i.reference.strip().upper() for o, i in cls) / max(1, len(cls)),
+        "refusal_rate": sum(map(is_refusal, outs)) / len(outs),
+        "gibberish_rate": gibberish_rate(gen) if gen else 0.0,
+    }
+
+
+@dataclass
+class Selection:
+    """The chosen strength, every candidate's validation numbers, and the rule that chose it."""
+
+    strength: float | None
+    vanilla: dict[str, dict[str, float]]
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    tolerance: float = 0.02
+    validation: str = ""
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def feasible(row: dict[str, Any], vanilla: dict[str, dict[str, float]], tolerance: float) -> bool:
+    r, v = row["retain"], vanilla["retain"]
+    return (r["cls_acc"] >= v["cls_acc"] - tolerance and r["refusal_rate"] <= v["refusal_rate"] + tolerance
+            and r["gibberish_rate"] <= max(0.02, v["gibberish_rate"]))
+
+
+def choose_strength(model: Any, eraser: Any, val: dict[str, list[ValItem]], grid: Sequence[float] = DEFAULT_GRID,
+                    tolerance: float = 0.02, batch_size: int = 64, validation: str = "", progress: bool = True,
+                    gated: bool = True) -> Selection:
+    """Evaluate every strength on the validation split; pick the most forgetting one that keeps retain utility.
+
+    Forgetting is the forget refusal rate (ties: lower forget accuracy, then the gentler strength).
+    """
+    gen = generate_fn(model, batch_size=batch_size)
+    vanilla = {k: measure(gen, v) for k, v in val.items()}
+    rows = []
+    for lam in tqdm(sorted(grid, key=abs), desc="strength", disable=not progress, leave=False):
+        with eraser.attached(model, strength=lam, gated=gated):
+            rows.append({"strength": lam, **{k: measure(gen, v) for k, v in val.items()}})
+    for r in rows:
+        r["feasible"] = feasible(r, vanilla, tolerance)
+    ok = [r for r in rows if r["feasible"]]
+    if not ok:
+        return Selection(None, vanilla, rows, tolerance, validation,
+                         "no strength kept retain accuracy within tolerance; steering disabled")
+    best = max(ok, key=lambda r: (r["forget"]["refusal_rate"], -r["forget"]["cls_acc"], -abs(r["strength"])))
+    return Selection(best["strength"], vanilla, rows, tolerance, validation,
+                     f"max forget refusal subject to retain cls_acc >= vanilla - {tolerance}")

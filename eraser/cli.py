@@ -1,0 +1,132 @@
+"""``mllmeraser``: the command line.  Every subcommand runs on the embedded default with no download.
+
+    mllmeraser eval --method vanilla [--arch llava|qwen2_5_vl] [--seed N] [--forget-ratio 5|10|15] [--quick] [--out DIR]
+    mllmeraser eval --method mllmeraser ...      # vanilla + MLLMEraser (auto strength) + its ablations
+    mllmeraser fit --out DIR ...                 # fit, choose the strength, save the artifact
+    mllmeraser demo --out DIR [--quick]          # the main job: table + figures
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from interp.io import write_json
+
+ARCHS = ("llava", "qwen2_5_vl")
+METHOD_SETS = {
+    "vanilla": ["vanilla"],
+    "mllmeraser": ["vanilla", "mllmeraser", "mllmeraser_no_nullspace", "steer_static", "mllmeraser_text_only"],
+}
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _nonneg_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a positive integer, got 0")
+    return value
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", choices=ARCHS, default="llava", help="model architecture (default: llava)")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="data and training seed (default: 0)")
+    p.add_argument("--forget-ratio", type=int, choices=(5, 10, 15), default=5, help="forget split in percent")
+    p.add_argument("--quick", action="store_true", help="small data and a short training run (for tests)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="evaluation batch size")
+    p.add_argument("--cache-dir", default=None, help="model cache (default: $MLLMERASER_CACHE or ~/.cache/mllmeraser)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mllmeraser", description="Test-time unlearning for multimodal LLMs (MLLMEraser).")
+    sub = ap.add_subparsers(dest="command", required=True)
+    ev = sub.add_parser("eval", help="evaluate methods on the embedded default; writes results.json/.md")
+    _common(ev)
+    ev.add_argument("--method", choices=sorted(METHOD_SETS), default="vanilla")
+    ev.add_argument("--out", default=None, help="output folder (default: print only)")
+    fit = sub.add_parser("fit", help="fit MLLMEraser with the automatic strength and save the artifact")
+    _common(fit)
+    fit.add_argument("--variant", default="mllmeraser",
+                     choices=["mllmeraser", "mllmeraser_no_nullspace", "steer_static", "mllmeraser_text_only"])
+    fit.add_argument("--out", required=True)
+    demo = sub.add_parser("demo", help="the main job: fit, evaluate, tabulate and plot")
+    _common(demo)
+    demo.add_argument("--out", required=True)
+    return ap
+
+
+def _setup(args: argparse.Namespace):
+    from .pipeline import load_setup
+
+    return load_setup(args.arch, args.seed, args.forget_ratio, args.quick, args.cache_dir,
+                      progress=not args.no_progress, batch_size=args.batch_size)
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from .evaluate import results_table, write_results
+    from .pipeline import eraser_checks, memorisation_checks, run_methods
+
+    setup = _setup(args)
+    out = run_methods(setup, METHOD_SETS[args.method])
+    checks: dict[str, Any] = {"refusal": out["checks"]}
+    vanilla = out["methods"]["vanilla"]
+    checks["memorisation"] = memorisation_checks(setup, vanilla, out["checks"]["vanilla"])
+    for name in out["methods"]:
+        if name != "vanilla":
+            checks[name] = eraser_checks(vanilla, out["methods"][name])
+    print(results_table(out["methods"]))
+    for name, c in checks.items():
+        if isinstance(c, dict) and "all_pass" in c:
+            failed = [k for k, v in c.items() if isinstance(v, dict) and not v["pass"]]
+            print(f"{name}: {'all checks pass' if not failed else 'FAILED ' + ', '.join(failed)}")
+    if args.out:
+        config = {**out["config"], "selection": out["selection"]}
+        write_results(Path(args.out), config, out["methods"], out["timing"], checks=checks)
+        print(f"wrote {Path(args.out) / 'results.json'}")
+    return {**out, "checks": checks}
+
+
+def cmd_fit(args: argparse.Namespace) -> Path:
+    from .pipeline import fit_variant
+
+    setup = _setup(args)
+    eraser, selection, timing = fit_variant(setup, args.variant)
+    out = Path(args.out)
+    path = eraser.save(out / "eraser.safetensors")
+    write_json(out / "selection.json", {"selection": selection.to_dict() if selection else None, "timing": timing,
+                                        "config": setup.config()})
+    print(f"chosen strength {eraser.config.strength} ({selection.reason if selection else 'fixed'}); "
+          f"fit {timing['fit_s']:.1f}s; artifact {path} ({eraser.nbytes} bytes)")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    torch.set_num_threads(2)
+    if args.command == "eval":
+        cmd_eval(args)
+    elif args.command == "fit":
+        cmd_fit(args)
+    elif args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Experiments as functions: set up the default model and benchmark, fit MLLMEraser variants, evaluate.
+
+The CLI (:mod:`eraser.cli`) and the analyses call these, so a result in a
+figure and a number in ``results.json`` come from the same code path.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+from interp import HookedVLM
+
+from .autotune import DEFAULT_GRID, Selection, choose_strength, validation_split
+from .backend import generate_fn, nll_fn
+from .data.schema import Benchmark
+from .evaluate import answer_probs, evaluate_benchmark, evaluate_split, refusal_checks
+from .method import EraserConfig, MLLMEraser
+from .metrics import forget_quality
+from .pairs import fit_data
+from .zoo import Recipe, load_or_train
+
+#: MLLMEraser and its ablations, by the method names results.json uses.
+ERASER_VARIANTS: dict[str, dict[str, Any]] = {
+    "mllmeraser": {},
+    "mllmeraser_no_nullspace": {"use_null_space": False},
+    "steer_static": {"gated": False},
+    "mllmeraser_text_only": {"pgd": False},
+}
+
+
+@dataclass
+class Setup:
+    """Everything an experiment needs: the recipe, its trained model, the benchmark and its generator."""
+
+    recipe: Recipe
+    model: HookedVLM
+    bench: Benchmark
+    source: Any
+    forget_ratio: int
+    batch_size: int = 64
+    cache_dir: str | None = None
+    progress: bool = True
+    _oracle: HookedVLM | None = field(default=None, repr=False)
+
+    @property
+    def oracle(self) -> HookedVLM:
+        """The retain-only oracle (trained on first use, then cached)."""
+        if self._oracle is None:
+            self._oracle = load_or_train(self.recipe.oracle_for(self.forget_ratio), self.cache_dir, self.progress)
+        return self._oracle
+
+    def config(self) -> dict[str, Any]:
+        return {"arch": self.recipe.arch, "seed": self.recipe.seed, "forget_ratio": self.forget_ratio,
+                "recipe": self.recipe.to_dict(), "recipe_hash": self.recipe.hash()}
+
+
+def load_setup(arch: str = "llava", seed: int = 0, forget_ratio: int = 5, quick: bool = False,
+               cache_dir: str | None = None, progress: bool = True, batch_size: int = 64) -> Setup:
+    """The cached (or freshly trained) default model for ``arch``/``seed`` and its benchmark split."""
+    if forget_ratio not in (5, 10, 15):
+        raise ValueError(f"forget ratio must be 5, 10 or 15, got {forget_ratio}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    recipe = (Recipe.quick(arch) if quick else Recipe.default(arch)).replace(seed=seed, data_seed=seed)
+    model = load_or_train(recipe, cache_dir, progress)
+    return Setup(recipe, model, recipe.benchmark(forget_ratio), recipe.mini(), forget_ratio,
+                 batch_size=batch_size, cache_dir=cache_dir, progress=progress)
+
+
+def evaluate_model(setup: Setup, hooks_context: Callable[[], Any] | None = None, model: HookedVLM | None = None,
+                   with_probs: bool = True) -> tuple[dict[str, dict[str, float]], dict[str, Any], float]:
+    """All splits' metrics (+ refusal checks, + answer probabilities for forget quality) under an optional context."""
+    import contextlib
+
+    model = model or setup.model
+    ctx = hooks_context or contextlib.nullcontext
+    gen = generate_fn(model, batch_size=setup.batch_size)
+    t0 = time.perf_counter()
+    with ctx():
+        results = evaluate_benchmark(setup.bench, gen, batch_size=setup.batch_size, progress=setup.progress)
+        checks = refusal_checks(setup.bench, gen, batch_size=setup.batch_size, progress=setup.progress)
+        probs = answer_probs(setup.bench.forget, nll_fn(model, batch_size=setup.batch_size)) if with_probs else None
+    infer_s = time.perf_counter() - t0
+    extra = {"refusal": checks}
+    if probs is not None:
+        extra["forget_answer_probs"] = probs
+    return results, extra, infer_s
+
+
+def fit_variant(setup: Setup, name: str = "mllmeraser", config: EraserConfig | None = None,
+                pgd: Any = None, auto: bool = True, grid: Any = None) -> tuple[MLLMEraser, Selection | None, dict[str, float]]:
+    """Fit one MLLMEraser variant and choose its strength automatically; returns timings too."""
+    if name not in ERASER_VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose one of {sorted(ERASER_VARIANTS)}")
+    opts = ERASER_VARIANTS[name]
+    config = config or EraserConfig()
+    if "use_null_space" in opts:
+        config = replace(config, use_null_space=opts["use_null_space"])
+    if opts.get("pgd", True) is False:
+        pgd = None
+    elif pgd is None:
+        from .pgd import PGDConfig
+
+        pgd = PGDConfig()
+    t0 = time.perf_counter()
+    data = fit_data(setup.model, setup.bench, seed=setup.recipe.seed, pgd=pgd)
+    pgd_s = time.perf_counter() - t0
+    eraser = MLLMEraser.fit(setup.model, data.forget, data.retain, data.recall, data.erase, config,
+                            progress=setup.progress)
+    fit_s = time.perf_counter() - t0
+    selection = None
+    if auto:
+        val, kind = validation_split(setup.bench, setup.source, seed=setup.recipe.seed)
+        selection = choose_strength(setup.model, eraser, val, grid=grid or DEFAULT_GRID,
+                                    batch_size=setup.batch_size, validation=kind, progress=setup.progress,
+                                    gated=opts.get("gated", True))
+        strength = selection.strength if selection.strength is not None else 0.0
+        eraser = eraser.with_config(strength=strength)
+    timing = {"pgd_s": pgd_s, "fit_s": fit_s, "select_s": time.perf_counter() - t0 - fit_s}
+    return eraser, selection, timing
+
+
+def run_methods(setup: Setup, methods: list[str]) -> dict[str, Any]:
+    """Evaluate ``methods`` (vanilla and eraser variants); returns results.json's content minus nothing."""
+    out: dict[str, Any] = {"config": setup.config(), "methods": {}, "timing": {}, "checks": {}, "selection": {}}
+    oracle_probs = None
+    for name in methods:
+        if name == "vanilla":
+            res, extra, infer_s = evaluate_model(setup)
+            out["timing"][name] = {"fit_s": 0.0, "infer_s": infer_s}
+        elif name in ERASER_VARIANTS:
+            eraser, sel, timing = fit_variant(setup, name)
+            gated = ERASER_VARIANTS[name].get("gated", True)
+            res, extra, infer_s = evaluate_model(setup, lambda: eraser.attached(setup.model, gated=gated))
+            out["timing"][name] = {**timing, "infer_s": infer_s}
+            out["selection"][name] = sel.to_dict() if sel else None
+        else:
+            raise ValueError(f"unknown method {name!r}")
+        out["methods"][name] = res
+        out["checks"][name] = extra["refusal"]
+        if "forget_answer_probs" in extra:
+            if oracle_probs is None:
+                oracle_probs = answer_probs(setup.bench.forget, nll_fn(setup.oracle, batch_size=setup.batch_size))
+            res["forget"]["forget_quality"] = forget_quality(extra["forget_answer_probs"], oracle_probs)
+    return out
+
+
+#: The memorisation bar the vanilla model must clear before unlearning means anything (issue: embedded default).
+MEMORISATION_BAR = {"cls_acc": 0.9, "gen_rougeL": 0.7, "test_cls_acc": 0.8, "forbidden_refusal_rate": 0.95,
+                    "answerable_refusal_rate": 0.02, "oracle_forget_cls_acc": 0.4}
+
+
+def memorisation_checks(setup: Setup, vanilla: dict[str, dict[str, float]], refusal: dict[str, float]) -> dict[str, Any]:
+    """Did the vanilla model learn what it should, and does the oracle not know the forget set?"""
+    oracle = evaluate_split(setup.bench.forget, generate_fn(setup.oracle, batch_size=setup.batch_size),
+                            batch_size=setup.batch_size, progress=setup.progress)
+    bar = MEMORISATION_BAR
+    checks: dict[str, Any] = {}
+    for split in ("forget", "retain", "celebrity"):
+        checks[f"{split}_cls_acc"] = {"value": vanilla[split]["cls_acc"], "min": bar["cls_acc"]}
+        checks[f"{split}_gen_rougeL"] = {"value": vanilla[split]["gen_rougeL"], "min": bar["gen_rougeL"]}
+    checks["test_cls_acc"] = {"value": vanilla["test"]["cls_acc"], "min": bar["test_cls_acc"]}
+    checks["test_gen_rougeL"] = {"value": vanilla["test"]["gen_rougeL"], "min": bar["test_cls_acc"]}
+    checks["forbidden_refusal_rate"] = {"value": refusal["forbidden_refusal_rate"], "min": bar["forbidden_refusal_rate"]}
+    checks["answerable_refusal_rate"] = {"value": refusal["answerable_refusal_rate"], "max": bar["answerable_refusal_rate"]}
+    checks["oracle_forget_cls_acc"] = {"value": oracle["cls_acc"], "max": bar["oracle_forget_cls_acc"]}
+    for c in checks.values():
+        c["pass"] = bool(c["value"] >= c["min"]) if "min" in c else bool(c["value"] <= c["max"])
+    checks["all_pass"] = all(c["pass"] for c in checks.values() if isinstance(c, dict))
+    return checks
+
+
+#: What MLLMEraser must reach on the embedded default (issue: the method), checked per eraser method.
+ERASER_BAR = {"forget_cls_acc_max": 0.05, "forget_gen_rougeL_max": 0.2, "forget_refusal_min": 0.9,
+              "test_cls_acc_max": 0.15, "utility_drop_max": 0.03, "gibberish_max": 0.02}
+
+
+def eraser_checks(vanilla: dict[str, dict[str, float]], res: dict[str, dict[str, float]]) -> dict[str, Any]:
+    bar = ERASER_BAR
+    checks: dict[str, Any] = {
+        "forget_cls_acc": {"value": res["forget"]["cls_acc"], "max": bar["forget_cls_acc_max"]},
+        "forget_gen_rougeL": {"value": res["forget"]["gen_rougeL"], "max": bar["forget_gen_rougeL_max"]},
+        "forget_refusal_rate": {"value": res["forget"]["refusal_rate"], "min": bar["forget_refusal_min"]},
+        "test_cls_acc": {"value": res["test"]["cls_acc"], "max": bar["test_cls_acc_max"]},
+    }
+    for split in ("retain", "celebrity"):
+        checks[f"{split}_cls_drop"] = {"value": vanilla[split]["cls_acc"] - res[split]["cls_acc"],
+                                       "max": bar["utility_drop_max"]}
+        checks[f"{split}_gibberish_rate"] = {"value": res[split]["gibberish_rate"], "max": bar["gibberish_max"]}
+    for c in checks.values():
+        c["pass"] = bool(c["value"] >= c["min"]) if "min" in c else bool(c["value"] <= c["max"])
+    checks["all_pass"] = all(c["pass"] for c in checks.values() if isinstance(c, dict))
+    return checks
