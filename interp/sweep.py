@@ -16,14 +16,13 @@ re-exported here, since sweeps over strengths are their main use.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -365,7 +364,7 @@ def _shortfall(value: Any, op: str, bound: float) -> float:
         return math.inf
     if _OPS[op](value, bound):
         return 0.0
-    if op in ("!=",):
+    if op == "!=":
         return math.inf  # "!=" cannot be nearly met
     return abs(float(value) - float(bound))
 
@@ -397,7 +396,11 @@ def choose_setting(result: SweepResult, objective: str, constraints: Mapping[str
     try:
         return result.best(objective, maximize=maximize, constraint=feasible)
     except NoFeasibleSetting:
-        pass
+        if not constraints:
+            raise
+    n_ok = sum(feasible(r) for r in rows)
+    if n_ok:
+        raise NoFeasibleSetting(f"{n_ok} setting(s) satisfy the constraints, but none has a finite {objective!r}")
     lines = [f"no setting of {len(rows)} satisfies all constraints for {'max' if maximize else 'min'} {objective!r}:"]
     for m, (op, b) in constraints.items():
         gaps = [_shortfall(r.get(m), op, b) for r in rows]
