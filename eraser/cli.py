@@ -4,6 +4,7 @@
     mllmeraser eval --method mllmeraser ...      # vanilla + MLLMEraser (auto strength) + its ablations
     mllmeraser fit --out DIR ...                 # fit, choose the strength, save the artifact
     mllmeraser demo --out DIR [--quick]          # the main job: table + figures
+    mllmeraser figures --from DIR                # regenerate the figures from saved results
 """
 from __future__ import annotations
 
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--variant", default="mllmeraser",
                      choices=["mllmeraser", "mllmeraser_no_nullspace", "steer_static", "mllmeraser_text_only"])
     fit.add_argument("--out", required=True)
+    figs = sub.add_parser("figures", help="regenerate every figure from a results folder, without recomputing")
+    figs.add_argument("--from", dest="src", required=True, help="a folder written by demo/eval")
+    figs.add_argument("--out", default=None, help="where to write PNGs (default: the same folder)")
     demo = sub.add_parser("demo", help="the main job: fit, evaluate, tabulate and plot")
     _common(demo)
     demo.add_argument("--out", required=True)
@@ -121,6 +125,15 @@ def main(argv: list[str] | None = None) -> int:
         cmd_eval(args)
     elif args.command == "fit":
         cmd_fit(args)
+    elif args.command == "figures":
+        from .plots import make_all
+
+        src = Path(args.src)
+        if not src.is_dir():
+            print(f"mllmeraser figures: {src} is not a folder", file=sys.stderr)
+            return 2
+        paths = make_all(src, Path(args.out) if args.out else None)
+        print("\n".join(f"wrote {p}" for p in paths) or "no figure had data")
     elif args.command == "demo":
         from .demo import run_demo
 

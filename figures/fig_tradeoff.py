@@ -1,0 +1,5 @@
+"""Regenerate tradeoff.png from a run folder: ``python -m figures.fig_tradeoff --from DIR [--out OUT_DIR]``."""
+from figures import run
+
+if __name__ == "__main__":
+    run("tradeoff")
