@@ -1,0 +1,362 @@
+"""Activation patching for VLMs: which sites carry the difference between two runs?
+
+Why: probing says *where* information is readable; patching says where it is
+*used*.  Run a "clean" input (image of person A) and a "corrupted" one (image
+of person B, same prompt), then rerun the corrupted input with one site's
+activation replaced by the clean run's.  The normalised effect
+
+    (patched - corrupted) / (clean - corrupted)
+
+of a metric (e.g. the logit difference between the two names) is 1 where
+that site alone restores the clean behaviour and 0 where it carries nothing.
+
+Patching needs the two runs to line up position by position: the clean and
+corrupted prompts must have the same token length (the same prompt with two
+different images is the usual design), else a clear error is raised.
+
+For speed, several sites are patched in one forward pass: the corrupted
+batch is repeated once per site and copy ``c`` gets only site ``c``'s patch,
+so each copy computes exactly the one-site-at-a-time result.
+
+:func:`patch_from_run` patches from any :class:`~interp.ActivationCache`,
+e.g. a run with steering hooks, to ask which layer's steered activations,
+patched alone into the vanilla run, reproduce the steered behaviour
+(:func:`patch_hooks` does both steps).
+
+>>> from interp.tiny import tiny_vlm
+>>> from PIL import Image
+>>> model = tiny_vlm("llava", n_layers=2)
+>>> clean = model.encode(images=[Image.new("RGB", (32, 32), "red")], prompts=["who is this"])
+>>> corrupt = model.encode(images=[Image.new("RGB", (32, 32), "blue")], prompts=["who is this"])
+>>> res = patch_sites(model, clean, corrupt, ["hook_embed", "blocks.1.hook_resid_post"], answer_logprob([5]))
+>>> round(res.effects["hook_embed"], 4)
+1.0
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from .cache import ActivationCache
+from .hooks import HookContext, HookFn, HookSpec
+from .inputs import VLMInputs
+from .names import BLOCK_SITES, NameFilter, parse_block_name, resolve_names
+from .steering import repeat_inputs
+from .sweep import Grid
+
+if TYPE_CHECKING:
+    from .model import HookedVLM
+
+Metric = Callable[[Float[Tensor, "batch pos vocab"], VLMInputs], Float[Tensor, " batch"]]
+PositionSpec = Union[str, Callable[[VLMInputs], Bool[Tensor, "batch pos"]]]
+POSITIONS = ("all", "last", "image", "text")
+IdSpec = Union[int, Sequence[int], Tensor]
+
+
+# -- metrics -------------------------------------------------------------------
+def _row_ids(ids: IdSpec, batch: int, device: torch.device) -> Tensor:
+    t = torch.as_tensor(ids, dtype=torch.long, device=device).reshape(-1)
+    if t.numel() == 1:
+        return t.expand(batch)
+    if t.numel() != batch:
+        raise ValueError(f"got {t.numel()} token ids for a batch of {batch}; give one id, or one per row")
+    return t
+
+
+def _last_logits(logits: Float[Tensor, "batch pos vocab"], inputs: VLMInputs) -> Float[Tensor, "batch vocab"]:
+    idx = inputs.last_index.to(logits.device)
+    return logits[torch.arange(logits.shape[0], device=logits.device), idx].float()
+
+
+def logit_diff(answer_ids: IdSpec, wrong_ids: IdSpec) -> Metric:
+    """Metric: ``logit[answer] - logit[wrong]`` at the last prompt token, per row (one id, or one per row)."""
+
+    def metric(logits: Tensor, inputs: VLMInputs) -> Tensor:
+        last = _last_logits(logits, inputs)
+        b = last.shape[0]
+        rows = torch.arange(b, device=last.device)
+        return last[rows, _row_ids(answer_ids, b, last.device)] - last[rows, _row_ids(wrong_ids, b, last.device)]
+
+    return metric
+
+
+def answer_logprob(answer_ids: IdSpec) -> Metric:
+    """Metric: ``log p(answer)`` of the next token after the prompt, per row."""
+
+    def metric(logits: Tensor, inputs: VLMInputs) -> Tensor:
+        logp = torch.log_softmax(_last_logits(logits, inputs), dim=-1)
+        b = logp.shape[0]
+        return logp[torch.arange(b, device=logp.device), _row_ids(answer_ids, b, logp.device)]
+
+    return metric
+
+
+def _apply_metric(metric: Metric, logits: Tensor, inputs: VLMInputs) -> list[float]:
+    out = torch.as_tensor(metric(logits, inputs))
+    if out.dim() == 0:
+        out = out.reshape(1)
+    if out.dim() != 1:
+        raise ValueError(f"metric must return one value per row ([batch]), got shape {tuple(out.shape)}")
+    return [float(v) for v in out.detach().float().cpu()]
+
+
+# -- results -------------------------------------------------------------------
+def _mean(xs: Sequence[float]) -> float:
+    return float(np.mean(xs)) if len(xs) else float("nan")
+
+
+@dataclass
+class PatchResult:
+    """Metric values of a patching experiment; ``effects`` are normalised to clean = 1, corrupted = 0.
+
+    ``patched[name]`` is the batch-mean metric with ``name`` patched,
+    ``clean`` / ``corrupted`` the batch means of the source and target runs
+    (``clean`` is NaN when the source logits were not given), and ``rows``
+    keeps the per-row values (keys: site names, ``"clean"``, ``"corrupted"``).
+    """
+
+    names: list[str]
+    patched: dict[str, float]
+    clean: float
+    corrupted: float
+    positions: str = "all"
+    rows: dict[str, list[float]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def effects(self) -> dict[str, float]:
+        """``(patched - corrupted) / (clean - corrupted)`` per site; NaN when clean == corrupted."""
+        denom = self.clean - self.corrupted
+        if not math.isfinite(denom) or denom == 0:
+            return {n: float("nan") for n in self.names}
+        return {n: (self.patched[n] - self.corrupted) / denom for n in self.names}
+
+    def grid(self, prefix: str = "blocks", value: str = "effects") -> Grid:
+        """A site-kind x layer grid for a heatmap: rows ``hook_resid_pre, hook_attn_out, ...`` (those present), columns layers.
+
+        ``prefix`` is ``"blocks"`` (language model) or ``"vision.blocks"``;
+        ``value`` is ``"effects"`` or ``"patched"``.  Missing cells are NaN.
+        """
+        tower = {"blocks": "lm", "vision.blocks": "vision", "vision": "vision"}.get(prefix)
+        if tower is None:
+            raise ValueError(f"prefix must be 'blocks' or 'vision.blocks', got {prefix!r}")
+        if value not in ("effects", "patched"):
+            raise ValueError(f"value must be 'effects' or 'patched', got {value!r}")
+        vals = self.effects if value == "effects" else self.patched
+        cells = {}
+        for n in self.names:
+            parsed = parse_block_name(n)
+            if parsed is not None and parsed[0] == tower:
+                cells[(parsed[2], parsed[1])] = vals[n]
+        if not cells:
+            raise ValueError(f"no patched site under {prefix!r}; patched: {self.names[:6]}")
+        rows = [s for s in BLOCK_SITES if any(k[0] == s for k in cells)]
+        cols = sorted({k[1] for k in cells})
+        grid = np.full((len(rows), len(cols)), np.nan)
+        for (site, layer), v in cells.items():
+            grid[rows.index(site), cols.index(layer)] = v
+        return Grid(row_key="site", col_key="layer", rows=rows, cols=cols, values=grid)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": "interp.PatchResult", "names": list(self.names), "patched": dict(self.patched),
+                "effects": self.effects, "clean": self.clean, "corrupted": self.corrupted,
+                "positions": self.positions, "rows": dict(self.rows), "meta": dict(self.meta)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PatchResult":
+        return cls(names=list(d["names"]), patched={k: float(v) for k, v in d["patched"].items()},
+                   clean=float(d["clean"]), corrupted=float(d["corrupted"]), positions=d.get("positions", "all"),
+                   rows={k: [float(x) for x in v] for k, v in d.get("rows", {}).items()}, meta=dict(d.get("meta", {})))
+
+    def save(self, path: str | Path) -> None:
+        """JSON (NaN written as ``NaN``), atomically."""
+        from .io import write_json
+
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PatchResult":
+        import json
+
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# -- patching ------------------------------------------------------------------
+def _vision_side(name: str) -> bool:
+    return name.startswith(("vision.", "projector."))
+
+
+def _position_label(positions: PositionSpec) -> str:
+    return positions if isinstance(positions, str) else getattr(positions, "__name__", "custom")
+
+
+def _patch_mask(positions: PositionSpec, name: str, inputs: VLMInputs) -> Optional[Bool[Tensor, "batch pos"]]:
+    """Which positions of the target to overwrite at ``name``; None means the whole activation."""
+    if isinstance(positions, str) and positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS} or a callable(inputs) -> bool [batch, pos], got {positions!r}")
+    if positions == "all":
+        return None
+    if _vision_side(name):
+        if positions == "image":
+            return None  # every vision-side position belongs to an image
+        raise ValueError(f"positions={_position_label(positions)!r} is meaningless at vision-side site {name!r}: "
+                         "it has no prompt positions; use 'all' or 'image'")
+    if positions == "last":
+        b, p = inputs.input_ids.shape
+        mask = torch.zeros((b, p), dtype=torch.bool, device=inputs.input_ids.device)
+        mask[torch.arange(b, device=mask.device), inputs.last_index.to(mask.device)] = True
+        return mask
+    if positions == "image":
+        return inputs.image_mask
+    if positions == "text":
+        return inputs.text_mask
+    mask = torch.as_tensor(positions(inputs)).bool()
+    if tuple(mask.shape) != tuple(inputs.input_ids.shape):
+        raise ValueError(f"positions callable returned shape {tuple(mask.shape)}, expected {tuple(inputs.input_ids.shape)}")
+    return mask
+
+
+def _patch_hook(source: Tensor, mask: Optional[Tensor], copy: int, n_copies: int) -> HookFn:
+    """Overwrite copy ``copy`` of a ``n_copies``-times repeated batch with ``source`` (at ``mask``); other copies untouched."""
+
+    def hook(x: Tensor, ctx: HookContext) -> Tensor:
+        if x.shape[0] % n_copies:
+            raise ValueError(f"{ctx.name!r}: leading dim {x.shape[0]} does not split into {n_copies} copies")
+        n0 = x.shape[0] // n_copies
+        seg = x[copy * n0:(copy + 1) * n0]
+        if seg.shape != source.shape:
+            raise ValueError(
+                f"cannot patch {ctx.name!r}: source activation has shape {tuple(source.shape)}, the target's is "
+                f"{tuple(seg.shape)}. Source and target runs must line up (same prompt token lengths, same image sizes)")
+        src = source.to(device=x.device, dtype=x.dtype)
+        if mask is None:
+            new = src
+        else:
+            m = mask.to(x.device).reshape(*mask.shape, *([1] * (seg.dim() - 2)))
+            new = torch.where(m, src, seg)
+        return torch.cat([x[:copy * n0], new, x[(copy + 1) * n0:]])
+
+    return hook
+
+
+def patch_from_run(
+    model: "HookedVLM",
+    target_inputs: VLMInputs,
+    source_cache: ActivationCache,
+    names: NameFilter,
+    metric: Metric,
+    positions: PositionSpec = "all",
+    source_logits: Optional[Float[Tensor, "batch pos vocab"]] = None,
+    max_rows: Optional[int] = 32,
+) -> PatchResult:
+    """Patch each site of ``source_cache`` alone into a plain run of ``target_inputs`` and record ``metric``.
+
+    ``source_cache`` is any cache whose activations line up with the target
+    (e.g. ``model.run_with_cache(inputs, names, hooks=steering)`` for the
+    same inputs); pass that run's ``source_logits`` to get ``clean`` and the
+    normalised effects.  ``positions``: ``"all"``, ``"last"``, ``"image"``,
+    ``"text"``, or ``callable(target_inputs) -> bool [batch, pos]``; at
+    vision-side sites only ``"all"``/``"image"`` (both: the whole tensor).
+    ``max_rows`` caps the rows of one forward pass (``k`` sites per pass
+    with ``k * batch <= max_rows``, at least one); ``None`` patches all
+    sites in one pass.
+
+    >>> from interp.tiny import tiny_vlm
+    >>> model = tiny_vlm("llava", n_layers=2)
+    >>> inputs = model.encode(images=[None], prompts=["who is this"])
+    >>> steer = [("blocks.0.hook_resid_post", lambda x, ctx: x * 2)]
+    >>> logits, cache = model.run_with_cache(inputs, names="blocks.*.hook_resid_post", hooks=steer)
+    >>> res = patch_from_run(model, inputs, cache, "blocks.*.hook_resid_post", answer_logprob(5), source_logits=logits)
+    >>> [round(e, 4) for e in res.effects.values()]
+    [1.0, 1.0]
+    """
+    resolved = resolve_names(names, model.hook_names())
+    missing = [n for n in resolved if n not in source_cache]
+    if missing:
+        raise ValueError(f"the source cache lacks {missing[:4]}{'...' if len(missing) > 4 else ''}; "
+                         f"cache them in the source run (cached: {source_cache.names[:6]})")
+    if tuple(source_cache.image_mask.shape) != tuple(target_inputs.input_ids.shape):
+        raise ValueError(
+            f"source run has [batch, pos] = {tuple(source_cache.image_mask.shape)} but the target has "
+            f"{tuple(target_inputs.input_ids.shape)}: patching needs runs that line up position by position; "
+            "use prompts of the same token length (e.g. the same prompt with two different images)")
+    masks = {n: _patch_mask(positions, n, target_inputs) for n in resolved}  # validate before any forward pass
+
+    target_logits = model.run_with_hooks(target_inputs, [])
+    rows: dict[str, list[float]] = {"corrupted": _apply_metric(metric, target_logits, target_inputs)}
+    del target_logits
+    if source_logits is not None:
+        rows["clean"] = _apply_metric(metric, source_logits, target_inputs)
+
+    b = target_inputs.batch_size
+    per = len(resolved) if max_rows is None else max(1, max_rows // b)
+    for s in range(0, len(resolved), per):
+        chunk = resolved[s:s + per]
+        k = len(chunk)
+        hooks: HookSpec = [(n, _patch_hook(source_cache[n], masks[n], c, k)) for c, n in enumerate(chunk)]
+        logits = model.run_with_hooks(repeat_inputs(target_inputs, k), hooks)
+        for c, n in enumerate(chunk):
+            rows[n] = _apply_metric(metric, logits[c * b:(c + 1) * b], target_inputs)
+        del logits
+    return PatchResult(
+        names=resolved,
+        patched={n: _mean(rows[n]) for n in resolved},
+        clean=_mean(rows["clean"]) if "clean" in rows else float("nan"),
+        corrupted=_mean(rows["corrupted"]),
+        positions=_position_label(positions),
+        rows=rows,
+    )
+
+
+def patch_sites(
+    model: "HookedVLM",
+    clean_inputs: VLMInputs,
+    corrupted_inputs: VLMInputs,
+    names: NameFilter,
+    metric: Metric,
+    positions: PositionSpec = "all",
+    max_rows: Optional[int] = 32,
+) -> PatchResult:
+    """Clean -> corrupted activation patching at each site in ``names`` (list, glob or predicate).
+
+    The clean run is cached once; then each site's clean activation replaces
+    the corrupted one (at ``positions``, masks read from the corrupted
+    inputs) in an otherwise plain corrupted run.  See :func:`patch_from_run`
+    for ``positions`` and ``max_rows``, and the module docstring for an example.
+    """
+    if tuple(clean_inputs.input_ids.shape) != tuple(corrupted_inputs.input_ids.shape):
+        raise ValueError(
+            f"clean inputs have [batch, pos] = {tuple(clean_inputs.input_ids.shape)}, corrupted "
+            f"{tuple(corrupted_inputs.input_ids.shape)}: patching needs the same shapes; use prompts of the same "
+            "token length (e.g. the same prompt with two different images)")
+    resolved = resolve_names(names, model.hook_names())
+    clean_logits, cache = model.run_with_cache(clean_inputs, names=resolved)
+    return patch_from_run(model, corrupted_inputs, cache, resolved, metric, positions, clean_logits, max_rows)
+
+
+def patch_hooks(
+    model: "HookedVLM",
+    inputs: VLMInputs,
+    hooks: HookSpec,
+    names: NameFilter,
+    metric: Metric,
+    positions: PositionSpec = "all",
+    max_rows: Optional[int] = 32,
+) -> PatchResult:
+    """Which site's *hooked* activations, patched alone into the vanilla run, reproduce the hooked behaviour?
+
+    Runs ``inputs`` once with ``hooks`` (e.g. steering), caching ``names``,
+    then patches each site into an unhooked run; ``clean`` is the hooked
+    metric, ``corrupted`` the vanilla one.  Hooks attached persistently with
+    ``model.hooks(...)`` would be active in both runs, so pass them here instead.
+    """
+    resolved = resolve_names(names, model.hook_names())
+    source_logits, cache = model.run_with_cache(inputs, names=resolved, hooks=hooks)
+    return patch_from_run(model, inputs, cache, resolved, metric, positions, source_logits, max_rows)

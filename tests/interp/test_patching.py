@@ -1,0 +1,182 @@
+"""interp.patching: clean -> corrupted patching, patching from a hooked run, metrics, results."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from interp import ActivationCache
+from interp.patching import PatchResult, answer_logprob, logit_diff, patch_from_run, patch_hooks, patch_sites
+from interp.steering import add_vector
+from tests.conftest import random_image
+
+PROMPTS = ["what is the name of the person in this image ?", "who is he"]
+
+
+def _pair(model, size=32):
+    clean = model.encode(images=[random_image(size, 1), random_image(size, 2)], prompts=PROMPTS)
+    corrupt = model.encode(images=[random_image(size, 3), random_image(size, 4)], prompts=PROMPTS)
+    return clean, corrupt
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llava):
+    clean, corrupt = _pair(tiny_llava)
+    clean_logits = tiny_llava.run_with_hooks(clean, [])
+    corrupt_logits = tiny_llava.run_with_hooks(corrupt, [])
+    # answer: the clean run's top next token; the metric is its log-prob, which the images move
+    rows = torch.arange(2)
+    answer = clean_logits[rows, clean.last_index].argmax(-1)
+    metric = answer_logprob(answer)
+    gap = (metric(clean_logits, clean) - metric(corrupt_logits, corrupt)).mean().item()
+    assert abs(gap) > 1e-3  # a usable denominator for the normalised effect
+    return clean, corrupt, clean_logits, metric
+
+
+def _to_clean(clean_logits):
+    """A metric whose value is the largest |logit - clean logit| of a row: 0 exactly when patching restores clean."""
+    return lambda logits, inputs: (logits.float() - clean_logits.float()).abs().amax(dim=(1, 2))
+
+
+def test_full_patch_of_a_whole_stream_restores_clean(tiny_llava, setup):
+    clean, corrupt, clean_logits, metric = setup
+    last = f"blocks.{tiny_llava.n_layers - 1}.hook_resid_post"
+    names = ["hook_embed", "blocks.0.hook_resid_pre", last]
+    res = patch_sites(tiny_llava, clean, corrupt, names, metric, positions="all")
+    for n in names:
+        assert res.effects[n] == pytest.approx(1.0, abs=1e-5), n
+    dist = patch_sites(tiny_llava, clean, corrupt, names, _to_clean(clean_logits))
+    assert dist.clean == 0.0 and dist.corrupted > 0.1
+    for n in names:
+        assert dist.patched[n] <= 1e-5, n  # the logits themselves are the clean logits
+    assert res.names == names and res.positions == "all"
+    assert len(res.rows["clean"]) == len(res.rows[last]) == 2
+
+
+def test_patching_the_corrupted_runs_own_activation_has_no_effect(tiny_llava, setup):
+    clean, corrupt, clean_logits, metric = setup
+    names = ["hook_embed", "blocks.1.hook_attn_out", "blocks.1.hook_mlp_out", "blocks.2.hook_resid_post"]
+    _, own = tiny_llava.run_with_cache(corrupt, names=names)
+    res = patch_from_run(tiny_llava, corrupt, own, names, metric, source_logits=clean_logits)
+    for n in names:
+        assert res.effects[n] == pytest.approx(0.0, abs=1e-5), n
+
+
+def test_image_positions_of_the_projector_equal_the_clean_image(tiny_llava, setup):
+    clean, corrupt, clean_logits, metric = setup
+    res = patch_sites(tiny_llava, clean, corrupt, ["projector.hook_out", "hook_embed", "vision.hook_embed"], metric,
+                      positions="image")
+    # projector output and vision input are [n_images, tokens, d]: patched whole; the text embeddings already agree
+    for n in res.names:
+        assert res.effects[n] == pytest.approx(1.0, abs=1e-5), n
+    text = patch_sites(tiny_llava, clean, corrupt, ["hook_embed"], metric, positions="text")
+    assert text.effects["hook_embed"] == pytest.approx(0.0, abs=1e-5)  # the prompts are identical
+
+
+def test_batched_sites_equal_one_site_per_pass(tiny_llava, setup):
+    clean, corrupt, _, metric = setup
+    names = [n for n in tiny_llava.hook_names() if n.startswith("blocks.")]
+    many = patch_sites(tiny_llava, clean, corrupt, names, metric, positions="last", max_rows=None)
+    one = patch_sites(tiny_llava, clean, corrupt, names, metric, positions="last", max_rows=2)
+    assert many.names == one.names == names
+    for n in names:
+        assert many.patched[n] == pytest.approx(one.patched[n], abs=1e-5), n
+    assert max(abs(e) for e in many.effects.values()) > 0.05  # not a vacuous comparison
+    vis = ["vision.blocks.0.hook_attn_out", "vision.blocks.0.hook_resid_post", "vision.blocks.1.hook_resid_post",
+           "projector.hook_in"]
+    a = patch_sites(tiny_llava, clean, corrupt, vis, metric, max_rows=None)
+    b = patch_sites(tiny_llava, clean, corrupt, vis, metric, max_rows=1)
+    for n in vis:
+        assert a.patched[n] == pytest.approx(b.patched[n], abs=1e-5), n
+    # LLaVA reads vision_feature_layer=-2: the output of block 0 of 2 restores clean, block 1 is never read
+    assert a.effects["vision.blocks.0.hook_resid_post"] == pytest.approx(1.0, abs=1e-5)
+    assert a.effects["vision.blocks.1.hook_resid_post"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_qwen_flat_vision_sites_batch_like_single(tiny_qwen):
+    clean, corrupt = _pair(tiny_qwen, size=64)
+    logits = tiny_qwen.run_with_hooks(clean, [])
+    metric = answer_logprob(logits[torch.arange(2), clean.last_index].argmax(-1))
+    names = ["vision.blocks.0.hook_mlp_out", "vision.blocks.1.hook_resid_post", "projector.hook_out", "blocks.1.hook_attn_out"]
+    a = patch_sites(tiny_qwen, clean, corrupt, names, metric, positions="image", max_rows=None)
+    b = patch_sites(tiny_qwen, clean, corrupt, names, metric, positions="image", max_rows=1)
+    for n in names:
+        assert a.patched[n] == pytest.approx(b.patched[n], abs=1e-5), n
+    assert a.effects["projector.hook_out"] == pytest.approx(1.0, abs=1e-5)
+    assert a.effects["vision.blocks.1.hook_resid_post"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_mismatched_runs_and_bad_positions_are_clear_errors(tiny_llava, setup):
+    clean, corrupt, clean_logits, metric = setup
+    other = tiny_llava.encode(images=[random_image(32, 5), random_image(32, 6)], prompts=["who", "who is he"])
+    with pytest.raises(ValueError, match="same token length"):
+        patch_sites(tiny_llava, clean, other, ["blocks.0.hook_resid_pre"], metric)
+    _, cache = tiny_llava.run_with_cache(other, names=["blocks.0.hook_resid_pre"])
+    with pytest.raises(ValueError, match="line up position by position"):
+        patch_from_run(tiny_llava, corrupt, cache, ["blocks.0.hook_resid_pre"], metric)
+    with pytest.raises(ValueError, match="lacks"):
+        patch_from_run(tiny_llava, other, cache, ["blocks.1.hook_resid_pre"], metric)
+    with pytest.raises(ValueError, match="vision-side"):
+        patch_sites(tiny_llava, clean, corrupt, ["projector.hook_out"], metric, positions="last")
+    with pytest.raises(ValueError, match="positions must be"):
+        patch_sites(tiny_llava, clean, corrupt, ["hook_embed"], metric, positions="middle")
+    # the prompt masks agree but a vision-side activation does not (here: 3 images' worth for 2 images)
+    _, good = tiny_llava.run_with_cache(clean, names=["vision.hook_embed"])
+    bad = ActivationCache({"vision.hook_embed": good["vision.hook_embed"][[0, 1, 1]]}, good.image_mask,
+                          good.text_mask, good.last_index)
+    with pytest.raises(ValueError, match="cannot patch 'vision.hook_embed'.*must line up"):
+        patch_from_run(tiny_llava, corrupt, bad, ["vision.hook_embed"], metric)
+
+
+def test_callable_positions_equal_named_positions(tiny_llava, setup):
+    clean, corrupt, _, metric = setup
+    names = ["blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"]
+    named = patch_sites(tiny_llava, clean, corrupt, names, metric, positions="image")
+    fn = patch_sites(tiny_llava, clean, corrupt, names, metric, positions=lambda inp: inp.image_mask)
+    for n in names:
+        assert named.patched[n] == pytest.approx(fn.patched[n], abs=1e-6)
+
+
+def test_patch_hooks_localises_a_steering_hook(tiny_llava):
+    inputs = tiny_llava.encode(images=[random_image(32, 7), None], prompts=["who is he", "who is this person"])
+    v = torch.randn(tiny_llava.d_model, generator=torch.Generator().manual_seed(0)) * 4
+    steer = [("blocks.1.hook_resid_pre", add_vector(v, positions="last"))]
+    base = tiny_llava.run_with_hooks(inputs, [])
+    metric = answer_logprob(base[torch.arange(2), inputs.last_index].argmax(-1))
+    res = patch_hooks(tiny_llava, inputs, steer, "blocks.*.hook_resid_pre", metric, positions="last")
+    assert res.clean < res.corrupted - 1e-3  # steering moved the metric
+    assert res.effects["blocks.0.hook_resid_pre"] == pytest.approx(0.0, abs=1e-5)  # upstream of the hook
+    assert res.effects["blocks.1.hook_resid_pre"] == pytest.approx(1.0, abs=1e-5)  # the steered site itself
+
+
+def test_metric_helpers(tiny_llava, setup):
+    clean, _, clean_logits, _ = setup
+    last = clean_logits[torch.arange(2), clean.last_index].float()
+    ld = logit_diff([3, 4], 5)(clean_logits, clean)
+    assert torch.allclose(ld, torch.stack([last[0, 3] - last[0, 5], last[1, 4] - last[1, 5]]))
+    lp = answer_logprob(7)(clean_logits, clean)
+    assert torch.allclose(lp, torch.log_softmax(last, -1)[:, 7])
+    with pytest.raises(ValueError, match="one per row"):
+        logit_diff([1, 2, 3], 0)(clean_logits, clean)
+
+
+def test_result_grid_and_round_trip(tmp_path):
+    names = ["hook_embed", "blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.1.hook_mlp_out",
+             "vision.blocks.0.hook_resid_post"]
+    res = PatchResult(names=names, patched={n: float(i) for i, n in enumerate(names)}, clean=4.0, corrupted=0.0,
+                      positions="last", rows={"clean": [4.0], "corrupted": [0.0]}, meta={"note": "x"})
+    assert res.effects == {n: i / 4 for i, n in enumerate(names)}
+    g = res.grid("blocks")
+    assert g.rows == ["hook_resid_pre", "hook_mlp_out"] and g.cols == [0, 1]
+    np.testing.assert_allclose(g.values, [[0.25, 0.5], [np.nan, 0.75]])
+    gv = res.grid("vision.blocks", value="patched")
+    assert gv.rows == ["hook_resid_post"] and gv.values.tolist() == [[4.0]]
+    res.save(tmp_path / "r.json")
+    back = PatchResult.load(tmp_path / "r.json")
+    assert back == res and back.effects == res.effects
+    flat = PatchResult(names=["hook_embed"], patched={"hook_embed": 1.0}, clean=2.0, corrupted=2.0)
+    assert math.isnan(flat.effects["hook_embed"])
+    flat.save(tmp_path / "f.json")
+    assert math.isnan(PatchResult.load(tmp_path / "f.json").effects["hook_embed"])
