@@ -1,0 +1,111 @@
+"""``mllmeraser demo``: the main job on the embedded default, end to end.
+
+Loads (or trains, once) the default model, fits MLLMEraser with the
+automatically chosen strength and its ablations, runs the baselines, evaluates
+everything with one evaluator, and writes ``results.json``, ``results.md``,
+``gates.json``, ``sweep.jsonl`` and the figures.  Every file is written
+atomically; the sweep resumes if interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from interp.io import write_json
+from interp.sweep import run_sweep
+
+from .autotune import measure, validation_split
+from .backend import generate_fn
+from .diagnostics import gate_report
+from .evaluate import results_table, write_results
+from .pairs import queries
+from .pipeline import ERASER_VARIANTS, Setup, eraser_checks, evaluate_model, fit_variant, load_setup, memorisation_checks
+
+SWEEP_STRENGTHS = (-0.1, -0.25, -0.5, -1.0, -2.0)
+
+
+def layer_sweep(setup: Setup, eraser, out: Path, strengths=SWEEP_STRENGTHS) -> Path:
+    """Forget refusal and retain accuracy when steering one layer at a time (and all layers: layer -1)."""
+    val, _ = validation_split(setup.bench, setup.source, n_retain_profiles=6, n_celebrities=3, seed=setup.recipe.seed)
+    rng = random.Random(setup.recipe.seed)
+    val = {k: rng.sample(v, min(len(v), 60)) for k, v in val.items()}
+    gen = generate_fn(setup.model, batch_size=setup.batch_size)
+    settings = [{"layer": l, "strength": s} for l in [-1] + list(eraser.layers) for s in strengths]
+
+    def evaluate(setting: dict[str, Any]) -> dict[str, float]:
+        lam = setting["strength"]
+        strength = lam if setting["layer"] == -1 else {l: (lam if l == setting["layer"] else 0.0) for l in eraser.layers}
+        with eraser.attached(setup.model, strength=strength):
+            f, r = measure(gen, val["forget"]), measure(gen, val["retain"])
+        return {"forget_refusal_rate": f["refusal_rate"], "forget_cls_acc": f["cls_acc"], "retain_cls_acc": r["cls_acc"]}
+
+    path = out / "sweep.jsonl"
+    run_sweep(settings, evaluate, path=path, progress=setup.progress)
+    return path
+
+
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    setup = load_setup(args.arch, args.seed, args.forget_ratio, args.quick, args.cache_dir,
+                       progress=not args.no_progress, batch_size=args.batch_size)
+    print(f"[demo] model: {setup.recipe.describe()}")
+    methods: dict[str, Any] = {}
+    timing: dict[str, Any] = {}
+    refusal: dict[str, Any] = {}
+    selection: dict[str, Any] = {}
+
+    print("[demo] evaluating vanilla")
+    res, extra, infer_s = evaluate_model(setup, with_probs=False)
+    methods["vanilla"], timing["vanilla"], refusal["vanilla"] = res, {"fit_s": 0.0, "infer_s": infer_s}, extra["refusal"]
+
+    erasers = {}
+    for name in ERASER_VARIANTS:
+        print(f"[demo] fitting {name}")
+        eraser, sel, t = fit_variant(setup, name)
+        erasers[name] = eraser
+        gated = ERASER_VARIANTS[name].get("gated", True)
+        res, extra, infer_s = evaluate_model(setup, lambda: eraser.attached(setup.model, gated=gated), with_probs=False)
+        methods[name], refusal[name] = res, extra["refusal"]
+        timing[name] = {**t, "infer_s": infer_s}
+        selection[name] = sel.to_dict() if sel else None
+        print(f"[demo]   strength {eraser.config.strength}: forget cls {res['forget']['cls_acc']:.3f}, "
+              f"retain cls {res['retain']['cls_acc']:.3f}")
+
+    from .baselines import run_baselines
+
+    base = run_baselines(setup, progress=setup.progress)
+    for name, b in base.items():
+        methods[name], timing[name], refusal[name] = b["results"], b["timing"], b["refusal"]
+        selection[name] = b.get("selection")
+
+    print("[demo] gate diagnostics and layer sweep")
+    main = erasers["mllmeraser"]
+    rng = random.Random(setup.recipe.seed)
+    sample = lambda qs, n: rng.sample(qs, min(n, len(qs)))  # noqa: E731
+    sets = {"forget": queries(setup.bench.forget), "retain": sample(queries(setup.bench.retain + setup.bench.celebrity), 200),
+            "test": queries(setup.bench.test)}
+    write_json(out / "gates.json", gate_report(setup.model, main, sets, batch_size=setup.batch_size))
+    main.save(out / "eraser.safetensors")
+    layer_sweep(setup, main, out)
+
+    checks: dict[str, Any] = {"refusal": refusal,
+                              "memorisation": memorisation_checks(setup, methods["vanilla"], refusal["vanilla"])}
+    for name in methods:
+        if name != "vanilla":
+            checks[name] = eraser_checks(methods["vanilla"], methods[name])
+    config = {**setup.config(), "quick": bool(args.quick), "selection": selection,
+              "total_s": time.perf_counter() - t_start}
+    write_results(out, config, methods, timing, checks=checks)
+
+    from .plots import make_all
+
+    figs = make_all(out)
+    print(results_table(methods))
+    print(f"[demo] wrote {out / 'results.json'}, {out / 'results.md'} and {len(figs)} figures "
+          f"in {time.perf_counter() - t_start:.0f}s")
+    return {"methods": methods, "timing": timing, "checks": checks}
