@@ -67,6 +67,20 @@ class VLMInputs:
     def has_images(self) -> bool:
         return bool(self.image_kwargs)
 
+    def map_tensors(self, fn: Any, **changes: Any) -> "VLMInputs":
+        """A copy with ``fn`` applied to every tensor field (image kwargs included); ``changes`` replace other fields."""
+        return replace(
+            self,
+            input_ids=fn(self.input_ids),
+            attention_mask=fn(self.attention_mask),
+            image_mask=fn(self.image_mask),
+            text_mask=fn(self.text_mask),
+            last_index=fn(self.last_index),
+            labels=None if self.labels is None else fn(self.labels),
+            image_kwargs={k: fn(v) for k, v in self.image_kwargs.items()},
+            **changes,
+        )
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "VLMInputs":
         """Move every tensor to ``device``; ``dtype`` applies to floating image tensors only."""
 
@@ -74,16 +88,7 @@ class VLMInputs:
             t = t.to(device)
             return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
-        return replace(
-            self,
-            input_ids=mv(self.input_ids),
-            attention_mask=mv(self.attention_mask),
-            image_mask=mv(self.image_mask),
-            text_mask=mv(self.text_mask),
-            last_index=mv(self.last_index),
-            labels=None if self.labels is None else mv(self.labels),
-            image_kwargs={k: mv(v) for k, v in self.image_kwargs.items()},
-        )
+        return self.map_tensors(mv)
 
 
 def _as_rgb(img: Any, row: int) -> Image.Image:

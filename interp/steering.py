@@ -17,7 +17,6 @@ torch.Size([3, 2])
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import TYPE_CHECKING, Callable, Literal, Optional, Sequence, Union
 
 import torch
@@ -113,18 +112,7 @@ def repeat_inputs(inputs: VLMInputs, k: int) -> VLMInputs:
     def rep(t: Tensor) -> Tensor:
         return t.repeat(k, *([1] * (t.dim() - 1)))
 
-    return replace(
-        inputs,
-        input_ids=rep(inputs.input_ids),
-        attention_mask=rep(inputs.attention_mask),
-        image_mask=rep(inputs.image_mask),
-        text_mask=rep(inputs.text_mask),
-        last_index=rep(inputs.last_index),
-        labels=None if inputs.labels is None else rep(inputs.labels),
-        image_kwargs={name: rep(t) for name, t in inputs.image_kwargs.items()},
-        prompts=list(inputs.prompts) * k,
-        n_images=list(inputs.n_images) * k,
-    )
+    return inputs.map_tensors(rep, prompts=list(inputs.prompts) * k, n_images=list(inputs.n_images) * k)
 
 
 def row_scales(coeffs: Sequence[float], batch: int, device: torch.device | str | None = None) -> Float[Tensor, " rows"]:
