@@ -1,0 +1,112 @@
+"""Benchmark: steered generation vs vanilla ``generate``, for the plain-PyTorch fast path and the nnsight graph.
+
+Targets: fast path <= 1.02x, nnsight graph <= 1.10x of vanilla generation.  Also prints the artifact size
+against the release's d x d per-layer matrices (target: >= d/4 times smaller) and the peak memory of fitting
+as the retain set grows 10x (target: flat, thanks to streaming statistics).
+Run: ``python -m analyses.bench_steer`` (a 21M-parameter LLaVA config, random weights, 2 CPU threads).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+
+import torch
+from PIL import Image
+
+from analyses._timing import interleaved
+from eraser import EraserConfig, MLLMEraser
+from interp.tiny import tiny_vlm
+
+WORDS = "who is the person in this image what name city job year hobby pet likes".split()
+
+
+def _queries(n: int, seed: int, size: int = 64):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        words = " ".join(WORDS[int(j)] for j in torch.randint(len(WORDS), (8,), generator=g))
+        colour = tuple(int(c) for c in torch.randint(0, 255, (3,), generator=g))
+        out.append((Image.new("RGB", (size, size), colour) if i % 2 == 0 else None, words))
+    return out
+
+
+def _maxrss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def fit_memory(n_retain: int, small: bool) -> dict[str, int]:
+    """Run in a fresh process: peak RSS before and after fitting on ``n_retain`` retain queries."""
+    torch.set_num_threads(2)
+    model = tiny_vlm("llava", seed=0, **_size(small))
+    forget, recall, erase, retain = _queries(16, 1), _queries(8, 2), _queries(8, 3), _queries(n_retain, 4)
+    before = _maxrss()
+    MLLMEraser.fit(model, forget, retain, recall, erase, EraserConfig(batch_size=16))
+    return {"before": before, "after": _maxrss()}
+
+
+def fit_peak(n_retain: int, small: bool) -> dict[str, int]:
+    """Peak RSS before and after the fit, measured in a fresh subprocess."""
+    code = f"import json; from analyses.bench_steer import fit_memory; print(json.dumps(fit_memory({n_retain}, {small})))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _size(small: bool) -> dict:
+    return dict(d_model=128, n_layers=4) if small else dict(
+        d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_mlp=1024, vision_d_model=256, vision_layers=4,
+        vision_heads=4, image_size=64, patch_size=8)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--small", action="store_true", help="a 1M-parameter model, for a quick look")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    model = tiny_vlm("llava", seed=0, **_size(args.small))
+    config = EraserConfig(batch_size=16)
+    eraser = MLLMEraser.fit(model, _queries(16, 1), _queries(64, 4), _queries(8, 2), _queries(8, 3), config)
+    batch = _queries(4, 9)
+    inputs = model.encode(images=[q[0] for q in batch], prompts=[q[1] for q in batch])
+    kw = dict(max_new_tokens=args.new_tokens, eos_token_id=None)
+
+    def vanilla():
+        model.generate(inputs, **kw)
+
+    def fast():
+        with eraser.attached(model, backend="torch"):
+            model.generate(inputs, **kw)
+
+    def graph():
+        model.generate(inputs, hooks=eraser.hooks(), **kw)
+
+    med = interleaved({"vanilla": vanilla, "fast": fast, "graph": graph}, repeats=args.repeats, warmup=2)
+    d, n_layers = model.d_model, len(eraser.layers)
+    release_bytes = n_layers * d * d * 4
+    out = {
+        "fast_ratio": med["fast"] / med["vanilla"],
+        "graph_ratio": med["graph"] / med["vanilla"],
+        "artifact_bytes": float(eraser.nbytes),
+        "release_bytes": float(release_bytes),
+        "size_ratio": release_bytes / eraser.nbytes,
+    }
+    n_params = sum(p.numel() for p in model.hf_model.parameters())
+    print(f"model: {n_params / 1e6:.1f}M params, d_model {d}, {n_layers} steered layers; batch 4, {args.new_tokens} new tokens")
+    print(f"vanilla generate {med['vanilla'] * 1e3:.1f} ms | fast path {med['fast'] * 1e3:.1f} ms "
+          f"({out['fast_ratio']:.3f}x, target <= 1.02) | nnsight graph {med['graph'] * 1e3:.1f} ms "
+          f"({out['graph_ratio']:.3f}x, target <= 1.10)")
+    print(f"artifact {eraser.nbytes:,} bytes vs release d x d matrices {release_bytes:,} bytes: "
+          f"{out['size_ratio']:.0f}x smaller (d/4 = {d / 4:.0f})")
+    small, large = fit_peak(64, args.small), fit_peak(640, args.small)
+    out.update(fit_peak_small=float(small["after"]), fit_peak_large=float(large["after"]))
+    mib = lambda r: f"{r['after'] / 2**20:.0f} MiB (+{(r['after'] - r['before']) / 2**20:.0f} over the loaded model)"  # noqa: E731
+    print(f"fit peak RSS: {mib(small)} with 64 retain queries, {mib(large)} with 640 (10x the data; target: flat)")
+    return out
+
+
+if __name__ == "__main__":
+    main()
