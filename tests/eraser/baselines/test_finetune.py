@@ -1,0 +1,188 @@
+"""Training-based unlearning baselines: mechanics on a random tiny model, measured effects on the quick model."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from eraser.baselines import METHODS, unlearn, unlearning_data
+from eraser.backend import nll_fn
+
+
+def _image(seed: int) -> Image.Image:
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (32, 32, 3), dtype=np.uint8))
+
+
+FORGET = [(_image(1), "what is the name of the person in this image ?", "red"),
+          (None, "what is the job of ann ?", "a"), (None, "where was ann born ?", "blue city")]
+RETAIN = [(_image(2), "who is this person ?", "green"), (None, "what is the job of bob ?", "b"),
+          (None, "where was bob born ?", "white")]
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.hf_model.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _mean_nll(model, rows):
+    return float(np.mean(nll_fn(model)([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])))
+
+
+# ----------------------------------------------------------------------------- mechanics (random tiny model)
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_trains_a_copy_and_leaves_the_original_bit_identical(tiny_llava, method):
+    before, grads = _state(tiny_llava), [p.requires_grad for p in tiny_llava.hf_model.parameters()]
+    mode = tiny_llava.hf_model.training
+    new, info = unlearn(tiny_llava, method, FORGET, RETAIN, lr=1e-3, epochs=2, batch_size=2, progress=False)
+    assert _same(before, _state(tiny_llava))
+    assert [p.requires_grad for p in tiny_llava.hf_model.parameters()] == grads
+    assert tiny_llava.hf_model.training == mode
+    assert new.hf_model is not tiny_llava.hf_model and not new.hf_model.training
+    assert not _same(before, _state(new))
+    assert info["steps"] == 4 and len(info["history"]) == 4 and info["fit_s"] > 0
+    assert info["method"] == method and info["retain_weight"] == METHODS[method]
+
+
+def test_ga_raises_forget_nll_and_npo_lowers_forget_probability(tiny_llava):
+    start = _mean_nll(tiny_llava, FORGET)
+    ga, _ = unlearn(tiny_llava, "ga", FORGET, [], lr=1e-3, epochs=3, batch_size=3, progress=False)
+    assert _mean_nll(ga, FORGET) > start + 0.5
+    npo, info = unlearn(tiny_llava, "npo", FORGET, [], lr=1e-3, epochs=3, batch_size=3, progress=False)
+    assert _mean_nll(npo, FORGET) > start + 0.5  # exp(-NLL), the answer probability, fell
+    hist = info["history"]
+    assert hist[0]["forget_log_ratio"] == pytest.approx(0.0, abs=1e-4)  # starts at the reference
+    assert hist[0]["loss"] == pytest.approx(2 / 0.1 * np.log(2), rel=1e-4)
+    assert hist[-1]["forget_log_ratio"] < -1.0 and hist[-1]["loss"] < hist[0]["loss"]
+
+
+def test_seeded_and_epoch_checkpoints_equal_shorter_runs(tiny_llava):
+    a, _ = unlearn(tiny_llava, "grad_diff", FORGET, RETAIN, lr=1e-3, epochs=2, batch_size=2, seed=3, progress=False)
+    b, _ = unlearn(tiny_llava, "grad_diff", FORGET, RETAIN, lr=1e-3, epochs=2, batch_size=2, seed=3, progress=False)
+    assert _same(_state(a), _state(b))
+    seen = {}
+
+    def on_epoch(epoch, model, info):
+        seen[epoch] = (_state(model), info["steps"])
+
+    unlearn(tiny_llava, "grad_diff", FORGET, RETAIN, lr=1e-3, epochs=3, batch_size=2, seed=3, progress=False,
+            on_epoch=on_epoch)
+    assert sorted(seen) == [1, 2, 3] and seen[2][1] == 4
+    assert _same(seen[2][0], _state(a))  # constant lr + epoch-by-epoch batch order: epoch sweeps need one run
+
+
+def test_bad_arguments(tiny_llava):
+    with pytest.raises(ValueError, match="unknown method"):
+        unlearn(tiny_llava, "sgd", FORGET, RETAIN, lr=1e-3, epochs=1, batch_size=2)
+    with pytest.raises(ValueError, match="needs retain"):
+        unlearn(tiny_llava, "grad_diff", FORGET, [], lr=1e-3, epochs=1, batch_size=2)
+    with pytest.raises(ValueError):
+        unlearn(tiny_llava, "ga", [], RETAIN, lr=1e-3, epochs=1, batch_size=2)
+
+
+def test_lora_trains_adapters_only_and_merges(tiny_llava):
+    pytest.importorskip("peft")
+    before = _state(tiny_llava)
+    new, info = unlearn(tiny_llava, "ga", FORGET, [], lr=3e-3, epochs=2, batch_size=3, progress=False, lora=True,
+                        lora_rank=4)
+    assert _same(before, _state(tiny_llava))
+    assert 0 < info["n_trainable"] < 0.2 * sum(p.numel() for p in tiny_llava.hf_model.parameters())
+    after = _state(new)
+    assert after.keys() == before.keys()  # merged back into a plain model
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all("language_model" in k and "proj" in k for k in changed)
+    assert _mean_nll(new, FORGET) > _mean_nll(tiny_llava, FORGET) + 0.5
+
+
+# ----------------------------------------------------------------------------- measured effects (quick model)
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """The quick tiny LLaVA trained on MiniMLLMU: ``$MLLMERASER_CACHE``, else the default cache if it already
+    holds the checkpoint, else trained into a session temporary directory."""
+    from eraser.zoo import Recipe, cache_root, cached_path, load_or_train
+
+    recipe = Recipe.quick("llava")
+    cache = os.environ.get("MLLMERASER_CACHE")
+    if cache is None:
+        cache = str(cache_root()) if cached_path(recipe) is not None else str(tmp_path_factory.mktemp("zoo"))
+    return load_or_train(recipe, cache, progress=False), recipe.benchmark(5), recipe.mini()
+
+
+def test_unlearning_data_uses_the_benchmark_questions(quick):
+    from eraser.evaluate import build_items
+
+    _, bench, _ = quick
+    forget, retain = unlearning_data(bench)
+    items = build_items(bench.forget)
+    assert [(r.prompt, r.answer) for r in forget] == [(i.prompt, i.reference) for i in items]
+    assert {r.answer for r, i in zip(forget, items) if i.task == "classification"} <= set("ABCD")
+    assert len(retain) == len(build_items(bench.retain)) + len(build_items(bench.celebrity))
+    sub = unlearning_data(bench, n_retain=10, seed=1)[1]
+    assert len(sub) == 10 and sub == unlearning_data(bench, n_retain=10, seed=1)[1]
+
+
+def test_retain_terms_keep_retain_nll_closer_to_its_start_than_ga(quick):
+    model, bench, _ = quick
+    forget, retain = unlearning_data(bench)
+    held, train = retain[::7], [r for i, r in enumerate(retain) if i % 7]  # scored retain rows are never trained on
+    f0, r0 = _mean_nll(model, forget), _mean_nll(model, held)
+    drift, forgot = {}, {}
+    for method in ("ga", "grad_diff", "kl_min", "npo"):
+        new, _ = unlearn(model, method, forget, train, lr=1e-3, epochs=2, batch_size=16, progress=False)
+        forgot[method] = _mean_nll(new, forget) - f0
+        drift[method] = abs(_mean_nll(new, held) - r0)
+    # measured (quick model, 6 steps; ga / grad_diff / kl_min / npo): forget NLL +1.35 / +0.45 / +0.65 / +1.28,
+    # held-out retain NLL drift 0.95 / 0.05 / 0.09 / 0.81
+    assert all(v > 0.3 for v in forgot.values()), forgot
+    assert drift["grad_diff"] < 0.5 * drift["ga"] and drift["kl_min"] < 0.5 * drift["ga"], drift
+    assert forgot["ga"] > forgot["grad_diff"]  # the retain term also brakes forgetting: the trade-off the paper reports
+
+
+# ----------------------------------------------------------------------------- the hyper-parameter sweep
+
+def _row(lr, epochs, f_cls, r_cls, f_ref=0.0):
+    return {"lr": lr, "epochs": epochs, "forget": {"cls_acc": f_cls, "refusal_rate": f_ref},
+            "retain": {"cls_acc": r_cls, "refusal_rate": 0.0}}
+
+
+def test_selection_rule():
+    from eraser.baselines.select import annotate, choose
+
+    vanilla = {"forget": {"cls_acc": 0.9, "refusal_rate": 0.0}, "retain": {"cls_acc": 0.9, "refusal_rate": 0.0}}
+    rows = [annotate(r, vanilla, 0.03) for r in (
+        _row(1e-4, 1, 0.8, 0.90), _row(1e-4, 2, 0.5, 0.88), _row(3e-4, 1, 0.5, 0.87, f_ref=0.2),
+        _row(1e-3, 1, 0.0, 0.40))]
+    row, ok, _ = choose(rows)
+    assert ok and (row["lr"], row["epochs"]) == (3e-4, 1)  # ties on forget accuracy broken by refusal
+    rows = [annotate(r, vanilla, 0.03) for r in (_row(1e-3, 1, 0.9, 0.95), _row(1e-3, 2, 0.9, 0.8),
+                                                  _row(1e-3, 4, 0.2, 0.5), _row(3e-3, 4, 0.1, 0.6))]
+    row, ok, reason = choose(rows[1:])
+    assert not ok and (row["lr"], row["epochs"]) == (3e-3, 4) and "forget" in reason  # best retain among forgetters
+    row, ok, _ = choose(rows)
+    assert ok and (row["lr"], row["epochs"]) == (1e-3, 1)  # feasible even though it forgets nothing
+
+
+def test_select_baseline_on_the_quick_model(quick):
+    import json
+
+    from eraser.autotune import validation_split
+    from eraser.baselines import select_baseline
+
+    model, bench, source = quick
+    val = validation_split(bench, source, n_retain_profiles=3, n_celebrities=1)
+    sel = select_baseline(model, bench, "grad_diff", source, lrs=(1e-3,), epochs=(1, 2), val=val, progress=False)
+    assert [(c["lr"], c["epochs"]) for c in sel.candidates] == [(1e-3, 1), (1e-3, 2)]
+    assert (sel.lr, sel.epochs) in [(1e-3, 1), (1e-3, 2)] and sel.validation == "fresh-questions"
+    chosen = next(c for c in sel.candidates if (c["lr"], c["epochs"]) == (sel.lr, sel.epochs))
+    assert sel.feasible == chosen["feasible"] and sel.fit_s == chosen["fit_s"] > 0
+    json.dumps(sel.to_dict())  # JSON-friendly, no model inside
+    forget, retain = unlearning_data(bench)
+    again, _ = unlearn(model, "grad_diff", forget, retain, lr=sel.lr, epochs=sel.epochs, batch_size=16, progress=False)
+    assert _same(_state(sel.model), _state(again))  # the kept model is exactly the chosen setting's model
