@@ -47,6 +47,26 @@ def layer_sweep(setup: Setup, eraser, out: Path, strengths=SWEEP_STRENGTHS) -> P
     return path
 
 
+def run_baselines(setup: Setup) -> dict[str, dict[str, Any]]:
+    """The paper's training-based baselines (lr/epochs chosen by a small constrained sweep) and prompting."""
+    from .baselines import forget_names, prompted_generate_fn, select_baselines
+    from .evaluate import evaluate_benchmark, refusal_checks
+
+    out: dict[str, dict[str, Any]] = {}
+    print("[demo] baselines: GA, GradDiff, KL_Min, NPO (lr/epochs by a small sweep)")
+    for name, sel in select_baselines(setup.model, setup.bench, setup.source, progress=setup.progress).items():
+        res, extra, infer_s = evaluate_model(setup, model=sel.model, with_probs=False)
+        out[name] = {"results": res, "refusal": extra["refusal"], "selection": sel.to_dict(),
+                     "timing": {"fit_s": sel.fit_s, "select_s": sel.select_s, "infer_s": infer_s}}
+        print(f"[demo]   {name}: lr {sel.lr}, {sel.epochs} epochs, fit {sel.fit_s:.1f}s")
+    gen = prompted_generate_fn(setup.model, forget_names(setup.bench), setup.batch_size)
+    t0 = time.perf_counter()
+    res = evaluate_benchmark(setup.bench, gen, batch_size=setup.batch_size, progress=setup.progress)
+    refusal = refusal_checks(setup.bench, gen, batch_size=setup.batch_size, progress=setup.progress)
+    out["prompt"] = {"results": res, "refusal": refusal, "timing": {"fit_s": 0.0, "infer_s": time.perf_counter() - t0}}
+    return out
+
+
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,10 +96,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         print(f"[demo]   strength {eraser.config.strength}: forget cls {res['forget']['cls_acc']:.3f}, "
               f"retain cls {res['retain']['cls_acc']:.3f}")
 
-    from .baselines import run_baselines
-
-    base = run_baselines(setup, progress=setup.progress)
-    for name, b in base.items():
+    for name, b in run_baselines(setup).items():
         methods[name], timing[name], refusal[name] = b["results"], b["timing"], b["refusal"]
         selection[name] = b.get("selection")
 
