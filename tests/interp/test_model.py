@@ -183,3 +183,18 @@ def test_save_and_from_pretrained_round_trip(tiny_model, two_prompts, tmp_path):
     assert torch.equal(a.input_ids, b.input_ids)
     with torch.no_grad():
         assert torch.equal(tiny_model.hf_model(**a.model_kwargs()).logits, loaded.hf_model(**b.model_kwargs()).logits)
+
+
+def test_from_pretrained_honours_dtype_and_device_map(tiny_llava, tmp_path):
+    from interp import HookedVLM
+    from tests.conftest import random_image
+
+    tiny_llava.save_pretrained(tmp_path)
+    half = HookedVLM.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map="cpu")
+    assert half.dtype == torch.bfloat16 and half.device.type == "cpu"
+    inputs = half.encode(images=[random_image(32, 0)], prompts=["who is he"])
+    assert inputs.image_kwargs["pixel_values"].dtype == torch.bfloat16  # images follow the model's dtype
+    logits, cache = half.run_with_cache(inputs, names="blocks.0.hook_resid_pre")
+    ref = tiny_llava.run_with_hooks(tiny_llava.encode(images=[random_image(32, 0)], prompts=["who is he"]), [])
+    assert cache["blocks.0.hook_resid_pre"].dtype == torch.bfloat16
+    assert (logits.float() - ref).abs().max() < 0.1  # bf16 rounding only
