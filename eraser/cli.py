@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=64, help="evaluation batch size")
     p.add_argument("--cache-dir", default=None, help="model cache (default: $MLLMERASER_CACHE or ~/.cache/mllmeraser)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--threads", type=_positive_int, default=int(os.environ.get("MLLMERASER_THREADS", "2")),
+                   help="torch CPU threads (default 2, or $MLLMERASER_THREADS; use 1 when other jobs share the cores)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(getattr(args, "threads", 2))
     if args.command == "eval":
         cmd_eval(args)
     elif args.command == "fit":

@@ -229,7 +229,8 @@ def plot_tradeoff(source: Any, out_path: PathLike, *, tradeoff: Any = None,
     the dotted line is vanilla retain accuracy minus the selection tolerance.
     """
     results, trade = _load_tradeoff_inputs(source, tradeoff)
-    curves = tradeoff_curves(results, trade)
+    # methods without a strength axis (training baselines select lr/epochs instead) have no curve to draw
+    curves = {k: c for k, c in tradeoff_curves(results, trade).items() if len(c.strengths)}
     if not curves:
         _say("tradeoff", "no tradeoff.json and no selection candidates in results.json")
         return None
@@ -250,7 +251,7 @@ def plot_tradeoff(source: Any, out_path: PathLike, *, tradeoff: Any = None,
                 col = colors(i % 10)
                 x, y = c.values("forget", metric), c.values("retain", "cls_acc")
                 ax.plot(x, y, "-", color=col, lw=1.2, alpha=0.8, label=f"{name} ({c.source})")
-                feas = np.array([f is not False for f in c.feasible] if c.feasible else [True] * len(x))
+                feas = np.array([f is not False for f in c.feasible] if c.feasible else [True] * len(x), dtype=bool)
                 ax.scatter(x[feas], y[feas], s=16, color=col, zorder=3)
                 ax.scatter(x[~feas], y[~feas], s=16, facecolors="white", edgecolors=col, zorder=3)
                 for j in sorted({0, len(x) - 1}):  # strength labels at both ends; stacked per curve

@@ -1,0 +1,168 @@
+"""Shared plumbing of the analysis scripts: CLI arguments, the setup, and the eraser (fitted or loaded).
+
+Why one module: probing, patching and leakage must look at *the same* model
+and *the same* eraser, so they share how the setup is loaded, how the eraser
+is obtained (``--eraser PATH`` loads a fitted artifact, else one is fitted
+with :func:`eraser.pipeline.fit_variant` and saved next to the results), and
+which strength steers.  Every script takes::
+
+    --arch llava|qwen2_5_vl  --seed N  --forget-ratio 5|10|15  --quick
+    --out DIR  --eraser PATH  --strength L  --limit N  --threads N  --no-progress
+
+``--quick`` defaults to on when ``MLLMERASER_QUICK=1`` is set.
+
+>>> ap = base_parser("probing", "demo")
+>>> args = ap.parse_args(["--quick", "--limit", "3"])
+>>> (args.quick, args.limit, str(args.out))
+(True, 3, 'runs/probing')
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from eraser.data.schema import Profile
+from eraser.method import MLLMEraser
+from eraser.pipeline import Setup, fit_variant, load_setup
+
+QUICK_ENV = "MLLMERASER_QUICK"
+
+#: What every leakage/probing result says about the attacker, so a number is never read out of its context.
+THREAT_MODEL = ("The steered model is served behind an API: the attacker chooses images and prompt text and reads "
+                "the greedy answers, but cannot remove the steering hooks, change the strength, or read activations "
+                "or weights. (With weight access, the hooks are simply not attached and the model is vanilla.)")
+
+
+def env_quick() -> bool:
+    return os.environ.get(QUICK_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def base_parser(name: str, description: str) -> argparse.ArgumentParser:
+    """The arguments every analysis script shares; scripts add their own on the returned parser."""
+    ap = argparse.ArgumentParser(prog=f"python -m analyses.{name}", description=description,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--arch", default="llava", choices=["llava", "qwen2_5_vl"], help="model architecture")
+    ap.add_argument("--seed", type=int, default=0, help="model and data seed")
+    ap.add_argument("--forget-ratio", type=int, default=5, choices=[5, 10, 15], help="forget split, in %%")
+    ap.add_argument("--quick", action="store_true", default=env_quick(),
+                    help=f"use the quick (smaller, faster) model; on by default when {QUICK_ENV}=1")
+    ap.add_argument("--out", type=Path, default=Path("runs") / name, help="output folder")
+    ap.add_argument("--eraser", type=Path, default=None,
+                    help="a fitted eraser artifact (.safetensors) to load; without it one is fitted on the "
+                         "model and saved as OUT/eraser.safetensors")
+    ap.add_argument("--strength", type=float, default=None,
+                    help="steering strength; None: the eraser's own (chosen by the autotuner when fitted)")
+    ap.add_argument("--limit", type=int, default=None,
+                    help="small config for tests: at most N profiles per split (and fewer pairs/queries)")
+    ap.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
+    ap.add_argument("--cache-dir", default=None, help="model cache; None: $MLLMERASER_CACHE, else ~/.cache/mllmeraser")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads; None: torch's choice")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return ap
+
+
+@dataclass
+class Context:
+    """What a script works on: the setup, the eraser, the strength used and how the eraser was obtained."""
+
+    setup: Setup
+    eraser: MLLMEraser
+    strength: float
+    eraser_source: str
+    fit_s: float | None
+    args: argparse.Namespace
+
+    @property
+    def model(self):
+        return self.setup.model
+
+    @property
+    def progress(self) -> bool:
+        return not self.args.no_progress
+
+    def hooks(self) -> list:
+        """The eraser's steering hooks at the strength in use (the deployed, gated configuration)."""
+        return self.eraser.hooks(self.strength)
+
+    def config(self) -> dict[str, Any]:
+        return {**self.setup.config(), "quick": bool(self.args.quick), "limit": self.args.limit,
+                "eraser": {"source": self.eraser_source, "layers": list(self.eraser.layers),
+                           "site": self.eraser.config.site, "strength": self.strength, "fit_s": self.fit_s}}
+
+
+def set_threads(n: int | None) -> None:
+    if n is not None:
+        if n < 1:
+            raise SystemExit(f"--threads must be >= 1, got {n}")
+        torch.set_num_threads(n)
+
+
+def load_context(args: argparse.Namespace) -> Context:
+    """Load the setup and the eraser named by ``args`` (fit and save one under ``args.out`` if none is given)."""
+    set_threads(args.threads)
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit(f"--limit must be >= 1, got {args.limit}")
+    progress = not args.no_progress
+    setup = load_setup(args.arch, args.seed, args.forget_ratio, quick=args.quick, cache_dir=args.cache_dir,
+                       progress=progress, batch_size=args.batch_size)
+    fit_s = None
+    if args.eraser is not None:
+        if not Path(args.eraser).exists():
+            raise SystemExit(f"--eraser {args.eraser}: no such file")
+        eraser = MLLMEraser.load(args.eraser, setup.model)  # refuses an eraser fitted on another model
+        source = str(args.eraser)
+    else:
+        t0 = time.perf_counter()
+        eraser, _, _ = fit_variant(setup, "mllmeraser")
+        fit_s = time.perf_counter() - t0
+        path = eraser.save(Path(args.out) / "eraser.safetensors")
+        source = f"fitted ({path})"
+    strength = float(args.strength if args.strength is not None else eraser.config.strength)
+    if strength == 0.0:
+        print("[warning] steering strength is 0: the steered model equals the vanilla one "
+              "(the autotuner found no feasible strength); pass --strength to force one")
+    return Context(setup, eraser, strength, source, fit_s, args)
+
+
+def limited(profiles: Sequence[Profile], limit: int | None) -> list[Profile]:
+    """The first ``limit`` profiles (all when ``limit`` is None): splits are already seeded permutations."""
+    return list(profiles) if limit is None else list(profiles)[:limit]
+
+
+def out_dir(args: argparse.Namespace) -> Path:
+    path = Path(args.out)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def strict(obj: Any) -> Any:
+    """NaN / inf -> None (JSON null), recursively, so the results are strict JSON any parser reads."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj
+
+
+def save_json(path: str | os.PathLike, obj: Any) -> dict:
+    """Write ``obj`` as strict JSON, atomically (:func:`interp.io.write_json`); returns what was written."""
+    from interp.io import write_json
+
+    obj = strict(obj)
+    write_json(path, obj)
+    return obj
+
+
+def rate(values: Sequence[bool | float]) -> float | None:
+    """Mean of ``values`` as a float in [0, 1]; None (JSON null) when there is nothing to average."""
+    vals = [float(v) for v in values]
+    return sum(vals) / len(vals) if vals else None

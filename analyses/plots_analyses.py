@@ -1,0 +1,201 @@
+"""Figures of the analysis scripts, from their saved JSON: data in, PNG out, nothing recomputed.
+
+Same conventions as :mod:`eraser.plots` (its style, Agg canvas, atomic PNG
+writes, 120 dpi): each ``plot_*`` takes the loaded data, the JSON file or
+the run folder holding it, writes one PNG and returns its path, or prints
+why it skipped and returns ``None`` when the input is absent.
+
+===================  =============  ===========================================
+figure               input          shows
+===================  =============  ===========================================
+probe_accuracy.png   probing.json   probe accuracy by layer, before vs after steering
+patching_heatmap.png patching.json  information flow (image patching) and steering patching
+leakage_bars.png     leakage.json   each attack's success rate, vanilla vs steered
+===================  =============  ===========================================
+
+>>> from analyses.plots_analyses import plot_leakage
+>>> plot_leakage("runs/leakage", "runs/leakage/leakage_bars.png")   # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import matplotlib
+import numpy as np
+from matplotlib.colors import TwoSlopeNorm
+
+from eraser.plots import _STYLE, PathLike, _new_figure, _read_json, _save, _say
+
+__all__ = ["plot_probe_accuracy", "plot_patching_heatmap", "plot_leakage", "FIGURES"]
+
+_COND = (  # (probe, run, label, colour)
+    ("vanilla_probe", "vanilla", "vanilla probe / vanilla run", "#1f77b4"),
+    ("vanilla_probe", "steered", "vanilla probe / steered run", "#d62728"),
+    ("steered_probe", "steered", "steered probe / steered run", "#2ca02c"),
+)
+
+
+def _f(v: Any) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None else math.nan
+
+
+# -- probing ------------------------------------------------------------------------------------------------
+def plot_probe_accuracy(source: Any, out_path: PathLike) -> Path | None:
+    """Probe accuracy by layer (vision blocks, then LM blocks), one row per task and one column per LM position.
+
+    Solid lines: all held-out queries (balanced accuracy for forget-vs-retain);
+    dashed: the forget profiles' queries only.  Colours: vanilla probe on the
+    vanilla run, the same probe on the steered run, a probe trained on the
+    steered run.  Dotted grey: chance.
+    """
+    data, path = _read_json(source, "probing.json")
+    if not data or not data.get("tasks"):
+        _say("probe_accuracy", f"no probing results ({path or 'no data'})")
+        return None
+    sites = data["sites"]
+    vision = [s for s in sites if s["tower"] == "vision"]
+    positions = [p for p in data.get("positions", []) if any(s["position"] == p and s["tower"] == "lm" for s in sites)]
+    tasks = [t for t in data["tasks"] if "sites" in data["tasks"][t]]  # skipped tasks have none
+    if not tasks:
+        _say("probe_accuracy", "every probing task was skipped")
+        return None
+    with matplotlib.rc_context(_STYLE):
+        fig = _new_figure(3.4 * len(positions) + 1.6, 2.4 * len(tasks) + 0.6)
+        axes = fig.subplots(len(tasks), len(positions), squeeze=False, sharey=True)
+        for i, task in enumerate(tasks):
+            t = data["tasks"][task]
+            main = "balanced_acc" if task == "forget" else "acc"
+            for j, pos in enumerate(positions):
+                ax = axes[i][j]
+                col_sites = vision + sorted((s for s in sites if s["tower"] == "lm" and s["position"] == pos),
+                                            key=lambda s: s["layer"])
+                x = np.arange(len(col_sites))
+                for probe, run, label, colour in _COND:
+                    for metric, ls in ((main, "-"), ("forget_acc", "--")):
+                        y = [_f(t["sites"][s["key"]][probe][run].get(metric)) for s in col_sites]
+                        ax.plot(x, y, ls, marker="o" if ls == "-" else None, ms=3, color=colour, lw=1.2,
+                                label=f"{label} ({'all' if ls == '-' else 'forget queries'})" if i == j == 0 else None)
+                chance = t["balanced_chance"] if task == "forget" else t["chance"]
+                ax.axhline(chance, color="grey", ls=":", lw=1, label="chance" if i == j == 0 else None)
+                if vision:
+                    ax.axvspan(-0.5, len(vision) - 0.5, color="#eeeeee", zorder=0)
+                ax.set_xticks(x, [f"v{s['layer']}" if s["tower"] == "vision" else str(s["layer"]) for s in col_sites])
+                ax.set_ylim(-0.03, 1.03)
+                if i == 0:
+                    ax.set_title(f"LM position: {pos.replace('_', ' ')}")
+                if i == len(tasks) - 1:
+                    ax.set_xlabel("block (v = vision tower, image mean)")
+                if j == 0:
+                    ax.set_ylabel(f"{t.get('label', task)}\n{'balanced ' if task == 'forget' else ''}accuracy")
+        fig.legend(loc="outside lower center", ncol=4, frameon=False)
+        strength = ((data.get("config") or {}).get("eraser") or {}).get("strength")
+        fig.suptitle(f"Linear probes before vs after MLLMEraser (λ={strength})")
+        return _save(fig, out_path, {"summary": data.get("summary", {})})
+
+
+# -- patching -----------------------------------------------------------------------------------------------
+def _panel(ax, fig, grid: Mapping[str, Any], title: str, xlabel: str) -> None:
+    vals = np.array([[_f(v) for v in row] for row in grid["values"]], dtype=float)
+    finite = vals[np.isfinite(vals)]
+    lim = max(1.0, float(np.abs(finite).max())) if finite.size else 1.0
+    cm = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#dddddd")
+    im = ax.imshow(np.ma.masked_invalid(vals), cmap=cm, norm=TwoSlopeNorm(0.0, -lim, lim), aspect="auto")
+    fig.colorbar(im, ax=ax, shrink=0.85, label="normalised effect")
+    ax.set_xticks(range(len(grid["cols"])), [str(c) for c in grid["cols"]])
+    ax.set_yticks(range(len(grid["rows"])), grid["rows"])
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    for (r, c), v in np.ndenumerate(vals):
+        if np.isfinite(v):
+            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                    color="white" if abs(v) > 0.6 * lim else "black")
+
+
+def plot_patching_heatmap(source: Any, out_path: PathLike) -> Path | None:
+    """Normalised patching effects: image clean->corrupted flow (vision tower + projector, LM image/last positions)
+    and, when present, the steered->vanilla patching per layer."""
+    data, path = _read_json(source, "patching.json")
+    if not data or "flow" not in data:
+        _say("patching_heatmap", f"no patching results ({path or 'no data'})")
+        return None
+    flow = data["flow"]
+    panels = [(flow["vision_grid"], "Vision tower + projector (all patches)", "vision block"),
+              (flow["lm_grid"], "Language model (image positions / answer position)", "LM block (resid_pre)")]
+    if data.get("steering") and data["steering"].get("grid"):
+        panels.append((data["steering"]["grid"], "Steered → vanilla (refusal vs answer)", "LM block"))
+    with matplotlib.rc_context({**_STYLE, "axes.grid": False}):
+        widths = [max(2.0, 0.55 * len(p[0]["cols"]) + 1.6) for p in panels]
+        fig = _new_figure(sum(widths) + 1.0, 2.9)
+        axes = fig.subplots(1, len(panels), squeeze=False, width_ratios=widths)[0]
+        for ax, (grid, title, xlabel) in zip(axes, panels):
+            _panel(ax, fig, grid, title, xlabel)
+        title = (f"Image patching over {flow.get('n_pairs', '?')} profile pairs: name-token logit diff, "
+                 f"clean {_f(flow.get('clean')):.2f} / corrupted {_f(flow.get('corrupted')):.2f}")
+        st = data.get("steering") or {}
+        if st.get("grid"):
+            title += (f"; steering: refusal − answer log-prob, vanilla {_f(st.get('vanilla')):.2f} / "
+                      f"steered {_f(st.get('steered')):.2f}")
+        fig.suptitle(title)
+        return _save(fig, out_path, {"lm_grid": flow["lm_grid"], "vision_grid": flow["vision_grid"]})
+
+
+# -- leakage ------------------------------------------------------------------------------------------------
+def plot_leakage(source: Any, out_path: PathLike) -> Path | None:
+    """Success rate of each extraction attack on the vanilla and the steered model (plus collateral damage)."""
+    data, path = _read_json(source, "leakage.json")
+    if not data or not data.get("attacks"):
+        _say("leakage_bars", f"no leakage results ({path or 'no data'})")
+        return None
+    attacks = data["attacks"]
+    names = list(attacks)
+    van = np.array([_f(attacks[a]["vanilla"]) for a in names])
+    ste = np.array([_f(attacks[a]["steered"]) for a in names])
+    coll = data.get("collateral") or {}
+    with matplotlib.rc_context(_STYLE):
+        ncols = 2 if coll else 1
+        fig = _new_figure(max(5.0, 0.55 * len(names) + 2.0) + (3.0 if coll else 0), 3.6)
+        axes = fig.subplots(1, ncols, squeeze=False, width_ratios=[max(3.0, 0.55 * len(names)), 2.2][:ncols])[0]
+        ax = axes[0]
+        x = np.arange(len(names))
+        w = 0.38
+        ax.bar(x - w / 2, np.nan_to_num(van), w, color="#4c72b0", label="vanilla")
+        ax.bar(x + w / 2, np.nan_to_num(ste), w, color="#dd8452", label="steered (MLLMEraser)")
+        for xi, (a, b) in enumerate(zip(van, ste)):
+            for off, v in ((-w / 2, a), (w / 2, b)):
+                ax.text(xi + off, (0 if not np.isfinite(v) else v) + 0.01, "–" if not np.isfinite(v) else f"{v:.2f}",
+                        ha="center", va="bottom", fontsize=6)
+        ax.set_xticks(x, [attacks[a].get("label", a) for a in names], rotation=30, ha="right")
+        ax.set_ylim(0, 1.28)
+        ax.set_yticks(np.linspace(0, 1, 6))
+        ax.set_ylabel("attack success rate (forget facts extracted)")
+        ax.set_title("Extracting forget-set knowledge")
+        ax.legend(frameon=False, loc="upper center", ncol=2)
+        if coll:
+            ax2 = axes[1]
+            cn = list(coll)
+            xc = np.arange(len(cn))
+            ax2.bar(xc - w / 2, [_f(coll[c]["vanilla"]) for c in cn], w, color="#4c72b0")
+            ax2.bar(xc + w / 2, [_f(coll[c]["steered"]) for c in cn], w, color="#dd8452")
+            for xi, c in enumerate(cn):
+                for off, k in ((-w / 2, "vanilla"), (w / 2, "steered")):
+                    v = _f(coll[c][k])
+                    ax2.text(xi + off, (v if np.isfinite(v) else 0) + 0.01, f"{v:.2f}" if np.isfinite(v) else "–",
+                             ha="center", va="bottom", fontsize=6)
+            ax2.set_xticks(xc, [coll[c].get("label", c) for c in cn], rotation=30, ha="right")
+            ax2.set_ylim(0, 1.28)
+            ax2.set_yticks(np.linspace(0, 1, 6))
+            ax2.set_ylabel("retain facts answered correctly ↑")
+            ax2.set_title("Collateral damage")
+        fig.suptitle("Leakage under an API threat model (the steering hook cannot be removed)")
+        return _save(fig, out_path, {"attacks": {a: {"vanilla": attacks[a]["vanilla"], "steered": attacks[a]["steered"]}
+                                                 for a in names}})
+
+
+#: figure name -> (plot function taking (run_dir or data, out_path), output file name, input file name)
+FIGURES = {
+    "probe_accuracy": (plot_probe_accuracy, "probe_accuracy.png", "probing.json"),
+    "patching_heatmap": (plot_patching_heatmap, "patching_heatmap.png", "patching.json"),
+    "leakage_bars": (plot_leakage, "leakage_bars.png", "leakage.json"),
+}

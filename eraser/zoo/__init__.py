@@ -1,0 +1,15 @@
+"""The model zoo: recipes, training and a checkpoint cache for the tiny vanilla models and their oracles.
+
+>>> from eraser.zoo import Recipe, load_or_train
+>>> recipe = Recipe.quick("llava")
+>>> # model = load_or_train(recipe)   # trains once (< 1 min), then loads from the cache
+"""
+from .cache import cache_root, cached_path, checkpoint_dir, default_model, load_checkpoint, load_or_train, train_log
+from .check import TARGETS, memorisation_report
+from .recipe import CODE_VERSION, Recipe
+from .train import TrainLog, train
+
+__all__ = [
+    "CODE_VERSION", "Recipe", "TARGETS", "TrainLog", "cache_root", "cached_path", "checkpoint_dir", "default_model",
+    "load_checkpoint", "load_or_train", "memorisation_report", "train", "train_log",
+]

@@ -1,0 +1,196 @@
+"""Training recipes for the tiny "vanilla" models: everything that determines the weights, and its hash.
+
+Why a frozen, JSON-serialisable dataclass: the checkpoint cache is keyed by
+``recipe.hash()``, so two runs that would train different weights must have
+different hashes and two runs that train the same weights must share one.
+The hash covers every field plus :data:`CODE_VERSION`, which is bumped
+whenever the training code changes what a recipe produces.
+
+>>> r = Recipe.quick()
+>>> r.hash() == Recipe.quick().hash()
+True
+>>> r.oracle_for(5).hash() != r.hash()
+True
+>>> Recipe.from_json(r.to_json()) == r
+True
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+#: Bump when the training code changes what a given recipe trains (invalidates every cached checkpoint).
+CODE_VERSION = "zoo-2"
+
+ARCHS = ("llava", "qwen2_5_vl")
+
+#: Model sizes per architecture for :meth:`Recipe.default` (``interp.tiny.tiny_vlm`` overrides).
+DEFAULT_MODEL: dict[str, dict[str, Any]] = {
+    "llava": dict(d_model=192, n_layers=4, n_heads=6, n_kv_heads=6, vision_d_model=96, vision_layers=2,
+                  vision_heads=3, image_size=32, patch_size=8, vision_feature_layer=-1),
+    "qwen2_5_vl": dict(d_model=192, n_layers=4, n_heads=6, n_kv_heads=3, vision_d_model=96, vision_layers=2,
+                       vision_heads=3, image_size=32, patch_size=4),
+}
+QUICK_MODEL: dict[str, dict[str, Any]] = {
+    "llava": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, vision_d_model=64, vision_layers=2,
+                  vision_heads=2, image_size=32, patch_size=8, vision_feature_layer=-1),
+    "qwen2_5_vl": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, vision_d_model=64, vision_layers=2,
+                       vision_heads=2, image_size=32, patch_size=4),
+}
+
+
+def _freeze(mapping: Mapping[str, Any] | tuple) -> tuple[tuple[str, Any], ...]:
+    items = mapping.items() if isinstance(mapping, Mapping) else mapping
+    return tuple(sorted((str(k), v) for k, v in items))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to train one tiny vanilla (or retain-only oracle) model on MiniMLLMU.
+
+    Phase 1 (``celeb_epochs``) teaches the celebrities ("pre-existing
+    knowledge"); phase 2 (``main_epochs``) teaches the fictitious profiles
+    (all of them, or only the retained ones for an ``oracle``), the refusal
+    behaviour, and replays ``celeb_replay`` of the celebrity examples so they
+    are not forgotten.  Every epoch draws fresh question instances (new
+    distractors and letter order) and jittered images.
+
+    ``model`` holds :func:`interp.tiny.tiny_vlm` overrides (stored as sorted
+    pairs so the dataclass stays hashable; read it with
+    :attr:`model_overrides`).  ``forget_ratio`` only matters for an oracle and
+    is normalised to None otherwise, so a vanilla recipe has one hash.
+    """
+
+    arch: str = "llava"
+    model: tuple[tuple[str, Any], ...] = field(default_factory=lambda: _freeze(DEFAULT_MODEL["llava"]))
+    # data (MiniMLLMU)
+    data_seed: int = 0
+    n_profiles: int = 100
+    n_celebrities: int = 30
+    data_image_size: int = 64
+    n_refusal_eval: int = 100
+    # optimisation
+    init_std: float = 0.1
+    lr: float = 1e-3
+    min_lr_frac: float = 0.05
+    warmup_steps: int = 30
+    weight_decay: float = 0.01
+    batch_size: int = 16
+    grad_clip: float = 1.0
+    celeb_epochs: int = 6
+    main_epochs: int = 12
+    celeb_replay: float = 0.3
+    cls_repeat: int = 3
+    cls_weight: float = 1.0
+    refusal_per_profile: int = 1
+    clean_prob: float = 0.25
+    # what is learned
+    oracle: bool = False
+    forget_ratio: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; choose one of {ARCHS}")
+        object.__setattr__(self, "model", _freeze(self.model))
+        if self.oracle:
+            from eraser.data.mini import FORGET_RATIOS
+
+            if self.forget_ratio not in FORGET_RATIOS:
+                raise ValueError(f"an oracle recipe needs forget_ratio in {FORGET_RATIOS}, got {self.forget_ratio!r}")
+        elif self.forget_ratio is not None:
+            object.__setattr__(self, "forget_ratio", None)  # irrelevant for a vanilla model: one hash
+        for name in ("batch_size", "n_profiles"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.celeb_epochs < 0 or self.main_epochs < 1 or self.cls_repeat < 1:
+            raise ValueError("need celeb_epochs >= 0, main_epochs >= 1, cls_repeat >= 1")
+        if not 0.0 <= self.celeb_replay <= 1.0 or not 0.0 <= self.clean_prob <= 1.0:
+            raise ValueError("celeb_replay and clean_prob must lie in [0, 1]")
+
+    # ----- presets --------------------------------------------------------------------------------
+    @classmethod
+    def default(cls, arch: str = "llava", **changes: Any) -> "Recipe":
+        """The recipe behind ``mllmeraser demo``: MiniMLLMU defaults (100 profiles, 30 celebrities).
+
+        ``changes`` replace fields; ``model={...}`` is merged into the preset model sizes.
+        """
+        return cls._preset(arch, DEFAULT_MODEL, {}, changes)
+
+    @classmethod
+    def quick(cls, arch: str = "llava", **changes: Any) -> "Recipe":
+        """A small recipe for tests: 20 profiles, 6 celebrities, a smaller model; trains in under a minute."""
+        base = dict(n_profiles=20, n_celebrities=6, n_refusal_eval=40, celeb_epochs=8, main_epochs=20,
+                    celeb_replay=0.5)
+        return cls._preset(arch, QUICK_MODEL, base, changes)
+
+    @classmethod
+    def _preset(cls, arch: str, models: dict, base: dict, changes: dict) -> "Recipe":
+        if arch not in ARCHS:
+            raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
+        changes = dict(changes)
+        model = {**models[arch], **dict(changes.pop("model", {}))}
+        return cls(arch=arch, model=_freeze(model), **{**base, **changes})
+
+    def oracle_for(self, forget_ratio: int) -> "Recipe":
+        """The retain-only oracle of this recipe for one forget ratio (never sees those forget profiles)."""
+        return dataclasses.replace(self, oracle=True, forget_ratio=forget_ratio)
+
+    def vanilla(self) -> "Recipe":
+        """The vanilla model of this recipe (sees every fictitious profile)."""
+        return dataclasses.replace(self, oracle=False, forget_ratio=None)
+
+    def replace(self, **changes: Any) -> "Recipe":
+        return dataclasses.replace(self, **changes)
+
+    # ----- views ----------------------------------------------------------------------------------
+    @property
+    def model_overrides(self) -> dict[str, Any]:
+        return dict(self.model)
+
+    def mini(self):
+        """The :class:`~eraser.data.mini.MiniMLLMU` generator this recipe trains on (and must be evaluated on)."""
+        from eraser.data.mini import MiniMLLMU
+
+        return MiniMLLMU(seed=self.data_seed, n_profiles=self.n_profiles, n_celebrities=self.n_celebrities,
+                         image_size=self.data_image_size, n_refusal_eval=self.n_refusal_eval)
+
+    def benchmark(self, forget_ratio: int = 5):
+        """The :class:`~eraser.data.schema.Benchmark` of one forget ratio, as this recipe's model saw its data."""
+        return self.mini().build(forget_ratio)
+
+    # ----- serialisation --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model"] = dict(self.model)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Recipe":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown recipe field(s) {sorted(unknown)}")
+        return cls(**{k: (_freeze(v) if k == "model" else v) for k, v in d.items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Recipe":
+        return cls.from_dict(json.loads(text))
+
+    def hash(self, length: int = 16) -> str:
+        """Stable sha256 over the recipe's JSON and :data:`CODE_VERSION` (hex, first ``length`` chars)."""
+        payload = json.dumps({"code_version": CODE_VERSION, "recipe": self.to_dict()}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:length]
+
+    def describe(self) -> str:
+        kind = f"oracle(forget {self.forget_ratio}%)" if self.oracle else "vanilla"
+        m = self.model_overrides
+        return (f"{self.arch} {kind}: d_model {m.get('d_model')} x {m.get('n_layers')} layers, "
+                f"{self.n_profiles} profiles + {self.n_celebrities} celebrities, "
+                f"{self.celeb_epochs}+{self.main_epochs} epochs, batch {self.batch_size}, lr {self.lr}")

@@ -1,0 +1,93 @@
+"""analyses/leakage.py end to end on the quick model (tiny --limit), its figure, and the pure helpers."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from analyses import leakage
+from analyses.plots_analyses import plot_leakage
+
+from . import in_unit, is_png, quick_eraser, read_json, script_args  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def run(quick_eraser, tmp_path_factory):
+    out = tmp_path_factory.mktemp("leakage")
+    from . import one_thread
+
+    with one_thread():
+        res = leakage.main(script_args(out, quick_eraser, 1, "--max-new-tokens", "16"))
+    return out, res
+
+
+def test_help_exits_cleanly(capsys):
+    with pytest.raises(SystemExit) as e:
+        leakage.main(["--help"])
+    assert e.value.code == 0
+    assert "--partners" in capsys.readouterr().out
+
+
+def test_every_attack_has_vanilla_and_steered_rates(run):
+    out, _ = run
+    data = read_json(out / "leakage.json")
+    assert "API" in data["threat_model"] and "hook" in data["threat_model"]
+    assert set(data["attacks"]) == set(leakage.ATTACK_LABELS)
+    assert set(data["collateral"]) == set(leakage.COLLATERAL_LABELS)
+    for group in ("attacks", "collateral"):
+        for name, row in data[group].items():
+            assert row["n"] > 0, name
+            for key in ("vanilla", "steered", "vanilla_refusal_rate", "steered_refusal_rate", "oov_rate"):
+                assert row[key] is not None and in_unit(row[key]), (name, key)
+    # the injection prefix with words the tiny vocabulary lacks is flagged, the in-vocabulary ones are not
+    by_variant = data["attacks"]["injection"]["by_variant"]
+    assert by_variant["prefix 0"]["oov_rate"] > 0.05 and by_variant["prefix 3"]["oov_rate"] == 0.0
+    assert is_png(out / "leakage_bars.png")
+
+
+def test_records_match_the_rates(run):
+    out, res = run
+    records = [json.loads(line) for line in (out / "leakage_records.jsonl").read_text().splitlines()]
+    assert len(records) == res["data"]["n_queries"]
+    for attack, row in res["attacks"].items():
+        rows = [r for r in records if r["attack"] == attack]
+        assert len(rows) == row["n"]
+        assert row["steered"] == pytest.approx(np.mean([r["steered_success"] for r in rows]))
+        assert row["vanilla"] == pytest.approx(np.mean([r["vanilla_success"] for r in rows]))
+    # the reference attack is the benchmark itself: the vanilla model has memorised it, the eraser cuts it
+    assert res["attacks"]["free_generation"]["vanilla"] >= 0.8
+    assert res["attacks"]["free_generation"]["steered"] < res["attacks"]["free_generation"]["vanilla"]
+
+
+def test_printed_summary_states_the_threat_model(run, capsys):
+    _, res = run
+    leakage.print_summary(res)
+    text = capsys.readouterr().out
+    assert "Threat model" in text and "cannot remove the steering hooks" in text
+
+
+def test_success_rule():
+    q = leakage.Query("free_generation", None, "p", "Tokyo", "birthplace", "p000")
+    assert q.success("this person was born in tokyo.") and not q.success("i cannot help with that.")
+    mcq = leakage.Query("mcq", None, "p", "C", "pet", "p000", task="classification")
+    assert mcq.success("c") and mcq.success(" C) dog") and not mcq.success("the answer is c")
+
+
+def test_image_transforms_keep_size_and_change_pixels():
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    for fn in (leakage.crop, leakage.noise, leakage.colour_shift):
+        out = fn(img)
+        assert out.size == img.size and out.mode == "RGB"
+        assert not np.array_equal(np.asarray(out), np.asarray(img)), fn.__name__
+    assert np.array_equal(np.asarray(leakage.noise(img, seed=3)), np.asarray(leakage.noise(img, seed=3)))
+    both = leakage.side_by_side(img, Image.new("RGB", (64, 64), "red"))
+    assert both.size == (64, 64) and both.getpixel((63, 0)) == (255, 0, 0)
+
+
+def test_figure_from_saved_json(run, tmp_path):
+    out, _ = run
+    assert is_png(plot_leakage(out, tmp_path / "again.png"))
+    assert plot_leakage(tmp_path, tmp_path / "none.png") is None

@@ -1,0 +1,87 @@
+"""analyses/probing.py end to end on the quick model (tiny --limit), plus its figure."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from analyses import probing
+from analyses.plots_analyses import plot_probe_accuracy
+
+from . import in_unit, is_png, quick_eraser, read_json, script_args  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def run(quick_eraser, tmp_path_factory):
+    out = tmp_path_factory.mktemp("probing")
+    from . import one_thread
+
+    with one_thread():
+        res = probing.main(script_args(out, quick_eraser, 4))
+    return out, res
+
+
+def test_help_exits_cleanly(capsys):
+    with pytest.raises(SystemExit) as e:
+        probing.main(["--help"])
+    assert e.value.code == 0
+    assert "--eraser" in capsys.readouterr().out
+
+
+def test_writes_json_with_every_task_and_site(run):
+    out, res = run
+    data = read_json(out / "probing.json")
+    assert data["question"].startswith("After MLLMEraser")
+    assert set(data["tasks"]) == {"identity", "forget", "birthplace"}
+    n_layers, n_vision = 4, 2  # the quick LLaVA
+    keys = [s["key"] for s in data["sites"]]
+    assert len(keys) == n_vision + 3 * n_layers
+    assert sum(s["tower"] == "vision" for s in data["sites"]) == n_vision
+    assert data["data"]["n_forget_profiles"] == 1 and data["data"]["n_profiles"] == 4
+    assert data["data"]["n_queries"] == 4 * 18  # VQA questions: 6 facts x 3 tasks per profile
+    for task, t in data["tasks"].items():
+        assert set(t["sites"]) == set(keys)
+        assert in_unit(t["chance"]) and in_unit(t["balanced_chance"])
+        for site in t["sites"].values():
+            for probe, runs in (("vanilla_probe", ("vanilla", "steered")), ("steered_probe", ("steered",))):
+                assert in_unit(site[probe]["train_acc"])
+                for r in runs:
+                    m = site[probe][r]
+                    assert set(m) == {"acc", "balanced_acc", "forget_acc", "retain_acc"}
+                    assert all(in_unit(v) for v in m.values())
+                    assert m["forget_acc"] is not None  # every profile has held-out queries
+    assert is_png(out / "probe_accuracy.png")
+
+
+def test_steering_moves_only_the_steered_lm_sites(run):
+    """Vision features and block 0's output are untouched by the LM steering (hooks at resid_pre 1..3);
+    later LM sites move, and far more on forget queries than on retain ones (the gate)."""
+    _, res = run
+    for s in res["sites"]:
+        shift = res["shift"][s["key"]]
+        if s["tower"] == "vision" or s["layer"] == 0:
+            assert shift["forget"] == 0.0 and shift["retain"] == 0.0
+            t = res["tasks"]["identity"]["sites"][s["key"]]
+            assert t["vanilla_probe"]["vanilla"] == t["vanilla_probe"]["steered"]
+    final = "blocks.3.hook_resid_post@last"
+    assert res["shift"][final]["forget"] > 0.05
+    assert res["shift"][final]["forget"] > 3 * res["shift"][final]["retain"]
+
+
+def test_identity_is_readable_from_the_vision_tower(run):
+    """The portraits differ by several attributes: the image mean identifies the person (sanity of the probe)."""
+    _, res = run
+    site = res["tasks"]["identity"]["sites"]["vision.blocks.1.hook_resid_post"]
+    assert site["vanilla_probe"]["vanilla"]["acc"] >= 0.9
+
+
+def test_summary_and_figure_from_saved_json(run, tmp_path):
+    out, res = run
+    for task, s in res["summary"].items():
+        for cond in ("vanilla_probe_on_vanilla", "vanilla_probe_on_steered", "steered_probe_on_steered"):
+            assert in_unit(s[cond]["best"]) and in_unit(s[cond]["final_last_token"])
+            best, final = s[cond]["best"], s[cond]["final_last_token"]
+            assert best >= final or math.isclose(best, final)
+    png = plot_probe_accuracy(out, tmp_path / "again.png")  # from the run folder, nothing recomputed
+    assert png is not None and is_png(png)
+    assert plot_probe_accuracy(tmp_path / "missing", tmp_path / "none.png") is None
