@@ -103,16 +103,13 @@ def test_lora_trains_adapters_only_and_merges(tiny_llava):
 # ----------------------------------------------------------------------------- measured effects (quick model)
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-    """The quick tiny LLaVA trained on MiniMLLMU: ``$MLLMERASER_CACHE``, else the default cache if it already
-    holds the checkpoint, else trained into a session temporary directory."""
-    from eraser.zoo import Recipe, cache_root, cached_path, load_or_train
+def quick():
+    """The quick tiny LLaVA trained on MiniMLLMU, from the model cache (``$MLLMERASER_CACHE`` or
+    ``~/.cache/mllmeraser``); trained there once per machine, shared with every other test and the CLI."""
+    from eraser.zoo import Recipe, load_or_train
 
     recipe = Recipe.quick("llava")
-    cache = os.environ.get("MLLMERASER_CACHE")
-    if cache is None:
-        cache = str(cache_root()) if cached_path(recipe) is not None else str(tmp_path_factory.mktemp("zoo"))
-    return load_or_train(recipe, cache, progress=False), recipe.benchmark(5), recipe.mini()
+    return load_or_train(recipe, progress=False), recipe.benchmark(5), recipe.mini()
 
 
 def test_unlearning_data_uses_the_benchmark_questions(quick):
