@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test clean
+.PHONY: setup demo tour test clean
 
 setup: $(STAMP)
 
@@ -17,7 +17,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The quick configuration of the embedded default (20 profiles): trains once (~2-3 min), then fits, evaluates, plots.
 demo: $(STAMP)
+	$(BIN)/python -m eraser.cli demo --quick --out runs/demo
+
+tour: $(STAMP)
 	$(BIN)/python -m analyses.interp_tour
 
 test: $(STAMP)
