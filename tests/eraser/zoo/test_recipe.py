@@ -1,0 +1,34 @@
+"""Recipes: the cache key must change exactly when the trained weights would."""
+from __future__ import annotations
+
+import pytest
+
+from eraser.zoo import Recipe
+
+
+def test_hash_is_stable_and_sensitive():
+    r = Recipe.quick("llava")
+    assert r.hash() == Recipe.quick("llava").hash()
+    assert Recipe.from_json(r.to_json()) == r
+    assert r.replace(lr=r.lr * 2).hash() != r.hash()
+    assert r.replace(seed=1).hash() != r.hash()
+    assert Recipe.quick("qwen2_5_vl").hash() != r.hash()
+    assert Recipe.default("llava").hash() != r.hash()
+
+
+def test_oracle_depends_on_forget_ratio_and_vanilla_does_not():
+    r = Recipe.quick()
+    assert r.oracle_for(5).hash() != r.oracle_for(10).hash() != r.hash()
+    assert r.replace(forget_ratio=10).hash() == r.hash()  # irrelevant for a vanilla model
+    assert r.oracle_for(5).vanilla() == r
+
+
+def test_bad_recipes_are_rejected():
+    with pytest.raises(ValueError, match="arch"):
+        Recipe(arch="gpt2")
+    with pytest.raises(ValueError, match="forget_ratio"):
+        Recipe(oracle=True, forget_ratio=7)
+    with pytest.raises(ValueError):
+        Recipe(batch_size=0)
+    with pytest.raises(ValueError, match="unknown recipe field"):
+        Recipe.from_dict({"arch": "llava", "learning_rate": 1.0})
