@@ -615,12 +615,15 @@ def make_all(run_dir: PathLike, out_dir: PathLike | None = None,
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no run folder {run_dir}")
     out_dir = Path(out_dir) if out_dir is not None else run_dir
+    from .plots_analyses import FIGURES as ANALYSIS_FIGURES  # probing, patching, leakage (analyses/*.py outputs)
+
+    figures = {**FIGURES, **{k: v[:2] for k, v in ANALYSIS_FIGURES.items()}}
     made: list[Path] = []
     errors: list[tuple[str, BaseException]] = []
-    for name in only or FIGURES:
-        if name not in FIGURES:
-            raise ValueError(f"unknown figure {name!r}; choose from {sorted(FIGURES)}")
-        fn, filename = FIGURES[name]
+    for name in only or figures:
+        if name not in figures:
+            raise ValueError(f"unknown figure {name!r}; choose from {sorted(figures)}")
+        fn, filename = figures[name]
         try:
             p = fn(run_dir, out_dir / filename)
         except Exception as e:  # noqa: BLE001 -- report, finish the others, then re-raise

@@ -13,7 +13,7 @@ patching_heatmap.png patching.json  information flow (image patching) and steeri
 leakage_bars.png     leakage.json   each attack's success rate, vanilla vs steered
 ===================  =============  ===========================================
 
->>> from analyses.plots_analyses import plot_leakage
+>>> from eraser.plots_analyses import plot_leakage
 >>> plot_leakage("runs/leakage", "runs/leakage/leakage_bars.png")   # doctest: +SKIP
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import matplotlib
 import numpy as np
 from matplotlib.colors import TwoSlopeNorm
 
-from eraser.plots import _STYLE, PathLike, _new_figure, _read_json, _save, _say
+from .plots import _STYLE, PathLike, _new_figure, _read_json, _save, _say
 
 __all__ = ["plot_probe_accuracy", "plot_patching_heatmap", "plot_leakage", "FIGURES"]
 
