@@ -3,6 +3,7 @@
     mllmeraser eval --method vanilla [--arch llava|qwen2_5_vl] [--seed N] [--forget-ratio 5|10|15] [--quick] [--out DIR]
     mllmeraser eval --method mllmeraser ...      # vanilla + MLLMEraser (auto strength) + its ablations
     mllmeraser fit --out DIR ...                 # fit, choose the strength, save the artifact
+    mllmeraser sweep --out DIR ...               # layer x strength sweep (resumable) and heatmap
     mllmeraser demo --out DIR [--quick]          # the main job: table + figures
     mllmeraser figures --from DIR                # regenerate the figures from saved results
 """
@@ -64,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--variant", default="mllmeraser",
                      choices=["mllmeraser", "mllmeraser_no_nullspace", "steer_static", "mllmeraser_text_only"])
     fit.add_argument("--out", required=True)
+    sw = sub.add_parser("sweep", help="layer x strength sweep of MLLMEraser (resumable JSONL) and its heatmap")
+    _common(sw)
+    sw.add_argument("--out", required=True)
+    sw.add_argument("--strengths", type=float, nargs="+", default=None, help="strengths to try (negative)")
     figs = sub.add_parser("figures", help="regenerate every figure from a results folder, without recomputing")
     figs.add_argument("--from", dest="src", required=True, help="a folder written by demo/eval")
     figs.add_argument("--out", default=None, help="where to write PNGs (default: the same folder)")
@@ -118,6 +123,22 @@ def cmd_fit(args: argparse.Namespace) -> Path:
     return path
 
 
+def cmd_sweep(args: argparse.Namespace) -> Path:
+    """Fit (automatic strength), then steer one layer at a time (and all layers) over a strength grid."""
+    from .demo import SWEEP_STRENGTHS, layer_sweep
+    from .pipeline import fit_variant
+    from .plots import plot_heatmap
+
+    setup = _setup(args)
+    eraser, _, _ = fit_variant(setup, "mllmeraser")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = layer_sweep(setup, eraser, out, tuple(args.strengths) if args.strengths else SWEEP_STRENGTHS)
+    png = plot_heatmap(out, out / "heatmap.png")
+    print(f"wrote {path}" + (f" and {png}" if png else ""))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
@@ -127,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd_eval(args)
     elif args.command == "fit":
         cmd_fit(args)
+    elif args.command == "sweep":
+        cmd_sweep(args)
     elif args.command == "figures":
         from .plots import make_all
 
