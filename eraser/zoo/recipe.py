@@ -23,15 +23,15 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 #: Bump when the training code changes what a given recipe trains (invalidates every cached checkpoint).
-CODE_VERSION = "zoo-2"
+CODE_VERSION = "zoo-3"
 
 ARCHS = ("llava", "qwen2_5_vl")
 
 #: Model sizes per architecture for :meth:`Recipe.default` (``interp.tiny.tiny_vlm`` overrides).
 DEFAULT_MODEL: dict[str, dict[str, Any]] = {
-    "llava": dict(d_model=192, n_layers=4, n_heads=6, n_kv_heads=6, vision_d_model=96, vision_layers=2,
+    "llava": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, vision_d_model=96, vision_layers=2,
                   vision_heads=3, image_size=32, patch_size=8, vision_feature_layer=-1),
-    "qwen2_5_vl": dict(d_model=192, n_layers=4, n_heads=6, n_kv_heads=3, vision_d_model=96, vision_layers=2,
+    "qwen2_5_vl": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, vision_d_model=96, vision_layers=2,
                        vision_heads=3, image_size=32, patch_size=4),
 }
 QUICK_MODEL: dict[str, dict[str, Any]] = {
@@ -81,9 +81,9 @@ class Recipe:
     batch_size: int = 16
     grad_clip: float = 1.0
     celeb_epochs: int = 6
-    main_epochs: int = 12
+    main_epochs: int = 16
     celeb_replay: float = 0.3
-    cls_repeat: int = 3
+    cls_repeat: int = 6
     cls_weight: float = 1.0
     refusal_per_profile: int = 1
     clean_prob: float = 0.25
