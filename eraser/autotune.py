@@ -1,4 +1,4 @@
-"""Automatic choice of the steering strength: maximise forgetting subject to retain utility.
+"""Automatic choice of the steering settings: maximise forgetting subject to retain utility.
 
 Reviewers asked how lambda should be set without hand-tuning.  Our answer is
 a constrained selection on a validation split: among candidate strengths,
@@ -12,13 +12,20 @@ retain identities and celebrities, never the evaluation prompts themselves,
 when the benchmark's generator is available (MiniMLLMU).  For a benchmark
 without one (real MLLMU-Bench) it falls back to a seeded subset of the
 evaluation questions and says so in ``Selection.validation``.
+
+Gamma and the null-space rule are chosen first, by :func:`choose_gate`: the
+one that best separates forget from retain gate values on the same
+validation split, refitted in closed form from the fit's statistics.
 """
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Sequence
 
+import torch
+from jaxtyping import Float
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from .backend import generate_fn
@@ -89,6 +96,7 @@ class Selection:
     tolerance: float = 0.02
     validation: str = ""
     reason: str = ""
+    gate: dict[str, Any] | None = None  # the GateChoice (gamma, null space) made before the strength, if any
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,3 +130,91 @@ def choose_strength(model: Any, eraser: Any, val: dict[str, list[ValItem]], grid
     best = max(ok, key=lambda r: (r["forget"]["refusal_rate"], -r["forget"]["cls_acc"], -abs(r["strength"])))
     return Selection(best["strength"], vanilla, rows, tolerance, validation,
                      f"max forget refusal subject to retain cls_acc >= vanilla - {tolerance}")
+
+
+# ----- gamma and the null space: chosen by gate separation on the validation split ---------------------------
+
+#: Ridge strengths tried (absolute, like the release's gamma; spanning "interpolate" to "heavily shrunk").
+GAMMA_GRID = (0.1, 1.0, 10.0, 100.0, 1000.0)
+#: Null-space rules tried: the release's rho and two retain-energy thresholds.
+NULL_SPACE_GRID: tuple[dict[str, float], ...] = ({"rho": 0.3}, {"energy": 0.01}, {"energy": 0.001})
+
+
+def separation(g_forget: Tensor, g_retain: Tensor) -> dict[str, float]:
+    """How well gate values separate forget from retain validation queries, for one layer.
+
+    ``leak_ratio`` = rms(g_retain) / mean(g_forget): the retain perturbation per unit of forget
+    perturbation (steering is ``lambda * g * d``, so for any strength the damage to retain inputs
+    scales with it).  Lower is better; inf when forget gates are not positive on average.
+    ``false_fire`` = fraction of retain queries whose gate exceeds half the forget median.
+    """
+    mf = float(g_forget.mean())
+    rms_r = float(g_retain.pow(2).mean().sqrt())
+    half = 0.5 * float(g_forget.median())
+    return {"forget_mean": mf, "retain_rms": rms_r, "leak_ratio": rms_r / mf if mf > 0 else float("inf"),
+            "false_fire": float((g_retain > half).float().mean()) if half > 0 else 1.0}
+
+
+@dataclass
+class GateChoice:
+    """The chosen gamma and null-space rule, every candidate's separation, and the rule that chose it."""
+
+    gamma: float
+    null_space: dict[str, float]
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    reason: str = ""
+
+    def config_changes(self) -> dict[str, Any]:
+        ns = self.null_space
+        return {"gamma": self.gamma, "rho": ns.get("rho", 0.3), "energy": ns.get("energy")}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def choose_gate(model: Any, stats: Any, val: dict[str, list[ValItem]], config: Any,
+                gammas: Sequence[float] = GAMMA_GRID, null_spaces: Sequence[dict[str, float]] = NULL_SPACE_GRID,
+                batch_size: int = 64) -> GateChoice:
+    """Pick gamma and rho/energy that minimise the mean per-layer ``leak_ratio`` on the validation split.
+
+    Why separation and not end-to-end generation: every candidate is a closed-form refit from
+    ``stats`` (milliseconds), and its gate values on the validation activations (one model pass for all
+    candidates) predict the retain damage per unit of forgetting directly; the strength is then chosen
+    end to end by :func:`choose_strength`.  Ties go to the release's defaults' neighbourhood (smaller gamma).
+    """
+    from interp.collect import iter_last_token
+
+    names = [config.hook_name(l) for l in stats.layers]
+    acts: dict[str, Tensor] = {}
+    for split in ("forget", "retain"):
+        items = val[split]
+        if not items:
+            raise ValueError(f"empty validation {split} split")
+        rows = list(iter_last_token(model, [i.image for i in items], [i.prompt for i in items], names, batch_size))
+        acts[split] = torch.stack([torch.cat([r[n] for r in rows]).double() for n in names])  # [L, n, d]
+    rows = score_gate_configs(stats, acts["forget"], acts["retain"], config, gammas, null_spaces)
+    best = min(rows, key=lambda r: (r["score"], r["gamma"]))
+    return GateChoice(best["gamma"], best["null_space"], rows,
+                      "min mean per-layer rms(g_retain)/mean(g_forget) on the validation split")
+
+
+def score_gate_configs(stats: Any, acts_forget: Float[Tensor, "n_layers n_f d"],
+                       acts_retain: Float[Tensor, "n_layers n_r d"], config: Any,
+                       gammas: Sequence[float] = GAMMA_GRID,
+                       null_spaces: Sequence[dict[str, float]] = NULL_SPACE_GRID) -> list[dict[str, Any]]:
+    """Every (null-space rule, gamma) candidate refitted from ``stats`` and scored on validation activations."""
+    from .stats import gates_from_stats, projectors_from_stats
+
+    rows: list[dict[str, Any]] = []
+    spaces = list(null_spaces) if config.use_null_space else [{"rho": 1.0}]
+    for ns in spaces:
+        projectors = projectors_from_stats(stats, ns.get("rho"), ns.get("energy"), config.use_null_space)
+        for gamma in gammas:
+            cand = replace(config, gamma=gamma, rho=ns.get("rho", config.rho), energy=ns.get("energy"))
+            w, infos = gates_from_stats(stats, cand, projectors)
+            per_layer = [separation(acts_forget[i].double() @ w[i], acts_retain[i].double() @ w[i])
+                         for i in range(w.shape[0])]
+            score = sum(p["leak_ratio"] for p in per_layer) / len(per_layer)
+            rows.append({"gamma": gamma, "null_space": dict(ns), "score": score, "layers": per_layer,
+                         "ranks": [i["rank"] for i in infos], "leaks": [i["leak"] for i in infos]})
+    return rows

@@ -118,8 +118,10 @@ def cmd_fit(args: argparse.Namespace) -> Path:
     path = eraser.save(out / "eraser.safetensors")
     write_json(out / "selection.json", {"selection": selection.to_dict() if selection else None, "timing": timing,
                                         "config": setup.config()})
-    print(f"chosen strength {eraser.config.strength} ({selection.reason if selection else 'fixed'}); "
-          f"fit {timing['fit_s']:.1f}s; artifact {path} ({eraser.nbytes} bytes)")
+    c = eraser.config
+    null_space = f"energy {c.energy}" if c.energy is not None else f"rho {c.rho}"
+    print(f"chosen strength {c.strength} ({selection.reason if selection else 'fixed'}); gamma {c.gamma}, "
+          f"{null_space}; fit {timing['fit_s']:.1f}s; artifact {path} ({eraser.nbytes} bytes)")
     return path
 
 

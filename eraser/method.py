@@ -32,8 +32,9 @@ from interp.fingerprint import fingerprint_mismatch, model_fingerprint
 from interp.io import atomic_path
 
 from .direction import mean_difference
-from .gate import fit_gate_from_moments, gate_score
-from .nullspace import ProjectorInfo, SecondMoment, null_space_projector
+from .gate import gate_score
+from .nullspace import SecondMoment
+from .stats import FitStats, gates_from_stats
 from .steer import gated_hook, static_hook
 
 FORMAT = "mllmeraser.v1"
@@ -111,6 +112,19 @@ class MLLMEraser:
             recall_pairs: Sequence[Query], erase_pairs: Sequence[Query],
             config: EraserConfig = EraserConfig(), progress: bool = False) -> "MLLMEraser":
         """Stage 1 (directions) and stage 2 (null-space gates) in four streaming passes over the data."""
+        stats = cls.collect_stats(model, forget, retain, recall_pairs, erase_pairs, config, progress)
+        return cls.from_stats(stats, config)
+
+    @staticmethod
+    def collect_stats(model: HookedVLM, forget: Sequence[Query], retain: Sequence[Query],
+                      recall_pairs: Sequence[Query], erase_pairs: Sequence[Query],
+                      config: EraserConfig = EraserConfig(), progress: bool = False) -> FitStats:
+        """The four streaming passes: directions and the forget/retain second moments (see :class:`FitStats`).
+
+        Why separate from :meth:`from_stats`: gamma, rho and the energy threshold only enter the closed-form
+        solve, so an automatic choice of them (``eraser.autotune.choose_gate``) refits from these statistics
+        in milliseconds instead of re-running the model.
+        """
         t0 = time.perf_counter()
         layers = list(config.layers) if config.layers is not None else list(range(1, model.n_layers))
         bad = [l for l in layers if not 0 <= l < model.n_layers]
@@ -146,26 +160,31 @@ class MLLMEraser:
             for n, h in batch.items():
                 K_f[n].update(h)
                 s_f[n] += h.double().sum(0)
+        return FitStats(
+            layers=layers, site=config.site, directions=directions,
+            K_r=torch.stack([K_r[n].K for n in names]), K_f=torch.stack([K_f[n].K for n in names]),
+            s_f=torch.stack([s_f[n] for n in names]),
+            counts={k: len(v[1]) for k, v in sets.items()},
+            data_hashes={k: _hash_queries(list(zip(*v))) for k, v in sets.items()},
+            fingerprint=model_fingerprint(model), seconds=time.perf_counter() - t0)
 
-        ws, infos = [], []
-        for n in names:
-            if config.use_null_space:
-                if config.energy is not None:
-                    P, pinfo = null_space_projector(K_r[n].K, energy=config.energy)
-                else:
-                    P, pinfo = null_space_projector(K_r[n].K, rho=config.rho)
-            else:
-                P, pinfo = torch.eye(d, dtype=torch.float64), ProjectorInfo(rank=d, d=d, leak=1.0, rule="identity")
-            ws.append(fit_gate_from_moments(K_f[n].K, s_f[n], P, config.gamma))
-            infos.append(asdict(pinfo))
+    @classmethod
+    def from_stats(cls, stats: FitStats, config: EraserConfig = EraserConfig()) -> "MLLMEraser":
+        """The closed-form stage 2 (projector + ridge gate) on collected statistics; ``config`` sets rho/energy/gamma."""
+        if config.site != stats.site:
+            raise ValueError(f"statistics were collected at {stats.site!r}, config asks for {config.site!r}")
+        if config.layers is not None and list(config.layers) != stats.layers:
+            raise ValueError(f"statistics cover layers {stats.layers}, config asks for {list(config.layers)}")
+        t0 = time.perf_counter()
+        ws, infos = gates_from_stats(stats, config)
         info = {
-            "projector": dict(zip(map(str, layers), infos)),
-            "counts": {k: len(v[1]) for k, v in sets.items()},
-            "data_hashes": {k: _hash_queries(list(zip(*v))) for k, v in sets.items()},
-            "fit_s": time.perf_counter() - t0,
+            "projector": dict(zip(map(str, stats.layers), infos)),
+            "counts": dict(stats.counts),
+            "data_hashes": dict(stats.data_hashes),
+            "fit_s": stats.seconds + time.perf_counter() - t0,
         }
-        return cls(layers=layers, w=torch.stack(ws).float(), d=directions.float(), config=config,
-                   fingerprint=model_fingerprint(model), info=info)
+        return cls(layers=list(stats.layers), w=ws.float(), d=stats.directions.float(), config=config,
+                   fingerprint=dict(stats.fingerprint), info=info)
 
     # -- applying --------------------------------------------------------------
     def _strengths(self, strength: float | Sequence[float] | dict[int, float] | None) -> dict[int, float]:

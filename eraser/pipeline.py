@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from interp import HookedVLM
 
-from .autotune import DEFAULT_GRID, Selection, choose_strength, validation_split
+from .autotune import DEFAULT_GRID, Selection, choose_gate, choose_strength, validation_split
 from .backend import generate_fn, nll_fn
 from .data.schema import Benchmark
 from .evaluate import answer_probs, evaluate_benchmark, evaluate_split, refusal_checks
@@ -89,8 +89,15 @@ def evaluate_model(setup: Setup, hooks_context: Callable[[], Any] | None = None,
 
 
 def fit_variant(setup: Setup, name: str = "mllmeraser", config: EraserConfig | None = None,
-                pgd: Any = None, auto: bool = True, grid: Any = None) -> tuple[MLLMEraser, Selection | None, dict[str, float]]:
-    """Fit one MLLMEraser variant and choose its strength automatically; returns timings too."""
+                pgd: Any = None, auto: bool = True, grid: Any = None, auto_gate: bool = True
+                ) -> tuple[MLLMEraser, Selection | None, dict[str, float]]:
+    """Fit one MLLMEraser variant and choose its settings automatically; returns timings too.
+
+    With ``auto``: gamma and the null-space rule by gate separation (:func:`~eraser.autotune.choose_gate`,
+    unless ``auto_gate=False`` or the variant is ungated), then the strength by constrained forgetting
+    (:func:`~eraser.autotune.choose_strength`), both on the validation split.  ``fit_s`` is the fit alone
+    (PGD, statistics, closed-form solve), comparable to a baseline's training time; the choice is ``select_s``.
+    """
     if name not in ERASER_VARIANTS:
         raise ValueError(f"unknown variant {name!r}; choose one of {sorted(ERASER_VARIANTS)}")
     opts = ERASER_VARIANTS[name]
@@ -106,15 +113,21 @@ def fit_variant(setup: Setup, name: str = "mllmeraser", config: EraserConfig | N
     t0 = time.perf_counter()
     data = fit_data(setup.model, setup.bench, seed=setup.recipe.seed, pgd=pgd)
     pgd_s = time.perf_counter() - t0
-    eraser = MLLMEraser.fit(setup.model, data.forget, data.retain, data.recall, data.erase, config,
-                            progress=setup.progress)
+    stats = MLLMEraser.collect_stats(setup.model, data.forget, data.retain, data.recall, data.erase, config,
+                                     progress=setup.progress)
+    eraser = MLLMEraser.from_stats(stats, config)
     fit_s = time.perf_counter() - t0
     selection = None
     if auto:
         val, kind = validation_split(setup.bench, setup.source, seed=setup.recipe.seed)
+        gate = None
+        if opts.get("gated", True) and auto_gate:
+            gate = choose_gate(setup.model, stats, val, config, batch_size=setup.batch_size)
+            eraser = MLLMEraser.from_stats(stats, replace(config, **gate.config_changes()))
         selection = choose_strength(setup.model, eraser, val, grid=grid or DEFAULT_GRID,
                                     batch_size=setup.batch_size, validation=kind, progress=setup.progress,
                                     gated=opts.get("gated", True))
+        selection.gate = gate.to_dict() if gate is not None else None
         strength = selection.strength if selection.strength is not None else 0.0
         eraser = eraser.with_config(strength=strength)
     timing = {"pgd_s": pgd_s, "fit_s": fit_s, "select_s": time.perf_counter() - t0 - fit_s}

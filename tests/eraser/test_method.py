@@ -189,3 +189,25 @@ def test_gate_report_records_gates_and_shift(fitted, tiny_llava):
     shift = torch.tensor(rep["sets"]["forget"]["proj_after"])[:, 0] - torch.tensor(rep["sets"]["forget"]["proj_before"])[:, 0]
     assert torch.allclose(shift, -4.0 * g[:, 0] * eraser.d[0].norm(), atol=1e-3)
     assert set(rep["firing"]["1"]) >= {"true_firing_rate", "false_firing_rate"}
+
+
+def test_stats_then_solve_equals_fit_and_refits_other_hyperparameters(fitted, tiny_llava, tmp_path):
+    from eraser.stats import FitStats
+
+    eraser, forget, retain = fitted
+    recall, erase = _queries(6, 3, 300), _queries(6, 4, 400)
+    stats = MLLMEraser.collect_stats(tiny_llava, forget, retain, recall, erase, eraser.config)
+    assert stats.K_r.shape == (2, tiny_llava.d_model, tiny_llava.d_model) and stats.counts["retain"] == 60
+    again = MLLMEraser.from_stats(stats, eraser.config)
+    assert torch.equal(again.w, eraser.w) and torch.equal(again.d, eraser.d)
+    assert again.info["data_hashes"] == eraser.info["data_hashes"]
+    shrunk = MLLMEraser.from_stats(stats, EraserConfig(rho=0.5, gamma=1e3))
+    assert shrunk.w.norm() < 0.5 * eraser.w.norm()  # a larger ridge shrinks the gate
+    stats.save(tmp_path / "stats.safetensors")
+    back = FitStats.load(tmp_path / "stats.safetensors")
+    assert torch.equal(back.K_f, stats.K_f) and back.layers == stats.layers and back.counts == stats.counts
+    assert torch.equal(MLLMEraser.from_stats(back, eraser.config).w, eraser.w)
+    with pytest.raises(ValueError, match="layers"):
+        MLLMEraser.from_stats(stats, EraserConfig(layers=(1,)))
+    with pytest.raises(ValueError, match="resid_post"):
+        MLLMEraser.from_stats(stats, EraserConfig(site="resid_post"))
