@@ -3,7 +3,8 @@
 Targets: fast path <= 1.02x, nnsight graph <= 1.10x of vanilla generation.  Also prints the artifact size
 against the release's d x d per-layer matrices (target: >= d/4 times smaller) and the peak memory of fitting
 as the retain set grows 10x (target: flat, thanks to streaming statistics).
-Run: ``python -m analyses.bench_steer`` (a 21M-parameter LLaVA config, random weights, 2 CPU threads).
+Run: ``python -m analyses.bench_steer`` (a 21M-parameter LLaVA config, random weights, 2 CPU threads), or
+``--model default`` / ``--model quick`` for the embedded default / quick trained models (trained once if not cached).
 """
 from __future__ import annotations
 
@@ -60,14 +61,26 @@ def _size(small: bool) -> dict:
         vision_heads=4, image_size=64, patch_size=8)
 
 
+def _model(which: str, small: bool):
+    if which == "random":
+        return tiny_vlm("llava", seed=0, **_size(small))
+    from eraser.zoo import Recipe, load_or_train
+
+    recipe = Recipe.quick() if which == "quick" else Recipe.default()
+    print(f"loading the zoo's {which} model ({recipe.describe()})")
+    return load_or_train(recipe)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--new-tokens", type=int, default=16)
-    ap.add_argument("--small", action="store_true", help="a 1M-parameter model, for a quick look")
+    ap.add_argument("--small", action="store_true", help="a 1M-parameter random model, for a quick look")
+    ap.add_argument("--model", choices=("random", "default", "quick"), default="random",
+                    help="random weights (21M, or 1M with --small), or the zoo's trained default / quick model")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
-    model = tiny_vlm("llava", seed=0, **_size(args.small))
+    model = _model(args.model, args.small)
     config = EraserConfig(batch_size=16)
     eraser = MLLMEraser.fit(model, _queries(16, 1), _queries(64, 4), _queries(8, 2), _queries(8, 3), config)
     batch = _queries(4, 9)
