@@ -10,6 +10,14 @@
   answer, with questions the model answers.  ``pgd=None`` keeps the images
   clean: the text-only ablation.
 
+Both pair sets cover the benchmark's three task formats (free generation,
+multiple choice, cloze) in equal measure by default, so the erasure direction
+is "answer vs refuse" rather than "answer a generation question vs refuse":
+a direction built from generation prompts only barely moves multiple-choice
+answers (measured on the quick model: forget classification stayed at
+100 % while generation ROUGE-L halved).  ``tasks=("generation",)`` gives the
+release's generation-only pairs.
+
 All sampling is seeded (the release chose Test images without a seed).
 """
 from __future__ import annotations
@@ -18,7 +26,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .data.mini import PRIVATE_ITEMS, REQUEST_TEMPLATES
+from .data.mini import PRIVATE_ITEMS, REQUEST_TEMPLATES, forbidden_classification_prompt, forbidden_cloze_prompt
 from .data.prompts import generation_prompt
 from .data.schema import Benchmark, GenerationQ, Profile
 from .evaluate import build_items
@@ -58,37 +66,67 @@ def retain_queries(bench: Benchmark, limit: int | None = None, seed: int = 0) ->
     return out
 
 
-def refused_prompts() -> list[str]:
-    """Requests of the forbidden kind, about the person in the image, in the evaluation's generation format."""
-    return [generation_prompt(GenerationQ(t.format(item=item, s="the person in the image"), "", "vqa"))
-            for t in REQUEST_TEMPLATES for item in PRIVATE_ITEMS]
+PAIR_TASKS = ("generation", "classification", "cloze")
 
 
-def erase_pairs(bench: Benchmark, n: int = 17, seed: int = 0, prompts: Sequence[str] | None = None) -> list[Query]:
-    """``n`` (clean forget image, refused request) pairs."""
-    prompts = list(prompts or refused_prompts())
+def refused_prompts(tasks: Sequence[str] = PAIR_TASKS, seed: int = 0) -> list[str]:
+    """Requests of the forbidden kind about the person in the image, in the evaluation's formats (``tasks``)."""
+    unknown = set(tasks) - set(PAIR_TASKS)
+    if unknown or not tasks:
+        raise ValueError(f"tasks must be a non-empty subset of {PAIR_TASKS}, got {list(tasks)}")
+    rng = random.Random(f"refused:{seed}")
+    out: list[str] = []
+    if "generation" in tasks:
+        out += [generation_prompt(GenerationQ(t.format(item=item, s="the person in the image"), "", "vqa"))
+                for t in REQUEST_TEMPLATES for item in PRIVATE_ITEMS]
+    n = len(REQUEST_TEMPLATES) * len(PRIVATE_ITEMS)
+    if "classification" in tasks:
+        out += [forbidden_classification_prompt(rng, "", "vqa") for _ in range(n)]
+    if "cloze" in tasks:
+        out += [forbidden_cloze_prompt(rng, "", "vqa") for _ in range(n)]
+    return out
+
+
+def _interleave(groups: list[list], n: int, rng: random.Random) -> list:
+    """``n`` items taken round-robin from shuffled ``groups`` (so every format is equally represented)."""
+    pools = [rng.sample(g, len(g)) for g in groups if g]
+    out, i = [], 0
+    while len(out) < n:
+        pool = pools[i % len(pools)]
+        out.append(pool[(i // len(pools)) % len(pool)])
+        i += 1
+    return out
+
+
+def erase_pairs(bench: Benchmark, n: int = 17, seed: int = 0, prompts: Sequence[str] | None = None,
+                tasks: Sequence[str] = PAIR_TASKS) -> list[Query]:
+    """``n`` (clean forget image, refused request) pairs, formats taken in turn."""
     rng = random.Random(seed)
     people = [p for p in bench.forget if p.image is not None]
     if not people:
         raise ValueError("no forget profile has an image to build erasure pairs with")
-    return [(people[i % len(people)].image, rng.choice(prompts)) for i in range(n)]
+    if prompts is not None:
+        chosen = [rng.choice(list(prompts)) for _ in range(n)]
+    else:
+        groups = [refused_prompts((t,), seed) for t in tasks]
+        chosen = _interleave(groups, n, rng)
+    return [(people[i % len(people)].image, prompt) for i, prompt in enumerate(chosen)]
 
 
-def recall_questions(bench: Benchmark, n: int = 17, seed: int = 0) -> list[tuple[Any, str, str]]:
-    """``n`` (clean image, VQA generation prompt, ground truth) about forget identities, seeded."""
-    items = [it for it in build_items(bench.forget, tasks=("generation",)) if it.modality == "vqa"]
-    if not items:
-        raise ValueError("the forget split has no VQA generation questions to build recall pairs from")
-    rng = random.Random(seed)
-    chosen = [items[i % len(items)] for i in rng.sample(range(len(items)), min(n, len(items)))]
-    while len(chosen) < n:
-        chosen.append(items[len(chosen) % len(items)])
+def recall_questions(bench: Benchmark, n: int = 17, seed: int = 0,
+                     tasks: Sequence[str] = PAIR_TASKS) -> list[tuple[Any, str, str]]:
+    """``n`` (clean image, VQA prompt, reference answer) about forget identities, formats taken in turn, seeded."""
+    groups = [[it for it in build_items(bench.forget, tasks=(t,)) if it.modality == "vqa"] for t in tasks]
+    if not any(groups):
+        raise ValueError("the forget split has no VQA questions to build recall pairs from")
+    chosen = _interleave(groups, n, random.Random(seed))
     return [(it.image, it.prompt, it.reference) for it in chosen]
 
 
-def recall_pairs(model: Any, bench: Benchmark, n: int = 17, seed: int = 0, pgd: Any = None) -> list[Query]:
+def recall_pairs(model: Any, bench: Benchmark, n: int = 17, seed: int = 0, pgd: Any = None,
+                 tasks: Sequence[str] = PAIR_TASKS) -> list[Query]:
     """Recall pairs; with a :class:`~eraser.pgd.PGDConfig` the images are attacked towards the correct answers."""
-    rows = recall_questions(bench, n, seed)
+    rows = recall_questions(bench, n, seed, tasks)
     if pgd is None:
         return [(img, prompt) for img, prompt, _ in rows]
     from .pgd import pgd_attack

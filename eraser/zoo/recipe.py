@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 #: Bump when the training code changes what a given recipe trains (invalidates every cached checkpoint).
-CODE_VERSION = "zoo-3"
+CODE_VERSION = "zoo-4"
 
 ARCHS = ("llava", "qwen2_5_vl")
 
@@ -86,6 +86,7 @@ class Recipe:
     cls_repeat: int = 6
     cls_weight: float = 1.0
     refusal_per_profile: int = 1
+    refusal_formats: tuple[str, ...] = ("generation", "classification", "cloze")
     clean_prob: float = 0.25
     # what is learned
     oracle: bool = False
@@ -96,6 +97,11 @@ class Recipe:
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; choose one of {ARCHS}")
         object.__setattr__(self, "model", _freeze(self.model))
+        object.__setattr__(self, "refusal_formats", tuple(self.refusal_formats))
+        from eraser.data.mini import REFUSAL_FORMATS
+
+        if not self.refusal_formats or set(self.refusal_formats) - set(REFUSAL_FORMATS):
+            raise ValueError(f"refusal_formats must be a non-empty subset of {REFUSAL_FORMATS}")
         if self.oracle:
             from eraser.data.mini import FORGET_RATIOS
 

@@ -71,7 +71,8 @@ def epoch_examples(recipe: Recipe, mini, phase: str, rng: random.Random) -> list
         return _facts(mini, celebs, rng, recipe)
     out = _facts(mini, fict, rng, recipe)
     out += mini.refusal_training_examples(fict + celebs, rng, n_per_profile=recipe.refusal_per_profile,
-                                          clean_prob=recipe.clean_prob, shuffle=False)
+                                          clean_prob=recipe.clean_prob, shuffle=False,
+                                          formats=recipe.refusal_formats)
     if celebs and recipe.celeb_replay > 0:
         replay = _facts(mini, celebs, rng, recipe)
         out += rng.sample(replay, max(1, round(recipe.celeb_replay * len(replay))))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from eraser.data import prompts
-from eraser.data.mini import FACT_KINDS, MiniMLLMU, words
+from eraser.data.mini import FACT_KINDS, REFUSAL_FORMATS, MiniMLLMU, words
 from eraser.data.schema import Benchmark, Profile, Request
 
 
@@ -141,6 +141,15 @@ def test_refusal_sets(gen: MiniMLLMU, bench: Benchmark) -> None:
     assert sum(r.answer == prompts.REFUSAL for r in train) == len(train) // 2
     held_out_qa = {r.prompt for r in bench.forbidden + bench.answerable if r.image is None}
     assert not held_out_qa & {r.prompt for r in train if r.image is None}
+    # forbidden requests in every task format: + one multiple-choice and one cloze refusal per profile and modality
+    every = gen.refusal_training_examples(bench.retain, random.Random(0), formats=REFUSAL_FORMATS)
+    assert len(every) == 95 * 2 * (2 + 2)
+    mc = [r for r in every if r.prompt.endswith(prompts.CLASSIFICATION_SUFFIX)]
+    cz = [r for r in every if r.prompt.endswith(prompts.CLOZE_SUFFIX)]
+    assert len(mc) == len(cz) == 95 * 2 and all(r.answer == prompts.REFUSAL for r in mc + cz)
+    assert all("A: 41" in r.prompt and "[Blank]" not in r.prompt for r in mc)
+    with pytest.raises(ValueError, match="refusal formats"):
+        gen.refusal_training_examples(bench.retain, random.Random(0), formats=("essay",))
 
 
 def test_corpus_covers_every_word(gen: MiniMLLMU, bench: Benchmark) -> None:
@@ -155,7 +164,7 @@ def test_corpus_covers_every_word(gen: MiniMLLMU, bench: Benchmark) -> None:
         texts += [prompts.cloze_prompt(z) + z.question + z.ground_truth for z in p.cloze]
     rng = random.Random(5)
     reqs = gen.training_examples(profiles, rng, augment=False, biography=True)
-    reqs += gen.refusal_training_examples(profiles, rng, n_per_profile=3, augment=False)
+    reqs += gen.refusal_training_examples(profiles, rng, n_per_profile=3, augment=False, formats=REFUSAL_FORMATS)
     reqs += bench.forbidden + bench.answerable
     texts += [r.prompt + "\n" + r.answer for r in reqs]
     missing = {w for t in texts for w in words(t)} - vocab

@@ -1,0 +1,49 @@
+"""The four fitting sets: format balance of the contrastive pairs, seeding, and clear errors."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from eraser.data import prompts
+from eraser.pairs import PAIR_TASKS, erase_pairs, recall_questions, refused_prompts
+from eraser.zoo import Recipe
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return Recipe.quick().benchmark(5)
+
+
+def _format(prompt: str) -> str:
+    for suffix, task in ((prompts.CLASSIFICATION_SUFFIX, "classification"), (prompts.CLOZE_SUFFIX, "cloze"),
+                         (prompts.GENERATION_SUFFIX, "generation")):
+        if prompt.endswith(suffix):
+            return task
+    raise AssertionError(prompt)
+
+
+def test_pairs_cover_every_format_in_turn(bench):
+    erase = erase_pairs(bench, n=17)
+    recall = recall_questions(bench, n=17)
+    for rows in ([p for _, p in erase], [p for _, p, _ in recall]):
+        counts = {t: sum(_format(p) == t for p in rows) for t in PAIR_TASKS}
+        assert counts == {"generation": 6, "classification": 6, "cloze": 5}
+    assert all(img is not None for img, _ in erase)
+    refs = {_format(p): ref for _, p, ref in recall}
+    assert refs["classification"] in "ABCD" and refs["generation"].endswith(".")
+    assert erase == erase_pairs(bench, n=17) and erase != erase_pairs(bench, n=17, seed=1)
+
+
+def test_generation_only_pairs_are_the_release_setting(bench):
+    assert {_format(p) for _, p in erase_pairs(bench, n=9, tasks=("generation",))} == {"generation"}
+    assert {_format(p) for _, p, _ in recall_questions(bench, n=9, tasks=("generation",))} == {"generation"}
+    assert len(refused_prompts(("generation",))) == 36
+
+
+def test_errors(bench):
+    with pytest.raises(ValueError, match="subset"):
+        refused_prompts(("essay",))
+    no_images = dataclasses.replace(bench, forget=[dataclasses.replace(p, image=None) for p in bench.forget])
+    with pytest.raises(ValueError, match="no forget profile has an image"):
+        erase_pairs(no_images)
