@@ -35,7 +35,7 @@ from .evaluate import build_items
 from .metrics import gibberish_rate, is_refusal, parse_choice
 
 #: Candidate strengths (negative: towards refusal).  Log-spaced so both gentle and strong steering are tried.
-DEFAULT_GRID = (-0.05, -0.1, -0.15, -0.2, -0.3, -0.4, -0.5, -0.75, -1.0, -1.5, -2.0, -3.0)
+DEFAULT_GRID = (-0.05, -0.1, -0.15, -0.2, -0.3, -0.4, -0.5, -0.75, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0, -8.0)
 
 
 @dataclass(frozen=True)
@@ -163,6 +163,9 @@ class GateChoice:
     null_space: dict[str, float]
     candidates: list[dict[str, Any]] = field(default_factory=list)
     reason: str = ""
+    #: per steered layer, 1 / mean forget gate on the validation split: rescaling ``w`` by it restores
+    #: "g ~ 1 on forget" after the ridge's shrinkage, so one strength grid fits every gamma
+    calibration: list[float] = field(default_factory=list)
 
     def config_changes(self) -> dict[str, Any]:
         ns = self.null_space
@@ -194,8 +197,9 @@ def choose_gate(model: Any, stats: Any, val: dict[str, list[ValItem]], config: A
         acts[split] = torch.stack([torch.cat([r[n] for r in rows]).double() for n in names])  # [L, n, d]
     rows = score_gate_configs(stats, acts["forget"], acts["retain"], config, gammas, null_spaces)
     best = min(rows, key=lambda r: (r["score"], r["gamma"]))
+    calibration = [1.0 / p["forget_mean"] if p["forget_mean"] > 0 else 1.0 for p in best["layers"]]
     return GateChoice(best["gamma"], best["null_space"], rows,
-                      "min mean per-layer rms(g_retain)/mean(g_forget) on the validation split")
+                      "min mean per-layer rms(g_retain)/mean(g_forget) on the validation split", calibration)
 
 
 def score_gate_configs(stats: Any, acts_forget: Float[Tensor, "n_layers n_f d"],

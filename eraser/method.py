@@ -289,6 +289,16 @@ class MLLMEraser:
             eraser.check_model(model)
         return eraser
 
+    def scaled(self, factors: Sequence[float]) -> "MLLMEraser":
+        """The same gates multiplied per layer by ``factors`` (a calibration: ``g -> factor * g``), recorded in info."""
+        if len(factors) != len(self.layers):
+            raise ValueError(f"{len(factors)} factors for {len(self.layers)} layers")
+        f = torch.tensor([float(x) for x in factors], dtype=self.w.dtype)
+        if not torch.isfinite(f).all() or (f <= 0).any():
+            raise ValueError(f"gate scale factors must be finite and positive, got {list(factors)}")
+        info = {**self.info, "gate_scale": [float(x) for x in factors]}
+        return replace(self, w=self.w * f[:, None], info=info)
+
     def with_config(self, **changes: Any) -> "MLLMEraser":
         """The same fitted gates with other application settings (e.g. strength)."""
         return replace(self, config=replace(self.config, **changes))

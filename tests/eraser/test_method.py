@@ -211,3 +211,15 @@ def test_stats_then_solve_equals_fit_and_refits_other_hyperparameters(fitted, ti
         MLLMEraser.from_stats(stats, EraserConfig(layers=(1,)))
     with pytest.raises(ValueError, match="resid_post"):
         MLLMEraser.from_stats(stats, EraserConfig(site="resid_post"))
+
+
+def test_scaled_gates_multiply_gate_values(fitted, tiny_llava):
+    eraser, forget, _ = fitted
+    s = eraser.scaled([2.0, 0.5])
+    g, g2 = eraser.gate_values(tiny_llava, forget[:4]), s.gate_values(tiny_llava, forget[:4])
+    assert torch.allclose(g2, g * torch.tensor([2.0, 0.5]), atol=1e-5)
+    assert s.info["gate_scale"] == [2.0, 0.5] and torch.equal(s.d, eraser.d)
+    with pytest.raises(ValueError, match="positive"):
+        eraser.scaled([1.0, 0.0])
+    with pytest.raises(ValueError, match="2 layers"):
+        eraser.scaled([1.0])
