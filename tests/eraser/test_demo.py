@@ -1,0 +1,87 @@
+"""``mllmeraser demo --quick`` end to end: the JSON structure, the sanity of its numbers, and determinism.
+
+The demo is run twice with the same seed (the second time into a fresh
+folder); every number in ``results.json`` except wall times must be equal.
+Both runs share the cached quick model, so this costs two demo runs (a few
+minutes), which is the point: it is the job ``make demo`` runs.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from eraser.cli import main
+
+BASELINES = ("ga", "grad_diff", "kl_min", "npo", "prompt")
+ERASERS = ("mllmeraser", "mllmeraser_no_nullspace", "steer_static", "mllmeraser_text_only")
+SPLITS = ("forget", "test", "retain", "celebrity")
+METRICS = ("cls_acc", "cloze_acc", "gen_rougeL", "gen_bleu", "refusal_rate", "gibberish_rate")
+FIGURES = ("tradeoff.png", "gates.png", "timing.png", "heatmap.png")
+
+
+def _run(out) -> dict:
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--threads", "2"]) == 0
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    a, b = tmp_path_factory.mktemp("demo_a"), tmp_path_factory.mktemp("demo_b")
+    return (a, _run(a)), (b, _run(b))
+
+
+def test_demo_writes_every_file_and_method(runs):
+    (out, res), _ = runs
+    for name in ("results.json", "results.md", "gates.json", "sweep.jsonl", "eraser.safetensors", *FIGURES):
+        assert (out / name).stat().st_size > 0, name
+    assert set(res) >= {"config", "methods", "timing", "checks"}
+    assert set(res["methods"]) == {"vanilla", *ERASERS, *BASELINES}
+    for method, splits in res["methods"].items():
+        assert set(splits) >= set(SPLITS), method
+        for split in SPLITS:
+            for metric in METRICS:
+                v = splits[split][metric]
+                assert 0.0 <= v <= 1.0 and not math.isnan(v), (method, split, metric, v)
+    for method, t in res["timing"].items():
+        assert t["infer_s"] > 0 and t["fit_s"] >= 0, method
+    md = (out / "results.md").read_text()
+    for method in ("vanilla", "mllmeraser", "ga", "npo"):
+        assert method in md
+
+
+def test_demo_numbers_are_sane(runs):
+    """The vanilla model knows its facts, and unlearning moves forget more than retain."""
+    (_, res), _ = runs
+    m = res["methods"]
+    van = m["vanilla"]
+    assert van["forget"]["gen_rougeL"] >= 0.7 and van["retain"]["gen_rougeL"] >= 0.7
+    assert res["checks"]["refusal"]["vanilla"]["forbidden_refusal_rate"] >= 0.9
+    assert res["checks"]["refusal"]["vanilla"]["answerable_refusal_rate"] <= 0.05
+    ours = m["mllmeraser"]
+    # Forgetting (generation ROUGE-L on forget) drops by more than retain utility does.
+    drop_forget = van["forget"]["gen_rougeL"] - ours["forget"]["gen_rougeL"]
+    drop_retain = van["retain"]["gen_rougeL"] - ours["retain"]["gen_rougeL"]
+    assert drop_forget > 0.2 and drop_forget > 2 * max(drop_retain, 0.0)
+    assert ours["forget"]["refusal_rate"] > ours["retain"]["refusal_rate"]
+    # The eraser is a test-time method: no training, so fit time is only PGD + statistics.
+    assert res["timing"]["mllmeraser"]["fit_s"] > 0
+    sweep = [json.loads(line) for line in (runs[0][0] / "sweep.jsonl").read_text().splitlines() if line.strip()]
+    assert len(sweep) >= 5
+
+
+def _strip_times(obj):
+    if isinstance(obj, dict):
+        return {k: _strip_times(v) for k, v in obj.items()
+                if not (k.endswith("_s") or k in ("seconds", "total_s", "timing"))}
+    if isinstance(obj, list):
+        return [_strip_times(v) for v in obj]
+    return obj
+
+
+def test_same_seed_gives_identical_results(runs):
+    (_, a), (_, b) = runs
+    assert _strip_times(a["methods"]) == _strip_times(b["methods"])
+    assert _strip_times(a["checks"]) == _strip_times(b["checks"])
+    assert _strip_times(a["config"]) == _strip_times(b["config"])
