@@ -127,7 +127,7 @@ def run_generate(
 ) -> list[str]:
     """Outputs of ``generate`` for ``items`` (anything with ``.image``, ``.prompt``, optional ``.task``), in item order.
 
-    Items are grouped so that every batch shares ``max_new_tokens`` and is
+    Items are grouped so that every batch shares its task, ``max_new_tokens`` and is
     either all-image or all-text (processors and padding are simplest, and
     fastest, on homogeneous batches); outputs are put back in the original
     order.  ``max_new_tokens`` is the benchmark's 50 for every task unless the
@@ -135,12 +135,14 @@ def run_generate(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    groups: dict[tuple[int, bool], list[int]] = defaultdict(list)
+    # Grouped by task too: a batch runs until its longest answer ends, so one-letter answers are batched together.
+    groups: dict[tuple[str, int, bool], list[int]] = defaultdict(list)
     for i, it in enumerate(items):
-        groups[(_tokens_for(getattr(it, "task", ""), max_new_tokens), it.image is None)].append(i)
+        task = getattr(it, "task", "")
+        groups[(task, _tokens_for(task, max_new_tokens), it.image is None)].append(i)
     outputs: list[str | None] = [None] * len(items)
     with tqdm(total=len(items), desc=desc, disable=not progress, leave=False) as bar:
-        for (n_tokens, _), idx in groups.items():
+        for (_, n_tokens, _), idx in groups.items():
             for start in range(0, len(idx), batch_size):
                 chunk = idx[start : start + batch_size]
                 outs = generate([items[i].image for i in chunk], [items[i].prompt for i in chunk], n_tokens)

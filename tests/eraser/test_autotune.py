@@ -64,3 +64,23 @@ def test_empty_validation_split_is_an_error(tiny_llava):
     with pytest.raises(ValueError, match="empty validation forget"):
         choose_gate(tiny_llava, stats, {"forget": [], "retain": [ValItem(None, "hi", "x", "generation")]},
                     EraserConfig())
+
+
+def test_measure_generates_each_task_in_its_own_calls_and_keeps_order():
+    """A batch runs until its longest answer ends: one-letter answers must not share it with sentences."""
+    from eraser.autotune import ValItem, measure
+
+    items = [ValItem(None, f"q{i}", "A" if i % 2 else "B", "classification" if i % 2 else "generation")
+             for i in range(7)]
+    calls = []
+
+    def generate(images, prompts, max_new_tokens):
+        calls.append(list(prompts))
+        return ["A" if int(p[1:]) % 2 else "I cannot share that." if p == "q0" else "Paris is lovely." for p in prompts]
+
+    out = measure(generate, items)
+    assert sorted(len(c) for c in calls) == [3, 4]
+    for c in calls:
+        assert len({int(p[1:]) % 2 for p in c}) == 1
+    assert out["cls_acc"] == 1.0
+    assert out["refusal_rate"] == pytest.approx(1 / 7)

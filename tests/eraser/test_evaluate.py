@@ -152,8 +152,9 @@ def test_batching_groups_and_max_new_tokens():
     )
     assert sum(len(c[1]) for c in calls) == 24 and all(len(c[1]) <= 5 for c in calls)
     assert all(c[2] == 50 for c in calls)  # the benchmark's 50 new tokens for every task
-    for images, _, _ in calls:  # each batch is all-image or all-text
+    for images, prompts, _ in calls:  # each batch is all-image or all-text, and of one task
         assert len({im is None for im in images}) == 1
+        assert len({P.CLASSIFICATION_SUFFIX in p for p in prompts}) == 1
     # records come back in item order despite grouping
     assert [r["prompt"] for r in records] == [it.prompt for it in E.build_items(PROFILES)]
     calls.clear()
