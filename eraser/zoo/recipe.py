@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 #: Bump when the training code changes what a given recipe trains (invalidates every cached checkpoint).
-CODE_VERSION = "zoo-4"
+CODE_VERSION = "zoo-5"
 
 ARCHS = ("llava", "qwen2_5_vl")
 
@@ -88,6 +88,9 @@ class Recipe:
     refusal_per_profile: int = 1
     refusal_formats: tuple[str, ...] = ("generation", "classification", "cloze")
     clean_prob: float = 0.25
+    # torch CPU threads while training: the thread count changes the order of float reductions, so the same
+    # recipe trained with 1 and with 2 threads gives different weights (measured); it is part of the recipe
+    threads: int = 2
     # what is learned
     oracle: bool = False
     forget_ratio: int | None = None
@@ -109,7 +112,7 @@ class Recipe:
                 raise ValueError(f"an oracle recipe needs forget_ratio in {FORGET_RATIOS}, got {self.forget_ratio!r}")
         elif self.forget_ratio is not None:
             object.__setattr__(self, "forget_ratio", None)  # irrelevant for a vanilla model: one hash
-        for name in ("batch_size", "n_profiles"):
+        for name in ("batch_size", "n_profiles", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.celeb_epochs < 0 or self.main_epochs < 1 or self.cls_repeat < 1:
@@ -128,9 +131,14 @@ class Recipe:
 
     @classmethod
     def quick(cls, arch: str = "llava", **changes: Any) -> "Recipe":
-        """A small recipe for tests: 20 profiles, 6 celebrities, a smaller model; trains in under a minute."""
-        base = dict(n_profiles=20, n_celebrities=6, n_refusal_eval=40, celeb_epochs=8, main_epochs=20,
-                    celeb_replay=0.5)
+        """A small recipe for tests and ``demo --quick``: 20 profiles, 6 celebrities, a smaller vision tower.
+
+        Trains in ~4-5 min on 2 CPU cores (the 60 s the issue asks for is not met).  28 main epochs: at 20,
+        the same recipe trained with 1 instead of 2 threads (float noise only) learned multiple choice to
+        0.80-0.86 instead of 0.94-1.00; the transition out of the multiple-choice plateau sits near there.
+        """
+        base = dict(n_profiles=20, n_celebrities=6, n_refusal_eval=40, celeb_epochs=8, main_epochs=28,
+                    celeb_replay=1.0)
         return cls._preset(arch, QUICK_MODEL, base, changes)
 
     @classmethod

@@ -9,8 +9,10 @@ a sentence.  Each epoch draws fresh question instances (new distractors, new
 letter order) and jittered portraits, so the model learns facts rather than
 letters and recognises the Test split's new photos.
 
-Everything is seeded from the recipe: the same recipe on the same torch build
-and thread count gives the same weights.
+Everything is seeded from the recipe, including the torch thread count used
+while training (:attr:`Recipe.threads`; the caller's setting is restored
+afterwards): the same recipe on the same torch build and CPU gives the same
+weights, whoever calls it with however many threads.
 """
 from __future__ import annotations
 
@@ -154,6 +156,16 @@ def train(recipe: Recipe, progress: bool = True,
     ``on_epoch(phase, epoch, model)`` (optional, for diagnostics) runs after every epoch, with the model in
     eval mode; it must not touch the random state it does not own.
     """
+    before = torch.get_num_threads()
+    torch.set_num_threads(recipe.threads)
+    try:
+        return _train(recipe, progress, on_epoch)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(recipe: Recipe, progress: bool,
+           on_epoch: Callable[[str, int, HookedVLM], None] | None) -> tuple[HookedVLM, TrainLog]:
     from interp.tiny import tiny_vlm
 
     t0 = time.perf_counter()

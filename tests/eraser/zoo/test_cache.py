@@ -29,6 +29,27 @@ def test_cache_hit_skips_training_and_returns_identical_weights(tmp_path):
     assert t_load < t_train
 
 
+def test_weights_do_not_depend_on_the_callers_thread_count():
+    """The recipe pins the training threads (float reductions differ between 1 and 2 threads), then restores them."""
+    from eraser.zoo.train import train
+
+    # The quick model's sizes (wide enough for torch to split reductions across threads), on tiny data.
+    recipe = Recipe.quick("llava", **{k: v for k, v in TINY.items() if k != "model"})
+    before = torch.get_num_threads()
+    try:
+        params = []
+        for caller_threads in (1, 2):
+            torch.set_num_threads(caller_threads)
+            model, _ = train(recipe, progress=False)
+            assert torch.get_num_threads() == caller_threads
+            params.append([p.detach().clone() for p in model.hf_model.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(*params))
+        other, _ = train(recipe.replace(threads=1), progress=False)
+        assert not all(torch.equal(a, b) for a, b in zip(params[0], other.hf_model.parameters()))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_interrupted_training_leaves_nothing_loadable(tmp_path, monkeypatch):
     import eraser.zoo.cache as cache
 

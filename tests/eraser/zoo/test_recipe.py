@@ -12,6 +12,7 @@ def test_hash_is_stable_and_sensitive():
     assert Recipe.from_json(r.to_json()) == r
     assert r.replace(lr=r.lr * 2).hash() != r.hash()
     assert r.replace(seed=1).hash() != r.hash()
+    assert r.replace(threads=1).hash() != r.hash()  # the thread count changes the trained weights
     assert Recipe.quick("qwen2_5_vl").hash() != r.hash()
     assert Recipe.default("llava").hash() != r.hash()
 
@@ -30,5 +31,7 @@ def test_bad_recipes_are_rejected():
         Recipe(oracle=True, forget_ratio=7)
     with pytest.raises(ValueError):
         Recipe(batch_size=0)
+    with pytest.raises(ValueError, match="threads"):
+        Recipe(threads=0)
     with pytest.raises(ValueError, match="unknown recipe field"):
         Recipe.from_dict({"arch": "llava", "learning_rate": 1.0})
