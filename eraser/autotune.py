@@ -200,7 +200,8 @@ def choose_gate(model: Any, stats: Any, val: dict[str, list[ValItem]], config: A
         items = val[split]
         if not items:
             raise ValueError(f"empty validation {split} split")
-        rows = list(iter_last_token(model, [i.image for i in items], [i.prompt for i in items], names, batch_size))
+        rows = list(iter_last_token(model, [i.image for i in items], [i.prompt for i in items], names, batch_size,
+                                    read=config.gate_read))
         acts[split] = torch.stack([torch.cat([r[n] for r in rows]).double() for n in names])  # [L, n, d]
     rows = score_gate_configs(stats, acts["forget"], acts["retain"], config, gammas, null_spaces)
     best = min(rows, key=lambda r: (r["score"], r["gamma"]))

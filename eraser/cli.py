@@ -20,7 +20,8 @@ from interp.io import write_json
 ARCHS = ("llava", "qwen2_5_vl")
 METHOD_SETS = {
     "vanilla": ["vanilla"],
-    "mllmeraser": ["vanilla", "mllmeraser", "mllmeraser_no_nullspace", "steer_static", "mllmeraser_text_only"],
+    "mllmeraser": ["vanilla", "mllmeraser", "mllmeraser_no_nullspace", "steer_static", "mllmeraser_text_only",
+                   "mllmeraser_mean_gate"],
 }
 
 
@@ -63,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("fit", help="fit MLLMEraser with the automatic strength and save the artifact")
     _common(fit)
     fit.add_argument("--variant", default="mllmeraser",
-                     choices=["mllmeraser", "mllmeraser_no_nullspace", "steer_static", "mllmeraser_text_only"])
+                     choices=["mllmeraser", "mllmeraser_no_nullspace", "steer_static", "mllmeraser_text_only",
+                              "mllmeraser_mean_gate"])
     fit.add_argument("--out", required=True)
     sw = sub.add_parser("sweep", help="layer x strength sweep of MLLMEraser (resumable JSONL) and its heatmap")
     _common(sw)

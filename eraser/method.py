@@ -56,7 +56,10 @@ class EraserConfig:
     ``layers`` None means every decoder layer except 0.  Exactly one of
     ``rho`` (null-space dimension as a fraction of d) or ``energy`` (retain
     energy the null space may hold) is used; ``energy`` wins when set.
-    ``use_null_space=False`` is the ablation with ``P = I``.
+    ``use_null_space=False`` is the ablation with ``P = I``.  ``gate_read`` is what the gate (and so
+    the forget/retain statistics) reads: ``"last"``, the paper's last prompt token, or ``"mean"``, the
+    mean over the prompt positions (an extension; see :func:`eraser.steer.gate_input`).  The erasure
+    direction is always taken at the last prompt token.
     """
 
     layers: tuple[int, ...] | None = None
@@ -68,10 +71,14 @@ class EraserConfig:
     use_null_space: bool = True
     every_step: bool = False
     batch_size: int = 32
+    gate_read: str = "last"
 
     def __post_init__(self) -> None:
         if self.site not in ("resid_pre", "resid_post"):
             raise ValueError(f"site must be 'resid_pre' or 'resid_post', got {self.site!r}")
+        if self.gate_read not in ("last", "mean"):
+            raise ValueError(f"gate_read must be 'last' (the paper's h_T) or 'mean' (over the prompt), "
+                             f"got {self.gate_read!r}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
 
@@ -136,7 +143,9 @@ class MLLMEraser:
 
         def stream(key: str):
             imgs, prompts = sets[key]
-            return iter_last_token(model, imgs, prompts, names, config.batch_size, progress=progress, desc=key)
+            read = config.gate_read if key in ("forget", "retain") else "last"
+            return iter_last_token(model, imgs, prompts, names, config.batch_size, progress=progress, desc=key,
+                                   read=read)
 
         means: dict[str, dict[str, Tensor]] = {}
         for key in ("recall", "erase"):
@@ -212,7 +221,8 @@ class MLLMEraser:
         for i, (l, lam) in enumerate(self._strengths(strength).items()):
             if lam == 0.0:
                 continue
-            fn = gated_hook(self.w[i], self.d[i], lam, every, record) if gated else static_hook(self.d[i], lam, every)
+            fn = (gated_hook(self.w[i], self.d[i], lam, every, record, read=self.config.gate_read) if gated
+                  else static_hook(self.d[i], lam, every))
             specs.append((self.config.hook_name(l), fn))
         return specs
 
@@ -230,7 +240,8 @@ class MLLMEraser:
         imgs, prompts = _split(queries, "diagnostic")
         names = [self.config.hook_name(l) for l in self.layers]
         rows = []
-        for batch in iter_last_token(model, imgs, prompts, names, batch_size or self.config.batch_size):
+        for batch in iter_last_token(model, imgs, prompts, names, batch_size or self.config.batch_size,
+                                     read=self.config.gate_read):
             rows.append(torch.stack([gate_score(batch[n], self.w[i]) for i, n in enumerate(names)], dim=1))
         return torch.cat(rows)
 

@@ -26,6 +26,8 @@ ERASER_VARIANTS: dict[str, dict[str, Any]] = {
     "mllmeraser_no_nullspace": {"use_null_space": False},
     "steer_static": {"gated": False},
     "mllmeraser_text_only": {"pgd": False},
+    # An extension, not the paper: the gate reads the mean over the prompt instead of the last token.
+    "mllmeraser_mean_gate": {"gate_read": "mean"},
 }
 
 
@@ -104,6 +106,8 @@ def fit_variant(setup: Setup, name: str = "mllmeraser", config: EraserConfig | N
     config = config or EraserConfig()
     if "use_null_space" in opts:
         config = replace(config, use_null_space=opts["use_null_space"])
+    if "gate_read" in opts:
+        config = replace(config, gate_read=opts["gate_read"])
     if opts.get("pgd", True) is False:
         pgd = None
     elif pgd is None:

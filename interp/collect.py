@@ -1,4 +1,4 @@
-"""Streaming activation collection at the last prompt token.
+"""Streaming activation collection at the last prompt token (or averaged over the prompt).
 
 Why streaming: fitting statistics (means, second moments) over thousands of
 queries must not hold every activation in memory, and at 7B scale one batch
@@ -19,6 +19,24 @@ from .model import HookedVLM
 from .names import NameFilter
 
 
+#: How a ``[batch, pos, d]`` activation becomes one ``[batch, d]`` row per query.
+READS = ("last", "mean")
+
+
+def prompt_positions(inputs, n_pos: int) -> Tensor:
+    """Bool ``[batch, pos]``: real prompt positions up to and including the last prompt token (no padding)."""
+    import torch
+
+    pos = torch.arange(n_pos, device=inputs.attention_mask.device)
+    return (pos[None, :] <= inputs.last_index[:, None].to(pos.device)) & inputs.attention_mask.bool()
+
+
+def prompt_mean(x: Float[Tensor, "batch pos d"], mask: Tensor) -> Float[Tensor, "batch d"]:
+    """Mean of ``x`` over the positions ``mask`` selects (image and text tokens alike), per row."""
+    m = mask.to(x.dtype)[..., None]
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
 def iter_last_token(
     model: HookedVLM,
     images: Sequence[RowImages],
@@ -28,8 +46,15 @@ def iter_last_token(
     hooks: HookSpec | None = None,
     progress: bool = False,
     desc: str = "activations",
+    read: str = "last",
 ) -> Iterator[dict[str, Float[Tensor, "batch d"]]]:
-    """Yield ``{name: [batch, d]}`` last-prompt-token activations, one batch at a time, in input order."""
+    """Yield ``{name: [batch, d]}`` activations, one batch at a time, in input order.
+
+    ``read="last"`` (default) takes the last prompt token; ``read="mean"`` the mean over every prompt
+    position (image and text tokens, padding excluded), still ``[batch, d]`` so streaming stays cheap.
+    """
+    if read not in READS:
+        raise ValueError(f"read must be one of {READS}, got {read!r}")
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
     if not prompts:
@@ -38,7 +63,11 @@ def iter_last_token(
     for s in tqdm(starts, desc=desc, disable=not progress, leave=False):
         inputs = model.encode(images=list(images[s:s + batch_size]), prompts=list(prompts[s:s + batch_size]))
         _, cache = model.run_with_cache(inputs, names=names, hooks=hooks)
-        yield {n: cache.last(n).float() for n in cache.names}
+        if read == "last":
+            yield {n: cache.last(n).float() for n in cache.names}
+        else:
+            yield {n: prompt_mean(cache[n].float(), prompt_positions(inputs, cache[n].shape[1]).to(cache[n].device))
+                   for n in cache.names}
 
 
 def last_token(model: HookedVLM, images: Sequence[RowImages], prompts: Sequence[str], names: NameFilter,

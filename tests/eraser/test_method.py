@@ -223,3 +223,53 @@ def test_scaled_gates_multiply_gate_values(fitted, tiny_llava):
         eraser.scaled([1.0, 0.0])
     with pytest.raises(ValueError, match="2 layers"):
         eraser.scaled([1.0])
+
+
+@pytest.fixture(scope="module")
+def fitted_mean(tiny_llava):
+    forget = _queries(12, 1, 100, text_only_every=0)
+    retain = _queries(60, 2, 200)
+    eraser = MLLMEraser.fit(tiny_llava, forget=forget, retain=retain, recall_pairs=_queries(6, 3, 300),
+                            erase_pairs=_queries(6, 4, 400),
+                            config=EraserConfig(rho=0.5, gamma=1e-3, strength=-4.0, batch_size=16, gate_read="mean"))
+    return eraser, forget, retain
+
+
+def test_mean_gate_reads_the_prompt_mean_and_backends_agree(fitted_mean, fitted, tiny_llava):
+    """gate_read="mean": the gate is w . mean over prompt positions (padding excluded), on both backends."""
+    from interp.collect import prompt_mean, prompt_positions
+
+    eraser, forget, retain = fitted_mean
+    assert eraser.config.gate_read == "mean"
+    # the direction is read at the last token either way: same recall/erase data, same direction
+    assert torch.allclose(eraser.d, fitted[0].d)
+    assert not torch.allclose(eraser.w, fitted[0].w)
+    imgs, prompts = zip(*(forget[:2] + retain[1:4]))  # mixed lengths and text-only rows: left padding
+    inputs = tiny_llava.encode(images=list(imgs), prompts=list(prompts))
+    name = "blocks.1.hook_resid_pre"
+    _, cache = tiny_llava.run_with_cache(inputs, names=[name])
+    h = cache[name]
+    mask = prompt_positions(inputs, h.shape[1])
+    assert not mask.all()  # there is padding to exclude
+    expected_g = prompt_mean(h.float(), mask) @ eraser.w[0].float()
+    record: list = []
+    tiny_llava.run_with_hooks(inputs, eraser.hooks(record=record))
+    got = {layer: g for layer, step, g in record if step == 0}
+    torch.testing.assert_close(got[1], expected_g, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eraser.gate_values(tiny_llava, list(zip(imgs, prompts)))[:, 0], expected_g,
+                               atol=1e-5, rtol=1e-5)
+    graph = tiny_llava.run_with_hooks(inputs, eraser.hooks())
+    with eraser.attached(tiny_llava, backend="torch"):
+        fast = tiny_llava.run_with_hooks(inputs, [])
+    assert torch.equal(graph, fast)
+    g_f = eraser.gate_values(tiny_llava, forget)
+    assert (g_f.mean(0) - 1).abs().max() < 0.15  # the ridge fit targets 1 on forget in the read it was fitted on
+
+
+def test_mean_gate_round_trips_and_bad_reads_are_rejected(fitted_mean, tmp_path, tiny_llava):
+    eraser, _, _ = fitted_mean
+    path = tmp_path / "mean.safetensors"
+    eraser.save(path)
+    assert MLLMEraser.load(path, tiny_llava).config.gate_read == "mean"
+    with pytest.raises(ValueError, match="gate_read"):
+        EraserConfig(gate_read="first")

@@ -1,0 +1,31 @@
+"""Streaming collection: last-token and prompt-mean rows equal what the full cache gives."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from interp.collect import iter_last_token, prompt_mean, prompt_positions
+from tests.conftest import random_image
+
+
+def test_prompt_mean_numbers():
+    x = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)
+    mask = torch.tensor([[False, True, True], [True, True, True]])
+    torch.testing.assert_close(prompt_mean(x, mask), torch.tensor([[3.0, 4.0], [8.0, 9.0]]))
+
+
+def test_streamed_rows_equal_the_cache(tiny_model):
+    images = [random_image(32, 0), None, random_image(32, 1)]
+    prompts = ["who is this person", "tell me the city", "what is the name of the person in the image"]
+    name = "blocks.1.hook_resid_pre"
+    inputs = tiny_model.encode(images=images, prompts=prompts)
+    _, cache = tiny_model.run_with_cache(inputs, names=[name])
+    mask = prompt_positions(inputs, cache[name].shape[1])
+    assert mask.sum(1).tolist() == (inputs.attention_mask.sum(1)).tolist()  # left padding only, no answers here
+    last = torch.cat([b[name] for b in iter_last_token(tiny_model, images, prompts, [name], batch_size=2)])
+    mean = torch.cat([b[name] for b in iter_last_token(tiny_model, images, prompts, [name], batch_size=3,
+                                                       read="mean")])
+    torch.testing.assert_close(last, cache.last(name).float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mean, prompt_mean(cache[name].float(), mask), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="read"):
+        next(iter_last_token(tiny_model, images, prompts, [name], read="max"))
