@@ -15,7 +15,7 @@ import pytest
 from eraser.cli import main
 
 BASELINES = ("ga", "grad_diff", "kl_min", "npo", "prompt")
-ERASERS = ("mllmeraser", "mllmeraser_no_nullspace", "steer_static", "mllmeraser_text_only")
+ERASERS = ("mllmeraser", "mllmeraser_no_nullspace", "steer_static", "mllmeraser_text_only", "mllmeraser_mean_gate")
 SPLITS = ("forget", "test", "retain", "celebrity")
 METRICS = ("cls_acc", "cloze_acc", "gen_rougeL", "gen_bleu", "refusal_rate", "gibberish_rate")
 FIGURES = ("tradeoff.png", "gates.png", "timing.png", "heatmap.png")
@@ -65,6 +65,12 @@ def test_demo_numbers_are_sane(runs):
     drop_retain = van["retain"]["gen_rougeL"] - ours["retain"]["gen_rougeL"]
     assert drop_forget > 0.2 and drop_forget > 2 * max(drop_retain, 0.0)
     assert ours["forget"]["refusal_rate"] > ours["retain"]["refusal_rate"]
+    # The mean-over-prompt gate (an extension) separates people far better in this 4-layer model: measured on the
+    # quick model, forget generation ROUGE-L 1.0 -> 0.0 and forget cls 1.0 -> 0.18 at retain cls -0.014.
+    mean = m["mllmeraser_mean_gate"]
+    assert van["forget"]["gen_rougeL"] - mean["forget"]["gen_rougeL"] > 0.5
+    assert van["forget"]["cls_acc"] - mean["forget"]["cls_acc"] > 0.5
+    assert van["retain"]["cls_acc"] - mean["retain"]["cls_acc"] <= 0.03
     # The eraser is a test-time method: no training, so fit time is only PGD + statistics.
     assert res["timing"]["mllmeraser"]["fit_s"] > 0
     sweep = [json.loads(line) for line in (runs[0][0] / "sweep.jsonl").read_text().splitlines() if line.strip()]
