@@ -17,11 +17,12 @@ from typing import Any
 
 from interp.io import write_json
 
+from .variants import ERASER_VARIANTS
+
 ARCHS = ("llava", "qwen2_5_vl")
 METHOD_SETS = {
     "vanilla": ["vanilla"],
-    "mllmeraser": ["vanilla", "mllmeraser", "mllmeraser_no_nullspace", "steer_static", "mllmeraser_text_only",
-                   "mllmeraser_mean_gate"],
+    "mllmeraser": ["vanilla", *ERASER_VARIANTS],
 }
 
 
@@ -64,8 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("fit", help="fit MLLMEraser with the automatic strength and save the artifact")
     _common(fit)
     fit.add_argument("--variant", default="mllmeraser",
-                     choices=["mllmeraser", "mllmeraser_no_nullspace", "steer_static", "mllmeraser_text_only",
-                              "mllmeraser_mean_gate"])
+                     choices=list(ERASER_VARIANTS))
     fit.add_argument("--out", required=True)
     sw = sub.add_parser("sweep", help="layer x strength sweep of MLLMEraser (resumable JSONL) and its heatmap")
     _common(sw)

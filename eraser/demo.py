@@ -22,7 +22,8 @@ from .backend import generate_fn
 from .diagnostics import gate_report
 from .evaluate import results_table, write_results
 from .pairs import queries
-from .pipeline import ERASER_VARIANTS, Setup, eraser_checks, evaluate_model, fit_variant, load_setup, memorisation_checks
+from .pipeline import Setup, eraser_checks, evaluate_model, fit_variant, load_setup, memorisation_checks
+from .variants import ERASER_VARIANTS
 
 SWEEP_STRENGTHS = (-0.1, -0.25, -0.5, -1.0, -2.0)
 

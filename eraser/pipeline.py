@@ -18,17 +18,8 @@ from .evaluate import answer_probs, evaluate_benchmark, evaluate_split, refusal_
 from .method import EraserConfig, MLLMEraser
 from .metrics import forget_quality
 from .pairs import fit_data
+from .variants import ERASER_VARIANTS, NOT_CONFIG
 from .zoo import Recipe, load_or_train
-
-#: MLLMEraser and its ablations, by the method names results.json uses.
-ERASER_VARIANTS: dict[str, dict[str, Any]] = {
-    "mllmeraser": {},
-    "mllmeraser_no_nullspace": {"use_null_space": False},
-    "steer_static": {"gated": False},
-    "mllmeraser_text_only": {"pgd": False},
-    # An extension, not the paper: the gate reads the mean over the prompt instead of the last token.
-    "mllmeraser_mean_gate": {"gate_read": "mean"},
-}
 
 
 @dataclass
@@ -104,10 +95,7 @@ def fit_variant(setup: Setup, name: str = "mllmeraser", config: EraserConfig | N
         raise ValueError(f"unknown variant {name!r}; choose one of {sorted(ERASER_VARIANTS)}")
     opts = ERASER_VARIANTS[name]
     config = config or EraserConfig()
-    if "use_null_space" in opts:
-        config = replace(config, use_null_space=opts["use_null_space"])
-    if "gate_read" in opts:
-        config = replace(config, gate_read=opts["gate_read"])
+    config = replace(config, **{k: v for k, v in opts.items() if k not in NOT_CONFIG})
     if opts.get("pgd", True) is False:
         pgd = None
     elif pgd is None:

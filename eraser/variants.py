@@ -1,0 +1,26 @@
+"""The MLLMEraser variants every command and the demo run: the method, its ablations, and one extension.
+
+Why a module of its own: the command line's choices (``eval --method
+mllmeraser``, ``fit --variant``), the pipeline that fits each variant and the
+demo all read this one table, so adding a variant is one line here.  A
+variant is a set of :class:`~eraser.method.EraserConfig` field changes plus
+two switches that are not config: ``pgd`` (False: clean recall images, the text-only direction) and
+``gated`` (False: static steering, the same direction on every input).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["ERASER_VARIANTS", "NOT_CONFIG"]
+
+ERASER_VARIANTS: dict[str, dict[str, Any]] = {
+    "mllmeraser": {},
+    "mllmeraser_no_nullspace": {"use_null_space": False},
+    "steer_static": {"gated": False},
+    "mllmeraser_text_only": {"pgd": False},
+    # An extension, not the paper: the gate reads the mean over the prompt instead of the last token.
+    "mllmeraser_mean_gate": {"gate_read": "mean"},
+}
+
+#: Variant switches that are not EraserConfig fields.
+NOT_CONFIG = ("pgd", "gated")
