@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from interp import HookedVLM
-from interp.collect import iter_last_token
+from interp.collect import READS, iter_last_token
 from interp.fingerprint import fingerprint_mismatch, model_fingerprint
 from interp.io import atomic_path
 
@@ -76,9 +76,8 @@ class EraserConfig:
     def __post_init__(self) -> None:
         if self.site not in ("resid_pre", "resid_post"):
             raise ValueError(f"site must be 'resid_pre' or 'resid_post', got {self.site!r}")
-        if self.gate_read not in ("last", "mean"):
-            raise ValueError(f"gate_read must be 'last' (the paper's h_T) or 'mean' (over the prompt), "
-                             f"got {self.gate_read!r}")
+        if self.gate_read not in READS:
+            raise ValueError(f"gate_read must be one of {READS} ('last' is the paper's h_T), got {self.gate_read!r}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
 

@@ -26,7 +26,8 @@ import random
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .data.mini import PRIVATE_ITEMS, REQUEST_TEMPLATES, forbidden_classification_prompt, forbidden_cloze_prompt
+from .data.mini import (PRIVATE_ITEMS, REFUSAL_FORMATS, REQUEST_TEMPLATES, forbidden_classification_prompt,
+                        forbidden_cloze_prompt)
 from .data.prompts import generation_prompt
 from .data.schema import Benchmark, GenerationQ, Profile
 from .evaluate import build_items
@@ -66,7 +67,8 @@ def retain_queries(bench: Benchmark, limit: int | None = None, seed: int = 0) ->
     return out
 
 
-PAIR_TASKS = ("generation", "classification", "cloze")
+#: The task formats pairs are built in: the same formats the model is trained to refuse in.
+PAIR_TASKS = REFUSAL_FORMATS
 
 
 def refused_prompts(tasks: Sequence[str] = PAIR_TASKS, seed: int = 0) -> list[str]:

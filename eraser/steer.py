@@ -15,7 +15,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from interp import HookContext
-from interp.collect import prompt_mean, prompt_positions
+from interp.collect import READS, prompt_mean, prompt_positions
 
 from .gate import gate_score
 
@@ -39,8 +39,11 @@ def last_token(x: Tensor, ctx: HookContext) -> Float[Tensor, "batch d"]:
     return x[torch.arange(x.shape[0], device=x.device), ctx.last_index.to(x.device)]
 
 
-def gate_input(x: Tensor, ctx: HookContext, read: str = "last") -> Float[Tensor, "batch d"]:
+def gate_input(x: Tensor, ctx: HookContext, read: str = "last",
+               mask: Bool[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch d"]:
     """What the gate reads at prefill: the last prompt token (the paper's h_T), or the mean over the prompt.
+
+    ``mask`` is :func:`prompt_mask` when the caller has it already (the hook needs it anyway).
 
     Why "mean" exists: in a shallow model the person's identity reaches the last prompt token only in
     the last layers, so a last-token gate at earlier layers cannot tell forget from retain; the
@@ -50,8 +53,8 @@ def gate_input(x: Tensor, ctx: HookContext, read: str = "last") -> Float[Tensor,
     if read == "last":
         return last_token(x, ctx)
     if read == "mean":
-        return prompt_mean(x, prompt_mask(x, ctx))
-    raise ValueError(f"gate read must be 'last' or 'mean', got {read!r}")
+        return prompt_mean(x, prompt_mask(x, ctx) if mask is None else mask)
+    raise ValueError(f"gate read must be one of {READS}, got {read!r}")
 
 
 def gated_hook(w: Tensor, direction: Tensor, strength: float, every_step: bool = False,
@@ -61,15 +64,15 @@ def gated_hook(w: Tensor, direction: Tensor, strength: float, every_step: bool =
     ``read`` is where the prefill gate reads its input (:func:`gate_input`); generated tokens, in the
     every-step mode, always read their own position.
     """
-    if read not in ("last", "mean"):
-        raise ValueError(f"gate read must be 'last' or 'mean', got {read!r}")
+    if read not in READS:
+        raise ValueError(f"gate read must be one of {READS}, got {read!r}")
     w = w.float()
     direction = direction.float()
 
     def hook(x: Tensor, ctx: HookContext) -> Tensor | None:
         if ctx.is_prefill:
             mask = prompt_mask(x, ctx)
-            g = gate_score(gate_input(x, ctx, read).float(), w.to(x.device))
+            g = gate_score(gate_input(x, ctx, read, mask).float(), w.to(x.device))
         elif every_step:
             g = gate_score(x[:, -1].float(), w.to(x.device))
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)

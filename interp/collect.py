@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence
 
+import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -25,8 +26,6 @@ READS = ("last", "mean")
 
 def prompt_positions(inputs, n_pos: int) -> Tensor:
     """Bool ``[batch, pos]``: real prompt positions up to and including the last prompt token (no padding)."""
-    import torch
-
     pos = torch.arange(n_pos, device=inputs.attention_mask.device)
     return (pos[None, :] <= inputs.last_index[:, None].to(pos.device)) & inputs.attention_mask.bool()
 
@@ -74,8 +73,6 @@ def last_token(model: HookedVLM, images: Sequence[RowImages], prompts: Sequence[
                batch_size: int = 32, hooks: HookSpec | None = None, progress: bool = False,
                desc: str = "activations") -> dict[str, Float[Tensor, "n d"]]:
     """All last-token activations stacked: ``{name: [n, d]}`` (for small sets; use :func:`iter_last_token` for large)."""
-    import torch
-
     out: dict[str, list[Tensor]] = {}
     for batch in iter_last_token(model, images, prompts, names, batch_size, hooks, progress, desc):
         for n, t in batch.items():
