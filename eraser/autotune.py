@@ -173,24 +173,71 @@ class GateChoice:
     #: per steered layer, 1 / mean forget gate on the validation split: rescaling ``w`` by it restores
     #: "g ~ 1 on forget" after the ridge's shrinkage, so one strength grid fits every gamma
     calibration: list[float] = field(default_factory=list)
+    #: the saturating window (lo, hi) on calibrated gates, when one was asked for and could be chosen
+    window: list[float] | None = None
+    window_reason: str = ""
 
     def config_changes(self) -> dict[str, Any]:
         ns = self.null_space
-        return {"gamma": self.gamma, "rho": ns.get("rho", 0.3), "energy": ns.get("energy")}
+        changes = {"gamma": self.gamma, "rho": ns.get("rho", 0.3), "energy": ns.get("energy")}
+        if self.window is not None:
+            changes["gate_window"] = tuple(self.window)
+        return changes
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+#: The automatic gate window: ``lo`` is this quantile of the retain validation gates (at most 1 % of
+#: retain queries are steered at all), but at least ``WINDOW_MIN_LO``; ``hi = WINDOW_RAMP * lo``; forget
+#: gates must clear ``lo`` at their quantile or no window is used.  Gates are calibrated (forget mean 1).
+WINDOW_QUANTILES = {"retain": 0.99, "forget": 0.10}
+WINDOW_RAMP = 2.0
+WINDOW_MIN_LO = 0.1
+
+
+def choose_window(g_forget: Float[Tensor, "..."], g_retain: Float[Tensor, "..."],
+                  retain_q: float = WINDOW_QUANTILES["retain"], forget_q: float = WINDOW_QUANTILES["forget"],
+                  ramp: float = WINDOW_RAMP, min_lo: float = WINDOW_MIN_LO) -> tuple[tuple[float, float] | None, str]:
+    """``((lo, hi), reason)`` from calibrated validation gate values (all layers pooled), or ``(None, reason)``.
+
+    ``lo`` is the retain gates' ``retain_q`` quantile: below it nothing is steered.  It is at least
+    ``min_lo`` (a tenth of the mean forget gate): when the null space holds the validation retain
+    queries almost exactly, their gates are ~0 and a window at ~0 would steer any unseen input with a
+    slightly positive gate at full strength.  ``hi = ramp * lo``: the few retain inputs just above ``lo``
+    get a fraction of the strength, not all of it.  Why not ``hi`` = a low forget quantile: on the quick
+    model that ramp (0.20 to 0.29) was so steep that the retain constraint held the strength at -0.75
+    and forget refusal at 0.55; with ``hi = 2 lo`` the same constraint allowed -1.5 and refusal 0.91,
+    retain accuracy unchanged (measured, seed 0, forget 5 %).  When the forget gates' ``forget_q``
+    quantile does not clear ``lo`` (the gate cannot separate the sets that well), no window is chosen
+    and the linear gate is kept: saturating an overlapping gate would steer retain inputs at full strength.
+    """
+    g_forget, g_retain = g_forget.flatten().double(), g_retain.flatten().double()
+    if g_forget.numel() == 0 or g_retain.numel() == 0:
+        raise ValueError("choose_window needs forget and retain gate values")
+    if ramp <= 1 or min_lo <= 0:
+        raise ValueError(f"need ramp > 1 and min_lo > 0, got ramp {ramp}, min_lo {min_lo}")
+    q = float(torch.quantile(g_retain, retain_q))
+    lo = max(q, min_lo)
+    f = float(torch.quantile(g_forget, forget_q))
+    rule = (f"lo = max(retain q{retain_q:g} = {q:.3f}, {min_lo:g}) = {lo:.3f}, hi = {ramp:g} lo; "
+            f"forget q{forget_q:g} = {f:.3f}")
+    if not f > lo:
+        return None, f"no window ({rule}): the sets overlap, the linear gate is kept"
+    return (lo, ramp * lo), rule
+
+
 def choose_gate(model: Any, stats: Any, val: dict[str, list[ValItem]], config: Any,
                 gammas: Sequence[float] = GAMMA_GRID, null_spaces: Sequence[dict[str, float]] = NULL_SPACE_GRID,
-                batch_size: int = 64) -> GateChoice:
+                batch_size: int = 64, window: bool = False) -> GateChoice:
     """Pick gamma and rho/energy that minimise the mean per-layer ``leak_ratio`` on the validation split.
 
     Why separation and not end-to-end generation: every candidate is a closed-form refit from
     ``stats`` (milliseconds), and its gate values on the validation activations (one model pass for all
     candidates) predict the retain damage per unit of forgetting directly; the strength is then chosen
     end to end by :func:`choose_strength`.  Ties go to the release's defaults' neighbourhood (smaller gamma).
+    With ``window``, the saturating gate window is then chosen on the calibrated gate values of the chosen
+    candidate (:func:`choose_window`; same activations, no further model pass).
     """
     from interp.collect import iter_last_token
 
@@ -206,8 +253,17 @@ def choose_gate(model: Any, stats: Any, val: dict[str, list[ValItem]], config: A
     rows = score_gate_configs(stats, acts["forget"], acts["retain"], config, gammas, null_spaces)
     best = min(rows, key=lambda r: (r["score"], r["gamma"]))
     calibration = [1.0 / p["forget_mean"] if p["forget_mean"] > 0 else 1.0 for p in best["layers"]]
-    return GateChoice(best["gamma"], best["null_space"], rows,
-                      "min mean per-layer rms(g_retain)/mean(g_forget) on the validation split", calibration)
+    choice = GateChoice(best["gamma"], best["null_space"], rows,
+                        "min mean per-layer rms(g_retain)/mean(g_forget) on the validation split", calibration)
+    if window:
+        from .stats import gates_from_stats
+
+        w, _ = gates_from_stats(stats, replace(config, **choice.config_changes()))
+        w = w.double() * torch.tensor(calibration, dtype=torch.float64)[:, None]
+        g = {k: torch.einsum("lnd,ld->ln", acts[k], w) for k in ("forget", "retain")}
+        win, choice.window_reason = choose_window(g["forget"], g["retain"])
+        choice.window = list(win) if win is not None else None
+    return choice
 
 
 def score_gate_configs(stats: Any, acts_forget: Float[Tensor, "n_layers n_f d"],

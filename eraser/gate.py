@@ -71,3 +71,19 @@ def release_steering_matrix(H_f: Float[Tensor, "n d"], P: Float[Tensor, "d d"], 
 def gate_score(h: Float[Tensor, "... d"], w: Float[Tensor, " d"]) -> Float[Tensor, "..."]:
     """``g(h) = w . h`` in the activations' dtype."""
     return h @ w.to(h.dtype)
+
+
+def window(g: Float[Tensor, "..."], lo: float, hi: float) -> Float[Tensor, "..."]:
+    """A saturating gate: 0 below ``lo``, 1 above ``hi``, linear in between (an extension, not the paper).
+
+    Why: the linear gate's value is proportional to how strongly an input reads as "forget", so a
+    forget question whose identity signal is weak (text-only, where the name is a few tokens of a long
+    prompt) gets a fraction of the steering an image question gets, and no single strength both
+    flips it to a refusal and spares retain inputs (measured on the quick model: forget text-only
+    gates 0.2-0.8, image gates 1.1-1.7, retain |g| <= 0.36).  Windowed, every input past ``hi`` gets
+    the full strength and every input under ``lo`` none.  METHOD.md asks whether a linear gate is
+    enough; this is the measured answer's tool.
+    """
+    if not hi > lo:
+        raise ValueError(f"a gate window needs lo < hi, got ({lo}, {hi})")
+    return ((g - lo) / (hi - lo)).clamp(0.0, 1.0)

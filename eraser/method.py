@@ -13,6 +13,7 @@ to vanilla.  Queries are ``(image_or_None, prompt)`` pairs.
 from __future__ import annotations
 
 import contextlib
+import math
 import hashlib
 import io
 import json
@@ -32,7 +33,7 @@ from interp.fingerprint import fingerprint_mismatch, model_fingerprint
 from interp.io import atomic_path
 
 from .direction import mean_difference
-from .gate import gate_score
+from .gate import gate_score, window
 from .nullspace import SecondMoment
 from .stats import FitStats, gates_from_stats
 from .steer import gated_hook, static_hook
@@ -59,7 +60,9 @@ class EraserConfig:
     ``use_null_space=False`` is the ablation with ``P = I``.  ``gate_read`` is what the gate (and so
     the forget/retain statistics) reads: ``"last"``, the paper's last prompt token, or ``"mean"``, the
     mean over the prompt positions (an extension; see :func:`eraser.steer.gate_input`).  The erasure
-    direction is always taken at the last prompt token.
+    direction is always taken at the last prompt token.  ``gate_window`` ``(lo, hi)``, when set, passes
+    the gate through :func:`eraser.gate.window` (0 below ``lo``, 1 above ``hi``): an extension, chosen
+    automatically by :func:`eraser.autotune.choose_window`; None is the paper's linear gate.
     """
 
     layers: tuple[int, ...] | None = None
@@ -72,6 +75,7 @@ class EraserConfig:
     every_step: bool = False
     batch_size: int = 32
     gate_read: str = "last"
+    gate_window: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.site not in ("resid_pre", "resid_post"):
@@ -80,6 +84,14 @@ class EraserConfig:
             raise ValueError(f"gate_read must be one of {READS} ('last' is the paper's h_T), got {self.gate_read!r}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if self.gate_window is not None:
+            try:
+                lo, hi = (float(x) for x in self.gate_window)  # also accepts the JSON list an artifact stores
+            except (TypeError, ValueError):
+                lo = hi = math.nan
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ValueError(f"gate_window must be two finite numbers lo < hi, got {self.gate_window!r}")
+            object.__setattr__(self, "gate_window", (lo, hi))
 
     def hook_name(self, layer: int) -> str:
         return f"blocks.{layer}.hook_{self.site}"
@@ -220,7 +232,8 @@ class MLLMEraser:
         for i, (l, lam) in enumerate(self._strengths(strength).items()):
             if lam == 0.0:
                 continue
-            fn = (gated_hook(self.w[i], self.d[i], lam, every, record, read=self.config.gate_read) if gated
+            fn = (gated_hook(self.w[i], self.d[i], lam, every, record, read=self.config.gate_read,
+                             window=self.config.gate_window) if gated
                   else static_hook(self.d[i], lam, every))
             specs.append((self.config.hook_name(l), fn))
         return specs
@@ -234,15 +247,22 @@ class MLLMEraser:
             yield model
 
     # -- diagnostics ------------------------------------------------------------
-    def gate_values(self, model: HookedVLM, queries: Sequence[Query], batch_size: int | None = None) -> Tensor:
-        """``[n_queries, n_layers]`` gate values on vanilla activations (what each layer's gate sees unsteered)."""
+    def gate_values(self, model: HookedVLM, queries: Sequence[Query], batch_size: int | None = None,
+                    raw: bool = False) -> Tensor:
+        """``[n_queries, n_layers]`` gate values on vanilla activations (what each layer's gate sees unsteered).
+
+        They pass through the config's ``gate_window`` (what steering applies) unless ``raw``.
+        """
         imgs, prompts = _split(queries, "diagnostic")
         names = [self.config.hook_name(l) for l in self.layers]
         rows = []
         for batch in iter_last_token(model, imgs, prompts, names, batch_size or self.config.batch_size,
                                      read=self.config.gate_read):
             rows.append(torch.stack([gate_score(batch[n], self.w[i]) for i, n in enumerate(names)], dim=1))
-        return torch.cat(rows)
+        g = torch.cat(rows)
+        if self.config.gate_window is not None and not raw:
+            g = window(g, *self.config.gate_window)
+        return g
 
     def check_model(self, model: HookedVLM) -> None:
         diffs = fingerprint_mismatch(self.fingerprint, model_fingerprint(model))

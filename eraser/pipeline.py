@@ -114,7 +114,8 @@ def fit_variant(setup: Setup, name: str = "mllmeraser", config: EraserConfig | N
         val, kind = validation_split(setup.bench, setup.source, seed=setup.recipe.seed)
         gate = None
         if opts.get("gated", True) and auto_gate:
-            gate = choose_gate(setup.model, stats, val, config, batch_size=setup.batch_size)
+            gate = choose_gate(setup.model, stats, val, config, batch_size=setup.batch_size,
+                               window=opts.get("window", False))
             eraser = MLLMEraser.from_stats(stats, replace(config, **gate.config_changes())).scaled(gate.calibration)
         selection = choose_strength(setup.model, eraser, val, grid=grid or DEFAULT_GRID,
                                     batch_size=setup.batch_size, validation=kind, progress=setup.progress,

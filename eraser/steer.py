@@ -18,6 +18,7 @@ from interp import HookContext
 from interp.collect import READS, prompt_mean, prompt_positions
 
 from .gate import gate_score
+from .gate import window as gate_window
 
 
 def scale(g: Float[Tensor, " batch"], strength: float) -> Float[Tensor, " batch"]:
@@ -58,11 +59,13 @@ def gate_input(x: Tensor, ctx: HookContext, read: str = "last",
 
 
 def gated_hook(w: Tensor, direction: Tensor, strength: float, every_step: bool = False,
-               record: list | None = None, read: str = "last") -> Callable[[Tensor, HookContext], Tensor | None]:
+               record: list | None = None, read: str = "last", window: tuple[float, float] | None = None
+               ) -> Callable[[Tensor, HookContext], Tensor | None]:
     """The hook for one layer.  ``record`` (optional) collects the gate values it computed, per call.
 
     ``read`` is where the prefill gate reads its input (:func:`gate_input`); generated tokens, in the
-    every-step mode, always read their own position.
+    every-step mode, always read their own position.  ``window`` ``(lo, hi)`` saturates the gate
+    (:func:`eraser.gate.window`); None keeps the paper's linear gate.
     """
     if read not in READS:
         raise ValueError(f"gate read must be one of {READS}, got {read!r}")
@@ -78,6 +81,8 @@ def gated_hook(w: Tensor, direction: Tensor, strength: float, every_step: bool =
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         else:
             return None
+        if window is not None:
+            g = gate_window(g, *window)
         if record is not None:
             record.append((ctx.layer, ctx.step, g.detach().cpu()))
         return add_direction(x, scale(g, strength).to(x.dtype), direction.to(x.device), mask)

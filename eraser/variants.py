@@ -4,8 +4,9 @@ Why a module of its own: the command line's choices (``eval --method
 mllmeraser``, ``fit --variant``), the pipeline that fits each variant and the
 demo all read this one table, so adding a variant is one line here.  A
 variant is a set of :class:`~eraser.method.EraserConfig` field changes plus
-two switches that are not config: ``pgd`` (False: clean recall images, the text-only direction) and
-``gated`` (False: static steering, the same direction on every input).
+three switches that are not config: ``pgd`` (False: clean recall images, the text-only direction),
+``gated`` (False: static steering, the same direction on every input) and ``window`` (True: a
+saturating gate window chosen on the validation split, :func:`eraser.autotune.choose_window`).
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ ERASER_VARIANTS: dict[str, dict[str, Any]] = {
     "mllmeraser_text_only": {"pgd": False},
     # An extension, not the paper: the gate reads the mean over the prompt instead of the last token.
     "mllmeraser_mean_gate": {"gate_read": "mean"},
+    # An extension: the mean gate, saturated by a window (0 under the retain gates' 99th percentile, 1 over twice it).
+    "mllmeraser_window_gate": {"gate_read": "mean", "window": True},
 }
 
 #: Variant switches that are not EraserConfig fields.
-NOT_CONFIG = ("pgd", "gated")
+NOT_CONFIG = ("pgd", "gated", "window")

@@ -1,6 +1,7 @@
 """Automatic settings: the gate-separation score and the choice of gamma / null space on synthetic statistics."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -84,3 +85,56 @@ def test_measure_generates_each_task_in_its_own_calls_and_keeps_order():
         assert len({int(p[1:]) % 2 for p in c}) == 1
     assert out["cls_acc"] == 1.0
     assert out["refusal_rate"] == pytest.approx(1 / 7)
+
+
+def test_choose_window_takes_the_retain_quantile_and_a_ramp_and_refuses_overlap():
+    from eraser.autotune import choose_window
+
+    g_retain = torch.linspace(-0.5, 0.5, 101)  # q0.99 = 0.49
+    g_forget = torch.linspace(0.6, 1.6, 11)  # q0.10 = 0.70
+    win, reason = choose_window(g_forget, g_retain)
+    assert win == pytest.approx((0.49, 0.98)) and "q0.99" in reason
+    win, _ = choose_window(g_forget[None].expand(3, -1), g_retain[None].expand(3, -1))  # layers pooled
+    assert win == pytest.approx((0.49, 0.98))
+    assert choose_window(g_forget, g_retain, ramp=3.0)[0] == pytest.approx((0.49, 1.47))
+    win, reason = choose_window(torch.linspace(0.0, 1.0, 11), g_retain)  # forget q0.1 = 0.1 < 0.49
+    assert win is None and "linear gate is kept" in reason
+    # retain gates ~0 (an in-sample null space): lo is floored at a tenth of the forget mean, not ~0
+    assert choose_window(g_forget, g_retain - 1.0)[0] == pytest.approx((0.1, 0.2))
+    with pytest.raises(ValueError, match="needs forget and retain"):
+        choose_window(torch.tensor([]), g_retain)
+    with pytest.raises(ValueError, match="ramp"):
+        choose_window(g_forget, g_retain, ramp=1.0)
+    with pytest.raises(ValueError, match="min_lo"):
+        choose_window(g_forget, g_retain, min_lo=0.0)
+
+
+def test_choose_gate_window_is_computed_on_the_calibrated_gates(tiny_llava):
+    """window=True: the window comes from the chosen, calibrated gate's values on the validation split."""
+    from eraser.autotune import ValItem, choose_gate, choose_window
+    from eraser.method import MLLMEraser
+    from tests.conftest import random_image
+
+    words = "who is the person in this image what name city job year hobby pet likes".split()
+    g = torch.Generator().manual_seed(0)
+
+    def queries(n, image_seed):
+        return [(random_image(32, image_seed + i % 3), " ".join(words[int(j)] for j in torch.randint(len(words), (6,), generator=g)))
+                for i in range(n)]
+
+    forget, retain = queries(12, 100), queries(40, 200)
+    cfg = EraserConfig(gate_read="mean", batch_size=16)
+    stats = MLLMEraser.collect_stats(tiny_llava, forget, retain, queries(4, 300), queries(4, 400), cfg)
+    val = {"forget": [ValItem(i, p, "x", "generation") for i, p in forget[:6]],
+           "retain": [ValItem(i, p, "x", "generation") for i, p in retain[:20]]}
+    choice = choose_gate(tiny_llava, stats, val, cfg, gammas=(1.0,), null_spaces=({"rho": 0.5},), window=True)
+    eraser = MLLMEraser.from_stats(stats, dataclasses.replace(cfg, **choice.config_changes())).scaled(choice.calibration)
+    g_f = eraser.gate_values(tiny_llava, [(v.image, v.prompt) for v in val["forget"]], raw=True)
+    g_r = eraser.gate_values(tiny_llava, [(v.image, v.prompt) for v in val["retain"]], raw=True)
+    assert g_f.mean(0) == pytest.approx(torch.ones(g_f.shape[1]), abs=1e-4)  # calibrated: forget mean 1 per layer
+    expected, reason = choose_window(g_f, g_r)
+    assert choice.window_reason == reason
+    assert expected == pytest.approx((0.1, 0.2))  # this null space holds the (in-sample) retain queries: floor
+    assert choice.window == pytest.approx(list(expected), abs=1e-4)
+    assert choice.config_changes()["gate_window"] == tuple(choice.window)
+    assert choose_gate(tiny_llava, stats, val, cfg, gammas=(1.0,), null_spaces=({"rho": 0.5},)).window is None

@@ -273,3 +273,40 @@ def test_mean_gate_round_trips_and_bad_reads_are_rejected(fitted_mean, tmp_path,
     assert MLLMEraser.load(path, tiny_llava).config.gate_read == "mean"
     with pytest.raises(ValueError, match="gate_read"):
         EraserConfig(gate_read="first")
+
+
+def test_gate_window_saturates_the_gate_on_both_backends(fitted, tiny_llava, tmp_path):
+    """gate_window (lo, hi): g -> clamp((g - lo) / (hi - lo), 0, 1) in the hooks and in gate_values."""
+    eraser, forget, retain = fitted
+    queries = forget[:2] + retain[1:4]
+    raw = eraser.gate_values(tiny_llava, queries)
+    lo, hi = float(raw.min()) + 0.25 * float(raw.max() - raw.min()), float(raw.max()) - 0.25 * float(raw.max() - raw.min())
+    win = eraser.with_config(gate_window=(lo, hi))
+    torch.testing.assert_close(win.gate_values(tiny_llava, queries), ((raw - lo) / (hi - lo)).clamp(0, 1))
+    torch.testing.assert_close(win.gate_values(tiny_llava, queries, raw=True), raw)
+    # what the hook applies at the first steered layer is the windowed value (later layers see steered inputs)
+    imgs, prompts = zip(*queries)
+    inputs = tiny_llava.encode(images=list(imgs), prompts=list(prompts))
+    record: list = []
+    graph = tiny_llava.run_with_hooks(inputs, win.hooks(record=record))
+    got = {layer: g for layer, step, g in record if step == 0}
+    torch.testing.assert_close(got[1], ((raw[:, 0] - lo) / (hi - lo)).clamp(0, 1), atol=1e-5, rtol=1e-5)
+    assert ((got[1] == 0) | (got[1] == 1)).any()  # some inputs sit outside the window
+    with win.attached(tiny_llava, backend="torch"):
+        assert torch.equal(tiny_llava.run_with_hooks(inputs, []), graph)
+    # a window above every gate value steers nothing: outputs are vanilla bit for bit
+    off = eraser.with_config(gate_window=(float(raw.max()) + 1, float(raw.max()) + 2))
+    assert torch.equal(tiny_llava.run_with_hooks(inputs, off.hooks()), tiny_llava.run_with_hooks(inputs, []))
+    # a window below every gate value is static steering
+    on = eraser.with_config(gate_window=(float(raw.min()) - 2, float(raw.min()) - 1))
+    assert torch.allclose(tiny_llava.run_with_hooks(inputs, on.hooks(strength=-1.0)),
+                          tiny_llava.run_with_hooks(inputs, eraser.hooks(strength=-1.0, gated=False)), atol=1e-5)
+    path = win.save(tmp_path / "win.safetensors")
+    assert MLLMEraser.load(path, tiny_llava).config.gate_window == (lo, hi)
+
+
+def test_bad_gate_windows_are_rejected():
+    assert EraserConfig(gate_window=[0.1, 0.3]).gate_window == (0.1, 0.3)  # JSON lists become tuples
+    for bad in [(0.3, 0.1), (0.2, 0.2), (0.1, float("nan")), (0.1,), "ab", (0.1, 0.2, 0.3)]:
+        with pytest.raises(ValueError, match="gate_window"):
+            EraserConfig(gate_window=bad)

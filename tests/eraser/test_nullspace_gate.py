@@ -119,3 +119,12 @@ def test_gate_from_streaming_moments_equals_direct_fit():
         acc.update(chunk)
         s += chunk.sum(0)
     assert torch.allclose(fit_gate_from_moments(acc.K, s, P, 0.1), fit_gate(H_f, P, 0.1), atol=1e-9)
+
+
+def test_gate_window_numbers():
+    from eraser.gate import window
+
+    g = torch.tensor([-1.0, 0.2, 0.3, 0.35, 0.4, 2.0])
+    assert torch.allclose(window(g, 0.2, 0.4), torch.tensor([0.0, 0.0, 0.5, 0.75, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="lo < hi"):
+        window(g, 0.4, 0.4)
