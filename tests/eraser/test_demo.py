@@ -15,7 +15,8 @@ import pytest
 from eraser.cli import main
 
 BASELINES = ("ga", "grad_diff", "kl_min", "npo", "prompt")
-ERASERS = ("mllmeraser", "mllmeraser_no_nullspace", "steer_static", "mllmeraser_text_only", "mllmeraser_mean_gate")
+ERASERS = ("mllmeraser", "mllmeraser_no_nullspace", "steer_static", "mllmeraser_text_only", "mllmeraser_mean_gate",
+           "mllmeraser_window_gate")
 SPLITS = ("forget", "test", "retain", "celebrity")
 METRICS = ("cls_acc", "cloze_acc", "gen_rougeL", "gen_bleu", "refusal_rate", "gibberish_rate")
 FIGURES = ("tradeoff.png", "gates.png", "timing.png", "heatmap.png")
@@ -71,6 +72,14 @@ def test_demo_numbers_are_sane(runs):
     assert van["forget"]["gen_rougeL"] - mean["forget"]["gen_rougeL"] > 0.5
     assert van["forget"]["cls_acc"] - mean["forget"]["cls_acc"] > 0.5
     assert van["retain"]["cls_acc"] - mean["retain"]["cls_acc"] <= 0.03
+    # The mean gate saturated by the automatic window (an extension) meets the method issue's bar on this model.
+    win = m["mllmeraser_window_gate"]
+    assert win["forget"]["cls_acc"] <= 0.05 and win["forget"]["gen_rougeL"] <= 0.2
+    assert win["forget"]["refusal_rate"] >= 0.9 and win["test"]["cls_acc"] <= 0.15
+    for split in ("retain", "celebrity"):
+        assert van[split]["cls_acc"] - win[split]["cls_acc"] <= 0.03, split
+        assert win[split]["gibberish_rate"] <= 0.02, split
+    assert res["config"]["selection"]["mllmeraser_window_gate"]["gate"]["window"] is not None
     # The eraser is a test-time method: no training, so fit time is only PGD + statistics.
     assert res["timing"]["mllmeraser"]["fit_s"] > 0
     sweep = [json.loads(line) for line in (runs[0][0] / "sweep.jsonl").read_text().splitlines() if line.strip()]
