@@ -236,8 +236,9 @@ def choose_gate(model: Any, stats: Any, val: dict[str, list[ValItem]], config: A
     ``stats`` (milliseconds), and its gate values on the validation activations (one model pass for all
     candidates) predict the retain damage per unit of forgetting directly; the strength is then chosen
     end to end by :func:`choose_strength`.  Ties go to the release's defaults' neighbourhood (smaller gamma).
-    With ``window``, the saturating gate window is then chosen on the calibrated gate values of the chosen
-    candidate (:func:`choose_window`; same activations, no further model pass).
+    With ``window``, the candidate is chosen by :func:`tail_margin` instead (a window needs separated
+    tails, not a small rms), and the window itself on the calibrated gate values of that candidate
+    (:func:`choose_window`; same activations, no further model pass).
     """
     from interp.collect import iter_last_token
 
@@ -251,10 +252,14 @@ def choose_gate(model: Any, stats: Any, val: dict[str, list[ValItem]], config: A
                                     read=config.gate_read))
         acts[split] = torch.stack([torch.cat([r[n] for r in rows]).double() for n in names])  # [L, n, d]
     rows = score_gate_configs(stats, acts["forget"], acts["retain"], config, gammas, null_spaces)
-    best = min(rows, key=lambda r: (r["score"], r["gamma"]))
+    if window:
+        best = max(rows, key=lambda r: (r["tail_margin"], -r["gamma"]))
+        reason = "max tail margin forget q0.1 / retain q0.99 of the calibrated gates on the validation split"
+    else:
+        best = min(rows, key=lambda r: (r["score"], r["gamma"]))
+        reason = "min mean per-layer rms(g_retain)/mean(g_forget) on the validation split"
     calibration = [1.0 / p["forget_mean"] if p["forget_mean"] > 0 else 1.0 for p in best["layers"]]
-    choice = GateChoice(best["gamma"], best["null_space"], rows,
-                        "min mean per-layer rms(g_retain)/mean(g_forget) on the validation split", calibration)
+    choice = GateChoice(best["gamma"], best["null_space"], rows, reason, calibration)
     if window:
         from .stats import gates_from_stats
 
@@ -280,9 +285,29 @@ def score_gate_configs(stats: Any, acts_forget: Float[Tensor, "n_layers n_f d"],
         for gamma in gammas:
             cand = replace(config, gamma=gamma, rho=ns.get("rho", config.rho), energy=ns.get("energy"))
             w, infos = gates_from_stats(stats, cand, projectors)
-            per_layer = [separation(acts_forget[i].double() @ w[i], acts_retain[i].double() @ w[i])
-                         for i in range(w.shape[0])]
+            g_f = torch.stack([acts_forget[i].double() @ w[i] for i in range(w.shape[0])])
+            g_r = torch.stack([acts_retain[i].double() @ w[i] for i in range(w.shape[0])])
+            per_layer = [separation(g_f[i], g_r[i]) for i in range(w.shape[0])]
             score = sum(p["leak_ratio"] for p in per_layer) / len(per_layer)
             rows.append({"gamma": gamma, "null_space": dict(ns), "score": score, "layers": per_layer,
-                         "ranks": [i["rank"] for i in infos], "leaks": [i["leak"] for i in infos]})
+                         "tail_margin": tail_margin(g_f, g_r), "ranks": [i["rank"] for i in infos],
+                         "leaks": [i["leak"] for i in infos]})
     return rows
+
+
+def tail_margin(g_forget: Float[Tensor, "n_layers n_f"], g_retain: Float[Tensor, "n_layers n_r"]) -> float:
+    """What a gate window needs: the forget gates' low tail over the retain gates' high tail, calibrated.
+
+    Each layer's gates are divided by its mean forget gate (the calibration steering applies), then
+    pooled: ``quantile(forget, 0.10) / max(quantile(retain, 0.99), WINDOW_MIN_LO)`` with the
+    quantiles of :func:`choose_window`.  Above 1, a window exists that steers >= 90 % of the forget
+    queries and <= 1 % of the retain ones.  Why not the leak ratio: it scores the bulk (rms), and a
+    window lives or dies by the tails; at forget 10 % the leak-ratio choice (gamma 1000) overlapped
+    (0.24 vs 0.28) where gamma 1 separated (0.74 vs 0.51) (measured on the quick model).
+    """
+    mf = g_forget.mean(1, keepdim=True)
+    if (mf <= 0).any():
+        return 0.0
+    f = float(torch.quantile((g_forget / mf).flatten(), WINDOW_QUANTILES["forget"]))
+    r = float(torch.quantile((g_retain / mf).flatten(), WINDOW_QUANTILES["retain"]))
+    return f / max(r, WINDOW_MIN_LO)

@@ -138,3 +138,14 @@ def test_choose_gate_window_is_computed_on_the_calibrated_gates(tiny_llava):
     assert choice.window == pytest.approx(list(expected), abs=1e-4)
     assert choice.config_changes()["gate_window"] == tuple(choice.window)
     assert choose_gate(tiny_llava, stats, val, cfg, gammas=(1.0,), null_spaces=({"rho": 0.5},)).window is None
+
+
+def test_tail_margin_compares_calibrated_tails():
+    from eraser.autotune import tail_margin
+
+    f = torch.stack([torch.linspace(0.5, 1.5, 11), 2 * torch.linspace(0.5, 1.5, 11)])  # layer 2 = 2x layer 1
+    r = torch.stack([torch.linspace(-0.3, 0.3, 101), 2 * torch.linspace(-0.3, 0.3, 101)])
+    # calibrated, both layers are the same: forget q0.1 = 0.6, retain q0.99 = 0.294
+    assert tail_margin(f, r) == pytest.approx(0.6 / 0.294, rel=1e-4)
+    assert tail_margin(f, r * 0.01) == pytest.approx(0.6 / 0.1, rel=1e-4)  # retain tail floored at 0.1
+    assert tail_margin(-f, r) == 0.0  # forget gates not positive: no window can work
