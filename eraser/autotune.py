@@ -208,7 +208,7 @@ def choose_window(g_forget: Float[Tensor, "..."], g_retain: Float[Tensor, "..."]
     get a fraction of the strength, not all of it.  Why not ``hi`` = a low forget quantile: on the quick
     model that ramp (0.20 to 0.29) was so steep that the retain constraint held the strength at -0.75
     and forget refusal at 0.55; with ``hi = 2 lo`` the same constraint allowed -1.5 and refusal 0.91,
-    retain accuracy unchanged (measured, seed 0, forget 5 %).  When the forget gates' ``forget_q``
+    retain accuracy unchanged (measured, seed 0, forget 5 %, gamma chosen by leak ratio).  When the forget gates' ``forget_q``
     quantile does not clear ``lo`` (the gate cannot separate the sets that well), no window is chosen
     and the linear gate is kept: saturating an overlapping gate would steer retain inputs at full strength.
     """
