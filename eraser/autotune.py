@@ -208,23 +208,40 @@ def choose_window(g_forget: Float[Tensor, "..."], g_retain: Float[Tensor, "..."]
     get a fraction of the strength, not all of it.  Why not ``hi`` = a low forget quantile: on the quick
     model that ramp (0.20 to 0.29) was so steep that the retain constraint held the strength at -0.75
     and forget refusal at 0.55; with ``hi = 2 lo`` the same constraint allowed -1.5 and refusal 0.91,
-    retain accuracy unchanged (measured, seed 0, forget 5 %, gamma chosen by leak ratio).  When the forget gates' ``forget_q``
-    quantile does not clear ``lo`` (the gate cannot separate the sets that well), no window is chosen
+    retain accuracy unchanged (measured, seed 0, forget 5 %, gamma chosen by leak ratio).  When the
+    forget gates' ``forget_q`` quantile does not clear ``lo`` (the gate cannot separate the sets that well), no window is chosen
     and the linear gate is kept: saturating an overlapping gate would steer retain inputs at full strength.
     """
-    g_forget, g_retain = g_forget.flatten().double(), g_retain.flatten().double()
-    if g_forget.numel() == 0 or g_retain.numel() == 0:
-        raise ValueError("choose_window needs forget and retain gate values")
-    if ramp <= 1 or min_lo <= 0:
-        raise ValueError(f"need ramp > 1 and min_lo > 0, got ramp {ramp}, min_lo {min_lo}")
-    q = float(torch.quantile(g_retain, retain_q))
-    lo = max(q, min_lo)
-    f = float(torch.quantile(g_forget, forget_q))
+    if ramp <= 1:
+        raise ValueError(f"ramp must be > 1, got {ramp}")
+    q, lo, f = _tails(g_forget, g_retain, retain_q, forget_q, min_lo)
     rule = (f"lo = max(retain q{retain_q:g} = {q:.3f}, {min_lo:g}) = {lo:.3f}, hi = {ramp:g} lo; "
             f"forget q{forget_q:g} = {f:.3f}")
     if not f > lo:
         return None, f"no window ({rule}): the sets overlap, the linear gate is kept"
     return (lo, ramp * lo), rule
+
+
+def _tails(g_forget: Tensor, g_retain: Tensor, retain_q: float, forget_q: float, min_lo: float
+           ) -> tuple[float, float, float]:
+    """``(retain quantile, lo = max(it, min_lo), forget quantile)`` over all values pooled."""
+    g_forget, g_retain = g_forget.flatten().double(), g_retain.flatten().double()
+    if g_forget.numel() == 0 or g_retain.numel() == 0:
+        raise ValueError("choose_window needs forget and retain gate values")
+    if min_lo <= 0:
+        raise ValueError(f"min_lo must be > 0, got {min_lo}")
+    q = float(torch.quantile(g_retain, retain_q))
+    return q, max(q, min_lo), float(torch.quantile(g_forget, forget_q))
+
+
+def calibrated(g_forget: Float[Tensor, "n_layers n_f"], g_retain: Float[Tensor, "n_layers n_r"]
+               ) -> tuple[Tensor, Tensor] | None:
+    """Both divided, per layer, by the mean forget gate (the calibration steering applies); None when a layer's
+    forget gates are not positive on average (no calibration, and no window, can make that gate fire on forget)."""
+    mf = g_forget.mean(1, keepdim=True)
+    if (mf <= 0).any():
+        return None
+    return g_forget / mf, g_retain / mf
 
 
 def choose_gate(model: Any, stats: Any, val: dict[str, list[ValItem]], config: Any,
@@ -260,14 +277,8 @@ def choose_gate(model: Any, stats: Any, val: dict[str, list[ValItem]], config: A
         reason = "min mean per-layer rms(g_retain)/mean(g_forget) on the validation split"
     calibration = [1.0 / p["forget_mean"] if p["forget_mean"] > 0 else 1.0 for p in best["layers"]]
     choice = GateChoice(best["gamma"], best["null_space"], rows, reason, calibration)
-    if window:
-        from .stats import gates_from_stats
-
-        w, _ = gates_from_stats(stats, replace(config, **choice.config_changes()))
-        w = w.double() * torch.tensor(calibration, dtype=torch.float64)[:, None]
-        g = {k: torch.einsum("lnd,ld->ln", acts[k], w) for k in ("forget", "retain")}
-        win, choice.window_reason = choose_window(g["forget"], g["retain"])
-        choice.window = list(win) if win is not None else None
+    if window:  # every candidate's window is already in its row (score_gate_configs): no refit
+        choice.window, choice.window_reason = best["window"], best["window_reason"]
     return choice
 
 
@@ -289,8 +300,11 @@ def score_gate_configs(stats: Any, acts_forget: Float[Tensor, "n_layers n_f d"],
             g_r = torch.stack([acts_retain[i].double() @ w[i] for i in range(w.shape[0])])
             per_layer = [separation(g_f[i], g_r[i]) for i in range(w.shape[0])]
             score = sum(p["leak_ratio"] for p in per_layer) / len(per_layer)
+            cal = calibrated(g_f, g_r)
+            win, why = choose_window(*cal) if cal else (None, "no window: forget gates are not positive on average")
             rows.append({"gamma": gamma, "null_space": dict(ns), "score": score, "layers": per_layer,
-                         "tail_margin": tail_margin(g_f, g_r), "ranks": [i["rank"] for i in infos],
+                         "tail_margin": tail_margin(g_f, g_r), "window": list(win) if win else None,
+                         "window_reason": why, "ranks": [i["rank"] for i in infos],
                          "leaks": [i["leak"] for i in infos]})
     return rows
 
@@ -305,9 +319,8 @@ def tail_margin(g_forget: Float[Tensor, "n_layers n_f"], g_retain: Float[Tensor,
     window lives or dies by the tails; at forget 10 % the leak-ratio choice (gamma 1000) overlapped
     (0.24 vs 0.28) where gamma 1 separated (0.74 vs 0.51) (measured on the quick model).
     """
-    mf = g_forget.mean(1, keepdim=True)
-    if (mf <= 0).any():
+    cal = calibrated(g_forget, g_retain)
+    if cal is None:
         return 0.0
-    f = float(torch.quantile((g_forget / mf).flatten(), WINDOW_QUANTILES["forget"]))
-    r = float(torch.quantile((g_retain / mf).flatten(), WINDOW_QUANTILES["retain"]))
-    return f / max(r, WINDOW_MIN_LO)
+    _, lo, f = _tails(*cal, WINDOW_QUANTILES["retain"], WINDOW_QUANTILES["forget"], WINDOW_MIN_LO)
+    return f / lo

@@ -13,10 +13,10 @@ to vanilla.  Queries are ``(image_or_None, prompt)`` pairs.
 from __future__ import annotations
 
 import contextlib
-import math
 import hashlib
 import io
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path

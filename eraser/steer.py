@@ -17,8 +17,7 @@ from torch import Tensor
 from interp import HookContext
 from interp.collect import READS, prompt_mean, prompt_positions
 
-from .gate import gate_score
-from .gate import window as gate_window
+from .gate import gate_score, window as gate_window
 
 
 def scale(g: Float[Tensor, " batch"], strength: float) -> Float[Tensor, " batch"]:

@@ -103,7 +103,7 @@ def test_choose_window_takes_the_retain_quantile_and_a_ramp_and_refuses_overlap(
     assert choose_window(g_forget, g_retain - 1.0)[0] == pytest.approx((0.1, 0.2))
     with pytest.raises(ValueError, match="needs forget and retain"):
         choose_window(torch.tensor([]), g_retain)
-    with pytest.raises(ValueError, match="ramp"):
+    with pytest.raises(ValueError, match="ramp must be > 1"):
         choose_window(g_forget, g_retain, ramp=1.0)
     with pytest.raises(ValueError, match="min_lo"):
         choose_window(g_forget, g_retain, min_lo=0.0)
