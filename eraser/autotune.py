@@ -44,13 +44,14 @@ class ValItem:
     prompt: str
     reference: str
     task: str  # "classification" | "generation"
+    subject: str | None = None  # the profile asked about (per-concept gates calibrate on it)
 
 
 def _from_requests(reqs) -> list[ValItem]:
     out = []
     for r in reqs:
         task = "classification" if r.prompt.endswith(CLASSIFICATION_SUFFIX) else "generation"
-        out.append(ValItem(r.image, r.prompt, r.answer, task))
+        out.append(ValItem(r.image, r.prompt, r.answer, task, getattr(r, "subject", None)))
     return out
 
 
@@ -67,7 +68,7 @@ def validation_split(bench: Benchmark, source: Any = None, n_retain_profiles: in
             "retain": _from_requests(source.training_examples(retain, rng, tasks=tasks, augment=False)),
         }
         return split, "fresh-questions"
-    split = {k: [ValItem(i.image, i.prompt, i.reference, i.task) for i in build_items(v, tasks=tasks)]
+    split = {k: [ValItem(i.image, i.prompt, i.reference, i.task, i.profile_id) for i in build_items(v, tasks=tasks)]
              for k, v in (("forget", bench.forget), ("retain", retain))}
     return split, "eval-subset"
 
@@ -171,8 +172,9 @@ class GateChoice:
     candidates: list[dict[str, Any]] = field(default_factory=list)
     reason: str = ""
     #: per steered layer, 1 / mean forget gate on the validation split: rescaling ``w`` by it restores
-    #: "g ~ 1 on forget" after the ridge's shrinkage, so one strength grid fits every gamma
-    calibration: list[float] = field(default_factory=list)
+    #: "g ~ 1 on forget" after the ridge's shrinkage, so one strength grid fits every gamma; with
+    #: per-concept gates, one factor per layer and concept (1 / mean of that concept's gate on its own questions)
+    calibration: list[float] | list[list[float]] = field(default_factory=list)
     #: the saturating window (lo, hi) on calibrated gates, when one was asked for and could be chosen
     window: list[float] | None = None
     window_reason: str = ""
@@ -244,6 +246,18 @@ def calibrated(g_forget: Float[Tensor, "n_layers n_f"], g_retain: Float[Tensor, 
     return g_forget / mf, g_retain / mf
 
 
+def _concept_index(stats: Any, config: Any, items: Sequence[ValItem]) -> Tensor:
+    """Each validation forget item's concept index (all 0 for the rank-one gate)."""
+    if not getattr(config, "concept_gates", False):
+        return torch.zeros(len(items), dtype=torch.long)
+    names = list(stats.concepts)
+    missing = sorted({str(i.subject) for i in items if i.subject not in names})
+    if missing:
+        raise ValueError(f"per-concept gates: validation forget items about {missing} are not among the fitted "
+                         f"concepts {names} (every item needs the subject it is about)")
+    return torch.tensor([names.index(i.subject) for i in items])
+
+
 def choose_gate(model: Any, stats: Any, val: dict[str, list[ValItem]], config: Any,
                 gammas: Sequence[float] = GAMMA_GRID, null_spaces: Sequence[dict[str, float]] = NULL_SPACE_GRID,
                 batch_size: int = 64, window: bool = False) -> GateChoice:
@@ -255,7 +269,9 @@ def choose_gate(model: Any, stats: Any, val: dict[str, list[ValItem]], config: A
     end to end by :func:`choose_strength`.  Ties go to the release's defaults' neighbourhood (smaller gamma).
     With ``window``, the candidate is chosen by :func:`tail_margin` instead (a window needs separated
     tails, not a small rms), and the window itself on the calibrated gate values of that candidate
-    (:func:`choose_window`; same activations, no further model pass).
+    (:func:`choose_window`; same activations, no further model pass).  With ``config.concept_gates``
+    each concept's gate is calibrated on the validation questions about that concept
+    (:func:`concept_calibration`) and every score reads their maximum (:func:`combined_gates`).
     """
     from interp.collect import iter_last_token
 
@@ -268,15 +284,15 @@ def choose_gate(model: Any, stats: Any, val: dict[str, list[ValItem]], config: A
         rows = list(iter_last_token(model, [i.image for i in items], [i.prompt for i in items], names, batch_size,
                                     read=config.gate_read))
         acts[split] = torch.stack([torch.cat([r[n] for r in rows]).double() for n in names])  # [L, n, d]
-    rows = score_gate_configs(stats, acts["forget"], acts["retain"], config, gammas, null_spaces)
+    rows = score_gate_configs(stats, acts["forget"], acts["retain"], config, gammas, null_spaces,
+                              concept=_concept_index(stats, config, val["forget"]))
     if window:
         best = max(rows, key=lambda r: (r["tail_margin"], -r["gamma"]))
         reason = "max tail margin forget q0.1 / retain q0.99 of the calibrated gates on the validation split"
     else:
         best = min(rows, key=lambda r: (r["score"], r["gamma"]))
         reason = "min mean per-layer rms(g_retain)/mean(g_forget) on the validation split"
-    calibration = [1.0 / p["forget_mean"] if p["forget_mean"] > 0 else 1.0 for p in best["layers"]]
-    choice = GateChoice(best["gamma"], best["null_space"], rows, reason, calibration)
+    choice = GateChoice(best["gamma"], best["null_space"], rows, reason, best["calibration"])
     if window:  # every candidate's window is already in its row (score_gate_configs): no refit
         choice.window, choice.window_reason = best["window"], best["window_reason"]
     return choice
@@ -285,9 +301,19 @@ def choose_gate(model: Any, stats: Any, val: dict[str, list[ValItem]], config: A
 def score_gate_configs(stats: Any, acts_forget: Float[Tensor, "n_layers n_f d"],
                        acts_retain: Float[Tensor, "n_layers n_r d"], config: Any,
                        gammas: Sequence[float] = GAMMA_GRID,
-                       null_spaces: Sequence[dict[str, float]] = NULL_SPACE_GRID) -> list[dict[str, Any]]:
-    """Every (null-space rule, gamma) candidate refitted from ``stats`` and scored on validation activations."""
+                       null_spaces: Sequence[dict[str, float]] = NULL_SPACE_GRID,
+                       concept: Tensor | None = None) -> list[dict[str, Any]]:
+    """Every (null-space rule, gamma) candidate refitted from ``stats`` and scored on validation activations.
+
+    Scores read calibrated gates (:func:`concept_calibration`, then :func:`combined_gates`); each row
+    keeps its ``calibration`` (per layer; per layer and concept with ``config.concept_gates``).
+    ``concept`` is each forget activation's concept index (default: all 0, the rank-one gate).
+    """
     from .stats import gates_from_stats, projectors_from_stats
+
+    if concept is None:
+        concept = torch.zeros(acts_forget.shape[1], dtype=torch.long)
+    per_concept = getattr(config, "concept_gates", False)
 
     rows: list[dict[str, Any]] = []
     spaces = list(null_spaces) if config.use_null_space else [{"rho": 1.0}]
@@ -296,14 +322,17 @@ def score_gate_configs(stats: Any, acts_forget: Float[Tensor, "n_layers n_f d"],
         for gamma in gammas:
             cand = replace(config, gamma=gamma, rho=ns.get("rho", config.rho), energy=ns.get("energy"))
             w, infos = gates_from_stats(stats, cand, projectors)
-            g_f = torch.stack([acts_forget[i].double() @ w[i] for i in range(w.shape[0])])
-            g_r = torch.stack([acts_retain[i].double() @ w[i] for i in range(w.shape[0])])
+            W = w.double() if w.ndim == 3 else w.double()[:, None]  # [L, C, d]
+            raw_f = torch.einsum("lnd,lcd->lnc", acts_forget.double(), W)
+            factors, ok = concept_calibration(raw_f, concept)
+            g_f = combined_gates(raw_f, factors)
+            g_r = combined_gates(torch.einsum("lnd,lcd->lnc", acts_retain.double(), W), factors)
             per_layer = [separation(g_f[i], g_r[i]) for i in range(w.shape[0])]
             score = sum(p["leak_ratio"] for p in per_layer) / len(per_layer)
-            cal = calibrated(g_f, g_r)
-            win, why = choose_window(*cal) if cal else (None, "no window: forget gates are not positive on average")
+            win, why = choose_window(g_f, g_r) if ok else (None, "no window: forget gates are not positive on average")
             rows.append({"gamma": gamma, "null_space": dict(ns), "score": score, "layers": per_layer,
-                         "tail_margin": tail_margin(g_f, g_r), "window": list(win) if win else None,
+                         "calibration": factors.tolist() if per_concept else factors[:, 0].tolist(),
+                         "tail_margin": _margin(g_f, g_r) if ok else 0.0, "window": list(win) if win else None,
                          "window_reason": why, "ranks": [i["rank"] for i in infos],
                          "leaks": [i["leak"] for i in infos]})
     return rows
@@ -320,7 +349,34 @@ def tail_margin(g_forget: Float[Tensor, "n_layers n_f"], g_retain: Float[Tensor,
     (0.24 vs 0.28) where gamma 1 separated (0.74 vs 0.51) (measured on the quick model).
     """
     cal = calibrated(g_forget, g_retain)
-    if cal is None:
-        return 0.0
-    _, lo, f = _tails(*cal, WINDOW_QUANTILES["retain"], WINDOW_QUANTILES["forget"], WINDOW_MIN_LO)
+    return 0.0 if cal is None else _margin(*cal)
+
+
+def _margin(g_forget: Tensor, g_retain: Tensor) -> float:
+    """:func:`tail_margin` of gates that are already calibrated."""
+    _, lo, f = _tails(g_forget, g_retain, WINDOW_QUANTILES["retain"], WINDOW_QUANTILES["forget"], WINDOW_MIN_LO)
     return f / lo
+
+
+def concept_calibration(g_forget: Float[Tensor, "n_layers n_f c"], concept: Float[Tensor, " n_f"]
+                        ) -> tuple[Float[Tensor, "n_layers c"], bool]:
+    """``(factors, ok)``: per layer and concept, 1 / the mean of that concept's gate on its own forget queries.
+
+    ``concept[i]`` is the concept index of forget query ``i`` (all 0 for the rank-one gate, where this is
+    1 / the mean forget gate).  A factor whose mean is not positive stays 1 and ``ok`` is False: no
+    calibration can make that gate fire on its concept.
+    """
+    L, _, C = g_forget.shape
+    means = torch.empty(L, C, dtype=torch.float64)
+    for c in range(C):
+        own = concept == c
+        if not own.any():
+            raise ValueError(f"no validation forget query about concept {c}: its gate cannot be calibrated")
+        means[:, c] = g_forget[:, own, c].double().mean(1)
+    ok = bool((means > 0).all())
+    return torch.where(means > 0, 1.0 / means.clamp_min(1e-300), torch.ones_like(means)), ok
+
+
+def combined_gates(g: Float[Tensor, "n_layers n c"], factors: Float[Tensor, "n_layers c"]) -> Float[Tensor, "n_layers n"]:
+    """What steering applies before any window: each concept's gate calibrated, then the max over concepts."""
+    return (g.double() * factors[:, None, :]).amax(-1)

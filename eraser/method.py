@@ -63,6 +63,8 @@ class EraserConfig:
     direction is always taken at the last prompt token.  ``gate_window`` ``(lo, hi)``, when set, passes
     the gate through :func:`eraser.gate.window` (0 below ``lo``, 1 above ``hi``): an extension, chosen
     automatically by :func:`eraser.autotune.choose_window`; None is the paper's linear gate.
+    ``concept_gates`` fits one gate per forget concept (profile) and steers by their maximum
+    (:func:`eraser.gate.gate_score`): an extension; the paper's gate is one per layer.
     """
 
     layers: tuple[int, ...] | None = None
@@ -76,6 +78,7 @@ class EraserConfig:
     batch_size: int = 32
     gate_read: str = "last"
     gate_window: tuple[float, float] | None = None
+    concept_gates: bool = False
 
     def __post_init__(self) -> None:
         if self.site not in ("resid_pre", "resid_post"):
@@ -115,10 +118,14 @@ def _split(queries: Sequence[Query], what: str) -> tuple[list, list[str]]:
 
 @dataclass
 class MLLMEraser:
-    """Per steered layer ``l``: gate weights ``w_l`` and direction ``d_l`` (2d floats), plus provenance."""
+    """Per steered layer ``l``: gate weights ``w_l`` and direction ``d_l`` (2d floats), plus provenance.
+
+    With ``config.concept_gates``, ``w`` holds one gate per forget concept, ``[n_layers, C, d]``, and
+    ``info["concepts"]`` names them.
+    """
 
     layers: list[int]
-    w: Tensor  # [n_layers, d]
+    w: Tensor  # [n_layers, d] or [n_layers, C, d]
     d: Tensor  # [n_layers, d]
     config: EraserConfig
     fingerprint: dict[str, Any]
@@ -128,20 +135,27 @@ class MLLMEraser:
     @classmethod
     def fit(cls, model: HookedVLM, forget: Sequence[Query], retain: Sequence[Query],
             recall_pairs: Sequence[Query], erase_pairs: Sequence[Query],
-            config: EraserConfig = EraserConfig(), progress: bool = False) -> "MLLMEraser":
-        """Stage 1 (directions) and stage 2 (null-space gates) in four streaming passes over the data."""
-        stats = cls.collect_stats(model, forget, retain, recall_pairs, erase_pairs, config, progress)
+            config: EraserConfig = EraserConfig(), progress: bool = False,
+            forget_concepts: Sequence[str] | None = None) -> "MLLMEraser":
+        """Stage 1 (directions) and stage 2 (null-space gates) in four streaming passes over the data.
+
+        ``forget_concepts`` labels each forget query with its concept (profile id); per-concept gates
+        (``config.concept_gates``) need it.
+        """
+        stats = cls.collect_stats(model, forget, retain, recall_pairs, erase_pairs, config, progress, forget_concepts)
         return cls.from_stats(stats, config)
 
     @staticmethod
     def collect_stats(model: HookedVLM, forget: Sequence[Query], retain: Sequence[Query],
                       recall_pairs: Sequence[Query], erase_pairs: Sequence[Query],
-                      config: EraserConfig = EraserConfig(), progress: bool = False) -> FitStats:
+                      config: EraserConfig = EraserConfig(), progress: bool = False,
+                      forget_concepts: Sequence[str] | None = None) -> FitStats:
         """The four streaming passes: directions and the forget/retain second moments (see :class:`FitStats`).
 
         Why separate from :meth:`from_stats`: gamma, rho and the energy threshold only enter the closed-form
         solve, so an automatic choice of them (``eraser.autotune.choose_gate``) refits from these statistics
-        in milliseconds instead of re-running the model.
+        in milliseconds instead of re-running the model.  With ``forget_concepts`` (one label per forget
+        query) the forget sums are also kept per concept (``FitStats.S_f``), for per-concept gates.
         """
         t0 = time.perf_counter()
         layers = list(config.layers) if config.layers is not None else list(range(1, model.n_layers))
@@ -151,6 +165,14 @@ class MLLMEraser:
         names = [config.hook_name(l) for l in layers]
         sets = {k: _split(v, k) for k, v in
                 (("forget", forget), ("retain", retain), ("recall", recall_pairs), ("erase", erase_pairs))}
+        concepts: list[str] = []
+        if forget_concepts is not None:
+            forget_concepts = [str(c) for c in forget_concepts]
+            if len(forget_concepts) != len(sets["forget"][1]):
+                raise ValueError(f"{len(forget_concepts)} concept labels for {len(sets['forget'][1])} forget queries")
+            concepts = list(dict.fromkeys(forget_concepts))
+        elif config.concept_gates:
+            raise ValueError("concept_gates needs forget_concepts: one concept label (profile id) per forget query")
 
         def stream(key: str):
             imgs, prompts = sets[key]
@@ -176,14 +198,21 @@ class MLLMEraser:
                 K_r[n].update(h)
         K_f = {n: SecondMoment(d) for n in names}
         s_f = {n: torch.zeros(d, dtype=torch.float64) for n in names}
+        S_f = {n: torch.zeros(len(concepts), d, dtype=torch.float64) for n in names}
+        index = torch.tensor([concepts.index(c) for c in forget_concepts]) if concepts else None
+        start = 0
         for batch in stream("forget"):
             for n, h in batch.items():
                 K_f[n].update(h)
                 s_f[n] += h.double().sum(0)
+                if index is not None:
+                    S_f[n].index_add_(0, index[start:start + h.shape[0]], h.double())
+            start += next(iter(batch.values())).shape[0]
         return FitStats(
             layers=layers, site=config.site, directions=directions,
             K_r=torch.stack([K_r[n].K for n in names]), K_f=torch.stack([K_f[n].K for n in names]),
             s_f=torch.stack([s_f[n] for n in names]),
+            S_f=torch.stack([S_f[n] for n in names]) if concepts else None, concepts=concepts,
             counts={k: len(v[1]) for k, v in sets.items()},
             data_hashes={k: _hash_queries(list(zip(*v))) for k, v in sets.items()},
             fingerprint=model_fingerprint(model), seconds=time.perf_counter() - t0)
@@ -203,6 +232,8 @@ class MLLMEraser:
             "data_hashes": dict(stats.data_hashes),
             "fit_s": stats.seconds + time.perf_counter() - t0,
         }
+        if config.concept_gates:
+            info["concepts"] = list(stats.concepts)
         return cls(layers=list(stats.layers), w=ws.float(), d=stats.directions.float(), config=config,
                    fingerprint=dict(stats.fingerprint), info=info)
 
@@ -312,22 +343,37 @@ class MLLMEraser:
             cfg["layers"] = tuple(cfg["layers"])
         eraser = cls(layers=list(meta["layers"]), w=tensors["w"], d=tensors["d"], config=EraserConfig(**cfg),
                      fingerprint=meta["fingerprint"], info=meta.get("info", {}))
-        if eraser.w.shape != eraser.d.shape or eraser.w.shape[0] != len(eraser.layers):
-            raise ArtifactError(f"{path}: tensor shapes {tuple(eraser.w.shape)} / {tuple(eraser.d.shape)} "
-                                f"do not match {len(eraser.layers)} layers")
+        w, dd, n = eraser.w, eraser.d, len(eraser.layers)
+        expected = 3 if eraser.config.concept_gates else 2
+        if dd.ndim != 2 or dd.shape[0] != n or w.ndim != expected or w.shape[0] != n or w.shape[-1] != dd.shape[-1]:
+            raise ArtifactError(f"{path}: tensor shapes {tuple(w.shape)} / {tuple(dd.shape)} do not match "
+                                f"{n} layers" + (" with per-concept gates" if eraser.config.concept_gates else ""))
         if model is not None:
             eraser.check_model(model)
         return eraser
 
-    def scaled(self, factors: Sequence[float]) -> "MLLMEraser":
-        """The same gates multiplied per layer by ``factors`` (a calibration: ``g -> factor * g``), recorded in info."""
+    def scaled(self, factors: Sequence[float] | Sequence[Sequence[float]]) -> "MLLMEraser":
+        """The same gates multiplied per layer by ``factors`` (a calibration: ``g -> factor * g``), recorded in info.
+
+        Per-concept gates take one factor per layer and concept (``[n_layers][C]``), or one per layer.
+        """
         if len(factors) != len(self.layers):
             raise ValueError(f"{len(factors)} factors for {len(self.layers)} layers")
-        f = torch.tensor([float(x) for x in factors], dtype=self.w.dtype)
+        try:
+            f = torch.tensor(factors, dtype=self.w.dtype)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"gate scale factors must be numbers, one per layer (and concept): {e}") from None
+        if f.ndim == 2 and self.w.ndim == 3 and f.shape[1] in (1, self.w.shape[1]):
+            f = f[..., None]
+        elif f.ndim == 1:
+            f = f.reshape(-1, *([1] * (self.w.ndim - 1)))
+        else:
+            raise ValueError(f"gate scale factors of shape {tuple(f.shape)} do not fit gates of shape {tuple(self.w.shape)}")
         if not torch.isfinite(f).all() or (f <= 0).any():
-            raise ValueError(f"gate scale factors must be finite and positive, got {list(factors)}")
-        info = {**self.info, "gate_scale": [float(x) for x in factors]}
-        return replace(self, w=self.w * f[:, None], info=info)
+            raise ValueError(f"gate scale factors must be finite and positive, got {f.flatten().tolist()}")
+        info = {**self.info, "gate_scale": f.reshape(len(self.layers), -1).tolist() if f.ndim == 3 and f.shape[1] > 1
+                else f.flatten().tolist()}
+        return replace(self, w=self.w * f, info=info)
 
     def with_config(self, **changes: Any) -> "MLLMEraser":
         """The same fitted gates with other application settings (e.g. strength)."""

@@ -37,10 +37,13 @@ Query = tuple[Any, str]
 
 @dataclass
 class FitData:
+    """The four query sets; ``forget_concepts`` names the profile each forget query is about (per-concept gates)."""
+
     forget: list[Query]
     retain: list[Query]
     recall: list[Query]
     erase: list[Query]
+    forget_concepts: list[str] | None = None
 
     def counts(self) -> dict[str, int]:
         return {k: len(getattr(self, k)) for k in ("forget", "retain", "recall", "erase")}
@@ -55,6 +58,11 @@ def forget_queries(bench: Benchmark) -> list[Query]:
     if not bench.forget:
         raise ValueError("the benchmark's forget split is empty")
     return queries(bench.forget)
+
+
+def forget_concepts(bench: Benchmark) -> list[str]:
+    """The profile id of every query :func:`forget_queries` returns, in the same order."""
+    return [it.profile_id for it in build_items(bench.forget)]
 
 
 def retain_queries(bench: Benchmark, limit: int | None = None, seed: int = 0) -> list[Query]:
@@ -144,4 +152,5 @@ def fit_data(model: Any, bench: Benchmark, n_pairs: int = 17, seed: int = 0, pgd
         retain=retain_queries(bench, retain_limit, seed),
         recall=recall_pairs(model, bench, n_pairs, seed, pgd),
         erase=erase_pairs(bench, n_pairs, seed),
+        forget_concepts=forget_concepts(bench),
     )

@@ -106,7 +106,7 @@ def fit_variant(setup: Setup, name: str = "mllmeraser", config: EraserConfig | N
     data = fit_data(setup.model, setup.bench, seed=setup.recipe.seed, pgd=pgd)
     pgd_s = time.perf_counter() - t0
     stats = MLLMEraser.collect_stats(setup.model, data.forget, data.retain, data.recall, data.erase, config,
-                                     progress=setup.progress)
+                                     progress=setup.progress, forget_concepts=data.forget_concepts)
     eraser = MLLMEraser.from_stats(stats, config)
     fit_s = time.perf_counter() - t0
     selection = None

@@ -3,7 +3,8 @@
 Why a value object of its own: everything the gate depends on besides the
 hyper-parameters (gamma, rho or the energy threshold) is four sums over the
 data: the erasure directions, the retain second moment ``K_r = H_r^T H_r``,
-the forget second moment ``K_f`` and the forget sum ``s_f = H_f^T 1``.
+the forget second moment ``K_f`` and the forget sum ``s_f = H_f^T 1`` (and, when
+the forget queries are labelled by concept, the per-concept sums ``S_f = H_f^T Y``).
 Keeping them lets a hyper-parameter search (``eraser.autotune.choose_gate``)
 refit every candidate in milliseconds, and lets a researcher study the
 projector and the ridge solve without re-running the model.  They are d x d
@@ -33,7 +34,11 @@ __all__ = ["FitStats", "gates_from_stats", "projectors_from_stats"]
 
 @dataclass
 class FitStats:
-    """Per steered layer: direction ``d_l``, ``K_r``, ``K_f`` (d x d, float64) and ``s_f`` (float64)."""
+    """Per steered layer: direction ``d_l``, ``K_r``, ``K_f`` (d x d, float64) and ``s_f`` (float64).
+
+    ``S_f`` (``[n_layers, C, d]``) holds the forget sums per concept, in the order of ``concepts`` (the
+    forget profiles' ids), when the forget queries came with labels; per-concept gates need it.
+    """
 
     layers: list[int]
     site: str
@@ -41,6 +46,8 @@ class FitStats:
     K_r: Float[Tensor, "n_layers d d"]
     K_f: Float[Tensor, "n_layers d d"]
     s_f: Float[Tensor, "n_layers d"]
+    S_f: Float[Tensor, "n_layers c d"] | None = None
+    concepts: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     data_hashes: dict[str, str] = field(default_factory=dict)
     fingerprint: dict[str, Any] = field(default_factory=dict)
@@ -48,9 +55,10 @@ class FitStats:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        meta = {k: v for k, v in asdict(self).items() if k not in ("directions", "K_r", "K_f", "s_f")}
+        tensors = ("directions", "K_r", "K_f", "s_f", "S_f")
+        meta = {k: v for k, v in asdict(self).items() if k not in tensors}
         with atomic_path(path) as tmp:
-            save_file({k: getattr(self, k).contiguous() for k in ("directions", "K_r", "K_f", "s_f")}, str(tmp),
+            save_file({k: getattr(self, k).contiguous() for k in tensors if getattr(self, k) is not None}, str(tmp),
                       metadata={"mllmeraser_stats": json.dumps(meta)})
         return path
 
@@ -83,8 +91,16 @@ def gates_from_stats(stats: FitStats, config: Any, projectors: tuple[list[Tensor
                      ) -> tuple[Float[Tensor, "n_layers d"], list[dict[str, Any]]]:
     """``(w, projector infos)`` for an :class:`~eraser.method.EraserConfig` (its rho/energy/gamma/use_null_space).
 
-    ``projectors`` (from :func:`projectors_from_stats`) skips the eigendecompositions when only gamma changes.
+    ``w`` is ``[n_layers, d]`` (the rank-one gate), or ``[n_layers, C, d]`` with ``config.concept_gates``
+    (one gate per forget concept, from ``S_f``).  ``projectors`` (from :func:`projectors_from_stats`)
+    skips the eigendecompositions when only gamma changes.
     """
     Ps, infos = projectors or projectors_from_stats(stats, config.rho, config.energy, config.use_null_space)
-    ws = [fit_gate_from_moments(K_f, s_f, P, config.gamma) for K_f, s_f, P in zip(stats.K_f, stats.s_f, Ps)]
+    if getattr(config, "concept_gates", False):
+        if stats.S_f is None:
+            raise ValueError("per-concept gates need forget statistics per concept: collect them with "
+                             "forget_concepts (one label per forget query)")
+        ws = [fit_gate_from_moments(K_f, S.T, P, config.gamma).T for K_f, S, P in zip(stats.K_f, stats.S_f, Ps)]
+    else:
+        ws = [fit_gate_from_moments(K_f, s_f, P, config.gamma) for K_f, s_f, P in zip(stats.K_f, stats.s_f, Ps)]
     return torch.stack(ws), infos

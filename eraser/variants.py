@@ -23,6 +23,8 @@ ERASER_VARIANTS: dict[str, dict[str, Any]] = {
     "mllmeraser_mean_gate": {"gate_read": "mean"},
     # An extension: the mean gate, saturated by a window (0 under the retain gates' 99th percentile, 1 over twice it).
     "mllmeraser_window_gate": {"gate_read": "mean", "window": True},
+    # An extension: the window gate with one gate per forget person, steering by the most forget-like one.
+    "mllmeraser_concept_gate": {"gate_read": "mean", "window": True, "concept_gates": True},
 }
 
 #: Variant switches that are not EraserConfig fields.

@@ -276,16 +276,16 @@ class MiniMLLMU:
                 for kind in _kinds(modality):
                     if "classification" in tasks:
                         q = self._classification(kind, modality, ident, rng)
-                        out.append(Request(classification_prompt(q), q.answer, image()))
+                        out.append(Request(classification_prompt(q), q.answer, image(), ident.id))
                     if "generation" in tasks:
                         g = _generation(kind, modality, ident)
-                        out.append(Request(generation_prompt(g), g.ground_truth, image()))
+                        out.append(Request(generation_prompt(g), g.ground_truth, image(), ident.id))
                     if "cloze" in tasks:
                         c = _cloze(kind, modality, ident)
-                        out.append(Request(cloze_prompt(c), c.ground_truth, image()))
+                        out.append(Request(cloze_prompt(c), c.ground_truth, image(), ident.id))
                 if biography:
                     g = self._bio_question(modality, ident)
-                    out.append(Request(generation_prompt(g), g.ground_truth, image()))
+                    out.append(Request(generation_prompt(g), g.ground_truth, image(), ident.id))
         if shuffle:
             rng.shuffle(out)
         return out

@@ -73,11 +73,15 @@ class Profile:
 
 @dataclass(frozen=True)
 class Request:
-    """A single prompt with an optional image and its expected answer (used for refusal behaviour)."""
+    """A single prompt with an optional image and its expected answer (used for refusal behaviour).
+
+    ``subject`` is the id of the profile the request is about, when it is about one.
+    """
 
     prompt: str
     answer: str
     image: Image.Image | None = None
+    subject: str | None = None
 
 
 @dataclass

@@ -51,7 +51,9 @@ def test_score_prefers_a_null_space_and_regularisation_that_generalise():
     # a ridge of 1 brings it to 0.029, and the energy rule (all 10 non-retain directions) to 0.017
     best = min(rows, key=lambda r: (r["score"], r["gamma"]))
     assert best["null_space"] == {"energy": 0.01} and best["gamma"] == 1.0
-    assert best["score"] < 0.05 and best["layers"][0]["forget_mean"] > 0.9
+    # gates are scored calibrated (forget mean 1); the raw forget mean, 1 / calibration, is near 1 (ridge bias)
+    assert best["score"] < 0.05 and best["layers"][0]["forget_mean"] == pytest.approx(1.0)
+    assert 1.0 / best["calibration"][0] > 0.9
     assert by[((("rho", 0.5),), 1e-6)]["score"] > 5 * best["score"]
     # without the null space, retain inputs leak through the gate more than twice as much
     no_ns = score_gate_configs(stats, V_f[None], V_r[None], EraserConfig(use_null_space=False), gammas=(1e-6,))
@@ -149,3 +151,55 @@ def test_tail_margin_compares_calibrated_tails():
     assert tail_margin(f, r) == pytest.approx(0.6 / 0.294, rel=1e-4)
     assert tail_margin(f, r * 0.01) == pytest.approx(0.6 / 0.1, rel=1e-4)  # retain tail floored at 0.1
     assert tail_margin(-f, r) == 0.0  # forget gates not positive: no window can work
+
+
+def test_concept_calibration_makes_each_concepts_own_gate_mean_one():
+    from eraser.autotune import combined_gates, concept_calibration
+
+    # 2 layers, 4 forget queries (concepts 0, 0, 1, 1), 2 concept gates
+    g = torch.tensor([[[2.0, 0.1], [4.0, 0.3], [0.2, 0.5], [0.4, 1.5]],
+                      [[1.0, 0.0], [1.0, 0.0], [0.0, 2.0], [0.0, 2.0]]], dtype=torch.float64)
+    concept = torch.tensor([0, 0, 1, 1])
+    factors, ok = concept_calibration(g, concept)
+    assert ok and factors.tolist() == [[1 / 3, 1.0], [1.0, 0.5]]
+    comb = combined_gates(g, factors)
+    assert comb.flatten().tolist() == pytest.approx([2 / 3, 4 / 3, 0.5, 1.5, 1.0, 1.0, 1.0, 1.0])
+    bad = g.clone()
+    bad[0, 2:, 1] = -1.0  # concept 1's gate is negative on its own people: no calibration, factor stays 1
+    factors, ok = concept_calibration(bad, concept)
+    assert not ok and factors[0, 1] == 1.0
+    with pytest.raises(ValueError, match="concept 1"):
+        concept_calibration(g, torch.tensor([0, 0, 0, 0]))
+
+
+def test_per_concept_gates_keep_a_weak_concept_above_the_retain_tail():
+    """Two forget concepts outside the retain subspace, one five times weaker: under a ridge, one shared
+    gate fires on the weak one at a fraction of the strong one's value; one gate per concept does not."""
+    from eraser.stats import FitStats
+
+    d, k = 16, 6
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0]
+
+    def draw(n, extra):
+        return (torch.randn(n, k, generator=gen, dtype=torch.float64) @ basis[:, :k].T + extra
+                + 0.05 * torch.randn(n, d, generator=gen, dtype=torch.float64))
+
+    H_r = draw(200, 0.0)
+    strong, weak = draw(4, 3.0 * basis[:, k]), draw(4, 0.6 * basis[:, k + 1])
+    H = torch.cat([strong, weak])
+    stats = FitStats(layers=[1], site="resid_pre", directions=torch.ones(1, d, dtype=torch.float64),
+                     K_r=(H_r.T @ H_r)[None], K_f=(H.T @ H)[None], s_f=H.sum(0)[None],
+                     S_f=torch.stack([strong.sum(0), weak.sum(0)])[None], concepts=["a", "b"])
+    grid = dict(gammas=(10.0,), null_spaces=({"energy": 0.01},))
+    one = score_gate_configs(stats, H[None], H_r[None], EraserConfig(), **grid)[0]
+    two = score_gate_configs(stats, H[None], H_r[None], EraserConfig(concept_gates=True),
+                             concept=torch.tensor([0] * 4 + [1] * 4), **grid)[0]
+    assert isinstance(one["calibration"][0], float) and len(two["calibration"][0]) == 2
+    # measured: the weak concept's own gate needs a 5.7x larger calibration than the strong one's (1.28 vs 7.25),
+    # and the tail margin doubles (2.78 -> 5.75)
+    assert two["calibration"][0][1] > 4 * two["calibration"][0][0]
+    assert two["tail_margin"] > 1.5 * one["tail_margin"]
+    with pytest.raises(ValueError, match="per concept"):
+        score_gate_configs(dataclasses.replace(stats, S_f=None), H[None], H_r[None], EraserConfig(concept_gates=True),
+                           **grid)

@@ -310,3 +310,77 @@ def test_bad_gate_windows_are_rejected():
     for bad in [(0.3, 0.1), (0.2, 0.2), (0.1, float("nan")), (0.1,), "ab", (0.1, 0.2, 0.3)]:
         with pytest.raises(ValueError, match="gate_window"):
             EraserConfig(gate_window=bad)
+
+
+@pytest.fixture(scope="module")
+def fitted_concepts(tiny_llava):
+    """Two forget 'people' (queries 0-5 and 6-11, each with its own images), one gate each."""
+    forget = _queries(6, 1, 100, text_only_every=0) + _queries(6, 5, 500, text_only_every=0)
+    labels = ["p1"] * 6 + ["p2"] * 6
+    eraser = MLLMEraser.fit(tiny_llava, forget=forget, retain=_queries(60, 2, 200), recall_pairs=_queries(6, 3, 300),
+                            erase_pairs=_queries(6, 4, 400), forget_concepts=labels,
+                            config=EraserConfig(rho=0.5, gamma=1e-3, strength=-4.0, batch_size=16, concept_gates=True))
+    return eraser, forget, labels
+
+
+def test_concept_gates_fit_one_gate_per_concept_and_steer_by_the_max(fitted_concepts, fitted, tiny_llava, tmp_path):
+    from eraser.gate import fit_gates
+    from eraser.stats import projectors_from_stats
+
+    eraser, forget, labels = fitted_concepts
+    d = tiny_llava.d_model
+    assert eraser.w.shape == (2, 2, d) and eraser.d.shape == (2, d) and eraser.info["concepts"] == ["p1", "p2"]
+    assert torch.allclose(eraser.d, fitted[0].d)  # same pairs, same direction
+    # the per-concept weights are fit_gates with one-hot targets on the same activations and projector
+    stats = MLLMEraser.collect_stats(tiny_llava, forget, _queries(60, 2, 200), _queries(6, 3, 300),
+                                     _queries(6, 4, 400), eraser.config, forget_concepts=labels)
+    assert torch.allclose(stats.S_f.sum(1), stats.s_f) and stats.concepts == ["p1", "p2"]
+    from eraser.stats import FitStats
+
+    back = FitStats.load(stats.save(tmp_path / "stats.safetensors"))
+    assert torch.equal(back.S_f, stats.S_f) and back.concepts == ["p1", "p2"]
+    assert torch.equal(MLLMEraser.from_stats(back, eraser.config).w, eraser.w)
+    from interp.collect import iter_last_token
+
+    H = torch.cat([b["blocks.1.hook_resid_pre"] for b in iter_last_token(
+        tiny_llava, [q[0] for q in forget], [q[1] for q in forget], ["blocks.1.hook_resid_pre"], 16)]).double()
+    Y = torch.tensor([[1.0, 0.0]] * 6 + [[0.0, 1.0]] * 6, dtype=torch.float64)
+    P = projectors_from_stats(stats, rho=0.5)[0][0]
+    torch.testing.assert_close(eraser.w[0].double(), fit_gates(H, Y, P, 1e-3).T, atol=1e-4, rtol=1e-3)
+    # each concept's gate fires on its own person; the gate steering applies is the max over concepts
+    per = torch.einsum("nd,cd->nc", H.float(), eraser.w[0])
+    assert per[:6, 0].mean() > 0.85 and per[6:, 1].mean() > 0.85  # measured 0.91, 0.87
+    assert per[:6, 1].abs().max() < 0.2 and per[6:, 0].abs().max() < 0.2  # each ignores the other person
+    g = eraser.gate_values(tiny_llava, forget)
+    torch.testing.assert_close(g[:, 0], per.amax(-1), atol=1e-4, rtol=1e-4)
+    # both backends apply it identically; per-layer-and-concept calibration scales each column
+    imgs, prompts = zip(*forget[:4])
+    inputs = tiny_llava.encode(images=list(imgs), prompts=list(prompts))
+    graph = tiny_llava.run_with_hooks(inputs, eraser.hooks())
+    with eraser.attached(tiny_llava, backend="torch"):
+        assert torch.equal(tiny_llava.run_with_hooks(inputs, []), graph)
+    s = eraser.scaled([[2.0, 1.0], [1.0, 1.0]])
+    torch.testing.assert_close(s.w[0, 0], 2 * eraser.w[0, 0]) and torch.testing.assert_close(s.w[0, 1], eraser.w[0, 1])
+    assert s.info["gate_scale"] == [[2.0, 1.0], [1.0, 1.0]]
+    with pytest.raises(ValueError, match="do not fit"):
+        eraser.scaled([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    # round trip, and a rank-one artifact claiming per-concept gates is refused
+    back = MLLMEraser.load(eraser.save(tmp_path / "c.safetensors"), tiny_llava)
+    assert torch.equal(back.w, eraser.w) and back.config.concept_gates
+    fitted[0].with_config(concept_gates=True).save(tmp_path / "bad.safetensors")
+    with pytest.raises(ArtifactError, match="per-concept"):
+        MLLMEraser.load(tmp_path / "bad.safetensors")
+
+
+def test_concept_gates_need_one_label_per_forget_query(tiny_llava):
+    forget, retain, pairs = _queries(4, 1, 100), _queries(8, 2, 200), _queries(2, 3, 300)
+    with pytest.raises(ValueError, match="forget_concepts"):
+        MLLMEraser.fit(tiny_llava, forget, retain, pairs, pairs, EraserConfig(concept_gates=True))
+    with pytest.raises(ValueError, match="3 concept labels for 4 forget queries"):
+        MLLMEraser.fit(tiny_llava, forget, retain, pairs, pairs, EraserConfig(), forget_concepts=["a", "a", "b"])
+    from eraser.stats import gates_from_stats
+
+    stats = MLLMEraser.collect_stats(tiny_llava, forget, retain, pairs, pairs, EraserConfig())
+    assert stats.S_f is None
+    with pytest.raises(ValueError, match="per concept"):
+        gates_from_stats(stats, EraserConfig(concept_gates=True))

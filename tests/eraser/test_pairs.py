@@ -47,3 +47,28 @@ def test_errors(bench):
     no_images = dataclasses.replace(bench, forget=[dataclasses.replace(p, image=None) for p in bench.forget])
     with pytest.raises(ValueError, match="no forget profile has an image"):
         erase_pairs(no_images)
+
+
+def test_forget_concepts_name_the_profile_of_every_forget_query():
+    from eraser.pairs import forget_concepts, forget_queries
+
+    bench = Recipe.quick().benchmark(15)  # three forget people
+    labels, qs = forget_concepts(bench), forget_queries(bench)
+    assert len(labels) == len(qs) and list(dict.fromkeys(labels)) == [p.id for p in bench.forget]
+    for p in bench.forget:  # each person's questions carry the person's label (their image, their name)
+        own = [q for q, lab in zip(qs, labels) if lab == p.id]
+        assert own and all(img is None or img is p.image for img, _ in own)
+
+
+def test_validation_items_carry_their_subject():
+    from eraser.autotune import validation_split
+
+    recipe = Recipe.quick()
+    bench = recipe.benchmark(10)
+    fresh, kind = validation_split(bench, recipe.mini(), n_retain_profiles=2, n_celebrities=1)
+    subset, kind2 = validation_split(bench, None, n_retain_profiles=2, n_celebrities=1)
+    assert (kind, kind2) == ("fresh-questions", "eval-subset")
+    ids = {p.id for p in bench.forget}
+    for val in (fresh, subset):
+        assert {i.subject for i in val["forget"]} == ids
+        assert not ids & {i.subject for i in val["retain"]} and None not in {i.subject for i in val["retain"]}
