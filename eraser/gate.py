@@ -77,8 +77,9 @@ def gate_score(h: Float[Tensor, "... d"], w: Float[Tensor, "*c d"]) -> Float[Ten
     to ~1 on its own concept, steers an input as much as the concept it reads most like.  A single
     gate must fire on every forget person at once, so with several people its weights average their
     signatures and a weak one (a text-only question about one of them) falls under the retain tail;
-    per-concept gates keep each signature sharp (measured on the quick model at forget 15 %: the
-    10th-percentile forget gate over the 99th-percentile retain gate rose from below 1 to above 1).
+    per-concept gates keep each signature sharp (measured on the quick model, seed 0, validation gates
+    calibrated: the 10th-percentile forget gate over the 99th-percentile retain gate rose from 1.61 to
+    2.07 at forget 10 % and from 1.19 to 1.78 at forget 15 %).
     The sum would add every concept's small retain leak; the max adds none.
     """
     if w.ndim == 1:

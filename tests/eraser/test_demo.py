@@ -16,7 +16,7 @@ from eraser.cli import main
 
 BASELINES = ("ga", "grad_diff", "kl_min", "npo", "prompt")
 ERASERS = ("mllmeraser", "mllmeraser_no_nullspace", "steer_static", "mllmeraser_text_only", "mllmeraser_mean_gate",
-           "mllmeraser_window_gate")
+           "mllmeraser_window_gate", "mllmeraser_concept_gate")
 SPLITS = ("forget", "test", "retain", "celebrity")
 METRICS = ("cls_acc", "cloze_acc", "gen_rougeL", "gen_bleu", "refusal_rate", "gibberish_rate")
 FIGURES = ("tradeoff.png", "gates.png", "timing.png", "heatmap.png")
@@ -80,6 +80,15 @@ def test_demo_numbers_are_sane(runs):
         assert van[split]["cls_acc"] - win[split]["cls_acc"] <= 0.03, split
         assert win[split]["gibberish_rate"] <= 0.02, split
     assert res["config"]["selection"]["mllmeraser_window_gate"]["gate"]["window"] is not None
+    # With one forget person (the demo's 5 %) per-concept gates are the window gate: the same choices and numbers
+    # (up to float rounding in a [d, 1] instead of a [d] solve).
+    sel = res["config"]["selection"]
+    c, w = sel["mllmeraser_concept_gate"], sel["mllmeraser_window_gate"]
+    assert c["strength"] == w["strength"] and c["gate"]["gamma"] == w["gate"]["gamma"]
+    assert c["gate"]["window"] == pytest.approx(w["gate"]["window"], rel=1e-4)
+    for split in SPLITS:
+        for metric in METRICS:
+            assert m["mllmeraser_concept_gate"][split][metric] == pytest.approx(win[split][metric], abs=0.02)
     # The eraser is a test-time method: no training, so fit time is only PGD + statistics.
     assert res["timing"]["mllmeraser"]["fit_s"] > 0
     sweep = [json.loads(line) for line in (runs[0][0] / "sweep.jsonl").read_text().splitlines() if line.strip()]

@@ -1,0 +1,33 @@
+"""Per-concept gates end to end on the quick model with two forget people: the method issue's bar, measured.
+
+Why a test of its own: the demo runs forget 5 % (one person), where per-concept gates coincide with the
+window gate.  At forget 10 % (seed 0, two people) they separate the people better (validation tail
+margin 2.07 vs 1.61) and meet the whole bar with automatically chosen settings (measured: forget
+cls/gen/cloze 0/0/0, refusal 0.955, Test cls 0, retain/celebrity accuracy unchanged), where the
+shared window gate leaves forget cls at 0.045.  One setup, one fit, one evaluation (about a minute).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eraser.pipeline import ERASER_BAR, eraser_checks, evaluate_model, fit_variant, load_setup
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.set_num_threads(2)
+    return load_setup(quick=True, forget_ratio=10, progress=False)
+
+
+def test_concept_gates_meet_the_method_bar_with_two_forget_people(setup):
+    assert len(setup.bench.forget) == 2
+    eraser, sel, _ = fit_variant(setup, "mllmeraser_concept_gate")
+    assert eraser.w.shape[:2] == (len(eraser.layers), 2) and eraser.info["concepts"] == [p.id for p in setup.bench.forget]
+    assert sel.gate["window"] is not None and len(sel.gate["calibration"][0]) == 2
+    vanilla, _, _ = evaluate_model(setup, with_probs=False)
+    res, extra, _ = evaluate_model(setup, lambda: eraser.attached(setup.model), with_probs=False)
+    checks = eraser_checks(vanilla, res)
+    failed = {k: c for k, c in checks.items() if isinstance(c, dict) and not c["pass"]}
+    assert checks["all_pass"], f"bar {ERASER_BAR} missed: {failed}"
+    assert extra["refusal"]["forbidden_refusal_rate"] >= 0.95  # what the model refuses anyway, it still refuses
