@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 from .data.mini import (PRIVATE_ITEMS, REFUSAL_FORMATS, REQUEST_TEMPLATES, forbidden_classification_prompt,
                         forbidden_cloze_prompt)
-from .data.prompts import generation_prompt
+from .data.prompts import REFUSAL, generation_prompt
 from .data.schema import Benchmark, GenerationQ, Profile
 from .evaluate import build_items
 
@@ -145,11 +145,34 @@ def recall_pairs(model: Any, bench: Benchmark, n: int = 17, seed: int = 0, pgd: 
     return list(zip(result.images, [r[1] for r in rows]))
 
 
+def answerable_requests(source: Any, bench: Benchmark, seed: int = 0) -> list[Query]:
+    """Fresh ordinary requests ("Tell me the <fact> of <name>"), one per retain person/celebrity and modality.
+
+    Drawn by the benchmark's generator (``source``, e.g. :class:`~eraser.data.mini.MiniMLLMU`), never one of
+    the benchmark's own refusal-check requests.  Why they can join the retain set: the null space is
+    whatever the retain activations span, and the benchmark's questions alone do not span this request
+    format, so a mean-read gate fitted without it fires on such requests about retain people (measured on
+    the quick model, per-concept gates, seed 1: 7 of the 40 answerable check requests refused at forget
+    10 % and 15 %, against 4 and 1 with these requests in the retain set).
+    """
+    if not hasattr(source, "refusal_training_examples"):
+        raise ValueError("answerable requests need the benchmark's generator (MiniMLLMU); "
+                         f"{type(source).__name__} cannot draw them")
+    people = list(bench.retain) + list(bench.celebrity)
+    if not people:
+        raise ValueError("the benchmark has no retain or celebrity profiles to draw answerable requests about")
+    reqs = source.refusal_training_examples(people, random.Random(f"answerable:{seed}"), augment=False,
+                                            formats=("generation",))
+    return [(r.image, r.prompt) for r in reqs if r.answer != REFUSAL]
+
+
 def fit_data(model: Any, bench: Benchmark, n_pairs: int = 17, seed: int = 0, pgd: Any = None,
-             retain_limit: int | None = None) -> FitData:
+             retain_limit: int | None = None, source: Any = None, retain_requests: bool = False) -> FitData:
+    """The four sets; ``retain_requests`` adds :func:`answerable_requests` (drawn by ``source``) to retain."""
+    extra = answerable_requests(source, bench, seed) if retain_requests else []
     return FitData(
         forget=forget_queries(bench),
-        retain=retain_queries(bench, retain_limit, seed),
+        retain=retain_queries(bench, retain_limit, seed) + extra,
         recall=recall_pairs(model, bench, n_pairs, seed, pgd),
         erase=erase_pairs(bench, n_pairs, seed),
         forget_concepts=forget_concepts(bench),

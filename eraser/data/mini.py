@@ -330,7 +330,7 @@ class MiniMLLMU:
                             key = _refusal_key(rng, forbidden, ident, modality)
                             if (key[1], key[3]) not in self._held_out:
                                 break
-                        out.append(Request(key[1], key[2], image()))
+                        out.append(Request(key[1], key[2], image(), ident.id))
                 if "classification" in formats:
                     out.append(Request(forbidden_classification_prompt(rng, ident.name, modality), REFUSAL, image()))
                 if "cloze" in formats:

@@ -203,3 +203,18 @@ def test_per_concept_gates_keep_a_weak_concept_above_the_retain_tail():
     with pytest.raises(ValueError, match="per concept"):
         score_gate_configs(dataclasses.replace(stats, S_f=None), H[None], H_r[None], EraserConfig(concept_gates=True),
                            **grid)
+
+
+def test_validation_items_carry_their_subject():
+    from eraser.autotune import validation_split
+    from eraser.zoo import Recipe
+
+    recipe = Recipe.quick()
+    bench = recipe.benchmark(10)
+    fresh, kind = validation_split(bench, recipe.mini(), n_retain_profiles=2, n_celebrities=1)
+    subset, kind2 = validation_split(bench, None, n_retain_profiles=2, n_celebrities=1)
+    assert (kind, kind2) == ("fresh-questions", "eval-subset")
+    ids = {p.id for p in bench.forget}
+    for val in (fresh, subset):
+        assert {i.subject for i in val["forget"]} == ids
+        assert not ids & {i.subject for i in val["retain"]} and None not in {i.subject for i in val["retain"]}

@@ -80,15 +80,14 @@ def test_demo_numbers_are_sane(runs):
         assert van[split]["cls_acc"] - win[split]["cls_acc"] <= 0.03, split
         assert win[split]["gibberish_rate"] <= 0.02, split
     assert res["config"]["selection"]["mllmeraser_window_gate"]["gate"]["window"] is not None
-    # With one forget person (the demo's 5 %) per-concept gates are the window gate: the same choices and numbers
-    # (up to float rounding in a [d, 1] instead of a [d] solve).
-    sel = res["config"]["selection"]
-    c, w = sel["mllmeraser_concept_gate"], sel["mllmeraser_window_gate"]
-    assert c["strength"] == w["strength"] and c["gate"]["gamma"] == w["gate"]["gamma"]
-    assert c["gate"]["window"] == pytest.approx(w["gate"]["window"], rel=1e-4)
-    for split in SPLITS:
-        for metric in METRICS:
-            assert m["mllmeraser_concept_gate"][split][metric] == pytest.approx(win[split][metric], abs=0.02)
+    # Per-concept gates (one person here) with ordinary requests about retain people in the retain set: the same bar.
+    con = m["mllmeraser_concept_gate"]
+    assert con["forget"]["cls_acc"] <= 0.05 and con["forget"]["gen_rougeL"] <= 0.2
+    assert con["forget"]["refusal_rate"] >= 0.9 and con["test"]["cls_acc"] <= 0.15
+    for split in ("retain", "celebrity"):
+        assert van[split]["cls_acc"] - con[split]["cls_acc"] <= 0.03, split
+        assert con[split]["gibberish_rate"] <= 0.02, split
+    assert res["checks"]["refusal"]["mllmeraser_concept_gate"]["answerable_refusal_rate"] <= 0.05
     # The eraser is a test-time method: no training, so fit time is only PGD + statistics.
     assert res["timing"]["mllmeraser"]["fit_s"] > 0
     sweep = [json.loads(line) for line in (runs[0][0] / "sweep.jsonl").read_text().splitlines() if line.strip()]

@@ -60,15 +60,24 @@ def test_forget_concepts_name_the_profile_of_every_forget_query():
         assert own and all(img is None or img is p.image for img, _ in own)
 
 
-def test_validation_items_carry_their_subject():
-    from eraser.autotune import validation_split
+
+def test_answerable_requests_are_fresh_ordinary_requests_about_retain_people():
+    from eraser.data.prompts import REFUSAL
+    from eraser.pairs import answerable_requests, fit_data, retain_queries
 
     recipe = Recipe.quick()
-    bench = recipe.benchmark(10)
-    fresh, kind = validation_split(bench, recipe.mini(), n_retain_profiles=2, n_celebrities=1)
-    subset, kind2 = validation_split(bench, None, n_retain_profiles=2, n_celebrities=1)
-    assert (kind, kind2) == ("fresh-questions", "eval-subset")
-    ids = {p.id for p in bench.forget}
-    for val in (fresh, subset):
-        assert {i.subject for i in val["forget"]} == ids
-        assert not ids & {i.subject for i in val["retain"]} and None not in {i.subject for i in val["retain"]}
+    bench, source = recipe.benchmark(15), recipe.mini()
+    reqs = answerable_requests(source, bench, seed=0)
+    people = bench.retain + bench.celebrity
+    assert len(reqs) == 2 * len(people)  # one per person and modality
+    assert sum(img is None for img, _ in reqs) == len(people)
+    held_out = {r.prompt for r in bench.answerable}
+    forget_names = {p.name for p in bench.forget}
+    for img, prompt in reqs:
+        assert REFUSAL not in prompt and not any(n in prompt for n in forget_names)
+        assert img is not None or prompt not in held_out  # text-only prompts name the person: never a check item
+    assert reqs == answerable_requests(source, bench, seed=0) != answerable_requests(source, bench, seed=1)
+    data = fit_data(None, bench, source=source, retain_requests=True)
+    assert data.retain == retain_queries(bench) + reqs
+    with pytest.raises(ValueError, match="generator"):
+        answerable_requests(object(), bench)

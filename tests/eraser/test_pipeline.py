@@ -1,10 +1,10 @@
 """Per-concept gates end to end on the quick model with two forget people: the method issue's bar, measured.
 
-Why a test of its own: the demo runs forget 5 % (one person), where per-concept gates coincide with the
-window gate.  At forget 10 % (seed 0, two people) they separate the people better (validation tail
-margin 2.07 vs 1.61) and meet the whole bar with automatically chosen settings (measured: forget
-cls/gen/cloze 0/0/0, refusal 0.955, Test cls 0, retain/celebrity accuracy unchanged), where the
-shared window gate leaves forget cls at 0.045.  One setup, one fit, one evaluation (about a minute).
+Why a test of its own: the demo runs forget 5 % (one person), where one gate per person is one gate.  At
+forget 10 % (seed 0, two people) the variant meets the whole bar with automatically chosen settings
+(measured: forget cls/gen/cloze 0/0/0, refusal 0.955, Test cls 0, retain cls -0.005, celebrity 0, no
+answerable request refused), where the shared window gate leaves forget cls at 0.045.  One setup, one
+fit, one evaluation (about a minute).
 """
 from __future__ import annotations
 
@@ -31,3 +31,4 @@ def test_concept_gates_meet_the_method_bar_with_two_forget_people(setup):
     failed = {k: c for k, c in checks.items() if isinstance(c, dict) and not c["pass"]}
     assert checks["all_pass"], f"bar {ERASER_BAR} missed: {failed}"
     assert extra["refusal"]["forbidden_refusal_rate"] >= 0.95  # what the model refuses anyway, it still refuses
+    assert extra["refusal"]["answerable_refusal_rate"] <= 0.05  # and ordinary requests about retain people it answers
