@@ -73,25 +73,24 @@ def test_demo_numbers_are_sane(runs):
     assert van["forget"]["cls_acc"] - mean["forget"]["cls_acc"] > 0.5
     assert van["retain"]["cls_acc"] - mean["retain"]["cls_acc"] <= 0.03
     # The mean gate saturated by the automatic window (an extension) meets the method issue's bar on this model.
-    win = m["mllmeraser_window_gate"]
-    assert win["forget"]["cls_acc"] <= 0.05 and win["forget"]["gen_rougeL"] <= 0.2
-    assert win["forget"]["refusal_rate"] >= 0.9 and win["test"]["cls_acc"] <= 0.15
-    for split in ("retain", "celebrity"):
-        assert van[split]["cls_acc"] - win[split]["cls_acc"] <= 0.03, split
-        assert win[split]["gibberish_rate"] <= 0.02, split
+    _assert_meets_method_bar(van, m["mllmeraser_window_gate"])
     assert res["config"]["selection"]["mllmeraser_window_gate"]["gate"]["window"] is not None
     # Per-concept gates (one person here) with ordinary requests about retain people in the retain set: the same bar.
-    con = m["mllmeraser_concept_gate"]
-    assert con["forget"]["cls_acc"] <= 0.05 and con["forget"]["gen_rougeL"] <= 0.2
-    assert con["forget"]["refusal_rate"] >= 0.9 and con["test"]["cls_acc"] <= 0.15
-    for split in ("retain", "celebrity"):
-        assert van[split]["cls_acc"] - con[split]["cls_acc"] <= 0.03, split
-        assert con[split]["gibberish_rate"] <= 0.02, split
+    _assert_meets_method_bar(van, m["mllmeraser_concept_gate"])
     assert res["checks"]["refusal"]["mllmeraser_concept_gate"]["answerable_refusal_rate"] <= 0.05
     # The eraser is a test-time method: no training, so fit time is only PGD + statistics.
     assert res["timing"]["mllmeraser"]["fit_s"] > 0
     sweep = [json.loads(line) for line in (runs[0][0] / "sweep.jsonl").read_text().splitlines() if line.strip()]
     assert len(sweep) >= 5
+
+
+def _assert_meets_method_bar(van: dict, ours: dict) -> None:
+    """The method issue's bar, written out here rather than read from the demo's own checks."""
+    assert ours["forget"]["cls_acc"] <= 0.05 and ours["forget"]["gen_rougeL"] <= 0.2
+    assert ours["forget"]["refusal_rate"] >= 0.9 and ours["test"]["cls_acc"] <= 0.15
+    for split in ("retain", "celebrity"):
+        assert van[split]["cls_acc"] - ours[split]["cls_acc"] <= 0.03, split
+        assert ours[split]["gibberish_rate"] <= 0.02, split
 
 
 def _strip_times(obj):
