@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -211,8 +211,9 @@ def choose_window(g_forget: Float[Tensor, "..."], g_retain: Float[Tensor, "..."]
     model that ramp (0.20 to 0.29) was so steep that the retain constraint held the strength at -0.75
     and forget refusal at 0.55; with ``hi = 2 lo`` the same constraint allowed -1.5 and refusal 0.91,
     retain accuracy unchanged (measured, seed 0, forget 5 %, gamma chosen by leak ratio).  When the
-    forget gates' ``forget_q`` quantile does not clear ``lo`` (the gate cannot separate the sets that well), no window is chosen
-    and the linear gate is kept: saturating an overlapping gate would steer retain inputs at full strength.
+    forget gates' ``forget_q`` quantile does not clear ``lo`` (the gate cannot separate the sets that
+    well), no window is chosen and the linear gate is kept: saturating an overlapping gate would steer
+    retain inputs at full strength.
     """
     if ramp <= 1:
         raise ValueError(f"ramp must be > 1, got {ramp}")
@@ -234,16 +235,6 @@ def _tails(g_forget: Tensor, g_retain: Tensor, retain_q: float, forget_q: float,
         raise ValueError(f"min_lo must be > 0, got {min_lo}")
     q = float(torch.quantile(g_retain, retain_q))
     return q, max(q, min_lo), float(torch.quantile(g_forget, forget_q))
-
-
-def calibrated(g_forget: Float[Tensor, "n_layers n_f"], g_retain: Float[Tensor, "n_layers n_r"]
-               ) -> tuple[Tensor, Tensor] | None:
-    """Both divided, per layer, by the mean forget gate (the calibration steering applies); None when a layer's
-    forget gates are not positive on average (no calibration, and no window, can make that gate fire on forget)."""
-    mf = g_forget.mean(1, keepdim=True)
-    if (mf <= 0).any():
-        return None
-    return g_forget / mf, g_retain / mf
 
 
 def _concept_index(stats: Any, config: Any, items: Sequence[ValItem]) -> Tensor:
@@ -348,8 +339,9 @@ def tail_margin(g_forget: Float[Tensor, "n_layers n_f"], g_retain: Float[Tensor,
     window lives or dies by the tails; at forget 10 % the leak-ratio choice (gamma 1000) overlapped
     (0.24 vs 0.28) where gamma 1 separated (0.74 vs 0.51) (measured on the quick model).
     """
-    cal = calibrated(g_forget, g_retain)
-    return 0.0 if cal is None else _margin(*cal)
+    g_f, g_r = g_forget[..., None], g_retain[..., None]  # one concept: the rank-one gate
+    factors, ok = concept_calibration(g_f, torch.zeros(g_f.shape[1], dtype=torch.long))
+    return _margin(combined_gates(g_f, factors), combined_gates(g_r, factors)) if ok else 0.0
 
 
 def _margin(g_forget: Tensor, g_retain: Tensor) -> float:
@@ -358,7 +350,7 @@ def _margin(g_forget: Tensor, g_retain: Tensor) -> float:
     return f / lo
 
 
-def concept_calibration(g_forget: Float[Tensor, "n_layers n_f c"], concept: Float[Tensor, " n_f"]
+def concept_calibration(g_forget: Float[Tensor, "n_layers n_f c"], concept: Int[Tensor, " n_f"]
                         ) -> tuple[Float[Tensor, "n_layers c"], bool]:
     """``(factors, ok)``: per layer and concept, 1 / the mean of that concept's gate on its own forget queries.
 
@@ -377,6 +369,7 @@ def concept_calibration(g_forget: Float[Tensor, "n_layers n_f c"], concept: Floa
     return torch.where(means > 0, 1.0 / means.clamp_min(1e-300), torch.ones_like(means)), ok
 
 
-def combined_gates(g: Float[Tensor, "n_layers n c"], factors: Float[Tensor, "n_layers c"]) -> Float[Tensor, "n_layers n"]:
+def combined_gates(g: Float[Tensor, "n_layers n c"], factors: Float[Tensor, "n_layers c"]
+                   ) -> Float[Tensor, "n_layers n"]:
     """What steering applies before any window: each concept's gate calibrated, then the max over concepts."""
     return (g.double() * factors[:, None, :]).amax(-1)

@@ -199,7 +199,8 @@ class MLLMEraser:
         K_f = {n: SecondMoment(d) for n in names}
         s_f = {n: torch.zeros(d, dtype=torch.float64) for n in names}
         S_f = {n: torch.zeros(len(concepts), d, dtype=torch.float64) for n in names}
-        index = torch.tensor([concepts.index(c) for c in forget_concepts]) if concepts else None
+        position = {c: i for i, c in enumerate(concepts)}
+        index = torch.tensor([position[c] for c in forget_concepts]) if concepts else None
         start = 0
         for batch in stream("forget"):
             for n, h in batch.items():
@@ -368,11 +369,11 @@ class MLLMEraser:
         elif f.ndim == 1:
             f = f.reshape(-1, *([1] * (self.w.ndim - 1)))
         else:
-            raise ValueError(f"gate scale factors of shape {tuple(f.shape)} do not fit gates of shape {tuple(self.w.shape)}")
+            raise ValueError(f"gate scale factors of shape {tuple(f.shape)} do not fit gates of shape "
+                             f"{tuple(self.w.shape)}")
         if not torch.isfinite(f).all() or (f <= 0).any():
             raise ValueError(f"gate scale factors must be finite and positive, got {f.flatten().tolist()}")
-        info = {**self.info, "gate_scale": f.reshape(len(self.layers), -1).tolist() if f.ndim == 3 and f.shape[1] > 1
-                else f.flatten().tolist()}
+        info = {**self.info, "gate_scale": f.reshape(len(self.layers), -1).squeeze(-1).tolist()}
         return replace(self, w=self.w * f, info=info)
 
     def with_config(self, **changes: Any) -> "MLLMEraser":

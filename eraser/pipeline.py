@@ -104,7 +104,7 @@ def fit_variant(setup: Setup, name: str = "mllmeraser", config: EraserConfig | N
         pgd = PGDConfig()
     t0 = time.perf_counter()
     data = fit_data(setup.model, setup.bench, seed=setup.recipe.seed, pgd=pgd, source=setup.source,
-                    retain_requests=bool(opts.get("retain_requests")) and hasattr(setup.source, "refusal_training_examples"))
+                    retain_requests=opts.get("retain_requests", False))
     pgd_s = time.perf_counter() - t0
     stats = MLLMEraser.collect_stats(setup.model, data.forget, data.retain, data.recall, data.erase, config,
                                      progress=setup.progress, forget_concepts=data.forget_concepts)

@@ -23,7 +23,8 @@ def setup():
 def test_concept_gates_meet_the_method_bar_with_two_forget_people(setup):
     assert len(setup.bench.forget) == 2
     eraser, sel, _ = fit_variant(setup, "mllmeraser_concept_gate")
-    assert eraser.w.shape[:2] == (len(eraser.layers), 2) and eraser.info["concepts"] == [p.id for p in setup.bench.forget]
+    assert eraser.w.shape[:2] == (len(eraser.layers), 2)
+    assert eraser.info["concepts"] == [p.id for p in setup.bench.forget]
     assert sel.gate["window"] is not None and len(sel.gate["calibration"][0]) == 2
     vanilla, _, _ = evaluate_model(setup, with_probs=False)
     res, extra, _ = evaluate_model(setup, lambda: eraser.attached(setup.model), with_probs=False)
