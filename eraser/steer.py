@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from interp import HookContext
+from interp import HookContext, prefill_only
 from interp.collect import READS, prompt_mean, prompt_positions
 
 from .gate import gate_score, window as gate_window
@@ -86,7 +86,7 @@ def gated_hook(w: Tensor, direction: Tensor, strength: float, every_step: bool =
             record.append((ctx.layer, ctx.step, g.detach().cpu()))
         return add_direction(x, scale(g, strength).to(x.dtype), direction.to(x.device), mask)
 
-    return hook
+    return hook if every_step else prefill_only(hook)
 
 
 def static_hook(direction: Tensor, strength: float, every_step: bool = False) -> Callable[[Tensor, HookContext], Tensor | None]:
@@ -100,4 +100,4 @@ def static_hook(direction: Tensor, strength: float, every_step: bool = False) ->
         coef = torch.full((x.shape[0],), strength, dtype=x.dtype, device=x.device)
         return add_direction(x, coef, direction.to(x.device), mask)
 
-    return hook
+    return hook if every_step else prefill_only(hook)

@@ -59,6 +59,23 @@ class HookContext:
         return mask
 
 
+def prefill_only(fn: HookFn) -> HookFn:
+    """Mark ``fn`` as acting on the prefill pass only (it must return None whenever ``ctx.step > 0``).
+
+    Why: the plain-PyTorch backend then removes the module hook after the
+    prefill pass and puts it back when the call ends, so the decode steps of a
+    steered ``generate`` run with no hook dispatch at all.  The mark is a
+    promise about the function, not a filter: an unmarked function is called
+    at every step, as before.  Returns ``fn`` itself (usable as a decorator).
+    """
+    fn.prefill_only = True  # type: ignore[attr-defined]
+    return fn
+
+
+def is_prefill_only(fn: HookFn) -> bool:
+    return bool(getattr(fn, "prefill_only", False))
+
+
 def expand_hooks(hooks: HookSpec | None, valid: Sequence[str]) -> dict[str, list[HookFn]]:
     """``[(name_or_glob_or_predicate, fn), ...]`` -> ``{name: [fn, ...]}``, validating every name."""
     out: dict[str, list[HookFn]] = {}

@@ -7,21 +7,24 @@ functions with the same :class:`~interp.hooks.HookContext`, and the tests
 assert they give identical outputs.
 
 The context (masks, last prompt index, step) comes from the inputs of the
-HookedVLM call in flight; a raw ``hf_model(...)`` call outside HookedVLM gets a
-context built from its own ``input_ids``/``attention_mask`` assuming left padding.
+HookedVLM call in flight; a raw ``hf_model(...)`` call outside HookedVLM is a
+clear error (wrap it in :class:`active_inputs`).  Hooks whose functions are all
+:func:`~interp.hooks.prefill_only` step aside after the prefill pass, so
+steered generation costs nothing per decoded token.
 """
 from __future__ import annotations
 
 import contextvars
+import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from .adapters import get_module
-from .hooks import HookContext, HookFn
+from .adapters.base import Site
+from .hooks import HookContext, HookFn, is_prefill_only
 from .names import layer_of
 from .sites import resolve_site
 
@@ -34,14 +37,19 @@ if TYPE_CHECKING:
 class _Active:
     inputs: "VLMInputs"
     prompt_len: int
-    calls: dict[str, int] = field(default_factory=dict)
+    calls: dict[int, int] = field(default_factory=dict)
+    stepped_aside: list["_Dispatcher"] = field(default_factory=list)
 
 
 ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("interp_active_inputs", default=None)
 
 
 class active_inputs:
-    """Mark ``inputs`` as the batch in flight, so module hooks can build their context from it."""
+    """Mark ``inputs`` as the batch in flight, so module hooks can build their context from it.
+
+    On exit, module hooks that stepped aside after the prefill pass (all their functions are
+    :func:`~interp.hooks.prefill_only`) are put back for the next call.
+    """
 
     def __init__(self, inputs: "VLMInputs") -> None:
         self.inputs = inputs
@@ -52,53 +60,126 @@ class active_inputs:
         return self.inputs
 
     def __exit__(self, *exc: Any) -> None:
+        active = ACTIVE.get()
         ACTIVE.reset(self.token)
+        for dispatcher in active.stepped_aside if active is not None else ():
+            dispatcher.arm()
 
 
-def _context(model: "HookedVLM", name: str, x: Tensor) -> HookContext:
-    active = ACTIVE.get()
-    if active is None:
-        raise RuntimeError(
-            f"hook on {name!r} fired outside a HookedVLM call; run the model through "
-            "model.run_with_hooks / run_with_cache / generate (or wrap a raw call in interp.torch_hooks.active_inputs)"
-        )
-    # Each module runs once per forward, so its call count is the generation step.
-    step = active.calls.get(name, 0)
-    active.calls[name] = step + 1
-    return HookContext(name=name, layer=layer_of(name), step=step, inputs=active.inputs)
+@dataclass(eq=False)
+class Handle:
+    """One registered ``(name, fns)`` entry; :meth:`remove` detaches it (idempotent)."""
+
+    name: str
+    site: Site
+    fns: list[HookFn]
+    dispatcher: "_Dispatcher | None" = None
+
+    @property
+    def prefill_only(self) -> bool:
+        return all(is_prefill_only(fn) for fn in self.fns)
+
+    def remove(self) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.discard(self)
+            self.dispatcher = None
 
 
-def register(model: "HookedVLM", hooks: dict[str, list[HookFn]]) -> list[RemovableHandle]:
+class _Dispatcher:
+    """Every interp hook on one module and one side (input or output), behind a single torch hook.
+
+    Why one torch hook per module: the step of a call is "how many times has this module run in the
+    current HookedVLM call", which must be counted once per module call however many entries (from
+    however many nested ``model.hooks`` blocks) hook it; entries run in registration order.  Why it
+    steps aside: when every entry acts on the prefill pass only, the torch hook removes itself after
+    that pass, so the decode steps run with no hook dispatch at all (the deployment fast path costs
+    nothing per generated token); :class:`active_inputs` puts it back when the call ends.  Relative
+    order against torch hooks that other code registered on the same module is not preserved.
+    """
+
+    def __init__(self, model: "HookedVLM", module: torch.nn.Module, kind: str) -> None:
+        self.model, self.module, self.kind = model, module, kind
+        self.entries: list[Handle] = []
+        self.torch_handle: RemovableHandle | None = None
+
+    def add(self, entry: Handle) -> None:
+        self.entries.append(entry)
+        entry.dispatcher = self
+        self.arm()
+
+    def discard(self, entry: Handle) -> None:
+        self.entries = [e for e in self.entries if e is not entry]
+        if not self.entries:
+            self.step_aside()
+            _DISPATCHERS.get(self.module, {}).pop(self.kind, None)
+
+    def arm(self) -> None:
+        if self.torch_handle is not None or not self.entries:
+            return
+        if self.kind == "input":
+            self.torch_handle = self.module.register_forward_pre_hook(self._pre)
+        else:
+            self.torch_handle = self.module.register_forward_hook(self._post)
+
+    def step_aside(self) -> None:
+        if self.torch_handle is not None:
+            self.torch_handle.remove()
+            self.torch_handle = None
+
+    def _run(self, value: Any, get: Any, put: Any) -> Any:
+        active = ACTIVE.get()
+        name = self.entries[0].name if self.entries else "?"
+        if active is None:
+            raise RuntimeError(
+                f"hook on {name!r} fired outside a HookedVLM call; run the model through "
+                "model.run_with_hooks / run_with_cache / generate (or wrap a raw call in interp.torch_hooks.active_inputs)"
+            )
+        # Each module runs once per forward, so its call count is the generation step.
+        step = active.calls.get(id(self), 0)
+        active.calls[id(self)] = step + 1
+        changed = False
+        for entry in list(self.entries):
+            ctx = HookContext(name=entry.name, layer=layer_of(entry.name), step=step, inputs=active.inputs)
+            x, touched = get(value, entry.site), False
+            for fn in entry.fns:
+                new = fn(x, ctx)
+                if new is not None:
+                    x, touched = new, True
+            if touched:
+                value, changed = put(value, entry.site, x), True
+        if step == 0 and all(e.prefill_only for e in self.entries):
+            self.step_aside()
+            active.stepped_aside.append(self)
+        return value if changed else None
+
+    def _pre(self, mod: torch.nn.Module, args: tuple) -> tuple | None:
+        return self._run(args, lambda a, site: a[0], lambda a, site, x: (x,) + tuple(a[1:]))
+
+    def _post(self, mod: torch.nn.Module, args: tuple, out: Any) -> Any:
+        return self._run(out, lambda o, site: site.get(o), lambda o, site, x: site.set(o, x))
+
+
+#: module -> {"input" | "output": dispatcher}; weak, so a discarded model takes its dispatchers with it.
+_DISPATCHERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, _Dispatcher]]" = weakref.WeakKeyDictionary()
+
+
+def register(model: "HookedVLM", hooks: dict[str, list[HookFn]]) -> list[Handle]:
     """Register ``{name: [fn, ...]}`` as module hooks; returns handles to remove them."""
-    handles: list[RemovableHandle] = []
+    handles: list[Handle] = []
     for name, fns in hooks.items():
         site = resolve_site(model.adapter, name)
         module = get_module(model.hf_model, site.module)
-
-        def run(value: Tensor, _name: str = name, _fns: list[HookFn] = fns) -> Tensor | None:
-            ctx = _context(model, _name, value)
-            changed = False
-            for fn in _fns:
-                new = fn(value, ctx)
-                if new is not None:
-                    value, changed = new, True
-            return value if changed else None
-
-        if site.kind == "input":
-            def pre(mod: torch.nn.Module, args: tuple, _run=run) -> tuple | None:
-                new = _run(args[0])
-                return None if new is None else (new,) + tuple(args[1:])
-
-            handles.append(module.register_forward_pre_hook(pre))
-        else:
-            def post(mod: torch.nn.Module, args: tuple, out: Any, _run=run, _site=site) -> Any:
-                new = _run(_site.get(out))
-                return None if new is None else _site.set(out, new)
-
-            handles.append(module.register_forward_hook(post))
+        kind = "input" if site.kind == "input" else "output"
+        per_module = _DISPATCHERS.setdefault(module, {})
+        dispatcher = per_module.get(kind)
+        if dispatcher is None:
+            dispatcher = per_module[kind] = _Dispatcher(model, module, kind)
+        handle = Handle(name, site, list(fns))
+        dispatcher.add(handle)
+        handles.append(handle)
     return handles
 
 
-def remove(handles: list[RemovableHandle]) -> None:
+def remove(handles: list[Handle]) -> None:
     for h in handles:
         h.remove()

@@ -73,3 +73,75 @@ def test_raw_call_outside_hookedvlm_is_a_clear_error(tiny_llava):
         with pytest.raises(RuntimeError, match="outside a HookedVLM call"):
             with torch.no_grad():
                 tiny_llava.hf_model(**inputs.model_kwargs())
+
+
+def _recorder(seen, tag):
+    def fn(x, ctx):
+        seen.append((tag, ctx.step))
+
+    return fn
+
+
+def test_nested_blocks_on_one_site_count_steps_once(tiny_llava):
+    """Two ``model.hooks`` blocks on the same site both see the prefill pass as step 0 (one count per module call)."""
+    inputs = tiny_llava.encode(prompts=["who is he"])
+    seen: list = []
+    with tiny_llava.hooks([("blocks.1.hook_resid_pre", _recorder(seen, "outer"))], backend="torch"):
+        with tiny_llava.hooks([("blocks.1.hook_resid_pre", _recorder(seen, "inner")),
+                               ("blocks.1.hook_resid_pre", _recorder(seen, "inner2"))], backend="torch"):
+            tiny_llava.generate(inputs, max_new_tokens=3, eos_token_id=None)
+    assert seen == [("outer", 0), ("inner", 0), ("inner2", 0), ("outer", 1), ("inner", 1), ("inner2", 1),
+                    ("outer", 2), ("inner", 2), ("inner2", 2)]
+
+
+def test_prefill_only_hooks_step_aside_for_decoding_and_come_back(tiny_llava):
+    from interp import prefill_only
+
+    inputs = tiny_llava.encode(prompts=["who is he", "who is she now"])
+    layer = tiny_llava.hf_model.model.language_model.layers[1]
+    seen: list = []
+    vec = 3 * torch.linspace(-1, 1, tiny_llava.d_model)
+    marked = prefill_only(_steer(vec, prefill_only=True))
+    with tiny_llava.hooks([("blocks.1.hook_resid_pre", _recorder(seen, "plain"))], backend="torch"):
+        tiny_llava.generate(inputs, max_new_tokens=4, eos_token_id=None)
+    assert [s for _, s in seen] == [0, 1, 2, 3]  # an unmarked hook runs at every step
+
+    calls: list = []
+    probe = prefill_only(lambda x, ctx: calls.append(ctx.step))
+    during: list = []  # how many pre-hooks the layer holds at each of its calls (this counter included)
+    counter = layer.register_forward_pre_hook(lambda m, a: during.append(len(layer._forward_pre_hooks)))
+    try:
+        with tiny_llava.hooks([("blocks.1.hook_resid_pre", probe), ("blocks.1.hook_resid_pre", marked)],
+                              backend="torch"):
+            fast = tiny_llava.generate(inputs, max_new_tokens=4, eos_token_id=None)
+            again = tiny_llava.generate(inputs, max_new_tokens=4, eos_token_id=None)
+            assert len(layer._forward_pre_hooks) == 2  # put back after each call
+    finally:
+        counter.remove()
+    assert calls == [0, 0]  # called at prefill only, once per generate
+    assert during == [2, 1, 1, 1, 2, 1, 1, 1]  # ours + the counter at prefill; only the counter while decoding
+    assert torch.equal(fast.sequences, again.sequences)
+    reference = tiny_llava.generate(inputs, max_new_tokens=4, eos_token_id=None,
+                                    hooks=[("blocks.1.hook_resid_pre", marked)])
+    assert torch.equal(fast.sequences, reference.sequences)  # same as the nnsight graph, prefill only
+    steered = tiny_llava.run_with_hooks(inputs, [("blocks.1.hook_resid_pre", marked)])
+    assert (steered - tiny_llava.run_with_hooks(inputs, [])).abs().max() > 1e-3  # the hook does steer
+    assert not layer._forward_pre_hooks
+
+
+def test_removal_inside_a_call_and_after_an_error_leaves_no_hook(tiny_llava):
+    from interp import prefill_only
+
+    inputs = tiny_llava.encode(prompts=["who is he"])
+    layer = tiny_llava.hf_model.model.language_model.layers[0]
+
+    def boom(x, ctx):
+        raise RuntimeError("boom")
+
+    with tiny_llava.hooks([("blocks.0.hook_resid_pre", prefill_only(lambda x, c: None))], backend="torch"):
+        tiny_llava.generate(inputs, max_new_tokens=2)
+        with pytest.raises(RuntimeError, match="boom"):
+            with tiny_llava.hooks([("blocks.0.hook_resid_pre", boom)], backend="torch"):
+                tiny_llava.generate(inputs, max_new_tokens=2)
+        assert len(layer._forward_pre_hooks) == 1
+    assert not layer._forward_pre_hooks
