@@ -97,8 +97,8 @@ class _Dispatcher:
     order against torch hooks that other code registered on the same module is not preserved.
     """
 
-    def __init__(self, model: "HookedVLM", module: torch.nn.Module, kind: str) -> None:
-        self.model, self.module, self.kind = model, module, kind
+    def __init__(self, module: torch.nn.Module, kind: str) -> None:
+        self.module, self.kind = module, kind
         self.entries: list[Handle] = []
         self.torch_handle: RemovableHandle | None = None
 
@@ -159,7 +159,7 @@ class _Dispatcher:
         return self._run(out, lambda o, site: site.get(o), lambda o, site, x: site.set(o, x))
 
 
-#: module -> {"input" | "output": dispatcher}; weak, so a discarded model takes its dispatchers with it.
+#: module -> {"input" | "output": dispatcher}; an entry lives while some handle on that module is registered.
 _DISPATCHERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, _Dispatcher]]" = weakref.WeakKeyDictionary()
 
 
@@ -173,7 +173,7 @@ def register(model: "HookedVLM", hooks: dict[str, list[HookFn]]) -> list[Handle]
         per_module = _DISPATCHERS.setdefault(module, {})
         dispatcher = per_module.get(kind)
         if dispatcher is None:
-            dispatcher = per_module[kind] = _Dispatcher(model, module, kind)
+            dispatcher = per_module[kind] = _Dispatcher(module, kind)
         handle = Handle(name, site, list(fns))
         dispatcher.add(handle)
         handles.append(handle)
