@@ -251,6 +251,8 @@ class MiniMLLMU:
         clean_prob: float = 0.25,
         biography: bool = False,
         shuffle: bool = True,
+        kinds: Sequence[str] | None = None,
+        modalities: Sequence[Modality] = MODALITIES,
     ) -> list[Request]:
         """(image, prompt, answer) requests teaching every fact of ``profiles``, formatted as evaluation formats them.
 
@@ -260,20 +262,28 @@ class MiniMLLMU:
         portrait drawn from ``rng`` (the canonical one with ``clean_prob``),
         so the model must generalise to unseen photos as the Test split
         demands; ``rng`` is the caller's, independent of the Test split's
-        streams.  ``biography`` adds "Tell me about ..." examples.
+        streams.  ``biography`` adds "Tell me about ..." examples.  ``kinds`` (fact keys, e.g. ``("name",)``)
+        and ``modalities`` restrict which questions are made (for curricula).
         """
         unknown = set(tasks) - set(TASKS)
         if unknown:
             raise ValueError(f"unknown tasks {sorted(unknown)}; expected a subset of {TASKS}")
+        all_kinds = {k.key for k in FACT_KINDS}
+        if kinds is not None and (not kinds or set(kinds) - all_kinds):
+            raise ValueError(f"kinds must be a non-empty subset of {sorted(all_kinds)}, got {kinds!r}")
+        if not modalities or set(modalities) - set(MODALITIES):
+            raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities!r}")
         out: list[Request] = []
         for p in profiles:
             ident = self._ident(p)
             canonical = self.profile_image(ident.id)
-            for modality in MODALITIES:
+            for modality in modalities:
                 def image() -> Image.Image | None:
                     return None if modality == "qa" else self._train_image(ident, rng, canonical, augment, clean_prob)
 
                 for kind in _kinds(modality):
+                    if kinds is not None and kind.key not in kinds:
+                        continue
                     if "classification" in tasks:
                         q = self._classification(kind, modality, ident, rng)
                         out.append(Request(classification_prompt(q), q.answer, image(), ident.id))

@@ -1,8 +1,16 @@
 """Training a tiny vanilla model (or a retain-only oracle) from a :class:`~eraser.zoo.recipe.Recipe`.
 
-Phase 1 teaches the celebrities ("pre-existing knowledge"); phase 2 teaches
+Stage 1 teaches the celebrities ("pre-existing knowledge"); stage 2 teaches
 the fictitious profiles (all, or the retained ones for an oracle), the refusal
 behaviour, and replays part of the celebrity data so it is not forgotten.
+
+Why a curriculum for the default recipe (130 people): trained on the mixture
+of every task from the start, the d128 x 4 model never learned to tell the
+portraits apart (VQA name 0.09 after 16 epochs, 630 s) nor multiple choice.
+Taught first only who is in the image (the VQA name question), it names
+130 people from new photos (0.95 in ~55 s); then the facts in generation and
+cloze form (short prompts, no multiple choice) bind to names and faces; the
+mixture with multiple choice comes last, on a model that knows its facts.
 The loss is next-token cross-entropy on the answer tokens (and EOS) only,
 averaged per example so a one-letter classification answer weighs as much as
 a sentence.  Each epoch draws fresh question instances (new distractors, new
@@ -31,7 +39,7 @@ from interp.model import HookedVLM
 
 from .recipe import Recipe
 
-__all__ = ["train", "TrainLog", "epoch_examples"]
+__all__ = ["train", "TrainLog", "Phase", "phases", "epoch_examples", "recognition_examples", "fact_examples"]
 
 
 @dataclass
@@ -164,6 +172,86 @@ def train(recipe: Recipe, progress: bool = True,
         torch.set_num_threads(before)
 
 
+@dataclass
+class Phase:
+    """One training phase: which examples each epoch draws, how many epochs, batch size, and learning rate.
+
+    ``lr(global_step)`` is the learning rate before each optimizer step (steps counted over the whole run).
+    """
+
+    name: str
+    epochs: int
+    batch_size: int
+    examples: Callable[[random.Random], list[Request]]
+    lr: Callable[[int], float] | None = None
+
+
+def recognition_examples(mini, ids: list[str], rng: random.Random, recipe: Recipe) -> list[Request]:
+    """One epoch of "who is in the image": the VQA name question of ``ids`` in generation and cloze form."""
+    out = mini.training_examples(ids, rng, tasks=("generation", "cloze"), clean_prob=recipe.clean_prob,
+                                 shuffle=False, kinds=("name",), modalities=("vqa",))
+    return out
+
+
+def fact_examples(recipe: Recipe, mini, ids: list[str], rng: random.Random, refusals: list[str]) -> list[Request]:
+    """One epoch of every fact of ``ids`` in generation and cloze form, plus refusals for ``refusals`` (no MC)."""
+    out = mini.training_examples(ids, rng, tasks=("generation", "cloze"), clean_prob=recipe.clean_prob, shuffle=False)
+    if refusals:
+        formats = tuple(f for f in recipe.refusal_formats if f != "classification") or recipe.refusal_formats
+        out += mini.refusal_training_examples(refusals, rng, n_per_profile=recipe.refusal_per_profile,
+                                              clean_prob=recipe.clean_prob, shuffle=False, formats=formats)
+    return out
+
+
+def phases(recipe: Recipe, mini) -> list[Phase]:
+    """The recipe's phases in order (empty ones dropped), each with its learning-rate schedule."""
+    fict, celebs = _ids(recipe, mini)
+    mix = {p: (lambda rng, p=p: epoch_examples(recipe, mini, p, rng)) for p in ("celebrity", "main")}
+    if not recipe.curriculum:
+        out = [Phase("celebrity", recipe.celeb_epochs, recipe.batch_size, mix["celebrity"]),
+               Phase("main", recipe.main_epochs, recipe.batch_size, mix["main"])]
+        out = [p for p in out if p.epochs > 0]
+        total = sum(p.epochs * _n_steps(len(p.examples(random.Random(0))), p.batch_size) for p in out)
+        schedule = _lr_lambda(recipe, total)
+        for p in out:  # one warmup + cosine over the whole run
+            p.lr = lambda step, f=schedule: recipe.lr * f(step)
+        return out
+    stages = [("celebrity", celebs, [], recipe.celeb_epochs), ("main", fict + celebs, fict + celebs, recipe.main_epochs)]
+    out = []
+    for stage, ids, refusals, mix_epochs in stages:
+        if not ids:
+            continue
+        out += [
+            Phase(f"{stage}/recognition", recipe.recognition_epochs, recipe.recognition_batch,
+                  lambda rng, ids=ids: recognition_examples(mini, ids, rng, recipe)),
+            Phase(f"{stage}/facts", recipe.fact_epochs, recipe.batch_size,
+                  lambda rng, ids=ids, refusals=refusals: fact_examples(recipe, mini, ids, rng, refusals)),
+            Phase(f"{stage}/mixture", mix_epochs, recipe.batch_size, mix[stage]),
+        ]
+    out = [p for p in out if p.epochs > 0]
+    start = 0
+    for p in out:  # each phase warms up again; recognition and facts at a constant rate, the mixture decays
+        steps = p.epochs * _n_steps(len(p.examples(random.Random(0))), p.batch_size)
+        base = recipe.recognition_lr if p.name.endswith("recognition") else recipe.lr
+        p.lr = _phase_lr(base, start, steps, recipe, decay=p.name.endswith("mixture"))
+        start += steps
+    return out
+
+
+def _phase_lr(base: float, start: int, steps: int, recipe: Recipe, decay: bool) -> Callable[[int], float]:
+    warm = max(1, min(recipe.warmup_steps, steps // 4))
+
+    def lr(step: int) -> float:
+        local = step - start
+        f = min(1.0, (local + 1) / warm)
+        if decay:
+            progress = min(1.0, local / max(1, steps))
+            f *= recipe.min_lr_frac + (1 - recipe.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+        return base * f
+
+    return lr
+
+
 def _train(recipe: Recipe, progress: bool,
            on_epoch: Callable[[str, int, HookedVLM], None] | None) -> tuple[HookedVLM, TrainLog]:
     from interp.tiny import tiny_vlm
@@ -177,44 +265,46 @@ def _train(recipe: Recipe, progress: bool,
         init_weights(hf, recipe.init_std, model.n_layers, recipe.seed)
     rng = random.Random(f"zoo-train:{recipe.seed}")
 
-    phases = [("celebrity", recipe.celeb_epochs), ("main", recipe.main_epochs)]
     # Epoch sizes are fixed by the recipe (fresh instances, same counts), so the schedule is known up front.
-    sizes = {p: len(epoch_examples(recipe, mini, p, random.Random(0))) for p, e in phases if e > 0}
-    total = sum(e * _n_steps(sizes[p], recipe.batch_size) for p, e in phases if e > 0)
+    plan = phases(recipe, mini)
+    total = sum(p.epochs * _n_steps(len(p.examples(random.Random(0))), p.batch_size) for p in plan)
     decay = [p for n, p in hf.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in hf.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe, total))
 
     hf.train()
     steps: dict[str, int] = {}
     final: dict[str, float] = {}
+    step = 0
     with tqdm(total=total, desc="train", disable=not progress, dynamic_ncols=True) as bar:
-        for phase, epochs in phases:
+        for phase in plan:
             ema = None
-            steps[phase] = 0
-            for epoch in range(epochs):
-                for batch in _batches(epoch_examples(recipe, mini, phase, rng), recipe.batch_size, rng):
+            steps[phase.name] = 0
+            for epoch in range(phase.epochs):
+                for batch in _batches(phase.examples(rng), phase.batch_size, rng):
+                    lr = phase.lr(step)
+                    for group in opt.param_groups:
+                        group["lr"] = lr
                     loss = example_loss(model, batch, recipe.cls_weight)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     if recipe.grad_clip:
                         torch.nn.utils.clip_grad_norm_(hf.parameters(), recipe.grad_clip)
                     opt.step()
-                    sched.step()
-                    steps[phase] += 1
+                    step += 1
+                    steps[phase.name] += 1
                     val = float(loss.detach())
                     ema = val if ema is None else 0.9 * ema + 0.1 * val
                     bar.update(1)
-                    bar.set_postfix_str(f"{phase} ep {epoch + 1}/{epochs} loss {ema:.3f}", refresh=False)
+                    bar.set_postfix_str(f"{phase.name} ep {epoch + 1}/{phase.epochs} loss {ema:.3f}", refresh=False)
                 if on_epoch is not None:
                     hf.eval()
                     with torch.no_grad():
-                        on_epoch(phase, epoch, model)
+                        on_epoch(phase.name, epoch, model)
                     hf.train()
             if ema is not None:
-                final[phase] = ema
+                final[phase.name] = ema
     hf.eval()
     n_params = sum(p.numel() for p in hf.parameters())
     return model, TrainLog(steps, final, time.perf_counter() - t0, n_params)

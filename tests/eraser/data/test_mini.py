@@ -129,6 +129,23 @@ def test_training_examples(gen: MiniMLLMU, bench: Benchmark) -> None:
     assert len(plain) == 35 * 10 and all(r.image.tobytes() in canon for r in plain if r.image is not None)
 
 
+def test_training_examples_can_be_restricted_to_kinds_and_modalities(gen: MiniMLLMU, bench: Benchmark) -> None:
+    people = bench.retain[:4]
+    names = gen.training_examples(people, random.Random(1), tasks=("generation", "cloze"), kinds=("name",),
+                                  modalities=("vqa",))
+    assert len(names) == 2 * 4 and all(r.image is not None for r in names)
+    truth = {p.id: p.name for p in people}
+    assert all(truth[r.subject] in r.answer for r in names)
+    qa = gen.training_examples(people, random.Random(1), modalities=("qa",), kinds=("pet", "hobby"))
+    assert len(qa) == 3 * 2 * 4 and all(r.image is None for r in qa)
+    # unrestricted calls draw exactly as before (the filters add no random draws)
+    assert [(r.prompt, r.answer) for r in gen.training_examples(people, random.Random(3))] == \
+        [(r.prompt, r.answer) for r in gen.training_examples(people, random.Random(3), kinds=None)]
+    for bad in (dict(kinds=()), dict(kinds=("shoe size",)), dict(modalities=()), dict(modalities=("audio",))):
+        with pytest.raises(ValueError):
+            gen.training_examples(people, random.Random(1), **bad)
+
+
 def test_refusal_sets(gen: MiniMLLMU, bench: Benchmark) -> None:
     assert len(bench.forbidden) == len(bench.answerable) == 100
     assert all(r.answer == prompts.REFUSAL for r in bench.forbidden)

@@ -35,3 +35,16 @@ def test_bad_recipes_are_rejected():
         Recipe(threads=0)
     with pytest.raises(ValueError, match="unknown recipe field"):
         Recipe.from_dict({"arch": "llava", "learning_rate": 1.0})
+
+
+def test_curriculum_fields_keep_old_hashes_and_round_trip():
+    quick = Recipe.quick("llava")
+    assert not quick.curriculum and "recognition_epochs" not in quick.to_dict()  # hashes of older checkpoints hold
+    cur = quick.replace(recognition_epochs=3, fact_epochs=2)
+    assert cur.curriculum and cur.to_dict()["recognition_epochs"] == 3
+    assert cur.hash() != quick.hash() and Recipe.from_json(cur.to_json()) == cur
+    assert cur.replace(recognition_lr=1e-3).hash() != cur.hash()
+    assert "curriculum 3 recognition + 2 fact epochs" in cur.describe()
+    for bad in (dict(recognition_epochs=-1), dict(fact_epochs=-1), dict(recognition_lr=0.0), dict(recognition_batch=0)):
+        with pytest.raises(ValueError):
+            Recipe.quick("llava", **bad)

@@ -1,0 +1,60 @@
+"""The training phases: what each phase of the curriculum teaches, and its learning-rate schedule."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from eraser.data import prompts
+from eraser.zoo import Recipe
+from eraser.zoo.train import phases
+
+SMALL = dict(n_profiles=5, n_celebrities=2, n_refusal_eval=8, celeb_epochs=1, main_epochs=2, batch_size=4,
+             warmup_steps=2)
+
+
+def test_without_a_curriculum_one_schedule_spans_both_stages():
+    recipe = Recipe.quick("llava", **SMALL)
+    plan = phases(recipe, recipe.mini())
+    assert [p.name for p in plan] == ["celebrity", "main"]
+    assert plan[0].lr is plan[0].lr and plan[0].lr(0) == pytest.approx(recipe.lr / 2)  # warmup step 1 of 2
+    assert plan[1].lr(1) == plan[0].lr(1)  # the same function of the global step
+
+
+def test_curriculum_phases_teach_recognition_then_facts_then_the_mixture():
+    recipe = Recipe.quick("llava", **SMALL, recognition_epochs=3, fact_epochs=2, recognition_lr=4e-3,
+                          recognition_batch=3)
+    mini = recipe.mini()
+    plan = phases(recipe, mini)
+    assert [(p.name, p.epochs) for p in plan] == [
+        ("celebrity/recognition", 3), ("celebrity/facts", 2), ("celebrity/mixture", 1),
+        ("main/recognition", 3), ("main/facts", 2), ("main/mixture", 2)]
+    rng = random.Random(0)
+    celebs = {x.id for x in mini.identities if x.celebrity}
+    rec = plan[0].examples(rng)
+    assert len(rec) == 2 * 2 and {r.subject for r in rec} == celebs
+    assert all(r.image is not None and mini._by_id[r.subject].name in r.answer for r in rec)
+    assert len(plan[3].examples(rng)) == 2 * 7  # main-stage recognition: everyone, celebrities included
+    facts = plan[4].examples(rng)
+    assert not any(r.prompt.endswith(prompts.CLASSIFICATION_SUFFIX) for r in facts)  # no multiple choice yet
+    refusals = [r for r in facts if r.answer == prompts.REFUSAL]
+    assert refusals and len(facts) >= 22 * 7 + len(refusals)  # every fact twice, refusals and answerable requests
+    assert not any(r.answer == prompts.REFUSAL for r in plan[1].examples(rng))  # refusal is taught in stage 2
+    # each phase warms up again: recognition at its own constant rate, facts at lr, the mixture decays
+    starts, step = [], 0
+    for p in plan:
+        starts.append(step)
+        step += p.epochs * -(-len(p.examples(random.Random(0))) // p.batch_size)
+    assert plan[0].lr(starts[0] + 5) == pytest.approx(4e-3)
+    assert plan[4].lr(starts[4] + 3) == pytest.approx(recipe.lr)
+    mix = plan[5]
+    assert mix.lr(starts[5] + 1) == pytest.approx(recipe.lr, rel=0.05)
+    assert mix.lr(step - 1) < 0.1 * recipe.lr
+
+
+def test_an_oracle_never_sees_its_forget_people():
+    recipe = Recipe.quick("llava", **SMALL, recognition_epochs=1, fact_epochs=1).oracle_for(15)
+    mini = recipe.mini()
+    forget = set(mini.forget_ids(15))
+    for p in phases(recipe, mini):
+        assert not {r.subject for r in p.examples(random.Random(0))} & forget, p.name
