@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 @dataclass
 class _Active:
     inputs: "VLMInputs"
-    prompt_len: int
     calls: dict[int, int] = field(default_factory=dict)
     stepped_aside: list["_Dispatcher"] = field(default_factory=list)
 
@@ -56,7 +55,7 @@ class active_inputs:
         self.token: Any = None
 
     def __enter__(self) -> "VLMInputs":
-        self.token = ACTIVE.set(_Active(self.inputs, self.inputs.input_ids.shape[1]))
+        self.token = ACTIVE.set(_Active(self.inputs))
         return self.inputs
 
     def __exit__(self, *exc: Any) -> None:
@@ -128,8 +127,8 @@ class _Dispatcher:
 
     def _run(self, value: Any, get: Any, put: Any) -> Any:
         active = ACTIVE.get()
-        name = self.entries[0].name if self.entries else "?"
         if active is None:
+            name = self.entries[0].name if self.entries else "?"
             raise RuntimeError(
                 f"hook on {name!r} fired outside a HookedVLM call; run the model through "
                 "model.run_with_hooks / run_with_cache / generate (or wrap a raw call in interp.torch_hooks.active_inputs)"
@@ -169,11 +168,10 @@ def register(model: "HookedVLM", hooks: dict[str, list[HookFn]]) -> list[Handle]
     for name, fns in hooks.items():
         site = resolve_site(model.adapter, name)
         module = get_module(model.hf_model, site.module)
-        kind = "input" if site.kind == "input" else "output"
         per_module = _DISPATCHERS.setdefault(module, {})
-        dispatcher = per_module.get(kind)
+        dispatcher = per_module.get(site.kind)
         if dispatcher is None:
-            dispatcher = per_module[kind] = _Dispatcher(module, kind)
+            dispatcher = per_module[site.kind] = _Dispatcher(module, site.kind)
         handle = Handle(name, site, list(fns))
         dispatcher.add(handle)
         handles.append(handle)

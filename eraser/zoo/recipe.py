@@ -150,8 +150,8 @@ class Recipe:
         (all of their examples are replayed in the main one).  Measured (2 CPU cores, 1317 s): generation
         ROUGE-L and cloze 1.00 on every split including the Test split's new photos, forbidden requests
         refused 100 %, normal ones 0 %; multiple choice only 0.36-0.44 (chance 0.25; the bar is 0.9).  It is
-        the slow part: in a side run, restarting the mixture at a constant-then-cosine rate from a model
-        with 8 mixture epochs took it 0.36 -> 0.70 in 10 more epochs, so it needs longer at a high rate.
+        the slow part and needs many epochs at a high rate: continuing this model's mixture at a constant
+        lr 1e-3 took it 0.39 -> 0.69 -> 0.86 in 10 and 18 more epochs (retain, every other profile).
         Without the curriculum (16 mixture epochs, 630 s) the model named 9 % of the portraits.
         ``changes`` replace fields; ``model={...}`` is merged into the preset model sizes.
         """

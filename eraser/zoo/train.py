@@ -114,8 +114,7 @@ def _lr_lambda(recipe: Recipe, total: int) -> Callable[[int], float]:
     def f(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
-        progress = (step - warm) / max(1, total - warm)
-        return recipe.min_lr_frac + (1 - recipe.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return _cosine((step - warm) / max(1, total - warm), recipe.min_lr_frac)
 
     return f
 
@@ -176,21 +175,27 @@ def train(recipe: Recipe, progress: bool = True,
 class Phase:
     """One training phase: which examples each epoch draws, how many epochs, batch size, and learning rate.
 
-    ``lr(global_step)`` is the learning rate before each optimizer step (steps counted over the whole run).
+    ``steps_per_epoch`` is known up front (epoch sizes are fixed by the recipe: fresh instances, same
+    counts); ``lr(global_step)`` is the learning rate before each optimizer step (steps counted over the
+    whole run), set by :func:`phases` once every phase's length is known.
     """
 
     name: str
     epochs: int
     batch_size: int
     examples: Callable[[random.Random], list[Request]]
+    steps_per_epoch: int = 0
     lr: Callable[[int], float] | None = None
+
+    @property
+    def steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
 
 
 def recognition_examples(mini, ids: list[str], rng: random.Random, recipe: Recipe) -> list[Request]:
     """One epoch of "who is in the image": the VQA name question of ``ids`` in generation and cloze form."""
-    out = mini.training_examples(ids, rng, tasks=("generation", "cloze"), clean_prob=recipe.clean_prob,
-                                 shuffle=False, kinds=("name",), modalities=("vqa",))
-    return out
+    return mini.training_examples(ids, rng, tasks=("generation", "cloze"), clean_prob=recipe.clean_prob,
+                                  shuffle=False, kinds=("name",), modalities=("vqa",))
 
 
 def fact_examples(recipe: Recipe, mini, ids: list[str], rng: random.Random, refusals: list[str]) -> list[Request]:
@@ -210,9 +215,8 @@ def phases(recipe: Recipe, mini) -> list[Phase]:
     if not recipe.curriculum:
         out = [Phase("celebrity", recipe.celeb_epochs, recipe.batch_size, mix["celebrity"]),
                Phase("main", recipe.main_epochs, recipe.batch_size, mix["main"])]
-        out = [p for p in out if p.epochs > 0]
-        total = sum(p.epochs * _n_steps(len(p.examples(random.Random(0))), p.batch_size) for p in out)
-        schedule = _lr_lambda(recipe, total)
+        out = _sized([p for p in out if p.epochs > 0])
+        schedule = _lr_lambda(recipe, sum(p.steps for p in out))
         for p in out:  # one warmup + cosine over the whole run
             p.lr = lambda step, f=schedule: recipe.lr * f(step)
         return out
@@ -228,14 +232,25 @@ def phases(recipe: Recipe, mini) -> list[Phase]:
                   lambda rng, ids=ids, refusals=refusals: fact_examples(recipe, mini, ids, rng, refusals)),
             Phase(f"{stage}/mixture", mix_epochs, recipe.batch_size, mix[stage]),
         ]
-    out = [p for p in out if p.epochs > 0]
+    out = _sized([p for p in out if p.epochs > 0])
     start = 0
     for p in out:  # each phase warms up again; recognition and facts at a constant rate, the mixture decays
-        steps = p.epochs * _n_steps(len(p.examples(random.Random(0))), p.batch_size)
         base = recipe.recognition_lr if p.name.endswith("recognition") else recipe.lr
-        p.lr = _phase_lr(base, start, steps, recipe, decay=p.name.endswith("mixture"))
-        start += steps
+        p.lr = _phase_lr(base, start, p.steps, recipe, decay=p.name.endswith("mixture"))
+        start += p.steps
     return out
+
+
+def _sized(plan: list[Phase]) -> list[Phase]:
+    """Fill in each phase's ``steps_per_epoch`` from one throwaway epoch (the counts do not depend on the rng)."""
+    for p in plan:
+        p.steps_per_epoch = _n_steps(len(p.examples(random.Random(0))), p.batch_size)
+    return plan
+
+
+def _cosine(progress: float, min_frac: float) -> float:
+    """From 1 at ``progress`` 0 down to ``min_frac`` at 1 (and after), along half a cosine."""
+    return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _phase_lr(base: float, start: int, steps: int, recipe: Recipe, decay: bool) -> Callable[[int], float]:
@@ -245,8 +260,7 @@ def _phase_lr(base: float, start: int, steps: int, recipe: Recipe, decay: bool) 
         local = step - start
         f = min(1.0, (local + 1) / warm)
         if decay:
-            progress = min(1.0, local / max(1, steps))
-            f *= recipe.min_lr_frac + (1 - recipe.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+            f *= _cosine(local / max(1, steps), recipe.min_lr_frac)
         return base * f
 
     return lr
@@ -265,9 +279,8 @@ def _train(recipe: Recipe, progress: bool,
         init_weights(hf, recipe.init_std, model.n_layers, recipe.seed)
     rng = random.Random(f"zoo-train:{recipe.seed}")
 
-    # Epoch sizes are fixed by the recipe (fresh instances, same counts), so the schedule is known up front.
     plan = phases(recipe, mini)
-    total = sum(p.epochs * _n_steps(len(p.examples(random.Random(0))), p.batch_size) for p in plan)
+    total = sum(p.steps for p in plan)
     decay = [p for n, p in hf.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in hf.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},

@@ -17,7 +17,8 @@ def test_without_a_curriculum_one_schedule_spans_both_stages():
     recipe = Recipe.quick("llava", **SMALL)
     plan = phases(recipe, recipe.mini())
     assert [p.name for p in plan] == ["celebrity", "main"]
-    assert plan[0].lr is plan[0].lr and plan[0].lr(0) == pytest.approx(recipe.lr / 2)  # warmup step 1 of 2
+    assert plan[0].lr(0) == pytest.approx(recipe.lr / 2)  # warmup step 1 of 2
+    assert plan[0].steps == 1 * -(-len(plan[0].examples(random.Random(0))) // 4)
     assert plan[1].lr(1) == plan[0].lr(1)  # the same function of the global step
 
 
@@ -44,7 +45,8 @@ def test_curriculum_phases_teach_recognition_then_facts_then_the_mixture():
     starts, step = [], 0
     for p in plan:
         starts.append(step)
-        step += p.epochs * -(-len(p.examples(random.Random(0))) // p.batch_size)
+        assert p.steps_per_epoch == -(-len(p.examples(random.Random(0))) // p.batch_size)
+        step += p.steps
     assert plan[0].lr(starts[0] + 5) == pytest.approx(4e-3)
     assert plan[4].lr(starts[4] + 3) == pytest.approx(recipe.lr)
     mix = plan[5]
