@@ -19,7 +19,7 @@ from .method import EraserConfig, MLLMEraser
 from .metrics import forget_quality
 from .pairs import fit_data
 from .variants import ERASER_VARIANTS, NOT_CONFIG
-from .zoo import Recipe, load_or_train
+from .zoo import TARGETS, Recipe, load_or_train
 
 
 @dataclass
@@ -153,22 +153,17 @@ def run_methods(setup: Setup, methods: list[str]) -> dict[str, Any]:
     return out
 
 
-#: The memorisation bar the vanilla model must clear before unlearning means anything (issue: embedded default).
-MEMORISATION_BAR = {"cls_acc": 0.9, "gen_rougeL": 0.7, "test_cls_acc": 0.8, "forbidden_refusal_rate": 0.95,
-                    "answerable_refusal_rate": 0.02, "oracle_forget_cls_acc": 0.4}
-
-
 def memorisation_checks(setup: Setup, vanilla: dict[str, dict[str, float]], refusal: dict[str, float]) -> dict[str, Any]:
     """Did the vanilla model learn what it should, and does the oracle not know the forget set?"""
     oracle = evaluate_split(setup.bench.forget, generate_fn(setup.oracle, batch_size=setup.batch_size),
                             batch_size=setup.batch_size, progress=setup.progress)
-    bar = MEMORISATION_BAR
+    bar = TARGETS  # the memorisation bar the vanilla model must clear before unlearning means anything
     checks: dict[str, Any] = {}
     for split in ("forget", "retain", "celebrity"):
         checks[f"{split}_cls_acc"] = {"value": vanilla[split]["cls_acc"], "min": bar["cls_acc"]}
         checks[f"{split}_gen_rougeL"] = {"value": vanilla[split]["gen_rougeL"], "min": bar["gen_rougeL"]}
     checks["test_cls_acc"] = {"value": vanilla["test"]["cls_acc"], "min": bar["test_cls_acc"]}
-    checks["test_gen_rougeL"] = {"value": vanilla["test"]["gen_rougeL"], "min": bar["test_cls_acc"]}
+    checks["test_gen_rougeL"] = {"value": vanilla["test"]["gen_rougeL"], "min": bar["test_gen_rougeL"]}
     checks["forbidden_refusal_rate"] = {"value": refusal["forbidden_refusal_rate"], "min": bar["forbidden_refusal_rate"]}
     checks["answerable_refusal_rate"] = {"value": refusal["answerable_refusal_rate"], "max": bar["answerable_refusal_rate"]}
     checks["oracle_forget_cls_acc"] = {"value": oracle["cls_acc"], "max": bar["oracle_forget_cls_acc"]}

@@ -43,7 +43,8 @@ QUICK_MODEL: dict[str, dict[str, Any]] = {
 
 
 #: Fields added after ``zoo-5`` checkpoints existed; omitted from :meth:`Recipe.to_dict` at their defaults.
-_LATE_FIELDS = ("recognition_epochs", "fact_epochs", "recognition_lr", "recognition_batch")
+_LATE_FIELDS = ("recognition_epochs", "fact_epochs", "recognition_lr", "recognition_batch", "mixture_hold",
+                "mixture_restart")
 
 
 def _freeze(mapping: Mapping[str, Any] | tuple) -> tuple[tuple[str, Any], ...]:
@@ -106,6 +107,10 @@ class Recipe:
     fact_epochs: int = 0
     recognition_lr: float = 2e-3
     recognition_batch: int = 26
+    # a curriculum mixture's schedule: after ``mixture_restart`` epochs (0 = never) the rate warms up again (one
+    # warm restart); the last cycle holds the full rate for ``mixture_hold`` of its epochs before its cosine decay
+    mixture_restart: int = 0
+    mixture_hold: float = 0.0
     # torch CPU threads while training: the thread count changes the order of float reductions, so the same
     # recipe trained with 1 and with 2 threads gives different weights (measured); it is part of the recipe
     threads: int = 2
@@ -139,6 +144,13 @@ class Recipe:
             raise ValueError("need recognition_epochs >= 0, fact_epochs >= 0, recognition_lr > 0")
         if not 0.0 <= self.celeb_replay <= 1.0 or not 0.0 <= self.clean_prob <= 1.0:
             raise ValueError("celeb_replay and clean_prob must lie in [0, 1]")
+        if not 0.0 <= self.mixture_hold < 1.0:
+            raise ValueError(f"mixture_hold must lie in [0, 1), got {self.mixture_hold!r}")
+        if self.mixture_restart < 0:
+            raise ValueError(f"mixture_restart must be >= 0, got {self.mixture_restart!r}")
+        if (self.mixture_hold or self.mixture_restart) and not self.curriculum:
+            raise ValueError("mixture_hold and mixture_restart shape a curriculum's mixture; without one "
+                             "(recognition_epochs = fact_epochs = 0) one schedule spans the whole run")
 
     # ----- presets --------------------------------------------------------------------------------
     @classmethod
@@ -252,4 +264,6 @@ class Recipe:
                 f"{self.n_profiles} profiles + {self.n_celebrities} celebrities, "
                 f"{self.celeb_epochs}+{self.main_epochs} epochs, batch {self.batch_size}, lr {self.lr}"
                 + (f", curriculum {self.recognition_epochs} recognition + {self.fact_epochs} fact epochs per stage"
-                   if self.curriculum else ""))
+                   if self.curriculum else "")
+                + (f", warm restart after {self.mixture_restart} mixture epochs" if self.mixture_restart else "")
+                + (f", mixture held {self.mixture_hold:.0%} of its epochs before decaying" if self.mixture_hold else ""))

@@ -230,13 +230,20 @@ def phases(recipe: Recipe, mini) -> list[Phase]:
                   lambda rng, ids=ids: recognition_examples(mini, ids, rng, recipe)),
             Phase(f"{stage}/facts", recipe.fact_epochs, recipe.batch_size,
                   lambda rng, ids=ids, refusals=refusals: fact_examples(recipe, mini, ids, rng, refusals)),
-            Phase(f"{stage}/mixture", mix_epochs, recipe.batch_size, mix[stage]),
         ]
+        first = recipe.mixture_restart if 0 < recipe.mixture_restart < mix_epochs else mix_epochs
+        out.append(Phase(f"{stage}/mixture", first, recipe.batch_size, mix[stage]))
+        if first < mix_epochs:  # a warm restart: the rest of the mixture under a schedule of its own
+            out.append(Phase(f"{stage}/mixture-restart", mix_epochs - first, recipe.batch_size, mix[stage]))
     out = _sized([p for p in out if p.epochs > 0])
     start = 0
-    for p in out:  # each phase warms up again; recognition and facts at a constant rate, the mixture decays
-        base = recipe.recognition_lr if p.name.endswith("recognition") else recipe.lr
-        p.lr = _phase_lr(base, start, p.steps, recipe, decay=p.name.endswith("mixture"))
+    for i, p in enumerate(out):  # each phase warms up again; recognition and facts at a constant rate
+        kind = p.name.split("/")[1]
+        base = recipe.recognition_lr if kind == "recognition" else recipe.lr
+        last_mixture = kind.startswith("mixture") and (i + 1 == len(out) or out[i + 1].name != f"{p.name}-restart")
+        # every mixture cycle decays; the last one of a stage first holds the full rate for ``mixture_hold``
+        hold = recipe.mixture_hold if last_mixture else 0.0
+        p.lr = _phase_lr(base, start, p.steps, recipe, decay=kind.startswith("mixture"), hold=hold)
         start += p.steps
     return out
 
@@ -253,14 +260,16 @@ def _cosine(progress: float, min_frac: float) -> float:
     return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _phase_lr(base: float, start: int, steps: int, recipe: Recipe, decay: bool) -> Callable[[int], float]:
+def _phase_lr(base: float, start: int, steps: int, recipe: Recipe, decay: bool,
+              hold: float = 0.0) -> Callable[[int], float]:
     warm = max(1, min(recipe.warmup_steps, steps // 4))
 
     def lr(step: int) -> float:
         local = step - start
         f = min(1.0, (local + 1) / warm)
-        if decay:
-            f *= _cosine(local / max(1, steps), recipe.min_lr_frac)
+        if decay:  # held at the full rate for the first ``hold`` of the phase, then half a cosine
+            held = int(hold * steps)
+            f *= _cosine(max(0, local - held) / max(1, steps - held), recipe.min_lr_frac)
         return base * f
 
     return lr
@@ -293,6 +302,8 @@ def _train(recipe: Recipe, progress: bool,
     with tqdm(total=total, desc="train", disable=not progress, dynamic_ncols=True) as bar:
         for phase in plan:
             ema = None
+            if phase.name.endswith("-restart"):  # a warm restart starts from a fresh optimizer, as measured
+                opt.state.clear()
             steps[phase.name] = 0
             for epoch in range(phase.epochs):
                 for batch in _batches(phase.examples(rng), phase.batch_size, rng):

@@ -45,6 +45,13 @@ def test_curriculum_fields_keep_old_hashes_and_round_trip():
     assert cur.hash() != quick.hash() and Recipe.from_json(cur.to_json()) == cur
     assert cur.replace(recognition_lr=1e-3).hash() != cur.hash()
     assert "curriculum 3 recognition + 2 fact epochs" in cur.describe()
-    for bad in (dict(recognition_epochs=-1), dict(fact_epochs=-1), dict(recognition_lr=0.0), dict(recognition_batch=0)):
+    assert "mixture_hold" not in cur.to_dict() and cur.replace(mixture_hold=0.5).hash() != cur.hash()
+    assert "mixture held 50% of its epochs" in cur.replace(mixture_hold=0.5).describe()
+    for bad in (dict(recognition_epochs=-1), dict(fact_epochs=-1), dict(recognition_lr=0.0), dict(recognition_batch=0),
+                dict(mixture_hold=1.0), dict(mixture_hold=-0.1), dict(mixture_restart=-1)):
         with pytest.raises(ValueError):
             Recipe.quick("llava", **bad)
+    for late in (dict(mixture_hold=0.5), dict(mixture_restart=3)):
+        with pytest.raises(ValueError, match="without one"):
+            quick.replace(**late)
+    assert "mixture_restart" not in cur.to_dict() and cur.replace(mixture_restart=3).hash() != cur.hash()

@@ -54,6 +54,43 @@ def test_curriculum_phases_teach_recognition_then_facts_then_the_mixture():
     assert mix.lr(step - 1) < 0.1 * recipe.lr
 
 
+def test_mixture_hold_keeps_the_full_rate_then_decays():
+    recipe = Recipe.quick("llava", **{**SMALL, "main_epochs": 8}, recognition_epochs=1, fact_epochs=1,
+                          mixture_hold=0.5)
+    plan = phases(recipe, recipe.mini())
+    mix = plan[-1]
+    start = sum(p.steps for p in plan[:-1])
+    held = int(0.5 * mix.steps)
+    assert mix.lr(start + held - 1) == pytest.approx(recipe.lr)  # still the full rate at the end of the hold
+    # then half a cosine over the rest: halfway through the decay the rate is halfway to min_lr_frac
+    mid = (1 + recipe.min_lr_frac) / 2
+    assert mix.lr(start + held + (mix.steps - held) // 2) == pytest.approx(recipe.lr * mid, rel=0.05)
+    assert mix.lr(start + mix.steps - 1) < 0.1 * recipe.lr
+    flat = phases(recipe.replace(mixture_hold=0.0), recipe.mini())[-1]
+    assert flat.lr(start + held - 1) < 0.6 * recipe.lr  # without the hold it is already halfway down
+
+
+def test_a_warm_restart_splits_the_mixture_and_only_the_last_cycle_holds():
+    recipe = Recipe.quick("llava", **{**SMALL, "main_epochs": 6}, recognition_epochs=1, fact_epochs=1,
+                          mixture_restart=2, mixture_hold=0.5)
+    plan = phases(recipe, recipe.mini())
+    assert [(p.name, p.epochs) for p in plan][-3:] == [("main/facts", 1), ("main/mixture", 2),
+                                                       ("main/mixture-restart", 4)]
+    assert plan[2].name == "celebrity/mixture"  # one celebrity mixture epoch: nothing to restart
+    first, second = plan[-2], plan[-1]
+    start = sum(p.steps for p in plan[:-2])
+    assert first.steps == 2 * second.steps // 4
+    assert first.lr(start + first.steps // 2) < 0.6 * recipe.lr  # the first cycle decays at once (no hold)
+    assert first.lr(start + first.steps - 1) < 0.1 * recipe.lr
+    start += first.steps
+    assert second.lr(start) == pytest.approx(recipe.lr / 2)  # warms up again (step 1 of 2) ...
+    assert second.lr(start + second.steps // 2 - 1) == pytest.approx(recipe.lr)  # ... and holds for half
+    assert second.lr(start + second.steps - 1) < 0.1 * recipe.lr
+    whole = phases(recipe.replace(mixture_restart=6), recipe.mini())  # a restart at or past the end: none
+    assert [p.name for p in whole][-1] == "main/mixture" and whole[-1].epochs == 6
+    assert "warm restart after 2 mixture epochs" in recipe.describe()
+
+
 def test_an_oracle_never_sees_its_forget_people():
     recipe = Recipe.quick("llava", **SMALL, recognition_epochs=1, fact_epochs=1).oracle_for(15)
     mini = recipe.mini()
