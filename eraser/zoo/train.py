@@ -22,6 +22,7 @@ restarting the rate, with fresh optimizer state, after the full 24-epoch
 cosine lifted it in both runs tried, with different data orders: 0.39 ->
 0.49-0.54 -> 0.63-0.71 six and eight epochs later.  Why the annealed state
 matters is not understood; it is measured, not designed.
+
 The loss is next-token cross-entropy on the answer tokens (and EOS) only,
 averaged per example so a one-letter classification answer weighs as much as
 a sentence.  Each epoch draws fresh question instances (new distractors, new
@@ -188,13 +189,17 @@ class Phase:
 
     ``steps_per_epoch`` is known up front (epoch sizes are fixed by the recipe: fresh instances, same
     counts); ``lr(global_step)`` is the learning rate before each optimizer step (steps counted over the
-    whole run), set by :func:`phases` once every phase's length is known.
+    whole run), set by :func:`phases` once every phase's length is known from the schedule fields below.
     """
 
     name: str
     epochs: int
     batch_size: int
     examples: Callable[[random.Random], list[Request]]
+    base_lr: float = 0.0
+    decay: bool = False  # half a cosine after the hold (the mixture); else a constant rate after warmup
+    hold: float = 0.0  # fraction of the phase at the full rate before the decay
+    fresh_optimizer: bool = False  # a warm restart: AdamW's state is cleared when the phase begins
     steps_per_epoch: int = 0
     lr: Callable[[int], float] | None = None
 
@@ -238,23 +243,23 @@ def phases(recipe: Recipe, mini) -> list[Phase]:
             continue
         out += [
             Phase(f"{stage}/recognition", recipe.recognition_epochs, recipe.recognition_batch,
-                  lambda rng, ids=ids: recognition_examples(mini, ids, rng, recipe)),
+                  lambda rng, ids=ids: recognition_examples(mini, ids, rng, recipe), base_lr=recipe.recognition_lr),
             Phase(f"{stage}/facts", recipe.fact_epochs, recipe.batch_size,
-                  lambda rng, ids=ids, refusals=refusals: fact_examples(recipe, mini, ids, rng, refusals)),
+                  lambda rng, ids=ids, refusals=refusals: fact_examples(recipe, mini, ids, rng, refusals),
+                  base_lr=recipe.lr),
         ]
-        first = recipe.mixture_restart if 0 < recipe.mixture_restart < mix_epochs else mix_epochs
-        out.append(Phase(f"{stage}/mixture", first, recipe.batch_size, mix[stage]))
-        if first < mix_epochs:  # a warm restart: the rest of the mixture under a schedule of its own
-            out.append(Phase(f"{stage}/mixture-restart", mix_epochs - first, recipe.batch_size, mix[stage]))
+        # every mixture cycle decays; the stage's last one first holds the full rate for ``mixture_hold``
+        restart = 0 < recipe.mixture_restart < mix_epochs
+        first = recipe.mixture_restart if restart else mix_epochs
+        out.append(Phase(f"{stage}/mixture", first, recipe.batch_size, mix[stage], base_lr=recipe.lr, decay=True,
+                         hold=0.0 if restart else recipe.mixture_hold))
+        if restart:  # the rest of the mixture under a schedule of its own, from a fresh optimizer (as measured)
+            out.append(Phase(f"{stage}/mixture-restart", mix_epochs - first, recipe.batch_size, mix[stage],
+                             base_lr=recipe.lr, decay=True, hold=recipe.mixture_hold, fresh_optimizer=True))
     out = _sized([p for p in out if p.epochs > 0])
     start = 0
-    for i, p in enumerate(out):  # each phase warms up again; recognition and facts at a constant rate
-        kind = p.name.split("/")[1]
-        base = recipe.recognition_lr if kind == "recognition" else recipe.lr
-        last_mixture = kind.startswith("mixture") and (i + 1 == len(out) or out[i + 1].name != f"{p.name}-restart")
-        # every mixture cycle decays; the last one of a stage first holds the full rate for ``mixture_hold``
-        hold = recipe.mixture_hold if last_mixture else 0.0
-        p.lr = _phase_lr(base, start, p.steps, recipe, decay=kind.startswith("mixture"), hold=hold)
+    for p in out:  # each phase warms up again
+        p.lr = _phase_lr(p.base_lr, start, p.steps, recipe, decay=p.decay, hold=p.hold)
         start += p.steps
     return out
 
@@ -313,7 +318,7 @@ def _train(recipe: Recipe, progress: bool,
     with tqdm(total=total, desc="train", disable=not progress, dynamic_ncols=True) as bar:
         for phase in plan:
             ema = None
-            if phase.name.endswith("-restart"):  # a warm restart starts from a fresh optimizer, as measured
+            if phase.fresh_optimizer:
                 opt.state.clear()
             steps[phase.name] = 0
             for epoch in range(phase.epochs):

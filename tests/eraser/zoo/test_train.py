@@ -78,6 +78,7 @@ def test_a_warm_restart_splits_the_mixture_and_only_the_last_cycle_holds():
                                                        ("main/mixture-restart", 4)]
     assert plan[2].name == "celebrity/mixture"  # one celebrity mixture epoch: nothing to restart
     first, second = plan[-2], plan[-1]
+    assert [p.fresh_optimizer for p in plan] == [False] * (len(plan) - 1) + [True]  # only the restart clears AdamW
     start = sum(p.steps for p in plan[:-2])
     assert first.steps == 2 * second.steps // 4
     assert first.lr(start + first.steps // 2) < 0.6 * recipe.lr  # the first cycle decays at once (no hold)
