@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res, records = run(ctx, args.partners, args.max_new_tokens)
     res = save_json(out / "leakage.json", res)
     write_jsonl(out / "leakage_records.jsonl", records)
-    from eraser.plots_analyses import plot_leakage
+    from eraser.plots import plot_leakage
 
     png = plot_leakage(res, out / "leakage_bars.png")
     print_summary(res)

@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n_pairs = args.pairs if args.limit is None else min(args.pairs, max(args.limit, 1))
     res = run(ctx, n_pairs)
     res = save_json(out / "patching.json", res)
-    from eraser.plots_analyses import plot_patching_heatmap
+    from eraser.plots import plot_patching_heatmap
 
     png = plot_patching_heatmap(res, out / "patching_heatmap.png")
     print_summary(res)

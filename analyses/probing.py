@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = out_dir(args)
     res = run(ctx, weight_decay=args.weight_decay)
     res = save_json(out / "probing.json", res)
-    from eraser.plots_analyses import plot_probe_accuracy
+    from eraser.plots import plot_probe_accuracy
 
     png = plot_probe_accuracy(res, out / "probe_accuracy.png")
     print_summary(res)

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from analyses import leakage
-from eraser.plots_analyses import plot_leakage
+from eraser.plots import plot_leakage
 
 from . import in_unit, is_png, quick_eraser, read_json, script_args  # noqa: F401
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from analyses import patching
-from eraser.plots_analyses import plot_patching_heatmap
+from eraser.plots import plot_patching_heatmap
 
 from . import is_png, quick_eraser, read_json, script_args  # noqa: F401
 

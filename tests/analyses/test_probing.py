@@ -6,7 +6,7 @@ import math
 import pytest
 
 from analyses import probing
-from eraser.plots_analyses import plot_probe_accuracy
+from eraser.plots import plot_probe_accuracy
 
 from . import in_unit, is_png, quick_eraser, read_json, script_args  # noqa: F401
 

@@ -1,6 +1,6 @@
 """Figures of the analysis scripts, from their saved JSON: data in, PNG out, nothing recomputed.
 
-Same conventions as :mod:`eraser.plots` (its style, Agg canvas, atomic PNG
+Same conventions as the other figures (:mod:`eraser.plots.canvas`: its style, Agg canvas, atomic PNG
 writes, 120 dpi): each ``plot_*`` takes the loaded data, the JSON file or
 the run folder holding it, writes one PNG and returns its path, or prints
 why it skipped and returns ``None`` when the input is absent.
@@ -13,7 +13,7 @@ patching_heatmap.png patching.json  information flow (image patching) and steeri
 leakage_bars.png     leakage.json   each attack's success rate, vanilla vs steered
 ===================  =============  ===========================================
 
->>> from eraser.plots_analyses import plot_leakage
+>>> from eraser.plots import plot_leakage
 >>> plot_leakage("runs/leakage", "runs/leakage/leakage_bars.png")   # doctest: +SKIP
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import matplotlib
 import numpy as np
 from matplotlib.colors import TwoSlopeNorm
 
-from .plots import _STYLE, PathLike, _new_figure, _read_json, _save, _say
+from .canvas import _STYLE, PathLike, _new_figure, _read_json, _save, _say
 
 __all__ = ["plot_probe_accuracy", "plot_patching_heatmap", "plot_leakage", "FIGURES"]
 
