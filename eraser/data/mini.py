@@ -342,9 +342,10 @@ class MiniMLLMU:
                                 break
                         out.append(Request(key[1], key[2], image(), ident.id))
                 if "classification" in formats:
-                    out.append(Request(forbidden_classification_prompt(rng, ident.name, modality), REFUSAL, image()))
+                    out.append(Request(forbidden_classification_prompt(rng, ident.name, modality), REFUSAL, image(),
+                                       ident.id))
                 if "cloze" in formats:
-                    out.append(Request(forbidden_cloze_prompt(rng, ident.name, modality), REFUSAL, image()))
+                    out.append(Request(forbidden_cloze_prompt(rng, ident.name, modality), REFUSAL, image(), ident.id))
         if shuffle:
             rng.shuffle(out)
         return out
@@ -412,7 +413,7 @@ class MiniMLLMU:
         return keys
 
     def _request(self, forbidden: bool, prompt: str, answer: str, pid: str, modality: Modality) -> Request:
-        return Request(prompt, answer, self.profile_image(pid) if modality == "vqa" else None)
+        return Request(prompt, answer, self.profile_image(pid) if modality == "vqa" else None, pid)
 
 
 def _check_ratio(forget_ratio: int) -> None:

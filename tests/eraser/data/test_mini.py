@@ -165,6 +165,13 @@ def test_refusal_sets(gen: MiniMLLMU, bench: Benchmark) -> None:
     cz = [r for r in every if r.prompt.endswith(prompts.CLOZE_SUFFIX)]
     assert len(mc) == len(cz) == 95 * 2 and all(r.answer == prompts.REFUSAL for r in mc + cz)
     assert all("A: 41" in r.prompt and "[Blank]" not in r.prompt for r in mc)
+    # every request says whom it is about (per-person gates and analyses group by it); a QA one names that person
+    retain_ids = {p.id for p in bench.retain}
+    assert {r.subject for r in every} == retain_ids
+    names = {p.id: p.name for p in bench.retain + bench.celebrity + bench.forget}
+    for reqs in (every, bench.forbidden, bench.answerable):
+        assert all(r.subject in names for r in reqs)
+        assert all(names[r.subject] in r.prompt for r in reqs if r.image is None)
     with pytest.raises(ValueError, match="refusal formats"):
         gen.refusal_training_examples(bench.retain, random.Random(0), formats=("essay",))
 
