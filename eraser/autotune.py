@@ -264,7 +264,7 @@ def choose_gate(model: Any, stats: Any, val: dict[str, list[ValItem]], config: A
     each concept's gate is calibrated on the validation questions about that concept
     (:func:`concept_calibration`) and every score reads their maximum (:func:`combined_gates`).
     """
-    from interp.collect import iter_last_token
+    from interp.collect import iter_query_activations
 
     names = [config.hook_name(l) for l in stats.layers]
     acts: dict[str, Tensor] = {}
@@ -272,8 +272,8 @@ def choose_gate(model: Any, stats: Any, val: dict[str, list[ValItem]], config: A
         items = val[split]
         if not items:
             raise ValueError(f"empty validation {split} split")
-        rows = list(iter_last_token(model, [i.image for i in items], [i.prompt for i in items], names, batch_size,
-                                    read=config.gate_read))
+        rows = list(iter_query_activations(model, [i.image for i in items], [i.prompt for i in items], names,
+                                           batch_size, read=config.gate_read))
         acts[split] = torch.stack([torch.cat([r[n] for r in rows]).double() for n in names])  # [L, n, d]
     rows = score_gate_configs(stats, acts["forget"], acts["retain"], config, gammas, null_spaces,
                               concept=_concept_index(stats, config, val["forget"]))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import math
 import time
@@ -28,11 +27,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from interp import HookedVLM
-from interp.collect import READS, iter_last_token
+from interp.collect import READS, iter_query_activations
 from interp.fingerprint import fingerprint_mismatch, model_fingerprint
 from interp.io import atomic_path
 
-from .direction import mean_difference
 from .gate import gate_score, window
 from .nullspace import SecondMoment
 from .stats import FitStats, gates_from_stats
@@ -177,8 +175,8 @@ class MLLMEraser:
         def stream(key: str):
             imgs, prompts = sets[key]
             read = config.gate_read if key in ("forget", "retain") else "last"
-            return iter_last_token(model, imgs, prompts, names, config.batch_size, progress=progress, desc=key,
-                                   read=read)
+            return iter_query_activations(model, imgs, prompts, names, config.batch_size, progress=progress,
+                                          desc=key, read=read)
 
         means: dict[str, dict[str, Tensor]] = {}
         for key in ("recall", "erase"):
@@ -288,8 +286,8 @@ class MLLMEraser:
         imgs, prompts = _split(queries, "diagnostic")
         names = [self.config.hook_name(l) for l in self.layers]
         rows = []
-        for batch in iter_last_token(model, imgs, prompts, names, batch_size or self.config.batch_size,
-                                     read=self.config.gate_read):
+        for batch in iter_query_activations(model, imgs, prompts, names, batch_size or self.config.batch_size,
+                                            read=self.config.gate_read):
             rows.append(torch.stack([gate_score(batch[n], self.w[i]) for i, n in enumerate(names)], dim=1))
         g = torch.cat(rows)
         if self.config.gate_window is not None and not raw:

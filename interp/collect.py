@@ -1,4 +1,4 @@
-"""Streaming activation collection at the last prompt token (or averaged over the prompt).
+"""Streaming activation collection: one ``[d]`` row per query, read at the last prompt token or averaged.
 
 Why streaming: fitting statistics (means, second moments) over thousands of
 queries must not hold every activation in memory, and at 7B scale one batch
@@ -36,7 +36,7 @@ def prompt_mean(x: Float[Tensor, "batch pos d"], mask: Tensor) -> Float[Tensor, 
     return (x * m).sum(1) / m.sum(1).clamp(min=1)
 
 
-def iter_last_token(
+def iter_query_activations(
     model: HookedVLM,
     images: Sequence[RowImages],
     prompts: Sequence[str],
@@ -69,12 +69,12 @@ def iter_last_token(
                    for n in cache.names}
 
 
-def last_token(model: HookedVLM, images: Sequence[RowImages], prompts: Sequence[str], names: NameFilter,
-               batch_size: int = 32, hooks: HookSpec | None = None, progress: bool = False,
-               desc: str = "activations") -> dict[str, Float[Tensor, "n d"]]:
-    """All last-token activations stacked: ``{name: [n, d]}`` (for small sets; use :func:`iter_last_token` for large)."""
+def query_activations(model: HookedVLM, images: Sequence[RowImages], prompts: Sequence[str], names: NameFilter,
+                      batch_size: int = 32, hooks: HookSpec | None = None, progress: bool = False,
+                      desc: str = "activations", read: str = "last") -> dict[str, Float[Tensor, "n d"]]:
+    """All query activations stacked, ``{name: [n, d]}``: for small sets (large ones: :func:`iter_query_activations`)."""
     out: dict[str, list[Tensor]] = {}
-    for batch in iter_last_token(model, images, prompts, names, batch_size, hooks, progress, desc):
+    for batch in iter_query_activations(model, images, prompts, names, batch_size, hooks, progress, desc, read):
         for n, t in batch.items():
             out.setdefault(n, []).append(t)
     return {n: torch.cat(ts) for n, ts in out.items()}

@@ -340,9 +340,9 @@ def test_concept_gates_fit_one_gate_per_concept_and_steer_by_the_max(fitted_conc
     back = FitStats.load(stats.save(tmp_path / "stats.safetensors"))
     assert torch.equal(back.S_f, stats.S_f) and back.concepts == ["p1", "p2"]
     assert torch.equal(MLLMEraser.from_stats(back, eraser.config).w, eraser.w)
-    from interp.collect import iter_last_token
+    from interp.collect import iter_query_activations
 
-    H = torch.cat([b["blocks.1.hook_resid_pre"] for b in iter_last_token(
+    H = torch.cat([b["blocks.1.hook_resid_pre"] for b in iter_query_activations(
         tiny_llava, [q[0] for q in forget], [q[1] for q in forget], ["blocks.1.hook_resid_pre"], 16)]).double()
     Y = torch.tensor([[1.0, 0.0]] * 6 + [[0.0, 1.0]] * 6, dtype=torch.float64)
     P = projectors_from_stats(stats, rho=0.5)[0][0]

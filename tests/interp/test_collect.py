@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from interp.collect import iter_last_token, prompt_mean, prompt_positions
+from interp.collect import iter_query_activations, prompt_mean, prompt_positions, query_activations
 from tests.conftest import random_image
 
 
@@ -22,10 +22,13 @@ def test_streamed_rows_equal_the_cache(tiny_model):
     _, cache = tiny_model.run_with_cache(inputs, names=[name])
     mask = prompt_positions(inputs, cache[name].shape[1])
     assert mask.sum(1).tolist() == (inputs.attention_mask.sum(1)).tolist()  # left padding only, no answers here
-    last = torch.cat([b[name] for b in iter_last_token(tiny_model, images, prompts, [name], batch_size=2)])
-    mean = torch.cat([b[name] for b in iter_last_token(tiny_model, images, prompts, [name], batch_size=3,
-                                                       read="mean")])
+    last = torch.cat([b[name] for b in iter_query_activations(tiny_model, images, prompts, [name], batch_size=2)])
+    mean = torch.cat([b[name] for b in iter_query_activations(tiny_model, images, prompts, [name], batch_size=3,
+                                                              read="mean")])
     torch.testing.assert_close(last, cache.last(name).float(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mean, prompt_mean(cache[name].float(), mask), atol=1e-5, rtol=1e-5)
+    stacked = query_activations(tiny_model, images, prompts, [name], batch_size=2, read="mean")
+    assert list(stacked) == [name]
+    torch.testing.assert_close(stacked[name], mean)
     with pytest.raises(ValueError, match="read"):
-        next(iter_last_token(tiny_model, images, prompts, [name], read="max"))
+        next(iter_query_activations(tiny_model, images, prompts, [name], read="max"))
