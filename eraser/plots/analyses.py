@@ -142,6 +142,23 @@ def plot_patching_heatmap(source: Any, out_path: PathLike) -> Path | None:
 
 
 # -- leakage ------------------------------------------------------------------------------------------------
+def _paired_bars(ax, labels: list[str], vanilla: np.ndarray, steered: np.ndarray, ylabel: str, title: str) -> None:
+    """Vanilla and steered rates side by side per label, each bar annotated ("–" where missing)."""
+    x = np.arange(len(labels))
+    w = 0.38
+    ax.bar(x - w / 2, np.nan_to_num(vanilla), w, color="#4c72b0", label="vanilla")
+    ax.bar(x + w / 2, np.nan_to_num(steered), w, color="#dd8452", label="steered (MLLMEraser)")
+    for xi, (a, b) in enumerate(zip(vanilla, steered)):
+        for off, v in ((-w / 2, a), (w / 2, b)):
+            ax.text(xi + off, (v if np.isfinite(v) else 0) + 0.01, f"{v:.2f}" if np.isfinite(v) else "–",
+                    ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(x, labels, rotation=30, ha="right")
+    ax.set_ylim(0, 1.28)
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+
+
 def plot_leakage(source: Any, out_path: PathLike) -> Path | None:
     """Success rate of each extraction attack on the vanilla and the steered model (plus collateral damage)."""
     data, path = _read_json(source, "leakage.json")
@@ -157,37 +174,14 @@ def plot_leakage(source: Any, out_path: PathLike) -> Path | None:
         ncols = 2 if coll else 1
         fig = _new_figure(max(5.0, 0.55 * len(names) + 2.0) + (3.0 if coll else 0), 3.6)
         axes = fig.subplots(1, ncols, squeeze=False, width_ratios=[max(3.0, 0.55 * len(names)), 2.2][:ncols])[0]
-        ax = axes[0]
-        x = np.arange(len(names))
-        w = 0.38
-        ax.bar(x - w / 2, np.nan_to_num(van), w, color="#4c72b0", label="vanilla")
-        ax.bar(x + w / 2, np.nan_to_num(ste), w, color="#dd8452", label="steered (MLLMEraser)")
-        for xi, (a, b) in enumerate(zip(van, ste)):
-            for off, v in ((-w / 2, a), (w / 2, b)):
-                ax.text(xi + off, (0 if not np.isfinite(v) else v) + 0.01, "–" if not np.isfinite(v) else f"{v:.2f}",
-                        ha="center", va="bottom", fontsize=6)
-        ax.set_xticks(x, [attacks[a].get("label", a) for a in names], rotation=30, ha="right")
-        ax.set_ylim(0, 1.28)
-        ax.set_yticks(np.linspace(0, 1, 6))
-        ax.set_ylabel("attack success rate (forget facts extracted)")
-        ax.set_title("Extracting forget-set knowledge")
-        ax.legend(frameon=False, loc="upper center", ncol=2)
+        _paired_bars(axes[0], [attacks[a].get("label", a) for a in names], van, ste,
+                     "attack success rate (forget facts extracted)", "Extracting forget-set knowledge")
+        axes[0].legend(frameon=False, loc="upper center", ncol=2)
         if coll:
-            ax2 = axes[1]
             cn = list(coll)
-            xc = np.arange(len(cn))
-            ax2.bar(xc - w / 2, [_f(coll[c]["vanilla"]) for c in cn], w, color="#4c72b0")
-            ax2.bar(xc + w / 2, [_f(coll[c]["steered"]) for c in cn], w, color="#dd8452")
-            for xi, c in enumerate(cn):
-                for off, k in ((-w / 2, "vanilla"), (w / 2, "steered")):
-                    v = _f(coll[c][k])
-                    ax2.text(xi + off, (v if np.isfinite(v) else 0) + 0.01, f"{v:.2f}" if np.isfinite(v) else "–",
-                             ha="center", va="bottom", fontsize=6)
-            ax2.set_xticks(xc, [coll[c].get("label", c) for c in cn], rotation=30, ha="right")
-            ax2.set_ylim(0, 1.28)
-            ax2.set_yticks(np.linspace(0, 1, 6))
-            ax2.set_ylabel("retain facts answered correctly ↑")
-            ax2.set_title("Collateral damage")
+            _paired_bars(axes[1], [coll[c].get("label", c) for c in cn], np.array([_f(coll[c]["vanilla"]) for c in cn]),
+                         np.array([_f(coll[c]["steered"]) for c in cn]), "retain facts answered correctly ↑",
+                         "Collateral damage")
         fig.suptitle("Leakage under an API threat model (the steering hook cannot be removed)")
         return _save(fig, out_path, {"attacks": {a: {"vanilla": attacks[a]["vanilla"], "steered": attacks[a]["steered"]}
                                                  for a in names}})
