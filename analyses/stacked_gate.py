@@ -57,9 +57,14 @@ NULL_SPACES = ({"rho": 0.3}, {"rho": 0.5}, {"energy": 0.01}, {"energy": 0.001})
 GAMMAS = (0.1, 1.0, 10.0, 100.0)
 
 
-def sites(n_layers: int) -> list[str]:
-    """Every decoder layer's input but the first, and the last layer's output: what the stacked gate reads."""
-    return [f"blocks.{l}.hook_resid_pre" for l in range(1, n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
+def sites(n_layers: int, causal: bool = False) -> list[str]:
+    """What the stacked gate reads: every decoder layer's input but the first, and the last layer's output.
+
+    ``causal`` drops the output: the gate then reads nothing after the last layer's input, so steering that
+    layer alone needs no first pass (the same numbers in one pass; a per-layer hook could record the rest).
+    """
+    pre = [f"blocks.{l}.hook_resid_pre" for l in range(1, n_layers)]
+    return pre if causal else pre + [f"blocks.{n_layers - 1}.hook_resid_post"]
 
 
 def stacked(cache_rows: dict[str, Tensor], names: Sequence[str]) -> Float[Tensor, "n features"]:
@@ -120,11 +125,13 @@ def two_pass_generate(model, names: Sequence[str], gate: Callable[[Tensor], Tens
 
 
 def run(quick: bool = False, forget_ratio: int = 5, seed: int = 0, grid: Sequence[float] = DEFAULT_GRID,
-        batch_size: int = 64, tolerance: float = 0.02, progress: bool = True) -> dict[str, Any]:
+        batch_size: int = 64, tolerance: float = 0.02, progress: bool = True, causal: bool = False) -> dict[str, Any]:
+    """Fit, choose every setting on validation, evaluate.  ``causal``: read :func:`sites` ``(causal=True)`` and
+    steer only the last layer (see there); otherwise steer every layer the eraser has."""
     t0 = time.perf_counter()
     setup = load_setup("llava", seed, forget_ratio, quick, progress=progress, batch_size=batch_size)
     model, bench = setup.model, setup.bench
-    names = sites(model.n_layers)
+    names = sites(model.n_layers, causal)
     eraser, _, _ = fit_variant(setup, "mllmeraser", auto=False)  # only its per-layer directions are used
 
     def acts(qs) -> Tensor:
@@ -140,7 +147,8 @@ def run(quick: bool = False, forget_ratio: int = 5, seed: int = 0, grid: Sequenc
     print(f"[stacked_gate] {len(names)} sites, {fit['W'].shape[0]} features: {fit['choice']}", flush=True)
 
     def steered(lam: float) -> Callable:
-        return two_pass_generate(model, names, gate, eraser.layers, eraser.d, lam, batch_size)
+        layers, directions = (eraser.layers[-1:], eraser.d[-1:]) if causal else (eraser.layers, eraser.d)
+        return two_pass_generate(model, names, gate, layers, directions, lam, batch_size)
 
     vanilla_val = {k: measure(generate_fn(model, batch_size), v) for k, v in val.items()}
     rows = []
@@ -162,7 +170,8 @@ def run(quick: bool = False, forget_ratio: int = 5, seed: int = 0, grid: Sequenc
     refusal = refusal_checks(bench, gen, batch_size=batch_size, progress=progress)
     checks = eraser_checks(vanilla, res)
     print(results_table({"vanilla": vanilla, "stacked_gate": res}))
-    return {"config": {**setup.config(), "quick": quick, "sites": names, "validation": kind},
+    return {"config": {**setup.config(), "quick": quick, "sites": names, "causal": causal,
+                       "validation": kind},
             "gate": {k: v for k, v in fit.items() if k not in ("W", "cal")}, "strength": best["strength"],
             "validation": {"vanilla": vanilla_val, "rows": rows},
             "methods": {"vanilla": vanilla, "stacked_gate": res}, "refusal": refusal, "checks": checks,
@@ -178,9 +187,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", type=Path, default=Path("runs") / "stacked_gate")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--causal", action="store_true",
+                    help="read only the steered layer's input and those before it, and steer the last layer alone")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = run(args.quick, args.forget_ratio, args.seed, progress=not args.no_progress)
+    out = run(args.quick, args.forget_ratio, args.seed, progress=not args.no_progress, causal=args.causal)
     write_json(args.out / "stacked_gate.json", out)
     c = out["checks"]
     print(f"[stacked_gate] method bar {'met' if c['all_pass'] else 'missed'}: "
