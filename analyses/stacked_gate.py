@@ -25,7 +25,7 @@ refusals with retain utility kept.  It is a research prototype, not an
 PyTorch-hook calls, not an nnsight graph, and nothing is saved as an
 artifact.
 
-Writes ``OUT/stacked_gate.json`` (choices, validation rows, the full
+Writes ``OUT/stacked_gate.json`` (choices, the strength selection, the full
 evaluation, the method bar's checks).  Run:
 ``python -m analyses.stacked_gate [--quick] [--forget-ratio 5|10|15] [--out DIR]``.
 """
@@ -41,7 +41,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from eraser.autotune import DEFAULT_GRID, feasible, measure, validation_split
+from eraser.autotune import (DEFAULT_GRID, GAMMA_GRID, NULL_SPACE_GRID, calibrated_margin, choose_window,
+                             combined_gates, concept_calibration, measure, select_strength, validation_split)
 from eraser.backend import generate_fn
 from eraser.evaluate import evaluate_benchmark, refusal_checks, results_table
 from eraser.gate import fit_gates, window
@@ -50,11 +51,12 @@ from eraser.pairs import forget_concepts, forget_queries, queries
 from eraser.pipeline import eraser_checks, evaluate_model, fit_variant, load_setup
 from eraser.steer import add_direction, prompt_mask
 from interp import prefill_only
-from interp.collect import prompt_mean, prompt_positions, query_activations
+from interp.collect import query_activations
 from interp.io import write_json
 
-NULL_SPACES = ({"rho": 0.3}, {"rho": 0.5}, {"energy": 0.01}, {"energy": 0.001})
-GAMMAS = (0.1, 1.0, 10.0, 100.0)
+#: autotune's null-space rules plus rho 0.5: stacked features are 4x wider, so a larger null space still
+#: leaves the retain energy out (it was the choice at forget 5 and 15 %).
+NULL_SPACES = (*NULL_SPACE_GRID, {"rho": 0.5})
 
 
 def sites(n_layers: int, causal: bool = False) -> list[str]:
@@ -71,33 +73,35 @@ def stacked(cache_rows: dict[str, Tensor], names: Sequence[str]) -> Float[Tensor
     return torch.cat([cache_rows[n].double() for n in names], dim=1)
 
 
-def concept_gate(H: Float[Tensor, "n f"], W: Float[Tensor, "f c"], cal: Float[Tensor, " c"]) -> Float[Tensor, " n"]:
-    """The largest calibrated per-person gate of each row."""
-    return ((H @ W) / cal).max(dim=1).values
+def stacked_gate(H: Float[Tensor, "n f"], W: Float[Tensor, "f c"], factors: Float[Tensor, "1 c"]
+                 ) -> Float[Tensor, " n"]:
+    """Each row's gate: every person's gate calibrated, the largest taken (:func:`eraser.autotune.combined_gates`)."""
+    return combined_gates((H.double() @ W)[None], factors)[0]
 
 
 def fit_stacked_gate(H_f: Tensor, concepts_f: list[str], H_r: Tensor, V_f: Tensor, concepts_vf: list[str],
                      V_r: Tensor) -> dict[str, Any]:
-    """Gamma and null space with the widest validation margin; returns W, calibration, window and the grid."""
+    """Per-person ridge gates over the stacked features, for every (null space, gamma) of the grid; the one with
+    the widest validation :func:`~eraser.autotune.calibrated_margin` wins, with its window
+    (:func:`~eraser.autotune.choose_window`; None when the sets overlap, the linear gate is kept)."""
     people = sorted(set(concepts_f))
     Y = torch.tensor([[float(c == p) for p in people] for c in concepts_f], dtype=torch.float64)
-    idx = torch.tensor([people.index(c) for c in concepts_vf])
+    concept = torch.tensor([people.index(c) for c in concepts_vf])
     K = H_r.T @ H_r
     rows, best = [], None
-    for ns, gamma in itertools.product(NULL_SPACES, GAMMAS):
+    for ns, gamma in itertools.product(NULL_SPACES, GAMMA_GRID):
         P, info = null_space_projector(K, **ns)
         W = fit_gates(H_f, Y, P, gamma)
-        own = (V_f @ W)[torch.arange(len(idx)), idx]
-        cal = torch.stack([own[idx == k].mean() for k in range(len(people))])
-        lo = max(float(torch.quantile(concept_gate(V_r, W, cal), 0.99)), 0.1)
-        hi = float(torch.quantile(own / cal[idx], 0.1))
-        row = {"null_space": ns, "gamma": gamma, "rank": info.rank, "retain_q99": lo, "forget_q10": hi,
-               "margin": hi / lo}
+        factors, ok = concept_calibration((V_f @ W)[None], concept)
+        g_f, g_r = stacked_gate(V_f, W, factors), stacked_gate(V_r, W, factors)
+        row = {"null_space": ns, "gamma": gamma, "rank": info.rank,
+               "margin": calibrated_margin(g_f, g_r) if ok else 0.0}
         rows.append(row)
         if best is None or row["margin"] > best[0]["margin"]:
-            best = (row, W, cal)
-    row, W, cal = best
-    return {"choice": row, "W": W, "cal": cal, "window": (row["retain_q99"], 2 * row["retain_q99"]), "grid": rows}
+            best = (row, W, factors, g_f, g_r)
+    row, W, factors, g_f, g_r = best
+    win, why = choose_window(g_f, g_r)
+    return {"choice": row, "W": W, "factors": factors, "window": win, "window_reason": why, "grid": rows}
 
 
 def two_pass_generate(model, names: Sequence[str], gate: Callable[[Tensor], Tensor], layers: Sequence[int],
@@ -108,11 +112,9 @@ def two_pass_generate(model, names: Sequence[str], gate: Callable[[Tensor], Tens
         images = list(images) if images is not None else [None] * len(prompts)
         out: list[str] = []
         for s in range(0, len(prompts), batch_size):
-            enc = model.encode(images=images[s:s + batch_size], prompts=list(prompts[s:s + batch_size]))
-            _, cache = model.run_with_cache(enc, names=list(names))
-            H = stacked({n: prompt_mean(cache[n].float(), prompt_positions(enc, cache[n].shape[1])) for n in names},
-                        names)
-            g = gate(H).float()
+            ims, ps = images[s:s + batch_size], list(prompts[s:s + batch_size])
+            g = gate(stacked(query_activations(model, ims, ps, names, len(ps), read="mean"), names)).float()
+            enc = model.encode(images=ims, prompts=ps)
             hooks = []
             for l, d in zip(layers, directions):
                 def hook(x, ctx, d=d.float()):
@@ -143,37 +145,33 @@ def run(quick: bool = False, forget_ratio: int = 5, seed: int = 0, grid: Sequenc
                            acts(queries(bench.retain + bench.celebrity)),
                            acts([(i.image, i.prompt) for i in val["forget"]]), [i.subject for i in val["forget"]],
                            acts([(i.image, i.prompt) for i in val["retain"]]))
-    gate = lambda H: window(concept_gate(H, fit["W"], fit["cal"]), *fit["window"])  # noqa: E731
-    print(f"[stacked_gate] {len(names)} sites, {fit['W'].shape[0]} features: {fit['choice']}", flush=True)
+    print(f"[stacked_gate] {len(names)} sites, {fit['W'].shape[0]} features: {fit['choice']}; {fit['window_reason']}",
+          flush=True)
+
+    def gate(H: Tensor) -> Tensor:
+        g = stacked_gate(H, fit["W"], fit["factors"])
+        return window(g, *fit["window"]) if fit["window"] is not None else g
 
     def steered(lam: float) -> Callable:
         layers, directions = (eraser.layers[-1:], eraser.d[-1:]) if causal else (eraser.layers, eraser.d)
         return two_pass_generate(model, names, gate, layers, directions, lam, batch_size)
 
     vanilla_val = {k: measure(generate_fn(model, batch_size), v) for k, v in val.items()}
-    rows = []
-    for lam in sorted(grid, key=abs):
-        row = {"strength": lam, **{k: measure(steered(lam), v) for k, v in val.items()}}
-        row["feasible"] = feasible(row, vanilla_val, tolerance)
-        rows.append(row)
-        if progress:
-            print(f"[stacked_gate]   strength {lam}: forget refusal {row['forget']['refusal_rate']:.3f}, "
-                  f"retain cls {row['retain']['cls_acc']:.3f}, feasible {row['feasible']}", flush=True)
-    ok = [r for r in rows if r["feasible"]]
-    if not ok:
-        raise RuntimeError("no strength kept retain utility on the validation split")
-    best = max(ok, key=lambda r: (r["forget"]["refusal_rate"], -r["forget"]["cls_acc"], -abs(r["strength"])))
+    sel = select_strength(lambda lam: {k: measure(steered(lam), v) for k, v in val.items()}, vanilla_val, grid,
+                          tolerance, kind, progress)
+    if sel.strength is None:
+        raise RuntimeError(f"stacked gate: {sel.reason}")
 
     vanilla, _, _ = evaluate_model(setup, with_probs=False)
-    gen = steered(best["strength"])
+    gen = steered(sel.strength)
     res = evaluate_benchmark(bench, gen, batch_size=batch_size, progress=progress)
     refusal = refusal_checks(bench, gen, batch_size=batch_size, progress=progress)
     checks = eraser_checks(vanilla, res)
     print(results_table({"vanilla": vanilla, "stacked_gate": res}))
     return {"config": {**setup.config(), "quick": quick, "sites": names, "causal": causal,
                        "validation": kind},
-            "gate": {k: v for k, v in fit.items() if k not in ("W", "cal")}, "strength": best["strength"],
-            "validation": {"vanilla": vanilla_val, "rows": rows},
+            "gate": {k: v for k, v in fit.items() if k not in ("W", "factors")}, "strength": sel.strength,
+            "selection": sel.to_dict(),
             "methods": {"vanilla": vanilla, "stacked_gate": res}, "refusal": refusal, "checks": checks,
             "total_s": time.perf_counter() - t0}
 
@@ -194,8 +192,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = run(args.quick, args.forget_ratio, args.seed, progress=not args.no_progress, causal=args.causal)
     write_json(args.out / "stacked_gate.json", out)
     c = out["checks"]
-    print(f"[stacked_gate] method bar {'met' if c['all_pass'] else 'missed'}: "
-          + ", ".join(f"{k} {v['value']:.3f}{'' if v['pass'] else ' (miss)'}" for k, v in c.items() if isinstance(v, dict)))
+    lines = [f"{k} {v['value']:.3f}{'' if v['pass'] else ' (miss)'}" for k, v in c.items() if isinstance(v, dict)]
+    print(f"[stacked_gate] method bar {'met' if c['all_pass'] else 'missed'}: " + ", ".join(lines))
     print(f"[stacked_gate] wrote {args.out / 'stacked_gate.json'} in {out['total_s']:.0f}s")
     return out
 

@@ -124,11 +124,22 @@ def choose_strength(model: Any, eraser: Any, val: dict[str, list[ValItem]], grid
     Forgetting is the forget refusal rate (ties: lower forget accuracy, then the gentler strength).
     """
     gen = generate_fn(model, batch_size=batch_size)
-    vanilla = {k: measure(gen, v) for k, v in val.items()}
-    rows = []
-    for lam in tqdm(sorted(grid, key=abs), desc="strength", disable=not progress, leave=False):
+
+    def at(lam: float) -> dict[str, dict[str, float]]:
         with eraser.attached(model, strength=lam, gated=gated):
-            rows.append({"strength": lam, **{k: measure(gen, v) for k, v in val.items()}})
+            return {k: measure(gen, v) for k, v in val.items()}
+
+    vanilla = {k: measure(gen, v) for k, v in val.items()}
+    return select_strength(at, vanilla, grid, tolerance, validation, progress)
+
+
+def select_strength(measure_at: Callable[[float], dict[str, dict[str, float]]],
+                    vanilla: dict[str, dict[str, float]], grid: Sequence[float] = DEFAULT_GRID,
+                    tolerance: float = 0.02, validation: str = "", progress: bool = True) -> Selection:
+    """The rule of :func:`choose_strength` for any steering: ``measure_at(lam)`` gives each split's
+    :func:`measure` under strength ``lam`` (e.g. a steering that is not an :class:`MLLMEraser` hook)."""
+    rows = [{"strength": lam, **measure_at(lam)}
+            for lam in tqdm(sorted(grid, key=abs), desc="strength", disable=not progress, leave=False)]
     for r in rows:
         r["feasible"] = feasible(r, vanilla, tolerance)
     ok = [r for r in rows if r["feasible"]]
@@ -323,7 +334,8 @@ def score_gate_configs(stats: Any, acts_forget: Float[Tensor, "n_layers n_f d"],
             win, why = choose_window(g_f, g_r) if ok else (None, "no window: forget gates are not positive on average")
             rows.append({"gamma": gamma, "null_space": dict(ns), "score": score, "layers": per_layer,
                          "calibration": factors.tolist() if per_concept else factors[:, 0].tolist(),
-                         "tail_margin": _margin(g_f, g_r) if ok else 0.0, "window": list(win) if win else None,
+                         "tail_margin": calibrated_margin(g_f, g_r) if ok else 0.0,
+                         "window": list(win) if win else None,
                          "window_reason": why, "ranks": [i["rank"] for i in infos],
                          "leaks": [i["leak"] for i in infos]})
     return rows
@@ -341,11 +353,11 @@ def tail_margin(g_forget: Float[Tensor, "n_layers n_f"], g_retain: Float[Tensor,
     """
     g_f, g_r = g_forget[..., None], g_retain[..., None]  # one concept: the rank-one gate
     factors, ok = concept_calibration(g_f, torch.zeros(g_f.shape[1], dtype=torch.long))
-    return _margin(combined_gates(g_f, factors), combined_gates(g_r, factors)) if ok else 0.0
+    return calibrated_margin(combined_gates(g_f, factors), combined_gates(g_r, factors)) if ok else 0.0
 
 
-def _margin(g_forget: Tensor, g_retain: Tensor) -> float:
-    """:func:`tail_margin` of gates that are already calibrated."""
+def calibrated_margin(g_forget: Tensor, g_retain: Tensor) -> float:
+    """:func:`tail_margin` of gates that are already calibrated (and, per concept, combined)."""
     _, lo, f = _tails(g_forget, g_retain, WINDOW_QUANTILES["retain"], WINDOW_QUANTILES["forget"], WINDOW_MIN_LO)
     return f / lo
 

@@ -1,4 +1,4 @@
-"""analyses/stacked_gate.py: the gate fit on synthetic features with a known retain subspace, and the two-pass steering."""
+"""analyses/stacked_gate.py: the gate fit on synthetic features with a known retain subspace, two-pass steering."""
 from __future__ import annotations
 
 import pytest
@@ -27,15 +27,15 @@ def test_fit_picks_the_widest_margin_and_keeps_retain_out() -> None:
     V_r = torch.zeros(50, 12, dtype=torch.float64)
     V_r[:, :8] = torch.randn(50, 8, generator=gen, dtype=torch.float64)
     fit = sg.fit_stacked_gate(H_f, c_f, H_r, V_f, c_vf, V_r)
-    assert len(fit["grid"]) == len(sg.NULL_SPACES) * len(sg.GAMMAS)
+    assert len(fit["grid"]) == len(sg.NULL_SPACES) * len(sg.GAMMA_GRID)
     assert fit["choice"]["margin"] == max(r["margin"] for r in fit["grid"])
-    # retain features have no energy in the null space: their gates vanish, so the window's floor (0.1) is lo
-    assert fit["choice"]["retain_q99"] == 0.1 and fit["window"] == (0.1, 0.2)
-    assert sg.concept_gate(V_r, fit["W"], fit["cal"]).abs().max() < 1e-6
-    # calibrated forget gates sit at 1 (every forget query of a person has the same private coordinate)
-    assert fit["choice"]["forget_q10"] == pytest.approx(1.0, abs=1e-6)
-    own = sg.concept_gate(V_f, fit["W"], fit["cal"])
+    # retain features have no energy in the null space: their gates vanish, calibrated forget gates sit at 1
+    # (every forget query of a person has the same private coordinate), so the margin is 1 / the window's floor 0.1
+    assert sg.stacked_gate(V_r, fit["W"], fit["factors"]).abs().max() < 1e-6
+    own = sg.stacked_gate(V_f, fit["W"], fit["factors"])
     assert torch.allclose(own, torch.ones_like(own), atol=1e-6)
+    assert fit["choice"]["margin"] == pytest.approx(10.0, rel=1e-6)
+    assert fit["window"] == pytest.approx((0.1, 0.2))
 
 
 def test_sites_are_every_steered_input_and_the_last_output() -> None:
@@ -65,10 +65,11 @@ def test_quick_model_end_to_end(tmp_path) -> None:
     with one_thread():
         out = sg.main(["--quick", "--no-progress", "--out", str(tmp_path), "--threads", "1"])
     saved = read_json(tmp_path / "stacked_gate.json")
-    assert set(saved) >= {"config", "gate", "strength", "validation", "methods", "refusal", "checks"}
-    assert saved["strength"] == out["strength"] and saved["strength"] in sg.DEFAULT_GRID
-    chosen = next(r for r in saved["validation"]["rows"] if r["strength"] == saved["strength"])
-    assert chosen["feasible"]
+    assert set(saved) >= {"config", "gate", "strength", "selection", "methods", "refusal", "checks"}
+    assert saved["strength"] == out["strength"] == saved["selection"]["strength"]
+    assert saved["strength"] in sg.DEFAULT_GRID
+    chosen = next(r for r in saved["selection"]["candidates"] if r["strength"] == saved["strength"])
+    assert chosen["feasible"] and saved["gate"]["window"] is not None
     assert saved["gate"]["choice"]["margin"] > 2  # forget gates clear the retain gates' 99th percentile twice over
     c = saved["checks"]
     assert c["forget_cls_acc"]["value"] <= 0.05 and c["forget_refusal_rate"]["value"] >= 0.9

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from eraser.autotune import score_gate_configs, separation
+from eraser.autotune import score_gate_configs, select_strength, separation
 from eraser.method import EraserConfig
 from eraser.stats import FitStats
 
@@ -218,3 +218,22 @@ def test_validation_items_carry_their_subject():
     for val in (fresh, subset):
         assert {i.subject for i in val["forget"]} == ids
         assert not ids & {i.subject for i in val["retain"]} and None not in {i.subject for i in val["retain"]}
+
+
+def test_select_strength_takes_the_most_refusing_feasible_strength() -> None:
+    """The strength rule on made-up numbers: -2.0 refuses most but breaks retain; -1.0 and -0.5 tie on refusal,
+    -1.0 wins on lower forget accuracy; nothing feasible -> no strength."""
+    table = {-0.5: (0.8, 0.5, 0.90), -1.0: (0.8, 0.2, 0.89), -2.0: (1.0, 0.0, 0.70)}  # refusal, forget cls, retain cls
+
+    def at(lam):
+        ref, cls, ret = table[lam]
+        return {"forget": {"cls_acc": cls, "refusal_rate": ref, "gibberish_rate": 0.0},
+                "retain": {"cls_acc": ret, "refusal_rate": 0.0, "gibberish_rate": 0.0}}
+
+    vanilla = {"forget": {"cls_acc": 1.0, "refusal_rate": 0.0, "gibberish_rate": 0.0},
+               "retain": {"cls_acc": 0.9, "refusal_rate": 0.0, "gibberish_rate": 0.0}}
+    sel = select_strength(at, vanilla, grid=list(table), tolerance=0.02, progress=False)
+    assert sel.strength == -1.0
+    assert [r["strength"] for r in sel.candidates] == [-0.5, -1.0, -2.0]
+    assert [r["feasible"] for r in sel.candidates] == [True, True, False]
+    assert select_strength(at, vanilla, grid=[-2.0], progress=False).strength is None
