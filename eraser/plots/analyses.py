@@ -26,7 +26,7 @@ import matplotlib
 import numpy as np
 from matplotlib.colors import TwoSlopeNorm
 
-from .canvas import _STYLE, PathLike, _new_figure, _read_json, _save, _say
+from .canvas import STYLE, PathLike, new_figure, read_json, save_png, say_skipped
 
 __all__ = ["plot_probe_accuracy", "plot_patching_heatmap", "plot_leakage", "FIGURES"]
 
@@ -50,19 +50,19 @@ def plot_probe_accuracy(source: Any, out_path: PathLike) -> Path | None:
     vanilla run, the same probe on the steered run, a probe trained on the
     steered run.  Dotted grey: chance.
     """
-    data, path = _read_json(source, "probing.json")
+    data, path = read_json(source, "probing.json")
     if not data or not data.get("tasks"):
-        _say("probe_accuracy", f"no probing results ({path or 'no data'})")
+        say_skipped("probe_accuracy", f"no probing results ({path or 'no data'})")
         return None
     sites = data["sites"]
     vision = [s for s in sites if s["tower"] == "vision"]
     positions = [p for p in data.get("positions", []) if any(s["position"] == p and s["tower"] == "lm" for s in sites)]
     tasks = [t for t in data["tasks"] if "sites" in data["tasks"][t]]  # skipped tasks have none
     if not tasks:
-        _say("probe_accuracy", "every probing task was skipped")
+        say_skipped("probe_accuracy", "every probing task was skipped")
         return None
-    with matplotlib.rc_context(_STYLE):
-        fig = _new_figure(3.4 * len(positions) + 1.6, 2.4 * len(tasks) + 0.6)
+    with matplotlib.rc_context(STYLE):
+        fig = new_figure(3.4 * len(positions) + 1.6, 2.4 * len(tasks) + 0.6)
         axes = fig.subplots(len(tasks), len(positions), squeeze=False, sharey=True)
         for i, task in enumerate(tasks):
             t = data["tasks"][task]
@@ -92,7 +92,7 @@ def plot_probe_accuracy(source: Any, out_path: PathLike) -> Path | None:
         fig.legend(loc="outside lower center", ncol=4, frameon=False)
         strength = ((data.get("config") or {}).get("eraser") or {}).get("strength")
         fig.suptitle(f"Linear probes before vs after MLLMEraser (λ={strength})")
-        return _save(fig, out_path, {"summary": data.get("summary", {})})
+        return save_png(fig, out_path, {"summary": data.get("summary", {})})
 
 
 # -- patching -----------------------------------------------------------------------------------------------
@@ -116,18 +116,18 @@ def _panel(ax, fig, grid: Mapping[str, Any], title: str, xlabel: str) -> None:
 def plot_patching_heatmap(source: Any, out_path: PathLike) -> Path | None:
     """Normalised patching effects: image clean->corrupted flow (vision tower + projector, LM image/last positions)
     and, when present, the steered->vanilla patching per layer."""
-    data, path = _read_json(source, "patching.json")
+    data, path = read_json(source, "patching.json")
     if not data or "flow" not in data:
-        _say("patching_heatmap", f"no patching results ({path or 'no data'})")
+        say_skipped("patching_heatmap", f"no patching results ({path or 'no data'})")
         return None
     flow = data["flow"]
     panels = [(flow["vision_grid"], "Vision tower + projector (all patches)", "vision block"),
               (flow["lm_grid"], "Language model (image positions / answer position)", "LM block (resid_pre)")]
     if data.get("steering") and data["steering"].get("grid"):
         panels.append((data["steering"]["grid"], "Steered → vanilla (refusal vs answer)", "LM block"))
-    with matplotlib.rc_context({**_STYLE, "axes.grid": False}):
+    with matplotlib.rc_context({**STYLE, "axes.grid": False}):
         widths = [max(2.0, 0.55 * len(p[0]["cols"]) + 1.6) for p in panels]
-        fig = _new_figure(sum(widths) + 1.0, 2.9)
+        fig = new_figure(sum(widths) + 1.0, 2.9)
         axes = fig.subplots(1, len(panels), squeeze=False, width_ratios=widths)[0]
         for ax, (grid, title, xlabel) in zip(axes, panels):
             _panel(ax, fig, grid, title, xlabel)
@@ -138,7 +138,7 @@ def plot_patching_heatmap(source: Any, out_path: PathLike) -> Path | None:
             title += (f"; steering: refusal − answer log-prob, vanilla {_f(st.get('vanilla')):.2f} / "
                       f"steered {_f(st.get('steered')):.2f}")
         fig.suptitle(title)
-        return _save(fig, out_path, {"lm_grid": flow["lm_grid"], "vision_grid": flow["vision_grid"]})
+        return save_png(fig, out_path, {"lm_grid": flow["lm_grid"], "vision_grid": flow["vision_grid"]})
 
 
 # -- leakage ------------------------------------------------------------------------------------------------
@@ -161,18 +161,18 @@ def _paired_bars(ax, labels: list[str], vanilla: np.ndarray, steered: np.ndarray
 
 def plot_leakage(source: Any, out_path: PathLike) -> Path | None:
     """Success rate of each extraction attack on the vanilla and the steered model (plus collateral damage)."""
-    data, path = _read_json(source, "leakage.json")
+    data, path = read_json(source, "leakage.json")
     if not data or not data.get("attacks"):
-        _say("leakage_bars", f"no leakage results ({path or 'no data'})")
+        say_skipped("leakage_bars", f"no leakage results ({path or 'no data'})")
         return None
     attacks = data["attacks"]
     names = list(attacks)
     van = np.array([_f(attacks[a]["vanilla"]) for a in names])
     ste = np.array([_f(attacks[a]["steered"]) for a in names])
     coll = data.get("collateral") or {}
-    with matplotlib.rc_context(_STYLE):
+    with matplotlib.rc_context(STYLE):
         ncols = 2 if coll else 1
-        fig = _new_figure(max(5.0, 0.55 * len(names) + 2.0) + (3.0 if coll else 0), 3.6)
+        fig = new_figure(max(5.0, 0.55 * len(names) + 2.0) + (3.0 if coll else 0), 3.6)
         axes = fig.subplots(1, ncols, squeeze=False, width_ratios=[max(3.0, 0.55 * len(names)), 2.2][:ncols])[0]
         _paired_bars(axes[0], [attacks[a].get("label", a) for a in names], van, ste,
                      "attack success rate (forget facts extracted)", "Extracting forget-set knowledge")
@@ -183,8 +183,8 @@ def plot_leakage(source: Any, out_path: PathLike) -> Path | None:
                          np.array([_f(coll[c]["steered"]) for c in cn]), "retain facts answered correctly ↑",
                          "Collateral damage")
         fig.suptitle("Leakage under an API threat model (the steering hook cannot be removed)")
-        return _save(fig, out_path, {"attacks": {a: {"vanilla": attacks[a]["vanilla"], "steered": attacks[a]["steered"]}
-                                                 for a in names}})
+        rates = {a: {"vanilla": attacks[a]["vanilla"], "steered": attacks[a]["steered"]} for a in names}
+        return save_png(fig, out_path, {"attacks": rates})
 
 
 #: figure name -> (plot function taking (run_dir or data, out_path), output file name, input file name)

@@ -19,21 +19,21 @@ from matplotlib.figure import Figure
 
 DPI = 120
 ERASER = "mllmeraser"
-_STYLE = {
+STYLE = {
     "font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8, "legend.fontsize": 7, "xtick.labelsize": 7,
     "ytick.labelsize": 7, "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
     "grid.alpha": 0.3, "grid.linewidth": 0.5, "figure.titlesize": 10,
 }
-_SET_COLORS = {"forget": "#d62728", "retain": "#1f77b4", "test": "#2ca02c", "celebrity": "#9467bd"}
-_SET_ORDER = ("forget", "retain", "test", "celebrity")
+SET_COLORS = {"forget": "#d62728", "retain": "#1f77b4", "test": "#2ca02c", "celebrity": "#9467bd"}
+SET_ORDER = ("forget", "retain", "test", "celebrity")
 PathLike = str | os.PathLike
 
 
-def _say(fig: str, why: str) -> None:
+def say_skipped(fig: str, why: str) -> None:
     print(f"[plots] skipping {fig}: {why}", file=sys.stderr)
 
 
-def _read_json(src: Any, filename: str) -> tuple[Any, Path | None]:
+def read_json(src: Any, filename: str) -> tuple[Any, Path | None]:
     """``src`` is data (returned as is), a file, or a run folder holding ``filename``; missing -> ``(None, path)``."""
     if src is None:
         return None, None
@@ -47,20 +47,20 @@ def _read_json(src: Any, filename: str) -> tuple[Any, Path | None]:
     return json.loads(p.read_text()), p
 
 
-def _run_dir(src: Any) -> Path | None:
+def run_folder(src: Any) -> Path | None:
     if isinstance(src, (str, os.PathLike)):
         p = Path(src)
         return p if p.is_dir() else p.parent
     return None
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig: Figure, out_path: PathLike, notes: Mapping[str, Any] | None = None) -> Path:
+def save_png(fig: Figure, out_path: PathLike, notes: Mapping[str, Any] | None = None) -> Path:
     """Write the PNG atomically; ``notes`` go into PNG text chunks (read back with :func:`png_annotations`)."""
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -94,12 +94,12 @@ def png_annotations(path: PathLike) -> dict[str, Any]:
     return out
 
 
-def _num(v: Any) -> float:
+def as_number(v: Any) -> float:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
 
 
-def _fmt_strength(s: float) -> str:
+def fmt_strength(s: float) -> str:
     return f"{s:g}"
 
-def _looks_like_results(data: Any) -> bool:
+def looks_like_results(data: Any) -> bool:
     return isinstance(data, Mapping) and ("methods" in data or "config" in data)

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import matplotlib
 import numpy as np
 
-from .canvas import _SET_COLORS, _SET_ORDER, _STYLE, PathLike, _new_figure, _read_json, _save, _say
+from .canvas import SET_COLORS, SET_ORDER, STYLE, PathLike, new_figure, read_json, save_png, say_skipped
 
 
 def _as_2d(values: Any) -> np.ndarray:
@@ -34,7 +34,7 @@ def gate_summary(gates: Mapping[str, Any]) -> dict[str, Any]:
 
 def _ordered_sets(gates: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
     sets = gates.get("sets") or {}
-    names = [s for s in _SET_ORDER if s in sets] + [s for s in sets if s not in _SET_ORDER]
+    names = [s for s in SET_ORDER if s in sets] + [s for s in sets if s not in SET_ORDER]
     return [(n, sets[n]) for n in names if isinstance(sets[n], Mapping)]
 
 
@@ -58,9 +58,9 @@ def plot_gates(source: Any, out_path: PathLike, *, layer: int | None = None) -> 
     on forget queries and stays shut on retain ones, so only forget
     projections move.
     """
-    gates, path = _read_json(source, "gates.json")
+    gates, path = read_json(source, "gates.json")
     if not gates or not any(_as_2d(d.get("gate")).size for _, d in _ordered_sets(gates)):
-        _say("gates", f"no gate values ({path or 'no data'})")
+        say_skipped("gates", f"no gate values ({path or 'no data'})")
         return None
     summary = gate_summary(gates)
     sets = [(n, d) for n, d in _ordered_sets(gates) if n in summary["mean"]]
@@ -68,8 +68,8 @@ def plot_gates(source: Any, out_path: PathLike, *, layer: int | None = None) -> 
     layers = summary["layers"] or list(range(n_cols))
     col = _layer_column(layers, layer, n_cols)
     lname = layers[col] if col < len(layers) else col
-    with matplotlib.rc_context(_STYLE):
-        fig = _new_figure(12, 3.6)
+    with matplotlib.rc_context(STYLE):
+        fig = new_figure(12, 3.6)
         ax_h, ax_p, ax_l = fig.subplots(1, 3, width_ratios=[1.1, 1.2, 1.0])
         allg = np.concatenate([_as_2d(d["gate"])[:, min(col, _as_2d(d["gate"]).shape[1] - 1)] for _, d in sets])
         lo, hi = float(np.nanmin(allg)), float(np.nanmax(allg))
@@ -77,7 +77,7 @@ def plot_gates(source: Any, out_path: PathLike, *, layer: int | None = None) -> 
         for name, d in sets:
             g = _as_2d(d["gate"])
             v = g[:, min(col, g.shape[1] - 1)]
-            c = _SET_COLORS.get(name)
+            c = SET_COLORS.get(name)
             ax_h.hist(v, bins=bins, color=c, alpha=0.35, label=f"{name} (n={len(v)})")
             ax_h.hist(v, bins=bins, color=c, histtype="step", lw=1.2)
         ax_h.set_xlabel("gate value")
@@ -103,7 +103,7 @@ def plot_gates(source: Any, out_path: PathLike, *, layer: int | None = None) -> 
             bp = ax_p.boxplot(data, positions=pos, widths=0.36, showfliers=False, patch_artist=True)
             rng = np.random.default_rng(0)
             for patch, vals, p, (name, kind) in zip(bp["boxes"], data, pos, cols):
-                c = _SET_COLORS.get(name, "grey")
+                c = SET_COLORS.get(name, "grey")
                 patch.set_facecolor(c if kind == "after" else "white")
                 patch.set_alpha(0.45 if kind == "after" else 1.0)
                 patch.set_edgecolor(c)
@@ -121,7 +121,7 @@ def plot_gates(source: Any, out_path: PathLike, *, layer: int | None = None) -> 
         xs = np.arange(n_cols)
         for name, _ in sets:
             m, s = np.array(summary["mean"][name]), np.array(summary["std"][name])
-            c = _SET_COLORS.get(name)
+            c = SET_COLORS.get(name)
             ax_l.plot(xs[:len(m)], m, "-o", ms=3, color=c, label=name)
             ax_l.fill_between(xs[:len(m)], m - s, m + s, color=c, alpha=0.15, lw=0)
         ax_l.axvline(col, color="grey", ls=":", lw=1)
@@ -131,4 +131,4 @@ def plot_gates(source: Any, out_path: PathLike, *, layer: int | None = None) -> 
         ax_l.set_title("Mean gate per layer")
         ax_l.legend(frameon=False)
         fig.suptitle("Null-space gate: forget vs retain vs test")
-        return _save(fig, out_path, {"layer": lname, "mean_gate": summary["mean"]})
+        return save_png(fig, out_path, {"layer": lname, "mean_gate": summary["mean"]})

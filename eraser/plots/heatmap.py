@@ -10,7 +10,7 @@ import matplotlib
 import numpy as np
 from matplotlib.colors import TwoSlopeNorm
 
-from .canvas import _STYLE, PathLike, _fmt_strength, _new_figure, _num, _read_json, _run_dir, _save, _say
+from .canvas import STYLE, PathLike, as_number, fmt_strength, new_figure, read_json, run_folder, save_png, say_skipped
 
 
 def _load_records(source: Any) -> tuple[list[dict], Path | None]:
@@ -40,7 +40,7 @@ def sweep_grid(records: Sequence[Mapping[str, Any]], metric: str, row_key: str =
     for rec in records:
         s, r = rec.get("setting") or {}, rec.get("result") or {}
         if row_key in s and col_key in s and metric in r:
-            cells[(s[row_key], s[col_key])] = _num(r[metric])
+            cells[(s[row_key], s[col_key])] = as_number(r[metric])
     rows = sorted({k[0] for k in cells}, key=lambda v: (v == -1, v))
     cols = sorted({k[1] for k in cells}, key=lambda v: (abs(v), v))
     vals = np.full((len(rows), len(cols)), np.nan)
@@ -62,23 +62,23 @@ def plot_heatmap(source: Any, out_path: PathLike, *, vanilla_retain: float | Non
     records, path = _load_records(source)
     layers, strengths, refusal = sweep_grid(records, "forget_refusal_rate")
     if not records or not np.isfinite(refusal).any():
-        _say("heatmap", f"no sweep records with forget_refusal_rate ({path or 'no data'})")
+        say_skipped("heatmap", f"no sweep records with forget_refusal_rate ({path or 'no data'})")
         return None
     retain = _align(records, "retain_cls_acc", layers, strengths)
     if vanilla_retain is None:
-        zero = [_num(r["result"].get("retain_cls_acc")) for r in records
+        zero = [as_number(r["result"].get("retain_cls_acc")) for r in records
                 if (r.get("setting") or {}).get("strength") == 0 and "retain_cls_acc" in (r.get("result") or {})]
         zero = [z for z in zero if np.isfinite(z)]
         if zero:
             vanilla_retain = float(np.mean(zero))
     if vanilla_retain is None:
-        res, _ = _read_json(results if results is not None else _run_dir(source), "results.json")
+        res, _ = read_json(results if results is not None else run_folder(source), "results.json")
         v = ((((res or {}).get("methods") or {}).get("vanilla") or {}).get("retain") or {}).get("cls_acc")
         vanilla_retain = None if v is None else float(v)
     keep = [j for j, s in enumerate(strengths) if s != 0]
     strengths, refusal, retain = [strengths[j] for j in keep], refusal[:, keep], retain[:, keep]
     if not strengths:
-        _say("heatmap", "only strength-0 records")
+        say_skipped("heatmap", "only strength-0 records")
         return None
     panels = [(refusal, "forget refusal rate", "viridis", None, (0.0, 1.0))]
     if np.isfinite(retain).any():
@@ -90,15 +90,15 @@ def plot_heatmap(source: Any, out_path: PathLike, *, vanilla_retain: float | Non
         else:
             panels.append((retain, "retain classification accuracy", "viridis", None, (0.0, 1.0)))
     ylabels = ["all" if l == -1 else str(l) for l in layers]
-    with matplotlib.rc_context({**_STYLE, "axes.grid": False}):
-        fig = _new_figure(max(4.5, 0.45 * len(strengths) + 2.2) * len(panels), max(3.0, 0.32 * len(layers) + 1.6))
+    with matplotlib.rc_context({**STYLE, "axes.grid": False}):
+        fig = new_figure(max(4.5, 0.45 * len(strengths) + 2.2) * len(panels), max(3.0, 0.32 * len(layers) + 1.6))
         axes = fig.subplots(1, len(panels), squeeze=False)[0]
         for ax, (vals, title, cmap, norm, lims) in zip(axes, panels):
             cm = matplotlib.colormaps[cmap].with_extremes(bad="#dddddd")
             kw = {"norm": norm} if norm is not None else {"vmin": lims[0], "vmax": lims[1]}
             im = ax.imshow(np.ma.masked_invalid(vals), cmap=cm, aspect="auto", **kw)
             fig.colorbar(im, ax=ax, shrink=0.9)
-            ax.set_xticks(range(len(strengths)), [_fmt_strength(s) for s in strengths], rotation=45)
+            ax.set_xticks(range(len(strengths)), [fmt_strength(s) for s in strengths], rotation=45)
             ax.set_yticks(range(len(layers)), ylabels)
             ax.set_xlabel("steering strength λ")
             ax.set_ylabel("steered layer")
@@ -111,7 +111,7 @@ def plot_heatmap(source: Any, out_path: PathLike, *, vanilla_retain: float | Non
                         ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
                                 color="white" if dark else "black")
         fig.suptitle("Layer × strength sweep")
-        return _save(fig, out_path, {"vanilla_retain": vanilla_retain})
+        return save_png(fig, out_path, {"vanilla_retain": vanilla_retain})
 
 
 def _align(records: Sequence[Mapping[str, Any]], metric: str, layers: list, strengths: list) -> np.ndarray:

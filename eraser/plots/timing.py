@@ -8,17 +8,17 @@ from typing import Any, Mapping
 import matplotlib
 import numpy as np
 
-from .canvas import ERASER, _STYLE, PathLike, _looks_like_results, _new_figure, _num, _read_json, _save, _say
+from .canvas import ERASER, STYLE, PathLike, as_number, looks_like_results, new_figure, read_json, save_png, say_skipped
 
 
 def timing_ratios(timing: Mapping[str, Mapping[str, Any]], eraser: str = ERASER) -> dict[str, float]:
     """``{method: fit_s(method) / fit_s(eraser)}`` for every other method with a positive fit time."""
-    base = _num((timing.get(eraser) or {}).get("fit_s"))
+    base = as_number((timing.get(eraser) or {}).get("fit_s"))
     if not (base > 0):
         return {}
     out = {}
     for m, t in timing.items():
-        f = _num((t or {}).get("fit_s"))
+        f = as_number((t or {}).get("fit_s"))
         if m != eraser and f > 0:
             out[m] = f / base
     return out
@@ -32,23 +32,23 @@ def plot_timing(source: Any, out_path: PathLike, *, eraser: str = ERASER) -> Pat
     input and are also stored in the PNG (``png_annotations(path)["ratios"]``).
     Zero times (vanilla's fit) cannot sit on a log axis and are written as "0".
     """
-    data, path = _read_json(source, "results.json")
-    timing = (data.get("timing") if _looks_like_results(data) else data) if isinstance(data, Mapping) else None
+    data, path = read_json(source, "results.json")
+    timing = (data.get("timing") if looks_like_results(data) else data) if isinstance(data, Mapping) else None
     if not timing:
-        _say("timing", f"no timing in results ({path or 'no data'})")
+        say_skipped("timing", f"no timing in results ({path or 'no data'})")
         return None
     methods = [eraser] if eraser in timing else []
     methods += [m for m in timing if m not in (eraser, "vanilla")] + (["vanilla"] if "vanilla" in timing else [])
-    fit = np.array([_num((timing[m] or {}).get("fit_s")) for m in methods])
-    inf = np.array([_num((timing[m] or {}).get("infer_s")) for m in methods])
+    fit = np.array([as_number((timing[m] or {}).get("fit_s")) for m in methods])
+    inf = np.array([as_number((timing[m] or {}).get("infer_s")) for m in methods])
     pos_vals = np.concatenate([fit[fit > 0], inf[inf > 0]])
     if not pos_vals.size:
-        _say("timing", "no positive fit_s / infer_s values")
+        say_skipped("timing", "no positive fit_s / infer_s values")
         return None
     ratios = timing_ratios(timing, eraser)
     floor = float(pos_vals.min()) / 3
-    with matplotlib.rc_context(_STYLE):
-        fig = _new_figure(max(5.0, 0.9 * len(methods) + 2.5), 3.6)
+    with matplotlib.rc_context(STYLE):
+        fig = new_figure(max(5.0, 0.9 * len(methods) + 2.5), 3.6)
         ax = fig.subplots()
         x = np.arange(len(methods))
         w = 0.38
@@ -71,7 +71,7 @@ def plot_timing(source: Any, out_path: PathLike, *, eraser: str = ERASER) -> Pat
         ax.set_ylabel("wall time (s, log scale)")
         ax.set_title(f"Fit and inference time; bold: fit time relative to {eraser}")
         ax.legend(frameon=False, loc="upper right")
-        return _save(fig, out_path, {"ratios": ratios, "eraser": eraser})
+        return save_png(fig, out_path, {"ratios": ratios, "eraser": eraser})
 
 
 def _fmt_ratio(r: float) -> str:

@@ -11,7 +11,8 @@ from typing import Any, Mapping, Sequence
 import matplotlib
 import numpy as np
 
-from .canvas import _STYLE, PathLike, _fmt_strength, _looks_like_results, _new_figure, _num, _read_json, _save, _say
+from .canvas import (STYLE, PathLike, as_number, fmt_strength, looks_like_results, new_figure, read_json,
+                     save_png, say_skipped)
 
 
 @dataclass
@@ -36,8 +37,8 @@ def _metric(split_metrics: Mapping[str, Any] | None, metric: str) -> float:
     if not split_metrics:
         return math.nan
     if metric == "forget_error":
-        return 1.0 - _num(split_metrics.get("cls_acc"))
-    return _num(split_metrics.get(metric))
+        return 1.0 - as_number(split_metrics.get("cls_acc"))
+    return as_number(split_metrics.get(metric))
 
 
 def tradeoff_curves(results: Mapping[str, Any] | None = None,
@@ -77,19 +78,19 @@ def _load_tradeoff_inputs(source: Any, tradeoff: Any) -> tuple[dict | None, dict
     if isinstance(source, (str, os.PathLike)):
         p = Path(source)
         if p.is_dir():
-            results, _ = _read_json(p, "results.json")
+            results, _ = read_json(p, "results.json")
             if tradeoff is None:
-                tradeoff, _ = _read_json(p, "tradeoff.json")
+                tradeoff, _ = read_json(p, "tradeoff.json")
         else:
-            data, _ = _read_json(p, "")
-            results, tradeoff2 = (data, None) if _looks_like_results(data) else (None, data)
+            data, _ = read_json(p, "")
+            results, tradeoff2 = (data, None) if looks_like_results(data) else (None, data)
             tradeoff = tradeoff if tradeoff is not None else tradeoff2
             if results is None and p.parent.is_dir():
-                results, _ = _read_json(p.parent, "results.json")
-        return results, _read_json(tradeoff, "tradeoff.json")[0]
-    if _looks_like_results(source):
-        return source, _read_json(tradeoff, "tradeoff.json")[0]
-    return None, source if source is not None else _read_json(tradeoff, "tradeoff.json")[0]
+                results, _ = read_json(p.parent, "results.json")
+        return results, read_json(tradeoff, "tradeoff.json")[0]
+    if looks_like_results(source):
+        return source, read_json(tradeoff, "tradeoff.json")[0]
+    return None, source if source is not None else read_json(tradeoff, "tradeoff.json")[0]
 
 
 def plot_tradeoff(source: Any, out_path: PathLike, *, tradeoff: Any = None,
@@ -107,16 +108,16 @@ def plot_tradeoff(source: Any, out_path: PathLike, *, tradeoff: Any = None,
     # methods without a strength axis (training baselines select lr/epochs instead) have no curve to draw
     curves = {k: c for k, c in tradeoff_curves(results, trade).items() if len(c.strengths)}
     if not curves:
-        _say("tradeoff", "no tradeoff.json and no selection candidates in results.json")
+        say_skipped("tradeoff", "no tradeoff.json and no selection candidates in results.json")
         return None
     metrics = [m for m in forget_metrics
                if any(np.isfinite(c.values("forget", m)).any() for c in curves.values())]
     if not metrics or not any(np.isfinite(c.values("retain", "cls_acc")).any() for c in curves.values()):
-        _say("tradeoff", "no forget metric or retain cls_acc in the curves")
+        say_skipped("tradeoff", "no forget metric or retain cls_acc in the curves")
         return None
     labels = {"refusal_rate": "forget refusal rate ↑", "forget_error": "forget error (1 − cls acc) ↑"}
-    with matplotlib.rc_context(_STYLE):
-        fig = _new_figure(4.2 * len(metrics) + 0.8, 3.6)
+    with matplotlib.rc_context(STYLE):
+        fig = new_figure(4.2 * len(metrics) + 0.8, 3.6)
         axes = fig.subplots(1, len(metrics), squeeze=False)[0]
         colors = matplotlib.colormaps["tab10"]
         for ax, metric in zip(axes, metrics):
@@ -131,13 +132,13 @@ def plot_tradeoff(source: Any, out_path: PathLike, *, tradeoff: Any = None,
                 ax.scatter(x[~feas], y[~feas], s=16, facecolors="white", edgecolors=col, zorder=3)
                 for j in sorted({0, len(x) - 1}):  # strength labels at both ends; stacked per curve
                     if np.isfinite(x[j]) and np.isfinite(y[j]):
-                        ax.annotate(f"λ={_fmt_strength(c.strengths[j])}", (x[j], y[j]), textcoords="offset points",
+                        ax.annotate(f"λ={fmt_strength(c.strengths[j])}", (x[j], y[j]), textcoords="offset points",
                                     xytext=(-34, 5 + 8 * i) if j else (5, -10 - 8 * i), fontsize=6, color=col)
                 if c.chosen is not None:
                     k = int(np.argmin([abs(s - c.chosen) for s in c.strengths]))
                     if math.isclose(c.strengths[k], c.chosen, abs_tol=1e-9) and np.isfinite([x[k], y[k]]).all():
                         ax.scatter([x[k]], [y[k]], s=120, facecolors="none", edgecolors=col, linewidths=1.8,
-                                   zorder=4, label=f"chosen λ={_fmt_strength(c.chosen)} ({name})")
+                                   zorder=4, label=f"chosen λ={fmt_strength(c.chosen)} ({name})")
                 if c.vanilla:
                     vx, vy = _metric(c.vanilla.get("forget"), metric), _metric(c.vanilla.get("retain"), "cls_acc")
                     key = (round(vx, 6), round(vy, 6))
@@ -160,4 +161,4 @@ def plot_tradeoff(source: Any, out_path: PathLike, *, tradeoff: Any = None,
                     names.append(n)
         fig.legend(handles, names, loc="outside right center", frameon=False)
         fig.suptitle("Forgetting vs retain utility over steering strength (hollow: infeasible)")
-        return _save(fig, out_path, {"chosen": {n: c.chosen for n, c in curves.items()}})
+        return save_png(fig, out_path, {"chosen": {n: c.chosen for n, c in curves.items()}})
