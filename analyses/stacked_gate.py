@@ -20,10 +20,13 @@ eraser's direction scaled by it (prefill only, as the paper).  Everything
 is chosen on the validation split with the rules of :mod:`eraser.autotune`:
 gamma and the null space by the widest forget/retain margin, the window
 from the retain gates' 99th percentile, the strength by the most forget
-refusals with retain utility kept.  It is a research prototype, not an
-:class:`~eraser.method.MLLMEraser` variant yet: the two passes are plain
-PyTorch-hook calls, not an nnsight graph, and nothing is saved as an
-artifact.
+refusals with retain utility kept.  It is a research prototype: the two
+passes are plain PyTorch-hook calls, not an nnsight graph, and nothing is
+saved as an artifact.  Its one-pass form, which reads only the steered
+layer's input and those before it and steers the last layer alone, is the
+``mllmeraser_stacked_gate`` variant (``EraserConfig.gate_stack``): an
+nnsight graph with a fast path, saved and loaded like every eraser, run by
+``mllmeraser eval --method mllmeraser_stacked_gate`` and the demo.
 
 Writes ``OUT/stacked_gate.json`` (choices, the strength selection, the full
 evaluation, the method bar's checks).  Run:
@@ -41,7 +44,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from eraser.autotune import (DEFAULT_GRID, GAMMA_GRID, NULL_SPACE_GRID, calibrated_margin, choose_window,
+from eraser.autotune import (DEFAULT_GRID, GAMMA_GRID, STACKED_NULL_SPACE_GRID, calibrated_margin, choose_window,
                              combined_gates, concept_calibration, measure, select_strength, validation_split)
 from eraser.backend import generate_fn
 from eraser.evaluate import evaluate_benchmark, refusal_checks, results_table
@@ -54,19 +57,13 @@ from interp import prefill_only
 from interp.collect import query_activations
 from interp.io import write_json
 
-#: autotune's null-space rules plus rho 0.5: stacked features are 4x wider, so a larger null space still
-#: leaves the retain energy out (it was the choice at forget 5 and 15 %).
-NULL_SPACES = (*NULL_SPACE_GRID, {"rho": 0.5})
+#: The null-space rules tried: autotune's, with rho 0.5 for features this wide.
+NULL_SPACES = STACKED_NULL_SPACE_GRID
 
 
-def sites(n_layers: int, causal: bool = False) -> list[str]:
-    """What the stacked gate reads: every decoder layer's input but the first, and the last layer's output.
-
-    ``causal`` drops the output: the gate then reads nothing after the last layer's input, so steering that
-    layer alone needs no first pass (the same numbers in one pass; a per-layer hook could record the rest).
-    """
-    pre = [f"blocks.{l}.hook_resid_pre" for l in range(1, n_layers)]
-    return pre if causal else pre + [f"blocks.{n_layers - 1}.hook_resid_post"]
+def sites(n_layers: int) -> list[str]:
+    """What the stacked gate reads: every decoder layer's input but the first, and the last layer's output."""
+    return [f"blocks.{l}.hook_resid_pre" for l in range(1, n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
 
 
 def stacked(cache_rows: dict[str, Tensor], names: Sequence[str]) -> Float[Tensor, "n features"]:
@@ -127,13 +124,12 @@ def two_pass_generate(model, names: Sequence[str], gate: Callable[[Tensor], Tens
 
 
 def run(quick: bool = False, forget_ratio: int = 5, seed: int = 0, grid: Sequence[float] = DEFAULT_GRID,
-        batch_size: int = 64, tolerance: float = 0.02, progress: bool = True, causal: bool = False) -> dict[str, Any]:
-    """Fit, choose every setting on validation, evaluate.  ``causal``: read :func:`sites` ``(causal=True)`` and
-    steer only the last layer (see there); otherwise steer every layer the eraser has."""
+        batch_size: int = 64, tolerance: float = 0.02, progress: bool = True) -> dict[str, Any]:
+    """Fit, choose every setting on validation, evaluate; every layer the eraser has is steered."""
     t0 = time.perf_counter()
     setup = load_setup("llava", seed, forget_ratio, quick, progress=progress, batch_size=batch_size)
     model, bench = setup.model, setup.bench
-    names = sites(model.n_layers, causal)
+    names = sites(model.n_layers)
     eraser, _, _ = fit_variant(setup, "mllmeraser", auto=False)  # only its per-layer directions are used
 
     def acts(qs) -> Tensor:
@@ -153,8 +149,7 @@ def run(quick: bool = False, forget_ratio: int = 5, seed: int = 0, grid: Sequenc
         return window(g, *fit["window"]) if fit["window"] is not None else g
 
     def steered(lam: float) -> Callable:
-        layers, directions = (eraser.layers[-1:], eraser.d[-1:]) if causal else (eraser.layers, eraser.d)
-        return two_pass_generate(model, names, gate, layers, directions, lam, batch_size)
+        return two_pass_generate(model, names, gate, eraser.layers, eraser.d, lam, batch_size)
 
     vanilla_val = {k: measure(generate_fn(model, batch_size), v) for k, v in val.items()}
     sel = select_strength(lambda lam: {k: measure(steered(lam), v) for k, v in val.items()}, vanilla_val, grid,
@@ -168,8 +163,7 @@ def run(quick: bool = False, forget_ratio: int = 5, seed: int = 0, grid: Sequenc
     refusal = refusal_checks(bench, gen, batch_size=batch_size, progress=progress)
     checks = eraser_checks(vanilla, res)
     print(results_table({"vanilla": vanilla, "stacked_gate": res}))
-    return {"config": {**setup.config(), "quick": quick, "sites": names, "causal": causal,
-                       "validation": kind},
+    return {"config": {**setup.config(), "quick": quick, "sites": names, "validation": kind},
             "gate": {k: v for k, v in fit.items() if k not in ("W", "factors")}, "strength": sel.strength,
             "selection": sel.to_dict(),
             "methods": {"vanilla": vanilla, "stacked_gate": res}, "refusal": refusal, "checks": checks,
@@ -185,11 +179,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", type=Path, default=Path("runs") / "stacked_gate")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--causal", action="store_true",
-                    help="read only the steered layer's input and those before it, and steer the last layer alone")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = run(args.quick, args.forget_ratio, args.seed, progress=not args.no_progress, causal=args.causal)
+    out = run(args.quick, args.forget_ratio, args.seed, progress=not args.no_progress)
     write_json(args.out / "stacked_gate.json", out)
     c = out["checks"]
     lines = [f"{k} {v['value']:.3f}{'' if v['pass'] else ' (miss)'}" for k, v in c.items() if isinstance(v, dict)]

@@ -20,9 +20,11 @@ from interp.io import write_json
 from .variants import ERASER_VARIANTS
 
 ARCHS = ("llava", "qwen2_5_vl")
+#: ``eval --method``: vanilla alone, every MLLMEraser variant (``mllmeraser``), or one variant next to vanilla.
 METHOD_SETS = {
     "vanilla": ["vanilla"],
     "mllmeraser": ["vanilla", *ERASER_VARIANTS],
+    **{name: ["vanilla", name] for name in ERASER_VARIANTS if name != "mllmeraser"},
 }
 
 

@@ -31,10 +31,11 @@ from interp.collect import READS, iter_query_activations
 from interp.fingerprint import fingerprint_mismatch, model_fingerprint
 from interp.io import atomic_path
 
+from .features import check_stack, gate_rows, row_features
 from .gate import gate_score, window
 from .nullspace import SecondMoment
 from .stats import FitStats, gates_from_stats
-from .steer import gated_hook, static_hook
+from .steer import gated_hook, stacked_hooks, static_hook
 
 FORMAT = "mllmeraser.v1"
 Query = tuple[Any, str]
@@ -63,6 +64,9 @@ class EraserConfig:
     automatically by :func:`eraser.autotune.choose_window`; None is the paper's linear gate.
     ``concept_gates`` fits one gate per forget concept (profile) and steers by their maximum
     (:func:`eraser.gate.gate_score`): an extension; the paper's gate is one per layer.
+    ``gate_stack``, when set, replaces the per-layer gates by one gate over the concatenated reads at
+    those layers' sites (:mod:`eraser.features`), shared by every steered layer; every steered layer
+    must come at or after the last stacked one, so one forward pass reads before it steers.  An extension.
     """
 
     layers: tuple[int, ...] | None = None
@@ -77,6 +81,7 @@ class EraserConfig:
     gate_read: str = "last"
     gate_window: tuple[float, float] | None = None
     concept_gates: bool = False
+    gate_stack: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.site not in ("resid_pre", "resid_post"):
@@ -93,6 +98,15 @@ class EraserConfig:
             if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
                 raise ValueError(f"gate_window must be two finite numbers lo < hi, got {self.gate_window!r}")
             object.__setattr__(self, "gate_window", (lo, hi))
+        if self.gate_stack is not None:
+            try:
+                stack = tuple(int(l) for l in self.gate_stack)  # also accepts the JSON list an artifact stores
+            except (TypeError, ValueError):
+                stack = ()
+            if not stack or list(stack) != sorted(set(stack)) or min(stack) < 0:
+                raise ValueError(f"gate_stack must be distinct layer indices >= 0 in increasing order, "
+                                 f"got {self.gate_stack!r}")
+            object.__setattr__(self, "gate_stack", stack)
 
     def hook_name(self, layer: int) -> str:
         return f"blocks.{layer}.hook_{self.site}"
@@ -119,11 +133,12 @@ class MLLMEraser:
     """Per steered layer ``l``: gate weights ``w_l`` and direction ``d_l`` (2d floats), plus provenance.
 
     With ``config.concept_gates``, ``w`` holds one gate per forget concept, ``[n_layers, C, d]``, and
-    ``info["concepts"]`` names them.
+    ``info["concepts"]`` names them.  With ``config.gate_stack``, ``w`` has one row for all steered layers
+    over the stacked features, ``[1, F]`` or ``[1, C, F]`` with ``F = len(gate_stack) * d``.
     """
 
     layers: list[int]
-    w: Tensor  # [n_layers, d] or [n_layers, C, d]
+    w: Tensor  # [gate rows, d] or [gate rows, C, d]: rows = steered layers, or 1 stacked gate
     d: Tensor  # [n_layers, d]
     config: EraserConfig
     fingerprint: dict[str, Any]
@@ -160,7 +175,11 @@ class MLLMEraser:
         bad = [l for l in layers if not 0 <= l < model.n_layers]
         if bad or not layers:
             raise ValueError(f"layers {bad or layers} are not decoder layers of this {model.n_layers}-layer model")
+        if config.gate_stack:
+            check_stack(config.gate_stack, layers, model.n_layers)
         names = [config.hook_name(l) for l in layers]
+        rows = gate_rows(config, layers)
+        row_names = list(dict.fromkeys(n for row in rows for n in row))
         sets = {k: _split(v, k) for k, v in
                 (("forget", forget), ("retain", retain), ("recall", recall_pairs), ("erase", erase_pairs))}
         concepts: list[str] = []
@@ -178,6 +197,12 @@ class MLLMEraser:
             return iter_query_activations(model, imgs, prompts, names, config.batch_size, progress=progress,
                                           desc=key, read=read)
 
+        def gate_stream(key: str):  # what each gate row reads: [rows] of [batch, F]
+            imgs, prompts = sets[key]
+            for batch in iter_query_activations(model, imgs, prompts, row_names, config.batch_size,
+                                                progress=progress, desc=key, read=config.gate_read):
+                yield row_features(batch, rows)
+
         means: dict[str, dict[str, Tensor]] = {}
         for key in ("recall", "erase"):
             sums: dict[str, Tensor] = {}
@@ -189,29 +214,29 @@ class MLLMEraser:
             means[key] = {n: s / len(sets[key][1]) for n, s in sums.items()}
         directions = torch.stack([means["recall"][n] - means["erase"][n] for n in names])
 
-        d = model.d_model
-        K_r = {n: SecondMoment(d) for n in names}
-        for batch in stream("retain"):
-            for n, h in batch.items():
-                K_r[n].update(h)
-        K_f = {n: SecondMoment(d) for n in names}
-        s_f = {n: torch.zeros(d, dtype=torch.float64) for n in names}
-        S_f = {n: torch.zeros(len(concepts), d, dtype=torch.float64) for n in names}
+        f = len(rows[0]) * model.d_model  # every row has the same width: one site, or the whole stack
+        K_r = [SecondMoment(f) for _ in rows]
+        for feats in gate_stream("retain"):
+            for K, h in zip(K_r, feats):
+                K.update(h)
+        K_f = [SecondMoment(f) for _ in rows]
+        s_f = [torch.zeros(f, dtype=torch.float64) for _ in rows]
+        S_f = [torch.zeros(len(concepts), f, dtype=torch.float64) for _ in rows]
         position = {c: i for i, c in enumerate(concepts)}
         index = torch.tensor([position[c] for c in forget_concepts]) if concepts else None
         start = 0
-        for batch in stream("forget"):
-            for n, h in batch.items():
-                K_f[n].update(h)
-                s_f[n] += h.double().sum(0)
+        for feats in gate_stream("forget"):
+            for i, h in enumerate(feats):
+                K_f[i].update(h)
+                s_f[i] += h.double().sum(0)
                 if index is not None:
-                    S_f[n].index_add_(0, index[start:start + h.shape[0]], h.double())
-            start += next(iter(batch.values())).shape[0]
+                    S_f[i].index_add_(0, index[start:start + h.shape[0]], h.double())
+            start += feats[0].shape[0]
         return FitStats(
             layers=layers, site=config.site, directions=directions,
-            K_r=torch.stack([K_r[n].K for n in names]), K_f=torch.stack([K_f[n].K for n in names]),
-            s_f=torch.stack([s_f[n] for n in names]),
-            S_f=torch.stack([S_f[n] for n in names]) if concepts else None, concepts=concepts,
+            K_r=torch.stack([K.K for K in K_r]), K_f=torch.stack([K.K for K in K_f]),
+            s_f=torch.stack(s_f), gate_stack=list(config.gate_stack) if config.gate_stack else None,
+            S_f=torch.stack(S_f) if concepts else None, concepts=concepts,
             counts={k: len(v[1]) for k, v in sets.items()},
             data_hashes={k: _hash_queries(list(zip(*v))) for k, v in sets.items()},
             fingerprint=model_fingerprint(model), seconds=time.perf_counter() - t0)
@@ -223,6 +248,9 @@ class MLLMEraser:
             raise ValueError(f"statistics were collected at {stats.site!r}, config asks for {config.site!r}")
         if config.layers is not None and list(config.layers) != stats.layers:
             raise ValueError(f"statistics cover layers {stats.layers}, config asks for {list(config.layers)}")
+        if list(config.gate_stack or []) != list(stats.gate_stack or []):
+            raise ValueError(f"statistics were collected for gate_stack {stats.gate_stack}, config asks for "
+                             f"{config.gate_stack}")
         t0 = time.perf_counter()
         ws, infos = gates_from_stats(stats, config)
         info = {
@@ -258,6 +286,13 @@ class MLLMEraser:
         ``gated=False`` gives the static-steering ablation (same direction, no gate).
         """
         every = self.config.every_step if every_step is None else every_step
+        if gated and self.config.gate_stack:
+            steered = [(self.config.hook_name(l), self.d[i], lam)
+                       for i, (l, lam) in enumerate(self._strengths(strength).items()) if lam != 0.0]
+            if not steered:
+                return []
+            return stacked_hooks([self.config.hook_name(l) for l in self.config.gate_stack], steered, self.w[0],
+                                 every, record, read=self.config.gate_read, window=self.config.gate_window)
         specs = []
         for i, (l, lam) in enumerate(self._strengths(strength).items()):
             if lam == 0.0:
@@ -284,12 +319,16 @@ class MLLMEraser:
         They pass through the config's ``gate_window`` (what steering applies) unless ``raw``.
         """
         imgs, prompts = _split(queries, "diagnostic")
-        names = [self.config.hook_name(l) for l in self.layers]
-        rows = []
+        rows = gate_rows(self.config, self.layers)
+        names = list(dict.fromkeys(n for row in rows for n in row))
+        out = []
         for batch in iter_query_activations(model, imgs, prompts, names, batch_size or self.config.batch_size,
                                             read=self.config.gate_read):
-            rows.append(torch.stack([gate_score(batch[n], self.w[i]) for i, n in enumerate(names)], dim=1))
-        g = torch.cat(rows)
+            feats = row_features(batch, rows)
+            out.append(torch.stack([gate_score(h, self.w[i]) for i, h in enumerate(feats)], dim=1))
+        g = torch.cat(out)
+        if self.config.gate_stack:  # one gate, seen by every steered layer
+            g = g.expand(-1, len(self.layers)).contiguous()
         if self.config.gate_window is not None and not raw:
             g = window(g, *self.config.gate_window)
         return g
@@ -344,9 +383,12 @@ class MLLMEraser:
                      fingerprint=meta["fingerprint"], info=meta.get("info", {}))
         w, dd, n = eraser.w, eraser.d, len(eraser.layers)
         expected = 3 if eraser.config.concept_gates else 2
-        if dd.ndim != 2 or dd.shape[0] != n or w.ndim != expected or w.shape[0] != n or w.shape[-1] != dd.shape[-1]:
+        stack = eraser.config.gate_stack
+        rows, width = (1, len(stack) * dd.shape[-1]) if stack else (n, dd.shape[-1])
+        if dd.ndim != 2 or dd.shape[0] != n or w.ndim != expected or w.shape[0] != rows or w.shape[-1] != width:
             raise ArtifactError(f"{path}: tensor shapes {tuple(w.shape)} / {tuple(dd.shape)} do not match "
-                                f"{n} layers" + (" with per-concept gates" if eraser.config.concept_gates else ""))
+                                f"{n} layers" + (" with per-concept gates" if eraser.config.concept_gates else "")
+                                + (f" and a gate stacked over {len(stack)} layers" if stack else ""))
         if model is not None:
             eraser.check_model(model)
         return eraser
@@ -356,8 +398,9 @@ class MLLMEraser:
 
         Per-concept gates take one factor per layer and concept (``[n_layers][C]``), or one per layer.
         """
-        if len(factors) != len(self.layers):
-            raise ValueError(f"{len(factors)} factors for {len(self.layers)} layers")
+        if len(factors) != self.w.shape[0]:
+            raise ValueError(f"{len(factors)} factors for " + ("1 stacked gate" if self.config.gate_stack
+                                                                else f"{len(self.layers)} layers"))
         try:
             f = torch.tensor(factors, dtype=self.w.dtype)
         except (TypeError, ValueError) as e:

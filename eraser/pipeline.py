@@ -18,7 +18,7 @@ from .evaluate import answer_probs, evaluate_benchmark, evaluate_split, refusal_
 from .method import EraserConfig, MLLMEraser
 from .metrics import forget_quality
 from .pairs import fit_data
-from .variants import ERASER_VARIANTS, NOT_CONFIG
+from .variants import ERASER_VARIANTS, NOT_CONFIG, stacked_layers
 from .zoo import TARGETS, Recipe, load_or_train
 
 
@@ -96,6 +96,10 @@ def fit_variant(setup: Setup, name: str = "mllmeraser", config: EraserConfig | N
     opts = ERASER_VARIANTS[name]
     config = config or EraserConfig()
     config = replace(config, **{k: v for k, v in opts.items() if k not in NOT_CONFIG})
+    if opts.get("stack"):
+        layers = config.layers if config.layers is not None else range(1, setup.model.n_layers)
+        stack, steered = stacked_layers(layers, opts["stack"])
+        config = replace(config, gate_stack=stack, layers=steered)
     if opts.get("pgd", True) is False:
         pgd = None
     elif pgd is None:

@@ -38,6 +38,8 @@ class FitStats:
 
     ``S_f`` (``[n_layers, C, d]``) holds the forget sums per concept, in the order of ``concepts`` (the
     forget profiles' ids), when the forget queries came with labels; per-concept gates need it.
+    With ``gate_stack`` (a stacked gate, :mod:`eraser.features`) the gate statistics have one row over
+    the stacked features (``K_r`` ``[1, F, F]`` etc.) while ``directions`` stay one per steered layer.
     """
 
     layers: list[int]
@@ -48,6 +50,7 @@ class FitStats:
     s_f: Float[Tensor, "n_layers d"]
     S_f: Float[Tensor, "n_layers c d"] | None = None
     concepts: list[str] = field(default_factory=list)
+    gate_stack: list[int] | None = None
     counts: dict[str, int] = field(default_factory=dict)
     data_hashes: dict[str, str] = field(default_factory=dict)
     fingerprint: dict[str, Any] = field(default_factory=dict)

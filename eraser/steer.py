@@ -8,7 +8,7 @@ the plain-PyTorch backend (deployment); the tests assert identical outputs.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from jaxtyping import Bool, Float
@@ -101,3 +101,64 @@ def static_hook(direction: Tensor, strength: float, every_step: bool = False) ->
         return add_direction(x, coef, direction.to(x.device), mask)
 
     return hook if every_step else prefill_only(hook)
+
+
+def stacked_hooks(stack: Sequence[str], steered: Sequence[tuple[str, Tensor, float]], w: Tensor,
+                  every_step: bool = False, record: list | None = None, read: str = "last",
+                  window: tuple[float, float] | None = None) -> list[tuple[str, Callable]]:
+    """Hooks for one gate over several sites' reads (``gate_stack``), steering every ``(name, direction, strength)``.
+
+    A reader at each ``stack`` site keeps its :func:`gate_input` (the first one starts a new pass); the
+    first steered site scores the concatenation once (:func:`eraser.gate.gate_score`, then ``window``) and
+    every steered site adds ``strength * g * direction``.  The readers come first in the returned list, so
+    at a site that is both read and steered the gate reads the unsteered activation.  The caller must
+    order the steered sites at or after the last stacked one (:func:`eraser.features.check_stack`): a
+    forward pass then visits every reader before the first steering.
+    """
+    if read not in READS:
+        raise ValueError(f"gate read must be one of {READS}, got {read!r}")
+    w = w.float()
+    state: dict[Any, Tensor] = {}
+
+    def reader(i: int) -> Callable[[Tensor, HookContext], None]:
+        def hook(x: Tensor, ctx: HookContext) -> None:
+            if ctx.is_prefill:
+                feat = gate_input(x, ctx, read)
+            elif every_step:
+                feat = x[:, -1]
+            else:
+                return None
+            if i == 0:
+                state.clear()
+            state[i] = feat.float()
+            return None
+        return hook
+
+    def steerer(direction: Tensor, strength: float) -> Callable[[Tensor, HookContext], Tensor | None]:
+        direction = direction.float()
+
+        def hook(x: Tensor, ctx: HookContext) -> Tensor | None:
+            if ctx.is_prefill:
+                mask = prompt_mask(x, ctx)
+            elif every_step:
+                mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            else:
+                return None
+            if "g" not in state:
+                missing = [stack[i] for i in range(len(stack)) if i not in state]
+                if missing:
+                    raise RuntimeError(f"stacked gate: {missing} were not read before steering; steered sites "
+                                       f"must come at or after the last stacked one")
+                h = torch.cat([state[i].to(x.device) for i in range(len(stack))], dim=-1)
+                g = gate_score(h, w.to(x.device))
+                state["g"] = gate_window(g, *window) if window is not None else g
+            g = state["g"]
+            if record is not None:
+                record.append((ctx.layer, ctx.step, g.detach().cpu()))
+            return add_direction(x, scale(g, strength).to(x.dtype), direction.to(x.device), mask)
+        return hook
+
+    mark = (lambda fn: fn) if every_step else prefill_only
+    specs: list[tuple[str, Callable]] = [(name, mark(reader(i))) for i, name in enumerate(stack)]
+    specs += [(name, mark(steerer(d, lam))) for name, d, lam in steered]
+    return specs

@@ -8,13 +8,14 @@ four switches that are not config: ``pgd`` (False: clean recall images, the text
 ``gated`` (False: static steering, the same direction on every input), ``window`` (True: a
 saturating gate window chosen on the validation split, :func:`eraser.autotune.choose_window`) and
 ``retain_requests`` (True: ordinary requests about retain people join the retain set,
-:func:`eraser.pairs.answerable_requests`).
+:func:`eraser.pairs.answerable_requests`), and ``stack`` (k: one gate over the last k steered layers'
+reads, stacked, steering the layers from the last of them on; :func:`stacked_layers`).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
-__all__ = ["ERASER_VARIANTS", "NOT_CONFIG"]
+__all__ = ["ERASER_VARIANTS", "NOT_CONFIG", "stacked_layers"]
 
 ERASER_VARIANTS: dict[str, dict[str, Any]] = {
     "mllmeraser": {},
@@ -28,7 +29,25 @@ ERASER_VARIANTS: dict[str, dict[str, Any]] = {
     # An extension: the window gate with one gate per forget person, steering by the most forget-like one,
     # and a retain set that also holds ordinary requests about retain people.
     "mllmeraser_concept_gate": {"gate_read": "mean", "window": True, "concept_gates": True, "retain_requests": True},
+    # An extension: per-person window gates over the prompt means of the last three steered layers' inputs,
+    # stacked (wider than one layer, so 125 retain identities still leave forget directions free).
+    "mllmeraser_stacked_gate": {"gate_read": "mean", "window": True, "concept_gates": True, "stack": 3},
 }
 
 #: Variant switches that are not EraserConfig fields.
-NOT_CONFIG = ("pgd", "gated", "window", "retain_requests")
+NOT_CONFIG = ("pgd", "gated", "window", "retain_requests", "stack")
+
+
+def stacked_layers(layers: Sequence[int], k: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(gate_stack, steered)`` for the ``stack: k`` switch: the last ``k`` of ``layers`` are read, stacked,
+    and the layers from the last of them on are steered (one causal pass: :func:`eraser.features.check_stack`).
+
+    On a 4-layer model with layers 1-3 and k = 3 the gate reads layers 1, 2, 3 and steers layer 3 alone.
+    For a deep model, set ``EraserConfig.gate_stack`` and ``layers`` directly (e.g. read a few middle layers,
+    steer every later one): a stack of every layer would need an F x F second moment with F = n_layers * d.
+    """
+    layers = sorted(layers)
+    if k < 1 or not layers:
+        raise ValueError(f"a stacked gate needs k >= 1 and some layers, got k={k}, layers={layers}")
+    stack = tuple(layers[-k:])
+    return stack, tuple(l for l in layers if l >= stack[-1])

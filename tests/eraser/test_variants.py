@@ -23,3 +23,28 @@ def test_command_line_offers_exactly_the_variants():
     fit = build_parser()._subparsers._group_actions[0].choices["fit"]
     variant = next(a for a in fit._actions if a.dest == "variant")
     assert list(variant.choices) == list(ERASER_VARIANTS)
+
+
+def test_stack_switch_reads_the_last_layers_and_steers_from_the_last_of_them_on():
+    from eraser.variants import stacked_layers
+
+    assert stacked_layers([1, 2, 3], 3) == ((1, 2, 3), (3,))
+    assert stacked_layers(range(1, 32), 4) == ((28, 29, 30, 31), (31,))
+    assert stacked_layers([3, 1, 2], 2) == ((2, 3), (3,))
+    assert stacked_layers([1, 2], 5) == ((1, 2), (2,))  # fewer layers than k: all of them
+    for k, layers in [(0, [1, 2]), (2, [])]:
+        try:
+            stacked_layers(layers, k)
+        except ValueError as e:
+            assert "stacked gate" in str(e)
+        else:
+            raise AssertionError(f"stacked_layers({layers}, {k}) should fail")
+
+
+def test_each_variant_can_be_evaluated_alone_next_to_vanilla():
+    for name in ERASER_VARIANTS:
+        if name != "mllmeraser":
+            assert METHOD_SETS[name] == ["vanilla", name]
+    ev = build_parser()._subparsers._group_actions[0].choices["eval"]
+    method = next(a for a in ev._actions if a.dest == "method")
+    assert "mllmeraser_stacked_gate" in method.choices and "mllmeraser" in method.choices
