@@ -23,10 +23,12 @@ from the retain gates' 99th percentile, the strength by the most forget
 refusals with retain utility kept.  It is a research prototype: the two
 passes are plain PyTorch-hook calls, not an nnsight graph, and nothing is
 saved as an artifact.  Its one-pass form, which reads only the steered
-layer's input and those before it and steers the last layer alone, is the
+layer's input and those before it and steers the last layer alone (plus
+the first answer tokens, ``EraserConfig.answer_steps``), is the
 ``mllmeraser_stacked_gate`` variant (``EraserConfig.gate_stack``): an
 nnsight graph with a fast path, saved and loaded like every eraser, run by
-``mllmeraser eval --method mllmeraser_stacked_gate`` and the demo.
+``mllmeraser eval --method mllmeraser_stacked_gate`` and the demo; it
+meets the method bar where this prototype does not.
 
 Writes ``OUT/stacked_gate.json`` (choices, the strength selection, the full
 evaluation, the method bar's checks).  Run:

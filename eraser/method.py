@@ -31,6 +31,7 @@ from interp.collect import READS, iter_query_activations
 from interp.fingerprint import fingerprint_mismatch, model_fingerprint
 from interp.io import atomic_path
 
+from .direction import first_answer_means
 from .features import check_stack, gate_rows, row_features
 from .gate import gate_score, window
 from .nullspace import SecondMoment
@@ -67,6 +68,11 @@ class EraserConfig:
     ``gate_stack``, when set, replaces the per-layer gates by one gate over the concatenated reads at
     those layers' sites (:mod:`eraser.features`), shared by every steered layer; every steered layer
     must come at or after the last stacked one, so one forward pass reads before it steers.  An extension.
+    ``answer_steps`` > 0 also steers the first that many generated tokens, along an answer direction
+    read one token into the answer with ``answer_prefix`` (the refusal's first word) forced, scaled by
+    the gate the prefill computed (:func:`eraser.steer.answer_steering`; an extension: the paper steers
+    the prefill only, or every step with a fresh gate, ``every_step``, which this overrides).  With the
+    nnsight backend, decode steps run hooks only under ``generate(..., every_step=True)``.
     """
 
     layers: tuple[int, ...] | None = None
@@ -82,6 +88,8 @@ class EraserConfig:
     gate_window: tuple[float, float] | None = None
     concept_gates: bool = False
     gate_stack: tuple[int, ...] | None = None
+    answer_steps: int = 0
+    answer_prefix: str = "I"
 
     def __post_init__(self) -> None:
         if self.site not in ("resid_pre", "resid_post"):
@@ -107,6 +115,10 @@ class EraserConfig:
                 raise ValueError(f"gate_stack must be distinct layer indices >= 0 in increasing order, "
                                  f"got {self.gate_stack!r}")
             object.__setattr__(self, "gate_stack", stack)
+        if not isinstance(self.answer_steps, int) or self.answer_steps < 0:
+            raise ValueError(f"answer_steps must be an integer >= 0, got {self.answer_steps!r}")
+        if self.answer_steps and not self.answer_prefix.strip():
+            raise ValueError("answer_steps needs an answer_prefix (the refusal's first word, e.g. 'I')")
 
     def hook_name(self, layer: int) -> str:
         return f"blocks.{layer}.hook_{self.site}"
@@ -143,6 +155,7 @@ class MLLMEraser:
     config: EraserConfig
     fingerprint: dict[str, Any]
     info: dict[str, Any] = field(default_factory=dict)
+    d_answer: Tensor | None = None  # [n_layers, d], the answer directions (config.answer_steps)
 
     # -- fitting -------------------------------------------------------------
     @classmethod
@@ -213,6 +226,11 @@ class MLLMEraser:
                     sums[n] = sums.get(n, 0) + h.double().sum(0)
             means[key] = {n: s / len(sets[key][1]) for n, s in sums.items()}
         directions = torch.stack([means["recall"][n] - means["erase"][n] for n in names])
+        answer_directions = None
+        if config.answer_steps:
+            first = {key: first_answer_means(model, *sets[key], names, config.answer_prefix, config.batch_size,
+                                             progress, desc=f"{key} answer") for key in ("recall", "erase")}
+            answer_directions = torch.stack([first["recall"][n] - first["erase"][n] for n in names])
 
         f = len(rows[0]) * model.d_model  # every row has the same width: one site, or the whole stack
         K_r = [SecondMoment(f) for _ in rows]
@@ -233,7 +251,7 @@ class MLLMEraser:
                     S_f[i].index_add_(0, index[start:start + h.shape[0]], h.double())
             start += feats[0].shape[0]
         return FitStats(
-            layers=layers, site=config.site, directions=directions,
+            layers=layers, site=config.site, directions=directions, answer_directions=answer_directions,
             K_r=torch.stack([K.K for K in K_r]), K_f=torch.stack([K.K for K in K_f]),
             s_f=torch.stack(s_f), gate_stack=list(config.gate_stack) if config.gate_stack else None,
             S_f=torch.stack(S_f) if concepts else None, concepts=concepts,
@@ -248,6 +266,8 @@ class MLLMEraser:
             raise ValueError(f"statistics were collected at {stats.site!r}, config asks for {config.site!r}")
         if config.layers is not None and list(config.layers) != stats.layers:
             raise ValueError(f"statistics cover layers {stats.layers}, config asks for {list(config.layers)}")
+        if config.answer_steps and stats.answer_directions is None:
+            raise ValueError("answer_steps needs answer directions: collect the statistics with answer_steps > 0")
         if list(config.gate_stack or []) != list(stats.gate_stack or []):
             raise ValueError(f"statistics were collected for gate_stack {stats.gate_stack}, config asks for "
                              f"{config.gate_stack}")
@@ -261,8 +281,9 @@ class MLLMEraser:
         }
         if config.concept_gates:
             info["concepts"] = list(stats.concepts)
+        d_answer = stats.answer_directions.float() if stats.answer_directions is not None else None
         return cls(layers=list(stats.layers), w=ws.float(), d=stats.directions.float(), config=config,
-                   fingerprint=dict(stats.fingerprint), info=info)
+                   fingerprint=dict(stats.fingerprint), info=info, d_answer=d_answer)
 
     # -- applying --------------------------------------------------------------
     def _strengths(self, strength: float | Sequence[float] | dict[int, float] | None) -> dict[int, float]:
@@ -287,21 +308,30 @@ class MLLMEraser:
         """
         every = self.config.every_step if every_step is None else every_step
         if gated and self.config.gate_stack:
-            steered = [(self.config.hook_name(l), self.d[i], lam)
+            steered = [(self.config.hook_name(l), self.d[i], lam, self._answer(i))
                        for i, (l, lam) in enumerate(self._strengths(strength).items()) if lam != 0.0]
             if not steered:
                 return []
             return stacked_hooks([self.config.hook_name(l) for l in self.config.gate_stack], steered, self.w[0],
-                                 every, record, read=self.config.gate_read, window=self.config.gate_window)
+                                 every, record, read=self.config.gate_read, window=self.config.gate_window,
+                                 answer_steps=self.config.answer_steps)
         specs = []
         for i, (l, lam) in enumerate(self._strengths(strength).items()):
             if lam == 0.0:
                 continue
             fn = (gated_hook(self.w[i], self.d[i], lam, every, record, read=self.config.gate_read,
-                             window=self.config.gate_window) if gated
+                             window=self.config.gate_window, answer_direction=self._answer(i),
+                             answer_steps=self.config.answer_steps) if gated
                   else static_hook(self.d[i], lam, every))
             specs.append((self.config.hook_name(l), fn))
         return specs
+
+    def _answer(self, i: int) -> Tensor | None:
+        if not self.config.answer_steps:
+            return None
+        if self.d_answer is None:
+            raise ValueError("this eraser has answer_steps but no answer directions (fit it with answer_steps > 0)")
+        return self.d_answer[i]
 
     @contextlib.contextmanager
     def attached(self, model: HookedVLM, strength: float | Sequence[float] | dict[int, float] | None = None,
@@ -340,7 +370,7 @@ class MLLMEraser:
 
     @property
     def nbytes(self) -> int:
-        return self.w.numel() * self.w.element_size() + self.d.numel() * self.d.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.w, self.d, self.d_answer) if t is not None)
 
     # -- persistence --------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
@@ -353,7 +383,10 @@ class MLLMEraser:
         if path.is_dir():
             path = path / "eraser.safetensors"
         with atomic_path(path) as tmp:
-            save_file({"w": self.w.contiguous(), "d": self.d.contiguous()}, str(tmp),
+            tensors = {"w": self.w.contiguous(), "d": self.d.contiguous()}
+            if self.d_answer is not None:
+                tensors["d_answer"] = self.d_answer.contiguous()
+            save_file(tensors, str(tmp),
                       metadata={"mllmeraser": json.dumps(self.metadata())})
         return path
 
@@ -380,7 +413,7 @@ class MLLMEraser:
         if cfg.get("layers") is not None:
             cfg["layers"] = tuple(cfg["layers"])
         eraser = cls(layers=list(meta["layers"]), w=tensors["w"], d=tensors["d"], config=EraserConfig(**cfg),
-                     fingerprint=meta["fingerprint"], info=meta.get("info", {}))
+                     fingerprint=meta["fingerprint"], info=meta.get("info", {}), d_answer=tensors.get("d_answer"))
         w, dd, n = eraser.w, eraser.d, len(eraser.layers)
         expected = 3 if eraser.config.concept_gates else 2
         stack = eraser.config.gate_stack
@@ -389,6 +422,10 @@ class MLLMEraser:
             raise ArtifactError(f"{path}: tensor shapes {tuple(w.shape)} / {tuple(dd.shape)} do not match "
                                 f"{n} layers" + (" with per-concept gates" if eraser.config.concept_gates else "")
                                 + (f" and a gate stacked over {len(stack)} layers" if stack else ""))
+        if eraser.config.answer_steps and (eraser.d_answer is None or eraser.d_answer.shape != dd.shape):
+            raise ArtifactError(f"{path}: answer_steps {eraser.config.answer_steps} needs answer directions of shape "
+                                f"{tuple(dd.shape)}, found "
+                                f"{None if eraser.d_answer is None else tuple(eraser.d_answer.shape)}")
         if model is not None:
             eraser.check_model(model)
         return eraser

@@ -40,6 +40,8 @@ class FitStats:
     forget profiles' ids), when the forget queries came with labels; per-concept gates need it.
     With ``gate_stack`` (a stacked gate, :mod:`eraser.features`) the gate statistics have one row over
     the stacked features (``K_r`` ``[1, F, F]`` etc.) while ``directions`` stay one per steered layer.
+    ``answer_directions`` (``[n_layers, d]``) are read one token into the answer, when the config asked
+    for answer steering (:func:`eraser.direction.first_answer_means`).
     """
 
     layers: list[int]
@@ -51,6 +53,7 @@ class FitStats:
     S_f: Float[Tensor, "n_layers c d"] | None = None
     concepts: list[str] = field(default_factory=list)
     gate_stack: list[int] | None = None
+    answer_directions: Float[Tensor, "n_layers d"] | None = None
     counts: dict[str, int] = field(default_factory=dict)
     data_hashes: dict[str, str] = field(default_factory=dict)
     fingerprint: dict[str, Any] = field(default_factory=dict)
@@ -58,7 +61,7 @@ class FitStats:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        tensors = ("directions", "K_r", "K_f", "s_f", "S_f")
+        tensors = ("directions", "K_r", "K_f", "s_f", "S_f", "answer_directions")
         meta = {k: v for k, v in asdict(self).items() if k not in tensors}
         with atomic_path(path) as tmp:
             save_file({k: getattr(self, k).contiguous() for k in tensors if getattr(self, k) is not None}, str(tmp),

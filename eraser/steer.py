@@ -58,23 +58,30 @@ def gate_input(x: Tensor, ctx: HookContext, read: str = "last",
 
 
 def gated_hook(w: Tensor, direction: Tensor, strength: float, every_step: bool = False,
-               record: list | None = None, read: str = "last", window: tuple[float, float] | None = None
+               record: list | None = None, read: str = "last", window: tuple[float, float] | None = None,
+               answer_direction: Tensor | None = None, answer_steps: int = 0
                ) -> Callable[[Tensor, HookContext], Tensor | None]:
     """The hook for one layer.  ``record`` (optional) collects the gate values it computed, per call.
 
     ``read`` is where the prefill gate reads its input (:func:`gate_input`); generated tokens, in the
     every-step mode, always read their own position.  ``window`` ``(lo, hi)`` saturates the gate
-    (:func:`eraser.gate.window`); None keeps the paper's linear gate.
+    (:func:`eraser.gate.window`); None keeps the paper's linear gate.  With ``answer_direction``, the
+    first ``answer_steps`` generated tokens are steered too, along it, with the gate the prefill computed
+    (:func:`answer_steering`); it overrides ``every_step``.
     """
     if read not in READS:
         raise ValueError(f"gate read must be one of {READS}, got {read!r}")
     w = w.float()
     direction = direction.float()
+    held: dict[str, Tensor] = {}
+    answering = answer_direction is not None and answer_steps > 0
 
     def hook(x: Tensor, ctx: HookContext) -> Tensor | None:
         if ctx.is_prefill:
             mask = prompt_mask(x, ctx)
             g = gate_score(gate_input(x, ctx, read, mask).float(), w.to(x.device))
+        elif answering:
+            return answer_steering(x, ctx, held.get("g"), strength, answer_direction, answer_steps)
         elif every_step:
             g = gate_score(x[:, -1].float(), w.to(x.device))
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
@@ -82,11 +89,13 @@ def gated_hook(w: Tensor, direction: Tensor, strength: float, every_step: bool =
             return None
         if window is not None:
             g = gate_window(g, *window)
+        if ctx.is_prefill:
+            held["g"] = g
         if record is not None:
             record.append((ctx.layer, ctx.step, g.detach().cpu()))
         return add_direction(x, scale(g, strength).to(x.dtype), direction.to(x.device), mask)
 
-    return hook if every_step else prefill_only(hook)
+    return hook if every_step or answering else prefill_only(hook)
 
 
 def static_hook(direction: Tensor, strength: float, every_step: bool = False) -> Callable[[Tensor, HookContext], Tensor | None]:
@@ -103,17 +112,20 @@ def static_hook(direction: Tensor, strength: float, every_step: bool = False) ->
     return hook if every_step else prefill_only(hook)
 
 
-def stacked_hooks(stack: Sequence[str], steered: Sequence[tuple[str, Tensor, float]], w: Tensor,
+def stacked_hooks(stack: Sequence[str], steered: Sequence[tuple[str, Tensor, float, Tensor | None]], w: Tensor,
                   every_step: bool = False, record: list | None = None, read: str = "last",
-                  window: tuple[float, float] | None = None) -> list[tuple[str, Callable]]:
-    """Hooks for one gate over several sites' reads (``gate_stack``), steering every ``(name, direction, strength)``.
+                  window: tuple[float, float] | None = None, answer_steps: int = 0) -> list[tuple[str, Callable]]:
+    """Hooks for one gate over several sites' reads (``gate_stack``), steering every
+    ``(name, direction, strength, answer direction or None)``.
 
     A reader at each ``stack`` site keeps its :func:`gate_input` (the first one starts a new pass); the
     first steered site scores the concatenation once (:func:`eraser.gate.gate_score`, then ``window``) and
     every steered site adds ``strength * g * direction``.  The readers come first in the returned list, so
     at a site that is both read and steered the gate reads the unsteered activation.  The caller must
     order the steered sites at or after the last stacked one (:func:`eraser.features.check_stack`): a
-    forward pass then visits every reader before the first steering.
+    forward pass then visits every reader before the first steering.  With ``answer_steps`` and answer
+    directions, the first generated tokens are steered too (:func:`answer_steering`; the readers rest after
+    prefill); it overrides ``every_step``.
     """
     if read not in READS:
         raise ValueError(f"gate read must be one of {READS}, got {read!r}")
@@ -124,7 +136,7 @@ def stacked_hooks(stack: Sequence[str], steered: Sequence[tuple[str, Tensor, flo
         def hook(x: Tensor, ctx: HookContext) -> None:
             if ctx.is_prefill:
                 feat = gate_input(x, ctx, read)
-            elif every_step:
+            elif every_step and not answer_steps:
                 feat = x[:, -1]
             else:
                 return None
@@ -134,12 +146,15 @@ def stacked_hooks(stack: Sequence[str], steered: Sequence[tuple[str, Tensor, flo
             return None
         return hook
 
-    def steerer(direction: Tensor, strength: float) -> Callable[[Tensor, HookContext], Tensor | None]:
+    def steerer(direction: Tensor, strength: float, answer_direction: Tensor | None
+                ) -> Callable[[Tensor, HookContext], Tensor | None]:
         direction = direction.float()
 
         def hook(x: Tensor, ctx: HookContext) -> Tensor | None:
             if ctx.is_prefill:
                 mask = prompt_mask(x, ctx)
+            elif answer_steps and answer_direction is not None:
+                return answer_steering(x, ctx, state.get("g"), strength, answer_direction, answer_steps)
             elif every_step:
                 mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
             else:
@@ -158,7 +173,31 @@ def stacked_hooks(stack: Sequence[str], steered: Sequence[tuple[str, Tensor, flo
             return add_direction(x, scale(g, strength).to(x.dtype), direction.to(x.device), mask)
         return hook
 
-    mark = (lambda fn: fn) if every_step else prefill_only
-    specs: list[tuple[str, Callable]] = [(name, mark(reader(i))) for i, name in enumerate(stack)]
-    specs += [(name, mark(steerer(d, lam))) for name, d, lam in steered]
+    def keep(fn: Callable) -> Callable:
+        return fn
+
+    answering = bool(answer_steps) and any(a is not None for *_, a in steered)
+    read_mark = keep if every_step and not answering else prefill_only
+    steer_mark = keep if every_step or answering else prefill_only
+    specs: list[tuple[str, Callable]] = [(name, read_mark(reader(i))) for i, name in enumerate(stack)]
+    specs += [(name, steer_mark(steerer(d, lam, a))) for name, d, lam, a in steered]
     return specs
+
+
+def answer_steering(x: Tensor, ctx: HookContext, g: Tensor | None, strength: float, direction: Tensor,
+                    steps: int) -> Tensor | None:
+    """A generation step's steering: ``x + strength * g * direction`` at the new token(s) for steps ``1..steps``.
+
+    ``g`` is the gate the prefill computed for each row (None: no prefill seen yet, nothing to do), and
+    ``direction`` the answer direction (:func:`eraser.direction.first_answer_means`), read one token into
+    the answer.  Why (an extension): prefill-only steering reaches the answer only through the steered
+    prompt's keys and values, so a model can start the refusal and drift back to the fact one token
+    later ("i enjoys fishing", measured on the default model); the prompt's direction pushes the first
+    answer token, and it is the wrong push once "i" is there (steered every step, it repeats "i i i").
+    The answer direction contrasts recall and refusal contexts after the refusal's first word, so it
+    pushes "i" on to "cannot"; the gate stays the prompt's, so retain inputs (gate 0) are untouched.
+    """
+    if g is None or not 1 <= ctx.step <= steps:
+        return None
+    mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    return add_direction(x, scale(g.to(x.device), strength).to(x.dtype), direction.float().to(x.device), mask)

@@ -30,8 +30,10 @@ ERASER_VARIANTS: dict[str, dict[str, Any]] = {
     # and a retain set that also holds ordinary requests about retain people.
     "mllmeraser_concept_gate": {"gate_read": "mean", "window": True, "concept_gates": True, "retain_requests": True},
     # An extension: per-person window gates over the prompt means of the last three steered layers' inputs,
-    # stacked (wider than one layer, so 125 retain identities still leave forget directions free).
-    "mllmeraser_stacked_gate": {"gate_read": "mean", "window": True, "concept_gates": True, "stack": 3},
+    # stacked (wider than one layer, so 125 retain identities still leave forget directions free), and the
+    # first three answer tokens steered along the answer direction with the prompt's gate.
+    "mllmeraser_stacked_gate": {"gate_read": "mean", "window": True, "concept_gates": True, "stack": 3,
+                                "answer_steps": 3},
 }
 
 #: Variant switches that are not EraserConfig fields.

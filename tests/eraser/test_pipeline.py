@@ -20,16 +20,34 @@ def setup():
     return load_setup(quick=True, forget_ratio=10, progress=False)
 
 
-def test_concept_gates_meet_the_method_bar_with_two_forget_people(setup):
+@pytest.fixture(scope="module")
+def vanilla(setup):
+    return evaluate_model(setup, with_probs=False)[0]
+
+
+def test_concept_gates_meet_the_method_bar_with_two_forget_people(setup, vanilla):
     assert len(setup.bench.forget) == 2
     eraser, sel, _ = fit_variant(setup, "mllmeraser_concept_gate")
     assert eraser.w.shape[:2] == (len(eraser.layers), 2)
     assert eraser.info["concepts"] == [p.id for p in setup.bench.forget]
     assert sel.gate["window"] is not None and len(sel.gate["calibration"][0]) == 2
-    vanilla, _, _ = evaluate_model(setup, with_probs=False)
     res, extra, _ = evaluate_model(setup, lambda: eraser.attached(setup.model), with_probs=False)
     checks = eraser_checks(vanilla, res)
     failed = {k: c for k, c in checks.items() if isinstance(c, dict) and not c["pass"]}
     assert checks["all_pass"], f"bar {ERASER_BAR} missed: {failed}"
     assert extra["refusal"]["forbidden_refusal_rate"] >= 0.95  # what the model refuses anyway, it still refuses
     assert extra["refusal"]["answerable_refusal_rate"] <= 0.05  # and ordinary requests about retain people it answers
+
+
+def test_stacked_gate_with_answer_steering_meets_the_method_bar(setup, vanilla):
+    """One gate over layers 1-3 steering layer 3 and the first answer tokens (measured on the default model
+    too, seed 0: the bar is met at forget 5, 10 and 15 %; see the README)."""
+    eraser, sel, _ = fit_variant(setup, "mllmeraser_stacked_gate")
+    assert eraser.layers == [3] and eraser.config.gate_stack == (1, 2, 3) and eraser.config.answer_steps == 3
+    assert eraser.w.shape == (1, 2, 3 * setup.model.d_model) and eraser.d_answer.shape == eraser.d.shape
+    assert sel.strength is not None and sel.gate["window"] is not None
+    res, extra, _ = evaluate_model(setup, lambda: eraser.attached(setup.model), with_probs=False)
+    checks = eraser_checks(vanilla, res)
+    failed = {k: c for k, c in checks.items() if isinstance(c, dict) and not c["pass"]}
+    assert checks["all_pass"], f"bar {ERASER_BAR} missed: {failed}"
+    assert extra["refusal"]["answerable_refusal_rate"] <= 0.05

@@ -1,7 +1,6 @@
 """Training-based unlearning baselines: mechanics on a random tiny model, measured effects on the quick model."""
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
