@@ -16,7 +16,7 @@ from eraser.cli import main
 
 BASELINES = ("ga", "grad_diff", "kl_min", "npo", "prompt")
 ERASERS = ("mllmeraser", "mllmeraser_no_nullspace", "steer_static", "mllmeraser_text_only", "mllmeraser_mean_gate",
-           "mllmeraser_window_gate", "mllmeraser_concept_gate")
+           "mllmeraser_window_gate", "mllmeraser_concept_gate", "mllmeraser_stacked_gate")
 SPLITS = ("forget", "test", "retain", "celebrity")
 METRICS = ("cls_acc", "cloze_acc", "gen_rougeL", "gen_bleu", "refusal_rate", "gibberish_rate")
 FIGURES = ("tradeoff.png", "gates.png", "timing.png", "heatmap.png")
