@@ -59,10 +59,6 @@ from interp import prefill_only
 from interp.collect import query_activations
 from interp.io import write_json
 
-#: The null-space rules tried: autotune's, with rho 0.5 for features this wide.
-NULL_SPACES = STACKED_NULL_SPACE_GRID
-
-
 def sites(n_layers: int) -> list[str]:
     """What the stacked gate reads: every decoder layer's input but the first, and the last layer's output."""
     return [f"blocks.{l}.hook_resid_pre" for l in range(1, n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
@@ -88,7 +84,7 @@ def fit_stacked_gate(H_f: Tensor, concepts_f: list[str], H_r: Tensor, V_f: Tenso
     concept = torch.tensor([people.index(c) for c in concepts_vf])
     K = H_r.T @ H_r
     rows, best = [], None
-    for ns, gamma in itertools.product(NULL_SPACES, GAMMA_GRID):
+    for ns, gamma in itertools.product(STACKED_NULL_SPACE_GRID, GAMMA_GRID):
         P, info = null_space_projector(K, **ns)
         W = fit_gates(H_f, Y, P, gamma)
         factors, ok = concept_calibration((V_f @ W)[None], concept)

@@ -281,13 +281,13 @@ def choose_gate(model: Any, stats: Any, val: dict[str, list[ValItem]], config: A
     """
     from interp.collect import iter_query_activations
 
-    from .features import gate_rows, row_features
+    from .features import gate_rows, read_names, row_features
 
     if null_spaces is None:
         null_spaces = STACKED_NULL_SPACE_GRID if getattr(config, "gate_stack", None) else NULL_SPACE_GRID
 
     gate_sites = gate_rows(config, stats.layers)
-    names = list(dict.fromkeys(n for row in gate_sites for n in row))
+    names = read_names(gate_sites)
     acts: dict[str, Tensor] = {}
     for split in ("forget", "retain"):
         items = val[split]

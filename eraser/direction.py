@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
 
 def mean_difference(h_recall: Float[Tensor, "n d"], h_erase: Float[Tensor, "m d"]) -> Float[Tensor, " d"]:
@@ -39,8 +40,6 @@ def first_answer_means(model: Any, images: Sequence[Any], prompts: Sequence[str]
     on refusing or to answer: the position after the last prompt token, with ``prefix`` teacher-forced
     on both sides.  Causal attention makes the read independent of anything after ``prefix``.
     """
-    from tqdm.auto import tqdm
-
     if not prompts:
         raise ValueError(f"no queries to read the {desc} direction from (an empty set)")
     if not prefix.strip():

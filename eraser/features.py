@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["gate_rows", "row_features", "check_stack"]
+__all__ = ["gate_rows", "read_names", "row_features", "check_stack"]
 
 
 def check_stack(stack: Sequence[int], steered: Sequence[int], n_layers: int) -> None:
@@ -46,6 +46,11 @@ def gate_rows(config: Any, layers: Sequence[int]) -> list[list[str]]:
     if config.gate_stack:
         return [[config.hook_name(l) for l in config.gate_stack]]
     return [[config.hook_name(l)] for l in layers]
+
+
+def read_names(rows: list[list[str]]) -> list[str]:
+    """Every hook name the rows read, once each, in order: what to collect for :func:`row_features`."""
+    return list(dict.fromkeys(n for row in rows for n in row))
 
 
 def row_features(batch: dict[str, Float[Tensor, "batch d"]], rows: list[list[str]]

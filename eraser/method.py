@@ -32,7 +32,7 @@ from interp.fingerprint import fingerprint_mismatch, model_fingerprint
 from interp.io import atomic_path
 
 from .direction import first_answer_means
-from .features import check_stack, gate_rows, row_features
+from .features import check_stack, gate_rows, read_names, row_features
 from .gate import gate_score, window
 from .nullspace import SecondMoment
 from .stats import FitStats, gates_from_stats
@@ -144,6 +144,8 @@ def _split(queries: Sequence[Query], what: str) -> tuple[list, list[str]]:
 class MLLMEraser:
     """Per steered layer ``l``: gate weights ``w_l`` and direction ``d_l`` (2d floats), plus provenance.
 
+    With ``config.answer_steps``, ``d_answer`` adds one answer direction per steered layer.
+
     With ``config.concept_gates``, ``w`` holds one gate per forget concept, ``[n_layers, C, d]``, and
     ``info["concepts"]`` names them.  With ``config.gate_stack``, ``w`` has one row for all steered layers
     over the stacked features, ``[1, F]`` or ``[1, C, F]`` with ``F = len(gate_stack) * d``.
@@ -192,7 +194,6 @@ class MLLMEraser:
             check_stack(config.gate_stack, layers, model.n_layers)
         names = [config.hook_name(l) for l in layers]
         rows = gate_rows(config, layers)
-        row_names = list(dict.fromkeys(n for row in rows for n in row))
         sets = {k: _split(v, k) for k, v in
                 (("forget", forget), ("retain", retain), ("recall", recall_pairs), ("erase", erase_pairs))}
         concepts: list[str] = []
@@ -204,15 +205,14 @@ class MLLMEraser:
         elif config.concept_gates:
             raise ValueError("concept_gates needs forget_concepts: one concept label (profile id) per forget query")
 
-        def stream(key: str):
+        def stream(key: str):  # the directions: the last prompt token of each steered layer
             imgs, prompts = sets[key]
-            read = config.gate_read if key in ("forget", "retain") else "last"
             return iter_query_activations(model, imgs, prompts, names, config.batch_size, progress=progress,
-                                          desc=key, read=read)
+                                          desc=key)
 
         def gate_stream(key: str):  # what each gate row reads: [rows] of [batch, F]
             imgs, prompts = sets[key]
-            for batch in iter_query_activations(model, imgs, prompts, row_names, config.batch_size,
+            for batch in iter_query_activations(model, imgs, prompts, read_names(rows), config.batch_size,
                                                 progress=progress, desc=key, read=config.gate_read):
                 yield row_features(batch, rows)
 
@@ -350,9 +350,8 @@ class MLLMEraser:
         """
         imgs, prompts = _split(queries, "diagnostic")
         rows = gate_rows(self.config, self.layers)
-        names = list(dict.fromkeys(n for row in rows for n in row))
         out = []
-        for batch in iter_query_activations(model, imgs, prompts, names, batch_size or self.config.batch_size,
+        for batch in iter_query_activations(model, imgs, prompts, read_names(rows), batch_size or self.config.batch_size,
                                             read=self.config.gate_read):
             feats = row_features(batch, rows)
             out.append(torch.stack([gate_score(h, self.w[i]) for i, h in enumerate(feats)], dim=1))

@@ -173,15 +173,14 @@ def stacked_hooks(stack: Sequence[str], steered: Sequence[tuple[str, Tensor, flo
             return add_direction(x, scale(g, strength).to(x.dtype), direction.to(x.device), mask)
         return hook
 
-    def keep(fn: Callable) -> Callable:
-        return fn
-
     answering = bool(answer_steps) and any(a is not None for *_, a in steered)
-    read_mark = keep if every_step and not answering else prefill_only
-    steer_mark = keep if every_step or answering else prefill_only
-    specs: list[tuple[str, Callable]] = [(name, read_mark(reader(i))) for i, name in enumerate(stack)]
-    specs += [(name, steer_mark(steerer(d, lam, a))) for name, d, lam, a in steered]
-    return specs
+    readers = [(name, reader(i)) for i, name in enumerate(stack)]
+    steerers = [(name, steerer(d, lam, a)) for name, d, lam, a in steered]
+    if not (every_step and not answering):  # the readers act on the prefill only
+        readers = [(name, prefill_only(fn)) for name, fn in readers]
+    if not (every_step or answering):
+        steerers = [(name, prefill_only(fn)) for name, fn in steerers]
+    return readers + steerers
 
 
 def answer_steering(x: Tensor, ctx: HookContext, g: Tensor | None, strength: float, direction: Tensor,

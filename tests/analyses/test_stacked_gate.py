@@ -27,7 +27,7 @@ def test_fit_picks_the_widest_margin_and_keeps_retain_out() -> None:
     V_r = torch.zeros(50, 12, dtype=torch.float64)
     V_r[:, :8] = torch.randn(50, 8, generator=gen, dtype=torch.float64)
     fit = sg.fit_stacked_gate(H_f, c_f, H_r, V_f, c_vf, V_r)
-    assert len(fit["grid"]) == len(sg.NULL_SPACES) * len(sg.GAMMA_GRID)
+    assert len(fit["grid"]) == len(sg.STACKED_NULL_SPACE_GRID) * len(sg.GAMMA_GRID)
     assert fit["choice"]["margin"] == max(r["margin"] for r in fit["grid"])
     # retain features have no energy in the null space: their gates vanish, calibrated forget gates sit at 1
     # (every forget query of a person has the same private coordinate), so the margin is 1 / the window's floor 0.1

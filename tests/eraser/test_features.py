@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from eraser import ArtifactError, EraserConfig, MLLMEraser
-from eraser.features import check_stack, gate_rows, row_features
+from eraser.features import check_stack, gate_rows, read_names, row_features
 from eraser.gate import fit_gate
 from eraser.stats import projectors_from_stats
 from eraser.steer import add_direction, prompt_mask
@@ -36,6 +36,7 @@ def test_rows_and_features():
     assert gate_rows(per_layer, [1, 2]) == [["blocks.1.hook_resid_pre"], ["blocks.2.hook_resid_pre"]]
     assert gate_rows(EraserConfig(gate_stack=(1, 2), site="resid_post"), [2]) == [
         ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]]
+    assert read_names([["a", "b"], ["b", "c"]]) == ["a", "b", "c"]
     batch = {"a": torch.ones(3, 2), "b": 2 * torch.ones(3, 2)}
     (h,) = row_features(batch, [["a", "b"]])
     assert torch.equal(h, torch.tensor([[1.0, 1, 2, 2]] * 3))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from eraser.cli import METHOD_SETS, build_parser
 from eraser.method import EraserConfig
 from eraser.variants import ERASER_VARIANTS, NOT_CONFIG
@@ -33,12 +35,8 @@ def test_stack_switch_reads_the_last_layers_and_steers_from_the_last_of_them_on(
     assert stacked_layers([3, 1, 2], 2) == ((2, 3), (3,))
     assert stacked_layers([1, 2], 5) == ((1, 2), (2,))  # fewer layers than k: all of them
     for k, layers in [(0, [1, 2]), (2, [])]:
-        try:
+        with pytest.raises(ValueError, match="stacked gate"):
             stacked_layers(layers, k)
-        except ValueError as e:
-            assert "stacked gate" in str(e)
-        else:
-            raise AssertionError(f"stacked_layers({layers}, {k}) should fail")
 
 
 def test_each_variant_can_be_evaluated_alone_next_to_vanilla():
