@@ -81,6 +81,23 @@ def evaluate_model(setup: Setup, hooks_context: Callable[[], Any] | None = None,
     return results, extra, infer_s
 
 
+def variant_config(model: HookedVLM, name: str, config: EraserConfig | None = None
+                   ) -> tuple[EraserConfig, dict[str, Any]]:
+    """``(config, switches)`` for variant ``name`` on ``model``: ``config`` (default: EraserConfig()) with the
+    variant's field changes and its ``stack`` switch resolved to layers, and every switch of
+    :data:`~eraser.variants.ERASER_VARIANTS` (``pgd``, ``gated``, ...), for callers that fit by hand."""
+    if name not in ERASER_VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose one of {sorted(ERASER_VARIANTS)}")
+    opts = ERASER_VARIANTS[name]
+    config = config or EraserConfig()
+    config = replace(config, **{k: v for k, v in opts.items() if k not in NOT_CONFIG})
+    if opts.get("stack"):
+        layers = config.layers if config.layers is not None else range(1, model.n_layers)
+        stack, steered = stacked_layers(layers, opts["stack"])
+        config = replace(config, gate_stack=stack, layers=steered)
+    return config, dict(opts)
+
+
 def fit_variant(setup: Setup, name: str = "mllmeraser", config: EraserConfig | None = None,
                 pgd: Any = None, auto: bool = True, grid: Any = None, auto_gate: bool = True
                 ) -> tuple[MLLMEraser, Selection | None, dict[str, float]]:
@@ -91,15 +108,7 @@ def fit_variant(setup: Setup, name: str = "mllmeraser", config: EraserConfig | N
     (:func:`~eraser.autotune.choose_strength`), both on the validation split.  ``fit_s`` is the fit alone
     (PGD, statistics, closed-form solve), comparable to a baseline's training time; the choice is ``select_s``.
     """
-    if name not in ERASER_VARIANTS:
-        raise ValueError(f"unknown variant {name!r}; choose one of {sorted(ERASER_VARIANTS)}")
-    opts = ERASER_VARIANTS[name]
-    config = config or EraserConfig()
-    config = replace(config, **{k: v for k, v in opts.items() if k not in NOT_CONFIG})
-    if opts.get("stack"):
-        layers = config.layers if config.layers is not None else range(1, setup.model.n_layers)
-        stack, steered = stacked_layers(layers, opts["stack"])
-        config = replace(config, gate_stack=stack, layers=steered)
+    config, opts = variant_config(setup.model, name, config)
     if opts.get("pgd", True) is False:
         pgd = None
     elif pgd is None:
@@ -128,6 +137,7 @@ def fit_variant(setup: Setup, name: str = "mllmeraser", config: EraserConfig | N
         selection.gate = gate.to_dict() if gate is not None else None
         strength = selection.strength if selection.strength is not None else 0.0
         eraser = eraser.with_config(strength=strength)
+    eraser = replace(eraser, info={**eraser.info, "variant": name})  # saved with the artifact: what was fitted
     timing = {"pgd_s": pgd_s, "fit_s": fit_s, "select_s": time.perf_counter() - t0 - fit_s}
     return eraser, selection, timing
 

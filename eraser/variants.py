@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-__all__ = ["ERASER_VARIANTS", "NOT_CONFIG", "stacked_layers"]
+__all__ = ["ERASER_VARIANTS", "GATED_VARIANTS", "NOT_CONFIG", "stacked_layers"]
 
 ERASER_VARIANTS: dict[str, dict[str, Any]] = {
     "mllmeraser": {},
@@ -38,6 +38,9 @@ ERASER_VARIANTS: dict[str, dict[str, Any]] = {
 
 #: Variant switches that are not EraserConfig fields.
 NOT_CONFIG = ("pgd", "gated", "window", "retain_requests", "stack")
+
+#: The variants that are erasers (gated); ``steer_static`` is an ablation, applied with ``gated=False``.
+GATED_VARIANTS: tuple[str, ...] = tuple(sorted(v for v, opts in ERASER_VARIANTS.items() if opts.get("gated", True)))
 
 
 def stacked_layers(layers: Sequence[int], k: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -43,6 +43,7 @@ def test_stacked_gate_with_answer_steering_meets_the_method_bar(setup, vanilla):
     """One gate over layers 1-3 steering layer 3 and the first answer tokens (measured on the default model
     too, seed 0: the bar is met at forget 5, 10 and 15 %; see the README)."""
     eraser, sel, _ = fit_variant(setup, "mllmeraser_stacked_gate")
+    assert eraser.info["variant"] == "mllmeraser_stacked_gate"  # recorded, so a saved artifact says what it is
     assert eraser.layers == [3] and eraser.config.gate_stack == (1, 2, 3) and eraser.config.answer_steps == 3
     assert eraser.w.shape == (1, 2, 3 * setup.model.d_model) and eraser.d_answer.shape == eraser.d.shape
     assert sel.strength is not None and sel.gate["window"] is not None

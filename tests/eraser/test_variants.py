@@ -46,3 +46,24 @@ def test_each_variant_can_be_evaluated_alone_next_to_vanilla():
     ev = build_parser()._subparsers._group_actions[0].choices["eval"]
     method = next(a for a in ev._actions if a.dest == "method")
     assert "mllmeraser_stacked_gate" in method.choices and "mllmeraser" in method.choices
+
+
+def test_variant_config_resolves_the_switches_for_a_model():
+    from types import SimpleNamespace
+
+    from eraser.pipeline import variant_config
+
+    config, opts = variant_config(SimpleNamespace(n_layers=8), "mllmeraser_stacked_gate")
+    assert config.gate_stack == (5, 6, 7) and config.layers == (7,)  # the last three of layers 1-7, steering 7
+    assert config.answer_steps == 3 and config.concept_gates and opts["window"] is True
+    config, opts = variant_config(SimpleNamespace(n_layers=8), "mllmeraser_text_only", EraserConfig(batch_size=4))
+    assert config == EraserConfig(batch_size=4) and opts == {"pgd": False}
+    with pytest.raises(ValueError, match="unknown variant"):
+        variant_config(SimpleNamespace(n_layers=8), "mllmeraser_typo")
+
+
+def test_gated_variants_are_the_erasers():
+    from eraser.variants import GATED_VARIANTS
+
+    assert "steer_static" not in GATED_VARIANTS
+    assert set(GATED_VARIANTS) == set(ERASER_VARIANTS) - {"steer_static"}
