@@ -17,6 +17,8 @@ torch.Size([3, 2])
 """
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
 from typing import TYPE_CHECKING, Callable, Literal, Optional, Sequence, Union
 
 import torch
@@ -126,7 +128,8 @@ def _chunks(n_coeffs: int, batch: int, max_rows: int | None) -> list[range]:
 
 
 def run_coefficients(model: "HookedVLM", inputs: VLMInputs, hooks_for: Callable[[Tensor], HookSpec],
-                     coeffs: Sequence[float], max_rows: int | None = None) -> Float[Tensor, "n_coeffs batch pos vocab"]:
+                     coeffs: Sequence[float], max_rows: int | None = None, shared_prefix: bool = False
+                     ) -> Float[Tensor, "n_coeffs batch pos vocab"]:
     """Logits at every coefficient, in one forward pass (or one per ``max_rows`` rows).
 
     ``hooks_for(scales)`` gets a 1-D tensor of per-row scales and returns a
@@ -134,10 +137,23 @@ def run_coefficients(model: "HookedVLM", inputs: VLMInputs, hooks_for: Callable[
     result equals calling ``model.run_with_hooks(inputs, hooks_for(full(c)))``
     for each ``c`` in turn.  ``max_rows`` caps the rows of one pass to bound
     memory on large models.
+
+    ``shared_prefix=True`` is for hooks that change the last prompt position
+    only (``add_vector(..., positions="last")``, the usual activation-addition
+    sweep).  Every earlier position is then the same at every coefficient, so
+    it is computed once: one unhooked pass of the batch over positions
+    ``[0, T-1)`` keeps its KV cache, and the last position runs for all
+    coefficients as one batched step over that cache (the hooks see it as a
+    decode step, ``ctx.step == 1``, one position wide).  Same logits up to
+    float rounding; the arithmetic shrinks from ``n_coeffs`` whole passes to
+    about one.  Hooks that touch other positions would be applied to the last
+    one only: do not use it for them.
     """
     coeffs = list(coeffs)
     if not coeffs:
         raise ValueError("run_coefficients needs at least one coefficient")
+    if shared_prefix:
+        return _run_shared_prefix(model, inputs, hooks_for, coeffs, max_rows)
     b = inputs.batch_size
     outs = []
     for chunk in _chunks(len(coeffs), b, max_rows):
@@ -145,6 +161,41 @@ def run_coefficients(model: "HookedVLM", inputs: VLMInputs, hooks_for: Callable[
         logits = model.run_with_hooks(repeat_inputs(inputs, len(cs)), hooks_for(row_scales(cs, b, model.device)))
         outs.append(logits.reshape(len(cs), b, *logits.shape[1:]))
     return torch.cat(outs)
+
+
+def _run_shared_prefix(model: "HookedVLM", inputs: VLMInputs, hooks_for: Callable[[Tensor], HookSpec],
+                       coeffs: list[float], max_rows: int | None) -> Float[Tensor, "n_coeffs batch pos vocab"]:
+    """:func:`run_coefficients` with ``shared_prefix``: the prefix once, the last position per coefficient."""
+    from . import tracing
+
+    adapter = model.adapter
+    if not adapter.continues_from_cache:
+        raise ValueError(f"shared_prefix is not supported for {adapter.name}: its positions cannot be continued "
+                         f"from a cached prefix (run_coefficients without shared_prefix gives the same logits)")
+    b, t = inputs.input_ids.shape
+    if t < 2:
+        raise ValueError("shared_prefix needs prompts of at least 2 positions")
+    if bool(inputs.image_mask[:, -1].any()):
+        raise ValueError("shared_prefix: the last prompt position is an image token; end the prompt with text")
+    ids, mask = inputs.input_ids, inputs.attention_mask
+    with torch.no_grad():
+        prefix = model.hf_model(**{**inputs.model_kwargs(), "input_ids": ids[:, :-1], "attention_mask": mask[:, :-1]},
+                                use_cache=True)
+    lasts = []
+    for chunk in _chunks(len(coeffs), b, max_rows):
+        n = len(chunk)
+        cache = copy.deepcopy(prefix.cache) if len(coeffs) > n else prefix.cache
+        cache.batch_repeat_interleave(n)  # row r * n + c: prompt r at coefficient c
+        rows = replace(inputs, image_kwargs={}, prompts=[p for p in inputs.prompts for _ in range(n)],
+                       n_images=[k for k in inputs.n_images for _ in range(n)]
+                       ).map_tensors(lambda x: x.repeat_interleave(n, 0))
+        scales = torch.tensor([float(coeffs[i]) for i in chunk], dtype=torch.float32, device=model.device).repeat(b)
+        step = {"input_ids": rows.input_ids[:, -1:], "attention_mask": rows.attention_mask, "cache": cache}
+        plan = model._plan(None, hooks_for(scales), rows)
+        logits, _ = tracing.run(model, rows, plan, kwargs=step, step=1)
+        lasts.append(logits.reshape(b, n, 1, -1).transpose(0, 1))
+    head = prefix.logits[None].expand(len(coeffs), -1, -1, -1)
+    return torch.cat([head, torch.cat(lasts).to(head.dtype)], dim=2)
 
 
 def generate_coefficients(model: "HookedVLM", inputs: VLMInputs, hooks_for: Callable[[Tensor], HookSpec],

@@ -103,15 +103,17 @@ def apply_plan(root, plan: Plan, inputs: "VLMInputs", step: int, acts: dict[str,
     return logits
 
 
-def run(model: "HookedVLM", inputs: "VLMInputs", plan: Plan, remote: bool | str = False
-        ) -> tuple[Tensor, dict[str, Tensor]]:
+def run(model: "HookedVLM", inputs: "VLMInputs", plan: Plan, remote: bool | str = False,
+        kwargs: dict[str, Any] | None = None, step: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
     """One forward pass under ``plan``; a plain forward when the plan is empty (same numbers, no tracing cost).
 
     ``remote`` ships the trace (hook functions included, by value) to an NDIF
     host (True) or runs nnsight's exact serialise/deserialise round trip in
-    process (``"local"``).
+    process (``"local"``).  ``kwargs`` (default: ``inputs.model_kwargs()``) and
+    ``step`` (what hooks see as ``ctx.step``) let a caller continue from a KV
+    cache: one new position per row, hooked as a decode step.
     """
-    kwargs = inputs.model_kwargs()
+    kwargs = inputs.model_kwargs() if kwargs is None else kwargs
     with torch.no_grad():
         if plan.empty and not remote:
             return model.hf_model(**kwargs).logits, {}
@@ -119,7 +121,7 @@ def run(model: "HookedVLM", inputs: "VLMInputs", plan: Plan, remote: bool | str 
         acts: dict[str, Tensor] = {}
         trace_kwargs = {"remote": remote} if remote else {}
         with root.trace(**kwargs, **trace_kwargs):
-            hooked = apply_plan(root, plan, inputs, 0, acts)
+            hooked = apply_plan(root, plan, inputs, step, acts)
             logits = (hooked if hooked is not None else envoy_at(root, model.adapter.lm_head).output).save()
             acts = nnsight.save(acts)
     return logits, dict(acts)

@@ -93,6 +93,11 @@ class ArchAdapter:
     ``*ForConditionalGeneration``).  ``vision_batched`` is False for towers
     that flatten all images' patches into one ``(num_patches, d)`` sequence
     (Qwen2.5-VL), so their caches have no batch dimension.
+    ``continues_from_cache`` says whether a forward over a prompt's last
+    position can continue from the KV cache of an unhooked pass over the rest
+    with the same numbers (plain 1-D positions); Qwen2.5-VL's 3-D rope positions
+    are rebuilt from the whole prompt, so it declares False
+    (:func:`interp.steering.run_coefficients` with ``shared_prefix``).
     """
 
     name: str
@@ -107,6 +112,7 @@ class ArchAdapter:
     projector_out: Site
     image_token_id: Callable[[Any], int]
     vision_batched: bool = True
+    continues_from_cache: bool = True
     # prompt formatting and image handling, see interp.inputs
     chat_template: Callable[[str, int], str] = field(default=lambda p, n: p)
     image_placeholder: str = "<image>"

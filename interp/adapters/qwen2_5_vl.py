@@ -51,6 +51,7 @@ QWEN2_5_VL = register(
         projector_out=Site("model.visual", "output", attr_get("pooler_output"), attr_set("pooler_output")),
         image_token_id=lambda config: config.image_token_id,
         vision_batched=False,
+        continues_from_cache=False,
         chat_template=_chat,
         image_placeholder="<|image_pad|>",
         preprocess_images=_preprocess,

@@ -1,6 +1,8 @@
 """Steering hooks touch only their positions; batched coefficients equal one trace per coefficient."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -91,6 +93,44 @@ def test_batched_coefficients_equal_looped(model, inputs, positions):
     if positions == "last":  # max_rows splits the coefficients over several passes: same numbers
         chunked = run_coefficients(model, inputs, hooks_for, COEFFS, max_rows=2 * inputs.batch_size)
         assert (chunked - looped).abs().max() <= 1e-5
+
+
+def test_shared_prefix_equals_looped_for_last_token_steering(model, inputs):
+    """The prefix once, the last position per coefficient over its KV cache: the same logits as one trace per
+    coefficient, chunked or not; the hooks see one position at step 1.  Qwen2.5-VL's 3-D positions refuse."""
+    hooks_for = _hooks_for(model, "last")
+    if not model.adapter.continues_from_cache:
+        with pytest.raises(ValueError, match="not supported for qwen2_5_vl"):
+            run_coefficients(model, inputs, hooks_for, COEFFS, shared_prefix=True)
+        return
+    looped = torch.stack([model.run_with_hooks(inputs, hooks_for(torch.full((inputs.batch_size,), c))) for c in COEFFS])
+    for max_rows in (None, 2 * inputs.batch_size):
+        shared = run_coefficients(model, inputs, hooks_for, COEFFS, max_rows=max_rows, shared_prefix=True)
+        assert shared.shape == looped.shape
+        assert (shared - looped).abs().max() <= 1e-5
+    assert (looped[0, :, -1] - looped[-1, :, -1]).abs().max() > 1e-2  # the coefficients really differ
+    seen = []
+
+    def spy(x, ctx):
+        seen.append((ctx.step, tuple(x.shape)))
+
+    run_coefficients(model, inputs, lambda s: [*hooks_for(s), (SITE, spy)], COEFFS, shared_prefix=True)
+    assert seen == [(1, (len(COEFFS) * inputs.batch_size, 1, model.d_model))]
+
+
+def test_shared_prefix_rejects_what_it_cannot_share():
+    model = tiny_vlm("llava", seed=0, n_layers=2)
+    enc = model.encode(images=[None], prompts=["who is this"])
+    one = dataclasses.replace(enc, input_ids=enc.input_ids[:, -1:], attention_mask=enc.attention_mask[:, -1:],
+                              image_mask=enc.image_mask[:, -1:], text_mask=enc.text_mask[:, -1:],
+                              last_index=torch.zeros_like(enc.last_index))
+    with pytest.raises(ValueError, match="at least 2 positions"):
+        run_coefficients(model, one, _hooks_for(model), COEFFS, shared_prefix=True)
+    image_last = dataclasses.replace(enc, image_mask=torch.ones_like(enc.image_mask))
+    with pytest.raises(ValueError, match="last prompt position is an image token"):
+        run_coefficients(model, image_last, _hooks_for(model), COEFFS, shared_prefix=True)
+    with pytest.raises(ValueError, match="at least one coefficient"):
+        run_coefficients(model, enc, _hooks_for(model), [], shared_prefix=True)
 
 
 def test_generated_text_equals_looped(model, inputs):
