@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# The quick configuration of the embedded default (20 profiles): trains once (~5 min, plus ~4 min for its retain-only oracle), then fits, evaluates, plots.
+# The quick configuration of the embedded default (20 profiles): trains once (~6 min, plus ~6 min for its retain-only oracle), then fits, evaluates, plots.
 demo: $(STAMP)
 	$(BIN)/python -m eraser.cli demo --quick --out runs/demo
 

@@ -176,11 +176,13 @@ class Recipe:
     def quick(cls, arch: str = "llava", **changes: Any) -> "Recipe":
         """A small recipe for tests and ``demo --quick``: 20 profiles, 6 celebrities, a smaller vision tower.
 
-        Trains in ~4-5 min on 2 CPU cores (the 60 s the issue asks for is not met).  28 main epochs: at 20,
-        the same recipe trained with 1 instead of 2 threads (float noise only) learned multiple choice to
-        0.80-0.86 instead of 0.94-1.00; the transition out of the multiple-choice plateau sits near there.
+        Trains in ~6 min on 2 CPU cores (the 60 s the issue asks for is not met).  36 main epochs, because
+        the transition out of the multiple-choice plateau moves with float noise: at 20, the same recipe
+        trained with 1 instead of 2 threads learned multiple choice to 0.80-0.86 instead of 0.94-1.00; at 28,
+        earlier sessions' machines reached 0.94-0.96 on retain/celebrity and an AMD EPYC machine (same library
+        versions, same threads, different kernels) 0.895 / 0.879, under the bar; at 36 it reaches 0.995 / 1.00.
         """
-        base = dict(n_profiles=20, n_celebrities=6, n_refusal_eval=40, celeb_epochs=8, main_epochs=28,
+        base = dict(n_profiles=20, n_celebrities=6, n_refusal_eval=40, celeb_epochs=8, main_epochs=36,
                     celeb_replay=1.0)
         return cls._preset(arch, QUICK_MODEL, base, changes)
 
