@@ -5,6 +5,8 @@ against the release's d x d per-layer matrices (target: >= d/4 times smaller) an
 as the retain set grows 10x (target: flat, thanks to streaming statistics).
 Run: ``python -m analyses.bench_steer`` (a 21M-parameter LLaVA config, random weights, 2 CPU threads), or
 ``--model default`` / ``--model quick`` for the embedded default / quick trained models (trained once if not cached).
+``--variant`` picks the eraser (default: the paper's ``mllmeraser``); ``mllmeraser_stacked_gate`` also steers the
+first answer tokens, so its hooks act on decode steps and its nnsight graph runs with ``every_step=True``.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from PIL import Image
 
 from analyses._timing import interleaved
 from eraser import EraserConfig, MLLMEraser
+from eraser.pipeline import variant_config
+from eraser.variants import GATED_VARIANTS
 from interp.tiny import tiny_vlm
 
 WORDS = "who is the person in this image what name city job year hobby pet likes".split()
@@ -71,18 +75,23 @@ def _model(which: str, small: bool):
     return load_or_train(recipe)
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def main(argv: list[str] | None = None) -> dict[str, float | str]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--small", action="store_true", help="a 1M-parameter random model, for a quick look")
     ap.add_argument("--model", choices=("random", "default", "quick"), default="random",
                     help="random weights (21M, or 1M with --small), or the zoo's trained default / quick model")
+    ap.add_argument("--variant", default="mllmeraser",
+                    choices=GATED_VARIANTS,
+                    help="the eraser variant to steer with (its config; fitted on synthetic queries)")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     model = _model(args.model, args.small)
-    config = EraserConfig(batch_size=16)
-    eraser = MLLMEraser.fit(model, _queries(16, 1), _queries(64, 4), _queries(8, 2), _queries(8, 3), config)
+    config, _ = variant_config(model, args.variant, EraserConfig(batch_size=16))
+    eraser = MLLMEraser.fit(model, _queries(16, 1), _queries(64, 4), _queries(8, 2), _queries(8, 3), config,
+                            forget_concepts=["a"] * 8 + ["b"] * 8)  # two "people", for per-person gates
+    every_step = bool(eraser.config.every_step or eraser.config.answer_steps)  # the graph must see decode steps
     batch = _queries(4, 9)
     inputs = model.encode(images=[q[0] for q in batch], prompts=[q[1] for q in batch])
     kw = dict(max_new_tokens=args.new_tokens, eos_token_id=None)
@@ -95,12 +104,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             model.generate(inputs, **kw)
 
     def graph():
-        model.generate(inputs, hooks=eraser.hooks(), **kw)
+        model.generate(inputs, hooks=eraser.hooks(), every_step=every_step, **kw)
 
     med = interleaved({"vanilla": vanilla, "fast": fast, "graph": graph}, repeats=args.repeats, warmup=2)
     d, n_layers = model.d_model, len(eraser.layers)
     release_bytes = n_layers * d * d * 4
     out = {
+        "variant": args.variant,
         "fast_ratio": med["fast"] / med["vanilla"],
         "graph_ratio": med["graph"] / med["vanilla"],
         "artifact_bytes": float(eraser.nbytes),
@@ -108,7 +118,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "size_ratio": release_bytes / eraser.nbytes,
     }
     n_params = sum(p.numel() for p in model.hf_model.parameters())
-    print(f"model: {n_params / 1e6:.1f}M params, d_model {d}, {n_layers} steered layers; batch 4, {args.new_tokens} new tokens")
+    print(f"model: {n_params / 1e6:.1f}M params, d_model {d}, {args.variant}: {n_layers} steered layers"
+          f"{f', {eraser.config.answer_steps} answer steps' if eraser.config.answer_steps else ''}; "
+          f"batch 4, {args.new_tokens} new tokens")
     print(f"vanilla generate {med['vanilla'] * 1e3:.1f} ms | fast path {med['fast'] * 1e3:.1f} ms "
           f"({out['fast_ratio']:.3f}x, target <= 1.02) | nnsight graph {med['graph'] * 1e3:.1f} ms "
           f"({out['graph_ratio']:.3f}x, target <= 1.10)")

@@ -35,11 +35,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model", choices=("random", "default", "quick"), default="random",
+                    help="a 24.8M-parameter random LLaVA config, or the zoo's trained default / quick model")
+    ap.add_argument("--seed", type=int, default=0, help="the zoo model's seed (--model default / quick)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    model = tiny_vlm("llava", seed=0, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_mlp=1024,
-                     vision_d_model=256, vision_layers=4, vision_heads=4, image_size=64, patch_size=8)
+    if args.model == "random":
+        model = tiny_vlm("llava", seed=0, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_mlp=1024,
+                         vision_d_model=256, vision_layers=4, vision_heads=4, image_size=64, patch_size=8)
+    else:
+        from eraser.pipeline import load_setup
+
+        model = load_setup(seed=args.seed, quick=args.model == "quick").model
     model.hf_model.to(args.device)
     n_params = sum(p.numel() for p in model.hf_model.parameters())
     from PIL import Image

@@ -2,12 +2,19 @@
 
 Why one module: probing, patching and leakage must look at *the same* model
 and *the same* eraser, so they share how the setup is loaded, how the eraser
-is obtained (``--eraser PATH`` loads a fitted artifact, else one is fitted
-with :func:`eraser.pipeline.fit_variant` and saved next to the results), and
-which strength steers.  Every script takes::
+is obtained (``--eraser PATH`` loads a fitted artifact, else the ``--variant``
+is fitted with :func:`eraser.pipeline.fit_variant` and saved next to the
+results), which strength steers, and how the steered model is run (the
+deployed path, :meth:`Context.steered`).  Every script takes::
 
     --arch llava|qwen2_5_vl  --seed N  --forget-ratio 5|10|15  --quick
-    --out DIR  --eraser PATH  --strength L  --limit N  --threads N  --no-progress
+    --out DIR  --eraser PATH  --variant NAME  --strength L  --limit N  --threads N  --no-progress
+
+Why ``--variant`` defaults to ``mllmeraser_stacked_gate``: the analyses ask
+what a *forgetting* model still knows or leaks, and on the embedded default
+that is the variant that forgets (refusal >= 0.997 on forget at 5/10/15 %);
+the paper's ``mllmeraser`` refuses 16 % there, so a leakage number against it
+measures little.  ``--variant mllmeraser`` studies the paper's method.
 
 ``--quick`` defaults to on when ``MLLMERASER_QUICK=1`` is set.
 
@@ -31,8 +38,12 @@ import torch
 from eraser.data.schema import Profile
 from eraser.method import MLLMEraser
 from eraser.pipeline import Setup, fit_variant, load_setup
+from eraser.variants import GATED_VARIANTS
 
 QUICK_ENV = "MLLMERASER_QUICK"
+
+#: The variant fitted when no ``--eraser`` is given (why: the module docstring).
+DEFAULT_VARIANT = "mllmeraser_stacked_gate"
 
 #: What every leakage/probing result says about the attacker, so a number is never read out of its context.
 THREAT_MODEL = ("The steered model is served behind an API: the attacker chooses images and prompt text and reads "
@@ -57,6 +68,9 @@ def base_parser(name: str, description: str) -> argparse.ArgumentParser:
     ap.add_argument("--eraser", type=Path, default=None,
                     help="a fitted eraser artifact (.safetensors) to load; without it one is fitted on the "
                          "model and saved as OUT/eraser.safetensors")
+    ap.add_argument("--variant", default=DEFAULT_VARIANT, choices=GATED_VARIANTS,
+                    help="the MLLMEraser variant to fit when no --eraser is given (mllmeraser: the paper's; the "
+                         "default is the one that forgets on the embedded default model)")
     ap.add_argument("--strength", type=float, default=None,
                     help="steering strength; None: the eraser's own (chosen by the autotuner when fitted)")
     ap.add_argument("--limit", type=int, default=None,
@@ -87,13 +101,28 @@ class Context:
     def progress(self) -> bool:
         return not self.args.no_progress
 
+    @property
+    def variant(self) -> str | None:
+        """The variant the eraser was fitted as (recorded in its artifact), or None for an older artifact."""
+        return self.eraser.info.get("variant")
+
     def hooks(self) -> list:
-        """The eraser's steering hooks at the strength in use (the deployed, gated configuration)."""
+        """The eraser's steering hooks at the strength in use, for one forward pass (prefill).
+
+        For generation use :meth:`steered`: an eraser with ``answer_steps`` also steers decode steps.
+        """
         return self.eraser.hooks(self.strength)
+
+    def steered(self):
+        """A context in which every call on the model is steered as deployed (torch hooks, every step the
+        eraser acts on: the prefill, and the first answer tokens for an eraser with ``answer_steps``)."""
+        return self.eraser.attached(self.model, self.strength)
 
     def config(self) -> dict[str, Any]:
         return {**self.setup.config(), "quick": bool(self.args.quick), "limit": self.args.limit,
-                "eraser": {"source": self.eraser_source, "layers": list(self.eraser.layers),
+                "eraser": {"source": self.eraser_source, "variant": self.variant, "layers": list(self.eraser.layers),
+                           "gate_stack": list(self.eraser.config.gate_stack or []),
+                           "answer_steps": self.eraser.config.answer_steps,
                            "site": self.eraser.config.site, "strength": self.strength, "fit_s": self.fit_s}}
 
 
@@ -120,7 +149,7 @@ def load_context(args: argparse.Namespace) -> Context:
         source = str(args.eraser)
     else:
         t0 = time.perf_counter()
-        eraser, _, _ = fit_variant(setup, "mllmeraser")
+        eraser, _, _ = fit_variant(setup, args.variant)
         fit_s = time.perf_counter() - t0
         path = eraser.save(Path(args.out) / "eraser.safetensors")
         source = f"fitted ({path})"

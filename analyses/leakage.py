@@ -36,6 +36,7 @@ Run: ``python -m analyses.leakage [--quick] [--eraser PATH] [--limit N]``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import sys
@@ -271,16 +272,17 @@ def run(ctx: Context, n_partners: int, max_new_tokens: int) -> tuple[dict[str, A
                              n_partners if limit is None else 1, ctx.setup.recipe.seed)
     queries = build_attacks(forget, bench.test, partners, ctx.setup.recipe.seed)
     bs = ctx.args.batch_size
-    gens: dict[str, Callable] = {
-        "vanilla": generate_fn(model, batch_size=bs),
-        "steered": generate_fn(model, batch_size=bs, hooks=ctx.hooks(), every_step=ctx.eraser.config.every_step),
-    }
+    gen = generate_fn(model, batch_size=bs)
+    # The steered model is generated as deployed (ctx.steered: torch hooks on every call), so an eraser that
+    # also steers the first answer tokens (answer_steps) is attacked as it would be served.
+    runs: dict[str, Callable] = {"vanilla": contextlib.nullcontext, "steered": ctx.steered}
     outputs: dict[str, list[str]] = {}
     timing: dict[str, float] = {}
-    for name, gen in gens.items():
+    for name, context in runs.items():
         t0 = time.perf_counter()
-        outputs[name] = run_generate(queries, gen, batch_size=bs, max_new_tokens=max_new_tokens,
-                                     progress=ctx.progress, desc=f"attacks ({name})")
+        with context():
+            outputs[name] = run_generate(queries, gen, batch_size=bs, max_new_tokens=max_new_tokens,
+                                         progress=ctx.progress, desc=f"attacks ({name})")
         timing[f"{name}_s"] = time.perf_counter() - t0
     ok = {m: [q.success(o) for q, o in zip(queries, outputs[m])] for m in outputs}
     table = tabulate(queries, ok, outputs, model.tokenizer)

@@ -33,13 +33,14 @@ def one_thread() -> Iterator[None]:
 
 
 def quick_eraser_path(base: Path) -> Path:
-    """Fit MLLMEraser on the quick model once per session; return the saved artifact's path."""
+    """Fit the scripts' default variant on the quick model once per session; return the saved artifact's path."""
     if "path" not in _CACHE:
+        from analyses.common import DEFAULT_VARIANT
         from eraser.pipeline import fit_variant, load_setup
 
         with one_thread():
             setup = load_setup(quick=True, progress=False)
-            eraser, _, _ = fit_variant(setup, "mllmeraser")
+            eraser, _, _ = fit_variant(setup, DEFAULT_VARIANT)
         _CACHE["path"] = eraser.save(base / "quick_eraser" / "eraser.safetensors")
     return _CACHE["path"]
 

@@ -8,6 +8,7 @@ from analyses.bench_fit import BASELINES, main
 
 def test_bench_fit_reports_every_ratio(capsys):
     out = main(["--model", "quick", "--repeats", "1", "--epochs", "1", "--threads", "1"])
+    assert out["variant"] == "mllmeraser_stacked_gate"  # the variant that forgets on the default model
     assert out["mllmeraser_s"] > 0
     for m in BASELINES:
         assert out[f"{m}_s"] > 0
