@@ -165,13 +165,20 @@ def run_coefficients(model: "HookedVLM", inputs: VLMInputs, hooks_for: Callable[
 
 def _run_shared_prefix(model: "HookedVLM", inputs: VLMInputs, hooks_for: Callable[[Tensor], HookSpec],
                        coeffs: list[float], max_rows: int | None) -> Float[Tensor, "n_coeffs batch pos vocab"]:
-    """:func:`run_coefficients` with ``shared_prefix``: the prefix once, the last position per coefficient."""
-    from . import tracing
+    """:func:`run_coefficients` with ``shared_prefix``: the prefix once, the last position per coefficient.
+
+    Rows follow :func:`repeat_inputs`'s layout (copy ``c`` of the batch at rows ``[c*B, (c+1)*B)``), so the
+    cache is tiled the same way and :func:`row_scales` gives the per-row scales.
+    """
+    from . import torch_hooks, tracing
 
     adapter = model.adapter
     if not adapter.continues_from_cache:
         raise ValueError(f"shared_prefix is not supported for {adapter.name}: its positions cannot be continued "
                          f"from a cached prefix (run_coefficients without shared_prefix gives the same logits)")
+    if model._persistent or torch_hooks.has_hooks(model):
+        raise ValueError("shared_prefix runs the prefix unhooked, so it cannot honour hooks attached with "
+                         "model.hooks(...) (e.g. an attached eraser); pass them through hooks_for instead")
     b, t = inputs.input_ids.shape
     if t < 2:
         raise ValueError("shared_prefix needs prompts of at least 2 positions")
@@ -181,19 +188,17 @@ def _run_shared_prefix(model: "HookedVLM", inputs: VLMInputs, hooks_for: Callabl
     with torch.no_grad():
         prefix = model.hf_model(**{**inputs.model_kwargs(), "input_ids": ids[:, :-1], "attention_mask": mask[:, :-1]},
                                 use_cache=True)
+    text_only = replace(inputs, image_kwargs={})  # the images are in the cache already
     lasts = []
     for chunk in _chunks(len(coeffs), b, max_rows):
-        n = len(chunk)
-        cache = copy.deepcopy(prefix.cache) if len(coeffs) > n else prefix.cache
-        cache.batch_repeat_interleave(n)  # row r * n + c: prompt r at coefficient c
-        rows = replace(inputs, image_kwargs={}, prompts=[p for p in inputs.prompts for _ in range(n)],
-                       n_images=[k for k in inputs.n_images for _ in range(n)]
-                       ).map_tensors(lambda x: x.repeat_interleave(n, 0))
-        scales = torch.tensor([float(coeffs[i]) for i in chunk], dtype=torch.float32, device=model.device).repeat(b)
+        cs = [coeffs[i] for i in chunk]
+        cache = copy.deepcopy(prefix.cache) if len(cs) < len(coeffs) else prefix.cache
+        cache.reorder_cache(torch.arange(b, device=ids.device).repeat(len(cs)))
+        rows = repeat_inputs(text_only, len(cs))
         step = {"input_ids": rows.input_ids[:, -1:], "attention_mask": rows.attention_mask, "cache": cache}
-        plan = model._plan(None, hooks_for(scales), rows)
+        plan = model._plan(None, hooks_for(row_scales(cs, b, model.device)), rows)
         logits, _ = tracing.run(model, rows, plan, kwargs=step, step=1)
-        lasts.append(logits.reshape(b, n, 1, -1).transpose(0, 1))
+        lasts.append(logits.reshape(len(cs), b, 1, -1))
     head = prefix.logits[None].expand(len(coeffs), -1, -1, -1)
     return torch.cat([head, torch.cat(lasts).to(head.dtype)], dim=2)
 

@@ -162,6 +162,11 @@ class _Dispatcher:
 _DISPATCHERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, _Dispatcher]]" = weakref.WeakKeyDictionary()
 
 
+def has_hooks(model: "HookedVLM") -> bool:
+    """Whether any module of ``model`` has plain hooks registered through :func:`register` right now."""
+    return any(module in _DISPATCHERS and _DISPATCHERS[module] for module in model.hf_model.modules())
+
+
 def register(model: "HookedVLM", hooks: dict[str, list[HookFn]]) -> list[Handle]:
     """Register ``{name: [fn, ...]}`` as module hooks; returns handles to remove them."""
     handles: list[Handle] = []

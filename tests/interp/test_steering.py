@@ -131,6 +131,11 @@ def test_shared_prefix_rejects_what_it_cannot_share():
         run_coefficients(model, image_last, _hooks_for(model), COEFFS, shared_prefix=True)
     with pytest.raises(ValueError, match="at least one coefficient"):
         run_coefficients(model, enc, _hooks_for(model), [], shared_prefix=True)
+    for backend in ("torch", "nnsight"):  # attached hooks would act on the full pass but not on the prefix
+        with model.hooks([(SITE, add_vector(_vec(model)))], backend=backend):
+            with pytest.raises(ValueError, match="cannot honour hooks attached"):
+                run_coefficients(model, enc, _hooks_for(model), COEFFS, shared_prefix=True)
+    run_coefficients(model, enc, _hooks_for(model), COEFFS, shared_prefix=True)  # detached again: runs
 
 
 def test_generated_text_equals_looped(model, inputs):
