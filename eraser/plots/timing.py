@@ -52,7 +52,7 @@ def plot_timing(source: Any, out_path: PathLike, *, eraser: str = ERASER) -> Pat
         ax = fig.subplots()
         x = np.arange(len(methods))
         w = 0.38
-        for off, vals, label, color in ((-w / 2, fit, "fit (incl. strength selection)", "#4c72b0"),
+        for off, vals, label, color in ((-w / 2, fit, "fit (choice of settings excluded)", "#4c72b0"),
                                         (w / 2, inf, "inference (full evaluation)", "#dd8452")):
             ok = vals > 0
             ax.bar(x[ok] + off, vals[ok], w, label=label, color=color)

@@ -74,6 +74,17 @@ def tradeoff_curves(results: Mapping[str, Any] | None = None,
     return curves
 
 
+def label_offset(curve: int, last: bool, y: float) -> tuple[int, int]:
+    """Offset in points of a curve's strength label at its first or ``last`` point, at retain accuracy ``y``.
+
+    Why: labels of successive curves are stacked 8 points apart so they do not overprint; stacked upwards from a
+    point near the top of the axes (where the weak strengths sit, retain ~1) nine curves' labels ran over the
+    title, so they stack away from the nearer edge: downwards from high points, upwards from low ones.
+    """
+    up = y < (0.5 if last else 0.2)
+    return (-34 if last else 5, 5 + 8 * curve if up else -10 - 8 * curve)
+
+
 def _load_tradeoff_inputs(source: Any, tradeoff: Any) -> tuple[dict | None, dict | None]:
     if isinstance(source, (str, os.PathLike)):
         p = Path(source)
@@ -133,7 +144,7 @@ def plot_tradeoff(source: Any, out_path: PathLike, *, tradeoff: Any = None,
                 for j in sorted({0, len(x) - 1}):  # strength labels at both ends; stacked per curve
                     if np.isfinite(x[j]) and np.isfinite(y[j]):
                         ax.annotate(f"λ={fmt_strength(c.strengths[j])}", (x[j], y[j]), textcoords="offset points",
-                                    xytext=(-34, 5 + 8 * i) if j else (5, -10 - 8 * i), fontsize=6, color=col)
+                                    xytext=label_offset(i, bool(j), float(y[j])), fontsize=6, color=col)
                 if c.chosen is not None:
                     k = int(np.argmin([abs(s - c.chosen) for s in c.strengths]))
                     if math.isclose(c.strengths[k], c.chosen, abs_tol=1e-9) and np.isfinite([x[k], y[k]]).all():

@@ -33,3 +33,14 @@ def test_tradeoff_curves_prefer_full_evaluation(run_dir, tmp_path):
         p = plots.plot_tradeoff(src, tmp_path / name)
         assert_png(p)
     assert plots.png_annotations(tmp_path / "sel.png")["chosen"]["mllmeraser"] == c.chosen
+
+
+def test_strength_labels_stack_away_from_the_nearer_edge():
+    from eraser.plots.tradeoff import label_offset
+
+    # near the top (weak strengths keep retain ~1): the ninth curve's label goes 74 points down, not up into the title
+    assert label_offset(8, last=False, y=0.99) == (5, -74)
+    assert label_offset(8, last=True, y=0.98) == (-34, -74)
+    # near the bottom (strong strengths break retain): upwards, still stacked 8 points per curve
+    assert label_offset(0, last=True, y=0.02) == (-34, 5) and label_offset(3, last=True, y=0.02) == (-34, 29)
+    assert label_offset(2, last=False, y=0.1) == (5, 21)
