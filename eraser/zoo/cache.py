@@ -20,6 +20,7 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -117,6 +118,9 @@ def load_or_train(recipe: Recipe, cache_dir: str | os.PathLike | None = None, pr
         _sweep(root, key)
         from .train import train
 
+        # said even without a progress bar: a default model is ~45 min of training, and nothing else says why
+        print(f"[zoo] no cached checkpoint for {recipe.describe()}; training it once (cached in {root / key})",
+              file=sys.stderr, flush=True)
         model, log = train(recipe, progress=progress)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=root))
         try:

@@ -14,16 +14,19 @@ TINY = dict(n_profiles=4, n_celebrities=2, n_refusal_eval=8, celeb_epochs=1, mai
                        vision_heads=1, image_size=16, patch_size=8))
 
 
-def test_cache_hit_skips_training_and_returns_identical_weights(tmp_path):
+def test_cache_hit_skips_training_and_returns_identical_weights(tmp_path, capsys):
     recipe = Recipe.quick("llava", **TINY)
     assert cached_path(recipe, tmp_path) is None
     t0 = time.perf_counter()
     first = load_or_train(recipe, tmp_path, progress=False)
     t_train = time.perf_counter() - t0
     assert cached_path(recipe, tmp_path) is not None
+    # a cache miss says so even without a progress bar (a default model trains for ~45 min)
+    assert f"training it once (cached in {tmp_path / recipe.hash()})" in capsys.readouterr().err
     t0 = time.perf_counter()
     second = load_or_train(recipe, tmp_path, progress=False)
     t_load = time.perf_counter() - t0
+    assert "training" not in capsys.readouterr().err
     for (n, a), (_, b) in zip(first.hf_model.state_dict().items(), second.hf_model.state_dict().items()):
         assert torch.equal(a, b), n
     assert t_load < t_train
