@@ -164,7 +164,7 @@ _DISPATCHERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, _Dispatcher]
 
 def has_hooks(model: "HookedVLM") -> bool:
     """Whether any module of ``model`` has plain hooks registered through :func:`register` right now."""
-    return any(module in _DISPATCHERS and _DISPATCHERS[module] for module in model.hf_model.modules())
+    return any(_DISPATCHERS.get(module) for module in model.hf_model.modules())  # emptied entries are popped
 
 
 def register(model: "HookedVLM", hooks: dict[str, list[HookFn]]) -> list[Handle]:
