@@ -48,7 +48,7 @@ def first_answer_means(model: Any, images: Sequence[Any], prompts: Sequence[str]
     for s in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
         ims, ps = list(images[s:s + batch_size]), list(prompts[s:s + batch_size])
         enc = model.encode(images=ims, prompts=ps, answers=[prefix] * len(ps))
-        _, cache = model.run_with_cache(enc, names=list(names))
+        _, cache = model.run_with_cache(enc, names=list(names), stop_early=True)
         rows = torch.arange(len(ps))
         for n in names:
             h = cache[n][rows, enc.last_index.to(cache[n].device) + 1].double()

@@ -5,6 +5,7 @@ figure and a number in ``results.json`` come from the same code path.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
@@ -16,6 +17,7 @@ from .backend import generate_fn, nll_fn
 from .data.schema import Benchmark
 from .evaluate import answer_probs, evaluate_benchmark, evaluate_split, refusal_checks
 from .method import EraserConfig, MLLMEraser
+from .stats import FitStats
 from .metrics import forget_quality
 from .pairs import fit_data
 from .variants import ERASER_VARIANTS, NOT_CONFIG, stacked_layers
@@ -98,15 +100,30 @@ def variant_config(model: HookedVLM, name: str, config: EraserConfig | None = No
     return config, dict(opts)
 
 
-def fit_variant(setup: Setup, name: str = "mllmeraser", config: EraserConfig | None = None,
-                pgd: Any = None, auto: bool = True, grid: Any = None, auto_gate: bool = True
-                ) -> tuple[MLLMEraser, Selection | None, dict[str, float]]:
-    """Fit one MLLMEraser variant and choose its settings automatically; returns timings too.
+def retain_budget(model: HookedVLM, config: EraserConfig, opts: dict[str, Any]) -> int | None:
+    """How many retain queries a variant's statistics stream: ``retain_per_feature`` x the gate's width, or all.
 
-    With ``auto``: gamma and the null-space rule by gate separation (:func:`~eraser.autotune.choose_gate`,
-    unless ``auto_gate=False`` or the variant is ungated), then the strength by constrained forgetting
-    (:func:`~eraser.autotune.choose_strength`), both on the validation split.  ``fit_s`` is the fit alone
-    (PGD, statistics, closed-form solve), comparable to a baseline's training time; the choice is ``select_s``.
+    Why per feature: the retain second moment is F x F (F = d_model, or the stacked layers' width), and it
+    needs a few samples per feature to be estimated, not every retain question.  Streaming them is most of a
+    fit's cost (4125 questions on the default model, ~75 % of its fit), so a sample bounded by the width
+    makes the fit cost independent of how many retain questions there are, and it scales to 7B widths.
+    """
+    k = opts.get("retain_per_feature")
+    if k is None:
+        return None
+    if k <= 0:
+        raise ValueError(f"retain_per_feature must be > 0, got {k!r}")
+    width = (len(config.gate_stack) if config.gate_stack else 1) * model.d_model
+    return math.ceil(k * width)
+
+
+def fit_eraser(setup: Setup, name: str = "mllmeraser", config: EraserConfig | None = None, pgd: Any = None
+               ) -> tuple[MLLMEraser, FitStats, EraserConfig, dict[str, Any], dict[str, float]]:
+    """The fit alone of variant ``name``: PGD recall pairs, streaming statistics, closed-form solve.
+
+    Returns ``(eraser, stats, config, switches, timing)``; the eraser has the config's default settings
+    (:func:`fit_variant` then chooses them).  This is what a fit time measures, here and in
+    ``analyses.bench_fit``, so both time the same code.
     """
     config, opts = variant_config(setup.model, name, config)
     if opts.get("pgd", True) is False:
@@ -117,12 +134,29 @@ def fit_variant(setup: Setup, name: str = "mllmeraser", config: EraserConfig | N
         pgd = PGDConfig()
     t0 = time.perf_counter()
     data = fit_data(setup.model, setup.bench, seed=setup.recipe.seed, pgd=pgd, source=setup.source,
-                    retain_requests=opts.get("retain_requests", False))
+                    retain_requests=opts.get("retain_requests", False),
+                    retain_limit=retain_budget(setup.model, config, opts))
     pgd_s = time.perf_counter() - t0
     stats = MLLMEraser.collect_stats(setup.model, data.forget, data.retain, data.recall, data.erase, config,
                                      progress=setup.progress, forget_concepts=data.forget_concepts)
     eraser = MLLMEraser.from_stats(stats, config)
-    fit_s = time.perf_counter() - t0
+    return eraser, stats, config, opts, {"pgd_s": pgd_s, "fit_s": time.perf_counter() - t0}
+
+
+def fit_variant(setup: Setup, name: str = "mllmeraser", config: EraserConfig | None = None,
+                pgd: Any = None, auto: bool = True, grid: Any = None, auto_gate: bool = True
+                ) -> tuple[MLLMEraser, Selection | None, dict[str, float]]:
+    """Fit one MLLMEraser variant and choose its settings automatically; returns timings too.
+
+    With ``auto``: gamma and the null-space rule by gate separation (:func:`~eraser.autotune.choose_gate`,
+    unless ``auto_gate=False`` or the variant is ungated), then the strength by constrained forgetting
+    (:func:`~eraser.autotune.choose_strength`), both on the validation split.  ``fit_s`` is the fit alone
+    (:func:`fit_eraser`: PGD, statistics, closed-form solve), comparable to a baseline's training time; the
+    choice is ``select_s``.
+    """
+    t0 = time.perf_counter()
+    eraser, stats, config, opts, timing = fit_eraser(setup, name, config, pgd)
+    pgd_s, fit_s = timing["pgd_s"], timing["fit_s"]
     selection = None
     if auto:
         val, kind = validation_split(setup.bench, setup.source, seed=setup.recipe.seed)

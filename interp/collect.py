@@ -61,7 +61,7 @@ def iter_query_activations(
     starts = range(0, len(prompts), batch_size)
     for s in tqdm(starts, desc=desc, disable=not progress, leave=False):
         inputs = model.encode(images=list(images[s:s + batch_size]), prompts=list(prompts[s:s + batch_size]))
-        _, cache = model.run_with_cache(inputs, names=names, hooks=hooks)
+        _, cache = model.run_with_cache(inputs, names=names, hooks=hooks, stop_early=True)  # logits unused
         if read == "last":
             yield {n: cache.last(n).float() for n in cache.names}
         else:

@@ -185,15 +185,19 @@ class HookedVLM:
         )
 
     def run_with_cache(self, inputs: VLMInputs, names: NameFilter = None, hooks: HookSpec | None = None,
-                       remote: bool | str = False) -> tuple[Float[Tensor, "batch pos vocab"], ActivationCache]:
+                       remote: bool | str = False, stop_early: bool = False
+                       ) -> tuple[Float[Tensor, "batch pos vocab"] | None, ActivationCache]:
         """One forward pass; returns logits and an :class:`ActivationCache` of ``names`` (all names if None).
 
         ``hooks`` run in the same pass, and cached values are the values after the hooks at that site.
         ``remote=True`` runs the trace on an NDIF host; ``remote="local"`` simulates that round trip here.
+        ``stop_early=True`` (TransformerLens's ``stop_at_layer``, by name) halts the pass after the last site
+        it caches or hooks and returns ``None`` for the logits: reading layer 15 of a 32-layer model then
+        costs half a forward pass.
         """
         plan = self._plan(self.hook_names() if names is None else names, hooks, inputs)
         with torch_hooks.active_inputs(inputs):
-            logits, acts = tracing.run(self, inputs, plan, remote=remote)
+            logits, acts = tracing.run(self, inputs, plan, remote=remote, stop=stop_early)
         return logits, ActivationCache(acts, inputs.image_mask, inputs.text_mask, inputs.last_index)
 
     def run_with_hooks(self, inputs: VLMInputs, hooks: HookSpec, remote: bool | str = False

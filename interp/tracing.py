@@ -104,26 +104,35 @@ def apply_plan(root, plan: Plan, inputs: "VLMInputs", step: int, acts: dict[str,
 
 
 def run(model: "HookedVLM", inputs: "VLMInputs", plan: Plan, remote: bool | str = False,
-        kwargs: dict[str, Any] | None = None, step: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+        kwargs: dict[str, Any] | None = None, step: int = 0, stop: bool = False
+        ) -> tuple[Tensor | None, dict[str, Tensor]]:
     """One forward pass under ``plan``; a plain forward when the plan is empty (same numbers, no tracing cost).
 
     ``remote`` ships the trace (hook functions included, by value) to an NDIF
     host (True) or runs nnsight's exact serialise/deserialise round trip in
     process (``"local"``).  ``kwargs`` (default: ``inputs.model_kwargs()``) and
     ``step`` (what hooks see as ``ctx.step``) let a caller continue from a KV
-    cache: one new position per row, hooked as a decode step.
+    cache: one new position per row, hooked as a decode step.  ``stop`` halts
+    the model right after the plan's last site (nnsight's ``tracer.stop()``):
+    later layers and the unembedding never run, and the logits are None.
     """
     kwargs = inputs.model_kwargs() if kwargs is None else kwargs
+    if stop and plan.empty:
+        raise ValueError("stop=True needs at least one site to stop after")
     with torch.no_grad():
         if plan.empty and not remote:
             return model.hf_model(**kwargs).logits, {}
         root = model.remote_envoy if remote else model.envoy
         acts: dict[str, Tensor] = {}
         trace_kwargs = {"remote": remote} if remote else {}
-        with root.trace(**kwargs, **trace_kwargs):
+        logits = None
+        with root.trace(**kwargs, **trace_kwargs) as tracer:
             hooked = apply_plan(root, plan, inputs, step, acts)
-            logits = (hooked if hooked is not None else envoy_at(root, model.adapter.lm_head).output).save()
             acts = nnsight.save(acts)
+            if stop:
+                tracer.stop()
+            else:
+                logits = (hooked if hooked is not None else envoy_at(root, model.adapter.lm_head).output).save()
     return logits, dict(acts)
 
 

@@ -1,17 +1,53 @@
-"""The fit-time benchmark runs on the quick model and reports a ratio per baseline (no timing is asserted)."""
+"""The fit-time benchmark: baselines are timed at comparable forgetting, ratios per baseline (no timing asserted)."""
 from __future__ import annotations
 
 import math
 
-from analyses.bench_fit import BASELINES, main
+from analyses.bench_fit import BASELINES, first_reaching, main
 
 
-def test_bench_fit_reports_every_ratio(capsys):
-    out = main(["--model", "quick", "--repeats", "1", "--epochs", "1", "--threads", "1"])
-    assert out["variant"] == "mllmeraser_stacked_gate"  # the variant that forgets on the default model
+def test_first_reaching_takes_the_cheapest_row_at_or_under_the_target():
+    rows = [{"fit_s": 4.0, "forget_cls": 0.0}, {"fit_s": 1.0, "forget_cls": 0.3}, {"fit_s": 2.5, "forget_cls": 0.04}]
+    assert first_reaching(rows, 0.05)["fit_s"] == 2.5
+    assert first_reaching(rows, 0.3)["fit_s"] == 1.0
+    assert first_reaching(rows, -0.1) is None
+    assert first_reaching([], 1.0) is None
+
+
+def test_bench_fit_times_baselines_at_comparable_forgetting(capsys):
+    out = main(["--model", "quick", "--repeats", "1", "--lrs", "3e-3", "--max-epochs", "3", "--threads", "1"])
+    assert out["mode"] == "comparable" and out["variant"] == "mllmeraser_stacked_gate"
+    assert out["mllmeraser"]["forget"] <= 0.05  # the variant forgets on the validation questions
+    assert out["target"] == max(out["mllmeraser"]["forget"], 0.05)
     assert out["mllmeraser_s"] > 0
     for m in BASELINES:
+        search = out[f"{m}_setting"], out["search"][m]
+        hit = search[1]["reached"]
+        if hit is None:  # never forgot enough: timed at the largest budget, and the ratio is a lower bound
+            assert out[f"{m}_lower_bound"] and search[0] == {"lr": 3e-3, "epochs": 3}
+            assert all(r["forget_cls"] > out["target"] for r in search[1]["rows"])
+        else:
+            assert not out[f"{m}_lower_bound"] and hit["forget_cls"] <= out["target"]
+            assert search[0] == {"lr": hit["lr"], "epochs": hit["epochs"]} and 0 <= hit["retain_cls"] <= 1
+            assert [r["epochs"] for r in search[1]["rows"]] == list(range(1, hit["epochs"] + 1))
         assert out[f"{m}_s"] > 0
         assert math.isclose(out[f"{m}_ratio"], out[f"{m}_s"] / out["mllmeraser_s"])
     assert out["cheapest_ratio"] == min(out[f"{m}_ratio"] for m in BASELINES)
-    assert "target >= 20x" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "for comparable forgetting (target >= 20x)" in printed
+
+
+def test_bench_fit_fixed_epochs_skips_the_search(capsys):
+    out = main(["--model", "quick", "--repeats", "1", "--fixed-epochs", "1", "--threads", "1"])
+    assert out["mode"] == "fixed" and "search" not in out
+    assert all(out[f"{m}_setting"] == {"lr": 3e-4, "epochs": 1} for m in BASELINES)
+    assert "at a fixed budget (target >= 20x)" in capsys.readouterr().out
+
+
+def test_bench_fit_rejects_bad_flags_before_loading_anything(capsys):
+    import pytest
+
+    for argv in (["--lrs", "fast"], ["--lrs", "0"], ["--max-epochs", "0"], ["--fixed-epochs", "0"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+    assert "--lrs" in capsys.readouterr().err

@@ -67,3 +67,19 @@ def test_gated_variants_are_the_erasers():
 
     assert "steer_static" not in GATED_VARIANTS
     assert set(GATED_VARIANTS) == set(ERASER_VARIANTS) - {"steer_static"}
+
+
+def test_retain_budget_is_per_gate_feature():
+    from types import SimpleNamespace
+
+    from eraser.pipeline import retain_budget, variant_config
+
+    model = SimpleNamespace(n_layers=4, d_model=128)
+    config, opts = variant_config(model, "mllmeraser_stacked_gate")
+    assert retain_budget(model, config, opts) == 2 * 3 * 128  # three stacked layers of 128 features, 2 per feature
+    config, opts = variant_config(model, "mllmeraser_window_gate")
+    assert retain_budget(model, config, opts) is None  # every retain question
+    assert retain_budget(model, config, {"retain_per_feature": 0.5}) == 64  # one layer's 128 features
+    assert retain_budget(SimpleNamespace(d_model=4096), config, {"retain_per_feature": 2}) == 8192
+    with pytest.raises(ValueError, match="retain_per_feature"):
+        retain_budget(model, config, {"retain_per_feature": 0})

@@ -35,6 +35,32 @@ def test_resid_sites_equal_hidden_states(tiny_model, two_prompts):
     assert torch.allclose(logits, ref.logits, atol=1e-5)
 
 
+def test_stop_early_caches_the_same_values_and_skips_the_rest_of_the_model(tiny_model, two_prompts):
+    images, prompts = two_prompts
+    inputs = tiny_model.encode(images=images, prompts=prompts)
+    names = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre"]
+    _, full = tiny_model.run_with_cache(inputs, names=names)
+    later = [get_module(tiny_model.hf_model, f"{tiny_model.adapter.lm_layers}.{l}") for l in range(1, tiny_model.n_layers)]
+    calls = []
+    handles = [m.register_forward_hook(lambda *a, i=i: calls.append(i)) for i, m in enumerate(later, start=1)]
+    handles.append(get_module(tiny_model.hf_model, tiny_model.adapter.lm_head).register_forward_hook(
+        lambda *a: calls.append("lm_head")))
+    try:
+        logits, cache = tiny_model.run_with_cache(inputs, names=names, stop_early=True)
+        assert logits is None and calls == []  # nothing after blocks.1's input ran
+        for n in names:
+            assert torch.equal(cache[n], full[n])
+        tiny_model.run_with_cache(inputs, names=names)
+        assert calls == [*range(1, tiny_model.n_layers), "lm_head"]  # the hooks do see a full pass
+    finally:
+        for h in handles:
+            h.remove()
+    with pytest.raises(ValueError, match="stop"):
+        from interp import tracing
+
+        tracing.run(tiny_model, inputs, tracing.Plan(sites=[]), stop=True)
+
+
 def test_llava_vision_blocks_equal_tower_hidden_states(tiny_llava):
     from tests.conftest import random_image
 
