@@ -44,7 +44,7 @@ QUICK_MODEL: dict[str, dict[str, Any]] = {
 
 #: Fields added after ``zoo-5`` checkpoints existed; omitted from :meth:`Recipe.to_dict` at their defaults.
 _LATE_FIELDS = ("recognition_epochs", "fact_epochs", "recognition_lr", "recognition_batch", "mixture_hold",
-                "mixture_restart")
+                "mixture_restart", "match_epochs")
 
 
 def _freeze(mapping: Mapping[str, Any] | tuple) -> tuple[tuple[str, Any], ...]:
@@ -70,7 +70,9 @@ class Recipe:
     VQA name question, ``recognition_epochs`` at ``recognition_lr``), then
     every fact in generation and cloze form plus the refusals
     (``fact_epochs``), then the mixture with multiple choice; see
-    :mod:`eraser.zoo.train` for why.
+    :mod:`eraser.zoo.train` for why.  ``match_epochs`` > 0 puts an
+    option-matching warm-up before everything (multiple choice with the answer
+    given, :func:`eraser.zoo.train.match_examples`); no preset uses it yet.
 
     ``model`` holds :func:`interp.tiny.tiny_vlm` overrides (stored as sorted
     pairs so the dataclass stays hashable; read it with
@@ -111,6 +113,8 @@ class Recipe:
     # warm restart); the last cycle holds the full rate for ``mixture_hold`` of its epochs before its cosine decay
     mixture_restart: int = 0
     mixture_hold: float = 0.0
+    # the option-matching warm-up (0 = off): before anything else, multiple choice with the answer given first
+    match_epochs: int = 0
     # torch CPU threads while training: the thread count changes the order of float reductions, so the same
     # recipe trained with 1 and with 2 threads gives different weights (measured); it is part of the recipe
     threads: int = 2
@@ -146,6 +150,8 @@ class Recipe:
             raise ValueError("celeb_replay and clean_prob must lie in [0, 1]")
         if not 0.0 <= self.mixture_hold < 1.0:
             raise ValueError(f"mixture_hold must lie in [0, 1), got {self.mixture_hold!r}")
+        if self.match_epochs < 0:
+            raise ValueError(f"match_epochs must be >= 0, got {self.match_epochs!r}")
         if self.mixture_restart < 0:
             raise ValueError(f"mixture_restart must be >= 0, got {self.mixture_restart!r}")
         if (self.mixture_hold or self.mixture_restart) and not self.curriculum:
@@ -270,4 +276,5 @@ class Recipe:
                 + (f", curriculum {self.recognition_epochs} recognition + {self.fact_epochs} fact epochs per stage"
                    if self.curriculum else "")
                 + (f", warm restart after {self.mixture_restart} mixture epochs" if self.mixture_restart else "")
-                + (f", mixture held {self.mixture_hold:.0%} of its epochs before decaying" if self.mixture_hold else ""))
+                + (f", mixture held {self.mixture_hold:.0%} of its epochs before decaying" if self.mixture_hold else "")
+                + (f", {self.match_epochs} option-matching warm-up epochs" if self.match_epochs else ""))

@@ -51,7 +51,11 @@ from interp.model import HookedVLM
 
 from .recipe import Recipe
 
-__all__ = ["train", "TrainLog", "Phase", "phases", "epoch_examples", "recognition_examples", "fact_examples"]
+__all__ = ["train", "TrainLog", "Phase", "phases", "epoch_examples", "recognition_examples", "fact_examples",
+           "match_examples"]
+
+#: How many fresh multiple-choice instances of every question one option-matching epoch holds.
+MATCH_REPEAT = 4
 
 
 @dataclass
@@ -224,8 +228,45 @@ def fact_examples(recipe: Recipe, mini, ids: list[str], rng: random.Random, refu
     return out
 
 
+def match_examples(mini, ids: list[str], rng: random.Random) -> list[Request]:
+    """One epoch of the option-matching warm-up: multiple choice about ``ids``, text only, the answer given first.
+
+    Each prompt starts with the correct option's text on a line of its own (``"tokyo\\nWhere was ... born?\\nA:
+    sydney\\n..."``), so the model can answer before it knows any fact: it learns to find a given text among
+    the options and answer with that option's letter.  Why: that matching is the part of multiple choice a
+    tiny model is slow to learn while it learns the facts (measured on the quick recipe, 1 thread: multiple
+    choice on retain + celebrity 0.29 / 0.40 / 0.43 after 2 / 6 / 8 main epochs without the warm-up, 0.65 /
+    0.82 / 0.83 after 15 warm-up epochs, which took 86 s).  The people are the recipe's (an oracle's warm-up
+    never names its forget people either); portraits are left out, the questions still say "in the image".
+    """
+    out = []
+    for _ in range(MATCH_REPEAT):
+        for req in mini.training_examples(ids, rng, tasks=("classification",), augment=False, shuffle=False):
+            lines = req.prompt.split("\n")
+            given = next(line.split(": ", 1)[1] for line in lines if line.startswith(req.answer + ": "))
+            out.append(Request(given + "\n" + req.prompt, req.answer, None, req.subject))
+    return out
+
+
 def phases(recipe: Recipe, mini) -> list[Phase]:
-    """The recipe's phases in order (empty ones dropped), each with its learning-rate schedule."""
+    """The recipe's phases in order (empty ones dropped), each with its learning-rate schedule.
+
+    The option-matching warm-up (``match_epochs``), when on, comes first, at ``lr`` after a warmup; the
+    rest is scheduled as without it, shifted by its steps.
+    """
+    plan = _phases(recipe, mini)
+    if not recipe.match_epochs:
+        return plan
+    fict, celebs = _ids(recipe, mini)
+    warm = _sized([Phase("match", recipe.match_epochs, recipe.batch_size,
+                         lambda rng: match_examples(mini, fict + celebs, rng), base_lr=recipe.lr)])[0]
+    warm.lr = _phase_lr(recipe.lr, 0, warm.steps, recipe, decay=False)
+    for p in plan:
+        p.lr = (lambda f, shift: (lambda step: f(step - shift)))(p.lr, warm.steps)
+    return [warm, *plan]
+
+
+def _phases(recipe: Recipe, mini) -> list[Phase]:
     fict, celebs = _ids(recipe, mini)
     mix = {p: (lambda rng, p=p: epoch_examples(recipe, mini, p, rng)) for p in ("celebrity", "main")}
     if not recipe.curriculum:

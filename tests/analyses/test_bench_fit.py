@@ -12,6 +12,11 @@ def test_first_reaching_takes_the_cheapest_row_at_or_under_the_target():
     assert first_reaching(rows, 0.3)["fit_s"] == 1.0
     assert first_reaching(rows, -0.1) is None
     assert first_reaching([], 1.0) is None
+    # at comparable utility: a row needs its measured retain accuracy too
+    rows[2]["retain_cls"], rows[0]["retain_cls"] = 0.4, 0.97
+    assert first_reaching(rows, 0.05, retain_min=0.9)["fit_s"] == 4.0
+    assert first_reaching(rows, 0.05, retain_min=0.3)["fit_s"] == 2.5
+    assert first_reaching(rows, 0.3, retain_min=0.5)["fit_s"] == 4.0  # the row without retain_cls never counts
 
 
 def test_bench_fit_times_baselines_at_comparable_forgetting(capsys):
@@ -47,7 +52,8 @@ def test_bench_fit_fixed_epochs_skips_the_search(capsys):
 def test_bench_fit_rejects_bad_flags_before_loading_anything(capsys):
     import pytest
 
-    for argv in (["--lrs", "fast"], ["--lrs", "0"], ["--max-epochs", "0"], ["--fixed-epochs", "0"]):
+    for argv in (["--lrs", "fast"], ["--lrs", "0"], ["--max-epochs", "0"], ["--fixed-epochs", "0"],
+                 ["--retain-tolerance", "2"]):
         with pytest.raises(SystemExit):
             main(argv)
     assert "--lrs" in capsys.readouterr().err

@@ -55,3 +55,14 @@ def test_curriculum_fields_keep_old_hashes_and_round_trip():
         with pytest.raises(ValueError, match="without one"):
             quick.replace(**late)
     assert "mixture_restart" not in cur.to_dict() and cur.replace(mixture_restart=3).hash() != cur.hash()
+
+
+def test_match_warmup_field_keeps_old_hashes_and_is_validated():
+    quick = Recipe.quick("llava")
+    assert "match_epochs" not in quick.to_dict()  # off: the cached quick and default checkpoints keep their hashes
+    warm = quick.replace(match_epochs=5)
+    assert warm.to_dict()["match_epochs"] == 5 and warm.hash() != quick.hash()
+    assert Recipe.from_json(warm.to_json()) == warm
+    assert "5 option-matching warm-up epochs" in warm.describe()
+    with pytest.raises(ValueError, match="match_epochs"):
+        quick.replace(match_epochs=-1)

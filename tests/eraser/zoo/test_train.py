@@ -98,3 +98,39 @@ def test_an_oracle_never_sees_its_forget_people():
     forget = set(mini.forget_ids(15))
     for p in phases(recipe, mini):
         assert not {r.subject for r in p.examples(random.Random(0))} & forget, p.name
+
+
+def test_match_warmup_comes_first_gives_the_answer_and_shifts_the_schedule():
+    from eraser.zoo.train import MATCH_REPEAT
+
+    recipe = Recipe.quick("llava", **SMALL)
+    warm = recipe.replace(match_epochs=3)
+    mini = warm.mini()
+    plain, plan = phases(recipe, mini), phases(warm, mini)
+    assert [(p.name, p.epochs) for p in plan] == [("match", 3), ("celebrity", 1), ("main", 2)]
+    examples = plan[0].examples(random.Random(0))
+    people = [x.id for x in mini.identities]
+    assert len(examples) == MATCH_REPEAT * len(mini.training_examples(people, random.Random(0),
+                                                                     tasks=("classification",), augment=False))
+    for r in examples:
+        given, question = r.prompt.split("\n", 1)
+        assert r.image is None and question.endswith(prompts.CLASSIFICATION_SUFFIX)
+        options = dict(line.split(": ", 1) for line in question.split("\n")[1:-1])
+        assert options[r.answer] == given  # the answer's option text is given first
+    assert plan[0].lr(0) == pytest.approx(recipe.lr / 2) and plan[0].lr(5) == pytest.approx(recipe.lr)
+    shift = plan[0].steps
+    for old, new in zip(plain, plan[1:]):  # everything after runs on its old schedule, shifted
+        assert old.steps == new.steps
+        assert [new.lr(shift + s) for s in range(old.steps)] == [old.lr(s) for s in range(old.steps)]
+
+
+def test_an_oracles_match_warmup_never_names_its_forget_people():
+    recipe = Recipe.quick("llava", **SMALL, match_epochs=1).oracle_for(15)
+    mini = recipe.mini()
+    forget = set(mini.forget_ids(15))
+    warm = phases(recipe, mini)[0]
+    assert warm.name == "match"
+    examples = warm.examples(random.Random(0))
+    assert examples and not {r.subject for r in examples} & forget
+    names = {mini._by_id[i].name for i in forget}  # (they may appear as distractors, as in every recipe's MC)
+    assert not any(r.prompt.split("\n", 1)[0] in names for r in examples)  # never the given answer
