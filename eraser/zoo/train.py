@@ -262,8 +262,13 @@ def phases(recipe: Recipe, mini) -> list[Phase]:
                          lambda rng: match_examples(mini, fict + celebs, rng), base_lr=recipe.lr)])[0]
     warm.lr = _phase_lr(recipe.lr, 0, warm.steps, recipe, decay=False)
     for p in plan:
-        p.lr = (lambda f, shift: (lambda step: f(step - shift)))(p.lr, warm.steps)
+        p.lr = _shifted(p.lr, warm.steps)
     return [warm, *plan]
+
+
+def _shifted(lr: Callable[[int], float], steps: int) -> Callable[[int], float]:
+    """``lr`` of a schedule that now starts ``steps`` optimizer steps later."""
+    return lambda step: lr(step - steps)
 
 
 def _phases(recipe: Recipe, mini) -> list[Phase]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from interp import tracing
 from interp.adapters import get_module
 
 
@@ -40,7 +41,8 @@ def test_stop_early_caches_the_same_values_and_skips_the_rest_of_the_model(tiny_
     inputs = tiny_model.encode(images=images, prompts=prompts)
     names = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre"]
     _, full = tiny_model.run_with_cache(inputs, names=names)
-    later = [get_module(tiny_model.hf_model, f"{tiny_model.adapter.lm_layers}.{l}") for l in range(1, tiny_model.n_layers)]
+    blocks = tiny_model.adapter.lm_layers
+    later = [get_module(tiny_model.hf_model, f"{blocks}.{l}") for l in range(1, tiny_model.n_layers)]
     calls = []
     handles = [m.register_forward_hook(lambda *a, i=i: calls.append(i)) for i, m in enumerate(later, start=1)]
     handles.append(get_module(tiny_model.hf_model, tiny_model.adapter.lm_head).register_forward_hook(
@@ -56,8 +58,6 @@ def test_stop_early_caches_the_same_values_and_skips_the_rest_of_the_model(tiny_
         for h in handles:
             h.remove()
     with pytest.raises(ValueError, match="stop"):
-        from interp import tracing
-
         tracing.run(tiny_model, inputs, tracing.Plan(sites=[]), stop=True)
 
 
