@@ -17,7 +17,7 @@ from typing import Any
 
 from interp.io import write_json
 
-from .variants import ERASER_VARIANTS
+from .variants import ERASER_VARIANTS, GATED_VARIANTS
 
 ARCHS = ("llava", "qwen2_5_vl")
 #: ``eval --method``: vanilla alone, every MLLMEraser variant (``mllmeraser``), or one variant next to vanilla.
@@ -66,8 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="output folder (default: print only)")
     fit = sub.add_parser("fit", help="fit MLLMEraser with the automatic strength and save the artifact")
     _common(fit)
-    fit.add_argument("--variant", default="mllmeraser",
-                     choices=list(ERASER_VARIANTS))
+    # only gated variants: an artifact carries no "ungated" switch, so a saved ``steer_static`` would steer
+    # through a gate when attached; that ablation is evaluated with ``eval --method steer_static`` instead
+    fit.add_argument("--variant", default="mllmeraser", choices=list(GATED_VARIANTS),
+                     help="the variant to fit and save (static steering is an ablation: eval --method steer_static)")
     fit.add_argument("--out", required=True)
     sw = sub.add_parser("sweep", help="layer x strength sweep of MLLMEraser (resumable JSONL) and its heatmap")
     _common(sw)

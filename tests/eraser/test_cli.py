@@ -14,6 +14,7 @@ from eraser.cli import build_parser, main
     (["eval", "--batch-size", "0"], "positive"),
     (["eval", "--arch", "gpt2"], "invalid choice"),
     (["fit"], "--out"),
+    (["fit", "--out", "x", "--variant", "steer_static"], "invalid choice"),  # an ablation, no artifact of its own
 ])
 def test_out_of_range_flags_are_rejected(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
