@@ -238,17 +238,19 @@ class MLLMEraser:
             for K, h in zip(K_r, feats):
                 K.update(h)
         K_f = [SecondMoment(f) for _ in rows]
-        s_f = [torch.zeros(f, dtype=torch.float64) for _ in rows]
-        S_f = [torch.zeros(len(concepts), f, dtype=torch.float64) for _ in rows]
+        device = K_r[0].K.device  # where the activations were (the statistics stay there: see SecondMoment)
+        s_f = [torch.zeros(f, dtype=torch.float64, device=device) for _ in rows]
+        S_f = [torch.zeros(len(concepts), f, dtype=torch.float64, device=device) for _ in rows]
         position = {c: i for i, c in enumerate(concepts)}
-        index = torch.tensor([position[c] for c in forget_concepts]) if concepts else None
+        index = torch.tensor([position[c] for c in forget_concepts], device=device) if concepts else None
         start = 0
         for feats in gate_stream("forget"):
             for i, h in enumerate(feats):
                 K_f[i].update(h)
-                s_f[i] += h.double().sum(0)
+                h = h.to(device, torch.float64)
+                s_f[i] += h.sum(0)
                 if index is not None:
-                    S_f[i].index_add_(0, index[start:start + h.shape[0]], h.double())
+                    S_f[i].index_add_(0, index[start:start + h.shape[0]], h)
             start += feats[0].shape[0]
         return FitStats(
             layers=layers, site=config.site, directions=directions, answer_directions=answer_directions,
@@ -382,9 +384,9 @@ class MLLMEraser:
         if path.is_dir():
             path = path / "eraser.safetensors"
         with atomic_path(path) as tmp:
-            tensors = {"w": self.w.contiguous(), "d": self.d.contiguous()}
+            tensors = {"w": self.w.cpu().contiguous(), "d": self.d.cpu().contiguous()}
             if self.d_answer is not None:
-                tensors["d_answer"] = self.d_answer.contiguous()
+                tensors["d_answer"] = self.d_answer.cpu().contiguous()
             save_file(tensors, str(tmp),
                       metadata={"mllmeraser": json.dumps(self.metadata())})
         return path
@@ -438,7 +440,7 @@ class MLLMEraser:
             raise ValueError(f"{len(factors)} factors for " + ("1 stacked gate" if self.config.gate_stack
                                                                 else f"{len(self.layers)} layers"))
         try:
-            f = torch.tensor(factors, dtype=self.w.dtype)
+            f = torch.tensor(factors, dtype=self.w.dtype, device=self.w.device)
         except (TypeError, ValueError) as e:
             raise ValueError(f"gate scale factors must be numbers, one per layer (and concept): {e}") from None
         if f.ndim == 2 and self.w.ndim == 3 and f.shape[1] in (1, self.w.shape[1]):

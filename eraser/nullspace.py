@@ -17,7 +17,11 @@ from torch import Tensor
 
 
 class SecondMoment:
-    """Running ``K = sum_i h_i h_i^T`` and count, in float64."""
+    """Running ``K = sum_i h_i h_i^T`` and count, in float64, on the device of the first batch.
+
+    Why there: on a GPU the per-batch ``h^T h`` (F x F, F up to a few times d_model) is the fit's
+    heaviest arithmetic after the forward passes; done on the CPU it would also copy every batch over.
+    """
 
     def __init__(self, d: int) -> None:
         self.K = torch.zeros(d, d, dtype=torch.float64)
@@ -28,7 +32,9 @@ class SecondMoment:
             raise ValueError(f"expected activations [batch, {self.K.shape[0]}], got {tuple(h.shape)}")
         if not torch.isfinite(h).all():
             raise ValueError("activations contain NaN or inf; refusing to fit a projector on them")
-        h64 = h.detach().to(torch.float64).cpu()
+        if self.n == 0 and self.K.device != h.device:
+            self.K = self.K.to(h.device)
+        h64 = h.detach().to(self.K.device, torch.float64)
         self.K += h64.T @ h64
         self.n += h.shape[0]
         return self

@@ -121,6 +121,25 @@ def test_gate_from_streaming_moments_equals_direct_fit():
     assert torch.allclose(fit_gate_from_moments(acc.K, s, P, 0.1), fit_gate(H_f, P, 0.1), atol=1e-9)
 
 
+def test_gate_from_moments_cholesky_path_equals_release_pinv_per_concept_and_at_gamma_zero():
+    """The Cholesky solve of P K_f P + gamma I gives the release's pinv answer, for one gate and per concept;
+    gamma = 0 (where that matrix is singular) falls back to the pinv itself."""
+    from eraser.gate import fit_gate_from_moments, fit_gates
+
+    H_r, H_f, _ = _synthetic()
+    P, _ = null_space_projector(H_r.T @ H_r, rho=0.4)
+    Y = torch.zeros(H_f.shape[0], 3, dtype=torch.float64)
+    Y[torch.arange(H_f.shape[0]), torch.arange(H_f.shape[0]) % 3] = 1.0
+    K_f = H_f.T @ H_f
+    for gamma in (0.1, 1e-3):
+        w = fit_gate_from_moments(K_f, H_f.T @ Y, P, gamma)
+        assert w.shape == (H_f.shape[1], 3)
+        assert torch.allclose(w, fit_gates(H_f, Y, P, gamma), atol=1e-9)
+    w0 = fit_gate_from_moments(K_f, H_f.sum(0), P, 0.0)
+    pinv = P @ torch.linalg.pinv(P @ K_f @ P, hermitian=True) @ P @ H_f.sum(0)
+    assert torch.allclose(w0, pinv, atol=1e-9) and w0.abs().max() > 0
+
+
 def test_gate_window_numbers():
     from eraser.gate import window
 
