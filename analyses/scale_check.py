@@ -1,0 +1,387 @@
+"""Scale check: the toolkit end to end on a 7B-class architecture (random weights, built from config), on any device.
+
+Why: no real checkpoint can be downloaded here, but every code path runs on the
+real Hugging Face classes, so a random model with LLaVA-1.5-7B's (or
+Qwen2.5-VL-7B's) sizes exercises what a 7B run does: device placement, bf16,
+576 image tokens per image, d x d and (stacked) F x F statistics, the memory
+of a full fine-tuning baseline.  Random weights know no facts, so nothing here
+measures forgetting; it checks that the paths are *correct* at that size and
+times the ones the benchmarks time:
+
+- ``run_with_cache`` over every ``blocks.{l}.hook_resid_pre`` equals a plain
+  forward's ``hidden_states`` and logits, and its image slice has the image's
+  token count; its cost against that forward;
+- each eraser variant fits (PGD on the recall images, streamed statistics,
+  closed-form solve) on MiniMLLMU's quick questions; its artifact round-trips
+  and is ``d/2`` (or smaller) times the release's d x d matrices;
+- attaching it changes the logits and detaching restores them bit for bit;
+- steered generation on the plain-PyTorch fast path and on the nnsight graph
+  gives the same tokens, and costs a ratio of vanilla ``generate``;
+- a batched 8-strength sweep equals one trace per strength (LLaVA: also the
+  shared-prefix sweep), and is faster;
+- one epoch of GA full fine-tuning and of GA with LoRA on the forget set, with
+  their peak memory, against the eraser's fit.
+
+Timings are interleaved medians, synchronised on CUDA.  Writes
+``DIR/scale_check.json`` (atomically) with ``--out``.
+
+Run: ``python -m analyses.scale_check --arch llava --size 7b --device cuda --dtype bfloat16 --out DIR``
+(about 20 GB of weights in bf16 for LLaVA; ``--layers N`` cuts the depth to fit a smaller GPU), or
+``--size tiny`` on the CPU in seconds (what the test runs).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from analyses._timing import interleaved
+
+#: Real checkpoints' sizes (vision MLP width is 4 x the vision width here; Qwen2.5-VL-7B's is 3420 of 1280).
+SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    "llava": {
+        "7b": dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_mlp=11008, vision_d_model=1024,
+                   vision_layers=24, vision_heads=16, image_size=336, patch_size=14, vision_feature_layer=-2,
+                   max_positions=4096),
+        "tiny": dict(d_model=64, n_layers=4, n_heads=4, n_kv_heads=4, d_mlp=128, vision_d_model=32, vision_layers=2,
+                     vision_heads=2, image_size=28, patch_size=14, vision_feature_layer=-2),
+    },
+    "qwen2_5_vl": {
+        "7b": dict(d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, d_mlp=18944, vision_d_model=1280,
+                   vision_layers=32, vision_heads=16, image_size=336, patch_size=14, max_positions=4096),
+        "tiny": dict(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, d_mlp=128, vision_d_model=32, vision_layers=2,
+                     vision_heads=2, image_size=56, patch_size=14),
+    },
+}
+CHECKS = ("cache", "eraser", "sweep", "baselines")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build(arch: str, size: str, device: str, dtype: torch.dtype, n_layers: int | None, corpus: list[str]):
+    """The random model, created directly on ``device`` in ``dtype`` (no 28 GB float32 copy on the host)."""
+    from interp.tiny import tiny_vlm
+
+    dims = dict(SIZES[arch][size])
+    if n_layers is not None:
+        dims["n_layers"] = n_layers
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = tiny_vlm(arch, seed=0, corpus=corpus, **dims)
+    finally:
+        torch.set_default_dtype(previous)
+    return model, dims
+
+
+class _Clock:
+    """Synchronised wall time and peak device memory, so GPU timings measure the work, not the launch."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def timed(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            out = fn()
+            self.sync()
+            return out
+        return run
+
+    @contextlib.contextmanager
+    def peak(self, record: dict[str, Any], key: str):
+        """``record[key + "_s"]`` (seconds) and ``record[key + "_peak_gib"]`` (CUDA only) around the block."""
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self.sync()
+        t0 = time.perf_counter()
+        yield
+        self.sync()
+        record[f"{key}_s"] = time.perf_counter() - t0
+        if self.cuda:
+            record[f"{key}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+
+
+def _queries(bench, n: int) -> list[tuple[Any, str]]:
+    """``n`` forget questions, images and text alternating, as ``(image_or_None, prompt)``."""
+    from eraser.evaluate import build_items
+
+    items = build_items(bench.forget)
+    vqa = [it for it in items if it.image is not None]
+    qa = [it for it in items if it.image is None]
+    picked = [x for pair in zip(vqa, qa) for x in pair][:n]
+    return [(it.image, it.prompt) for it in picked]
+
+
+def check_cache(model, inputs, clock: _Clock, repeats: int) -> dict[str, Any]:
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(model.n_layers)]
+    with torch.no_grad():
+        plain = model.hf_model(**inputs.model_kwargs(), output_hidden_states=True)
+    logits, cache = model.run_with_cache(inputs, names=names)
+    scale = max(1e-6, float(plain.hidden_states[-1].float().abs().max()))
+    resid_diff = max(float((cache[n].float() - plain.hidden_states[l].float()).abs().max())
+                     for l, n in enumerate(names))
+    logit_diff = float((logits.float() - plain.logits.float()).abs().max())
+    image_counts = sorted({int(t.shape[0]) for t in cache.image(names[0]) if t.shape[0]})
+    expected_image = int(inputs.image_mask.sum(1).max())
+    out = {"resid_max_abs_diff": resid_diff, "logits_max_abs_diff": logit_diff, "image_tokens": image_counts,
+           "expected_image_tokens": expected_image, "seq_len": int(inputs.input_ids.shape[1])}
+    out["pass"] = resid_diff <= 1e-5 * scale + 1e-6 and logit_diff <= 1e-5 * scale + 1e-4 and \
+        image_counts == [expected_image]
+
+    def fwd() -> None:
+        with torch.no_grad():
+            model.hf_model(**inputs.model_kwargs(), output_hidden_states=True)
+
+    med = interleaved({"plain": clock.timed(fwd), "cached": clock.timed(lambda: model.run_with_cache(inputs, names=names))},
+                      repeats=repeats, warmup=1)
+    out.update(plain_s=med["plain"], cached_s=med["cached"], ratio=med["cached"] / med["plain"])
+    return out
+
+
+def check_eraser(setup, variant: str, inputs, clock: _Clock, repeats: int, new_tokens: int, tmp: Path
+                 ) -> tuple[dict[str, Any], Any]:
+    from eraser import ArtifactMismatchError, MLLMEraser
+    from eraser.pipeline import fit_eraser
+
+    model = setup.model
+    out: dict[str, Any] = {}
+    with clock.peak(out, "fit"):
+        eraser, stats, config, _, timing = fit_eraser(setup, variant)
+    solve_s = eraser.info["fit_s"] - stats.seconds  # from_stats: the projectors and the gates' closed form
+    out.update(pgd_s=timing["pgd_s"], collect_s=stats.seconds, solve_s=solve_s, counts=dict(stats.counts), layers=list(eraser.layers),
+               gate_stack=list(config.gate_stack) if config.gate_stack else None)
+    eraser = eraser.with_config(strength=-1.0)
+    # artifact: round trip, size against the release's d x d per steered layer, refusal of another model
+    path = eraser.save(tmp / f"{variant}.safetensors")
+    loaded = MLLMEraser.load(path, model)
+    same = all(torch.equal(a.cpu(), b) for a, b in ((eraser.w, loaded.w), (eraser.d, loaded.d)))
+    release = len(eraser.layers) * model.d_model ** 2 * 4
+    other = dict(loaded.fingerprint, weights="0" * 16)
+    try:
+        MLLMEraser(loaded.layers, loaded.w, loaded.d, loaded.config, other, d_answer=loaded.d_answer).check_model(model)
+        refused = False
+    except ArtifactMismatchError:
+        refused = True
+    out.update(artifact_bytes=path.stat().st_size, tensor_bytes=eraser.nbytes, release_bytes=release,
+               size_ratio=release / eraser.nbytes, roundtrip=same, refuses_other_model=refused)
+    # reversibility: steering changes the logits, detaching restores them exactly
+    before = model.run_with_hooks(inputs, [])
+    with eraser.attached(model):
+        steered = model.run_with_hooks(inputs, [])
+    after = model.run_with_hooks(inputs, [])
+    out.update(steered_changes_logits=bool((steered.float() - before.float()).abs().max() > 0),
+               detach_bit_identical=bool(torch.equal(before, after)))
+    # generation: fast path (plain hooks) and nnsight graph agree, and their cost against vanilla generate
+    every = bool(eraser.config.every_step or eraser.config.answer_steps)
+    kw = dict(max_new_tokens=new_tokens, eos_token_id=None)
+
+    def fast():
+        with eraser.attached(model, backend="torch"):
+            return model.generate(inputs, **kw)
+
+    def graph():
+        return model.generate(inputs, hooks=eraser.hooks(), every_step=every, **kw)
+
+    fast_tokens, graph_tokens = fast().new_tokens.cpu(), graph().new_tokens.cpu()
+    out["fast_equals_graph"] = bool(torch.equal(fast_tokens, graph_tokens))
+    out["fast_graph_token_agreement"] = float((fast_tokens == graph_tokens).float().mean())
+    # where a difference would come from: the steered prefill logits of the two backends, and whether vanilla
+    # generation itself repeats (a random model's near-tied logits flip on any rounding difference)
+    with eraser.attached(model, backend="torch"):
+        fast_logits = model.run_with_hooks(inputs, [])
+    graph_logits = model.run_with_hooks(inputs, eraser.hooks())
+    real = inputs.attention_mask.bool().to(fast_logits.device)
+    out["fast_graph_logits_diff"] = float((fast_logits.float() - graph_logits.float()).abs()[real].max()) / \
+        max(1e-6, float(fast_logits.float().abs().max()))
+    out["vanilla_repeatable"] = bool(torch.equal(model.generate(inputs, **kw).new_tokens,
+                                                 model.generate(inputs, **kw).new_tokens))
+    med = interleaved({"vanilla": clock.timed(lambda: model.generate(inputs, **kw)), "fast": clock.timed(fast),
+                       "graph": clock.timed(graph)}, repeats=repeats, warmup=1)
+    out.update(generate_s=med["vanilla"], fast_ratio=med["fast"] / med["vanilla"],
+               graph_ratio=med["graph"] / med["vanilla"])
+    out["pass"] = same and refused and out["steered_changes_logits"] and out["detach_bit_identical"] \
+        and out["fast_equals_graph"]
+    return out, eraser
+
+
+def check_sweep(model, inputs, clock: _Clock, repeats: int, n_coeffs: int = 8) -> dict[str, Any]:
+    from interp.steering import add_vector, run_coefficients
+
+    v = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0)).to(model.device, model.dtype)
+    v = v / v.norm() * 4
+    site = f"blocks.{model.n_layers // 2}.hook_resid_pre"
+    coeffs = torch.linspace(-2, 2, n_coeffs).tolist()
+    b = inputs.input_ids.shape[0]
+
+    def hooks_for(scales):
+        return [(site, add_vector(v, scale=scales, positions="last"))]
+
+    def looped():
+        return torch.stack([model.run_with_hooks(inputs, hooks_for(torch.full((b,), c, device=model.device)))
+                            for c in coeffs])
+
+    fns = {"looped": looped, "batched": lambda: run_coefficients(model, inputs, hooks_for, coeffs)}
+    if model.arch == "llava":  # Qwen2.5-VL's 3-D rope positions refuse the shared prefix
+        fns["shared_prefix"] = lambda: run_coefficients(model, inputs, hooks_for, coeffs, shared_prefix=True)
+    real = inputs.attention_mask.bool().to(model.device)[None, :, :, None]  # padding positions' logits mean nothing
+    ref = looped().float()
+    scale = max(1e-6, float(ref.abs().max()))
+    out: dict[str, Any] = {"site": site, "n_coeffs": n_coeffs}
+    for k, fn in fns.items():
+        if k != "looped":
+            diff = (fn().float() - ref).abs()
+            out[f"{k}_max_abs_diff"] = float(diff.masked_fill(~real, 0).max()) / scale
+            out[f"{k}_last_position_diff"] = float(diff[:, :, -1].max()) / scale
+            out[f"{k}_padding_diff"] = float(diff.masked_fill(real, 0).max()) / scale
+    # bf16 batches of different shapes round differently; relative agreement to a few bf16 ulps
+    tol = 1e-4 if model.dtype == torch.float32 else 5e-2
+    out["pass"] = all(v <= tol for k, v in out.items() if k.endswith("_max_abs_diff"))
+    med = interleaved({k: clock.timed(fn) for k, fn in fns.items()}, repeats=repeats, warmup=1)
+    out.update({f"{k}_s": s for k, s in med.items()})
+    out.update({f"{k}_speedup": med["looped"] / s for k, s in med.items() if k != "looped"})
+    return out
+
+
+def check_baselines(setup, clock: _Clock, batch: int) -> dict[str, Any]:
+    """One epoch of GA (full fine-tuning, then LoRA r=8) on the forget questions: time and peak memory."""
+    from eraser.baselines.finetune import unlearn, unlearning_data
+
+    forget, retain = unlearning_data(setup.bench)
+    out: dict[str, Any] = {"n_forget": len(forget), "batch": batch}
+    for key, lora in (("ga_full", False), ("ga_lora", True)):
+        try:
+            with clock.peak(out, key):
+                new, info = unlearn(setup.model, "ga", forget, retain, lr=1e-5, epochs=1, batch_size=batch,
+                                    progress=False, lora=lora)
+            out[f"{key}_steps"] = info["steps"]
+            del new
+        except torch.cuda.OutOfMemoryError as e:  # a real answer at this size: record it, do not crash the check
+            out[f"{key}_error"] = f"out of memory: {str(e).splitlines()[0]}"
+        if clock.cuda:
+            torch.cuda.empty_cache()
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", choices=tuple(SIZES), default="llava")
+    ap.add_argument("--size", choices=("7b", "tiny"), default="tiny")
+    ap.add_argument("--layers", type=int, default=None, help="decoder depth (default: the checkpoint's)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                    help="default: bfloat16 on CUDA, float32 on the CPU")
+    ap.add_argument("--variants", default="mllmeraser,mllmeraser_stacked_gate")
+    ap.add_argument("--batch", type=int, default=4, help="prompts per forward (cache, generation, sweep, baselines)")
+    ap.add_argument("--fit-batch", type=int, default=16, help="queries per forward while fitting")
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated subset of {','.join(CHECKS)}")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None, help="folder for scale_check.json")
+    args = ap.parse_args(argv)
+    if args.layers is not None and args.layers < 2:
+        ap.error(f"--layers must be >= 2, got {args.layers}")
+    if min(args.batch, args.fit_batch, args.new_tokens, args.repeats) < 1:
+        ap.error("--batch, --fit-batch, --new-tokens and --repeats must be >= 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error("--device cuda asked for, but torch sees no CUDA device")
+    from eraser.pipeline import Setup
+    from eraser.variants import GATED_VARIANTS
+    from eraser.zoo import Recipe
+    from interp.io import write_json
+
+    checks = [c for c in args.checks.split(",") if c]
+    if not checks or set(checks) - set(CHECKS):
+        ap.error(f"--checks must name some of {CHECKS}, got {args.checks!r}")
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = set(variants) - set(GATED_VARIANTS)
+    if unknown or not variants:
+        ap.error(f"--variants must name gated variants from {GATED_VARIANTS}, got {args.variants!r}")
+    dtype = DTYPES[args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
+    torch.set_num_threads(args.threads)
+    clock = _Clock(args.device)
+
+    recipe = Recipe.quick(args.arch)  # its questions and tokenizer corpus; the weights are random
+    mini = recipe.mini()
+    record: dict[str, Any] = {"arch": args.arch, "size": args.size, "device": args.device, "dtype": str(dtype)}
+    with clock.peak(record, "build"):
+        model, dims = build(args.arch, args.size, args.device, dtype, args.layers, mini.corpus())
+    record["dims"] = dims
+    record["n_params"] = sum(p.numel() for p in model.hf_model.parameters())
+    if clock.cuda:
+        record["gpu"] = torch.cuda.get_device_name()
+    print(f"{args.arch} {args.size}: {record['n_params'] / 1e9:.2f}B params, d_model {model.d_model} x "
+          f"{model.n_layers} layers, {dtype} on {args.device} (built in {record['build_s']:.1f} s)", flush=True)
+    setup = Setup(recipe, model, recipe.benchmark(5), mini, 5, batch_size=args.fit_batch, progress=False)
+    queries = _queries(setup.bench, args.batch)
+    inputs = model.encode(images=[q[0] for q in queries], prompts=[q[1] for q in queries])
+
+    passed: list[bool] = []
+    if "cache" in checks:
+        record["cache"] = c = check_cache(model, inputs, clock, args.repeats)
+        passed.append(c["pass"])
+        print(f"run_with_cache: {c['ratio']:.3f}x a plain forward ({c['plain_s'] * 1e3:.1f} ms, seq {c['seq_len']}); "
+          f"resid diff {c['resid_max_abs_diff']:.1e}, logits diff {c['logits_max_abs_diff']:.1e}, image tokens "
+              f"{c['image_tokens']} (expected {c['expected_image_tokens']}): {'ok' if c['pass'] else 'FAILED'}",
+              flush=True)
+
+    record["erasers"] = {}
+    with tempfile_dir() as tmp:
+        for variant in variants if "eraser" in checks else ():
+            r, _ = check_eraser(setup, variant, inputs, clock, args.repeats, args.new_tokens, tmp)
+            record["erasers"][variant] = r
+            passed.append(r["pass"])
+            print(f"{variant}: fit {r['fit_s']:.1f} s (PGD {r['pgd_s']:.1f} s, collect {r['collect_s']:.1f} s, "
+                  f"solve {r['solve_s']:.1f} s"
+                  + (f", peak {r['fit_peak_gib']:.1f} GiB" if "fit_peak_gib" in r else "")
+                  + f"; {r['counts']}), artifact {r['tensor_bytes']:,} B ({r['size_ratio']:.0f}x smaller than d x d), "
+                  f"fast path {r['fast_ratio']:.3f}x / graph {r['graph_ratio']:.3f}x of generate "
+                  f"({r['generate_s'] * 1e3:.0f} ms); round trip {r['roundtrip']}, refuses another model "
+                  f"{r['refuses_other_model']}, detach bit-identical {r['detach_bit_identical']}, fast == graph "
+                  f"{r['fast_equals_graph']}: {'ok' if r['pass'] else 'FAILED'}", flush=True)
+
+    if "sweep" in checks:
+        record["sweep"] = s = check_sweep(model, inputs, clock, args.repeats)
+        passed.append(s["pass"])
+        print("8-strength sweep: " + ", ".join(f"{k[:-8]} {v:.2f}x" for k, v in s.items() if k.endswith("_speedup"))
+              + " faster than one trace per strength; "
+              + ", ".join(f"{k[:-13]} diff {v:.1e}" for k, v in s.items() if k.endswith("_max_abs_diff"))
+              + f": {'ok' if s['pass'] else 'FAILED'}", flush=True)
+
+    if "baselines" in checks:
+        record["baselines"] = b = check_baselines(setup, clock, args.batch)
+        for key in ("ga_full", "ga_lora"):
+            if f"{key}_error" in b:
+                print(f"{key}: {b[f'{key}_error']}", flush=True)
+                continue
+            fits = ", ".join(f"{v} fit {r['fit_s']:.1f} s" for v, r in record["erasers"].items())
+            print(f"{key}: 1 epoch ({b[f'{key}_steps']} steps of {args.batch}) {b[f'{key}_s']:.1f} s"
+                  + (f", peak {b[f'{key}_peak_gib']:.1f} GiB" if f"{key}_peak_gib" in b else "")
+                  + (f"; {fits}" if fits else ""), flush=True)
+    record["pass"] = all(passed)
+    print(f"scale check: {'all checks pass' if record['pass'] else 'FAILED'}", flush=True)
+    if args.out:
+        path = Path(args.out) / "scale_check.json"
+        write_json(path, record)
+        print(f"wrote {path}")
+    return record
+
+
+@contextlib.contextmanager
+def tempfile_dir():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        yield Path(d)
+
+
+if __name__ == "__main__":
+    main()

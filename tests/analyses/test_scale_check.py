@@ -1,0 +1,51 @@
+"""The scale check on its tiny CPU size: every path it runs at 7B passes, and the record holds what the README quotes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from analyses.scale_check import SIZES, build, main
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_5_vl"])
+def test_scale_check_passes_on_the_tiny_size_and_writes_its_record(arch, tmp_path, capsys):
+    out = main(["--arch", arch, "--size", "tiny", "--threads", "1", "--repeats", "1", "--new-tokens", "4",
+                "--out", str(tmp_path)])
+    assert out["pass"] and "all checks pass" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "scale_check.json").read_text())
+    assert saved["pass"] and saved["dims"] == SIZES[arch]["tiny"]
+    cache = saved["cache"]
+    assert cache["resid_max_abs_diff"] == 0.0 and cache["logits_max_abs_diff"] == 0.0  # float32: exact
+    assert cache["image_tokens"] == [cache["expected_image_tokens"]] and cache["expected_image_tokens"] > 0
+    for variant, r in saved["erasers"].items():
+        assert r["roundtrip"] and r["refuses_other_model"] and r["detach_bit_identical"], variant
+        assert r["fast_equals_graph"] and r["fast_graph_logits_diff"] == 0.0 and r["vanilla_repeatable"]
+        assert r["counts"]["retain"] > 0 and r["fit_s"] >= r["pgd_s"] > 0
+        # the rank-one artifact against the release's d x d matrices: d/2 per layer, or less stacked
+        layers, d = len(r["layers"]), SIZES[arch]["tiny"]["d_model"]
+        assert r["release_bytes"] == layers * d * d * 4 and r["size_ratio"] == r["release_bytes"] / r["tensor_bytes"]
+    assert saved["erasers"]["mllmeraser"]["size_ratio"] == SIZES[arch]["tiny"]["d_model"] / 2
+    assert saved["sweep"]["batched_max_abs_diff"] <= 1e-4
+    assert ("shared_prefix_speedup" in saved["sweep"]) == (arch == "llava")  # Qwen's 3-D rope refuses it
+    assert saved["baselines"]["ga_full_steps"] == saved["baselines"]["ga_lora_steps"] > 0
+
+
+def test_build_makes_the_model_in_the_dtype_asked_and_restores_the_default():
+    import torch
+
+    model, dims = build("llava", "tiny", "cpu", torch.bfloat16, 2, ["a b c"])
+    assert model.dtype == torch.bfloat16 and model.n_layers == dims["n_layers"] == 2
+    assert torch.get_default_dtype() == torch.float32
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checks", "cache,nothing"], "--checks"),
+    (["--variants", "steer_static"], "gated variants"),
+    (["--layers", "1"], "--layers"),
+    (["--batch", "0"], ">= 1"),
+])
+def test_bad_flags_are_rejected(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
