@@ -146,15 +146,17 @@ def check_cache(model, inputs, clock: _Clock, repeats: int) -> dict[str, Any]:
     return out
 
 
-def check_eraser(setup, variant: str, inputs, clock: _Clock, repeats: int, new_tokens: int, tmp: Path
-                 ) -> tuple[dict[str, Any], Any]:
+def check_eraser(setup, variant: str, inputs, clock: _Clock, repeats: int, new_tokens: int, tmp: Path,
+                 pgd_batch: int | None = None) -> tuple[dict[str, Any], Any]:
     from eraser import ArtifactMismatchError, MLLMEraser
     from eraser.pipeline import fit_eraser
 
     model = setup.model
     out: dict[str, Any] = {}
-    with clock.peak(out, "fit"):
-        eraser, stats, config, _, timing = fit_eraser(setup, variant)
+    from eraser.pgd import PGDConfig
+
+    with clock.peak(out, "fit"):  # PGD holds a backward graph per chunk of recall images: pgd_batch bounds it
+        eraser, stats, config, _, timing = fit_eraser(setup, variant, pgd=PGDConfig(batch_size=pgd_batch))
     solve_s = eraser.info["fit_s"] - stats.seconds  # from_stats: the projectors and the gates' closed form
     out.update(pgd_s=timing["pgd_s"], collect_s=stats.seconds, solve_s=solve_s, counts=dict(stats.counts), layers=list(eraser.layers),
                gate_stack=list(config.gate_stack) if config.gate_stack else None)
@@ -281,6 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--variants", default="mllmeraser,mllmeraser_stacked_gate")
     ap.add_argument("--batch", type=int, default=4, help="prompts per forward (cache, generation, sweep, baselines)")
     ap.add_argument("--fit-batch", type=int, default=16, help="queries per forward while fitting")
+    ap.add_argument("--pgd-batch", type=int, default=None, help="recall images per PGD chunk (default: all at once)")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated subset of {','.join(CHECKS)}")
@@ -289,8 +292,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     if args.layers is not None and args.layers < 2:
         ap.error(f"--layers must be >= 2, got {args.layers}")
-    if min(args.batch, args.fit_batch, args.new_tokens, args.repeats) < 1:
-        ap.error("--batch, --fit-batch, --new-tokens and --repeats must be >= 1")
+    if min(args.batch, args.fit_batch, args.new_tokens, args.repeats, args.pgd_batch or 1) < 1:
+        ap.error("--batch, --fit-batch, --pgd-batch, --new-tokens and --repeats must be >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda asked for, but torch sees no CUDA device")
     from eraser.pipeline import Setup
@@ -311,7 +314,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     recipe = Recipe.quick(args.arch)  # its questions and tokenizer corpus; the weights are random
     mini = recipe.mini()
-    record: dict[str, Any] = {"arch": args.arch, "size": args.size, "device": args.device, "dtype": str(dtype)}
+    record: dict[str, Any] = {"arch": args.arch, "size": args.size, "device": args.device, "dtype": str(dtype),
+                              "pgd_batch": args.pgd_batch, "fit_batch": args.fit_batch, "batch": args.batch}
     with clock.peak(record, "build"):
         model, dims = build(args.arch, args.size, args.device, dtype, args.layers, mini.corpus())
     record["dims"] = dims
@@ -336,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     record["erasers"] = {}
     with tempfile_dir() as tmp:
         for variant in variants if "eraser" in checks else ():
-            r, _ = check_eraser(setup, variant, inputs, clock, args.repeats, args.new_tokens, tmp)
+            r, _ = check_eraser(setup, variant, inputs, clock, args.repeats, args.new_tokens, tmp, args.pgd_batch)
             record["erasers"][variant] = r
             passed.append(r["pass"])
             print(f"{variant}: fit {r['fit_s']:.1f} s (PGD {r['pgd_s']:.1f} s, collect {r['collect_s']:.1f} s, "
