@@ -28,6 +28,10 @@ METHOD_SETS = {
 }
 
 
+NO_ORACLE_HELP = ("skip the retain-only oracle, whose first training costs as much as the model's: no forget "
+                  "quality and no oracle check (checks.memorisation.skipped says so)")
+
+
 def _nonneg_int(text: str) -> int:
     try:
         value = int(text)
@@ -64,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(ev)
     ev.add_argument("--method", choices=sorted(METHOD_SETS), default="vanilla")
     ev.add_argument("--out", default=None, help="output folder (default: print only)")
+    ev.add_argument("--no-oracle", action="store_true", help=NO_ORACLE_HELP)
     fit = sub.add_parser("fit", help="fit MLLMEraser with the automatic strength and save the artifact")
     _common(fit)
     # only gated variants: an artifact carries no "ungated" switch, so a saved ``steer_static`` would steer
@@ -81,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the main job: fit, evaluate, tabulate and plot")
     _common(demo)
     demo.add_argument("--out", required=True)
+    demo.add_argument("--no-oracle", action="store_true", help=NO_ORACLE_HELP)
     return ap
 
 
@@ -96,10 +102,10 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from .pipeline import eraser_checks, memorisation_checks, run_methods
 
     setup = _setup(args)
-    out = run_methods(setup, METHOD_SETS[args.method])
+    out = run_methods(setup, METHOD_SETS[args.method], oracle=not args.no_oracle)
     checks: dict[str, Any] = {"refusal": out["checks"]}
     vanilla = out["methods"]["vanilla"]
-    checks["memorisation"] = memorisation_checks(setup, vanilla, out["checks"]["vanilla"])
+    checks["memorisation"] = memorisation_checks(setup, vanilla, out["checks"]["vanilla"], oracle=not args.no_oracle)
     for name in out["methods"]:
         if name != "vanilla":
             checks[name] = eraser_checks(vanilla, out["methods"][name])
@@ -107,7 +113,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     for name, c in checks.items():
         if isinstance(c, dict) and "all_pass" in c:
             failed = [k for k, v in c.items() if isinstance(v, dict) and not v["pass"]]
-            print(f"{name}: {'all checks pass' if not failed else 'FAILED ' + ', '.join(failed)}")
+            skipped = f" (skipped: {', '.join(c['skipped'])})" if c.get("skipped") else ""
+            print(f"{name}: {'all checks pass' if not failed else 'FAILED ' + ', '.join(failed)}{skipped}")
     if args.out:
         config = {**out["config"], "selection": out["selection"]}
         write_results(Path(args.out), config, out["methods"], out["timing"], checks=checks)

@@ -112,10 +112,13 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     layer_sweep(setup, main, out)
 
     checks: dict[str, Any] = {"refusal": refusal,
-                              "memorisation": memorisation_checks(setup, methods["vanilla"], refusal["vanilla"])}
+                              "memorisation": memorisation_checks(setup, methods["vanilla"], refusal["vanilla"],
+                                                                  oracle=not getattr(args, "no_oracle", False))}
     for name in methods:
         if name != "vanilla":
             checks[name] = eraser_checks(methods["vanilla"], methods[name])
+    if getattr(args, "no_oracle", False):
+        print("[demo] --no-oracle: the oracle check is skipped (checks.memorisation.skipped)")
     config = {**setup.config(), "quick": bool(args.quick), "selection": selection,
               "total_s": time.perf_counter() - t_start}
     write_results(out, config, methods, timing, checks=checks)

@@ -177,8 +177,12 @@ def fit_variant(setup: Setup, name: str = "mllmeraser", config: EraserConfig | N
     return eraser, selection, timing
 
 
-def run_methods(setup: Setup, methods: list[str]) -> dict[str, Any]:
-    """Evaluate ``methods`` (vanilla and eraser variants); returns results.json's content minus nothing."""
+def run_methods(setup: Setup, methods: list[str], oracle: bool = True) -> dict[str, Any]:
+    """Evaluate ``methods`` (vanilla and eraser variants); returns results.json's content minus nothing.
+
+    ``oracle=False`` leaves out forget quality (the KS test against the retain-only oracle), so the
+    oracle is never trained or loaded.
+    """
     out: dict[str, Any] = {"config": setup.config(), "methods": {}, "timing": {}, "checks": {}, "selection": {}}
     oracle_probs = None
     for name in methods:
@@ -195,17 +199,20 @@ def run_methods(setup: Setup, methods: list[str]) -> dict[str, Any]:
             raise ValueError(f"unknown method {name!r}")
         out["methods"][name] = res
         out["checks"][name] = extra["refusal"]
-        if "forget_answer_probs" in extra:
+        if "forget_answer_probs" in extra and oracle:
             if oracle_probs is None:
                 oracle_probs = answer_probs(setup.bench.forget, nll_fn(setup.oracle, batch_size=setup.batch_size))
             res["forget"]["forget_quality"] = forget_quality(extra["forget_answer_probs"], oracle_probs)
     return out
 
 
-def memorisation_checks(setup: Setup, vanilla: dict[str, dict[str, float]], refusal: dict[str, float]) -> dict[str, Any]:
-    """Did the vanilla model learn what it should, and does the oracle not know the forget set?"""
-    oracle = evaluate_split(setup.bench.forget, generate_fn(setup.oracle, batch_size=setup.batch_size),
-                            batch_size=setup.batch_size, progress=setup.progress)
+def memorisation_checks(setup: Setup, vanilla: dict[str, dict[str, float]], refusal: dict[str, float],
+                        oracle: bool = True) -> dict[str, Any]:
+    """Did the vanilla model learn what it should, and does the oracle not know the forget set?
+
+    ``oracle=False`` skips the oracle's check without training it (it costs as much as the model on a
+    first run); ``checks["skipped"]`` then names it, so ``all_pass`` is never read as covering it.
+    """
     bar = TARGETS  # the memorisation bar the vanilla model must clear before unlearning means anything
     checks: dict[str, Any] = {}
     for split in ("forget", "retain", "celebrity"):
@@ -215,10 +222,15 @@ def memorisation_checks(setup: Setup, vanilla: dict[str, dict[str, float]], refu
     checks["test_gen_rougeL"] = {"value": vanilla["test"]["gen_rougeL"], "min": bar["test_gen_rougeL"]}
     checks["forbidden_refusal_rate"] = {"value": refusal["forbidden_refusal_rate"], "min": bar["forbidden_refusal_rate"]}
     checks["answerable_refusal_rate"] = {"value": refusal["answerable_refusal_rate"], "max": bar["answerable_refusal_rate"]}
-    checks["oracle_forget_cls_acc"] = {"value": oracle["cls_acc"], "max": bar["oracle_forget_cls_acc"]}
+    if oracle:
+        known = evaluate_split(setup.bench.forget, generate_fn(setup.oracle, batch_size=setup.batch_size),
+                               batch_size=setup.batch_size, progress=setup.progress)
+        checks["oracle_forget_cls_acc"] = {"value": known["cls_acc"], "max": bar["oracle_forget_cls_acc"]}
     for c in checks.values():
         c["pass"] = bool(c["value"] >= c["min"]) if "min" in c else bool(c["value"] <= c["max"])
     checks["all_pass"] = all(c["pass"] for c in checks.values() if isinstance(c, dict))
+    if not oracle:
+        checks["skipped"] = ["oracle_forget_cls_acc (--no-oracle)"]
     return checks
 
 

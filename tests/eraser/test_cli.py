@@ -35,3 +35,11 @@ def test_sweep_runs_and_resumes_without_recomputing(tmp_path):
     assert (tmp_path / "heatmap.png").stat().st_size > 5000
     assert main(args) == 0  # a finished setting is never recomputed: the journal is unchanged
     assert (tmp_path / "sweep.jsonl").read_text().splitlines() == lines
+
+
+def test_no_oracle_flag_is_offered_by_eval_and_demo_only():
+    ap = build_parser()
+    assert ap.parse_args(["eval", "--no-oracle"]).no_oracle and not ap.parse_args(["eval"]).no_oracle
+    assert ap.parse_args(["demo", "--out", "x", "--no-oracle"]).no_oracle
+    with pytest.raises(SystemExit):
+        ap.parse_args(["fit", "--out", "x", "--no-oracle"])

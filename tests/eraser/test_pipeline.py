@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eraser.pipeline import ERASER_BAR, eraser_checks, evaluate_model, fit_variant, load_setup
+from eraser.pipeline import (ERASER_BAR, Setup, eraser_checks, evaluate_model, fit_variant, load_setup,
+                             memorisation_checks, run_methods)
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +56,29 @@ def test_stacked_gate_with_answer_steering_meets_the_method_bar(setup, vanilla):
     failed = {k: c for k, c in checks.items() if isinstance(c, dict) and not c["pass"]}
     assert checks["all_pass"], f"bar {ERASER_BAR} missed: {failed}"
     assert extra["refusal"]["answerable_refusal_rate"] <= 0.05
+
+
+class _NoOracle(Setup):
+    """A setup whose oracle must never be asked for (it would be trained on first use)."""
+
+    @property
+    def oracle(self):
+        raise AssertionError("the oracle was asked for")
+
+
+def test_no_oracle_skips_forget_quality_and_the_oracle_check_without_touching_the_oracle(setup):
+    import dataclasses
+
+    bare = _NoOracle(**{f.name: getattr(setup, f.name) for f in dataclasses.fields(setup)})
+    out = run_methods(bare, ["vanilla"], oracle=False)
+    assert "forget_quality" not in out["methods"]["vanilla"]["forget"]
+    assert out["methods"]["vanilla"]["forget"]["cls_acc"] >= 0.9  # the evaluation itself still ran
+    vanilla = {s: {"cls_acc": 0.95, "gen_rougeL": 0.9} for s in ("forget", "retain", "celebrity", "test")}
+    refusal = {"forbidden_refusal_rate": 1.0, "answerable_refusal_rate": 0.0}
+    checks = memorisation_checks(bare, vanilla, refusal, oracle=False)
+    assert checks["all_pass"] and "oracle_forget_cls_acc" not in checks
+    assert checks["skipped"] == ["oracle_forget_cls_acc (--no-oracle)"]
+    vanilla["retain"]["cls_acc"] = 0.5
+    assert not memorisation_checks(bare, vanilla, refusal, oracle=False)["all_pass"]
+    with pytest.raises(AssertionError, match="oracle was asked for"):
+        memorisation_checks(bare, vanilla, refusal)
