@@ -41,7 +41,8 @@ import torch
 
 from analyses._timing import interleaved
 
-#: Real checkpoints' sizes (vision MLP width is 4 x the vision width here; Qwen2.5-VL-7B's is 3420 of 1280).
+#: Real checkpoints' sizes (Qwen2.5-VL-7B: its vision MLP width, 112-pixel attention windows, full attention every 8th
+#: vision layer; ``max_positions`` only bounds the rope tables).
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "llava": {
         "7b": dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_mlp=11008, vision_d_model=1024,
@@ -52,7 +53,8 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "qwen2_5_vl": {
         "7b": dict(d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, d_mlp=18944, vision_d_model=1280,
-                   vision_layers=32, vision_heads=16, image_size=336, patch_size=14, max_positions=4096),
+                   vision_layers=32, vision_heads=16, vision_d_mlp=3420, vision_window=112,
+                   vision_full_attention=(7, 15, 23, 31), image_size=336, patch_size=14, max_positions=4096),
         "tiny": dict(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, d_mlp=128, vision_d_model=32, vision_layers=2,
                      vision_heads=2, image_size=56, patch_size=14),
     },

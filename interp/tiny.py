@@ -21,11 +21,12 @@ ARCHS = ("llava", "qwen2_5_vl")
 DEFAULTS: dict[str, dict[str, Any]] = {
     "llava": dict(
         d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, d_mlp=None, vision_d_model=64, vision_layers=2,
-        vision_heads=2, image_size=32, patch_size=8, vision_feature_layer=-2, max_positions=512,
+        vision_heads=2, image_size=32, patch_size=8, vision_feature_layer=-2, max_positions=512, vision_d_mlp=None,
     ),
     "qwen2_5_vl": dict(
         d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_mlp=None, vision_d_model=64, vision_layers=2,
-        vision_heads=2, image_size=64, patch_size=8, vision_feature_layer=None, max_positions=512,
+        vision_heads=2, image_size=64, patch_size=8, vision_feature_layer=None, max_positions=512, vision_d_mlp=None,
+        vision_window=None, vision_full_attention=None,
     ),
 }
 
@@ -41,6 +42,9 @@ def _check_overrides(arch: str, overrides: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("d_model must divide by n_heads, and n_heads by n_kv_heads")
     if cfg["image_size"] % cfg["patch_size"]:
         raise ValueError("image_size must be a multiple of patch_size")
+    full = cfg.get("vision_full_attention")
+    if full is not None and (not full or any(not 0 <= i < cfg["vision_layers"] for i in full)):
+        raise ValueError(f"vision_full_attention must name vision layers in [0, {cfg['vision_layers']}), got {full!r}")
     return cfg
 
 
@@ -54,7 +58,7 @@ def _llava(cfg: dict[str, Any], tok) -> tuple[torch.nn.Module, Any]:
         eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
     )
     vision = CLIPVisionConfig(
-        hidden_size=cfg["vision_d_model"], intermediate_size=4 * cfg["vision_d_model"],
+        hidden_size=cfg["vision_d_model"], intermediate_size=cfg["vision_d_mlp"] or 4 * cfg["vision_d_model"],
         num_hidden_layers=cfg["vision_layers"], num_attention_heads=cfg["vision_heads"],
         image_size=cfg["image_size"], patch_size=cfg["patch_size"],
     )
@@ -88,10 +92,11 @@ def _qwen(cfg: dict[str, Any], tok) -> tuple[torch.nn.Module, Any]:
         tie_word_embeddings=False,
     )
     vision = dict(
-        depth=cfg["vision_layers"], hidden_size=cfg["vision_d_model"], intermediate_size=4 * cfg["vision_d_model"],
+        depth=cfg["vision_layers"], hidden_size=cfg["vision_d_model"],
+        intermediate_size=cfg["vision_d_mlp"] or 4 * cfg["vision_d_model"],
         num_heads=cfg["vision_heads"], out_hidden_size=cfg["d_model"], patch_size=cfg["patch_size"],
-        spatial_merge_size=merge, temporal_patch_size=2, window_size=cfg["patch_size"] * merge * 2,
-        fullatt_block_indexes=[cfg["vision_layers"] - 1],
+        spatial_merge_size=merge, temporal_patch_size=2, window_size=cfg["vision_window"] or cfg["patch_size"] * merge * 2,
+        fullatt_block_indexes=list(cfg["vision_full_attention"] or [cfg["vision_layers"] - 1]),
     )
     config = Qwen2_5_VLConfig(
         text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
@@ -113,7 +118,9 @@ def tiny_vlm(arch: str = "llava", seed: int = 0, corpus: Iterable[str] | None = 
     ``corpus`` (optional) trains the word-level tokenizer; by default a small
     general vocabulary is used.  Overrides: ``d_model, n_layers, n_heads,
     n_kv_heads, d_mlp, vision_d_model, vision_layers, vision_heads,
-    image_size, patch_size, vision_feature_layer, max_positions``.
+    image_size, patch_size, vision_feature_layer, max_positions, vision_d_mlp`` (default 4 x
+    ``vision_d_model``), and for Qwen2.5-VL ``vision_window`` (pixels per attention window side, default
+    ``4 x patch_size``) and ``vision_full_attention`` (the vision layers with full attention, default the last).
     Images are resized to ``image_size`` x ``image_size``.
     """
     from .model import HookedVLM

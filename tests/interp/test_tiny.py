@@ -15,6 +15,19 @@ def test_overrides_shape_the_model(arch):
     assert len(m.hook_names()) == 1 + 3 * 5 + 3 + 2 * 5 + 2
 
 
+def test_vision_overrides_reach_the_hf_config():
+    q = tiny_vlm("qwen2_5_vl", n_layers=1, vision_layers=4, vision_d_mlp=40, vision_window=32,
+                 vision_full_attention=(1, 3)).hf_model.config.vision_config
+    assert (q.intermediate_size, q.window_size, list(q.fullatt_block_indexes)) == (40, 32, [1, 3])
+    d = tiny_vlm("qwen2_5_vl", n_layers=1, vision_layers=2).hf_model.config.vision_config
+    assert (d.intermediate_size, d.window_size, list(d.fullatt_block_indexes)) == (256, 32, [1])  # the defaults
+    assert tiny_vlm("llava", n_layers=1, vision_d_mlp=48).hf_model.config.vision_config.intermediate_size == 48
+    with pytest.raises(ValueError, match="vision_full_attention"):
+        tiny_vlm("qwen2_5_vl", n_layers=1, vision_layers=2, vision_full_attention=(2,))
+    with pytest.raises(TypeError, match="vision_window"):
+        tiny_vlm("llava", vision_window=32)  # LLaVA's CLIP tower has no windows
+
+
 def test_seed_reproducible_and_distinct():
     a = tiny_vlm("llava", seed=3, n_layers=1)
     b = tiny_vlm("llava", seed=3, n_layers=1)
