@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(fit)
     # only gated variants: an artifact carries no "ungated" switch, so a saved ``steer_static`` would steer
     # through a gate when attached; that ablation is evaluated with ``eval --method steer_static`` instead
-    fit.add_argument("--variant", default="mllmeraser", choices=list(GATED_VARIANTS),
+    fit.add_argument("--variant", default="mllmeraser", choices=[v for v in ERASER_VARIANTS if v in GATED_VARIANTS],
                      help="the variant to fit and save (static steering is an ablation: eval --method steer_static)")
     fit.add_argument("--out", required=True)
     sw = sub.add_parser("sweep", help="layer x strength sweep of MLLMEraser (resumable JSONL) and its heatmap")
