@@ -122,7 +122,13 @@ def _queries(bench, n: int) -> list[tuple[Any, str]]:
     return [(it.image, it.prompt) for it in picked]
 
 
-def check_cache(model, inputs, clock: _Clock, repeats: int) -> dict[str, Any]:
+def image_tokens(arch: str, dims: dict[str, Any]) -> int:
+    """Tokens one image becomes: LLaVA keeps every patch (CLS dropped); Qwen2.5-VL merges 2 x 2 patches."""
+    side = dims["image_size"] // dims["patch_size"]
+    return side ** 2 if arch == "llava" else (side // 2) ** 2
+
+
+def check_cache(model, inputs, clock: _Clock, repeats: int, expected_image: int) -> dict[str, Any]:
     names = [f"blocks.{l}.hook_resid_pre" for l in range(model.n_layers)]
     with torch.no_grad():
         plain = model.hf_model(**inputs.model_kwargs(), output_hidden_states=True)
@@ -132,7 +138,6 @@ def check_cache(model, inputs, clock: _Clock, repeats: int) -> dict[str, Any]:
                      for l, n in enumerate(names))
     logit_diff = float((logits.float() - plain.logits.float()).abs().max())
     image_counts = sorted({int(t.shape[0]) for t in cache.image(names[0]) if t.shape[0]})
-    expected_image = int(inputs.image_mask.sum(1).max())
     out = {"resid_max_abs_diff": resid_diff, "logits_max_abs_diff": logit_diff, "image_tokens": image_counts,
            "expected_image_tokens": expected_image, "seq_len": int(inputs.input_ids.shape[1])}
     out["pass"] = resid_diff <= 1e-5 * scale + 1e-6 and logit_diff <= 1e-5 * scale + 1e-4 and \
@@ -337,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     passed: list[bool] = []
     if "cache" in checks:
-        record["cache"] = c = check_cache(model, inputs, clock, args.repeats)
+        record["cache"] = c = check_cache(model, inputs, clock, args.repeats, image_tokens(args.arch, dims))
         passed.append(c["pass"])
         print(f"run_with_cache: {c['ratio']:.3f}x a plain forward ({c['plain_s'] * 1e3:.1f} ms, seq {c['seq_len']}); "
           f"resid diff {c['resid_max_abs_diff']:.1e}, logits diff {c['logits_max_abs_diff']:.1e}, image tokens "

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from analyses.scale_check import SIZES, build, main
+from analyses.scale_check import SIZES, build, image_tokens, main
 
 
 @pytest.mark.parametrize("arch", ["llava", "qwen2_5_vl"])
@@ -17,7 +17,8 @@ def test_scale_check_passes_on_the_tiny_size_and_writes_its_record(arch, tmp_pat
     assert saved["pass"] and saved["dims"] == SIZES[arch]["tiny"]
     cache = saved["cache"]
     assert cache["resid_max_abs_diff"] == 0.0 and cache["logits_max_abs_diff"] == 0.0  # float32: exact
-    assert cache["image_tokens"] == [cache["expected_image_tokens"]] and cache["expected_image_tokens"] > 0
+    assert cache["image_tokens"] == [cache["expected_image_tokens"]]
+    assert cache["expected_image_tokens"] == {"llava": (28 // 14) ** 2, "qwen2_5_vl": (56 // 14 // 2) ** 2}[arch]
     for variant, r in saved["erasers"].items():
         assert r["roundtrip"] and r["refuses_other_model"] and r["detach_bit_identical"], variant
         assert r["fast_equals_graph"] and r["fast_graph_logits_diff"] == 0.0 and r["vanilla_repeatable"]
@@ -29,6 +30,11 @@ def test_scale_check_passes_on_the_tiny_size_and_writes_its_record(arch, tmp_pat
     assert saved["sweep"]["batched_max_abs_diff"] <= 1e-4
     assert ("shared_prefix_speedup" in saved["sweep"]) == (arch == "llava")  # Qwen's 3-D rope refuses it
     assert saved["baselines"]["ga_full_steps"] == saved["baselines"]["ga_lora_steps"] > 0
+
+
+def test_image_tokens_of_the_7b_sizes_are_the_checkpoints():
+    assert image_tokens("llava", SIZES["llava"]["7b"]) == 576  # LLaVA-1.5: 24 x 24 patches of 14 at 336 px
+    assert image_tokens("qwen2_5_vl", SIZES["qwen2_5_vl"]["7b"]) == 144  # 24 x 24 patches merged 2 x 2
 
 
 def test_build_makes_the_model_in_the_dtype_asked_and_restores_the_default():
