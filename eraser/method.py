@@ -338,10 +338,27 @@ class MLLMEraser:
     @contextlib.contextmanager
     def attached(self, model: HookedVLM, strength: float | Sequence[float] | dict[int, float] | None = None,
                  backend: str = "torch", every_step: bool | None = None, gated: bool = True) -> Iterator[HookedVLM]:
-        """Steer every call on ``model`` inside the block; detaching restores vanilla outputs bit for bit."""
+        """Steer every call on ``model`` inside the block; detaching restores vanilla outputs bit for bit.
+
+        The gates and directions are moved to the model's device once here (see :meth:`to`), so a CPU
+        artifact attached to a GPU model costs no host-to-device copy per hooked call.
+        """
         self.check_model(model)
-        with model.hooks(self.hooks(strength, every_step, gated), backend=backend):
+        with model.hooks(self.to(model.device).hooks(strength, every_step, gated), backend=backend):
             yield model
+
+    def to(self, device: torch.device | str) -> "MLLMEraser":
+        """This eraser with its tensors on ``device`` (itself when they are there already).
+
+        Why: each hook moves what it reads to the activation's device, which for a loaded (CPU) artifact on a
+        GPU model is a blocking copy per hooked layer and call; ``eraser.to(model.device).hooks()`` (what
+        :meth:`attached` does) copies once.
+        """
+        tensors = [t for t in (self.w, self.d, self.d_answer) if t is not None]
+        if all(t.device == torch.device(device) for t in tensors):
+            return self
+        return replace(self, w=self.w.to(device), d=self.d.to(device),
+                       d_answer=None if self.d_answer is None else self.d_answer.to(device))
 
     # -- diagnostics ------------------------------------------------------------
     def gate_values(self, model: HookedVLM, queries: Sequence[Query], batch_size: int | None = None,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
 
 import pytest
 import torch
@@ -153,6 +154,16 @@ def test_bad_inputs(tiny_llava):
         MLLMEraser.fit(tiny_llava, forget=q, retain=q, recall_pairs=q, erase_pairs=q, config=EraserConfig(layers=(7,)))
     with pytest.raises(ValueError, match="site"):
         EraserConfig(site="mlp_out")
+
+
+def test_to_moves_every_tensor_once_and_leaves_the_eraser_alone(fitted, tiny_llava):
+    """``attached`` copies the gates to the model's device once; an eraser already there is returned as is."""
+    fitted = fitted[0]
+    assert fitted.to("cpu") is fitted and fitted.to(tiny_llava.device) is fitted
+    moved = replace(fitted, d_answer=fitted.d.clone()).to("meta")  # a device without data, present on any machine
+    assert {t.device.type for t in (moved.w, moved.d, moved.d_answer)} == {"meta"}
+    assert moved.w.shape == fitted.w.shape and fitted.w.device.type == "cpu"  # the original is untouched
+    assert moved.layers == fitted.layers and moved.config == fitted.config
 
 
 def test_static_ablation_ignores_the_gate(fitted, tiny_llava):
