@@ -10,6 +10,8 @@ import statistics
 import time
 from typing import Callable
 
+import torch
+
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 30, warmup: int = 3) -> dict[str, float]:
     """Median seconds per call of each function, measured in alternation."""
@@ -23,3 +25,13 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 30, warmup:
             fn()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def synced(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` followed by a CUDA synchronise (when CUDA is there): a timing then covers the queued GPU work."""
+    def run() -> object:
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return out
+    return run

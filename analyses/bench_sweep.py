@@ -20,12 +20,33 @@ Two batched contenders:
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
 import torch
+from torch import Tensor
 
-from analyses._timing import interleaved
+from analyses._timing import interleaved, synced
 from interp.steering import add_vector, run_coefficients
 from interp.tiny import tiny_vlm
+
+
+def sweep_fns(model, inputs, v: Tensor, site: str, coeffs: list[float]) -> dict[str, Callable[[], Tensor]]:
+    """The contenders, each returning ``[n_coeffs, batch, pos, vocab]`` logits of last-token steering along ``v``
+    at ``site``: ``looped`` (one trace per strength), ``batched`` and, where the architecture can continue
+    from a cached prefix, ``shared_prefix``."""
+    b = inputs.input_ids.shape[0]
+
+    def hooks_for(scales):
+        return [(site, add_vector(v, scale=scales, positions="last"))]
+
+    fns = {
+        "looped": lambda: torch.stack([model.run_with_hooks(inputs, hooks_for(torch.full((b,), c, device=model.device)))
+                                       for c in coeffs]),
+        "batched": lambda: run_coefficients(model, inputs, hooks_for, coeffs),
+    }
+    if model.adapter.continues_from_cache:
+        fns["shared_prefix"] = lambda: run_coefficients(model, inputs, hooks_for, coeffs, shared_prefix=True)
+    return fns
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -59,33 +80,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     v = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0)).to(model.device)
     site = f"blocks.{model.n_layers // 2}.hook_resid_pre"
 
-    def hooks_for(scales):
-        return [(site, add_vector(v, scale=scales, positions="last"))]
-
-    def looped():
-        return torch.stack([model.run_with_hooks(inputs, hooks_for(torch.full((args.batch,), c, device=model.device)))
-                            for c in coeffs])
-
-    def batched():
-        return run_coefficients(model, inputs, hooks_for, coeffs)
-
-    def shared():
-        return run_coefficients(model, inputs, hooks_for, coeffs, shared_prefix=True)
-
-    reference = looped()
-    diff = (batched() - reference).abs().max().item()
-    diff_shared = (shared() - reference).abs().max().item()
+    fns = sweep_fns(model, inputs, v, site, coeffs)
+    reference = fns["looped"]()
+    diff = (fns["batched"]() - reference).abs().max().item()
+    diff_shared = (fns["shared_prefix"]() - reference).abs().max().item()
     assert diff <= 1e-4 and diff_shared <= 1e-4, (diff, diff_shared)
 
-    def sync(fn):
-        def timed():
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-        return timed
-
-    med = interleaved({"looped": sync(looped), "batched": sync(batched), "shared_prefix": sync(shared)},
-                      repeats=args.repeats, warmup=1)
+    med = interleaved({k: synced(fn) for k, fn in fns.items()}, repeats=args.repeats, warmup=1)
     ratio = med["looped"] / med["batched"]
     ratio_shared = med["looped"] / med["shared_prefix"]
     print(f"model: {n_params / 1e6:.1f}M params on {args.device} ({args.threads} threads), batch {args.batch} with images, "

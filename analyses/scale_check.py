@@ -33,13 +33,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from analyses._timing import interleaved
+from analyses._timing import interleaved, synced
 
 #: Real checkpoints' sizes (Qwen2.5-VL-7B: its vision MLP width, 112-pixel attention windows, full attention every 8th
 #: vision layer; ``max_positions`` only bounds the rope tables).
@@ -90,13 +92,6 @@ class _Clock:
         if self.cuda:
             torch.cuda.synchronize()
 
-    def timed(self, fn: Callable[[], Any]) -> Callable[[], Any]:
-        def run() -> Any:
-            out = fn()
-            self.sync()
-            return out
-        return run
-
     @contextlib.contextmanager
     def peak(self, record: dict[str, Any], key: str):
         """``record[key + "_s"]`` (seconds) and ``record[key + "_peak_gib"]`` (CUDA only) around the block."""
@@ -128,7 +123,7 @@ def image_tokens(arch: str, dims: dict[str, Any]) -> int:
     return side ** 2 if arch == "llava" else (side // 2) ** 2
 
 
-def check_cache(model, inputs, clock: _Clock, repeats: int, expected_image: int) -> dict[str, Any]:
+def check_cache(model, inputs, repeats: int, expected_image: int) -> dict[str, Any]:
     names = [f"blocks.{l}.hook_resid_pre" for l in range(model.n_layers)]
     with torch.no_grad():
         plain = model.hf_model(**inputs.model_kwargs(), output_hidden_states=True)
@@ -147,14 +142,14 @@ def check_cache(model, inputs, clock: _Clock, repeats: int, expected_image: int)
         with torch.no_grad():
             model.hf_model(**inputs.model_kwargs(), output_hidden_states=True)
 
-    med = interleaved({"plain": clock.timed(fwd), "cached": clock.timed(lambda: model.run_with_cache(inputs, names=names))},
+    med = interleaved({"plain": synced(fwd), "cached": synced(lambda: model.run_with_cache(inputs, names=names))},
                       repeats=repeats, warmup=1)
     out.update(plain_s=med["plain"], cached_s=med["cached"], ratio=med["cached"] / med["plain"])
     return out
 
 
 def check_eraser(setup, variant: str, inputs, clock: _Clock, repeats: int, new_tokens: int, tmp: Path,
-                 pgd_batch: int | None = None) -> tuple[dict[str, Any], Any]:
+                 pgd_batch: int | None = None) -> dict[str, Any]:
     from eraser import ArtifactMismatchError, MLLMEraser
     from eraser.pipeline import fit_eraser
 
@@ -165,7 +160,8 @@ def check_eraser(setup, variant: str, inputs, clock: _Clock, repeats: int, new_t
     with clock.peak(out, "fit"):  # PGD holds a backward graph per chunk of recall images: pgd_batch bounds it
         eraser, stats, config, _, timing = fit_eraser(setup, variant, pgd=PGDConfig(batch_size=pgd_batch))
     solve_s = eraser.info["fit_s"] - stats.seconds  # from_stats: the projectors and the gates' closed form
-    out.update(pgd_s=timing["pgd_s"], collect_s=stats.seconds, solve_s=solve_s, counts=dict(stats.counts), layers=list(eraser.layers),
+    out.update(pgd_s=timing["pgd_s"], collect_s=stats.seconds, solve_s=solve_s, counts=dict(stats.counts),
+               layers=list(eraser.layers),
                gate_stack=list(config.gate_stack) if config.gate_stack else None)
     eraser = eraser.with_config(strength=-1.0)
     # artifact: round trip, size against the release's d x d per steered layer, refusal of another model
@@ -173,9 +169,8 @@ def check_eraser(setup, variant: str, inputs, clock: _Clock, repeats: int, new_t
     loaded = MLLMEraser.load(path, model)
     same = all(torch.equal(a.cpu(), b) for a, b in ((eraser.w, loaded.w), (eraser.d, loaded.d)))
     release = len(eraser.layers) * model.d_model ** 2 * 4
-    other = dict(loaded.fingerprint, weights="0" * 16)
     try:
-        MLLMEraser(loaded.layers, loaded.w, loaded.d, loaded.config, other, d_answer=loaded.d_answer).check_model(model)
+        replace(loaded, fingerprint=dict(loaded.fingerprint, weights="0" * 16)).check_model(model)
         refused = False
     except ArtifactMismatchError:
         refused = True
@@ -212,8 +207,8 @@ def check_eraser(setup, variant: str, inputs, clock: _Clock, repeats: int, new_t
         max(1e-6, float(fast_logits.float().abs().max()))
     out["vanilla_repeatable"] = bool(torch.equal(model.generate(inputs, **kw).new_tokens,
                                                  model.generate(inputs, **kw).new_tokens))
-    med = interleaved({"vanilla": clock.timed(lambda: model.generate(inputs, **kw)), "fast": clock.timed(fast),
-                       "graph": clock.timed(graph)}, repeats=repeats, warmup=1)
+    med = interleaved({"vanilla": synced(lambda: model.generate(inputs, **kw)), "fast": synced(fast),
+                       "graph": synced(graph)}, repeats=repeats, warmup=1)
     out.update(generate_s=med["vanilla"], fast_ratio=med["fast"] / med["vanilla"],
                graph_ratio=med["graph"] / med["vanilla"])
     # Both backends must steer identically: bit-identical steered logits always; identical greedy tokens in
@@ -223,30 +218,17 @@ def check_eraser(setup, variant: str, inputs, clock: _Clock, repeats: int, new_t
     same_tokens = out["fast_equals_graph"] or model.dtype != torch.float32
     out["pass"] = same and refused and out["steered_changes_logits"] and out["detach_bit_identical"] \
         and out["fast_graph_logits_diff"] == 0.0 and same_tokens
-    return out, eraser
+    return out
 
 
-def check_sweep(model, inputs, clock: _Clock, repeats: int, n_coeffs: int = 8) -> dict[str, Any]:
-    from interp.steering import add_vector, run_coefficients
+def check_sweep(model, inputs, repeats: int, n_coeffs: int = 8) -> dict[str, Any]:
+    from analyses.bench_sweep import sweep_fns
 
     v = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0)).to(model.device, model.dtype)
-    v = v / v.norm() * 4
     site = f"blocks.{model.n_layers // 2}.hook_resid_pre"
-    coeffs = torch.linspace(-2, 2, n_coeffs).tolist()
-    b = inputs.input_ids.shape[0]
-
-    def hooks_for(scales):
-        return [(site, add_vector(v, scale=scales, positions="last"))]
-
-    def looped():
-        return torch.stack([model.run_with_hooks(inputs, hooks_for(torch.full((b,), c, device=model.device)))
-                            for c in coeffs])
-
-    fns = {"looped": looped, "batched": lambda: run_coefficients(model, inputs, hooks_for, coeffs)}
-    if model.arch == "llava":  # Qwen2.5-VL's 3-D rope positions refuse the shared prefix
-        fns["shared_prefix"] = lambda: run_coefficients(model, inputs, hooks_for, coeffs, shared_prefix=True)
+    fns = sweep_fns(model, inputs, v / v.norm() * 4, site, torch.linspace(-2, 2, n_coeffs).tolist())
     real = inputs.attention_mask.bool().to(model.device)[None, :, :, None]  # padding positions' logits mean nothing
-    ref = looped().float()
+    ref = fns["looped"]().float()
     scale = max(1e-6, float(ref.abs().max()))
     out: dict[str, Any] = {"site": site, "n_coeffs": n_coeffs}
     for k, fn in fns.items():
@@ -258,7 +240,7 @@ def check_sweep(model, inputs, clock: _Clock, repeats: int, n_coeffs: int = 8) -
     # bf16 batches of different shapes round differently; relative agreement to a few bf16 ulps
     tol = 1e-4 if model.dtype == torch.float32 else 5e-2
     out["pass"] = all(v <= tol for k, v in out.items() if k.endswith("_max_abs_diff"))
-    med = interleaved({k: clock.timed(fn) for k, fn in fns.items()}, repeats=repeats, warmup=1)
+    med = interleaved({k: synced(fn) for k, fn in fns.items()}, repeats=repeats, warmup=1)
     out.update({f"{k}_s": s for k, s in med.items()})
     out.update({f"{k}_speedup": med["looped"] / s for k, s in med.items() if k != "looped"})
     return out
@@ -342,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     passed: list[bool] = []
     if "cache" in checks:
-        record["cache"] = c = check_cache(model, inputs, clock, args.repeats, image_tokens(args.arch, dims))
+        record["cache"] = c = check_cache(model, inputs, args.repeats, image_tokens(args.arch, dims))
         passed.append(c["pass"])
         print(f"run_with_cache: {c['ratio']:.3f}x a plain forward ({c['plain_s'] * 1e3:.1f} ms, seq {c['seq_len']}); "
           f"resid diff {c['resid_max_abs_diff']:.1e}, logits diff {c['logits_max_abs_diff']:.1e}, image tokens "
@@ -350,9 +332,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               flush=True)
 
     record["erasers"] = {}
-    with tempfile_dir() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         for variant in variants if "eraser" in checks else ():
-            r, _ = check_eraser(setup, variant, inputs, clock, args.repeats, args.new_tokens, tmp, args.pgd_batch)
+            r = check_eraser(setup, variant, inputs, clock, args.repeats, args.new_tokens, Path(tmp), args.pgd_batch)
             record["erasers"][variant] = r
             passed.append(r["pass"])
             print(f"{variant}: fit {r['fit_s']:.1f} s (PGD {r['pgd_s']:.1f} s, collect {r['collect_s']:.1f} s, "
@@ -361,12 +343,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   + f"; {r['counts']}), artifact {r['tensor_bytes']:,} B ({r['size_ratio']:.0f}x smaller than d x d), "
                   f"fast path {r['fast_ratio']:.3f}x / graph {r['graph_ratio']:.3f}x of generate "
                   f"({r['generate_s'] * 1e3:.0f} ms); round trip {r['roundtrip']}, refuses another model "
-                  f"{r['refuses_other_model']}, detach bit-identical {r['detach_bit_identical']}, fast vs graph: logits "
-                  f"diff {r['fast_graph_logits_diff']:.1e}, tokens equal {r['fast_graph_token_agreement']:.0%}: "
-                  f"{'ok' if r['pass'] else 'FAILED'}", flush=True)
+                  f"{r['refuses_other_model']}, detach bit-identical {r['detach_bit_identical']}, "
+                  f"fast vs graph: logits diff {r['fast_graph_logits_diff']:.1e}, "
+                  f"tokens equal {r['fast_graph_token_agreement']:.0%}: {'ok' if r['pass'] else 'FAILED'}", flush=True)
 
     if "sweep" in checks:
-        record["sweep"] = s = check_sweep(model, inputs, clock, args.repeats)
+        record["sweep"] = s = check_sweep(model, inputs, args.repeats)
         passed.append(s["pass"])
         print("8-strength sweep: " + ", ".join(f"{k[:-8]} {v:.2f}x" for k, v in s.items() if k.endswith("_speedup"))
               + " faster than one trace per strength; "
@@ -390,14 +372,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_json(path, record)
         print(f"wrote {path}")
     return record
-
-
-@contextlib.contextmanager
-def tempfile_dir():
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        yield Path(d)
 
 
 if __name__ == "__main__":

@@ -111,13 +111,13 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     main.save(out / "eraser.safetensors")
     layer_sweep(setup, main, out)
 
-    checks: dict[str, Any] = {"refusal": refusal,
-                              "memorisation": memorisation_checks(setup, methods["vanilla"], refusal["vanilla"],
-                                                                  oracle=not getattr(args, "no_oracle", False))}
+    oracle = not getattr(args, "no_oracle", False)  # callers that build their own Namespace may leave it out
+    memorisation = memorisation_checks(setup, methods["vanilla"], refusal["vanilla"], oracle)
+    checks: dict[str, Any] = {"refusal": refusal, "memorisation": memorisation}
     for name in methods:
         if name != "vanilla":
             checks[name] = eraser_checks(methods["vanilla"], methods[name])
-    if getattr(args, "no_oracle", False):
+    if not oracle:
         print("[demo] --no-oracle: the oracle check is skipped (checks.memorisation.skipped)")
     config = {**setup.config(), "quick": bool(args.quick), "selection": selection,
               "total_s": time.perf_counter() - t_start}

@@ -64,7 +64,8 @@ class FitStats:
         tensors = ("directions", "K_r", "K_f", "s_f", "S_f", "answer_directions")
         meta = {k: v for k, v in asdict(self).items() if k not in tensors}
         with atomic_path(path) as tmp:
-            save_file({k: getattr(self, k).cpu().contiguous() for k in tensors if getattr(self, k) is not None}, str(tmp),
+            save_file({k: getattr(self, k).cpu().contiguous() for k in tensors if getattr(self, k) is not None},
+                      str(tmp),
                       metadata={"mllmeraser_stats": json.dumps(meta)})
         return path
 
@@ -83,7 +84,8 @@ def projectors_from_stats(stats: FitStats, rho: float | None = 0.3, energy: floa
     d = stats.K_r.shape[-1]
     for K in stats.K_r:
         if not use_null_space:
-            P, info = torch.eye(d, dtype=torch.float64, device=K.device), ProjectorInfo(rank=d, d=d, leak=1.0, rule="identity")
+            P = torch.eye(d, dtype=torch.float64, device=K.device)
+            info = ProjectorInfo(rank=d, d=d, leak=1.0, rule="identity")
         elif energy is not None:
             P, info = null_space_projector(K, energy=energy)
         else:

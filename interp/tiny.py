@@ -95,7 +95,8 @@ def _qwen(cfg: dict[str, Any], tok) -> tuple[torch.nn.Module, Any]:
         depth=cfg["vision_layers"], hidden_size=cfg["vision_d_model"],
         intermediate_size=cfg["vision_d_mlp"] or 4 * cfg["vision_d_model"],
         num_heads=cfg["vision_heads"], out_hidden_size=cfg["d_model"], patch_size=cfg["patch_size"],
-        spatial_merge_size=merge, temporal_patch_size=2, window_size=cfg["vision_window"] or cfg["patch_size"] * merge * 2,
+        spatial_merge_size=merge, temporal_patch_size=2,
+        window_size=cfg["vision_window"] or cfg["patch_size"] * merge * 2,
         fullatt_block_indexes=list(cfg["vision_full_attention"] or [cfg["vision_layers"] - 1]),
     )
     config = Qwen2_5_VLConfig(

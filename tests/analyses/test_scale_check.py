@@ -1,4 +1,5 @@
-"""The scale check on its tiny CPU size: every path it runs at 7B passes, and the record holds what the README quotes."""
+"""The scale check on its tiny CPU size: every path it runs at 7B passes, and its record holds what the README
+quotes."""
 from __future__ import annotations
 
 import json
