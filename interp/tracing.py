@@ -8,8 +8,9 @@ generation, or on every generation step.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import nnsight
 import torch
@@ -136,6 +137,35 @@ def run(model: "HookedVLM", inputs: "VLMInputs", plan: Plan, remote: bool | str 
     return logits, dict(acts)
 
 
+@contextmanager
+def _stood_down_after_prefill(root, hf_model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Inside a generation trace whose plan acts on the prefill pass only, stand nnsight down after that pass.
+
+    Why: while a trace interleaves, every module call of every decode step goes through nnsight's
+    per-module handoff, even once the plan's (prefill-only) body has finished; at 7B sizes that
+    bookkeeping cost the graph path 8-13 % of a steered ``generate`` (``docs/scale_check``), and on a
+    32-layer CPU model it grew with the number of new tokens.  After the model's first forward (the
+    prefill, where every site of the plan has been visited) the interleaver is stood down the way
+    nnsight stands it down for an ad-hoc ``Envoy.__call__``, so the decode steps run as plain PyTorch;
+    it is restored before the trace ends.  Tokens are unchanged (tested against the interleaved path).
+    """
+    interleaver = getattr(root, "interleaver", None)
+    if not enabled or not hasattr(interleaver, "interleaving"):
+        yield
+        return
+    before = interleaver.interleaving
+
+    def after_forward(module: torch.nn.Module, args: Any, output: Any) -> None:
+        interleaver.interleaving = False
+
+    handle = hf_model.register_forward_hook(after_forward)
+    try:
+        yield
+    finally:
+        handle.remove()
+        interleaver.interleaving = before
+
+
 def generate(model: "HookedVLM", inputs: "VLMInputs", plan: Plan, max_new_tokens: int, every_step: bool,
              kwargs: dict[str, Any]) -> Tensor:
     """Generate under ``plan``: hooks on the prefill pass only, or on every step."""
@@ -149,7 +179,8 @@ def generate(model: "HookedVLM", inputs: "VLMInputs", plan: Plan, max_new_tokens
         def capture(*args: Any, **kw: Any) -> Tensor:
             # The result is caught here rather than read from tracer.result: after an
             # open-ended every-step loop nnsight runs no further statement of the body.
-            out = model.hf_model.generate(*args, **kw)
+            with _stood_down_after_prefill(root, model.hf_model, enabled=not every_step):
+                out = model.hf_model.generate(*args, **kw)
             box.append(out)
             return out
 

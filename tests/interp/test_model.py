@@ -174,6 +174,32 @@ def test_generation_hooks_affect_exactly_their_steps(tiny_model, two_prompts, ev
     assert not torch.equal(out.sequences, other)  # the two modes really differ on this model
 
 
+def test_prefill_only_generation_stands_nnsight_down_for_the_decode_steps(tiny_model, two_prompts, monkeypatch):
+    """The graph path's decode steps make no nnsight handoffs once the prefill-only plan has run."""
+    from nnsight.intervention.interleaver import Interleaver
+
+    calls = {"n": 0}
+    handle = Interleaver.handle
+
+    def counting(self, provider, value):
+        calls["n"] += 1
+        return handle(self, provider, value)
+
+    monkeypatch.setattr(Interleaver, "handle", counting)
+    images, prompts = two_prompts
+    inputs = tiny_model.encode(images=images, prompts=prompts)
+    vec = torch.linspace(-1, 1, tiny_model.d_model)
+    hooks = [("blocks.1.hook_resid_pre", lambda x, ctx: x + vec)]
+    counts = {}
+    for every_step, n in [(False, 1), (False, 6), (True, 1), (True, 6)]:
+        calls["n"] = 0
+        tiny_model.generate(inputs, max_new_tokens=n, hooks=hooks, every_step=every_step, eos_token_id=None)
+        counts[every_step, n] = calls["n"]
+    assert counts[False, 6] == counts[False, 1] > 0  # the prefill's handoffs only
+    assert counts[True, 6] > counts[True, 1]  # an every-step plan is still served on every step
+    assert counts[True, 1] == counts[False, 1]
+
+
 def test_generate_without_hooks_equals_hf_generate(tiny_model, two_prompts):
     images, prompts = two_prompts
     inputs = tiny_model.encode(images=images, prompts=prompts)
