@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from interp import HookContext, prefill_only
+from interp import HookContext, first_steps, prefill_only
 from interp.collect import READS, prompt_mean, prompt_positions
 
 from .gate import gate_score, window as gate_window
@@ -95,7 +95,9 @@ def gated_hook(w: Tensor, direction: Tensor, strength: float, every_step: bool =
             record.append((ctx.layer, ctx.step, g.detach().cpu()))
         return add_direction(x, scale(g, strength).to(x.dtype), direction.to(x.device), mask)
 
-    return hook if every_step or answering else prefill_only(hook)
+    if answering:
+        return first_steps(hook, answer_steps)
+    return hook if every_step else prefill_only(hook)
 
 
 def static_hook(direction: Tensor, strength: float, every_step: bool = False) -> Callable[[Tensor, HookContext], Tensor | None]:
@@ -175,11 +177,16 @@ def stacked_hooks(stack: Sequence[str], steered: Sequence[tuple[str, Tensor, flo
 
     answering = bool(answer_steps) and any(a is not None for *_, a in steered)
     readers = [(name, reader(i)) for i, name in enumerate(stack)]
-    steerers = [(name, steerer(d, lam, a)) for name, d, lam, a in steered]
     if not (every_step and not answering):  # the readers act on the prefill only
         readers = [(name, prefill_only(fn)) for name, fn in readers]
-    if not (every_step or answering):
-        steerers = [(name, prefill_only(fn)) for name, fn in steerers]
+    steerers = []
+    for name, d, lam, a in steered:
+        fn = steerer(d, lam, a)
+        if answer_steps and a is not None:  # the prefill, then the first answer_steps tokens
+            fn = first_steps(fn, answer_steps)
+        elif not every_step:
+            fn = prefill_only(fn)
+        steerers.append((name, fn))
     return readers + steerers
 
 

@@ -4,9 +4,9 @@
 >>> from interp.tiny import tiny_vlm
 """
 from .cache import ActivationCache
-from .hooks import HookContext, prefill_only
+from .hooks import HookContext, first_steps, prefill_only
 from .inputs import InputError, VLMInputs
 from .model import Generation, HookedVLM
 from .names import HookNameError
 
-__all__ = ["ActivationCache", "Generation", "HookContext", "HookedVLM", "HookNameError", "InputError", "VLMInputs", "prefill_only"]
+__all__ = ["ActivationCache", "Generation", "HookContext", "HookedVLM", "HookNameError", "InputError", "VLMInputs", "first_steps", "prefill_only"]

@@ -8,7 +8,7 @@ prefill pass (``ctx.step == 0``).  Returning None leaves the activation as is.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -63,17 +63,53 @@ def prefill_only(fn: HookFn) -> HookFn:
     """Mark ``fn`` as acting on the prefill pass only (it must return None whenever ``ctx.step > 0``).
 
     Why: the plain-PyTorch backend then removes the module hook after the
-    prefill pass and puts it back when the call ends, so the decode steps of a
-    steered ``generate`` run with no hook dispatch at all.  The mark is a
-    promise about the function, not a filter: an unmarked function is called
-    at every step, as before.  Returns ``fn`` itself (usable as a decorator).
+    prefill pass and puts it back when the call ends, and the nnsight backend
+    stands the trace down, so the decode steps of a steered ``generate`` run
+    with no hook dispatch at all.  The mark is a promise about the function,
+    not a filter: an unmarked function is called at every step, as before.
+    Returns ``fn`` itself (usable as a decorator).  ``first_steps(fn, 0)``.
     """
-    fn.prefill_only = True  # type: ignore[attr-defined]
+    return first_steps(fn, 0)
+
+
+def first_steps(fn: HookFn, last: int) -> HookFn:
+    """Mark ``fn`` as acting on generation steps ``0..last`` only (it must return None whenever ``ctx.step > last``).
+
+    The generalisation of :func:`prefill_only` (``last`` 0) for hooks that also steer the first few
+    generated tokens (e.g. an eraser's answer steps): both backends stop dispatching to the hook after
+    step ``last``.  Returns ``fn`` itself.
+    """
+    if not isinstance(last, int) or isinstance(last, bool) or last < 0:
+        raise ValueError(f"first_steps needs a last step >= 0, got {last!r}")
+    fn.last_step = last  # type: ignore[attr-defined]
+    fn.prefill_only = last == 0  # type: ignore[attr-defined]
     return fn
 
 
 def is_prefill_only(fn: HookFn) -> bool:
-    return bool(getattr(fn, "prefill_only", False))
+    return last_step(fn) == 0
+
+
+def last_step(fn: HookFn) -> int | None:
+    """The last generation step ``fn`` acts on (:func:`first_steps`), or None: every step."""
+    last = getattr(fn, "last_step", None)
+    if last is None and getattr(fn, "prefill_only", False):
+        return 0
+    return last
+
+
+def plan_last_step(fns: Iterable[HookFn]) -> int | None:
+    """The last step any of ``fns`` acts on: None (every step) if one of them is unmarked.
+
+    >>> plan_last_step([first_steps(lambda x, c: None, 3), prefill_only(lambda x, c: None)])
+    3
+    >>> plan_last_step([]) is None
+    True
+    """
+    lasts = [last_step(fn) for fn in fns]
+    if not lasts or any(l is None for l in lasts):
+        return None
+    return max(lasts)
 
 
 def expand_hooks(hooks: HookSpec | None, valid: Sequence[str]) -> dict[str, list[HookFn]]:

@@ -9,8 +9,9 @@ assert they give identical outputs.
 The context (masks, last prompt index, step) comes from the inputs of the
 HookedVLM call in flight; a raw ``hf_model(...)`` call outside HookedVLM is a
 clear error (wrap it in :class:`active_inputs`).  Hooks whose functions are all
-:func:`~interp.hooks.prefill_only` step aside after the prefill pass, so
-steered generation costs nothing per decoded token.
+:func:`~interp.hooks.prefill_only` step aside after the prefill pass (and those marked
+:func:`~interp.hooks.first_steps` after their last step), so steered generation costs nothing per
+decoded token.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .adapters import get_module
 from .adapters.base import Site
-from .hooks import HookContext, HookFn, is_prefill_only
+from .hooks import HookContext, HookFn, plan_last_step
 from .names import layer_of
 from .sites import resolve_site
 
@@ -47,7 +48,7 @@ class active_inputs:
     """Mark ``inputs`` as the batch in flight, so module hooks can build their context from it.
 
     On exit, module hooks that stepped aside after the prefill pass (all their functions are
-    :func:`~interp.hooks.prefill_only`) are put back for the next call.
+    :func:`~interp.hooks.prefill_only`, or :func:`~interp.hooks.first_steps`) are put back for the next call.
     """
 
     def __init__(self, inputs: "VLMInputs") -> None:
@@ -75,8 +76,9 @@ class Handle:
     dispatcher: "_Dispatcher | None" = None
 
     @property
-    def prefill_only(self) -> bool:
-        return all(is_prefill_only(fn) for fn in self.fns)
+    def last_step(self) -> int | None:
+        """The last generation step any of its functions acts on (None: every step)."""
+        return plan_last_step(self.fns)
 
     def remove(self) -> None:
         if self.dispatcher is not None:
@@ -91,8 +93,9 @@ class _Dispatcher:
     current HookedVLM call", which must be counted once per module call however many entries (from
     however many nested ``model.hooks`` blocks) hook it; entries run in registration order.  Why it
     steps aside: when every entry acts on the prefill pass only, the torch hook removes itself after
-    that pass, so the decode steps run with no hook dispatch at all (the deployment fast path costs
-    nothing per generated token); :class:`active_inputs` puts it back when the call ends.  Relative
+    that pass (after step k when every entry acts on steps 0..k at most, :func:`~interp.hooks.first_steps`),
+    so the later decode steps run with no hook dispatch at all (the deployment fast path costs nothing per
+    generated token); :class:`active_inputs` puts it back when the call ends.  Relative
     order against torch hooks that other code registered on the same module is not preserved.
     """
 
@@ -146,7 +149,8 @@ class _Dispatcher:
                     x, touched = new, True
             if touched:
                 value, changed = put(value, entry.site, x), True
-        if step == 0 and all(e.prefill_only for e in self.entries):
+        lasts = [e.last_step for e in self.entries]
+        if None not in lasts and step >= max(lasts):
             self.step_aside()
             active.stepped_aside.append(self)
         return value if changed else None

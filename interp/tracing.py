@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .adapters.base import Site
-from .hooks import HookContext, HookFn
+from .hooks import HookContext, HookFn, plan_last_step
 from .names import layer_of
 
 if TYPE_CHECKING:
@@ -138,25 +138,29 @@ def run(model: "HookedVLM", inputs: "VLMInputs", plan: Plan, remote: bool | str 
 
 
 @contextmanager
-def _stood_down_after_prefill(root, hf_model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Inside a generation trace whose plan acts on the prefill pass only, stand nnsight down after that pass.
+def _stood_down_after(root, hf_model: torch.nn.Module, forwards: int | None) -> Iterator[None]:
+    """Inside a generation trace, stand nnsight down once the model has run ``forwards`` times (None: never).
 
     Why: while a trace interleaves, every module call of every decode step goes through nnsight's
-    per-module handoff, even once the plan's (prefill-only) body has finished; at 7B sizes that
-    bookkeeping cost the graph path 8-13 % of a steered ``generate`` (``docs/scale_check``), and on a
-    32-layer CPU model it grew with the number of new tokens.  After the model's first forward (the
-    prefill, where every site of the plan has been visited) the interleaver is stood down the way
-    nnsight stands it down for an ad-hoc ``Envoy.__call__``, so the decode steps run as plain PyTorch;
-    it is restored before the trace ends.  Tokens are unchanged (tested against the interleaved path).
+    per-module handoff, even once the plan's body has finished; at 7B sizes the graph path cost 8-13 %
+    of a steered ``generate`` (``docs/scale_check``, measured before this), and on a 32-layer CPU model
+    the cost grew with the number of new tokens.  A plan that acts on the first ``forwards`` passes
+    only (the prefill: 1; :func:`~interp.hooks.first_steps`: k + 1) has visited every site it will
+    visit by then, so the interleaver is stood down the way nnsight stands it down for an ad-hoc
+    ``Envoy.__call__`` and the later decode steps run as plain PyTorch; it is restored before the trace
+    ends.  Tokens are unchanged (tested against plain pre-hooks).
     """
     interleaver = getattr(root, "interleaver", None)
-    if not enabled or not hasattr(interleaver, "interleaving"):
+    if forwards is None or not hasattr(interleaver, "interleaving"):
         yield
         return
     before = interleaver.interleaving
+    seen = [0]
 
     def after_forward(module: torch.nn.Module, args: Any, output: Any) -> None:
-        interleaver.interleaving = False
+        seen[0] += 1
+        if seen[0] >= forwards:
+            interleaver.interleaving = False
 
     handle = hf_model.register_forward_hook(after_forward)
     try:
@@ -168,18 +172,23 @@ def _stood_down_after_prefill(root, hf_model: torch.nn.Module, enabled: bool = T
 
 def generate(model: "HookedVLM", inputs: "VLMInputs", plan: Plan, max_new_tokens: int, every_step: bool,
              kwargs: dict[str, Any]) -> Tensor:
-    """Generate under ``plan``: hooks on the prefill pass only, or on every step."""
+    """Generate under ``plan``: hooks on the prefill pass only, or on every step.
+
+    Every step means every step the plan's functions act on: when they are all marked
+    (:func:`~interp.hooks.first_steps`), the trace serves steps ``0..k`` and stands down after them.
+    """
     model_kwargs = inputs.model_kwargs()
     with torch.no_grad():
         if plan.empty:
             return model.hf_model.generate(**model_kwargs, max_new_tokens=max_new_tokens, **kwargs)
         root = model.envoy
         box: list[Tensor] = []
+        last = plan_last_step(fn for fns in plan.hooks.values() for fn in fns) if every_step else 0
 
         def capture(*args: Any, **kw: Any) -> Tensor:
             # The result is caught here rather than read from tracer.result: after an
             # open-ended every-step loop nnsight runs no further statement of the body.
-            with _stood_down_after_prefill(root, model.hf_model, enabled=not every_step):
+            with _stood_down_after(root, model.hf_model, None if last is None else last + 1):
                 out = model.hf_model.generate(*args, **kw)
             box.append(out)
             return out
@@ -187,8 +196,11 @@ def generate(model: "HookedVLM", inputs: "VLMInputs", plan: Plan, max_new_tokens
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*was never reached.*")
             with root.trace(**model_kwargs, fn=capture, max_new_tokens=max_new_tokens, **kwargs) as tracer:
-                if every_step:
+                if last is None:
                     for step in tracer.all():
+                        apply_plan(root, plan, inputs, step, {})
+                elif last > 0:
+                    for step in tracer.iter[:last + 1]:
                         apply_plan(root, plan, inputs, step, {})
                 else:
                     apply_plan(root, plan, inputs, 0, {})

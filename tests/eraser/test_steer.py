@@ -6,6 +6,7 @@ import torch
 
 from eraser import ArtifactError, EraserConfig, MLLMEraser
 from eraser.direction import first_answer_means
+from interp.hooks import plan_last_step
 from tests.eraser.test_method import _queries
 
 NAME = "blocks.2.hook_resid_pre"
@@ -90,6 +91,9 @@ def test_generated_tokens_are_steered_for_answer_steps_only(answering, tiny_llav
     with eraser.attached(tiny_llava, backend="nnsight"):
         graph = tiny_llava.generate(inputs, max_new_tokens=5, eos_token_id=None, every_step=True)
     assert torch.equal(graph.sequences, seq)
+    # both backends stop dispatching after the last answer step (the hooks say so), and after prefill without
+    assert plan_last_step(fn for _, fn in eraser.hooks()) == 2
+    assert plan_last_step(fn for _, fn in prefill.hooks()) == 0
 
 
 def test_answer_directions_round_trip_and_are_required(answering, tiny_llava, tmp_path):

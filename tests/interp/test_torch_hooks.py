@@ -129,6 +129,67 @@ def test_prefill_only_hooks_step_aside_for_decoding_and_come_back(tiny_llava):
     assert not layer._forward_pre_hooks
 
 
+def _first_steps_steer(vec, last):
+    """Steers the prompt's last token, then every new token up to step ``last``; None after."""
+    def fn(x, ctx):
+        if ctx.step > last:
+            return None
+        return x + vec * ctx.last_token_mask(x).unsqueeze(-1) if ctx.is_prefill else x + vec
+
+    return fn
+
+
+@pytest.mark.parametrize("last", [0, 2])
+def test_first_steps_hooks_stop_after_their_last_step_on_both_backends(tiny_model, two_prompts, monkeypatch, last):
+    from nnsight.intervention.interleaver import Interleaver
+
+    from interp import first_steps
+
+    images, prompts = two_prompts
+    inputs = tiny_model.encode(images=images, prompts=prompts)
+    vec = 3 * torch.linspace(-1, 1, tiny_model.d_model)
+    steps: list = []
+
+    def probe(x, ctx):
+        steps.append(ctx.step)
+
+    marked = [("blocks.1.hook_resid_pre", first_steps(_first_steps_steer(vec, last), last)),
+              ("blocks.1.hook_resid_pre", first_steps(probe, last))]
+    unmarked = [("blocks.1.hook_resid_pre", _first_steps_steer(vec, last))]
+    reference = tiny_model.generate(inputs, max_new_tokens=6, hooks=unmarked, every_step=True, eos_token_id=None)
+    with tiny_model.hooks(marked, backend="torch"):
+        fast = tiny_model.generate(inputs, max_new_tokens=6, eos_token_id=None)
+    assert steps == list(range(last + 1))  # dispatched up to its last step, never after
+    calls = {"n": 0}
+    handle = Interleaver.handle
+
+    def counting(self, provider, value):
+        calls["n"] += 1
+        return handle(self, provider, value)
+
+    monkeypatch.setattr(Interleaver, "handle", counting)
+    counts = []
+    for n in (last + 1, 6):
+        calls["n"] = 0
+        graph = tiny_model.generate(inputs, max_new_tokens=n, hooks=marked, every_step=True, eos_token_id=None)
+        counts.append(calls["n"])
+    assert counts[0] == counts[1] > 0  # the trace stood down after step ``last``
+    assert torch.equal(fast.sequences, reference.sequences) and torch.equal(graph.sequences, reference.sequences)
+    short = tiny_model.generate(inputs, max_new_tokens=1, hooks=marked, every_step=True, eos_token_id=None)
+    assert torch.equal(short.sequences, reference.sequences[:, :inputs.input_ids.shape[1] + 1])  # fewer steps than marked
+
+
+def test_first_steps_rejects_a_negative_step_and_plans_take_the_latest():
+    from interp import first_steps, prefill_only
+    from interp.hooks import last_step, plan_last_step
+
+    with pytest.raises(ValueError, match="last step"):
+        first_steps(lambda x, c: None, -1)
+    assert last_step(prefill_only(lambda x, c: None)) == 0
+    assert plan_last_step([first_steps(lambda x, c: None, 3), prefill_only(lambda x, c: None)]) == 3
+    assert plan_last_step([first_steps(lambda x, c: None, 3), lambda x, c: None]) is None
+
+
 def test_removal_inside_a_call_and_after_an_error_leaves_no_hook(tiny_llava):
     from interp import prefill_only
 
