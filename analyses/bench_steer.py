@@ -59,15 +59,16 @@ def fit_peak(n_retain: int, small: bool) -> dict[str, int]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _size(small: bool) -> dict:
-    return dict(d_model=128, n_layers=4) if small else dict(
+def _size(small: bool, n_layers: int | None = None) -> dict:
+    size = dict(d_model=128, n_layers=4) if small else dict(
         d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_mlp=1024, vision_d_model=256, vision_layers=4,
         vision_heads=4, image_size=64, patch_size=8)
+    return size if n_layers is None else {**size, "n_layers": n_layers}
 
 
-def _model(which: str, small: bool):
+def _model(which: str, small: bool, n_layers: int | None = None):
     if which == "random":
-        return tiny_vlm("llava", seed=0, **_size(small))
+        return tiny_vlm("llava", seed=0, **_size(small, n_layers))
     from eraser.zoo import Recipe, load_or_train
 
     recipe = Recipe.quick() if which == "quick" else Recipe.default()
@@ -85,9 +86,14 @@ def main(argv: list[str] | None = None) -> dict[str, float | str]:
     ap.add_argument("--variant", default="mllmeraser",
                     choices=GATED_VARIANTS,
                     help="the eraser variant to steer with (its config; fitted on synthetic queries)")
+    ap.add_argument("--n-layers", type=int, default=None,
+                    help="decoder layers of the random model (default 8, or 4 with --small); a 7B model has 32, "
+                         "and a trace's per-module cost grows with them")
     args = ap.parse_args(argv)
+    if args.n_layers is not None and (args.model != "random" or args.n_layers < 2):
+        ap.error("--n-layers sizes the random model only, and needs >= 2 layers")
     torch.set_num_threads(2)
-    model = _model(args.model, args.small)
+    model = _model(args.model, args.small, args.n_layers)
     config, _ = variant_config(model, args.variant, EraserConfig(batch_size=16))
     eraser = MLLMEraser.fit(model, _queries(16, 1), _queries(64, 4), _queries(8, 2), _queries(8, 3), config,
                             forget_concepts=["a"] * 8 + ["b"] * 8)  # two "people", for per-person gates

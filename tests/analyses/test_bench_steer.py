@@ -16,3 +16,16 @@ def test_bench_steer_with_answer_steering_reports_every_ratio(capsys):
     assert out["fit_peak_small"] > 0 and out["fit_peak_large"] > 0
     text = capsys.readouterr().out
     assert "3 answer steps" in text and "target <= 1.02" in text
+
+
+def test_bench_steer_n_layers_sizes_the_random_model_only(capsys):
+    import pytest
+
+    for bad in (["--model", "quick", "--n-layers", "8"], ["--small", "--n-layers", "1"]):
+        with pytest.raises(SystemExit):
+            main(bad)
+    assert "--n-layers" in capsys.readouterr().err
+    out = main(["--small", "--n-layers", "6", "--repeats", "1", "--new-tokens", "2"])
+    # the paper's eraser steers every layer from the second on: 5 of the 6 (the 4-layer model: 3)
+    assert "128, mllmeraser: 5 steered layers" in capsys.readouterr().out
+    assert out["release_bytes"] == 5 * 128 * 128 * 4
