@@ -138,28 +138,28 @@ def run(model: "HookedVLM", inputs: "VLMInputs", plan: Plan, remote: bool | str 
 
 
 @contextmanager
-def _stood_down_after(root, hf_model: torch.nn.Module, forwards: int | None) -> Iterator[None]:
-    """Inside a generation trace, stand nnsight down once the model has run ``forwards`` times (None: never).
+def _stood_down_when(root, hf_model: torch.nn.Module, finished: list) -> Iterator[None]:
+    """Inside a generation trace, stand nnsight down after the first forward pass that ends with ``finished``
+    non-empty (the trace body appends to it once it has applied its plan to every step it acts on).
 
     Why: while a trace interleaves, every module call of every decode step goes through nnsight's
-    per-module handoff, even once the plan's body has finished; at 7B sizes the graph path cost 8-13 %
-    of a steered ``generate`` (``docs/scale_check``, measured before this), and on a 32-layer CPU model
-    the cost grew with the number of new tokens.  A plan that acts on the first ``forwards`` passes
-    only (the prefill: 1; :func:`~interp.hooks.first_steps`: k + 1) has visited every site it will
-    visit by then, so the interleaver is stood down the way nnsight stands it down for an ad-hoc
-    ``Envoy.__call__`` and the later decode steps run as plain PyTorch; it is restored before the trace
-    ends.  Tokens are unchanged (tested against plain pre-hooks).
+    per-module handoff, even once the body has finished; at 7B sizes the graph path cost 8-13 % of a
+    steered ``generate`` (``docs/scale_check``, measured before this), and on a 32-layer CPU model the
+    cost grew with the number of new tokens.  A plan that acts on the prefill only (or on steps 0..k,
+    :func:`~interp.hooks.first_steps`) is done after that pass, so the interleaver is stood down the way
+    nnsight stands it down for an ad-hoc ``Envoy.__call__`` and the later decode steps run as plain
+    PyTorch; it is restored before the trace ends.  Keyed on the body's own signal rather than on a
+    count of forward passes, so an extra pass inside ``generate`` can never cut a plan short.  Tokens are
+    unchanged (tested against plain pre-hooks).
     """
     interleaver = getattr(root, "interleaver", None)
-    if forwards is None or not hasattr(interleaver, "interleaving"):
+    if not hasattr(interleaver, "interleaving"):
         yield
         return
     before = interleaver.interleaving
-    seen = [0]
 
     def after_forward(module: torch.nn.Module, args: Any, output: Any) -> None:
-        seen[0] += 1
-        if seen[0] >= forwards:
+        if finished:
             interleaver.interleaving = False
 
     handle = hf_model.register_forward_hook(after_forward)
@@ -183,12 +183,13 @@ def generate(model: "HookedVLM", inputs: "VLMInputs", plan: Plan, max_new_tokens
             return model.hf_model.generate(**model_kwargs, max_new_tokens=max_new_tokens, **kwargs)
         root = model.envoy
         box: list[Tensor] = []
+        finished: list[bool] = []
         last = plan_last_step(fn for fns in plan.hooks.values() for fn in fns) if every_step else 0
 
         def capture(*args: Any, **kw: Any) -> Tensor:
             # The result is caught here rather than read from tracer.result: after an
             # open-ended every-step loop nnsight runs no further statement of the body.
-            with _stood_down_after(root, model.hf_model, None if last is None else last + 1):
+            with _stood_down_when(root, model.hf_model, finished):
                 out = model.hf_model.generate(*args, **kw)
             box.append(out)
             return out
@@ -199,9 +200,8 @@ def generate(model: "HookedVLM", inputs: "VLMInputs", plan: Plan, max_new_tokens
                 if last is None:
                     for step in tracer.all():
                         apply_plan(root, plan, inputs, step, {})
-                elif last > 0:
+                else:
                     for step in tracer.iter[:last + 1]:
                         apply_plan(root, plan, inputs, step, {})
-                else:
-                    apply_plan(root, plan, inputs, 0, {})
+                    finished.append(True)
     return box[0]
