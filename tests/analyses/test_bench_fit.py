@@ -47,13 +47,20 @@ def test_bench_fit_fixed_epochs_skips_the_search(capsys):
     assert out["mode"] == "fixed" and "search" not in out
     assert all(out[f"{m}_setting"] == {"lr": 3e-4, "epochs": 1} for m in BASELINES)
     assert "at a fixed budget (target >= 20x)" in capsys.readouterr().out
+    # --baselines: only those are timed, and "cheapest" is the cheapest of them
+    out = main(["--model", "quick", "--repeats", "1", "--fixed-epochs", "1", "--threads", "1",
+                "--baselines", "kl_min,ga"])
+    assert {k[:-2] for k in out if k.endswith("_s") and k != "mllmeraser_s"} == {"ga", "kl_min"}
+    assert out["cheapest"] in ("ga", "kl_min") and "cheapest of ga, kl_min" in capsys.readouterr().out
 
 
 def test_bench_fit_rejects_bad_flags_before_loading_anything(capsys):
     import pytest
 
     for argv in (["--lrs", "fast"], ["--lrs", "0"], ["--max-epochs", "0"], ["--fixed-epochs", "0"],
-                 ["--retain-tolerance", "2"]):
+                 ["--retain-tolerance", "2"], ["--baselines", "ga,sgd"], ["--baselines", ","],
+                 ["--baselines", "ga,ga"]):
         with pytest.raises(SystemExit):
             main(argv)
-    assert "--lrs" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--lrs" in err and "--baselines must name distinct baselines" in err
