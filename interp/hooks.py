@@ -86,10 +86,6 @@ def first_steps(fn: HookFn, last: int) -> HookFn:
     return fn
 
 
-def is_prefill_only(fn: HookFn) -> bool:
-    return last_step(fn) == 0
-
-
 def last_step(fn: HookFn) -> int | None:
     """The last generation step ``fn`` acts on (:func:`first_steps`), or None: every step."""
     last = getattr(fn, "last_step", None)
