@@ -42,3 +42,19 @@ def two_prompts(tiny_model):
     images = [random_image(size, 1), random_image(size, 2)]
     prompts = ["what is the name of the person in this image ?", "who is he"]
     return images, prompts
+
+
+@pytest.fixture
+def nnsight_handoffs(monkeypatch):
+    """A counter of nnsight's per-module handoffs (``Interleaver.handle`` calls): reset ``["n"]``, run, read it."""
+    from nnsight.intervention.interleaver import Interleaver
+
+    calls = {"n": 0}
+    handle = Interleaver.handle
+
+    def counting(self, provider, value):
+        calls["n"] += 1
+        return handle(self, provider, value)
+
+    monkeypatch.setattr(Interleaver, "handle", counting)
+    return calls

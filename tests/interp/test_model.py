@@ -174,18 +174,9 @@ def test_generation_hooks_affect_exactly_their_steps(tiny_model, two_prompts, ev
     assert not torch.equal(out.sequences, other)  # the two modes really differ on this model
 
 
-def test_prefill_only_generation_stands_nnsight_down_for_the_decode_steps(tiny_model, two_prompts, monkeypatch):
+def test_prefill_only_generation_stands_nnsight_down_for_the_decode_steps(tiny_model, two_prompts, nnsight_handoffs):
     """The graph path's decode steps make no nnsight handoffs once the prefill-only plan has run."""
-    from nnsight.intervention.interleaver import Interleaver
-
-    calls = {"n": 0}
-    handle = Interleaver.handle
-
-    def counting(self, provider, value):
-        calls["n"] += 1
-        return handle(self, provider, value)
-
-    monkeypatch.setattr(Interleaver, "handle", counting)
+    calls = nnsight_handoffs
     images, prompts = two_prompts
     inputs = tiny_model.encode(images=images, prompts=prompts)
     vec = torch.linspace(-1, 1, tiny_model.d_model)

@@ -140,9 +140,8 @@ def _first_steps_steer(vec, last):
 
 
 @pytest.mark.parametrize("last", [0, 2])
-def test_first_steps_hooks_stop_after_their_last_step_on_both_backends(tiny_model, two_prompts, monkeypatch, last):
-    from nnsight.intervention.interleaver import Interleaver
-
+def test_first_steps_hooks_stop_after_their_last_step_on_both_backends(tiny_model, two_prompts, nnsight_handoffs,
+                                                                       last):
     from interp import first_steps
 
     images, prompts = two_prompts
@@ -160,14 +159,7 @@ def test_first_steps_hooks_stop_after_their_last_step_on_both_backends(tiny_mode
     with tiny_model.hooks(marked, backend="torch"):
         fast = tiny_model.generate(inputs, max_new_tokens=6, eos_token_id=None)
     assert steps == list(range(last + 1))  # dispatched up to its last step, never after
-    calls = {"n": 0}
-    handle = Interleaver.handle
-
-    def counting(self, provider, value):
-        calls["n"] += 1
-        return handle(self, provider, value)
-
-    monkeypatch.setattr(Interleaver, "handle", counting)
+    calls = nnsight_handoffs
     counts = []
     for n in (last + 1, 6):
         calls["n"] = 0
