@@ -42,19 +42,20 @@ def _maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def fit_memory(n_retain: int, small: bool) -> dict[str, int]:
+def fit_memory(n_retain: int, small: bool, n_layers: int | None = None) -> dict[str, int]:
     """Run in a fresh process: peak RSS before and after fitting on ``n_retain`` retain queries."""
     torch.set_num_threads(2)
-    model = tiny_vlm("llava", seed=0, **_size(small))
+    model = tiny_vlm("llava", seed=0, **_size(small, n_layers))
     forget, recall, erase, retain = _queries(16, 1), _queries(8, 2), _queries(8, 3), _queries(n_retain, 4)
     before = _maxrss()
     MLLMEraser.fit(model, forget, retain, recall, erase, EraserConfig(batch_size=16))
     return {"before": before, "after": _maxrss()}
 
 
-def fit_peak(n_retain: int, small: bool) -> dict[str, int]:
-    """Peak RSS before and after the fit, measured in a fresh subprocess."""
-    code = f"import json; from analyses.bench_steer import fit_memory; print(json.dumps(fit_memory({n_retain}, {small})))"
+def fit_peak(n_retain: int, small: bool, n_layers: int | None = None) -> dict[str, int]:
+    """Peak RSS before and after the fit, measured in a fresh subprocess (the random model of that size)."""
+    code = ("import json; from analyses.bench_steer import fit_memory; "
+            f"print(json.dumps(fit_memory({n_retain}, {small}, {n_layers})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, float | str]:
           f"({out['graph_ratio']:.3f}x, target <= 1.10)")
     print(f"artifact {eraser.nbytes:,} bytes vs release d x d matrices {release_bytes:,} bytes: "
           f"{out['size_ratio']:.0f}x smaller (d/4 = {d / 4:.0f})")
-    small, large = fit_peak(64, args.small), fit_peak(640, args.small)
+    small, large = fit_peak(64, args.small, args.n_layers), fit_peak(640, args.small, args.n_layers)
     out.update(fit_peak_small=float(small["after"]), fit_peak_large=float(large["after"]))
     mib = lambda r: f"{r['after'] / 2**20:.0f} MiB (+{(r['after'] - r['before']) / 2**20:.0f} over the loaded model)"  # noqa: E731
     print(f"fit peak RSS: {mib(small)} with 64 retain queries, {mib(large)} with 640 (10x the data; target: flat)")
