@@ -82,16 +82,12 @@ def first_steps(fn: HookFn, last: int) -> HookFn:
     if not isinstance(last, int) or isinstance(last, bool) or last < 0:
         raise ValueError(f"first_steps needs a last step >= 0, got {last!r}")
     fn.last_step = last  # type: ignore[attr-defined]
-    fn.prefill_only = last == 0  # type: ignore[attr-defined]
     return fn
 
 
 def last_step(fn: HookFn) -> int | None:
     """The last generation step ``fn`` acts on (:func:`first_steps`), or None: every step."""
-    last = getattr(fn, "last_step", None)
-    if last is None and getattr(fn, "prefill_only", False):
-        return 0
-    return last
+    return getattr(fn, "last_step", None)
 
 
 def plan_last_step(fns: Iterable[HookFn]) -> int | None:

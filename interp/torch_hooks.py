@@ -75,11 +75,6 @@ class Handle:
     fns: list[HookFn]
     dispatcher: "_Dispatcher | None" = None
 
-    @property
-    def last_step(self) -> int | None:
-        """The last generation step any of its functions acts on (None: every step)."""
-        return plan_last_step(self.fns)
-
     def remove(self) -> None:
         if self.dispatcher is not None:
             self.dispatcher.discard(self)
@@ -103,17 +98,23 @@ class _Dispatcher:
         self.module, self.kind = module, kind
         self.entries: list[Handle] = []
         self.torch_handle: RemovableHandle | None = None
+        self.last_step: int | None = None  # the last step any entry acts on (None: every step), kept with entries
 
     def add(self, entry: Handle) -> None:
         self.entries.append(entry)
         entry.dispatcher = self
+        self._update_last_step()
         self.arm()
 
     def discard(self, entry: Handle) -> None:
         self.entries = [e for e in self.entries if e is not entry]
+        self._update_last_step()
         if not self.entries:
             self.step_aside()
             _DISPATCHERS.get(self.module, {}).pop(self.kind, None)
+
+    def _update_last_step(self) -> None:
+        self.last_step = plan_last_step(fn for e in self.entries for fn in e.fns)
 
     def arm(self) -> None:
         if self.torch_handle is not None or not self.entries:
@@ -149,8 +150,7 @@ class _Dispatcher:
                     x, touched = new, True
             if touched:
                 value, changed = put(value, entry.site, x), True
-        lasts = [e.last_step for e in self.entries]
-        if None not in lasts and step >= max(lasts):
+        if self.last_step is not None and step >= self.last_step:
             self.step_aside()
             active.stepped_aside.append(self)
         return value if changed else None
