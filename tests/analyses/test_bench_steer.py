@@ -14,6 +14,8 @@ def test_bench_steer_with_answer_steering_reports_every_ratio(capsys):
     assert out["artifact_bytes"] == (2 * 3 * 128 + 2 * 128) * 4
     assert math.isclose(out["size_ratio"], 128 * 128 * 4 / out["artifact_bytes"])
     assert out["fit_peak_small"] > 0 and out["fit_peak_large"] > 0
+    # the high-water mark is reset after the build, so the fit's own peak shows (it read "+0" when the build's hid it)
+    assert out["fit_growth_small"] > 1 << 20 and out["fit_growth_large"] > 1 << 20
     text = capsys.readouterr().out
     assert "3 answer steps" in text and "target <= 1.02" in text
 
