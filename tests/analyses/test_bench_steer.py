@@ -10,6 +10,9 @@ def test_bench_steer_with_answer_steering_reports_every_ratio(capsys):
     out = main(["--small", "--repeats", "1", "--new-tokens", "4", "--variant", "mllmeraser_stacked_gate"])
     assert out["variant"] == "mllmeraser_stacked_gate"
     assert out["fast_ratio"] > 0 and out["graph_ratio"] > 0
+    for k in ("fast", "graph"):  # the median of the paired ratios lies between their quartiles
+        lo, hi = out[f"{k}_ratio_iqr"]
+        assert 0 < lo <= out[f"{k}_ratio"] <= hi
     # stacked gate on the 4-layer model: one steered layer (3), w [1 row, 2 people, 3 * 128], d and d_answer [1, 128]
     assert out["artifact_bytes"] == (2 * 3 * 128 + 2 * 128) * 4
     assert math.isclose(out["size_ratio"], 128 * 128 * 4 / out["artifact_bytes"])
