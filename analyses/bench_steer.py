@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, float | str]:
         "artifact_bytes": float(eraser.nbytes),
         "release_bytes": float(release_bytes),
         "size_ratio": release_bytes / eraser.nbytes,
+        "release_form_ratio": eraser.release_form_nbytes / eraser.nbytes,
     }
     n_params = sum(p.numel() for p in model.hf_model.parameters())
     print(f"model: {n_params / 1e6:.1f}M params, d_model {d}, {args.variant}: {n_layers} steered layers"
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict[str, float | str]:
           f"({out['graph_ratio']:.3f}x, {iqr('graph')}; target <= 1.10)")
     print("  (ratios: medians of per-round ratios, each round timing vanilla, fast and graph back to back)")
     print(f"artifact {eraser.nbytes:,} bytes vs release d x d matrices {release_bytes:,} bytes: "
-          f"{out['size_ratio']:.0f}x smaller (d/4 = {d / 4:.0f})")
+          f"{out['size_ratio']:.0f}x smaller (d/4 = {d / 4:.0f}); the same steering as dense matrices "
+          f"({eraser.release_form_nbytes:,} bytes): {out['release_form_ratio']:.0f}x")
     small, large = fit_peak(64, args.small, args.n_layers), fit_peak(640, args.small, args.n_layers)
     out.update(fit_peak_small=float(small["after"]), fit_peak_large=float(large["after"]))
     out.update(fit_growth_small=float(small["after"] - small["before"]),

@@ -175,7 +175,8 @@ def check_eraser(setup, variant: str, inputs, clock: _Clock, repeats: int, new_t
     except ArtifactMismatchError:
         refused = True
     out.update(artifact_bytes=path.stat().st_size, tensor_bytes=eraser.nbytes, release_bytes=release,
-               size_ratio=release / eraser.nbytes, roundtrip=same, refuses_other_model=refused)
+               size_ratio=release / eraser.nbytes, release_form_ratio=eraser.release_form_nbytes / eraser.nbytes,
+               roundtrip=same, refuses_other_model=refused)
     # reversibility: steering changes the logits, detaching restores them exactly
     before = model.run_with_hooks(inputs, [])
     with eraser.attached(model):
@@ -340,7 +341,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{variant}: fit {r['fit_s']:.1f} s (PGD {r['pgd_s']:.1f} s, collect {r['collect_s']:.1f} s, "
                   f"solve {r['solve_s']:.1f} s"
                   + (f", peak {r['fit_peak_gib']:.1f} GiB" if "fit_peak_gib" in r else "")
-                  + f"; {r['counts']}), artifact {r['tensor_bytes']:,} B ({r['size_ratio']:.0f}x smaller than d x d), "
+                  + f"; {r['counts']}), artifact {r['tensor_bytes']:,} B ({r['size_ratio']:.0f}x smaller than d x d, "
+                  + f"{r['release_form_ratio']:.0f}x than the same steering as dense matrices), "
                   f"fast path {r['fast_ratio']:.3f}x / graph {r['graph_ratio']:.3f}x of generate "
                   f"({r['generate_s'] * 1e3:.0f} ms); round trip {r['roundtrip']}, refuses another model "
                   f"{r['refuses_other_model']}, detach bit-identical {r['detach_bit_identical']}, "

@@ -390,6 +390,22 @@ class MLLMEraser:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.w, self.d, self.d_answer) if t is not None)
 
+    @property
+    def release_form_nbytes(self) -> int:
+        """Bytes the same steering would take stored as the release stores it: dense ``F x d`` matrices.
+
+        The release keeps ``S_l = w_l d_l^T`` (``d x d``) per steered layer; this artifact keeps ``w_l`` and
+        ``d_l``.  For the extensions the matrix form grows with what they add: a gate that reads ``F``
+        stacked features needs ``F x d`` per steered layer, per-concept gates one matrix per concept (the
+        max over concepts is not one linear map), and answer steering a second set for the answer
+        direction.  So ``release_form_nbytes / nbytes`` is the saving of the rank-one form on the same
+        steering, while ``len(layers) * d * d`` (what the benchmarks also print) is the paper method's size.
+        Same element size as this artifact's tensors.
+        """
+        n_concepts = self.w.shape[1] if self.w.ndim == 3 else 1
+        per_layer = n_concepts * self.w.shape[-1] * self.d.shape[-1] * (2 if self.d_answer is not None else 1)
+        return len(self.layers) * per_layer * self.d.element_size()
+
     # -- persistence --------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
         return {"format": FORMAT, "layers": self.layers, "config": asdict(self.config),

@@ -16,6 +16,8 @@ def test_bench_steer_with_answer_steering_reports_every_ratio(capsys):
     # stacked gate on the 4-layer model: one steered layer (3), w [1 row, 2 people, 3 * 128], d and d_answer [1, 128]
     assert out["artifact_bytes"] == (2 * 3 * 128 + 2 * 128) * 4
     assert math.isclose(out["size_ratio"], 128 * 128 * 4 / out["artifact_bytes"])
+    # as dense matrices: per person a 3d x d matrix for the direction and one for the answer direction
+    assert math.isclose(out["release_form_ratio"], 2 * 2 * 3 * 128 * 128 * 4 / out["artifact_bytes"])
     assert out["fit_peak_small"] > 0 and out["fit_peak_large"] > 0
     # the high-water mark is reset after the build, so the fit's own peak shows (it read "+0" when the build's hid it)
     assert out["fit_growth_small"] > 1 << 20 and out["fit_growth_large"] > 1 << 20

@@ -28,6 +28,8 @@ def test_scale_check_passes_on_the_tiny_size_and_writes_its_record(arch, tmp_pat
         layers, d = len(r["layers"]), SIZES[arch]["tiny"]["d_model"]
         assert r["release_bytes"] == layers * d * d * 4 and r["size_ratio"] == r["release_bytes"] / r["tensor_bytes"]
     assert saved["erasers"]["mllmeraser"]["size_ratio"] == SIZES[arch]["tiny"]["d_model"] / 2
+    # the paper's method is exactly the release's d x d per layer; the extensions' dense form is larger
+    assert saved["erasers"]["mllmeraser"]["release_form_ratio"] == saved["erasers"]["mllmeraser"]["size_ratio"]
     assert saved["sweep"]["batched_max_abs_diff"] <= 1e-4
     assert ("shared_prefix_speedup" in saved["sweep"]) == (arch == "llava")  # Qwen's 3-D rope refuses it
     assert saved["baselines"]["ga_full_steps"] == saved["baselines"]["ga_lora_steps"] > 0

@@ -47,6 +47,7 @@ def test_fit_shapes_and_gate_separation(fitted, tiny_llava):
     assert (g_f.mean(0) - 1).abs().max() < 0.15
     assert g_r.abs().mean() < 0.25 * g_f.abs().mean()
     assert eraser.nbytes == 2 * 2 * tiny_llava.d_model * 4
+    assert eraser.release_form_nbytes == 2 * tiny_llava.d_model ** 2 * 4  # the release's d x d per steered layer
 
 
 def test_backends_agree_and_detach_is_bit_exact(fitted, tiny_llava):
@@ -341,6 +342,7 @@ def test_concept_gates_fit_one_gate_per_concept_and_steer_by_the_max(fitted_conc
     eraser, forget, labels = fitted_concepts
     d = tiny_llava.d_model
     assert eraser.w.shape == (2, 2, d) and eraser.d.shape == (2, d) and eraser.info["concepts"] == ["p1", "p2"]
+    assert eraser.release_form_nbytes == 2 * 2 * d * d * 4  # a d x d matrix per layer and concept (max is not linear)
     assert torch.allclose(eraser.d, fitted[0].d)  # same pairs, same direction
     # the per-concept weights are fit_gates with one-hot targets on the same activations and projector
     stats = MLLMEraser.collect_stats(tiny_llava, forget, _queries(60, 2, 200), _queries(6, 3, 300),

@@ -101,7 +101,13 @@ def test_answer_directions_round_trip_and_are_required(answering, tiny_llava, tm
     for e, name in ((eraser, "a"), (stacked, "s")):
         back = MLLMEraser.load(e.save(tmp_path / f"{name}.safetensors"), tiny_llava)
         assert back.config.answer_steps == 2 and torch.equal(back.d_answer, e.d_answer)
-    assert eraser.nbytes == 3 * 2 * tiny_llava.d_model * 4  # w, d and d_answer, per steered layer
+    d = tiny_llava.d_model
+    assert eraser.nbytes == 3 * 2 * d * 4  # w, d and d_answer, per steered layer
+    # as dense matrices (the release's form): S = w d^T and S_answer = w d_answer^T, d x d each, per layer
+    assert eraser.release_form_nbytes == 2 * 2 * d * d * 4
+    # the stacked gate: one 2d-wide gate, one steered layer, a direction and an answer direction: 4d floats,
+    # against a 2d x d matrix for each direction
+    assert stacked.nbytes == (2 * d + 2 * d) * 4 and stacked.release_form_nbytes == 2 * (2 * d * d) * 4
     bare = MLLMEraser(eraser.layers, eraser.w, eraser.d, eraser.config, eraser.fingerprint)
     bare.save(tmp_path / "bare.safetensors")
     with pytest.raises(ArtifactError, match="answer directions"):
