@@ -59,10 +59,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--model", choices=("random", "default", "quick"), default="random",
                     help="a 24.8M-parameter random LLaVA config, or the zoo's trained default / quick model")
     ap.add_argument("--seed", type=int, default=0, help="the zoo model's seed (--model default / quick)")
+    ap.add_argument("--small", action="store_true", help="with --model random: a 1M-parameter model, for a quick look")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    if args.model == "random":
+    if args.small and args.model != "random":
+        ap.error("--small sizes the random model only")
+    if args.model == "random" and args.small:
+        model = tiny_vlm("llava", seed=0)
+    elif args.model == "random":
         model = tiny_vlm("llava", seed=0, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_mlp=1024,
                          vision_d_model=256, vision_layers=4, vision_heads=4, image_size=64, patch_size=8)
     else:
