@@ -1,0 +1,41 @@
+"""Atomic writes: the target changes only when the whole write succeeded, and no temporary file is left."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from interp.io import atomic_path, write_json
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
+    target = tmp_path / "results.json"
+    target.write_text("old\n")
+    with pytest.raises(RuntimeError, match="crash"):
+        with atomic_path(target) as tmp:
+            assert tmp.parent == tmp_path and tmp != target
+            tmp.write_text("half of the new fi")
+            raise RuntimeError("crash mid-write")
+    assert target.read_text() == "old\n" and _leftovers(tmp_path) == []
+
+
+def test_a_finished_write_replaces_the_file_and_creates_folders(tmp_path):
+    target = tmp_path / "a" / "b" / "out.txt"
+    with atomic_path(target) as tmp:
+        tmp.write_text("new\n")
+        assert not target.exists()  # nothing visible until the block ends
+    assert target.read_text() == "new\n" and _leftovers(target.parent) == []
+
+
+def test_write_json_serialises_before_touching_the_file(tmp_path):
+    target = tmp_path / "r.json"
+    write_json(target, {"methods": {"vanilla": {"forget": {"cls_acc": 1.0}}}})
+    assert json.loads(target.read_text()) == {"methods": {"vanilla": {"forget": {"cls_acc": 1.0}}}}
+    with pytest.raises(TypeError):
+        write_json(target, {"bad": object()})  # not serialisable: fails before any write
+    assert json.loads(target.read_text())["methods"]["vanilla"]["forget"]["cls_acc"] == 1.0
+    assert _leftovers(tmp_path) == []

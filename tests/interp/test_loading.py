@@ -1,0 +1,37 @@
+"""Offline loading: the model class comes from the config's architectures, the image processor from its saved type."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import transformers
+
+from interp.loading import load_image_processor, model_class_for
+
+
+def test_model_class_for_supported_and_unsupported_configs():
+    assert model_class_for(SimpleNamespace(architectures=["LlavaForConditionalGeneration"])) is \
+        transformers.LlavaForConditionalGeneration
+    with pytest.raises(NotImplementedError, match="unsupported architecture.*GPT2LMHeadModel.*supported"):
+        model_class_for(SimpleNamespace(architectures=["GPT2LMHeadModel"]))
+    with pytest.raises(NotImplementedError, match="SimpleNamespace"):
+        model_class_for(SimpleNamespace())
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_5_vl"])
+def test_load_image_processor_picks_the_pil_twin_and_names_unknown_types(arch, tmp_path):
+    from interp.tiny import tiny_vlm
+
+    tiny_vlm(arch, seed=0).image_processor.save_pretrained(tmp_path)
+    cfg_file = tmp_path / "preprocessor_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    kind = cfg["image_processor_type"]  # CLIPImageProcessor / Qwen2VLImageProcessor
+    assert type(load_image_processor(tmp_path)).__name__ == kind + "Pil"
+    cfg["image_processor_type"] = kind + "Fast"  # a checkpoint saved with the torchvision-backed processor
+    cfg_file.write_text(json.dumps(cfg))
+    assert type(load_image_processor(tmp_path)).__name__ == kind + "Pil"
+    cfg["image_processor_type"] = "NoSuchImageProcessor"
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unknown image_processor_type 'NoSuchImageProcessor'"):
+        load_image_processor(tmp_path)
