@@ -1,8 +1,10 @@
 """Benchmark: steered generation vs vanilla ``generate``, for the plain-PyTorch fast path and the nnsight graph.
 
-Targets: fast path <= 1.02x, nnsight graph <= 1.10x of vanilla generation.  Also prints the artifact size
-against the release's d x d per-layer matrices (target: >= d/4 times smaller) and the peak memory of fitting
-as the retain set grows 10x (target: flat, thanks to streaming statistics).
+Targets: fast path <= 1.02x, nnsight graph <= 1.10x of vanilla generation (each the median of per-round
+ratios, with their quartiles: the three contenders run back to back in every round).  Also prints the artifact
+size against the release's d x d per-layer matrices (target: >= d/4 times smaller) and against the same steering
+as dense matrices, and the peak memory of fitting as the retain set grows 10x (target: flat, thanks to streaming
+statistics; the high-water mark is reset after the model is built, see ``analyses._memory``).
 Run: ``python -m analyses.bench_steer`` (a 21M-parameter LLaVA config, random weights, 2 CPU threads), or
 ``--model default`` / ``--model quick`` for the embedded default / quick trained models (trained once if not cached).
 ``--variant`` picks the eraser (default: the paper's ``mllmeraser``); ``mllmeraser_stacked_gate`` also steers the
