@@ -73,14 +73,14 @@ def _size(small: bool, n_layers: int | None = None) -> dict:
     return size if n_layers is None else {**size, "n_layers": n_layers}
 
 
-def _model(which: str, small: bool, n_layers: int | None = None):
+def _model(which: str, small: bool, n_layers: int | None = None, seed: int = 0):
     if which == "random":
         return tiny_vlm("llava", seed=0, **_size(small, n_layers))
-    from eraser.zoo import Recipe, load_or_train
+    from eraser.pipeline import load_setup
 
-    recipe = Recipe.quick() if which == "quick" else Recipe.default()
-    print(f"loading the zoo's {which} model ({recipe.describe()})")
-    return load_or_train(recipe)
+    setup = load_setup(seed=seed, quick=which == "quick")
+    print(f"loaded the zoo's {which} model ({setup.recipe.describe()})")
+    return setup.model
 
 
 def main(argv: list[str] | None = None) -> dict[str, float | str]:
@@ -96,11 +96,14 @@ def main(argv: list[str] | None = None) -> dict[str, float | str]:
     ap.add_argument("--n-layers", type=int, default=None,
                     help="decoder layers of the random model (default 8, or 4 with --small); a 7B model has 32, "
                          "and a trace's per-module cost grows with them")
+    ap.add_argument("--seed", type=int, default=0, help="the zoo model's seed (--model default / quick)")
     args = ap.parse_args(argv)
     if args.n_layers is not None and (args.model != "random" or args.n_layers < 2):
         ap.error("--n-layers sizes the random model only, and needs >= 2 layers")
+    if args.seed and args.model == "random":
+        ap.error("--seed picks the zoo model (--model default / quick)")
     torch.set_num_threads(2)
-    model = _model(args.model, args.small, args.n_layers)
+    model = _model(args.model, args.small, args.n_layers, args.seed)
     config, _ = variant_config(model, args.variant, EraserConfig(batch_size=16))
     eraser = MLLMEraser.fit(model, _queries(16, 1), _queries(64, 4), _queries(8, 2), _queries(8, 3), config,
                             forget_concepts=["a"] * 8 + ["b"] * 8)  # two "people", for per-person gates
@@ -153,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict[str, float | str]:
                fit_growth_large=float(large["after"] - large["before"]))
     mib = lambda r: f"{r['after'] / 2**20:.0f} MiB (+{(r['after'] - r['before']) / 2**20:.0f} over the loaded model)"  # noqa: E731
     caveat = "" if small["reset"] and large["reset"] else " (lifetime peaks: this OS cannot reset the high-water mark)"
-    print(f"fit peak RSS: {mib(small)} with 64 retain queries, {mib(large)} with 640 (10x the data; target: flat)"
+    print(f"fit peak RSS (the random model{' at --small' if args.small else ''}"
+          f"{f', {args.n_layers} layers' if args.n_layers else ''}): {mib(small)} with 64 retain queries, {mib(large)} with 640 (10x the data; target: flat)"
           f"{caveat}")
     return out
 
