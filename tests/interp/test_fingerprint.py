@@ -47,7 +47,10 @@ def test_a_repeat_reuses_the_hash_and_any_write_recomputes_it(model, monkeypatch
         swapped = head.weight.data.clone()
         swapped[0, 0] += 1.0
         head.weight.data = swapped  # new storage under the same Parameter (its version counter is not the signal)
-        assert model_fingerprint(model)["weights"] not in (base, edited, stepped)
+        swapped_hash = model_fingerprint(model)["weights"]
+        assert swapped_hash not in (base, edited, stepped)
+        head.weight = torch.nn.Parameter(head.weight.detach() * 2)  # a new tensor object (e.g. a reload)
+        assert model_fingerprint(model)["weights"] not in (base, edited, stepped, swapped_hash)
     finally:
         model.hf_model.load_state_dict(state)  # a write too: back to the original weights and hash
     assert model_fingerprint(model)["weights"] == base
