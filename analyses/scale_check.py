@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -41,7 +42,7 @@ from typing import Any
 
 import torch
 
-from analyses._timing import interleaved, synced
+from analyses._timing import interleaved, interleaved_times, paired_ratios, ratio_summary, synced
 
 #: Real checkpoints' sizes (Qwen2.5-VL-7B: its vision MLP width, 112-pixel attention windows, full attention every 8th
 #: vision layer; ``max_positions`` only bounds the rope tables).
@@ -208,10 +209,13 @@ def check_eraser(setup, variant: str, inputs, clock: _Clock, repeats: int, new_t
         max(1e-6, float(fast_logits.float().abs().max()))
     out["vanilla_repeatable"] = bool(torch.equal(model.generate(inputs, **kw).new_tokens,
                                                  model.generate(inputs, **kw).new_tokens))
-    med = interleaved({"vanilla": synced(lambda: model.generate(inputs, **kw)), "fast": synced(fast),
-                       "graph": synced(graph)}, repeats=repeats, warmup=1)
-    out.update(generate_s=med["vanilla"], fast_ratio=med["fast"] / med["vanilla"],
-               graph_ratio=med["graph"] / med["vanilla"])
+    times = interleaved_times({"vanilla": synced(lambda: model.generate(inputs, **kw)), "fast": synced(fast),
+                               "graph": synced(graph)}, repeats=repeats, warmup=1)
+    spread = {k: ratio_summary(paired_ratios(times, k, "vanilla")) for k in ("fast", "graph")}
+    # medians of per-round paired ratios, with their quartiles (5 repeats of a ratio of medians read 0.90-1.09x)
+    out.update(generate_s=statistics.median(times["vanilla"]), fast_ratio=spread["fast"][1],
+               graph_ratio=spread["graph"][1], fast_ratio_iqr=list(spread["fast"][::2]),
+               graph_ratio_iqr=list(spread["graph"][::2]))
     # Both backends must steer identically: bit-identical steered logits always; identical greedy tokens in
     # float32.  In bf16 on an H200, LLaVA-7B's tokens differed in 2 of 64 decode positions in two of four runs
     # with bit-identical steered logits and repeatable vanilla generation (a random model's near-tied logits
@@ -343,7 +347,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   + (f", peak {r['fit_peak_gib']:.1f} GiB" if "fit_peak_gib" in r else "")
                   + f"; {r['counts']}), artifact {r['tensor_bytes']:,} B ({r['size_ratio']:.0f}x smaller than d x d, "
                   + f"{r['release_form_ratio']:.0f}x than the same steering as dense matrices), "
-                  f"fast path {r['fast_ratio']:.3f}x / graph {r['graph_ratio']:.3f}x of generate "
+                  f"fast path {r['fast_ratio']:.3f}x ({r['fast_ratio_iqr'][0]:.3f}-{r['fast_ratio_iqr'][1]:.3f}) / "
+                  f"graph {r['graph_ratio']:.3f}x ({r['graph_ratio_iqr'][0]:.3f}-{r['graph_ratio_iqr'][1]:.3f}) "
+                  f"of generate "
                   f"({r['generate_s'] * 1e3:.0f} ms); round trip {r['roundtrip']}, refuses another model "
                   f"{r['refuses_other_model']}, detach bit-identical {r['detach_bit_identical']}, "
                   f"fast vs graph: logits diff {r['fast_graph_logits_diff']:.1e}, "

@@ -24,6 +24,9 @@ def test_scale_check_passes_on_the_tiny_size_and_writes_its_record(arch, tmp_pat
         assert r["roundtrip"] and r["refuses_other_model"] and r["detach_bit_identical"], variant
         assert r["fast_equals_graph"] and r["fast_graph_logits_diff"] == 0.0 and r["vanilla_repeatable"]
         assert r["counts"]["retain"] > 0 and r["fit_s"] >= r["pgd_s"] > 0
+        for k in ("fast", "graph"):  # paired ratios: the median lies between the quartiles
+            lo, hi = r[f"{k}_ratio_iqr"]
+            assert 0 < lo <= r[f"{k}_ratio"] <= hi, variant
         # the rank-one artifact against the release's d x d matrices: d/2 per layer, or less stacked
         layers, d = len(r["layers"]), SIZES[arch]["tiny"]["d_model"]
         assert r["release_bytes"] == layers * d * d * 4 and r["size_ratio"] == r["release_bytes"] / r["tensor_bytes"]
