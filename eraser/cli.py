@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -49,6 +50,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", choices=ARCHS, default="llava", help="model architecture (default: llava)")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="data and training seed (default: 0)")
@@ -79,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="layer x strength sweep of MLLMEraser (resumable JSONL) and its heatmap")
     _common(sw)
     sw.add_argument("--out", required=True)
-    sw.add_argument("--strengths", type=float, nargs="+", default=None, help="strengths to try (negative)")
+    sw.add_argument("--strengths", type=_finite_float, nargs="+", default=None,
+                    help="strengths to try (finite; negative steers towards refusal)")
     figs = sub.add_parser("figures", help="regenerate every figure from a results folder, without recomputing")
     figs.add_argument("--from", dest="src", required=True, help="a folder written by demo/eval")
     figs.add_argument("--out", default=None, help="where to write PNGs (default: the same folder)")

@@ -98,6 +98,13 @@ class EraserConfig:
             raise ValueError(f"gate_read must be one of {READS} ('last' is the paper's h_T), got {self.gate_read!r}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        try:
+            strength = float(self.strength)  # also a numpy or 0-d torch scalar from a strength search
+        except (TypeError, ValueError):
+            strength = math.nan
+        if not math.isfinite(strength):
+            raise ValueError(f"strength must be a finite number, got {self.strength!r}")
+        object.__setattr__(self, "strength", strength)
         if self.gate_window is not None:
             try:
                 lo, hi = (float(x) for x in self.gate_window)  # also accepts the JSON list an artifact stores
@@ -289,18 +296,25 @@ class MLLMEraser:
 
     # -- applying --------------------------------------------------------------
     def _strengths(self, strength: float | Sequence[float] | dict[int, float] | None) -> dict[int, float]:
+        """``{layer: strength}`` for every steered layer; a NaN or infinite strength is refused here, before
+        it silently turns every steered activation into NaN."""
         if strength is None:
             strength = self.config.strength
         if isinstance(strength, dict):
             unknown = set(strength) - set(self.layers)
             if unknown:
                 raise ValueError(f"strengths given for layers {sorted(unknown)} that this eraser does not steer")
-            return {l: float(strength.get(l, 0.0)) for l in self.layers}
-        if isinstance(strength, (list, tuple)):
+            out = {l: float(strength.get(l, 0.0)) for l in self.layers}
+        elif isinstance(strength, (list, tuple)):
             if len(strength) != len(self.layers):
                 raise ValueError(f"{len(strength)} strengths for {len(self.layers)} layers")
-            return dict(zip(self.layers, map(float, strength)))
-        return {l: float(strength) for l in self.layers}
+            out = dict(zip(self.layers, map(float, strength)))
+        else:
+            out = {l: float(strength) for l in self.layers}
+        bad = {l: v for l, v in out.items() if not math.isfinite(v)}
+        if bad:
+            raise ValueError(f"strengths must be finite numbers, got {bad} (layer: strength)")
+        return out
 
     def hooks(self, strength: float | Sequence[float] | dict[int, float] | None = None,
               every_step: bool | None = None, gated: bool = True, record: list | None = None) -> list:

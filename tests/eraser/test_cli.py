@@ -15,6 +15,9 @@ from eraser.cli import build_parser, main
     (["eval", "--arch", "gpt2"], "invalid choice"),
     (["fit"], "--out"),
     (["fit", "--out", "x", "--variant", "steer_static"], "invalid choice"),  # an ablation, no artifact of its own
+    (["sweep", "--out", "x", "--strengths", "-1", "nan"], "expected a finite number, got 'nan'"),
+    (["sweep", "--out", "x", "--strengths", "-1", "inf"], "expected a finite number, got 'inf'"),
+    (["sweep", "--out", "x", "--strengths", "strong"], "expected a number, got 'strong'"),
 ])
 def test_out_of_range_flags_are_rejected(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

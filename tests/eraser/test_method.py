@@ -50,6 +50,25 @@ def test_fit_shapes_and_gate_separation(fitted, tiny_llava):
     assert eraser.release_form_nbytes == 2 * tiny_llava.d_model ** 2 * 4  # the release's d x d per steered layer
 
 
+def test_strengths_per_layer_and_bad_strengths_refused(fitted, tiny_llava):
+    eraser = fitted[0]
+    assert [name for name, _ in eraser.hooks()] == ["blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"]
+    assert [name for name, _ in eraser.hooks({2: -1.0})] == ["blocks.2.hook_resid_pre"]  # omitted layers: 0, no hook
+    assert [name for name, _ in eraser.hooks([0.0, -1.0])] == ["blocks.2.hook_resid_pre"]
+    with pytest.raises(ValueError, match=r"layers \[5\] that this eraser does not steer"):
+        eraser.hooks({5: -1.0})
+    with pytest.raises(ValueError, match="3 strengths for 2 layers"):
+        eraser.hooks([-1.0, -1.0, -1.0])
+    for bad in (float("nan"), {1: float("inf")}, [-1.0, float("-inf")]):
+        with pytest.raises(ValueError, match="strengths must be finite"):
+            eraser.hooks(bad)
+    with pytest.raises(ValueError, match="strengths must be finite"):
+        with eraser.attached(tiny_llava, strength=float("nan")):
+            pass
+    with pytest.raises(ValueError, match="strength must be a finite number"):
+        EraserConfig(strength=float("inf"))
+
+
 def test_backends_agree_and_detach_is_bit_exact(fitted, tiny_llava):
     eraser, forget, _ = fitted
     imgs, prompts = zip(*forget[:4])
