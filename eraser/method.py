@@ -460,7 +460,11 @@ class MLLMEraser:
         cfg = dict(meta["config"])
         if cfg.get("layers") is not None:
             cfg["layers"] = tuple(cfg["layers"])
-        eraser = cls(layers=list(meta["layers"]), w=tensors["w"], d=tensors["d"], config=EraserConfig(**cfg),
+        try:
+            config = EraserConfig(**cfg)
+        except (TypeError, ValueError) as e:  # an unknown field, or a value the config refuses
+            raise ArtifactError(f"{path}: its metadata holds a config this version cannot use ({e})") from None
+        eraser = cls(layers=list(meta["layers"]), w=tensors["w"], d=tensors["d"], config=config,
                      fingerprint=meta["fingerprint"], info=meta.get("info", {}), d_answer=tensors.get("d_answer"))
         w, dd, n = eraser.w, eraser.d, len(eraser.layers)
         expected = 3 if eraser.config.concept_gates else 2

@@ -1,6 +1,7 @@
 """MLLMEraser mechanics on a tiny random model: fit, parity of backends, reversibility, persistence, refusals."""
 from __future__ import annotations
 
+import json
 import pickle
 from dataclasses import replace
 
@@ -145,6 +146,20 @@ def test_corrupt_truncated_and_pickle_files_are_rejected(fitted, tmp_path):
     with pytest.raises(ArtifactError):
         MLLMEraser.load(tmp_path / "evil.safetensors")
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_an_artifact_with_a_bad_config_is_refused_by_name(fitted, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    eraser, _, _ = fitted
+    tensors = load_file(str(eraser.save(tmp_path / "e.safetensors")))
+    for field, value, message in (("strength", float("nan"), "strength must be a finite number"),
+                                  ("no_such_field", 1, "no_such_field")):
+        meta = eraser.metadata()
+        meta["config"] = {**meta["config"], field: value}
+        save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"mllmeraser": json.dumps(meta)})
+        with pytest.raises(ArtifactError, match=f"config this version cannot use.*{message}"):
+            MLLMEraser.load(tmp_path / "bad.safetensors")
 
 
 def test_failed_save_keeps_previous_file(fitted, tmp_path, monkeypatch):
