@@ -90,6 +90,21 @@ def last_step(fn: HookFn) -> int | None:
     return getattr(fn, "last_step", None)
 
 
+def checked_result(name: str, new: object, value: Tensor) -> Tensor:
+    """A hook's return value, after checking it can replace ``value``: a tensor of the same shape.
+
+    Both backends call this, so a hook that returns the wrong thing fails the same way on each, at the
+    hook that did it, instead of deep inside the next module (or, on the plain-PyTorch backend, not at
+    all: a shorter sequence ran on silently).  Same shape, not same dtype: a hook may compute in float32.
+    """
+    if not isinstance(new, Tensor):
+        raise TypeError(f"hook on {name!r} returned {type(new).__name__}; return a tensor shaped like its input, "
+                        "or None to leave it as is")
+    if new.shape != value.shape:
+        raise ValueError(f"hook on {name!r} returned shape {tuple(new.shape)}, expected {tuple(value.shape)}")
+    return new
+
+
 def plan_last_step(fns: Iterable[HookFn]) -> int | None:
     """The last step any of ``fns`` acts on: None (every step) if one of them is unmarked.
 

@@ -25,7 +25,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .adapters import get_module
 from .adapters.base import Site
-from .hooks import HookContext, HookFn, plan_last_step
+from .hooks import HookContext, HookFn, checked_result, plan_last_step
 from .names import layer_of
 from .sites import resolve_site
 
@@ -147,7 +147,7 @@ class _Dispatcher:
             for fn in entry.fns:
                 new = fn(x, ctx)
                 if new is not None:
-                    x, touched = new, True
+                    x, touched = checked_result(entry.name, new, x), True
             if touched:
                 value, changed = put(value, entry.site, x), True
         if self.last_step is not None and step >= self.last_step:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .adapters.base import Site
-from .hooks import HookContext, HookFn, plan_last_step
+from .hooks import HookContext, HookFn, checked_result, plan_last_step
 from .names import layer_of
 
 if TYPE_CHECKING:
@@ -89,9 +89,7 @@ def apply_plan(root, plan: Plan, inputs: "VLMInputs", step: int, acts: dict[str,
             for fn in plan.hooks.get(name, ()):
                 new = fn(value, HookContext(name=name, layer=layer_of(name), step=step, inputs=inputs))
                 if new is not None:
-                    if new.shape != value.shape:
-                        raise ValueError(f"hook on {name!r} returned shape {tuple(new.shape)}, expected {tuple(value.shape)}")
-                    value, changed = new, True
+                    value, changed = checked_result(name, new, value), True
             if name in plan.cache:
                 acts[name] = value.detach()
             if name == "hook_logits":

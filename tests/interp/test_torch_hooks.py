@@ -198,3 +198,24 @@ def test_removal_inside_a_call_and_after_an_error_leaves_no_hook(tiny_llava):
                 tiny_llava.generate(inputs, max_new_tokens=2)
         assert len(layer._forward_pre_hooks) == 1
     assert not layer._forward_pre_hooks
+
+
+@pytest.mark.parametrize("backend", ["torch", "nnsight"])
+def test_a_hook_returning_the_wrong_thing_fails_at_the_hook_on_both_backends(tiny_model, two_prompts, backend):
+    from interp.torch_hooks import has_hooks
+
+    images, prompts = two_prompts
+    inputs = tiny_model.encode(images=images, prompts=prompts)
+    n_pos = inputs.input_ids.shape[1]
+    cases = [
+        (lambda x, c: x[:, :1], ValueError,
+         rf"hook on 'blocks.1.hook_resid_pre' returned shape \(2, 1, 128\), expected \(2, {n_pos}, 128\)"),
+        (lambda x, c: 3, TypeError, r"hook on 'blocks.1.hook_resid_pre' returned int; return a tensor"),
+    ]
+    vanilla = tiny_model.run_with_hooks(inputs, [])
+    for fn, error, message in cases:
+        with pytest.raises(error, match=message):
+            with tiny_model.hooks([("blocks.1.hook_resid_pre", fn)], backend=backend):
+                tiny_model.run_with_hooks(inputs, [])
+        assert not has_hooks(tiny_model)  # the failed block left nothing attached
+    assert torch.equal(tiny_model.run_with_hooks(inputs, []), vanilla)
