@@ -10,15 +10,16 @@ import argparse
 import torch
 
 from analyses._timing import interleaved
+from eraser.argtypes import positive_int
 from interp.tiny import tiny_vlm
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--d-model", type=int, default=512)
-    ap.add_argument("--n-layers", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--d-model", type=positive_int, default=512)
+    ap.add_argument("--n-layers", type=positive_int, default=8)
+    ap.add_argument("--batch", type=positive_int, default=4)
+    ap.add_argument("--repeats", type=positive_int, default=30)
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
 

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from analyses._timing import interleaved
+from eraser.argtypes import nonneg_int, positive_int
 from eraser.autotune import measure, validation_split
 from eraser.backend import generate_fn
 from eraser.baselines.finetune import unlearn, unlearning_data
@@ -124,15 +125,15 @@ def epochs_to_target(setup: Setup, method: str, forget, retain, lrs: list[float]
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=("quick", "default", "random"), default="quick")
-    ap.add_argument("--seed", type=int, default=0, help="the zoo model's data and training seed")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=nonneg_int, default=0, help="the zoo model's data and training seed")
+    ap.add_argument("--repeats", type=positive_int, default=3)
     ap.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="baseline learning rates, comma-separated")
-    ap.add_argument("--max-epochs", type=int, default=20, help="most epochs a baseline trains to reach the target")
-    ap.add_argument("--fixed-epochs", type=int, default=None,
+    ap.add_argument("--max-epochs", type=positive_int, default=20, help="most epochs a baseline trains to reach the target")
+    ap.add_argument("--fixed-epochs", type=positive_int, default=None,
                     help="skip the search: every baseline trains this many epochs at the first --lrs rate")
     ap.add_argument("--retain-tolerance", type=float, default=None,
                     help="also require retain cls >= vanilla - this on the validation split (default: forgetting only)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--variant", default="mllmeraser_stacked_gate", choices=GATED_VARIANTS,
                     help="the MLLMEraser variant whose fit is timed")
     ap.add_argument("--baselines", default=",".join(BASELINES),
@@ -151,8 +152,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error("--lrs needs at least one rate, every rate > 0")
     if args.retain_tolerance is not None and not 0 <= args.retain_tolerance <= 1:
         ap.error(f"--retain-tolerance must lie in [0, 1], got {args.retain_tolerance}")
-    if args.repeats < 1 or args.max_epochs < 1 or (args.fixed_epochs is not None and args.fixed_epochs < 1):
-        ap.error("--repeats, --max-epochs and --fixed-epochs must be >= 1")
     if args.model == "random" and args.fixed_epochs is None:
         args.fixed_epochs = 4  # a random model has nothing to forget: no comparable-forgetting search
     torch.set_num_threads(args.threads)

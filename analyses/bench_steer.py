@@ -24,6 +24,7 @@ from PIL import Image
 
 from analyses._memory import current_rss, peak_rss, reset_peak
 from analyses._timing import interleaved_times, paired_ratios, ratio_summary
+from eraser.argtypes import nonneg_int, positive_int
 from eraser import EraserConfig, MLLMEraser
 from eraser.pipeline import variant_config
 from eraser.variants import GATED_VARIANTS
@@ -85,18 +86,18 @@ def _model(which: str, small: bool, n_layers: int | None = None, seed: int = 0):
 
 def main(argv: list[str] | None = None) -> dict[str, float | str]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=positive_int, default=10)
+    ap.add_argument("--new-tokens", type=positive_int, default=16)
     ap.add_argument("--small", action="store_true", help="a 1M-parameter random model, for a quick look")
     ap.add_argument("--model", choices=("random", "default", "quick"), default="random",
                     help="random weights (21M, or 1M with --small), or the zoo's trained default / quick model")
     ap.add_argument("--variant", default="mllmeraser",
                     choices=GATED_VARIANTS,
                     help="the eraser variant to steer with (its config; fitted on synthetic queries)")
-    ap.add_argument("--n-layers", type=int, default=None,
+    ap.add_argument("--n-layers", type=positive_int, default=None,
                     help="decoder layers of the random model (default 8, or 4 with --small); a 7B model has 32, "
                          "and a trace's per-module cost grows with them")
-    ap.add_argument("--seed", type=int, default=0, help="the zoo model's seed (--model default / quick)")
+    ap.add_argument("--seed", type=nonneg_int, default=0, help="the zoo model's seed (--model default / quick)")
     args = ap.parse_args(argv)
     if args.n_layers is not None and (args.model != "random" or args.n_layers < 2):
         ap.error("--n-layers sizes the random model only, and needs >= 2 layers")

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from analyses._timing import interleaved, synced
+from eraser.argtypes import nonneg_int, positive_int
 from interp.steering import add_vector, run_coefficients
 from interp.tiny import tiny_vlm
 
@@ -51,14 +52,14 @@ def sweep_fns(model, inputs, v: Tensor, site: str, coeffs: list[float]) -> dict[
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n-coeffs", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n-coeffs", type=positive_int, default=8)
+    ap.add_argument("--batch", type=positive_int, default=4)
+    ap.add_argument("--repeats", type=positive_int, default=7)
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--model", choices=("random", "default", "quick"), default="random",
                     help="a 24.8M-parameter random LLaVA config, or the zoo's trained default / quick model")
-    ap.add_argument("--seed", type=int, default=0, help="the zoo model's seed (--model default / quick)")
+    ap.add_argument("--seed", type=nonneg_int, default=0, help="the zoo model's seed (--model default / quick)")
     ap.add_argument("--small", action="store_true", help="with --model random: a 1M-parameter model, for a quick look")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -35,6 +35,7 @@ from typing import Any, Sequence
 
 import torch
 
+from eraser.argtypes import finite_float, nonneg_int, positive_int
 from eraser.data.schema import Profile
 from eraser.method import MLLMEraser
 from eraser.pipeline import Setup, fit_variant, load_setup
@@ -60,7 +61,7 @@ def base_parser(name: str, description: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=f"python -m analyses.{name}", description=description,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--arch", default="llava", choices=["llava", "qwen2_5_vl"], help="model architecture")
-    ap.add_argument("--seed", type=int, default=0, help="model and data seed")
+    ap.add_argument("--seed", type=nonneg_int, default=0, help="model and data seed")
     ap.add_argument("--forget-ratio", type=int, default=5, choices=[5, 10, 15], help="forget split, in %%")
     ap.add_argument("--quick", action="store_true", default=env_quick(),
                     help=f"use the quick (smaller, faster) model; on by default when {QUICK_ENV}=1")
@@ -71,13 +72,13 @@ def base_parser(name: str, description: str) -> argparse.ArgumentParser:
     ap.add_argument("--variant", default=DEFAULT_VARIANT, choices=GATED_VARIANTS,
                     help="the MLLMEraser variant to fit when no --eraser is given (mllmeraser: the paper's; the "
                          "default is the one that forgets on the embedded default model)")
-    ap.add_argument("--strength", type=float, default=None,
+    ap.add_argument("--strength", type=finite_float, default=None,
                     help="steering strength; None: the eraser's own (chosen by the autotuner when fitted)")
-    ap.add_argument("--limit", type=int, default=None,
+    ap.add_argument("--limit", type=positive_int, default=None,
                     help="small config for tests: at most N profiles per split (and fewer pairs/queries)")
-    ap.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
+    ap.add_argument("--batch-size", type=positive_int, default=32, help="rows per forward pass")
     ap.add_argument("--cache-dir", default=None, help="model cache; None: $MLLMERASER_CACHE, else ~/.cache/mllmeraser")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads; None: torch's choice")
+    ap.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads; None: torch's choice")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     return ap
 

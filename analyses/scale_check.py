@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from analyses._timing import interleaved, interleaved_times, paired_ratios, ratio_summary, synced
+from eraser.argtypes import positive_int
 
 #: Real checkpoints' sizes (Qwen2.5-VL-7B: its vision MLP width, 112-pixel attention windows, full attention every 8th
 #: vision layer; ``max_positions`` only bounds the rope tables).
@@ -275,24 +276,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", choices=tuple(SIZES), default="llava")
     ap.add_argument("--size", choices=("7b", "tiny"), default="tiny")
-    ap.add_argument("--layers", type=int, default=None, help="decoder depth (default: the checkpoint's)")
+    ap.add_argument("--layers", type=positive_int, default=None, help="decoder depth (default: the checkpoint's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                     help="default: bfloat16 on CUDA, float32 on the CPU")
     ap.add_argument("--variants", default="mllmeraser,mllmeraser_stacked_gate")
-    ap.add_argument("--batch", type=int, default=4, help="prompts per forward (cache, generation, sweep, baselines)")
-    ap.add_argument("--fit-batch", type=int, default=16, help="queries per forward while fitting")
-    ap.add_argument("--pgd-batch", type=int, default=None, help="recall images per PGD chunk (default: all at once)")
-    ap.add_argument("--new-tokens", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch", type=positive_int, default=4, help="prompts per forward (cache, generation, sweep, baselines)")
+    ap.add_argument("--fit-batch", type=positive_int, default=16, help="queries per forward while fitting")
+    ap.add_argument("--pgd-batch", type=positive_int, default=None, help="recall images per PGD chunk (default: all at once)")
+    ap.add_argument("--new-tokens", type=positive_int, default=16)
+    ap.add_argument("--repeats", type=positive_int, default=5)
     ap.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated subset of {','.join(CHECKS)}")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--out", default=None, help="folder for scale_check.json")
     args = ap.parse_args(argv)
     if args.layers is not None and args.layers < 2:
         ap.error(f"--layers must be >= 2, got {args.layers}")
-    if min(args.batch, args.fit_batch, args.new_tokens, args.repeats, args.pgd_batch or 1) < 1:
-        ap.error("--batch, --fit-batch, --pgd-batch, --new-tokens and --repeats must be >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda asked for, but torch sees no CUDA device")
     from eraser.pipeline import Setup

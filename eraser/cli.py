@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 from interp.io import write_json
 
+from .argtypes import finite_float, nonneg_int, positive_int
 from .variants import ERASER_VARIANTS, GATED_VARIANTS
 
 ARCHS = ("llava", "qwen2_5_vl")
@@ -33,42 +33,15 @@ NO_ORACLE_HELP = ("skip the retain-only oracle, whose first training costs as mu
                   "quality and no oracle check (checks.memorisation.skipped says so)")
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = _nonneg_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("expected a positive integer, got 0")
-    return value
-
-
-def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", choices=ARCHS, default="llava", help="model architecture (default: llava)")
-    p.add_argument("--seed", type=_nonneg_int, default=0, help="data and training seed (default: 0)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="data and training seed (default: 0)")
     p.add_argument("--forget-ratio", type=int, choices=(5, 10, 15), default=5, help="forget split in percent")
     p.add_argument("--quick", action="store_true", help="small data and a short training run (for tests)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="evaluation batch size")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="evaluation batch size")
     p.add_argument("--cache-dir", default=None, help="model cache (default: $MLLMERASER_CACHE or ~/.cache/mllmeraser)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("--threads", type=_positive_int, default=int(os.environ.get("MLLMERASER_THREADS", "2")),
+    p.add_argument("--threads", type=positive_int, default=int(os.environ.get("MLLMERASER_THREADS", "2")),
                    help="torch CPU threads (default 2, or $MLLMERASER_THREADS; use 1 when other jobs share the cores)")
 
 
@@ -90,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="layer x strength sweep of MLLMEraser (resumable JSONL) and its heatmap")
     _common(sw)
     sw.add_argument("--out", required=True)
-    sw.add_argument("--strengths", type=_finite_float, nargs="+", default=None,
+    sw.add_argument("--strengths", type=finite_float, nargs="+", default=None,
                     help="strengths to try (finite; negative steers towards refusal)")
     figs = sub.add_parser("figures", help="regenerate every figure from a results folder, without recomputing")
     figs.add_argument("--from", dest="src", required=True, help="a folder written by demo/eval")

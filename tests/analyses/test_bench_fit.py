@@ -64,3 +64,4 @@ def test_bench_fit_rejects_bad_flags_before_loading_anything(capsys):
             main(argv)
     err = capsys.readouterr().err
     assert "--lrs" in err and "--baselines must name distinct baselines" in err
+    assert "--max-epochs: expected a positive integer, got 0" in err and "--fixed-epochs: expected a positive" in err

@@ -28,11 +28,11 @@ def test_bench_steer_with_answer_steering_reports_every_ratio(capsys):
 def test_bench_steer_n_layers_sizes_the_random_model_only(capsys):
     import pytest
 
-    for bad in (["--model", "quick", "--n-layers", "8"], ["--small", "--n-layers", "1"], ["--seed", "1"]):
+    for bad in (["--model", "quick", "--n-layers", "8"], ["--small", "--n-layers", "1"], ["--seed", "1"], ["--repeats", "0"]):
         with pytest.raises(SystemExit):
             main(bad)
     err = capsys.readouterr().err
-    assert "--n-layers" in err and "--seed picks the zoo model" in err
+    assert "--n-layers" in err and "--seed picks the zoo model" in err and "positive integer, got 0" in err
     out = main(["--small", "--n-layers", "6", "--repeats", "1", "--new-tokens", "2"])
     # the paper's eraser steers every layer from the second on: 5 of the 6 (the 4-layer model: 3)
     assert "128, mllmeraser: 5 steered layers" in capsys.readouterr().out

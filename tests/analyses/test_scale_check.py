@@ -55,7 +55,8 @@ def test_build_makes_the_model_in_the_dtype_asked_and_restores_the_default():
     (["--checks", "cache,nothing"], "--checks"),
     (["--variants", "steer_static"], "gated variants"),
     (["--layers", "1"], "--layers"),
-    (["--batch", "0"], ">= 1"),
+    (["--batch", "0"], "--batch: expected a positive integer, got 0"),
+    (["--pgd-batch", "-1"], "--pgd-batch: expected a positive integer, got -1"),
 ])
 def test_bad_flags_are_rejected(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
