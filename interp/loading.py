@@ -26,6 +26,28 @@ def model_class_for(config: Any) -> type:
     )
 
 
+def check_checkpoint_path(path_or_id: str | Path) -> None:
+    """Fail with a message about the path when ``path_or_id`` is meant as a local checkpoint but is not one.
+
+    Why: transformers treats a missing local directory as a hub id and answers with a message about repo
+    id syntax, and an existing folder without ``config.json`` with one about ``model_type``; neither says
+    the path is the problem.  A string that starts like a path (``/``, ``.``, ``~``) or is a ``Path`` counts
+    as local; anything else may be a hub id and is left to transformers.
+    """
+    local = isinstance(path_or_id, Path) or str(path_or_id).startswith(("/", ".", "~"))
+    path = Path(path_or_id).expanduser()
+    if not local and not path.exists():
+        return
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {str(path)!r}: the directory does not exist")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{str(path)!r} is a file; a checkpoint is a directory (config.json, weights, "
+                                 "tokenizer)")
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{str(path)!r} has no config.json: not a saved transformers checkpoint "
+                                "(HookedVLM.save_pretrained writes one)")
+
+
 def load_image_processor(path: str | Path) -> Any:
     """The image processor saved at ``path`` (PIL backend), or None if the checkpoint has none."""
     cfg_file = Path(path) / "preprocessor_config.json"

@@ -35,3 +35,17 @@ def test_load_image_processor_picks_the_pil_twin_and_names_unknown_types(arch, t
     cfg_file.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="unknown image_processor_type 'NoSuchImageProcessor'"):
         load_image_processor(tmp_path)
+
+
+def test_a_local_path_that_is_not_a_checkpoint_is_named(tmp_path):
+    from interp import HookedVLM
+
+    with pytest.raises(FileNotFoundError, match="no checkpoint at .*missing.*does not exist"):
+        HookedVLM.from_pretrained(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        HookedVLM.from_pretrained(tmp_path)
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        HookedVLM.from_pretrained(tmp_path / "weights.bin")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        HookedVLM.from_pretrained("./no/such/checkpoint")
