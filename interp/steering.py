@@ -18,6 +18,7 @@ torch.Size([3, 2])
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import replace
 from typing import TYPE_CHECKING, Callable, Literal, Optional, Sequence, Union
 
@@ -122,6 +123,18 @@ def row_scales(coeffs: Sequence[float], batch: int, device: torch.device | str |
     return torch.tensor([float(c) for c in coeffs], dtype=torch.float32, device=device).repeat_interleave(batch)
 
 
+def _checked_coeffs(coeffs: Sequence[float], caller: str) -> list[float]:
+    """The coefficients as floats: at least one, all finite (a NaN coefficient silently turns its rows' logits
+    into NaN)."""
+    coeffs = [float(c) for c in coeffs]
+    if not coeffs:
+        raise ValueError(f"{caller} needs at least one coefficient")
+    bad = [c for c in coeffs if not math.isfinite(c)]
+    if bad:
+        raise ValueError(f"{caller} needs finite coefficients, got {bad}")
+    return coeffs
+
+
 def _chunks(n_coeffs: int, batch: int, max_rows: int | None) -> list[range]:
     per = n_coeffs if max_rows is None else max(1, max_rows // batch)
     return [range(i, min(i + per, n_coeffs)) for i in range(0, n_coeffs, per)]
@@ -149,9 +162,7 @@ def run_coefficients(model: "HookedVLM", inputs: VLMInputs, hooks_for: Callable[
     about one.  Hooks that touch other positions would be applied to the last
     one only: do not use it for them.
     """
-    coeffs = list(coeffs)
-    if not coeffs:
-        raise ValueError("run_coefficients needs at least one coefficient")
+    coeffs = _checked_coeffs(coeffs, "run_coefficients")
     if shared_prefix:
         return _run_shared_prefix(model, inputs, hooks_for, coeffs, max_rows)
     b = inputs.batch_size
@@ -211,9 +222,7 @@ def generate_coefficients(model: "HookedVLM", inputs: VLMInputs, hooks_for: Call
     Hooks run on the prefill pass only unless ``every_step``; same contract
     for ``hooks_for`` as :func:`run_coefficients`.
     """
-    coeffs = list(coeffs)
-    if not coeffs:
-        raise ValueError("generate_coefficients needs at least one coefficient")
+    coeffs = _checked_coeffs(coeffs, "generate_coefficients")
     b = inputs.batch_size
     texts: list[list[str]] = []
     for chunk in _chunks(len(coeffs), b, max_rows):

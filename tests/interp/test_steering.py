@@ -131,6 +131,11 @@ def test_shared_prefix_rejects_what_it_cannot_share():
         run_coefficients(model, image_last, _hooks_for(model), COEFFS, shared_prefix=True)
     with pytest.raises(ValueError, match="at least one coefficient"):
         run_coefficients(model, enc, _hooks_for(model), [], shared_prefix=True)
+    for shared in (False, True):  # a NaN coefficient would give its rows NaN logits
+        with pytest.raises(ValueError, match=r"run_coefficients needs finite coefficients, got \[nan\]"):
+            run_coefficients(model, enc, _hooks_for(model), [1.0, float("nan")], shared_prefix=shared)
+    with pytest.raises(ValueError, match=r"generate_coefficients needs finite coefficients, got \[inf\]"):
+        generate_coefficients(model, enc, _hooks_for(model), [float("inf")], max_new_tokens=1)
     for backend in ("torch", "nnsight"):  # attached hooks would act on the full pass but not on the prefix
         with model.hooks([(SITE, add_vector(_vec(model)))], backend=backend):
             with pytest.raises(ValueError, match="cannot honour hooks attached"):
