@@ -167,6 +167,8 @@ def _labels(y: Any) -> Int[Tensor, " n"]:
     y = torch.as_tensor(y)
     if y.dim() != 1:
         raise ValueError(f"labels must be 1-D, got shape {tuple(y.shape)}")
+    if y.numel() == 0:
+        raise ValueError("no labels: a probe needs at least one labelled example per class")
     if y.is_floating_point():
         if not bool((y == y.round()).all()):
             raise ValueError("labels must be integers (class ids)")
@@ -178,6 +180,10 @@ def _features(X: Any) -> Float[Tensor, "n d"]:
     X = torch.as_tensor(X).float()
     if X.dim() != 2:
         raise ValueError(f"features must be [n, d], got shape {tuple(X.shape)}")
+    bad = ~torch.isfinite(X).all(1)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad).flatten().tolist()
+        raise ValueError(f"features contain NaN or inf in {len(rows)} of {X.shape[0]} rows (first: {rows[:5]})")
     return X
 
 

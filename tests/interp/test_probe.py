@@ -98,6 +98,12 @@ def test_bad_inputs_are_clear_errors():
     probe = LinearProbe.fit(torch.randn(6, 3), torch.tensor([0, 1] * 3))
     with pytest.raises(ValueError, match="expects 3 features"):
         probe.predict(torch.randn(2, 4))
+    X = torch.randn(6, 3)
+    X[4, 1], X[5, 0] = float("nan"), float("inf")
+    with pytest.raises(ValueError, match=r"NaN or inf in 2 of 6 rows \(first: \[4, 5\]\)"):
+        probe_accuracy(X, torch.tensor([0, 1] * 3))
+    with pytest.raises(ValueError, match="no labels"):
+        probe_accuracy(torch.randn(0, 3), torch.zeros(0, dtype=torch.long))
 
 
 # -- features from a tiny model -------------------------------------------------
