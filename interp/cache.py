@@ -8,6 +8,7 @@ padding bugs from user code.
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import json
 from pathlib import Path
@@ -15,10 +16,11 @@ from typing import Iterator
 
 import torch
 from jaxtyping import Bool, Float, Int
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .names import HookNameError, layer_of, parse_block_name, unknown_name_error
+from .names import HookNameError, layer_of, parse_block_name
 
 _MASKS = ("__image_mask__", "__text_mask__", "__last_index__")
 
@@ -64,7 +66,12 @@ class ActivationCache:
         if name not in self._acts:
             if not self._acts:
                 raise HookNameError(f"{name!r} is not cached: the cache is empty")
-            raise unknown_name_error(name, self.names)
+            close = difflib.get_close_matches(name, self.names, n=5, cutoff=0.5)
+            shown = close or self.names[:8]
+            raise HookNameError(
+                f"{name!r} is not in this cache, which holds {len(self)} names "
+                f"({'closest' if close else 'e.g.'}: {', '.join(shown)}); a cache keeps only the names asked for: "
+                "pass it in run_with_cache(names=...)")
         return self._acts[name]
 
     def __repr__(self) -> str:
@@ -135,6 +142,15 @@ class ActivationCache:
 
     @classmethod
     def load(cls, path: str | Path) -> "ActivationCache":
-        t = load_file(str(path))
+        """Read a file :meth:`save` wrote (safetensors: no code runs); anything else is a ValueError naming the file."""
+        try:
+            t = load_file(str(path))
+        except FileNotFoundError:
+            raise
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path} is not a readable ActivationCache file ({type(e).__name__}: {e})") from None
+        missing = [k for k in _MASKS if k not in t]
+        if missing:
+            raise ValueError(f"{path} is a safetensors file but not an ActivationCache (no {', '.join(missing)})")
         masks = [t.pop(k) for k in _MASKS]
         return cls(t, *masks)

@@ -22,7 +22,8 @@ def test_only_requested_names_are_stored(mixed_cache, tiny_llava):
     assert cache.names == expected  # execution order, nothing else
     assert len(cache) == tiny_llava.n_layers + 1
     assert "blocks.0.hook_resid_post" not in cache
-    with pytest.raises(HookNameError):
+    with pytest.raises(HookNameError, match=r"'blocks.0.hook_resid_post' is not in this cache, which holds 4 names "
+                                           r"\(closest: blocks.0.hook_resid_pre.*run_with_cache\(names=...\)"):
         cache["blocks.0.hook_resid_post"]
 
 
@@ -64,5 +65,13 @@ def test_save_load_round_trip_and_to(mixed_cache, tmp_path):
     for n in cache.names:
         assert torch.equal(loaded[n], cache[n])
     assert torch.equal(loaded.last_index, cache.last_index)
+    (tmp_path / "junk.safetensors").write_bytes(b"junk" * 10)
+    with pytest.raises(ValueError, match="junk.safetensors is not a readable ActivationCache file"):
+        ActivationCache.load(tmp_path / "junk.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not an ActivationCache \\(no __image_mask__"):
+        ActivationCache.load(tmp_path / "other.safetensors")
     moved = cache.to("cpu")
     assert torch.equal(moved.image_mask, cache.image_mask)
