@@ -157,9 +157,9 @@ def main(argv: list[str] | None = None) -> dict[str, float | str]:
                fit_growth_large=float(large["after"] - large["before"]))
     mib = lambda r: f"{r['after'] / 2**20:.0f} MiB (+{(r['after'] - r['before']) / 2**20:.0f} over the loaded model)"  # noqa: E731
     caveat = "" if small["reset"] and large["reset"] else " (lifetime peaks: this OS cannot reset the high-water mark)"
-    print(f"fit peak RSS (the random model{' at --small' if args.small else ''}"
-          f"{f', {args.n_layers} layers' if args.n_layers else ''}): {mib(small)} with 64 retain queries, {mib(large)} with 640 (10x the data; target: flat)"
-          f"{caveat}")
+    which = f"the random model{' at --small' if args.small else ''}{f', {args.n_layers} layers' if args.n_layers else ''}"
+    print(f"fit peak RSS ({which}): {mib(small)} with 64 retain queries, {mib(large)} with 640 "
+          f"(10x the data; target: flat){caveat}")
     return out
 
 

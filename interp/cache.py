@@ -8,7 +8,6 @@ padding bugs from user code.
 """
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import json
 from pathlib import Path
@@ -20,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .names import HookNameError, layer_of, parse_block_name
+from .names import HookNameError, closest_names, layer_of, parse_block_name
 
 _MASKS = ("__image_mask__", "__text_mask__", "__last_index__")
 
@@ -66,7 +65,7 @@ class ActivationCache:
         if name not in self._acts:
             if not self._acts:
                 raise HookNameError(f"{name!r} is not cached: the cache is empty")
-            close = difflib.get_close_matches(name, self.names, n=5, cutoff=0.5)
+            close = closest_names(name, self.names)
             shown = close or self.names[:8]
             raise HookNameError(
                 f"{name!r} is not in this cache, which holds {len(self)} names "

@@ -26,18 +26,18 @@ def model_class_for(config: Any) -> type:
     )
 
 
-def check_checkpoint_path(path_or_id: str | Path) -> None:
-    """Fail with a message about the path when ``path_or_id`` is meant as a local checkpoint but is not one.
+def local_checkpoint(path_or_id: str | Path) -> str | Path:
+    """What to hand transformers for ``path_or_id``: a local checkpoint directory (``~`` expanded), checked,
+    or a hub id unchanged.
 
-    Why: transformers treats a missing local directory as a hub id and answers with a message about repo
-    id syntax, and an existing folder without ``config.json`` with one about ``model_type``; neither says
-    the path is the problem.  A string that starts like a path (``/``, ``.``, ``~``) or is a ``Path`` counts
-    as local; anything else may be a hub id and is left to transformers.
+    Why check: transformers treats a missing local directory as a hub id and answers with a message about
+    repo id syntax, and an existing folder without ``config.json`` with one about ``model_type``; neither
+    says the path is the problem.  A ``Path``, a string that starts like a path (``/``, ``.``, ``~``) or one
+    naming something that exists counts as local; anything else may be a hub id and is left to transformers.
     """
-    local = isinstance(path_or_id, Path) or str(path_or_id).startswith(("/", ".", "~"))
     path = Path(path_or_id).expanduser()
-    if not local and not path.exists():
-        return
+    if not (isinstance(path_or_id, Path) or str(path_or_id).startswith(("/", ".", "~")) or path.exists()):
+        return path_or_id
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}: the directory does not exist")
     if not path.is_dir():
@@ -46,6 +46,7 @@ def check_checkpoint_path(path_or_id: str | Path) -> None:
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{str(path)!r} has no config.json: not a saved transformers checkpoint "
                                 "(HookedVLM.save_pretrained writes one)")
+    return path
 
 
 def load_image_processor(path: str | Path) -> Any:

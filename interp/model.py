@@ -82,11 +82,9 @@ class HookedVLM:
         """Load a checkpoint (a local directory works offline), its tokenizer and its image processor."""
         from transformers import AutoConfig, AutoTokenizer
 
-        from .loading import check_checkpoint_path, load_image_processor, model_class_for
+        from .loading import load_image_processor, local_checkpoint, model_class_for
 
-        check_checkpoint_path(path_or_id)
-        if str(path_or_id).startswith("~"):
-            path_or_id = Path(path_or_id).expanduser()
+        path_or_id = local_checkpoint(path_or_id)
         config = AutoConfig.from_pretrained(path_or_id)
         model_cls = model_class_for(config)
         model = model_cls.from_pretrained(path_or_id, dtype=dtype, device_map=device_map, **kwargs).eval()

@@ -51,8 +51,13 @@ def layer_of(name: str) -> int | None:
     return None if parsed is None else parsed[1]
 
 
+def closest_names(name: str, valid: Sequence[str], n: int = 5) -> list[str]:
+    """Up to ``n`` names of ``valid`` that look like ``name`` (for error messages)."""
+    return difflib.get_close_matches(name, valid, n=n, cutoff=0.5)
+
+
 def unknown_name_error(name: str, valid: Sequence[str]) -> HookNameError:
-    close = difflib.get_close_matches(name, valid, n=5, cutoff=0.5)
+    close = closest_names(name, valid)
     hint = f" Closest valid names: {', '.join(close)}." if close else ""
     return HookNameError(
         f"unknown hook name {name!r}.{hint} Call model.hook_names() for all {len(valid)} valid names."

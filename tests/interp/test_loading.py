@@ -49,3 +49,13 @@ def test_a_local_path_that_is_not_a_checkpoint_is_named(tmp_path):
         HookedVLM.from_pretrained(tmp_path / "weights.bin")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         HookedVLM.from_pretrained("./no/such/checkpoint")
+
+
+def test_local_checkpoint_expands_home_and_leaves_hub_ids(tmp_path, monkeypatch):
+    from interp.loading import local_checkpoint
+
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert local_checkpoint("~/ckpt") == tmp_path / "ckpt"
+    assert local_checkpoint("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"  # a hub id: transformers' call
