@@ -26,7 +26,6 @@ measures little.  ``--variant mllmeraser`` studies the paper's method.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -172,22 +171,11 @@ def out_dir(args: argparse.Namespace) -> Path:
     return path
 
 
-def strict(obj: Any) -> Any:
-    """NaN / inf -> None (JSON null), recursively, so the results are strict JSON any parser reads."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: strict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict(v) for v in obj]
-    return obj
-
-
 def save_json(path: str | os.PathLike, obj: Any) -> dict:
     """Write ``obj`` as strict JSON, atomically (:func:`interp.io.write_json`); returns what was written."""
-    from interp.io import write_json
+    from interp.io import strict_json, write_json
 
-    obj = strict(obj)
+    obj = strict_json(obj)
     write_json(path, obj)
     return obj
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -25,8 +26,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def strict_json(obj: Any) -> Any:
+    """NaN / inf -> None (JSON null), recursively through dicts, lists and tuples.
+
+    Python's ``json`` writes ``NaN`` and ``Infinity`` by default, which strict readers (``jq``, browsers,
+    most non-Python JSON libraries) refuse; null is what a missing number means in every reader.
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    """Serialise fully in memory first, then write atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=False)
+    """Serialise fully in memory first (as strict JSON: NaN / inf become null), then write atomically."""
+    text = json.dumps(strict_json(obj), indent=2, sort_keys=False, allow_nan=False)
     with atomic_path(path) as tmp:
         tmp.write_text(text + "\n")

@@ -39,3 +39,12 @@ def test_write_json_serialises_before_touching_the_file(tmp_path):
         write_json(target, {"bad": object()})  # not serialisable: fails before any write
     assert json.loads(target.read_text())["methods"]["vanilla"]["forget"]["cls_acc"] == 1.0
     assert _leftovers(tmp_path) == []
+
+
+def test_write_json_writes_strict_json_nan_and_inf_become_null(tmp_path):
+    """Python's json writes NaN / Infinity, which strict readers refuse; every writer here goes through this one."""
+    target = tmp_path / "gates.json"
+    write_json(target, {"a": float("nan"), "b": [1.5, float("inf"), (float("-inf"), 2)], "c": {"d": 0.25}, "e": 3})
+    text = target.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"a": None, "b": [1.5, None, [None, 2]], "c": {"d": 0.25}, "e": 3}
