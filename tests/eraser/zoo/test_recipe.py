@@ -66,3 +66,17 @@ def test_match_warmup_field_keeps_old_hashes_and_is_validated():
     assert "5 option-matching warm-up epochs" in warm.describe()
     with pytest.raises(ValueError, match="match_epochs"):
         quick.replace(match_epochs=-1)
+
+
+def test_gen_repeat_and_prompt_weight_keep_old_hashes_and_change_new_ones():
+    quick = Recipe.quick("llava")
+    assert quick.gen_repeat == 1 and quick.prompt_weight == 0.0
+    assert "gen_repeat" not in quick.to_dict() and "prompt_weight" not in quick.to_dict()  # older checkpoints hold
+    fast = quick.replace(gen_repeat=3, prompt_weight=0.5)
+    assert fast.to_dict()["gen_repeat"] == 3 and fast.to_dict()["prompt_weight"] == 0.5
+    assert Recipe.from_json(fast.to_json()) == fast
+    assert len({quick.hash(), fast.hash(), quick.replace(gen_repeat=3).hash(), quick.replace(prompt_weight=0.5).hash()}) == 4
+    for bad in (dict(gen_repeat=0), dict(prompt_weight=-0.1), dict(prompt_weight=float("nan")),
+                dict(prompt_weight=float("inf"))):
+        with pytest.raises(ValueError):
+            Recipe.quick("llava", **bad)

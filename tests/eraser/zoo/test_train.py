@@ -134,3 +134,57 @@ def test_an_oracles_match_warmup_never_names_its_forget_people():
     assert examples and not {r.subject for r in examples} & forget
     names = {mini._by_id[i].name for i in forget}  # (they may appear as distractors, as in every recipe's MC)
     assert not any(r.prompt.split("\n", 1)[0] in names for r in examples)  # never the given answer
+
+
+def test_gen_repeat_adds_generation_and_cloze_instances_only():
+    from eraser.zoo.train import epoch_examples
+
+    recipe = Recipe.quick("llava", **SMALL, gen_repeat=1)
+    mini = recipe.mini()
+    kind = lambda r: ("cls" if r.prompt.endswith(prompts.CLASSIFICATION_SUFFIX)  # noqa: E731
+                      else "cloze" if r.prompt.endswith(prompts.CLOZE_SUFFIX) else "gen")
+
+    def counts(rec):
+        out = {}
+        for r in epoch_examples(rec, mini, "celebrity", random.Random(0)):
+            out[kind(r)] = out.get(kind(r), 0) + 1
+        return out
+
+    one, three = counts(recipe), counts(recipe.replace(gen_repeat=3))
+    assert one["gen"] == 2 * 11 and one["cloze"] == 2 * 11 and one["cls"] == 6 * 2 * 11  # 2 celebrities, 11 questions
+    assert three["cls"] == one["cls"] and three["gen"] == 3 * one["gen"] and three["cloze"] == 3 * one["cloze"]
+    with pytest.raises(ValueError, match="gen_repeat"):
+        recipe.replace(gen_repeat=0)
+
+
+def test_prompt_weight_adds_the_mean_prompt_token_loss():
+    """The prompt term, recomputed by hand: mean next-token NLL over text positions that are neither image,
+    padding nor answer, times the weight; the answer term is unchanged."""
+    import torch
+
+    from eraser.zoo.train import example_loss
+    from interp.tiny import tiny_vlm
+
+    recipe = Recipe.quick("llava", **SMALL)
+    mini = recipe.mini()
+    model = tiny_vlm("llava", seed=0, corpus=mini.corpus(), **recipe.model_overrides)
+    batch = mini.training_examples([x.id for x in mini.identities[:2]], random.Random(0))[:6]
+    assert any(r.image is not None for r in batch) and any(r.image is None for r in batch)
+    with torch.no_grad():
+        base = example_loss(model, batch)
+        weighted = example_loss(model, batch, prompt_weight=0.5)
+        enc = model.encode([r.image for r in batch], [r.prompt for r in batch], answers=[r.answer for r in batch])
+        logp = torch.log_softmax(model.hf_model(**enc.model_kwargs()).logits[:, :-1].float(), -1)
+    ids = enc.input_ids[:, 1:]
+    nll = -logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    rows, cols = [], []
+    for b in range(len(batch)):
+        for j in range(ids.shape[1]):
+            if enc.text_mask[b, j + 1] and enc.labels[b, j + 1] == -100:
+                rows.append(b), cols.append(j)
+    assert len(rows) > 10 * len(batch)  # prompts are long: many prompt targets per row
+    expected = base + 0.5 * nll[rows, cols].mean()
+    assert float(weighted) == pytest.approx(float(expected), rel=1e-5)
+    assert not enc.image_mask[:, 1:][rows, cols].any()
+    with pytest.raises(ValueError, match="prompt_weight"):
+        recipe.replace(prompt_weight=-1.0)
