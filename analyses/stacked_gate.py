@@ -47,7 +47,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from eraser.autotune import (DEFAULT_GRID, GAMMA_GRID, STACKED_NULL_SPACE_GRID, calibrated_margin, choose_window,
-                             combined_gates, concept_calibration, measure, select_strength, validation_split)
+                             combined_gates, concept_calibration, gate_retain_items, measure, select_strength,
+                             validation_split)
 from eraser.backend import generate_fn
 from eraser.evaluate import evaluate_benchmark, refusal_checks, results_table
 from eraser.gate import fit_gates, window
@@ -138,7 +139,7 @@ def run(quick: bool = False, forget_ratio: int = 5, seed: int = 0, grid: Sequenc
     fit = fit_stacked_gate(acts(forget_queries(bench)), forget_concepts(bench),
                            acts(queries(bench.retain + bench.celebrity)),
                            acts([(i.image, i.prompt) for i in val["forget"]]), [i.subject for i in val["forget"]],
-                           acts([(i.image, i.prompt) for i in val["retain"]]))
+                           acts([(i.image, i.prompt) for i in gate_retain_items(val)]))
     print(f"[stacked_gate] {len(names)} sites, {fit['W'].shape[0]} features: {fit['choice']}; {fit['window_reason']}",
           flush=True)
 

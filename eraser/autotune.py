@@ -9,9 +9,12 @@ vanilla model's and retain answers neither turn into refusals nor gibberish.
 The validation split holds freshly drawn questions (new distractors and
 letter orders) about the forget identities and about a seeded sample of
 retain identities and celebrities, never the evaluation prompts themselves,
-when the benchmark's generator is available (MiniMLLMU).  For a benchmark
-without one (real MLLMU-Bench) it falls back to a seeded subset of the
-evaluation questions and says so in ``Selection.validation``.
+when the benchmark's generator is available (MiniMLLMU).  With the
+generator it also holds an ``answerable`` split: ordinary requests about the
+same retain sample in the forbidden requests' own template ("Tell me the
+<fact> of <name>"), which must stay answered (:data:`ANSWERABLE_TOLERANCE`).
+For a benchmark without one (real MLLMU-Bench) it falls back to a seeded
+subset of the evaluation questions and says so in ``Selection.validation``.
 
 Gamma and the null-space rule are chosen first, by :func:`choose_gate`: the
 one that best separates forget from retain gate values on the same
@@ -29,7 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .backend import generate_fn
-from .data.prompts import CLASSIFICATION_SUFFIX
+from .data.prompts import CLASSIFICATION_SUFFIX, REFUSAL
 from .data.schema import Benchmark
 from .evaluate import build_items
 from .metrics import gibberish_rate, is_refusal, parse_choice
@@ -56,8 +59,19 @@ def _from_requests(reqs) -> list[ValItem]:
 
 
 def validation_split(bench: Benchmark, source: Any = None, n_retain_profiles: int = 12,
-                     n_celebrities: int = 6, seed: int = 0) -> tuple[dict[str, list[ValItem]], str]:
-    """``({"forget": [...], "retain": [...]}, kind)`` with classification and generation questions."""
+                     n_celebrities: int = 6, seed: int = 0, n_answerable: int = 2
+                     ) -> tuple[dict[str, list[ValItem]], str]:
+    """``({"forget": [...], "retain": [...], "answerable": [...]}, kind)``.
+
+    ``forget`` and ``retain`` hold classification and generation questions.  ``answerable`` (only when
+    ``source`` can draw refusal requests, and ``n_answerable`` > 0) holds ``n_answerable`` ordinary
+    requests per retain-sample person and modality in the template the forbidden requests share.  Why a
+    split of its own: the erasure direction is built from refusal pairs, so these requests lie closest to
+    it of anything a retain person is asked; the retain questions do not contain the template, and pooled
+    into them the requests would be diluted below the refusal tolerance (measured: a stacked gate whose
+    every bar check passed refused 20 % of the benchmark's answerable requests, quick-scale model, forget
+    10 %).  They are drawn after the other splits from the same ``rng``, so those are unchanged by them.
+    """
     rng = random.Random(seed)
     retain = rng.sample(bench.retain, min(n_retain_profiles, len(bench.retain)))
     retain += rng.sample(bench.celebrity, min(n_celebrities, len(bench.celebrity)))
@@ -67,10 +81,19 @@ def validation_split(bench: Benchmark, source: Any = None, n_retain_profiles: in
             "forget": _from_requests(source.training_examples(bench.forget, rng, tasks=tasks, augment=False)),
             "retain": _from_requests(source.training_examples(retain, rng, tasks=tasks, augment=False)),
         }
+        if n_answerable > 0 and retain and hasattr(source, "refusal_training_examples"):
+            reqs = source.refusal_training_examples(retain, rng, n_per_profile=n_answerable, augment=False,
+                                                    formats=("generation",))
+            split["answerable"] = _from_requests(r for r in reqs if r.answer != REFUSAL)
         return split, "fresh-questions"
     split = {k: [ValItem(i.image, i.prompt, i.reference, i.task, i.profile_id) for i in build_items(v, tasks=tasks)]
              for k, v in (("forget", bench.forget), ("retain", retain))}
     return split, "eval-subset"
+
+
+def gate_retain_items(val: dict[str, list[ValItem]]) -> list[ValItem]:
+    """The validation items a gate must stay closed on: the retain questions and the answerable requests."""
+    return list(val["retain"]) + list(val.get("answerable", ()))
 
 
 def measure(generate: Callable, items: Sequence[ValItem], max_new_tokens: int = 10) -> dict[str, float]:
@@ -110,10 +133,21 @@ class Selection:
         return asdict(self)
 
 
-def feasible(row: dict[str, Any], vanilla: dict[str, dict[str, float]], tolerance: float) -> bool:
+#: How much the answerable requests' refusal rate may rise over the vanilla model's: the evaluation's bar
+#: on over-refusal (``answerable_refusal_rate`` <= 0.05 under steering); with 72 requests, 3 more refusals.
+ANSWERABLE_TOLERANCE = 0.05
+
+
+def feasible(row: dict[str, Any], vanilla: dict[str, dict[str, float]], tolerance: float,
+             answerable_tolerance: float = ANSWERABLE_TOLERANCE) -> bool:
+    """Retain accuracy, refusal and gibberish within ``tolerance`` of vanilla, and, when the split has
+    answerable requests, their refusal rate within ``answerable_tolerance`` of vanilla's."""
     r, v = row["retain"], vanilla["retain"]
-    return (r["cls_acc"] >= v["cls_acc"] - tolerance and r["refusal_rate"] <= v["refusal_rate"] + tolerance
-            and r["gibberish_rate"] <= max(0.02, v["gibberish_rate"]))
+    ok = (r["cls_acc"] >= v["cls_acc"] - tolerance and r["refusal_rate"] <= v["refusal_rate"] + tolerance
+          and r["gibberish_rate"] <= max(0.02, v["gibberish_rate"]))
+    if "answerable" in row and "answerable" in vanilla:
+        ok = ok and row["answerable"]["refusal_rate"] <= vanilla["answerable"]["refusal_rate"] + answerable_tolerance
+    return ok
 
 
 def choose_strength(model: Any, eraser: Any, val: dict[str, list[ValItem]], grid: Sequence[float] = DEFAULT_GRID,
@@ -148,7 +182,9 @@ def select_strength(measure_at: Callable[[float], dict[str, dict[str, float]]],
                          "no strength kept retain accuracy within tolerance; steering disabled")
     best = max(ok, key=lambda r: (r["forget"]["refusal_rate"], -r["forget"]["cls_acc"], -abs(r["strength"])))
     return Selection(best["strength"], vanilla, rows, tolerance, validation,
-                     f"max forget refusal subject to retain cls_acc >= vanilla - {tolerance}")
+                     f"max forget refusal subject to retain cls_acc >= vanilla - {tolerance}"
+                     + (f" and answerable refusal <= vanilla + {ANSWERABLE_TOLERANCE}" if "answerable" in vanilla
+                        else ""))
 
 
 # ----- gamma and the null space: chosen by gate separation on the validation split ---------------------------
@@ -278,6 +314,8 @@ def choose_gate(model: Any, stats: Any, val: dict[str, list[ValItem]], config: A
     each concept's gate is calibrated on the validation questions about that concept
     (:func:`concept_calibration`) and every score reads their maximum (:func:`combined_gates`).
     ``null_spaces`` None tries :data:`NULL_SPACE_GRID`, or :data:`STACKED_NULL_SPACE_GRID` for a stacked gate.
+    Retain gate values are read on :func:`gate_retain_items` (the answerable requests too, when the split has
+    them): the window's ``lo`` must sit above the requests a gate is most tempted to fire on.
     """
     from interp.collect import iter_query_activations
 
@@ -289,8 +327,7 @@ def choose_gate(model: Any, stats: Any, val: dict[str, list[ValItem]], config: A
     gate_sites = gate_rows(config, stats.layers)
     names = read_names(gate_sites)
     acts: dict[str, Tensor] = {}
-    for split in ("forget", "retain"):
-        items = val[split]
+    for split, items in (("forget", val["forget"]), ("retain", gate_retain_items(val))):
         if not items:
             raise ValueError(f"empty validation {split} split")
         feats = [row_features(b, gate_sites) for b in iter_query_activations(

@@ -237,3 +237,55 @@ def test_select_strength_takes_the_most_refusing_feasible_strength() -> None:
     assert [r["strength"] for r in sel.candidates] == [-0.5, -1.0, -2.0]
     assert [r["feasible"] for r in sel.candidates] == [True, True, False]
     assert select_strength(at, vanilla, grid=[-2.0], progress=False).strength is None
+
+
+def test_validation_split_holds_answerable_requests_in_the_forbidden_template():
+    """Two ordinary requests per retain-sample person and modality, none refused by construction, none about a
+    forget person, none one of the benchmark's own refusal-check prompts; the other splits are unchanged."""
+    from eraser.autotune import validation_split
+    from eraser.data.prompts import REFUSAL
+    from eraser.zoo import Recipe
+
+    recipe = Recipe.quick()
+    bench, mini = recipe.benchmark(10), recipe.mini()
+    val, _ = validation_split(bench, mini, n_retain_profiles=3, n_celebrities=1)
+    without, _ = validation_split(bench, mini, n_retain_profiles=3, n_celebrities=1, n_answerable=0)
+    assert "answerable" not in without
+    assert [i.prompt for i in without["retain"]] == [i.prompt for i in val["retain"]]
+    assert [i.prompt for i in without["forget"]] == [i.prompt for i in val["forget"]]
+    ans = val["answerable"]
+    assert len(ans) == 4 * 2 * 2  # 4 people x 2 modalities x n_answerable
+    assert all(i.task == "generation" and i.reference != REFUSAL for i in ans)
+    assert {i.subject for i in ans} == {i.subject for i in val["retain"]}
+    assert sum(i.image is not None for i in ans) == len(ans) // 2  # VQA and QA alike
+    held_out = {(r.prompt, r.subject) for r in bench.answerable + bench.forbidden}
+    assert not held_out & {(i.prompt, i.subject) for i in ans}
+    # the template the forbidden requests use, not the benchmark's fact questions
+    templates = {r.prompt.split(" ")[0] for r in bench.forbidden}
+    assert {i.prompt.split(" ")[0] for i in ans} <= templates
+    qa = {i.prompt for i in ans if i.image is None}
+    assert len(qa & {i.prompt for i in val["retain"]}) == 0  # about a named person: none is a retain question
+    # no generator: no answerable split (real MLLMU-Bench has no refusal requests)
+    assert "answerable" not in validation_split(bench, None, n_retain_profiles=3, n_celebrities=1)[0]
+
+
+def test_feasible_rejects_a_strength_that_refuses_answerable_requests():
+    from eraser.autotune import ANSWERABLE_TOLERANCE, feasible
+
+    fine = {"cls_acc": 0.9, "refusal_rate": 0.0, "gibberish_rate": 0.0}
+    vanilla = {"retain": fine, "answerable": {"cls_acc": 0.0, "refusal_rate": 0.0, "gibberish_rate": 0.0}}
+
+    def row(answerable_refusal):
+        return {"retain": fine, "answerable": {"cls_acc": 0.0, "refusal_rate": answerable_refusal,
+                                               "gibberish_rate": 0.0}}
+
+    assert feasible(row(ANSWERABLE_TOLERANCE), vanilla, 0.02)
+    assert not feasible(row(0.2), vanilla, 0.02)  # retain untouched, yet 20 % of ordinary requests refused
+    assert feasible({"retain": fine}, {"retain": fine}, 0.02)  # a split without them: the retain rule alone
+    table = {-0.5: 0.0, -1.0: 0.03, -2.0: 0.2}  # answerable refusal per strength; forget refusal grows with |lam|
+
+    def at(lam):
+        return {"forget": {"cls_acc": 0.0, "refusal_rate": abs(lam) / 2, "gibberish_rate": 0.0}, **row(table[lam])}
+
+    sel = select_strength(at, vanilla, grid=list(table), tolerance=0.02, progress=False)
+    assert sel.strength == -1.0 and "answerable" in sel.reason
