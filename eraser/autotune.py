@@ -35,7 +35,7 @@ from .backend import generate_fn
 from .data.prompts import CLASSIFICATION_SUFFIX, REFUSAL
 from .data.schema import Benchmark
 from .evaluate import build_items
-from .metrics import gibberish_rate, is_refusal, parse_choice
+from .metrics import gibberish_rate, is_refusal, parse_choice, rouge_l
 
 #: Candidate strengths (negative: towards refusal).  Log-spaced so both gentle and strong steering are tried.
 DEFAULT_GRID = (-0.05, -0.1, -0.15, -0.2, -0.3, -0.4, -0.5, -0.75, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0, -8.0)
@@ -97,7 +97,8 @@ def gate_retain_items(val: dict[str, list[ValItem]]) -> list[ValItem]:
 
 
 def measure(generate: Callable, items: Sequence[ValItem], max_new_tokens: int = 10) -> dict[str, float]:
-    """Classification accuracy, refusal rate and gibberish rate of one split under ``generate``."""
+    """Classification accuracy, refusal rate, gibberish rate and generation ROUGE-L (F1, mean over the split's
+    generation items; 0 without any) of one split under ``generate``."""
     if not items:
         raise ValueError("empty validation split")
     # One generate call per task: a batch stops at its longest answer, so one-letter classification answers
@@ -110,10 +111,12 @@ def measure(generate: Callable, items: Sequence[ValItem], max_new_tokens: int = 
             outs[k] = o
     cls = [(o, i) for o, i in zip(outs, items) if i.task == "classification"]
     gen = [o for o, i in zip(outs, items) if i.task == "generation"]
+    refs = [i.reference for i in items if i.task == "generation"]
     return {
         "cls_acc": sum(parse_choice(o) == i.reference.strip().upper() for o, i in cls) / max(1, len(cls)),
         "refusal_rate": sum(map(is_refusal, outs)) / len(outs),
         "gibberish_rate": gibberish_rate(gen) if gen else 0.0,
+        "gen_rougeL": sum(map(rouge_l, gen, refs)) / len(gen) if gen else 0.0,
     }
 
 

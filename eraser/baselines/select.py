@@ -6,7 +6,10 @@ better than it is.  So every baseline gets the same treatment as the eraser's
 strength (:mod:`eraser.autotune`): on a validation split of freshly drawn
 questions (never the evaluation prompts when the benchmark has a generator),
 take the setting that forgets the most, i.e. the lowest forget classification
-accuracy, then the highest forget refusal rate, subject to retain
+accuracy, then the highest forget refusal rate, then the lowest forget
+generation ROUGE-L (without it, a model whose multiple choice no feasible
+setting moves got the cheapest setting, a no-op, although the baselines do
+forget generation: measured on the quick model an Intel Xeon trains), subject to retain
 classification accuracy >= vanilla - ``tolerance``.  If no setting is
 feasible, take the one with the best retain accuracy among those that forget
 at least somewhat, flagged ``feasible=False``.
@@ -20,8 +23,8 @@ time up to its checkpoint, evaluation excluded.
 >>> from eraser.baselines.select import rank_key
 >>> row = {"lr": 1e-3, "epochs": 2, "forget": {"cls_acc": 0.2, "refusal_rate": 0.0},
 ...        "retain": {"cls_acc": 0.9, "refusal_rate": 0.0}}
->>> rank_key(row)[:2]
-(0.8, 0.0)
+>>> rank_key(row)[:3]
+(0.8, 0.0, 0.0)
 """
 from __future__ import annotations
 
@@ -77,16 +80,22 @@ class BaselineSelection:
 
 
 def rank_key(row: dict[str, Any]) -> tuple:
-    """Higher is better: forgetting (1 - forget cls_acc, then forget refusal), then retain accuracy, then the
-    cheaper setting (fewer epochs, smaller lr)."""
+    """Higher is better: forgetting (1 - forget cls_acc, then forget refusal, then 1 - forget generation ROUGE-L
+    to 0.01), then retain accuracy, then the cheaper setting (fewer epochs, smaller lr)."""
     f, r = row["forget"], row["retain"]
-    return (round(1 - f["cls_acc"], 9), round(f["refusal_rate"], 9), round(r["cls_acc"], 9),
+    return (round(1 - f["cls_acc"], 9), round(f["refusal_rate"], 9), _gen_forgetting(f), round(r["cls_acc"], 9),
             -row["epochs"], -row["lr"])
+
+
+def _gen_forgetting(f: dict[str, float]) -> float:
+    """1 - forget generation ROUGE-L, to 0.01 (finer differences are noise in a ~20-answer split); 0 if unmeasured."""
+    return round(1 - f.get("gen_rougeL", 1.0), 2)
 
 
 def _fallback_key(row: dict[str, Any]) -> tuple:
     f, r = row["forget"], row["retain"]
-    return (round(r["cls_acc"], 9), round(1 - f["cls_acc"], 9), round(f["refusal_rate"], 9), -row["epochs"], -row["lr"])
+    return (round(r["cls_acc"], 9), round(1 - f["cls_acc"], 9), round(f["refusal_rate"], 9), _gen_forgetting(f),
+            -row["epochs"], -row["lr"])
 
 
 def _feasible(row: dict[str, Any], vanilla: dict[str, dict[str, float]], tolerance: float) -> bool:
@@ -96,7 +105,8 @@ def _feasible(row: dict[str, Any], vanilla: dict[str, dict[str, float]], toleran
 def _forgets(row: dict[str, Any], vanilla: dict[str, dict[str, float]]) -> bool:
     f, v = row["forget"], vanilla["forget"]
     return (f["cls_acc"] < v["cls_acc"] - MIN_FORGET_EFFECT
-            or f["refusal_rate"] > v["refusal_rate"] + MIN_FORGET_EFFECT)
+            or f["refusal_rate"] > v["refusal_rate"] + MIN_FORGET_EFFECT
+            or _gen_forgetting(f) > _gen_forgetting(v))
 
 
 _SLOTS = ("feasible", "fallback", "any")
@@ -127,7 +137,8 @@ def choose(rows: Sequence[dict[str, Any]], tolerance: float = 0.03) -> tuple[dic
     if not rows:
         raise ValueError("no candidates")
     reasons = {
-        "feasible": f"max forgetting (1 - forget cls_acc, then forget refusal) subject to retain cls_acc >= "
+        "feasible": f"max forgetting (1 - forget cls_acc, then forget refusal, then 1 - forget gen ROUGE-L) subject "
+                    f"to retain cls_acc >= "
                     f"vanilla - {tolerance}",
         "fallback": f"no setting kept retain cls_acc within {tolerance}; best retain cls_acc among those that forget",
         "any": f"no setting kept retain cls_acc within {tolerance} and none forgot; best retain cls_acc",

@@ -87,6 +87,10 @@ def test_measure_generates_each_task_in_its_own_calls_and_keeps_order():
         assert len({int(p[1:]) % 2 for p in c}) == 1
     assert out["cls_acc"] == 1.0
     assert out["refusal_rate"] == pytest.approx(1 / 7)
+    # generation ROUGE-L against the reference "B": the refusal and "Paris is lovely." share no word with it
+    assert out["gen_rougeL"] == 0.0
+    items[2] = ValItem(None, "q2", "Paris is lovely.", "generation")
+    assert measure(generate, items)["gen_rougeL"] == pytest.approx(1 / 4)  # 1 of the 4 generation items matches
 
 
 def test_choose_window_takes_the_retain_quantile_and_a_ramp_and_refuses_overlap():

@@ -165,6 +165,27 @@ def test_selection_rule():
     assert ok and (row["lr"], row["epochs"]) == (1e-3, 1)  # feasible even though it forgets nothing
 
 
+def test_selection_breaks_multiple_choice_ties_by_generation_forgetting():
+    """No feasible setting moves multiple choice (as on the quick model an Intel Xeon trains): the one that forgets
+    generation most wins, not the cheapest no-op; a 0.004 ROUGE-L difference is noise and does not count."""
+    from eraser.baselines.select import annotate, choose
+
+    def row(lr, epochs, gen, r_cls=0.99):
+        r = _row(lr, epochs, 1.0, r_cls)
+        r["forget"]["gen_rougeL"] = gen
+        return r
+
+    vanilla = {"forget": {"cls_acc": 1.0, "refusal_rate": 0.0, "gen_rougeL": 0.98},
+               "retain": {"cls_acc": 1.0, "refusal_rate": 0.0}}
+    rows = [annotate(r, vanilla, 0.03) for r in (row(1e-4, 1, 0.98), row(3e-4, 2, 0.70), row(1e-3, 2, 0.35),
+                                                  row(1e-3, 4, 0.0, r_cls=0.4))]
+    best, ok, reason = choose(rows)
+    assert ok and (best["lr"], best["epochs"]) == (1e-3, 2) and "ROUGE-L" in reason
+    rows = [annotate(r, vanilla, 0.03) for r in (row(1e-4, 1, 0.980), row(3e-4, 1, 0.976))]
+    assert choose(rows)[0]["lr"] == 1e-4  # within 0.01: the cheaper setting
+    assert not rows[1]["forgets"]
+
+
 def test_select_baseline_on_the_quick_model(quick):
     import json
 
