@@ -73,14 +73,13 @@ def test_demo_numbers_are_sane(runs):
     mean = m["mllmeraser_mean_gate"]
     assert van["forget"]["gen_rougeL"] - mean["forget"]["gen_rougeL"] > 0.2
     assert van["retain"]["cls_acc"] - mean["retain"]["cls_acc"] <= 0.03
-    # The window and per-concept gates (extensions) forget nearly every forget answer within the retain tolerance,
-    # but how close they come to the bar depends on the model, which depends on the CPU that trained it: forget
-    # and Test cls 0 / 0 with refusal 93.9 % / 81.8 % (window) and 93.9 % / 72.7 % (concept) on the two quick
-    # models above, forget and Test cls 0.091 (refusal 97.0 %, window) and 0.182 (87.9 %, concept) on the one an
-    # Intel Xeon trains (same code; 0.182 / 0.182 there before the answerable validation split).  So the whole
-    # bar is asserted for the stacked gate alone, and for these at most 2 of the 11 forget questions per task.
+    # The window and per-concept gates (extensions) forget every forget answer (cls, generation, Test) within the
+    # retain tolerance; their refusal rate is model-dependent (window 93.9 % / 81.8 %, concept 93.9 % / 72.7 %
+    # on the two quick models above), so the refusal bar is asserted for the stacked gate alone.  NOT met on the
+    # quick model an Intel Xeon trains: forget and Test cls 0.091 (window) and 0.182 (concept), 0.182 / 0.182 there
+    # before the answerable validation split; left failing there rather than loosened (see the README).
     for name in ("mllmeraser_window_gate", "mllmeraser_concept_gate"):
-        _assert_meets_method_bar(van, m[name], refusal_min=0.5, cls_max=0.2)
+        _assert_meets_method_bar(van, m[name], refusal_min=0.5)
     assert res["config"]["selection"]["mllmeraser_window_gate"]["gate"]["window"] is not None
     assert res["checks"]["refusal"]["mllmeraser_concept_gate"]["answerable_refusal_rate"] <= 0.05
     # The stacked gate with answer steering meets the method issue's whole bar (measured 100 % refusal here).
@@ -92,11 +91,10 @@ def test_demo_numbers_are_sane(runs):
     assert len(sweep) >= 5
 
 
-def _assert_meets_method_bar(van: dict, ours: dict, refusal_min: float = 0.9, cls_max: float | None = None) -> None:
-    """The method issue's bar, written out here rather than read from the demo's own checks (``refusal_min`` and
-    ``cls_max``, for forget and Test multiple choice, replace its numbers where a variant is not held to it)."""
-    assert ours["forget"]["cls_acc"] <= (cls_max or 0.05) and ours["forget"]["gen_rougeL"] <= 0.2
-    assert ours["forget"]["refusal_rate"] >= refusal_min and ours["test"]["cls_acc"] <= (cls_max or 0.15)
+def _assert_meets_method_bar(van: dict, ours: dict, refusal_min: float = 0.9) -> None:
+    """The method issue's bar, written out here rather than read from the demo's own checks."""
+    assert ours["forget"]["cls_acc"] <= 0.05 and ours["forget"]["gen_rougeL"] <= 0.2
+    assert ours["forget"]["refusal_rate"] >= refusal_min and ours["test"]["cls_acc"] <= 0.15
     for split in ("retain", "celebrity"):
         assert van[split]["cls_acc"] - ours[split]["cls_acc"] <= 0.03, split
         assert ours[split]["gibberish_rate"] <= 0.02, split
