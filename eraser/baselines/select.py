@@ -10,9 +10,16 @@ accuracy, then the highest forget refusal rate, then the lowest forget
 generation ROUGE-L (without it, a model whose multiple choice no feasible
 setting moves got the cheapest setting, a no-op, although the baselines do
 forget generation: measured on the quick model an Intel Xeon trains), subject to retain
-classification accuracy >= vanilla - ``tolerance``.  If no setting is
-feasible, take the one with the best retain accuracy among those that forget
-at least somewhat, flagged ``feasible=False``.
+classification accuracy >= vanilla - ``tolerance`` and retain generation
+ROUGE-L >= vanilla - ``gen_tolerance`` (when the split measures it).  Why the
+second constraint: the key rewards forgetting generation, and a fine-tuned
+model forgets generation most cheaply by losing it everywhere (measured on the
+Intel-trained quick model with the multiple-choice constraint alone: the chosen
+settings cost retain generation 39-57 points while retain multiple choice held);
+the eraser's strength is not rewarded for generation forgetting, and its retain
+generation cost in the demo is 0-2 points.  If no setting is feasible, take the
+one with the best retain accuracy among those that forget at least somewhat,
+flagged ``feasible=False``.
 
 Epochs are swept within one run per learning rate: training uses a constant
 learning rate and a seeded batch order drawn epoch by epoch, so the checkpoint
@@ -42,11 +49,14 @@ from ..backend import generate_fn
 from ..data.schema import Benchmark
 from .finetune import METHODS, Example, unlearn, unlearning_data
 
-__all__ = ["DEFAULT_LRS", "DEFAULT_EPOCHS", "BaselineSelection", "rank_key", "annotate", "choose", "select_baseline",
+__all__ = ["DEFAULT_LRS", "DEFAULT_EPOCHS", "GEN_TOLERANCE", "BaselineSelection", "rank_key", "annotate", "choose", "select_baseline",
            "select_baselines"]
 
 DEFAULT_LRS: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
 DEFAULT_EPOCHS: tuple[int, ...] = (1, 2, 4)
+#: How far retain generation ROUGE-L may fall below vanilla's on the validation split (~90 answers, so one
+#: answer lost entirely moves it ~0.01): a few answers' worth, the size of the eraser's own cost in the demo.
+GEN_TOLERANCE = 0.05
 #: Forget accuracy must fall (or refusal rise) by more than this to count as "forgets at least somewhat".
 MIN_FORGET_EFFECT = 1e-9
 
@@ -66,6 +76,7 @@ class BaselineSelection:
     vanilla: dict[str, dict[str, float]]
     candidates: list[dict[str, Any]] = field(default_factory=list)
     tolerance: float = 0.03
+    gen_tolerance: float = GEN_TOLERANCE
     validation: str = ""
     reason: str = ""
     fit_s: float | None = None
@@ -94,12 +105,17 @@ def _gen_forgetting(f: dict[str, float]) -> float:
 
 def _fallback_key(row: dict[str, Any]) -> tuple:
     f, r = row["forget"], row["retain"]
-    return (round(r["cls_acc"], 9), round(1 - f["cls_acc"], 9), round(f["refusal_rate"], 9), _gen_forgetting(f),
+    return (round(r["cls_acc"], 9), round(r.get("gen_rougeL", 0.0), 2), round(1 - f["cls_acc"], 9), round(f["refusal_rate"], 9), _gen_forgetting(f),
             -row["epochs"], -row["lr"])
 
 
-def _feasible(row: dict[str, Any], vanilla: dict[str, dict[str, float]], tolerance: float) -> bool:
-    return row["retain"]["cls_acc"] >= vanilla["retain"]["cls_acc"] - tolerance - 1e-9
+def _feasible(row: dict[str, Any], vanilla: dict[str, dict[str, float]], tolerance: float,
+              gen_tolerance: float = GEN_TOLERANCE) -> bool:
+    r, v = row["retain"], vanilla["retain"]
+    ok = r["cls_acc"] >= v["cls_acc"] - tolerance - 1e-9
+    if "gen_rougeL" in r and "gen_rougeL" in v:
+        ok = ok and r["gen_rougeL"] >= v["gen_rougeL"] - gen_tolerance - 1e-9
+    return ok
 
 
 def _forgets(row: dict[str, Any], vanilla: dict[str, dict[str, float]]) -> bool:
@@ -120,15 +136,18 @@ def _key(row: dict[str, Any]) -> tuple:
     return rank_key(row) if row["feasible"] else _fallback_key(row)
 
 
-def annotate(row: dict[str, Any], vanilla: dict[str, dict[str, float]], tolerance: float) -> dict[str, Any]:
-    """Add ``feasible`` (retain cls_acc within ``tolerance`` of vanilla) and ``forgets`` (forget cls_acc fell or
-    forget refusal rose) to a candidate row."""
-    row["feasible"] = _feasible(row, vanilla, tolerance)
+def annotate(row: dict[str, Any], vanilla: dict[str, dict[str, float]], tolerance: float,
+             gen_tolerance: float = GEN_TOLERANCE) -> dict[str, Any]:
+    """Add ``feasible`` (retain cls_acc within ``tolerance`` of vanilla and, when measured, retain generation
+    ROUGE-L within ``gen_tolerance``) and ``forgets`` (forget cls_acc fell, forget refusal rose or forget
+    generation ROUGE-L fell) to a candidate row."""
+    row["feasible"] = _feasible(row, vanilla, tolerance, gen_tolerance)
     row["forgets"] = _forgets(row, vanilla)
     return row
 
 
-def choose(rows: Sequence[dict[str, Any]], tolerance: float = 0.03) -> tuple[dict[str, Any], bool, str]:
+def choose(rows: Sequence[dict[str, Any]], tolerance: float = 0.03, gen_tolerance: float = GEN_TOLERANCE
+           ) -> tuple[dict[str, Any], bool, str]:
     """The selection rule on annotated rows: ``(row, feasible, reason)``.
 
     Feasible rows: most forgetting (:func:`rank_key`).  Otherwise, among rows that forget at least somewhat,
@@ -138,10 +157,11 @@ def choose(rows: Sequence[dict[str, Any]], tolerance: float = 0.03) -> tuple[dic
         raise ValueError("no candidates")
     reasons = {
         "feasible": f"max forgetting (1 - forget cls_acc, then forget refusal, then 1 - forget gen ROUGE-L) subject "
-                    f"to retain cls_acc >= "
-                    f"vanilla - {tolerance}",
-        "fallback": f"no setting kept retain cls_acc within {tolerance}; best retain cls_acc among those that forget",
-        "any": f"no setting kept retain cls_acc within {tolerance} and none forgot; best retain cls_acc",
+                    f"to retain cls_acc >= vanilla - {tolerance} and retain gen ROUGE-L >= vanilla - {gen_tolerance}",
+        "fallback": f"no setting kept retain cls_acc within {tolerance} and retain gen ROUGE-L within {gen_tolerance}; "
+                    f"best retain cls_acc (then gen ROUGE-L) among those that forget",
+        "any": f"no setting kept retain cls_acc within {tolerance} and retain gen ROUGE-L within {gen_tolerance}, "
+               f"and none forgot; best retain cls_acc",
     }
     for slot in _SLOTS:
         cands = [r for r in rows if _slot(r) == slot]
@@ -163,6 +183,7 @@ def select_baseline(
     lrs: Sequence[float] = DEFAULT_LRS,
     epochs: Sequence[int] = DEFAULT_EPOCHS,
     tolerance: float = 0.03,
+    gen_tolerance: float = GEN_TOLERANCE,
     batch_size: int = 16,
     eval_batch_size: int = 64,
     beta: float = 0.1,
@@ -201,7 +222,7 @@ def select_baseline(
             gen = generate_fn(m, batch_size=eval_batch_size)
             row = {"lr": lr, "epochs": epoch, "fit_s": info["fit_s"], "steps": info["steps"],
                    **{k: measure(gen, v) for k, v in split.items()}}
-            rows.append(annotate(row, vanilla, tolerance))
+            rows.append(annotate(row, vanilla, tolerance, gen_tolerance))
             slot, key = _slot(row), _key(row)
             if slot not in best or key > best[slot][0]:  # keep only the running best model of each slot
                 best[slot] = (key, len(rows) - 1, _snapshot(m) if keep_model else None)
@@ -209,10 +230,11 @@ def select_baseline(
         unlearn(model, method, forget, retain, lr=lr, epochs=max(wanted), batch_size=batch_size, beta=beta,
                 seed=seed, progress=False, on_epoch=on_epoch, **unlearn_kwargs)
 
-    row, ok, reason = choose(rows, tolerance)
+    row, ok, reason = choose(rows, tolerance, gen_tolerance)
     _, index, chosen = best[_slot(row)]
     assert rows[index] is row, "the running best and the selection rule disagree"
-    return BaselineSelection(method, row["lr"], row["epochs"], ok, vanilla, rows, tolerance, kind, reason,
+    return BaselineSelection(method, row["lr"], row["epochs"], ok, vanilla, rows, tolerance, gen_tolerance, kind,
+                             reason,
                              fit_s=row["fit_s"], select_s=time.perf_counter() - t0, model=chosen)
 
 

@@ -186,6 +186,35 @@ def test_selection_breaks_multiple_choice_ties_by_generation_forgetting():
     assert not rows[1]["forgets"]
 
 
+def test_selection_holds_retain_generation_within_its_tolerance():
+    """A setting that forgets generation by losing retain generation too (retain ROUGE-L 0.98 -> 0.45, multiple
+    choice intact) is infeasible; the one within GEN_TOLERANCE wins, and without any feasible one the fallback
+    prefers the better retain generation."""
+    from eraser.baselines.select import GEN_TOLERANCE, annotate, choose
+
+    assert GEN_TOLERANCE == 0.05
+
+    def row(lr, epochs, f_gen, r_gen):
+        r = _row(lr, epochs, 1.0, 0.99)
+        r["forget"]["gen_rougeL"], r["retain"]["gen_rougeL"] = f_gen, r_gen
+        return r
+
+    vanilla = {"forget": {"cls_acc": 1.0, "refusal_rate": 0.0, "gen_rougeL": 0.98},
+               "retain": {"cls_acc": 1.0, "refusal_rate": 0.0, "gen_rougeL": 0.98}}
+    rows = [annotate(r, vanilla, 0.03) for r in (row(1e-4, 1, 0.98, 0.98), row(3e-4, 2, 0.60, 0.94),
+                                                  row(1e-3, 2, 0.15, 0.45))]
+    assert [r["feasible"] for r in rows] == [True, True, False]
+    best, ok, reason = choose(rows)
+    assert ok and (best["lr"], best["epochs"]) == (3e-4, 2) and "retain gen ROUGE-L >= vanilla - 0.05" in reason
+    assert annotate(row(3e-4, 2, 0.60, 0.92), vanilla, 0.03)["feasible"] is False  # 0.06 below: outside
+    assert annotate(row(3e-4, 2, 0.60, 0.92), vanilla, 0.03, gen_tolerance=0.1)["feasible"] is True
+    rows = [annotate(r, vanilla, 0.03) for r in (row(1e-3, 1, 0.30, 0.60), row(1e-3, 2, 0.10, 0.40))]
+    best, ok, reason = choose(rows)
+    assert not ok and best["epochs"] == 1 and "gen ROUGE-L" in reason  # same retain cls: the better retain generation
+    no_gen = {"forget": {"cls_acc": 1.0, "refusal_rate": 0.0}, "retain": {"cls_acc": 1.0, "refusal_rate": 0.0}}
+    assert annotate(row(1e-3, 2, 0.15, 0.45), no_gen, 0.03)["feasible"]  # unmeasured on vanilla: not constrained
+
+
 def test_select_baseline_on_the_quick_model(quick):
     import json
 
