@@ -49,13 +49,14 @@ from ..backend import generate_fn
 from ..data.schema import Benchmark
 from .finetune import METHODS, Example, unlearn, unlearning_data
 
-__all__ = ["DEFAULT_LRS", "DEFAULT_EPOCHS", "GEN_TOLERANCE", "BaselineSelection", "rank_key", "annotate", "choose", "select_baseline",
-           "select_baselines"]
+__all__ = ["DEFAULT_LRS", "DEFAULT_EPOCHS", "GEN_TOLERANCE", "BaselineSelection", "rank_key", "annotate", "choose",
+           "select_baseline", "select_baselines"]
 
 DEFAULT_LRS: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
 DEFAULT_EPOCHS: tuple[int, ...] = (1, 2, 4)
-#: How far retain generation ROUGE-L may fall below vanilla's on the validation split (~90 answers, so one
-#: answer lost entirely moves it ~0.01): a few answers' worth, the size of the eraser's own cost in the demo.
+#: How far retain generation ROUGE-L may fall below vanilla's on the validation split (198 answers on the quick
+#: benchmark, so one answer lost entirely moves it 0.005): ten answers' worth, a few times the eraser's own cost in
+#: the demo (0-1 point).
 GEN_TOLERANCE = 0.05
 #: Forget accuracy must fall (or refusal rise) by more than this to count as "forgets at least somewhat".
 MIN_FORGET_EFFECT = 1e-9
@@ -105,8 +106,8 @@ def _gen_forgetting(f: dict[str, float]) -> float:
 
 def _fallback_key(row: dict[str, Any]) -> tuple:
     f, r = row["forget"], row["retain"]
-    return (round(r["cls_acc"], 9), round(r.get("gen_rougeL", 0.0), 2), round(1 - f["cls_acc"], 9), round(f["refusal_rate"], 9), _gen_forgetting(f),
-            -row["epochs"], -row["lr"])
+    return (round(r["cls_acc"], 9), round(r.get("gen_rougeL", 0.0), 2), round(1 - f["cls_acc"], 9),
+            round(f["refusal_rate"], 9), _gen_forgetting(f), -row["epochs"], -row["lr"])
 
 
 def _feasible(row: dict[str, Any], vanilla: dict[str, dict[str, float]], tolerance: float,
@@ -234,8 +235,7 @@ def select_baseline(
     _, index, chosen = best[_slot(row)]
     assert rows[index] is row, "the running best and the selection rule disagree"
     return BaselineSelection(method, row["lr"], row["epochs"], ok, vanilla, rows, tolerance, gen_tolerance, kind,
-                             reason,
-                             fit_s=row["fit_s"], select_s=time.perf_counter() - t0, model=chosen)
+                             reason, fit_s=row["fit_s"], select_s=time.perf_counter() - t0, model=chosen)
 
 
 def select_baselines(
