@@ -16,13 +16,13 @@ or after the last stacked layer, so one forward pass has read every stacked site
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["gate_rows", "read_names", "row_features", "check_stack"]
+__all__ = ["gate_rows", "read_names", "row_features", "gate_row_stream", "check_stack"]
 
 
 def check_stack(stack: Sequence[int], steered: Sequence[int], n_layers: int) -> None:
@@ -60,3 +60,18 @@ def row_features(batch: dict[str, Float[Tensor, "batch d"]], rows: list[list[str
     if missing:
         raise KeyError(f"gate features need reads at {missing}")
     return [batch[row[0]] if len(row) == 1 else torch.cat([batch[n] for n in row], dim=-1) for row in rows]
+
+
+def gate_row_stream(model: Any, queries: Sequence[Any], config: Any, layers: Sequence[int],
+                    progress: bool = False, desc: str = "gate rows") -> Iterator[list[Float[Tensor, "batch f"]]]:
+    """Per batch of ``queries`` (``(images, prompt)`` pairs) through ``model`` (a ``HookedVLM``), what each gate row reads: ``[rows]`` of ``[batch, F]``.
+
+    The same features the fit's statistics and the deployed gate read (:mod:`eraser.features`).
+    """
+    from interp.collect import iter_query_activations  # the model-running part; the rest here is pure
+
+    queries = list(queries)
+    rows = gate_rows(config, layers)
+    yield from (row_features(batch, rows) for batch in iter_query_activations(
+        model, [q[0] for q in queries], [q[1] for q in queries], read_names(rows), config.batch_size,
+        progress=progress, desc=desc, read=config.gate_read))

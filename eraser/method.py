@@ -32,7 +32,7 @@ from interp.fingerprint import fingerprint_mismatch, model_fingerprint
 from interp.io import atomic_path
 
 from .direction import first_answer_means
-from .features import check_stack, gate_rows, read_names, row_features
+from .features import check_stack, gate_row_stream, gate_rows, read_names, row_features
 from .gate import gate_score, window
 from .nullspace import SecondMoment
 from .stats import FitStats, gates_from_stats
@@ -218,10 +218,7 @@ class MLLMEraser:
                                           desc=key)
 
         def gate_stream(key: str):  # what each gate row reads: [rows] of [batch, F]
-            imgs, prompts = sets[key]
-            for batch in iter_query_activations(model, imgs, prompts, read_names(rows), config.batch_size,
-                                                progress=progress, desc=key, read=config.gate_read):
-                yield row_features(batch, rows)
+            return gate_row_stream(model, list(zip(*sets[key])), config, layers, progress=progress, desc=key)
 
         means: dict[str, dict[str, Tensor]] = {}
         for key in ("recall", "erase"):
