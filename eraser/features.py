@@ -63,15 +63,17 @@ def row_features(batch: dict[str, Float[Tensor, "batch d"]], rows: list[list[str
 
 
 def gate_row_stream(model: Any, queries: Sequence[Any], config: Any, layers: Sequence[int],
-                    progress: bool = False, desc: str = "gate rows") -> Iterator[list[Float[Tensor, "batch f"]]]:
+                    progress: bool = False, desc: str = "gate rows", batch_size: int | None = None
+                    ) -> Iterator[list[Float[Tensor, "batch f"]]]:
     """Per batch of ``queries`` (``(images, prompt)`` pairs) through ``model`` (a ``HookedVLM``), what each gate row reads: ``[rows]`` of ``[batch, F]``.
 
-    The same features the fit's statistics and the deployed gate read (:mod:`eraser.features`).
+    The same features the fit's statistics, the diagnostics and the deployed gate read; ``batch_size`` None
+    takes ``config.batch_size``.
     """
     from interp.collect import iter_query_activations  # the model-running part; the rest here is pure
 
     queries = list(queries)
     rows = gate_rows(config, layers)
     yield from (row_features(batch, rows) for batch in iter_query_activations(
-        model, [q[0] for q in queries], [q[1] for q in queries], read_names(rows), config.batch_size,
-        progress=progress, desc=desc, read=config.gate_read))
+        model, [q[0] for q in queries], [q[1] for q in queries], read_names(rows),
+        batch_size or config.batch_size, progress=progress, desc=desc, read=config.gate_read))

@@ -32,7 +32,7 @@ from interp.fingerprint import fingerprint_mismatch, model_fingerprint
 from interp.io import atomic_path
 
 from .direction import first_answer_means
-from .features import check_stack, gate_row_stream, gate_rows, read_names, row_features
+from .features import check_stack, gate_row_stream, gate_rows
 from .gate import gate_score, window
 from .nullspace import SecondMoment
 from .stats import FitStats, gates_from_stats
@@ -378,13 +378,9 @@ class MLLMEraser:
 
         They pass through the config's ``gate_window`` (what steering applies) unless ``raw``.
         """
-        imgs, prompts = _split(queries, "diagnostic")
-        rows = gate_rows(self.config, self.layers)
-        out = []
-        for batch in iter_query_activations(model, imgs, prompts, read_names(rows), batch_size or self.config.batch_size,
-                                            read=self.config.gate_read):
-            feats = row_features(batch, rows)
-            out.append(torch.stack([gate_score(h, self.w[i]) for i, h in enumerate(feats)], dim=1))
+        _split(queries, "diagnostic")  # refuses an empty set
+        out = [torch.stack([gate_score(h, self.w[i]) for i, h in enumerate(feats)], dim=1)
+               for feats in gate_row_stream(model, queries, self.config, self.layers, batch_size=batch_size)]
         g = torch.cat(out)
         if self.config.gate_stack:  # one gate, seen by every steered layer
             g = g.expand(-1, len(self.layers)).contiguous()
