@@ -21,7 +21,7 @@ from .metrics import forget_quality
 from .pairs import fit_data
 from .stats import FitStats
 from .variants import ERASER_VARIANTS, NOT_CONFIG, stacked_layers
-from .zoo import TARGETS, Recipe, load_or_train
+from .zoo import TARGETS, Recipe, load_or_train, train_log
 
 
 @dataclass
@@ -46,8 +46,11 @@ class Setup:
         return self._oracle
 
     def config(self) -> dict[str, Any]:
+        """What ran: the recipe and, where its checkpoint recorded it, the machine that trained the model
+        (``trained_on``, :func:`eraser.zoo.machine.machine_info`; None for a checkpoint older than that record)."""
+        log = train_log(self.recipe, self.cache_dir) or {}
         return {"arch": self.recipe.arch, "seed": self.recipe.seed, "forget_ratio": self.forget_ratio,
-                "recipe": self.recipe.to_dict(), "recipe_hash": self.recipe.hash()}
+                "recipe": self.recipe.to_dict(), "recipe_hash": self.recipe.hash(), "trained_on": log.get("machine")}
 
 
 def load_setup(arch: str = "llava", seed: int = 0, forget_ratio: int = 5, quick: bool = False,

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -51,6 +51,7 @@ from eraser.data.prompts import CLASSIFICATION_SUFFIX
 from eraser.data.schema import Request
 from interp.model import HookedVLM
 
+from .machine import machine_info
 from .recipe import Recipe
 
 __all__ = ["train", "TrainLog", "Phase", "phases", "epoch_examples", "recognition_examples", "fact_examples",
@@ -62,15 +63,18 @@ MATCH_REPEAT = 4
 
 @dataclass
 class TrainLog:
-    """What a training run did: steps per phase, final losses, wall time."""
+    """What a training run did: steps per phase, final losses, wall time, and the machine
+    (:func:`~eraser.zoo.machine.machine_info`: another CPU trains another model from the same recipe)."""
 
     steps: dict[str, int]
     final_loss: dict[str, float]
     seconds: float
     n_params: int
+    machine: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "final_loss": self.final_loss, "seconds": self.seconds, "n_params": self.n_params}
+        return {"steps": self.steps, "final_loss": self.final_loss, "seconds": self.seconds, "n_params": self.n_params,
+                "machine": self.machine}
 
 
 def _ids(recipe: Recipe, mini) -> tuple[list[str], list[str]]:
@@ -413,4 +417,4 @@ def _train(recipe: Recipe, progress: bool,
                 final[phase.name] = ema
     hf.eval()
     n_params = sum(p.numel() for p in hf.parameters())
-    return model, TrainLog(steps, final, time.perf_counter() - t0, n_params)
+    return model, TrainLog(steps, final, time.perf_counter() - t0, n_params, machine_info())

@@ -7,7 +7,9 @@ import time
 import pytest
 import torch
 
-from eraser.zoo import Recipe, cached_path, load_or_train, memorisation_report
+from eraser.pipeline import Setup
+from eraser.zoo import Recipe, cached_path, load_or_train, memorisation_report, train_log
+from eraser.zoo.machine import machine_info
 
 TINY = dict(n_profiles=4, n_celebrities=2, n_refusal_eval=8, celeb_epochs=1, main_epochs=1, batch_size=16,
             model=dict(d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, vision_d_model=16, vision_layers=1,
@@ -30,6 +32,13 @@ def test_cache_hit_skips_training_and_returns_identical_weights(tmp_path, capsys
     for (n, a), (_, b) in zip(first.hf_model.state_dict().items(), second.hf_model.state_dict().items()):
         assert torch.equal(a, b), n
     assert t_load < t_train
+    # The checkpoint says where it was trained, and an experiment's config carries that into results.json.
+    machine = train_log(recipe, tmp_path)["machine"]
+    assert machine == {**machine_info(), "threads": recipe.threads}
+    setup = Setup(recipe, second, recipe.benchmark(5), recipe.mini(), 5, cache_dir=str(tmp_path))
+    assert setup.config()["trained_on"] == machine
+    assert Setup(recipe, second, setup.bench, setup.source, 5, cache_dir=str(tmp_path / "empty")).config()[
+        "trained_on"] is None  # no record (an older checkpoint, or none cached there): None, not a guess
 
 
 def test_weights_do_not_depend_on_the_callers_thread_count():
