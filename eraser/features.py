@@ -65,7 +65,8 @@ def row_features(batch: dict[str, Float[Tensor, "batch d"]], rows: list[list[str
 def gate_row_stream(model: Any, queries: Sequence[Any], config: Any, layers: Sequence[int],
                     progress: bool = False, desc: str = "gate rows", batch_size: int | None = None
                     ) -> Iterator[list[Float[Tensor, "batch f"]]]:
-    """Per batch of ``queries`` (``(images, prompt)`` pairs) through ``model`` (a ``HookedVLM``), what each gate row reads: ``[rows]`` of ``[batch, F]``.
+    """Per batch of ``queries`` (``(images, prompt)`` pairs) through ``model`` (a ``HookedVLM``), what each gate
+    row reads: ``[rows]`` of ``[batch, F]``.
 
     The same features the fit's statistics, the diagnostics and the deployed gate read; ``batch_size`` None
     takes ``config.batch_size``.

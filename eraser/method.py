@@ -378,6 +378,7 @@ class MLLMEraser:
 
         They pass through the config's ``gate_window`` (what steering applies) unless ``raw``.
         """
+        queries = list(queries)
         _split(queries, "diagnostic")  # refuses an empty set
         out = [torch.stack([gate_score(h, self.w[i]) for i, h in enumerate(feats)], dim=1)
                for feats in gate_row_stream(model, queries, self.config, self.layers, batch_size=batch_size)]
