@@ -64,9 +64,10 @@ def run(quick: bool = False, forget_ratio: int = 5, seed: int = 0, variant: str 
     if first.window is None:
         raise RuntimeError(f"{variant}: no gate window could be chosen on this model ({first.window_reason}); "
                            "nothing to mine")
-    lo = first.window[0]
-    K_hard, counts = hard_negative_moments(model, retain, first_eraser.w, config, stats.layers, lo, progress)
-    hard = (first_eraser.gate_values(model, retain, raw=True) > lo).any(1)  # [n]: steered at some layer
+    K_hard, hard = hard_negative_moments(model, retain, first_eraser.w, config, stats.layers, first.window[0],
+                                         progress)
+    counts = hard.sum(1).tolist()
+    mined = [q for q, h in zip(retain, hard.any(0)) if h]  # over lo at some gate row: what the first gate steers
     vanilla, _, _ = evaluate_model(setup, with_probs=False)
     rows = []
     for weight in weights:
@@ -75,8 +76,9 @@ def run(quick: bool = False, forget_ratio: int = 5, seed: int = 0, variant: str 
                               progress=progress)
         eraser = eraser.with_config(strength=sel.strength or 0.0)
         still = None
-        if choice.window is not None:
-            still = int(((eraser.gate_values(model, retain, raw=True) > choice.window[0]).any(1) & hard).sum())
+        if choice.window is not None:  # scored as mining scores, on the mined queries alone
+            _, over = hard_negative_moments(model, mined, eraser.w, config, stats.layers, choice.window[0])
+            still = int(over.any(0).sum())
         res, _, _ = evaluate_model(setup, lambda: eraser.attached(model), with_probs=False)
         checks = eraser_checks(vanilla, res)
         rows.append({"weight": weight, "gamma": choice.gamma, "null_space": choice.null_space,
@@ -84,18 +86,18 @@ def run(quick: bool = False, forget_ratio: int = 5, seed: int = 0, variant: str 
                      "strength": sel.strength, "hard_still_over_lo": still, "methods": res, "checks": checks})
         failed = {k: round(v["value"], 3) for k, v in checks.items() if isinstance(v, dict) and not v["pass"]}
         print(f"[hard_negatives] weight {weight:g}: gamma {choice.gamma:g} {choice.null_space} window "
-              f"{choice.window} strength {sel.strength}; mined still over lo {still}/{int(hard.sum())}; "
+              f"{choice.window} strength {sel.strength}; mined still over lo {still}/{len(mined)}; "
               f"bar {'met' if checks['all_pass'] else 'missed: ' + str(failed)}", flush=True)
     return {"config": {**setup.config(), "quick": quick, "variant": variant, "validation": kind},
             "first": {"gamma": first.gamma, "null_space": first.null_space, "window": first.window},
-            "mined": {"per_gate_row": counts, "queries": int(hard.sum()), "of": len(retain)},
+            "mined": {"per_gate_row": counts, "queries": len(mined), "of": len(retain)},
             "vanilla": vanilla, "weights": rows, "total_s": time.perf_counter() - t0}
 
 
 def _weights(text: str) -> list[float]:
     try:
         return [finite_float(w) for w in text.split(",") if w.strip()]
-    except (ValueError, argparse.ArgumentTypeError) as e:
+    except argparse.ArgumentTypeError as e:
         raise argparse.ArgumentTypeError(f"--weights takes comma-separated numbers: {e}") from None
 
 

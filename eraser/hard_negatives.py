@@ -19,7 +19,7 @@ from dataclasses import replace
 from typing import Any, Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from interp import HookedVLM
@@ -34,9 +34,10 @@ __all__ = ["hard_negative_moments", "with_hard_negatives"]
 
 def hard_negative_moments(model: HookedVLM, retain: Sequence[Any], w: Float[Tensor, "rows *c f"], config: Any,
                           layers: Sequence[int], threshold: float, progress: bool = False
-                          ) -> tuple[Float[Tensor, "rows f f"], list[int]]:
-    """``(K_hard, counts)``: per gate row, ``sum h h^T`` over the retain queries whose gate ``w . h`` exceeds
-    ``threshold``, and how many there were.
+                          ) -> tuple[Float[Tensor, "rows f f"], Bool[Tensor, "rows n"]]:
+    """``(K_hard, hard)``: per gate row, ``sum h h^T`` over the retain queries whose gate ``w . h`` exceeds
+    ``threshold``, and which queries those were (``hard.sum(1)`` counts them; ``hard.any(0)``, a query over it
+    at some row).
 
     ``w`` is the gate a first fit chose, calibrated as it is deployed (``MLLMEraser.w`` after ``scaled``);
     per-concept gates score the maximum over concepts, as steering does (:func:`eraser.gate.gate_score`).
@@ -49,20 +50,20 @@ def hard_negative_moments(model: HookedVLM, retain: Sequence[Any], w: Float[Tens
     if w.shape[0] != n_rows:
         raise ValueError(f"gate weights have {w.shape[0]} rows, the config reads {n_rows} gate rows")
     K = [SecondMoment(w.shape[-1]) for _ in range(n_rows)]
-    counts = [0] * n_rows
+    masks: list[Tensor] = []
     for feats in gate_row_stream(model, retain, config, layers, progress, desc="retain (hard negatives)"):
+        over = torch.stack([gate_score(h.double(), w[i].double()) > threshold for i, h in enumerate(feats)])
         for i, h in enumerate(feats):
-            hard = h[gate_score(h.double(), w[i].double()) > threshold]
-            if hard.shape[0]:
-                K[i].update(hard)
-                counts[i] += hard.shape[0]
-    return torch.stack([k.K.cpu() for k in K]), counts
+            if over[i].any():
+                K[i].update(h[over[i]])
+        masks.append(over.cpu())
+    return torch.stack([k.K.cpu() for k in K]), torch.cat(masks, dim=1)
 
 
 def with_hard_negatives(stats: FitStats, K_hard: Float[Tensor, "rows f f"], weight: float,
                         counts: Sequence[int] | None = None) -> FitStats:
     """``stats`` with ``K_r + weight * K_hard`` (pure): the retain statistics that count each hard query
-    ``1 + weight`` times.  ``counts`` (hard queries per gate row) is recorded in ``stats.counts``."""
+    ``1 + weight`` times.  ``counts`` (hard queries per gate row, ``hard.sum(1)``) is recorded in ``stats.counts``."""
     if not (weight >= 0 and torch.isfinite(torch.as_tensor(weight))):
         raise ValueError(f"hard-negative weight must be a finite number >= 0, got {weight!r}")
     if K_hard.shape != stats.K_r.shape:

@@ -36,7 +36,7 @@ def _cpuinfo(path: str | None = None) -> dict[str, str]:
 def machine_info() -> dict[str, Any]:
     """``{"cpu", "vendor", "arch", "torch", "cpu_capability", "threads"}``: JSON-ready strings and an int."""
     info = _cpuinfo()
-    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: "unknown")()
     return {"cpu": info.get("model name") or platform.processor() or "unknown",
             "vendor": info.get("vendor_id", "unknown"), "arch": platform.machine() or "unknown",
-            "torch": torch.__version__, "cpu_capability": str(capability), "threads": torch.get_num_threads()}
+            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads()}

@@ -29,16 +29,15 @@ def test_moments_are_the_second_moment_of_the_retain_queries_over_the_threshold(
     stats, eraser, retain, feats = fitted
     g = [gate_score(h.double(), eraser.w[i].double()) for i, h in enumerate(feats)]
     threshold = float(g[0].median())  # about half the retain queries are "hard" at layer 1
-    K, counts = hard_negative_moments(tiny_llava, retain, eraser.w, CONFIG, stats.layers, threshold)
-    assert K.shape == stats.K_r.shape
+    K, hard = hard_negative_moments(tiny_llava, retain, eraser.w, CONFIG, stats.layers, threshold)
+    assert K.shape == stats.K_r.shape and hard.shape == (2, 60) and hard.dtype == torch.bool
     for i, h in enumerate(feats):
-        hard = h[g[i] > threshold].double()
-        assert counts[i] == hard.shape[0]
-        torch.testing.assert_close(K[i], hard.T @ hard, rtol=1e-6, atol=1e-6)
-    assert 20 <= counts[0] <= 40  # the median split, up to ties and batch-size rounding
+        assert torch.equal(hard[i], g[i] > threshold)
+        torch.testing.assert_close(K[i], h[hard[i]].double().T @ h[hard[i]].double(), rtol=1e-6, atol=1e-6)
+    assert 20 <= int(hard[0].sum()) <= 40  # the median split, up to ties
     # The full retain second moment is the same sum over every query: mining with a threshold below all gates.
-    K_all, n_all = hard_negative_moments(tiny_llava, retain, eraser.w, CONFIG, stats.layers, -1e9)
-    assert n_all == [60, 60]
+    K_all, all_hard = hard_negative_moments(tiny_llava, retain, eraser.w, CONFIG, stats.layers, -1e9)
+    assert bool(all_hard.all())
     torch.testing.assert_close(K_all, stats.K_r, rtol=1e-6, atol=1e-6)
 
 
@@ -55,9 +54,10 @@ def test_refit_gate_spares_the_hard_queries_and_moves_the_leak(tiny_llava):
     h = torch.cat([f[0] for f in gate_row_stream(tiny_llava, retain, config, stats.layers)]).double()
     before = gate_score(h, eraser.w[0].double())
     threshold = float(before.quantile(0.9))
-    K, counts = hard_negative_moments(tiny_llava, retain, eraser.w, config, stats.layers, threshold)
+    K, mined = hard_negative_moments(tiny_llava, retain, eraser.w, config, stats.layers, threshold)
     hard = before > threshold
-    assert counts[0] == int(hard.sum()) == 6
+    assert torch.equal(mined[0], hard) and int(hard.sum()) == 6
+    counts = mined.sum(1).tolist()
     forget_mean = float(stats.s_f[0] @ eraser.w[0].double()) / len(forget)
     rest = []
     for weight, hard_max in ((10.0, 0.05), (100.0, 0.015)):
