@@ -24,11 +24,13 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .adapters import ArchAdapter, adapter_for, get_module
+from .adapters.base import Site
+from .attention import eager_attention, tower_root
 from .cache import ActivationCache
 from .hooks import HookSpec, expand_hooks
 from .inputs import RowImages, VLMInputs, encode_batch
-from .names import NameFilter, all_hook_names, resolve_names
-from .sites import resolve_site
+from .names import NameFilter, all_hook_names, parse_block_name, resolve_names
+from .sites import head_counts, resolve_site
 from . import torch_hooks, tracing
 
 
@@ -59,7 +61,9 @@ class HookedVLM:
         self.adapter = adapter or adapter_for(hf_model)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self._names = all_hook_names(self.n_layers, self.n_vision_layers)
+        self._heads = head_counts(self.adapter, hf_model.config)
+        self._names = all_hook_names(self.n_layers, self.n_vision_layers, self.adapter.lm_block.site_names(),
+                                     self.adapter.vision_block.site_names())
         self._envoy = None
         self._remote_envoy = None
         self._persistent: list[tuple[str, Any]] = []  # nnsight-backend hooks added by `hooks()`
@@ -125,14 +129,28 @@ class HookedVLM:
     def dtype(self) -> torch.dtype:
         return next(self.hf_model.parameters()).dtype
 
+    @property
+    def head_counts(self) -> dict[str, tuple[int, int]]:
+        """``{"lm": (query heads, key/value heads), "vision": (...)}``: how the per-head sites split."""
+        return dict(self._heads)
+
     def hook_names(self) -> list[str]:
         """Every valid hook name, in execution order."""
         return list(self._names)
 
     def module_for(self, name: str) -> torch.nn.Module:
         """The torch module a hook name lives on (after validating the name)."""
+        return get_module(self.hf_model, self.site(name).module)
+
+    def site(self, name: str) -> Site:
+        """Where hook name ``name`` lives on this model: module path, input or output, and its accessors."""
         (name,) = resolve_names([name], self._names)
-        return get_module(self.hf_model, resolve_site(self.adapter, name).module)
+        return resolve_site(self.adapter, name, self._heads)
+
+    def _eager_roots(self, names: Sequence[str]) -> tuple[str, ...]:
+        """The towers whose attention must run eagerly for ``names`` (those that read an ``attn.hook_pattern``)."""
+        towers = {p[0] for p in map(parse_block_name, names) if p is not None and p[2] == "attn.hook_pattern"}
+        return tuple(tower_root(self.adapter, t) for t in sorted(towers))
 
     @property
     def envoy(self):
@@ -180,9 +198,10 @@ class HookedVLM:
                 raise ValueError(f"{vision[:3]} are vision-side sites, but this batch has no images")
         ordered = [n for n in self._names if n in wanted]
         return tracing.Plan(
-            sites=[(n, resolve_site(self.adapter, n)) for n in ordered],
+            sites=[(n, resolve_site(self.adapter, n, self._heads)) for n in ordered],
             hooks=hook_map,
             cache=set(cache_names),
+            eager=self._eager_roots(ordered),
         )
 
     def run_with_cache(self, inputs: VLMInputs, names: NameFilter = None, hooks: HookSpec | None = None,
@@ -197,15 +216,16 @@ class HookedVLM:
         costs half a forward pass.
         """
         plan = self._plan(self.hook_names() if names is None else names, hooks, inputs)
-        with torch_hooks.active_inputs(inputs):
+        with torch_hooks.active_inputs(inputs), eager_attention(self.hf_model, plan.eager):
             logits, acts = tracing.run(self, inputs, plan, remote=remote, stop=stop_early)
         return logits, ActivationCache(acts, inputs.image_mask, inputs.text_mask, inputs.last_index)
 
     def run_with_hooks(self, inputs: VLMInputs, hooks: HookSpec, remote: bool | str = False
                        ) -> Float[Tensor, "batch pos vocab"]:
         """One forward pass with ``hooks = [(name, fn), ...]``; returns the logits (``remote`` as in run_with_cache)."""
-        with torch_hooks.active_inputs(inputs):
-            logits, _ = tracing.run(self, inputs, self._plan(None, hooks, inputs), remote=remote)
+        plan = self._plan(None, hooks, inputs)
+        with torch_hooks.active_inputs(inputs), eager_attention(self.hf_model, plan.eager):
+            logits, _ = tracing.run(self, inputs, plan, remote=remote)
         return logits
 
     def generate(self, inputs: VLMInputs, max_new_tokens: int = 32, hooks: HookSpec | None = None,
@@ -217,7 +237,7 @@ class HookedVLM:
         kwargs = dict(do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
                       eos_token_id=self.tokenizer.eos_token_id)
         kwargs.update(generate_kwargs)
-        with torch_hooks.active_inputs(inputs):
+        with torch_hooks.active_inputs(inputs), eager_attention(self.hf_model, plan.eager):
             seqs = tracing.generate(self, inputs, plan, max_new_tokens, every_step, kwargs)
         new = seqs[:, inputs.input_ids.shape[1]:]
         return Generation(sequences=seqs, new_tokens=new, texts=self.decode(new))
@@ -234,7 +254,8 @@ class HookedVLM:
         if backend == "torch":
             handles = torch_hooks.register(self, hook_map)
             try:
-                yield self
+                with eager_attention(self.hf_model, self._eager_roots(list(hook_map))):
+                    yield self
             finally:
                 torch_hooks.remove(handles)
         elif backend == "nnsight":

@@ -12,12 +12,27 @@ import fnmatch
 import re
 from typing import Callable, Iterable, Sequence, Union
 
-# Per-block sites in execution order; the language model and the vision tower share them.
+# The residual-level sites of every block, in execution order; every architecture has all five.
 BLOCK_SITES = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
+
+#: Every per-block site, residual-level and inside attention and MLP, in the order a forward pass makes them
+#: observable.  TransformerLens's names; an architecture's adapter declares which of the finer ones it has.
+#: ``attn.hook_pattern`` is listed after ``attn.hook_z`` (not before, as TransformerLens lists it) because the
+#: attention weights leave the attention module with its output, after the output projection has read ``z``.
+SITE_ORDER = (
+    "hook_resid_pre",
+    "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "attn.hook_pattern",
+    "hook_attn_out", "hook_resid_mid",
+    "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post",
+    "hook_mlp_out", "hook_resid_post",
+)
+
+#: Sites a hook may read but not replace (the attention weights are consumed inside the attention function).
+READ_ONLY_SITES = ("attn.hook_pattern",)
 
 NameFilter = Union[str, Sequence[str], Callable[[str], bool], None]
 
-_BLOCK_RE = re.compile(r"^(?P<prefix>vision\.)?blocks\.(?P<layer>\d+)\.(?P<site>\w+)$")
+_BLOCK_RE = re.compile(r"^(?P<prefix>vision\.)?blocks\.(?P<layer>\d+)\.(?P<site>(?:\w+\.)?\w+)$")
 
 
 class HookNameError(KeyError):
@@ -27,18 +42,41 @@ class HookNameError(KeyError):
         return str(self.args[0])
 
 
-def all_hook_names(n_layers: int, n_vision_layers: int) -> list[str]:
-    """Every hook name of a model with these depths, in execution order (vision -> projector -> LM -> logits)."""
+def all_hook_names(n_layers: int, n_vision_layers: int, lm_sites: Sequence[str] = BLOCK_SITES,
+                   vision_sites: Sequence[str] = BLOCK_SITES) -> list[str]:
+    """Every hook name of a model with these depths, in execution order (vision -> projector -> LM -> logits).
+
+    ``lm_sites`` / ``vision_sites`` are the per-block sites the architecture has (default: the five
+    residual-level ones); they are put in :data:`SITE_ORDER`.
+    """
+    lm_sites, vision_sites = _ordered_sites(lm_sites), _ordered_sites(vision_sites)
     names = ["vision.hook_embed"]
-    names += [f"vision.blocks.{l}.{s}" for l in range(n_vision_layers) for s in BLOCK_SITES]
+    names += [f"vision.blocks.{l}.{s}" for l in range(n_vision_layers) for s in vision_sites]
     names += ["projector.hook_in", "projector.hook_out", "hook_embed"]
-    names += [f"blocks.{l}.{s}" for l in range(n_layers) for s in BLOCK_SITES]
+    names += [f"blocks.{l}.{s}" for l in range(n_layers) for s in lm_sites]
     names += ["ln_final.hook_normalized", "hook_logits"]
     return names
 
 
+def _ordered_sites(sites: Sequence[str]) -> list[str]:
+    unknown = sorted(set(sites) - set(SITE_ORDER))
+    if unknown:
+        raise ValueError(f"unknown per-block sites {unknown}; known: {SITE_ORDER}")
+    missing = [s for s in BLOCK_SITES if s not in sites]
+    if missing:
+        raise ValueError(f"every architecture has the residual-level sites; missing {missing}")
+    return [s for s in SITE_ORDER if s in sites]
+
+
+def is_read_only(name: str) -> bool:
+    """Whether ``name`` is a site hooks may read but not replace (:data:`READ_ONLY_SITES`)."""
+    parsed = parse_block_name(name)
+    return parsed is not None and parsed[2] in READ_ONLY_SITES
+
+
 def parse_block_name(name: str) -> tuple[str, int, str] | None:
-    """``"vision.blocks.3.hook_attn_out"`` -> ``("vision", 3, "hook_attn_out")``; ``("lm", l, site)`` for LM blocks; None otherwise."""
+    """``"vision.blocks.3.hook_attn_out"`` -> ``("vision", 3, "hook_attn_out")``; ``("lm", l, site)`` for LM blocks
+    (``site`` may be dotted: ``"attn.hook_z"``); None otherwise."""
     m = _BLOCK_RE.match(name)
     if m is None:
         return None
@@ -95,6 +133,25 @@ def resolve_names(spec: NameFilter, valid: Sequence[str]) -> list[str]:
         else:
             raise unknown_name_error(pat, valid)
     return sorted(chosen, key=order.__getitem__)
+
+
+def resolve_names_except_read_only(spec: NameFilter, valid: Sequence[str], why: str) -> list[str]:
+    """:func:`resolve_names`, for tools that must write to (or take one vector per position from) every site.
+
+    Read-only sites (:data:`READ_ONLY_SITES`, the attention patterns) are left out of what a glob or
+    predicate matches; naming one outright, or a filter that matches nothing else, is a ValueError
+    that gives ``why``.
+    """
+    resolved = resolve_names(spec, valid)
+    read_only = [n for n in resolved if is_read_only(n)]
+    if not read_only:
+        return resolved
+    given = [] if spec is None or callable(spec) else [spec] if isinstance(spec, str) else list(spec)
+    named = [n for n in read_only if n in given]
+    kept = [n for n in resolved if not is_read_only(n)]
+    if named or not kept:
+        raise ValueError(f"{(named or read_only)[:3]}: {why}")
+    return kept
 
 
 def sort_by_execution(names: Iterable[str], valid: Sequence[str]) -> list[str]:

@@ -47,7 +47,7 @@ from torch import Tensor
 from .cache import ActivationCache
 from .hooks import HookContext, HookFn, HookSpec
 from .inputs import VLMInputs
-from .names import BLOCK_SITES, NameFilter, parse_block_name, resolve_names
+from .names import SITE_ORDER, NameFilter, parse_block_name, resolve_names, resolve_names_except_read_only
 from .steering import repeat_inputs
 from .sweep import Grid
 
@@ -139,7 +139,8 @@ class PatchResult:
         return {n: (self.patched[n] - self.corrupted) / denom for n in self.names}
 
     def grid(self, prefix: str = "blocks", value: str = "effects") -> Grid:
-        """A site-kind x layer grid for a heatmap: rows ``hook_resid_pre, hook_attn_out, ...`` (those present), columns layers.
+        """A site-kind x layer grid for a heatmap: rows ``hook_resid_pre, ..., attn.hook_z, ...`` (those present, in
+        execution order), columns layers.
 
         ``prefix`` is ``"blocks"`` (language model) or ``"vision.blocks"``;
         ``value`` is ``"effects"`` or ``"patched"``.  Missing cells are NaN.
@@ -157,7 +158,7 @@ class PatchResult:
                 cells[(parsed[2], parsed[1])] = vals[n]
         if not cells:
             raise ValueError(f"no patched site under {prefix!r}; patched: {self.names[:6]}")
-        rows = [s for s in BLOCK_SITES if any(k[0] == s for k in cells)]
+        rows = [s for s in SITE_ORDER if any(k[0] == s for k in cells)]
         cols = sorted({k[1] for k in cells})
         grid = np.full((len(rows), len(cols)), np.nan)
         for (site, layer), v in cells.items():
@@ -277,7 +278,7 @@ def patch_from_run(
     >>> [round(e, 4) for e in res.effects.values()]
     [1.0, 1.0]
     """
-    resolved = resolve_names(names, model.hook_names())
+    resolved = patchable_names(model, names)
     missing = [n for n in resolved if n not in source_cache]
     if missing:
         raise ValueError(f"the source cache lacks {missing[:4]}{'...' if len(missing) > 4 else ''}; "
@@ -315,6 +316,19 @@ def patch_from_run(
     )
 
 
+def patchable_names(model: "HookedVLM", names: NameFilter) -> list[str]:
+    """``names`` resolved for patching: read-only sites (``attn.hook_pattern``) are left out of globs and
+    predicates, and naming one outright is an error, since no hook can replace it.
+
+    >>> from interp.tiny import tiny_vlm
+    >>> patchable_names(tiny_vlm("llava", n_layers=1), "blocks.0.attn.*")
+    ['blocks.0.attn.hook_q', 'blocks.0.attn.hook_k', 'blocks.0.attn.hook_v', 'blocks.0.attn.hook_z']
+    """
+    return resolve_names_except_read_only(
+        names, model.hook_names(), "attention patterns cannot be patched: they are used inside the attention "
+        "function, where no hook reaches; patch attn.hook_q / attn.hook_k / attn.hook_z instead")
+
+
 def patch_sites(
     model: "HookedVLM",
     clean_inputs: VLMInputs,
@@ -336,7 +350,7 @@ def patch_sites(
             f"clean inputs have [batch, pos] = {tuple(clean_inputs.input_ids.shape)}, corrupted "
             f"{tuple(corrupted_inputs.input_ids.shape)}: patching needs the same shapes; use prompts of the same "
             "token length (e.g. the same prompt with two different images)")
-    resolved = resolve_names(names, model.hook_names())
+    resolved = patchable_names(model, names)
     clean_logits, cache = model.run_with_cache(clean_inputs, names=resolved)
     return patch_from_run(model, corrupted_inputs, cache, resolved, metric, positions, clean_logits, max_rows)
 
@@ -357,6 +371,6 @@ def patch_hooks(
     metric, ``corrupted`` the vanilla one.  Hooks attached persistently with
     ``model.hooks(...)`` would be active in both runs, so pass them here instead.
     """
-    resolved = resolve_names(names, model.hook_names())
+    resolved = patchable_names(model, names)
     source_logits, cache = model.run_with_cache(inputs, names=resolved, hooks=hooks)
     return patch_from_run(model, inputs, cache, resolved, metric, positions, source_logits, max_rows)

@@ -37,7 +37,7 @@ from torch import Tensor
 from .hooks import HookSpec
 from .inputs import RowImages, VLMInputs
 from .model import HookedVLM
-from .names import NameFilter, resolve_names
+from .names import NameFilter, resolve_names_except_read_only
 
 Position = Literal["last", "image_mean", "text_mean"]
 POSITIONS = ("last", "image_mean", "text_mean")
@@ -102,13 +102,16 @@ def features_from_cache(model: HookedVLM, cache, inputs: VLMInputs, position: Po
     """One vector per row for every cached name (see :func:`collect_features`)."""
     if position not in POSITIONS:
         raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
+    per_head = {n for n in cache.names if model.site(n).heads is not None}
     out = {}
     for name in cache.names:
         t = cache[name]
+        if name in per_head:  # [..., head, d_head]: the heads' vectors side by side
+            t = t.flatten(-2)
         if is_vision_side(name):
             out[name] = _vision_rows(model, t, inputs, name)
         elif position == "last":
-            out[name] = cache.last(name).float()
+            out[name] = cache.last(name).float().flatten(1)
         elif position == "image_mean":
             out[name] = _masked_mean(t.float(), inputs.image_mask, name, "image")
         else:
@@ -127,6 +130,8 @@ def collect_features(
 ) -> dict[str, Float[Tensor, "n d"]]:
     """One feature vector per query and site: ``{name: [n_queries, d]}`` (float32, on CPU).
 
+    Per-head sites (``attn.hook_z``, ...) give the heads' vectors side by side (``[n, heads * d_head]``);
+    attention patterns are left out of globs (naming one is an error).
     ``position``: ``"last"`` (the last prompt token, where the answer is
     decided), ``"image_mean"`` (mean over the image-token positions) or
     ``"text_mean"`` (mean over real text tokens, no padding).  Vision-side
@@ -152,7 +157,9 @@ def collect_features(
         raise ValueError("collect_features needs at least one query")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    resolved = resolve_names(names, model.hook_names())
+    resolved = resolve_names_except_read_only(
+        names, model.hook_names(), "attention patterns are [batch, head, query, key], not one vector per position; "
+        "probe attn.hook_z (each head's output) or attn.hook_q instead")
     out: dict[str, list[Tensor]] = {}
     for s in range(0, len(prompts), batch_size):
         inputs = model.encode(images=images[s:s + batch_size], prompts=prompts[s:s + batch_size])

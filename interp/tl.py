@@ -93,6 +93,16 @@ _VISION_LAYOUT = {
 }
 SUPPORTED = tuple(_VISION_LAYOUT)
 
+# per-head sites, and which head count splits them: 0 = query heads, 1 = key/value heads
+_PER_HEAD = {"attn.hook_q": 0, "attn.hook_k": 1, "attn.hook_v": 1, "attn.hook_z": 0}
+
+# Qwen2.5-VL's vision blocks keep HF's own submodule names on the bridge (no TransformerLens aliases)
+_QWEN_VISION_SITES = {
+    "ln1.hook_normalized": "norm1.hook_out",
+    "ln2.hook_normalized": "norm2.hook_out",
+    "attn.hook_z": "attn.proj.hook_in",  # [patches, heads * d_head] there; split into heads here
+}
+
 
 def _import_tl():
     try:
@@ -225,6 +235,8 @@ def bridge_hook_name(name: str, arch: str) -> str:
         return name
     if site == "hook_resid_mid":
         return f"{layers}.{layer}.{norm2}.hook_in"
+    if arch == "qwen2_5_vl":
+        site = _QWEN_VISION_SITES.get(site, site)
     return f"{layers}.{layer}.{site}"
 
 
@@ -261,6 +273,12 @@ def bridge_run_with_cache(bridge: "TransformerBridge", model: "HookedVLM", input
     with torch.no_grad():
         logits, cache = bridge.run_with_cache(input_ids, names_filter=sorted(set(mapping.values())), **kw)
     acts = {ours: cache[theirs] for ours, theirs in mapping.items()}
+    for ours, t in acts.items():  # per-head sites the bridge keeps flat ([..., heads * d_head]): split them as ours are
+        parsed = parse_block_name(ours)
+        if parsed is not None and parsed[2] in _PER_HEAD:
+            flat_dims = 3 if parsed[0] == "lm" or model.adapter.vision_batched else 2
+            if t.dim() == flat_dims:
+                acts[ours] = t.unflatten(-1, (model.head_counts[parsed[0]][_PER_HEAD[parsed[2]]], -1))
     if model.arch == "qwen2_5_vl" and "projector.hook_out" in acts:
         acts["projector.hook_out"] = _qwen_unwindow(bridge, acts["projector.hook_out"], kw["image_grid_thw"])
     return logits, acts

@@ -156,7 +156,7 @@ class _Dispatcher:
         return value if changed else None
 
     def _pre(self, mod: torch.nn.Module, args: tuple) -> tuple | None:
-        return self._run(args, lambda a, site: a[0], lambda a, site, x: (x,) + tuple(a[1:]))
+        return self._run(args, lambda a, site: site.get(a[0]), lambda a, site, x: (site.set(a[0], x),) + tuple(a[1:]))
 
     def _post(self, mod: torch.nn.Module, args: tuple, out: Any) -> Any:
         return self._run(out, lambda o, site: site.get(o), lambda o, site, x: site.set(o, x))
@@ -175,7 +175,7 @@ def register(model: "HookedVLM", hooks: dict[str, list[HookFn]]) -> list[Handle]
     """Register ``{name: [fn, ...]}`` as module hooks; returns handles to remove them."""
     handles: list[Handle] = []
     for name, fns in hooks.items():
-        site = resolve_site(model.adapter, name)
+        site = resolve_site(model.adapter, name, model.head_counts)  # names come validated (expand_hooks)
         module = get_module(model.hf_model, site.module)
         per_module = _DISPATCHERS.setdefault(module, {})
         dispatcher = per_module.get(site.kind)

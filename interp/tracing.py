@@ -30,6 +30,7 @@ class Plan:
     sites: list[tuple[str, Site]]
     hooks: dict[str, list[HookFn]] = field(default_factory=dict)
     cache: set[str] = field(default_factory=set)
+    eager: tuple[str, ...] = ()  # module paths whose attention must run eagerly (a site reads attention weights)
 
     @property
     def empty(self) -> bool:
@@ -83,22 +84,25 @@ def apply_plan(root, plan: Plan, inputs: "VLMInputs", step: int, acts: dict[str,
         site0 = group[0][1]
         env = envoy_at(root, site0.module)
         raw = env.output if site0.kind == "output" else env.input
-        value = site0.get(raw)
         changed = False
-        for name, _site in group:
+        for name, site in group:  # names on one module read (and write) the same raw value, each its own way
+            value = site.get(raw)
+            touched = False
             for fn in plan.hooks.get(name, ()):
                 new = fn(value, HookContext(name=name, layer=layer_of(name), step=step, inputs=inputs))
                 if new is not None:
-                    value, changed = checked_result(name, new, value), True
+                    value, touched = checked_result(name, new, value), True
+            if touched:
+                raw, changed = site.set(raw, value), True
             if name in plan.cache:
                 acts[name] = value.detach()
             if name == "hook_logits":
                 logits = value
         if changed:
             if site0.kind == "output":
-                env.output = site0.set(raw, value)
+                env.output = raw
             else:
-                env.input = value
+                env.input = raw
     return logits
 
 

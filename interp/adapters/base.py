@@ -61,28 +61,67 @@ def attr_set(attr: str) -> Setter:
     return set_
 
 
+def weights_get(value: Any) -> torch.Tensor:
+    """The attention weights an attention module returns next to its output (``(out, weights)``).
+
+    They are None unless the attention ran in eager mode; :class:`~interp.HookedVLM` switches the tower
+    to eager for any call that reads ``attn.hook_pattern``, so None here means something else ran it.
+    """
+    weights = value[1] if isinstance(value, (tuple, list)) and len(value) > 1 else None
+    if weights is None:
+        raise RuntimeError("the attention module returned no attention weights: attn.hook_pattern needs the eager "
+                           "attention implementation (HookedVLM switches to it for calls that read the pattern; "
+                           "a raw hf_model call does not)")
+    return weights
+
+
 @dataclass(frozen=True)
 class Site:
     """Where one hook name lives: a module (path relative to a root), its input or output, and how to read/write the tensor.
 
     ``kind == "input"`` means the first positional argument of the module's
     forward (every block of every supported model takes ``hidden_states``
-    positionally).
+    positionally).  ``heads`` ("q" or "kv") marks a site whose last axis
+    holds the query heads (or key/value heads) side by side; hooks and caches
+    see it split, ``[..., head, d_head]``, as TransformerLens shows
+    ``attn.hook_z``.  A ``read_only`` site can be read and cached, but a hook
+    that returns a replacement is an error.
     """
 
     module: str
     kind: str = "output"  # "input" | "output"
     get: Getter = _identity_get
     set: Setter = _identity_set
+    heads: str | None = None  # None | "q" | "kv"
+    read_only: bool = False
 
 
 @dataclass(frozen=True)
 class BlockSites:
-    """The five per-block sites, as paths relative to one block."""
+    """The per-block sites, as paths relative to one block.
+
+    ``attn``, ``resid_mid`` and ``mlp`` give the three residual-level sites that are not the block's own
+    input and output (``hook_attn_out``, ``hook_resid_mid``, ``hook_mlp_out``); every architecture has
+    them.  ``inner`` holds the finer sites the architecture also has, as ``(site name, Site)`` pairs
+    (names from :data:`interp.names.SITE_ORDER`: ``"ln1.hook_normalized"``, ``"attn.hook_z"``, ...).
+    """
 
     attn: Site
     resid_mid: Site
     mlp: Site
+    inner: tuple[tuple[str, Site], ...] = ()
+
+    def site_names(self) -> list[str]:
+        """The per-block site names this block has (residual-level ones first; order them with SITE_ORDER)."""
+        from ..names import BLOCK_SITES
+
+        return list(BLOCK_SITES) + [name for name, _ in self.inner]
+
+    def inner_site(self, name: str) -> Site:
+        for n, site in self.inner:
+            if n == name:
+                return site
+        raise KeyError(name)
 
 
 @dataclass(frozen=True)
@@ -118,6 +157,9 @@ class ArchAdapter:
     image_placeholder: str = "<image>"
     preprocess_images: Callable[..., dict[str, torch.Tensor]] | None = None
     tokens_per_image: Callable[..., list[int]] | None = None
+    # (query heads, key/value heads) of the language model's and the vision tower's attention, from the config
+    lm_heads: Callable[[Any], tuple[int, int]] | None = None
+    vision_heads: Callable[[Any], tuple[int, int]] | None = None
 
     def n_layers(self, model: nn.Module) -> int:
         return len(get_module(model, self.lm_layers))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ArchAdapter, BlockSites, Site, register, tuple_get, tuple_set
+from .base import ArchAdapter, BlockSites, Site, register, tuple_get, tuple_set, weights_get
 
 
 def _chat(prompt: str, n_images: int) -> str:
@@ -36,11 +36,34 @@ LLAVA = register(
             attn=Site("self_attn", "output", tuple_get(0), tuple_set(0)),
             resid_mid=Site("post_attention_layernorm", "input"),
             mlp=Site("mlp", "output"),
+            inner=(
+                ("ln1.hook_normalized", Site("input_layernorm", "output")),
+                ("attn.hook_q", Site("self_attn.q_proj", "output", heads="q")),
+                ("attn.hook_k", Site("self_attn.k_proj", "output", heads="kv")),
+                ("attn.hook_v", Site("self_attn.v_proj", "output", heads="kv")),
+                ("attn.hook_z", Site("self_attn.o_proj", "input", heads="q")),
+                ("attn.hook_pattern", Site("self_attn", "output", weights_get, read_only=True)),
+                ("ln2.hook_normalized", Site("post_attention_layernorm", "output")),
+                ("mlp.hook_pre", Site("mlp.gate_proj", "output")),
+                ("mlp.hook_pre_linear", Site("mlp.up_proj", "output")),
+                ("mlp.hook_post", Site("mlp.down_proj", "input")),
+            ),
         ),
         vision_block=BlockSites(
             attn=Site("self_attn", "output", tuple_get(0), tuple_set(0)),
             resid_mid=Site("layer_norm2", "input"),
             mlp=Site("mlp", "output"),
+            inner=(
+                ("ln1.hook_normalized", Site("layer_norm1", "output")),
+                ("attn.hook_q", Site("self_attn.q_proj", "output", heads="q")),
+                ("attn.hook_k", Site("self_attn.k_proj", "output", heads="kv")),
+                ("attn.hook_v", Site("self_attn.v_proj", "output", heads="kv")),
+                ("attn.hook_z", Site("self_attn.out_proj", "input", heads="q")),
+                ("attn.hook_pattern", Site("self_attn", "output", weights_get, read_only=True)),
+                ("ln2.hook_normalized", Site("layer_norm2", "output")),
+                ("mlp.hook_pre", Site("mlp.fc1", "output")),
+                ("mlp.hook_post", Site("mlp.fc2", "input")),
+            ),
         ),
         projector_in=Site("model.multi_modal_projector", "input"),
         projector_out=Site("model.multi_modal_projector", "output"),
@@ -49,5 +72,7 @@ LLAVA = register(
         image_placeholder="<image>",
         preprocess_images=_preprocess,
         tokens_per_image=_tokens_per_image,
+        lm_heads=lambda c: (c.text_config.num_attention_heads, c.text_config.num_key_value_heads),
+        vision_heads=lambda c: (c.vision_config.num_attention_heads,) * 2,
     )
 )

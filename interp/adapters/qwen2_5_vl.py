@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ArchAdapter, BlockSites, Site, attr_get, attr_set, register, tuple_get, tuple_set
+from .base import ArchAdapter, BlockSites, Site, attr_get, attr_set, register, tuple_get, tuple_set, weights_get
 
 _VISION = "<|vision_start|><|image_pad|><|vision_end|>"
 
@@ -41,11 +41,33 @@ QWEN2_5_VL = register(
             attn=Site("self_attn", "output", tuple_get(0), tuple_set(0)),
             resid_mid=Site("post_attention_layernorm", "input"),
             mlp=Site("mlp", "output"),
+            inner=(
+                ("ln1.hook_normalized", Site("input_layernorm", "output")),
+                ("attn.hook_q", Site("self_attn.q_proj", "output", heads="q")),
+                ("attn.hook_k", Site("self_attn.k_proj", "output", heads="kv")),
+                ("attn.hook_v", Site("self_attn.v_proj", "output", heads="kv")),
+                ("attn.hook_z", Site("self_attn.o_proj", "input", heads="q")),
+                ("attn.hook_pattern", Site("self_attn", "output", weights_get, read_only=True)),
+                ("ln2.hook_normalized", Site("post_attention_layernorm", "output")),
+                ("mlp.hook_pre", Site("mlp.gate_proj", "output")),
+                ("mlp.hook_pre_linear", Site("mlp.up_proj", "output")),
+                ("mlp.hook_post", Site("mlp.down_proj", "input")),
+            ),
         ),
         vision_block=BlockSites(
             attn=Site("attn", "output", tuple_get(0), tuple_set(0)),
             resid_mid=Site("norm2", "input"),
             mlp=Site("mlp", "output"),
+            # q, k and v come out of one fused projection, and the windowed attention returns no weights:
+            # the vision tower has no attn.hook_q/k/v or attn.hook_pattern
+            inner=(
+                ("ln1.hook_normalized", Site("norm1", "output")),
+                ("attn.hook_z", Site("attn.proj", "input", heads="q")),
+                ("ln2.hook_normalized", Site("norm2", "output")),
+                ("mlp.hook_pre", Site("mlp.gate_proj", "output")),
+                ("mlp.hook_pre_linear", Site("mlp.up_proj", "output")),
+                ("mlp.hook_post", Site("mlp.down_proj", "input")),
+            ),
         ),
         projector_in=Site("model.visual.merger", "input"),
         projector_out=Site("model.visual", "output", attr_get("pooler_output"), attr_set("pooler_output")),
@@ -56,5 +78,7 @@ QWEN2_5_VL = register(
         image_placeholder="<|image_pad|>",
         preprocess_images=_preprocess,
         tokens_per_image=_tokens_per_image,
+        lm_heads=lambda c: (c.text_config.num_attention_heads, c.text_config.num_key_value_heads),
+        vision_heads=lambda c: (c.vision_config.num_heads,) * 2,
     )
 )

@@ -50,3 +50,35 @@ def test_model_rejects_unknown_names(tiny_llava):
         tiny_llava.run_with_cache(inputs, names=["blocks.2.hook_resid_pr"])
     with pytest.raises(HookNameError):
         tiny_llava.run_with_hooks(inputs, hooks=[("blocks.99.hook_resid_pre", lambda x, c: x)])
+
+
+def test_finer_sites_parse_and_order():
+    from interp.names import SITE_ORDER, is_read_only
+
+    assert parse_block_name("blocks.2.attn.hook_z") == ("lm", 2, "attn.hook_z")
+    assert parse_block_name("vision.blocks.0.ln1.hook_normalized") == ("vision", 0, "ln1.hook_normalized")
+    assert parse_block_name("blocks.2.attn.q.hook_z") is None  # one dotted level, as TransformerLens names them
+    names = all_hook_names(2, 1, lm_sites=["mlp.hook_post", "attn.hook_z", *SITE_ORDER[:1], "hook_attn_out",
+                                             "hook_resid_mid", "hook_mlp_out", "hook_resid_post"])
+    block = [n.split(".", 2)[2] for n in names if n.startswith("blocks.1.")]
+    assert block == ["hook_resid_pre", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "mlp.hook_post",
+                     "hook_mlp_out", "hook_resid_post"]  # given in any order, listed in execution order
+    with pytest.raises(ValueError, match="unknown per-block sites"):
+        all_hook_names(1, 1, lm_sites=["hook_resid_pre", "attn.hook_zz"])
+    with pytest.raises(ValueError, match="residual-level"):
+        all_hook_names(1, 1, lm_sites=["attn.hook_z"])
+    assert is_read_only("blocks.0.attn.hook_pattern") and not is_read_only("blocks.0.attn.hook_z")
+    assert not is_read_only("hook_logits")
+
+
+def test_read_only_sites_leave_globs_and_are_refused_by_name():
+    from interp.names import SITE_ORDER, resolve_names_except_read_only
+
+    valid = all_hook_names(2, 1, lm_sites=SITE_ORDER)
+    got = resolve_names_except_read_only("blocks.0.attn.*", valid, "why")
+    assert got == ["blocks.0.attn.hook_q", "blocks.0.attn.hook_k", "blocks.0.attn.hook_v", "blocks.0.attn.hook_z"]
+    assert len(resolve_names_except_read_only(None, valid, "why")) == len(valid) - 2  # one pattern per LM block
+    with pytest.raises(ValueError, match="because"):
+        resolve_names_except_read_only(["blocks.0.attn.hook_z", "blocks.1.attn.hook_pattern"], valid, "because")
+    with pytest.raises(ValueError, match="because"):
+        resolve_names_except_read_only("blocks.*.attn.hook_pattern", valid, "because")  # nothing else matched

@@ -77,7 +77,8 @@ def test_image_positions_of_the_projector_equal_the_clean_image(tiny_llava, setu
 
 def test_batched_sites_equal_one_site_per_pass(tiny_llava, setup):
     clean, corrupt, _, metric = setup
-    names = [n for n in tiny_llava.hook_names() if n.startswith("blocks.")]
+    names = [n for n in tiny_llava.hook_names() if n.startswith("blocks.") and "hook_pattern" not in n]
+    assert "blocks.0.attn.hook_z" in names and "blocks.1.mlp.hook_post" in names
     many = patch_sites(tiny_llava, clean, corrupt, names, metric, positions="last", max_rows=None)
     one = patch_sites(tiny_llava, clean, corrupt, names, metric, positions="last", max_rows=2)
     assert many.names == one.names == names
@@ -180,3 +181,20 @@ def test_result_grid_and_round_trip(tmp_path):
     assert math.isnan(flat.effects["hook_embed"])
     flat.save(tmp_path / "f.json")
     assert math.isnan(PatchResult.load(tmp_path / "f.json").effects["hook_embed"])
+
+
+def test_head_outputs_patch_like_the_attention_output_they_sum_to(tiny_llava, setup):
+    """``attn_out = o_proj(z)``: patching all of ``attn.hook_z`` has exactly the effect of patching ``hook_attn_out``;
+    the heads' own rows (``blocks.1.attn.hook_z`` at one head) are patched through a position mask like any site."""
+    clean, corrupt, _, metric = setup
+    res = patch_sites(tiny_llava, clean, corrupt, "blocks.1.attn.*", metric, positions="last")
+    assert res.names == ["blocks.1.attn.hook_q", "blocks.1.attn.hook_k", "blocks.1.attn.hook_v",
+                         "blocks.1.attn.hook_z"]  # the read-only pattern is left out of the glob
+    both = patch_sites(tiny_llava, clean, corrupt, ["blocks.1.attn.hook_z", "blocks.1.hook_attn_out"], metric,
+                       positions="all")
+    assert both.effects["blocks.1.attn.hook_z"] == pytest.approx(both.effects["blocks.1.hook_attn_out"], abs=1e-4)
+    assert abs(both.effects["blocks.1.hook_attn_out"]) > 1e-3  # not vacuous
+    grid = res.grid()
+    assert grid.rows == ["attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z"]
+    with pytest.raises(ValueError, match="cannot be patched"):
+        patch_sites(tiny_llava, clean, corrupt, ["blocks.1.attn.hook_pattern"], metric)

@@ -172,3 +172,20 @@ def test_rows_without_the_modality_are_errors(llava2):
         collect_features(llava2, [random_image(32, 1), None], ["who", "who is he"], "vision.blocks.0.hook_resid_post")
     with pytest.raises(ValueError, match="position must be"):
         collect_features(llava2, [None], ["who"], "blocks.0.hook_resid_post", position="mean")
+
+
+def test_per_head_sites_give_the_heads_side_by_side(llava2):
+    images = [random_image(32, s) for s in range(3)]
+    prompts = PROMPTS[:3]
+    feats = collect_features(llava2, images, prompts, "blocks.1.attn.*", position="last")
+    assert sorted(feats) == ["blocks.1.attn.hook_k", "blocks.1.attn.hook_q", "blocks.1.attn.hook_v",
+                             "blocks.1.attn.hook_z"]  # the pattern is not a per-position vector: left out
+    inputs = llava2.encode(images=images, prompts=prompts)
+    _, cache = llava2.run_with_cache(inputs, names=["blocks.1.attn.hook_z", "vision.blocks.0.attn.hook_z"])
+    z = cache.last("blocks.1.attn.hook_z")  # [n, heads, d_head]
+    assert feats["blocks.1.attn.hook_z"].shape == (3, llava2.d_model)
+    assert torch.allclose(feats["blocks.1.attn.hook_z"], z.flatten(1), atol=1e-6)
+    vis = features_from_cache(llava2, cache, inputs)["vision.blocks.0.attn.hook_z"]  # mean over patches
+    assert torch.allclose(vis, cache["vision.blocks.0.attn.hook_z"].flatten(-2).mean(1), atol=1e-6)
+    with pytest.raises(ValueError, match="probe attn.hook_z"):
+        collect_features(llava2, images, prompts, ["blocks.1.attn.hook_pattern"])

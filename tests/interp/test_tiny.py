@@ -12,7 +12,12 @@ def test_overrides_shape_the_model(arch):
     m = tiny_vlm(arch, seed=1, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, vision_d_model=32,
                  vision_layers=3, image_size=32, patch_size=8)
     assert (m.d_model, m.n_layers, m.n_vision_layers) == (64, 2, 3)
-    assert len(m.hook_names()) == 1 + 3 * 5 + 3 + 2 * 5 + 2
+    # per block: 5 residual-level sites + ln1, ln2 and the MLP's hook_pre, hook_post; the LM's gated MLP adds
+    # hook_pre_linear and its attention q, k, v, z and pattern; CLIP's too, Qwen's vision tower (fused qkv,
+    # windowed attention) only z, and its gated MLP hook_pre_linear
+    lm, vision = 5 + 4 + 1 + 5, 5 + 4 + (5 if arch == "llava" else 2)
+    assert len(m.hook_names()) == 1 + 3 * vision + 3 + 2 * lm + 2
+    assert m.head_counts == {"lm": (4, 2), "vision": (2, 2)}  # vision heads: the tiny builder's default
 
 
 def test_vision_overrides_reach_the_hf_config():
