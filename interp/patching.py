@@ -240,7 +240,7 @@ def _patch_hook(source: Tensor, mask: Optional[Tensor], copy: int, n_copies: int
         if mask is None:
             new = src
         else:
-            m = mask.to(x.device).reshape(*mask.shape, *([1] * (seg.dim() - 2)))
+            m = mask.to(x.device).reshape(*mask.shape, *([1] * (seg.dim() - mask.dim())))  # [batch, pos(, head)]
             new = torch.where(m, src, seg)
         return torch.cat([x[:copy * n0], new, x[(copy + 1) * n0:]])
 

@@ -49,6 +49,12 @@ ours                       bridge
 ``hook_logits``            ``unembed.hook_out``
 =========================  ==========================================================
 
+The sites inside the language model's blocks (``ln1.hook_normalized``, ``attn.hook_q/k/v/z``,
+``attn.hook_pattern``, ``mlp.hook_pre/pre_linear/post``, ...) have the same names on both sides, as have
+CLIP's inside ``vision_encoder.encoder_layers.{l}``; Qwen2.5-VL's vision blocks keep HF's names on the
+bridge (``norm1.hook_out``, ``attn.proj.hook_in``, ...).  Where the bridge keeps a per-head site flat
+(``[..., heads * d_head]``), :func:`bridge_run_with_cache` splits it as ours are.
+
 >>> from interp.tiny import tiny_vlm
 >>> from interp.tl import to_transformer_lens, compare_with_bridge
 >>> model = tiny_vlm("llava", n_layers=2)

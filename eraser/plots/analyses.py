@@ -11,6 +11,7 @@ figure               input          shows
 probe_accuracy.png   probing.json   probe accuracy by layer, before vs after steering
 patching_heatmap.png patching.json  information flow (image patching) and steering patching
 leakage_bars.png     leakage.json   each attack's success rate, vanilla vs steered
+heads_heatmap.png    heads.json     per-head patching; attention to the image, vanilla vs steered
 ===================  =============  ===========================================
 
 >>> from eraser.plots import plot_leakage
@@ -28,7 +29,7 @@ from matplotlib.colors import TwoSlopeNorm
 
 from .canvas import STYLE, PathLike, new_figure, read_json, save_png, say_skipped
 
-__all__ = ["plot_probe_accuracy", "plot_patching_heatmap", "plot_leakage", "FIGURES"]
+__all__ = ["plot_probe_accuracy", "plot_patching_heatmap", "plot_leakage", "plot_heads_heatmap", "FIGURES"]
 
 _COND = (  # (probe, run, label, colour)
     ("vanilla_probe", "vanilla", "vanilla probe / vanilla run", "#1f77b4"),
@@ -141,6 +142,41 @@ def plot_patching_heatmap(source: Any, out_path: PathLike) -> Path | None:
         return save_png(fig, out_path, {"lm_grid": flow["lm_grid"], "vision_grid": flow["vision_grid"]})
 
 
+# -- heads --------------------------------------------------------------------------------------------------
+def plot_heads_heatmap(source: Any, out_path: PathLike) -> Path | None:
+    """Per-head patching effects (layer x head, all positions and the answer position), and the last token's
+    attention on image tokens by layer, vanilla vs steered, for the forget and retain questions."""
+    data, path = read_json(source, "heads.json")
+    if not data or "flow" not in data:
+        say_skipped("heads_heatmap", f"no per-head results ({path or 'no data'})")
+        return None
+    flow, att = data["flow"], data.get("attention") or {}
+    grids = [({"rows": [str(l) for l in flow["layers"]], "cols": flow["heads"], "values": flow["effects"][part]},
+              title) for part, title in (("all", "Head output patched, all positions"),
+                                          ("answer", "Head output patched, answer position"))]
+    with matplotlib.rc_context({**STYLE, "axes.grid": False}):
+        fig = new_figure(12.0 if att else 8.0, 3.0)
+        axes = fig.subplots(1, len(grids) + (1 if att else 0), squeeze=False)[0]
+        for ax, (grid, title) in zip(axes, grids):
+            _panel(ax, fig, grid, title, "head")
+            ax.set_ylabel("LM layer")
+        if att:
+            ax = axes[-1]
+            for (split, d), colour in zip(att.items(), ("#d62728", "#1f77b4", "#2ca02c")):
+                x = np.arange(len(d["vanilla_by_layer"]))
+                ax.plot(x, d["vanilla_by_layer"], "-o", ms=3, color=colour, label=f"{split}, vanilla")
+                ax.plot(x, d["steered_by_layer"], "--s", ms=3, color=colour, label=f"{split}, steered")
+                ax.set_xticks(x, [str(i) for i in x])
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_xlabel("LM layer")
+            ax.set_ylabel("attention on image tokens")
+            ax.set_title("Last prompt token → image (mean over heads)")
+            ax.legend(fontsize=6, frameon=False)
+        fig.suptitle(f"Per-head patching over {flow.get('n_pairs', '?')} profile pairs: name-token logit diff, "
+                     f"clean {_f(flow.get('clean')):.2f} / corrupted {_f(flow.get('corrupted')):.2f}")
+        return save_png(fig, out_path, {"top_answer": flow.get("top_answer", [])})
+
+
 # -- leakage ------------------------------------------------------------------------------------------------
 def _paired_bars(ax, labels: list[str], vanilla: np.ndarray, steered: np.ndarray, ylabel: str, title: str) -> None:
     """Vanilla and steered rates side by side per label, each bar annotated ("–" where missing)."""
@@ -192,4 +228,5 @@ FIGURES = {
     "probe_accuracy": (plot_probe_accuracy, "probe_accuracy.png", "probing.json"),
     "patching_heatmap": (plot_patching_heatmap, "patching_heatmap.png", "patching.json"),
     "leakage_bars": (plot_leakage, "leakage_bars.png", "leakage.json"),
+    "heads_heatmap": (plot_heads_heatmap, "heads_heatmap.png", "heads.json"),
 }

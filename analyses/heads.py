@@ -1,0 +1,185 @@
+"""Heads: which attention heads carry a person's identity to the answer, and what the eraser does to attention.
+
+Part 1, per-head patching (clean -> corrupted), on the name question of
+:mod:`analyses.patching` (same pairs, same teacher-forced prefix, same metric:
+the logit difference between the two people's first differing name token).
+Each head's output (``blocks.{l}.attn.hook_z``, one head) is patched alone from
+the clean run into the corrupted one, at every position and at the answer
+position only (:func:`interp.head_patching.patch_heads`).  Effects are
+normalised over all pairs (clean = 1, corrupted = 0).
+
+Part 2, attention to the image, vanilla vs steered.  For the forget and the
+retain profiles' image questions (generation and cloze), the share of the
+last prompt token's attention that lands on image tokens, per layer and head
+(``attn.hook_pattern``), without and with the eraser's steering hooks.  The
+steering adds to the residual stream at every prompt position, so a change
+here says whether it works by moving what the answer reads from the image.
+
+Writes ``OUT/heads.json`` and ``OUT/heads_heatmap.png``.
+
+Run: ``python -m analyses.heads [--quick] [--eraser PATH] [--limit N] [--pairs N]``.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from eraser.data.schema import Profile
+from eraser.evaluate import build_items
+from interp.head_patching import patch_heads
+
+from .common import Context, base_parser, limited, load_context, out_dir, save_json
+from .patching import NAME_QUESTION, answer_position, logit_diff_at, make_pairs, pair_spec, position_mask
+
+
+# -- part 1: which heads move the identity --------------------------------------------------------------------
+def head_flow(ctx: Context, profiles: Sequence[Profile], n_pairs: int) -> dict[str, Any]:
+    model, tok = ctx.model, ctx.model.tokenizer
+    specs = [s for s in (pair_spec(tok, a, b) for a, b in make_pairs(profiles, n_pairs, ctx.setup.recipe.seed)) if s]
+    if not specs:
+        raise ValueError("no profile pair has answers that differ")
+    images = {p.id: p.image for p in profiles}
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for s in specs:  # pairs sharing prompt and prefix line up position by position: one batch each
+        groups.setdefault((s["prompt"], s["prefix"]), []).append(s)
+    rows: dict[str, dict[str, list[float]]] = {"all": {}, "answer": {}}
+    bar = tqdm(total=2 * len(groups), desc="patching heads", disable=not ctx.progress, leave=False)
+    for (prompt, prefix), group in groups.items():
+        n = len(group)
+        answers = [prefix] * n if prefix else None
+        clean = model.encode([images[s["clean"]] for s in group], [prompt] * n, answers=answers)
+        corrupt = model.encode([images[s["corrupted"]] for s in group], [prompt] * n, answers=answers)
+        pos = answer_position(group[0]["n_prefix"])
+        metric = logit_diff_at(pos, [s["clean_id"] for s in group], [s["corrupted_id"] for s in group])
+        for part, positions in (("all", "all"), ("answer", position_mask(pos))):
+            with torch.no_grad():
+                res = patch_heads(model, clean, corrupt, metric, positions=positions, max_rows=ctx.args.batch_size)
+            for key, vals in res.rows.items():
+                rows[part].setdefault(key, []).extend(vals)
+            bar.update(1)
+    bar.close()
+    n_heads = model.head_counts["lm"][0]
+    clean_m, corrupt_m = float(np.mean(rows["all"]["clean"])), float(np.mean(rows["all"]["corrupted"]))
+    denom = clean_m - corrupt_m
+
+    def grid(part: str) -> list[list[float]]:
+        out = []
+        for l in range(model.n_layers):
+            row = []
+            for h in range(n_heads):
+                v = float(np.mean(rows[part][f"L{l}H{h}"]))
+                row.append((v - corrupt_m) / denom if denom != 0 and math.isfinite(denom) else float("nan"))
+            out.append(row)
+        return out
+
+    grids = {part: grid(part) for part in rows}
+    top = sorted(((abs(v), l, h, v) for l, r in enumerate(grids["answer"]) for h, v in enumerate(r)
+                  if math.isfinite(v)), reverse=True)[:5]
+    return {"question": NAME_QUESTION, "metric": "logit diff (clean − corrupted first differing name token)",
+            "n_pairs": len(specs), "clean": clean_m, "corrupted": corrupt_m,
+            "layers": list(range(model.n_layers)), "heads": list(range(n_heads)),
+            "effects": grids, "top_answer": [{"layer": l, "head": h, "effect": v} for _, l, h, v in top]}
+
+
+# -- part 2: the eraser and attention to the image -------------------------------------------------------------
+def image_attention(model, inputs, hooks) -> np.ndarray:
+    """Per row, layer and head: the last prompt token's attention mass on image tokens, ``[batch, layer, head]``."""
+    names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.n_layers)]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(inputs, names=names, hooks=hooks, stop_early=True)
+    b = inputs.input_ids.shape[0]
+    rows = torch.arange(b)
+    img = inputs.image_mask.to(torch.float32)  # [batch, key]
+    out = []
+    for n in names:
+        last = cache[n][rows, :, inputs.last_index].float()  # [batch, head, key]
+        out.append((last * img[:, None, :].to(last.device)).sum(-1).cpu())
+    return torch.stack(out, dim=1).numpy()
+
+
+def attention_shift(ctx: Context, splits: dict[str, Sequence[Profile]]) -> dict[str, Any]:
+    model, bs = ctx.model, ctx.args.batch_size
+    out: dict[str, Any] = {}
+    items = {k: [it for it in build_items(v, tasks=("generation", "cloze")) if it.image is not None]
+             for k, v in splits.items()}
+    if ctx.args.limit is not None:
+        items = {k: v[: max(2, 4 * ctx.args.limit)] for k, v in items.items()}
+    bar = tqdm(total=sum(math.ceil(len(v) / bs) for v in items.values()), desc="attention to the image",
+               disable=not ctx.progress, leave=False)
+    for split, its in items.items():
+        if not its:
+            raise ValueError(f"no image questions in the {split} split")
+        vanilla, steered = [], []
+        for s in range(0, len(its), bs):
+            chunk = its[s:s + bs]
+            inputs = model.encode([it.image for it in chunk], [it.prompt for it in chunk])
+            vanilla.append(image_attention(model, inputs, []))
+            steered.append(image_attention(model, inputs, ctx.hooks()))
+            bar.update(1)
+        v, st = np.concatenate(vanilla), np.concatenate(steered)  # [n, layer, head]
+        out[split] = {"n_queries": len(its), "vanilla": v.mean(0).tolist(), "steered": st.mean(0).tolist(),
+                      "vanilla_by_layer": v.mean((0, 2)).tolist(), "steered_by_layer": st.mean((0, 2)).tolist(),
+                      "max_abs_change": float(np.abs(st - v).max())}
+    bar.close()
+    return out
+
+
+def run(ctx: Context, n_pairs: int) -> dict[str, Any]:
+    bench, limit = ctx.setup.bench, ctx.args.limit
+    forget = limited(bench.forget, limit)
+    retain = limited(bench.retain, None if limit is None else max(limit, 2))
+    t0 = time.perf_counter()
+    flow = head_flow(ctx, forget + retain, n_pairs)
+    t1 = time.perf_counter()
+    shift = attention_shift(ctx, {"forget": forget, "retain": retain})
+    return {"config": ctx.config(), "flow": flow, "attention": shift, "steered_layers": list(ctx.eraser.layers),
+            "timing": {"flow_s": t1 - t0, "attention_s": time.perf_counter() - t1}}
+
+
+def print_summary(res: dict[str, Any]) -> None:
+    f, a = res["flow"], res["attention"]
+
+    def fmt(vals: Sequence[float]) -> str:
+        return " ".join("   --" if v is None or not math.isfinite(v) else f"{v:5.2f}" for v in vals)
+
+    print(f"\nPer-head patching over {f['n_pairs']} profile pairs: logit diff clean {f['clean']:.2f}, corrupted "
+          f"{f['corrupted']:.2f} (normalised effects, 1 = clean restored; columns: heads)")
+    for part in ("all", "answer"):
+        for l, vals in enumerate(f["effects"][part]):
+            print(f"  {part + ' positions':<17} layer {l}: {fmt(vals)}")
+    print("  strongest at the answer position: "
+          + ", ".join(f"L{t['layer']}H{t['head']} {t['effect']:.2f}" for t in f["top_answer"]))
+    print(f"Last token's attention on image tokens (mean over heads), vanilla -> steered; steered layers "
+          f"{res['steered_layers']}")
+    for split, d in a.items():
+        pairs = " ".join(f"{v:.2f}->{s:.2f}" for v, s in zip(d["vanilla_by_layer"], d["steered_by_layer"]))
+        print(f"  {split:<7} ({d['n_queries']} queries) by layer: {pairs}; largest change of one head "
+              f"{d['max_abs_change']:.3f}")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = base_parser("heads", __doc__.splitlines()[0])
+    ap.add_argument("--pairs", type=int, default=8, help="profile pairs averaged in the per-head patching")
+    args = ap.parse_args(argv)
+    if args.pairs < 1:
+        ap.error(f"--pairs must be >= 1, got {args.pairs}")
+    ctx = load_context(args)
+    out = out_dir(args)
+    n_pairs = args.pairs if args.limit is None else min(args.pairs, max(args.limit, 1))
+    res = save_json(out / "heads.json", run(ctx, n_pairs))
+    from eraser.plots import plot_heads_heatmap
+
+    png = plot_heads_heatmap(res, out / "heads_heatmap.png")
+    print_summary(res)
+    print(f"  wrote {out / 'heads.json'} and {png}")
+    return res
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,164 @@
+"""Activation patching per attention head: which heads carry the difference between two runs?
+
+Why per head: site patching (:mod:`interp.patching`) says a layer's attention
+output matters; a circuit is made of heads, and one layer's output is the sum
+of its heads' outputs through ``o_proj`` (``attn.hook_z`` holds them side by
+side).  Patching head ``h`` of layer ``l`` alone, clean -> corrupted, gives one
+number per (layer, head): the TransformerLens "attention head output" patching
+experiment, here with images, modality-aware positions and batched passes.
+
+As in :func:`interp.patching.patch_from_run`, several cells run in one
+forward pass: the corrupted batch is repeated once per (layer, head) and copy
+``c`` gets only cell ``c``'s patch, so each copy computes exactly the
+one-head-at-a-time result.
+
+>>> from interp.tiny import tiny_vlm
+>>> from PIL import Image
+>>> from interp.patching import answer_logprob
+>>> model = tiny_vlm("llava", n_layers=2)
+>>> clean = model.encode(images=[Image.new("RGB", (32, 32), "red")], prompts=["who is this"])
+>>> corrupt = model.encode(images=[Image.new("RGB", (32, 32), "blue")], prompts=["who is this"])
+>>> res = patch_heads(model, clean, corrupt, answer_logprob([5]))
+>>> res.effects.shape                                  # [layer, head]
+(2, 4)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .hooks import HookSpec
+from .inputs import VLMInputs
+from .patching import Metric, PositionSpec, _apply_metric, _mean, _patch_hook, _patch_mask, _position_label
+from .steering import repeat_inputs
+from .sweep import Grid
+
+if TYPE_CHECKING:
+    from .model import HookedVLM
+
+
+@dataclass
+class HeadPatchResult:
+    """Metric values of per-head patching; ``effects[i, j]`` is layer ``layers[i]``, head ``j``, normalised to
+    clean = 1, corrupted = 0.
+
+    ``patched[i, j]`` is the batch-mean metric with that head patched alone; ``clean`` / ``corrupted`` the
+    batch means of the two runs; ``rows`` the per-row values (``"clean"``, ``"corrupted"``, ``"L{l}H{h}"``).
+    """
+
+    layers: list[int]
+    patched: np.ndarray
+    clean: float
+    corrupted: float
+    positions: str = "all"
+    rows: dict[str, list[float]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.patched.shape[1])
+
+    @property
+    def effects(self) -> np.ndarray:
+        """``(patched - corrupted) / (clean - corrupted)``; NaN where clean and corrupted agree."""
+        gap = self.clean - self.corrupted
+        if not np.isfinite(gap) or abs(gap) < 1e-12:
+            return np.full_like(self.patched, np.nan)
+        return (self.patched - self.corrupted) / gap
+
+    def top(self, k: int = 5) -> list[tuple[int, int, float]]:
+        """The ``k`` heads with the largest absolute effect: ``[(layer, head, effect), ...]``."""
+        eff = self.effects
+        order = np.argsort(-np.nan_to_num(np.abs(eff), nan=-1.0), axis=None)[:k]
+        return [(self.layers[i // self.n_heads], int(i % self.n_heads), float(eff.flat[i])) for i in order]
+
+    def grid(self, value: str = "effects") -> Grid:
+        """A layer x head grid for a heatmap (``value``: ``"effects"`` or ``"patched"``)."""
+        if value not in ("effects", "patched"):
+            raise ValueError(f"value must be 'effects' or 'patched', got {value!r}")
+        vals = self.effects if value == "effects" else self.patched
+        return Grid(row_key="layer", col_key="head", rows=list(self.layers), cols=list(range(self.n_heads)),
+                    values=np.array(vals, dtype=float))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": "interp.HeadPatchResult", "layers": list(self.layers), "patched": self.patched.tolist(),
+                "clean": self.clean, "corrupted": self.corrupted, "positions": self.positions,
+                "rows": dict(self.rows), "meta": dict(self.meta)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "HeadPatchResult":
+        if d.get("format") != "interp.HeadPatchResult":
+            raise ValueError(f"not a HeadPatchResult (format {d.get('format')!r})")
+        return cls(layers=[int(l) for l in d["layers"]], patched=np.array(d["patched"], dtype=float),
+                   clean=float(d["clean"]), corrupted=float(d["corrupted"]), positions=d.get("positions", "all"),
+                   rows={k: [float(x) for x in v] for k, v in d.get("rows", {}).items()}, meta=dict(d.get("meta", {})))
+
+    def save(self, path: str | Path) -> None:
+        """JSON (NaN written as ``NaN``), atomically."""
+        from .io import write_json
+
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "HeadPatchResult":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def patch_heads(
+    model: "HookedVLM",
+    clean_inputs: VLMInputs,
+    corrupted_inputs: VLMInputs,
+    metric: Metric,
+    layers: Optional[Sequence[int]] = None,
+    positions: PositionSpec = "all",
+    max_rows: Optional[int] = 32,
+) -> HeadPatchResult:
+    """Patch each attention head's output (``blocks.{l}.attn.hook_z``, one head) clean -> corrupted, alone.
+
+    ``layers``: the language-model layers to patch (default: all).  ``positions`` and ``max_rows`` as in
+    :func:`interp.patching.patch_from_run` (``"last"`` asks which heads write the answer-relevant
+    information into the last prompt token; ``"image"`` which heads do it at the image tokens).
+    """
+    if tuple(clean_inputs.input_ids.shape) != tuple(corrupted_inputs.input_ids.shape):
+        raise ValueError(
+            f"clean inputs have [batch, pos] = {tuple(clean_inputs.input_ids.shape)}, corrupted "
+            f"{tuple(corrupted_inputs.input_ids.shape)}: patching needs the same shapes; use prompts of the same "
+            "token length (e.g. the same prompt with two different images)")
+    layers = list(range(model.n_layers)) if layers is None else [int(l) for l in layers]
+    bad = [l for l in layers if not 0 <= l < model.n_layers]
+    if not layers or bad or len(set(layers)) != len(layers):
+        raise ValueError(f"layers must be distinct LM layers in 0..{model.n_layers - 1}, got {layers}")
+    names = {l: f"blocks.{l}.attn.hook_z" for l in layers}
+    mask = _patch_mask(positions, names[layers[0]], corrupted_inputs)  # validate before any forward pass
+    n_heads = model.head_counts["lm"][0]
+
+    clean_logits, cache = model.run_with_cache(clean_inputs, names=list(names.values()))
+    rows: dict[str, list[float]] = {"clean": _apply_metric(metric, clean_logits, corrupted_inputs)}
+    del clean_logits
+    rows["corrupted"] = _apply_metric(metric, model.run_with_hooks(corrupted_inputs, []), corrupted_inputs)
+
+    b, p = corrupted_inputs.input_ids.shape
+    base = torch.ones((b, p), dtype=torch.bool) if mask is None else mask.cpu()
+    cells = [(l, h) for l in layers for h in range(n_heads)]
+    per = len(cells) if max_rows is None else max(1, max_rows // b)
+    patched = np.full((len(layers), n_heads), np.nan)
+    for s in range(0, len(cells), per):
+        chunk = cells[s:s + per]
+        hooks: HookSpec = []
+        for c, (l, h) in enumerate(chunk):
+            head_mask = torch.zeros((b, p, n_heads), dtype=torch.bool)
+            head_mask[..., h] = base
+            hooks.append((names[l], _patch_hook(cache[names[l]], head_mask, c, len(chunk))))
+        logits = model.run_with_hooks(repeat_inputs(corrupted_inputs, len(chunk)), hooks)
+        for c, (l, h) in enumerate(chunk):
+            vals = _apply_metric(metric, logits[c * b:(c + 1) * b], corrupted_inputs)
+            rows[f"L{l}H{h}"] = vals
+            patched[layers.index(l), h] = _mean(vals)
+        del logits
+    return HeadPatchResult(layers=layers, patched=patched, clean=_mean(rows["clean"]),
+                           corrupted=_mean(rows["corrupted"]), positions=_position_label(positions), rows=rows)

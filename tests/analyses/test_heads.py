@@ -1,0 +1,74 @@
+"""analyses/heads.py end to end on the quick model (tiny --limit), plus its figure."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from analyses import heads
+from eraser.plots import plot_heads_heatmap
+
+from . import in_unit, is_png, quick_eraser, read_json, script_args  # noqa: F401
+
+N_LAYERS, N_HEADS = 4, 4  # the quick LLaVA
+
+
+@pytest.fixture(scope="module")
+def run(quick_eraser, tmp_path_factory):
+    out = tmp_path_factory.mktemp("heads")
+    from . import one_thread
+
+    with one_thread():
+        res = heads.main(script_args(out, quick_eraser, 3, "--pairs", "3"))
+    return out, res
+
+
+def test_help_and_bad_pairs(capsys):
+    with pytest.raises(SystemExit) as e:
+        heads.main(["--help"])
+    assert e.value.code == 0 and "--pairs" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        heads.main(["--pairs", "0"])
+    assert e.value.code == 2
+
+
+def test_json_shapes_and_the_trained_model_names_the_person(run):
+    out, _ = run
+    data = read_json(out / "heads.json")
+    flow = data["flow"]
+    assert flow["n_pairs"] == 3 and flow["layers"] == list(range(N_LAYERS)) and flow["heads"] == list(range(N_HEADS))
+    for part in ("all", "answer"):
+        assert np.array(flow["effects"][part], dtype=float).shape == (N_LAYERS, N_HEADS)
+    assert flow["clean"] > 0 > flow["corrupted"]  # clean prefers its own person's name, corrupted the other's
+    assert len(flow["top_answer"]) == 5 and all(math.isfinite(t["effect"]) for t in flow["top_answer"])
+    assert is_png(out / "heads_heatmap.png")
+
+
+def test_some_head_carries_the_identity(run):
+    """Not vacuous: one head patched alone moves the name logit difference by a visible share of the gap."""
+    _, res = run
+    effects = np.array(res["flow"]["effects"]["all"], dtype=float)
+    assert np.nanmax(np.abs(effects)) > 0.05
+
+
+def test_steering_leaves_attention_before_the_first_steered_layer_alone(run):
+    """The eraser's hooks write at its steered layers only (reading the gate changes nothing), so the attention of
+    every earlier layer is bit-for-bit the vanilla one; the shares are attention masses in [0, 1]."""
+    _, res = run
+    first = min(res["steered_layers"])
+    assert first >= 1
+    for split in ("forget", "retain"):
+        d = res["attention"][split]
+        v, s = np.array(d["vanilla"]), np.array(d["steered"])
+        assert v.shape == s.shape == (N_LAYERS, N_HEADS)
+        assert np.abs(v[:first] - s[:first]).max() == 0.0
+        assert all(in_unit(x) for x in v.ravel().tolist() + s.ravel().tolist())
+        assert v.max() > 0.0  # the last token does attend to the image somewhere
+    assert res["attention"]["forget"]["max_abs_change"] > 0.0  # the forget questions are steered
+
+
+def test_figure_from_saved_json(run, tmp_path):
+    out, _ = run
+    assert is_png(plot_heads_heatmap(out, tmp_path / "again.png"))
+    assert plot_heads_heatmap(tmp_path, tmp_path / "none.png") is None

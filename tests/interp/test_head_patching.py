@@ -1,0 +1,89 @@
+"""interp.head_patching: one head at a time, batched like one pass per head, equal to a hand-written patch."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from interp.head_patching import HeadPatchResult, patch_heads
+from interp.patching import answer_logprob
+from tests.conftest import random_image
+
+PROMPTS = ["what is the name of the person in this image ?", "who is he"]
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_llava):
+    clean = tiny_llava.encode(images=[random_image(32, 1), random_image(32, 2)], prompts=PROMPTS)
+    corrupt = tiny_llava.encode(images=[random_image(32, 3), random_image(32, 4)], prompts=PROMPTS)
+    logits = tiny_llava.run_with_hooks(clean, [])
+    answer = logits[torch.arange(2), clean.last_index].argmax(-1)
+    return clean, corrupt, answer_logprob(answer)
+
+
+def test_each_cell_is_the_one_head_patch(tiny_llava, pair):
+    clean, corrupt, metric = pair
+    res = patch_heads(tiny_llava, clean, corrupt, metric, max_rows=None)
+    n_heads = tiny_llava.head_counts["lm"][0]
+    assert res.patched.shape == (tiny_llava.n_layers, n_heads) and res.layers == [0, 1, 2]
+    # by hand: layer 1, head 2, every position, from the clean cache
+    _, cache = tiny_llava.run_with_cache(clean, names=["blocks.1.attn.hook_z"])
+    src = cache["blocks.1.attn.hook_z"]
+
+    def patch(z, ctx):
+        z = z.clone()
+        z[:, :, 2] = src[:, :, 2]
+        return z
+
+    by_hand = metric(tiny_llava.run_with_hooks(corrupt, [("blocks.1.attn.hook_z", patch)]), corrupt).mean().item()
+    assert res.patched[1, 2] == pytest.approx(by_hand, abs=1e-5)
+    assert res.clean == pytest.approx(metric(tiny_llava.run_with_hooks(clean, []), clean).mean().item(), abs=1e-5)
+    # batched several cells per pass == one cell per pass (max_rows = batch)
+    one = patch_heads(tiny_llava, clean, corrupt, metric, max_rows=2)
+    assert np.allclose(res.patched, one.patched, atol=1e-5)
+    assert np.nanmax(np.abs(res.effects)) > 0.05  # not vacuous: some head carries the images' difference
+    assert res.top(1)[0][2] == pytest.approx(res.effects[np.unravel_index(np.nanargmax(np.abs(res.effects)),
+                                                                            res.effects.shape)])
+
+
+def test_positions_and_layers(tiny_llava, pair):
+    clean, corrupt, metric = pair
+    last = patch_heads(tiny_llava, clean, corrupt, metric, layers=[2], positions="last")
+    assert last.layers == [2] and last.positions == "last" and last.patched.shape == (1, last.n_heads)
+    # the last position of the last layer: its heads' outputs go straight to the logits through o_proj and the
+    # MLP, so each head patched there moves the metric (nothing else in the pass changes)
+    assert (np.abs(last.patched - last.corrupted) > 1e-6).all()
+    # layer 0 at the text positions before the image: the prompts are the same, so nothing to patch there
+    first = tiny_llava.encode(images=[random_image(32, 1)], prompts=[PROMPTS[0]])
+    other = tiny_llava.encode(images=[random_image(32, 3)], prompts=[PROMPTS[0]])
+    img = first.image_mask[0].nonzero()[0, 0].item()
+
+    def before_image(inputs):
+        m = torch.zeros_like(inputs.image_mask)
+        m[:, :img] = True
+        return m
+
+    logits = tiny_llava.run_with_hooks(first, [])
+    m = answer_logprob(logits[0, first.last_index].argmax(-1))
+    none = patch_heads(tiny_llava, first, other, m, layers=[0], positions=before_image)
+    assert np.allclose(none.patched, none.corrupted, atol=1e-6)
+
+
+def test_round_trip_grid_and_errors(tiny_llava, pair, tmp_path):
+    clean, corrupt, metric = pair
+    res = patch_heads(tiny_llava, clean, corrupt, metric, layers=[0, 2])
+    res.save(tmp_path / "heads.json")
+    back = HeadPatchResult.load(tmp_path / "heads.json")
+    assert back.layers == [0, 2] and np.allclose(back.patched, res.patched) and back.rows == res.rows
+    grid = res.grid()
+    assert grid.rows == [0, 2] and grid.cols == list(range(res.n_heads)) and grid.values.shape == (2, res.n_heads)
+    with pytest.raises(ValueError, match="layers"):
+        patch_heads(tiny_llava, clean, corrupt, metric, layers=[3])
+    with pytest.raises(ValueError, match="layers"):
+        patch_heads(tiny_llava, clean, corrupt, metric, layers=[])
+    with pytest.raises(ValueError, match="same shapes"):
+        patch_heads(tiny_llava, clean, tiny_llava.encode(images=[None], prompts=["who"]), metric)
+    with pytest.raises(ValueError, match="positions"):
+        patch_heads(tiny_llava, clean, corrupt, metric, positions="middle")
+    with pytest.raises(ValueError, match="HeadPatchResult"):
+        HeadPatchResult.from_dict({"format": "interp.PatchResult"})
