@@ -24,9 +24,7 @@ one-head-at-a-time result.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
@@ -34,6 +32,7 @@ import torch
 
 from .hooks import HookSpec
 from .inputs import VLMInputs
+from .io import JsonRecord, json_number
 from .patching import Metric, PositionSpec, _apply_metric, _mean, _patch_hook, _patch_mask, _position_label
 from .steering import repeat_inputs
 from .sweep import Grid
@@ -43,7 +42,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class HeadPatchResult:
+class HeadPatchResult(JsonRecord):
     """Metric values of per-head patching; ``effects[i, j]`` is layer ``layers[i]``, head ``j``, normalised to
     clean = 1, corrupted = 0.
 
@@ -95,18 +94,10 @@ class HeadPatchResult:
         if d.get("format") != "interp.HeadPatchResult":
             raise ValueError(f"not a HeadPatchResult (format {d.get('format')!r})")
         return cls(layers=[int(l) for l in d["layers"]], patched=np.array(d["patched"], dtype=float),
-                   clean=float(d["clean"]), corrupted=float(d["corrupted"]), positions=d.get("positions", "all"),
-                   rows={k: [float(x) for x in v] for k, v in d.get("rows", {}).items()}, meta=dict(d.get("meta", {})))
-
-    def save(self, path: str | Path) -> None:
-        """JSON (NaN written as ``NaN``), atomically."""
-        from .io import write_json
-
-        write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | Path) -> "HeadPatchResult":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+                   clean=json_number(d["clean"]), corrupted=json_number(d["corrupted"]),
+                   positions=d.get("positions", "all"),
+                   rows={k: [json_number(x) for x in v] for k, v in d.get("rows", {}).items()},
+                   meta=dict(d.get("meta", {})))
 
 
 def patch_heads(

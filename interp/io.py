@@ -46,3 +46,28 @@ def write_json(path: str | Path, obj: Any) -> None:
     text = json.dumps(strict_json(obj), indent=2, sort_keys=False, allow_nan=False)
     with atomic_path(path) as tmp:
         tmp.write_text(text + "\n")
+
+
+def json_number(value: Any) -> float:
+    """A number read back from :func:`write_json`'s output: null (a NaN or inf when written) is NaN again."""
+    return math.nan if value is None else float(value)
+
+
+class JsonRecord:
+    """Mixin for result value objects that are plain data: :meth:`save` writes ``to_dict()`` as strict JSON,
+    atomically; :meth:`load` reads it back through ``from_dict`` (a file that is not JSON is a ValueError)."""
+
+    def to_dict(self) -> dict[str, Any]:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def save(self, path: str | Path) -> None:
+        """Strict JSON (NaN written as null), atomically."""
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path):
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not a JSON file ({e})") from None
+        return cls.from_dict(data)  # type: ignore[attr-defined]

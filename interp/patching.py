@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -47,6 +46,7 @@ from torch import Tensor
 from .cache import ActivationCache
 from .hooks import HookContext, HookFn, HookSpec
 from .inputs import VLMInputs
+from .io import JsonRecord, json_number
 from .names import SITE_ORDER, NameFilter, parse_block_name, resolve_names, resolve_names_except_read_only
 from .steering import repeat_inputs
 from .sweep import Grid
@@ -113,7 +113,7 @@ def _mean(xs: Sequence[float]) -> float:
 
 
 @dataclass
-class PatchResult:
+class PatchResult(JsonRecord):
     """Metric values of a patching experiment; ``effects`` are normalised to clean = 1, corrupted = 0.
 
     ``patched[name]`` is the batch-mean metric with ``name`` patched,
@@ -172,21 +172,11 @@ class PatchResult:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PatchResult":
-        return cls(names=list(d["names"]), patched={k: float(v) for k, v in d["patched"].items()},
-                   clean=float(d["clean"]), corrupted=float(d["corrupted"]), positions=d.get("positions", "all"),
-                   rows={k: [float(x) for x in v] for k, v in d.get("rows", {}).items()}, meta=dict(d.get("meta", {})))
-
-    def save(self, path: str | Path) -> None:
-        """JSON (NaN written as ``NaN``), atomically."""
-        from .io import write_json
-
-        write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | Path) -> "PatchResult":
-        import json
-
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls(names=list(d["names"]), patched={k: json_number(v) for k, v in d["patched"].items()},
+                   clean=json_number(d["clean"]), corrupted=json_number(d["corrupted"]),
+                   positions=d.get("positions", "all"),
+                   rows={k: [json_number(x) for x in v] for k, v in d.get("rows", {}).items()},
+                   meta=dict(d.get("meta", {})))
 
 
 # -- patching ------------------------------------------------------------------

@@ -124,6 +124,21 @@ class BlockSites:
         raise KeyError(name)
 
 
+#: The finer sites of a Llama-style decoder block (Llama, Qwen2, ...: HF's own submodule names), by site name.
+LLAMA_BLOCK_INNER: tuple[tuple[str, Site], ...] = (
+    ("ln1.hook_normalized", Site("input_layernorm", "output")),
+    ("attn.hook_q", Site("self_attn.q_proj", "output", heads="q")),
+    ("attn.hook_k", Site("self_attn.k_proj", "output", heads="kv")),
+    ("attn.hook_v", Site("self_attn.v_proj", "output", heads="kv")),
+    ("attn.hook_z", Site("self_attn.o_proj", "input", heads="q")),
+    ("attn.hook_pattern", Site("self_attn", "output", weights_get, read_only=True)),
+    ("ln2.hook_normalized", Site("post_attention_layernorm", "output")),
+    ("mlp.hook_pre", Site("mlp.gate_proj", "output")),
+    ("mlp.hook_pre_linear", Site("mlp.up_proj", "output")),
+    ("mlp.hook_post", Site("mlp.down_proj", "input")),
+)
+
+
 @dataclass(frozen=True)
 class ArchAdapter:
     """Declarative description of one VLM architecture.

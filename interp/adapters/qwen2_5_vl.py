@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import ArchAdapter, BlockSites, Site, attr_get, attr_set, register, tuple_get, tuple_set, weights_get
+from .base import (
+    LLAMA_BLOCK_INNER, ArchAdapter, BlockSites, Site, attr_get, attr_set, register, tuple_get, tuple_set,
+)
 
 _VISION = "<|vision_start|><|image_pad|><|vision_end|>"
 
@@ -41,18 +43,7 @@ QWEN2_5_VL = register(
             attn=Site("self_attn", "output", tuple_get(0), tuple_set(0)),
             resid_mid=Site("post_attention_layernorm", "input"),
             mlp=Site("mlp", "output"),
-            inner=(
-                ("ln1.hook_normalized", Site("input_layernorm", "output")),
-                ("attn.hook_q", Site("self_attn.q_proj", "output", heads="q")),
-                ("attn.hook_k", Site("self_attn.k_proj", "output", heads="kv")),
-                ("attn.hook_v", Site("self_attn.v_proj", "output", heads="kv")),
-                ("attn.hook_z", Site("self_attn.o_proj", "input", heads="q")),
-                ("attn.hook_pattern", Site("self_attn", "output", weights_get, read_only=True)),
-                ("ln2.hook_normalized", Site("post_attention_layernorm", "output")),
-                ("mlp.hook_pre", Site("mlp.gate_proj", "output")),
-                ("mlp.hook_pre_linear", Site("mlp.up_proj", "output")),
-                ("mlp.hook_post", Site("mlp.down_proj", "input")),
-            ),
+            inner=LLAMA_BLOCK_INNER,
         ),
         vision_block=BlockSites(
             attn=Site("attn", "output", tuple_get(0), tuple_set(0)),

@@ -181,6 +181,16 @@ def test_result_grid_and_round_trip(tmp_path):
     assert math.isnan(flat.effects["hook_embed"])
     flat.save(tmp_path / "f.json")
     assert math.isnan(PatchResult.load(tmp_path / "f.json").effects["hook_embed"])
+    # patch_from_run without source logits has no clean value: NaN, written as null, read back as NaN
+    no_clean = PatchResult(names=["hook_embed"], patched={"hook_embed": 1.0}, clean=float("nan"), corrupted=0.5,
+                           rows={"corrupted": [0.5], "hook_embed": [1.0]})
+    no_clean.save(tmp_path / "n.json")
+    assert '"clean": null' in (tmp_path / "n.json").read_text()
+    back = PatchResult.load(tmp_path / "n.json")
+    assert math.isnan(back.clean) and back.corrupted == 0.5 and back.rows == no_clean.rows
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a JSON file"):
+        PatchResult.load(tmp_path / "bad.json")
 
 
 def test_head_outputs_patch_like_the_attention_output_they_sum_to(tiny_llava, setup):
