@@ -1,4 +1,4 @@
-"""A five-step tour of ``interp`` on a tiny random LLaVA: hook names, a modality-sliced cache, a steering hook.
+"""A six-step tour of ``interp`` on a tiny random LLaVA: hook names, a modality-sliced cache, a steering hook, heads.
 
 Run: ``python -m analyses.interp_tour``.  Everything is built offline from config.
 """
@@ -48,6 +48,13 @@ def main(argv: list[str] | None = None) -> None:
     plain = model.generate(inputs, max_new_tokens=6)
     hooked = model.generate(inputs, max_new_tokens=6, hooks=[(name, steer)])
     print(f"5. greedy answers (random weights, so words are arbitrary):\n   vanilla {plain.texts}\n   steered {hooked.texts}")
+
+    _, heads = model.run_with_cache(inputs, names=["blocks.1.attn.hook_z", "blocks.1.attn.hook_pattern"])
+    z, pattern = heads["blocks.1.attn.hook_z"], heads["blocks.1.attn.hook_pattern"]
+    to_image = pattern[0, :, last[0], inputs.image_mask[0]].sum(-1)  # row 0: each head, last token -> image tokens
+    print(f"6. inside block 1: attn.hook_z {tuple(z.shape)} (batch, pos, head, d_head), attn.hook_pattern "
+          f"{tuple(pattern.shape)} (batch, head, query, key); row 0's last token puts "
+          f"{[round(v, 2) for v in to_image.tolist()]} of each head's attention on the image")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,11 @@ from analyses.interp_tour import main
 
 
 @pytest.mark.parametrize("arch", ["llava", "qwen2_5_vl"])
-def test_interp_tour_walks_all_five_steps(arch, capsys):
+def test_interp_tour_walks_all_six_steps(arch, capsys):
     main(["--arch", arch])
     text = capsys.readouterr().out
-    for step in ("1. ", "2. encoded batch", "3. cache of", "4. steering", "5. greedy answers"):
+    for step in ("1. ", "2. encoded batch", "3. cache of", "4. steering", "5. greedy answers", "6. inside block 1"):
         assert step in text
     assert "last (2, 128)" in text  # the last prompt token of each of the two rows, d_model 128
     assert "(0, 128)]" in text  # the text-only row has no image positions
+    assert "attn.hook_z (2, " in text and ", 4, 32) (batch, pos, head, d_head)" in text  # 4 heads of 32
