@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .hooks import HookSpec
 from .inputs import RowImages
 from .model import HookedVLM
-from .names import NameFilter
+from .names import NameFilter, resolve_names_except_read_only
 
 
 #: How a ``[batch, pos, d]`` activation becomes one ``[batch, d]`` row per query.
@@ -51,6 +51,8 @@ def iter_query_activations(
 
     ``read="last"`` (default) takes the last prompt token; ``read="mean"`` the mean over every prompt
     position (image and text tokens, padding excluded), still ``[batch, d]`` so streaming stays cheap.
+    Per-head sites (``attn.hook_z``, ...) give the heads side by side (``[batch, heads * d_head]``);
+    attention patterns are left out of globs, and naming one is an error.
     """
     if read not in READS:
         raise ValueError(f"read must be one of {READS}, got {read!r}")
@@ -58,15 +60,22 @@ def iter_query_activations(
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
     if not prompts:
         raise ValueError(f"no queries to collect {desc} from (an empty set)")
+    names = resolve_names_except_read_only(
+        names, model.hook_names(), "attention patterns are [batch, head, query, key], not one vector per query; "
+        "collect attn.hook_z (each head's output) instead")
+    per_head = {n for n in names if model.site(n).heads is not None}
     starts = range(0, len(prompts), batch_size)
     for s in tqdm(starts, desc=desc, disable=not progress, leave=False):
         inputs = model.encode(images=list(images[s:s + batch_size]), prompts=list(prompts[s:s + batch_size]))
         _, cache = model.run_with_cache(inputs, names=names, hooks=hooks, stop_early=True)  # logits unused
-        if read == "last":
-            yield {n: cache.last(n).float() for n in cache.names}
-        else:
-            yield {n: prompt_mean(cache[n].float(), prompt_positions(inputs, cache[n].shape[1]).to(cache[n].device))
-                   for n in cache.names}
+        out = {}
+        for n in cache.names:
+            if read == "last":
+                out[n] = cache.last(n).float().flatten(1)  # per-head sites: the heads side by side
+            else:
+                x = cache[n].flatten(-2) if n in per_head else cache[n]
+                out[n] = prompt_mean(x.float(), prompt_positions(inputs, x.shape[1]).to(x.device))
+        yield out
 
 
 def query_activations(model: HookedVLM, images: Sequence[RowImages], prompts: Sequence[str], names: NameFilter,

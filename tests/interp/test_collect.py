@@ -32,3 +32,24 @@ def test_streamed_rows_equal_the_cache(tiny_model):
     torch.testing.assert_close(stacked[name], mean)
     with pytest.raises(ValueError, match="read"):
         next(iter_query_activations(tiny_model, images, prompts, [name], read="max"))
+
+
+def test_per_head_sites_stream_as_one_row_and_patterns_are_refused(tiny_model):
+    images = [random_image(32 if tiny_model.arch == "llava" else 64, 0), None]
+    prompts = ["who is this person", "tell me the city"]
+    inputs = tiny_model.encode(images=images, prompts=prompts)
+    _, cache = tiny_model.run_with_cache(inputs, names=["blocks.1.attn.hook_z", "blocks.1.attn.hook_k"])
+    got = query_activations(tiny_model, images, prompts, "blocks.1.attn.*", batch_size=1)
+    assert sorted(got) == ["blocks.1.attn.hook_k", "blocks.1.attn.hook_q", "blocks.1.attn.hook_v",
+                           "blocks.1.attn.hook_z"]
+    n_q, n_kv = tiny_model.head_counts["lm"]
+    assert got["blocks.1.attn.hook_z"].shape == (2, tiny_model.d_model)
+    assert got["blocks.1.attn.hook_k"].shape == (2, tiny_model.d_model // n_q * n_kv)  # GQA: fewer k heads on Qwen
+    torch.testing.assert_close(got["blocks.1.attn.hook_z"], cache.last("blocks.1.attn.hook_z").flatten(1),
+                               atol=1e-5, rtol=1e-5)
+    mean = query_activations(tiny_model, images, prompts, ["blocks.1.attn.hook_z"], read="mean")
+    mask = prompt_positions(inputs, inputs.input_ids.shape[1])
+    torch.testing.assert_close(mean["blocks.1.attn.hook_z"],
+                               prompt_mean(cache["blocks.1.attn.hook_z"].flatten(-2).float(), mask), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="attn.hook_z"):
+        query_activations(tiny_model, images, prompts, ["blocks.0.attn.hook_pattern"])
