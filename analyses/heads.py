@@ -93,14 +93,7 @@ def image_attention(model, inputs, hooks) -> np.ndarray:
     names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.n_layers)]
     with torch.no_grad():
         _, cache = model.run_with_cache(inputs, names=names, hooks=hooks, stop_early=True)
-    b = inputs.input_ids.shape[0]
-    rows = torch.arange(b)
-    img = inputs.image_mask.to(torch.float32)  # [batch, key]
-    out = []
-    for n in names:
-        last = cache[n][rows, :, inputs.last_index].float()  # [batch, head, key]
-        out.append((last * img[:, None, :].to(last.device)).sum(-1).cpu())
-    return torch.stack(out, dim=1).numpy()
+    return torch.stack([cache.attention_to(n, "image").cpu() for n in names], dim=1).numpy()
 
 
 def attention_shift(ctx: Context, splits: dict[str, Sequence[Profile]]) -> dict[str, Any]:

@@ -113,6 +113,32 @@ class ActivationCache:
         idx = self.last_index.to(t.device)
         return t[torch.arange(t.shape[0], device=t.device), idx]
 
+    def attention_to(self, name: str, keys: str = "image", query: str = "last"):
+        """How much attention each head pays to one modality: the pattern's mass on ``keys`` positions.
+
+        ``name`` is a language-model ``blocks.{l}.attn.hook_pattern``; ``keys`` is ``"image"`` or ``"text"``
+        (real text tokens: no padding, no image tokens); ``query="last"`` reads it at the last prompt token,
+        ``[batch, head]``, and ``query="all"`` at every position, ``[batch, head, pos]`` (padding rows 0).
+        Each value lies in [0, 1]: the image's and the text's shares of a real query add up to 1.
+        """
+        parsed = parse_block_name(name)
+        if parsed is None or parsed[2] != "attn.hook_pattern" or parsed[0] != "lm":
+            raise ValueError(f"{name!r} is not a language-model attention pattern (blocks.{{l}}.attn.hook_pattern)")
+        masks = {"image": self.image_mask, "text": self.text_mask}
+        if keys not in masks:
+            raise ValueError(f"keys must be 'image' or 'text', got {keys!r}")
+        if query not in ("last", "all"):
+            raise ValueError(f"query must be 'last' or 'all', got {query!r}")
+        p = self[name]
+        b, n_pos = self.image_mask.shape
+        if p.dim() != 4 or p.shape[0] != b or p.shape[2:] != (n_pos, n_pos):
+            raise ValueError(f"{name!r} has shape {tuple(p.shape)}, not [batch, head, pos, pos] for pos {n_pos}")
+        mass = (p.float() * masks[keys].to(p.device)[:, None, None, :].float()).sum(-1)  # [batch, head, query]
+        if query == "all":
+            real = (self.image_mask | self.text_mask).to(p.device)
+            return mass * real[:, None, :]
+        return mass[torch.arange(b, device=p.device), :, self.last_index.to(p.device)]
+
     def stack(self, pattern: str) -> Float[Tensor, "layer ..."]:
         """Stack every cached name matching a glob (``"blocks.*.hook_resid_post"``) along a new leading layer axis."""
         hits = [n for n in self.names if fnmatch.fnmatch(n, pattern)]

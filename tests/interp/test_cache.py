@@ -75,3 +75,29 @@ def test_save_load_round_trip_and_to(mixed_cache, tmp_path):
         ActivationCache.load(tmp_path / "other.safetensors")
     moved = cache.to("cpu")
     assert torch.equal(moved.image_mask, cache.image_mask)
+
+
+def test_attention_to_a_modality(tiny_llava):
+    inputs = tiny_llava.encode(images=[random_image(32, 0), None], prompts=["what is the name of the person", "who"])
+    _, cache = tiny_llava.run_with_cache(inputs, names=["blocks.1.attn.hook_pattern", "blocks.1.hook_resid_pre"])
+    name = "blocks.1.attn.hook_pattern"
+    p = cache[name]
+    img, txt = cache.attention_to(name, "image"), cache.attention_to(name, "text")
+    heads = tiny_llava.head_counts["lm"][0]
+    assert img.shape == txt.shape == (2, heads)
+    torch.testing.assert_close(img + txt, torch.ones(2, heads))  # a real query's attention is on image or text
+    assert img[1].abs().max().item() == 0.0 and img[0].min().item() > 0.0  # the text-only row has no image
+    last = inputs.last_index[0].item()
+    by_hand = p[0, :, last][:, inputs.image_mask[0]].sum(-1)
+    torch.testing.assert_close(img[0], by_hand)
+    every = cache.attention_to(name, "image", query="all")
+    assert every.shape == (2, heads, inputs.input_ids.shape[1])
+    torch.testing.assert_close(every[0, :, last], img[0])
+    pad = ~(inputs.image_mask | inputs.text_mask)
+    assert pad.any() and every[pad[:, None, :].expand_as(every)].abs().max().item() == 0.0
+    with pytest.raises(ValueError, match="attention pattern"):
+        cache.attention_to("blocks.1.hook_resid_pre")
+    with pytest.raises(ValueError, match="keys"):
+        cache.attention_to(name, "audio")
+    with pytest.raises(ValueError, match="query"):
+        cache.attention_to(name, query="first")
