@@ -47,8 +47,9 @@ def position_mask(x: Float[Tensor, "batch pos d"], ctx: HookContext, positions: 
     """
     if positions == "all":
         return None
-    if x.dim() != 3:
-        raise ValueError(f"positions={positions!r} needs a [batch, pos, d] activation at {ctx.name!r}, got shape {tuple(x.shape)}")
+    if x.dim() not in (3, 4):
+        raise ValueError(f"positions={positions!r} needs a [batch, pos, d] (or per-head [batch, pos, head, d_head]) "
+                         f"activation at {ctx.name!r}, got shape {tuple(x.shape)}")
     if positions == "last":
         return ctx.last_token_mask(x)
     if not ctx.is_prefill:
@@ -71,8 +72,12 @@ def _row_scale(scale: Scale, x: Tensor) -> Tensor | float:
     return scale.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
 
 
-def add_vector(v: Float[Tensor, " d_model"], scale: Scale = 1.0, positions: Positions = "all") -> HookFn:
+def add_vector(v: Float[Tensor, " d_model"] | Float[Tensor, "head d_head"], scale: Scale = 1.0,
+               positions: Positions = "all") -> HookFn:
     """A hook ``fn(x, ctx)`` that adds ``scale * v`` at the chosen positions.
+
+    ``v`` is one vector as wide as the site, or, at a per-head site (``attn.hook_z``, ...), a
+    ``[head, d_head]`` matrix: one vector per head (zero rows leave those heads alone).
 
     ``scale`` is a float, or a 1-D tensor with one scale per batch row, so
     rows of one batch can be steered at different strengths (see
@@ -82,17 +87,19 @@ def add_vector(v: Float[Tensor, " d_model"], scale: Scale = 1.0, positions: Posi
     """
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
-    if v.dim() != 1:
-        raise ValueError(f"add_vector expects a 1-D vector, got shape {tuple(v.shape)}")
+    if v.dim() not in (1, 2):
+        raise ValueError(f"add_vector expects a 1-D vector (or [head, d_head] at a per-head site), got shape "
+                         f"{tuple(v.shape)}")
 
     def hook(x: Tensor, ctx: HookContext) -> Tensor:
-        if x.shape[-1] != v.shape[0]:
-            raise ValueError(f"vector has size {v.shape[0]}, but {ctx.name!r} has width {x.shape[-1]}")
+        if tuple(x.shape[x.dim() - v.dim():]) != tuple(v.shape):
+            raise ValueError(f"vector has shape {tuple(v.shape)}, but {ctx.name!r} has shape {tuple(x.shape)} "
+                             f"(its last {v.dim()} dim(s) must match)")
         delta = _row_scale(scale, x) * v.to(device=x.device, dtype=x.dtype)
         mask = position_mask(x, ctx, positions)
         if mask is None:
             return x + delta
-        return x + delta * mask.unsqueeze(-1).to(x.dtype)
+        return x + delta * mask.reshape(*mask.shape, *([1] * (x.dim() - 2))).to(x.dtype)
 
     return hook
 

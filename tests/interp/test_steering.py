@@ -152,3 +152,25 @@ def test_generated_text_equals_looped(model, inputs):
     assert batched == looped
     assert len(batched) == 3 and all(len(row) == inputs.batch_size for row in batched)
     assert batched[0] != batched[2]
+
+
+def test_per_head_vectors_at_z_equal_their_image_through_o_proj(tiny_llava):
+    """Adding ``v_h`` to head h's output at ``attn.hook_z`` is adding ``W_O[:, h] v_h`` to ``hook_attn_out``."""
+    from interp.adapters import get_module
+
+    inputs = tiny_llava.encode(images=[random_image(32, 0), None], prompts=["who is he", "what is the city"])
+    n_heads, d_head = tiny_llava.head_counts["lm"][0], tiny_llava.d_model // tiny_llava.head_counts["lm"][0]
+    v = torch.zeros(n_heads, d_head)
+    v[2] = torch.randn(d_head, generator=torch.Generator().manual_seed(0))
+    w_o = get_module(tiny_llava.hf_model, "model.language_model.layers.1.self_attn.o_proj").weight
+    out_v = (w_o[:, 2 * d_head:3 * d_head] @ v[2]).detach()
+    got = tiny_llava.run_with_hooks(inputs, [("blocks.1.attn.hook_z", add_vector(v, scale=3.0, positions="last"))])
+    want = tiny_llava.run_with_hooks(inputs, [("blocks.1.hook_attn_out", add_vector(out_v, scale=3.0, positions="last"))])
+    plain = tiny_llava.run_with_hooks(inputs, [])
+    real = inputs.attention_mask.bool()
+    assert (got - want)[real].abs().max().item() < 1e-4
+    assert (got - plain)[real].abs().max().item() > 1e-3
+    with pytest.raises(ValueError, match="last 2 dim"):
+        tiny_llava.run_with_hooks(inputs, [("blocks.1.attn.hook_z", add_vector(torch.zeros(3, d_head)))])
+    with pytest.raises(ValueError, match="1-D vector"):
+        add_vector(torch.zeros(2, 3, 4))
