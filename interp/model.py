@@ -135,7 +135,8 @@ class HookedVLM:
         return dict(self._heads)
 
     def hook_names(self) -> list[str]:
-        """Every valid hook name, in execution order."""
+        """Every valid hook name, in execution order: the residual-level sites, and inside each block the
+        attention and MLP sites the architecture has (``blocks.{l}.attn.hook_z``, ``blocks.{l}.mlp.hook_post``, ...)."""
         return list(self._names)
 
     def module_for(self, name: str) -> torch.nn.Module:
@@ -213,7 +214,8 @@ class HookedVLM:
         ``remote=True`` runs the trace on an NDIF host; ``remote="local"`` simulates that round trip here.
         ``stop_early=True`` (TransformerLens's ``stop_at_layer``, by name) halts the pass after the last site
         it caches or hooks and returns ``None`` for the logits: reading layer 15 of a 32-layer model then
-        costs half a forward pass.
+        costs half a forward pass.  A call that reads (or hooks) an ``attn.hook_pattern`` runs that tower's
+        attention eagerly for the call (:mod:`interp.attention`), since only eager attention builds the weights.
         """
         plan = self._plan(self.hook_names() if names is None else names, hooks, inputs)
         with torch_hooks.active_inputs(inputs), eager_attention(self.hf_model, plan.eager):
