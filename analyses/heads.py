@@ -15,6 +15,14 @@ last prompt token's attention that lands on image tokens, per layer and head
 steering adds to the residual stream at every prompt position, so a change
 here says whether it works by moving what the answer reads from the image.
 
+Part 3, who writes the refusal.  On the forget profiles' generation and cloze
+questions, direct logit attribution (:func:`interp.attribution.logit_attribution`)
+of ``logit(refusal's first token) - logit(answer's first token)`` at the last
+prompt token, vanilla and steered: each head's and MLP's own share, and
+``other``, what the steering hook wrote into the residual stream itself.  The
+shares add up to the logit difference exactly, so the table says where the
+steered model's refusal is written.
+
 Writes ``OUT/heads.json`` and ``OUT/heads_heatmap.png``.
 
 Run: ``python -m analyses.heads [--quick] [--eraser PATH] [--limit N] [--pairs N]``.
@@ -30,12 +38,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from eraser.data.prompts import REFUSAL
 from eraser.data.schema import Profile
 from eraser.evaluate import build_items
+from interp.attribution import attribution_names, logit_attribution
 from interp.head_patching import patch_heads
 
 from .common import Context, base_parser, limited, load_context, out_dir, save_json
-from .patching import NAME_QUESTION, answer_position, logit_diff_at, make_pairs, pair_spec, position_mask
+from .patching import (
+    NAME_QUESTION, answer_position, answer_tokens, logit_diff_at, make_pairs, pair_spec, position_mask,
+    steering_queries,
+)
 
 
 # -- part 1: which heads move the identity --------------------------------------------------------------------
@@ -123,6 +136,37 @@ def attention_shift(ctx: Context, splits: dict[str, Sequence[Profile]]) -> dict[
     return out
 
 
+# -- part 3: who writes the refusal ----------------------------------------------------------------------------
+def refusal_writers(ctx: Context, forget: Sequence[Profile]) -> dict[str, Any]:
+    model, tok, bs = ctx.model, ctx.model.tokenizer, ctx.args.batch_size
+    items = steering_queries(forget, ctx.args.limit)
+    refusal_id = answer_tokens(tok, REFUSAL)[0]
+    answer_ids = [answer_tokens(tok, it.reference)[0] for it in items]
+    by_mod: dict[bool, list[int]] = {}
+    for i, it in enumerate(items):  # image and text-only rows in separate batches
+        by_mod.setdefault(it.image is None, []).append(i)
+    chunks = [idx[s:s + bs] for idx in by_mod.values() for s in range(0, len(idx), bs)]
+    vals: dict[str, list[torch.Tensor]] = {"vanilla": [], "steered": []}
+    labels: list[str] = []
+    for chunk in tqdm(chunks, desc="logit attribution", disable=not ctx.progress, leave=False):
+        inputs = model.encode([items[i].image for i in chunk], [items[i].prompt for i in chunk])
+        for key, hooks in (("vanilla", []), ("steered", ctx.hooks())):
+            with torch.no_grad():
+                _, cache = model.run_with_cache(inputs, names=attribution_names(model), hooks=hooks)
+            att = logit_attribution(model, cache, good=refusal_id, bad=[answer_ids[i] for i in chunk])
+            labels = att.labels
+            vals[key].append(att.values)
+    van, ste = torch.cat(vals["vanilla"], 1).mean(1), torch.cat(vals["steered"], 1).mean(1)
+    change = ste - van
+    order = torch.argsort(change.abs(), descending=True)[:8].tolist()
+    return {"metric": "logit(refusal first token) − logit(answer first token) at the last prompt token",
+            "refusal_token": tok.convert_ids_to_tokens(refusal_id), "n_queries": len(items), "labels": labels,
+            "vanilla": van.tolist(), "steered": ste.tolist(),
+            "total": {"vanilla": float(van.sum()), "steered": float(ste.sum())},
+            "top_change": [{"component": labels[i], "vanilla": float(van[i]), "steered": float(ste[i]),
+                            "change": float(change[i])} for i in order]}
+
+
 def run(ctx: Context, n_pairs: int) -> dict[str, Any]:
     bench, limit = ctx.setup.bench, ctx.args.limit
     forget = limited(bench.forget, limit)
@@ -131,8 +175,11 @@ def run(ctx: Context, n_pairs: int) -> dict[str, Any]:
     flow = head_flow(ctx, forget + retain, n_pairs)
     t1 = time.perf_counter()
     shift = attention_shift(ctx, {"forget": forget, "retain": retain})
-    return {"config": ctx.config(), "flow": flow, "attention": shift, "steered_layers": list(ctx.eraser.layers),
-            "timing": {"flow_s": t1 - t0, "attention_s": time.perf_counter() - t1}}
+    t2 = time.perf_counter()
+    writers = refusal_writers(ctx, forget)
+    return {"config": ctx.config(), "flow": flow, "attention": shift, "writers": writers,
+            "steered_layers": list(ctx.eraser.layers),
+            "timing": {"flow_s": t1 - t0, "attention_s": t2 - t1, "writers_s": time.perf_counter() - t2}}
 
 
 def print_summary(res: dict[str, Any]) -> None:
@@ -154,6 +201,10 @@ def print_summary(res: dict[str, Any]) -> None:
         pairs = " ".join(f"{v:.2f}->{s:.2f}" for v, s in zip(d["vanilla_by_layer"], d["steered_by_layer"]))
         print(f"  {split:<7} ({d['n_queries']} queries) by layer: {pairs}; largest change of one head "
               f"{d['max_abs_change']:.3f}")
+    w = res["writers"]
+    print(f"Refusal − answer logit on {w['n_queries']} forget queries, vanilla {w['total']['vanilla']:.2f} -> steered "
+          f"{w['total']['steered']:.2f}; largest changes of one component's direct share:")
+    print("  " + ", ".join(f"{t['component']} {t['vanilla']:+.2f}->{t['steered']:+.2f}" for t in w["top_change"]))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -144,8 +144,9 @@ def plot_patching_heatmap(source: Any, out_path: PathLike) -> Path | None:
 
 # -- heads --------------------------------------------------------------------------------------------------
 def plot_heads_heatmap(source: Any, out_path: PathLike) -> Path | None:
-    """Per-head patching effects (layer x head, all positions and the answer position), and the last token's
-    attention on image tokens by layer, vanilla vs steered, for the forget and retain questions."""
+    """Per-head patching effects (layer x head, all positions and the answer position), the last token's
+    attention on image tokens by layer, vanilla vs steered, for the forget and retain questions, and the
+    components whose direct share of the refusal logit the steering changes most."""
     data, path = read_json(source, "heads.json")
     if not data or "flow" not in data:
         say_skipped("heads_heatmap", f"no per-head results ({path or 'no data'})")
@@ -154,14 +155,28 @@ def plot_heads_heatmap(source: Any, out_path: PathLike) -> Path | None:
     grids = [({"rows": [str(l) for l in flow["layers"]], "cols": flow["heads"], "values": flow["effects"][part]},
               title) for part, title in (("all", "Head output patched, all positions"),
                                           ("answer", "Head output patched, answer position"))]
+    writers = data.get("writers") or {}
     with matplotlib.rc_context({**STYLE, "axes.grid": False}):
-        fig = new_figure(12.0 if att else 8.0, 3.0)
-        axes = fig.subplots(1, len(grids) + (1 if att else 0), squeeze=False)[0]
+        n_panels = len(grids) + bool(att) + bool(writers.get("top_change"))
+        fig = new_figure(4.0 * n_panels, 3.0)
+        axes = fig.subplots(1, n_panels, squeeze=False)[0]
         for ax, (grid, title) in zip(axes, grids):
             _panel(ax, fig, grid, title, "head")
             ax.set_ylabel("LM layer")
-        if att:
+        if writers.get("top_change"):
             ax = axes[-1]
+            top = writers["top_change"]
+            y = np.arange(len(top))
+            ax.barh(y - 0.2, [t["vanilla"] for t in top], 0.4, color="#4c72b0", label="vanilla")
+            ax.barh(y + 0.2, [t["steered"] for t in top], 0.4, color="#dd8452", label="steered")
+            ax.set_yticks(y, [t["component"] for t in top])
+            ax.invert_yaxis()
+            ax.axvline(0, color="grey", lw=0.8)
+            ax.set_xlabel("direct share of refusal − answer logit")
+            ax.set_title("Who writes the refusal (forget questions)")
+            ax.legend(fontsize=6, frameon=False)
+        if att:
+            ax = axes[len(grids)]
             for (split, d), colour in zip(att.items(), ("#d62728", "#1f77b4", "#2ca02c")):
                 x = np.arange(len(d["vanilla_by_layer"]))
                 ax.plot(x, d["vanilla_by_layer"], "-o", ms=3, color=colour, label=f"{split}, vanilla")

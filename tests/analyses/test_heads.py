@@ -72,3 +72,14 @@ def test_figure_from_saved_json(run, tmp_path):
     out, _ = run
     assert is_png(plot_heads_heatmap(out, tmp_path / "again.png"))
     assert plot_heads_heatmap(tmp_path, tmp_path / "none.png") is None
+
+
+def test_refusal_writers_add_up(run):
+    """The direct shares are exact: their sums are the mean logit differences, and steering raises the refusal."""
+    _, res = run
+    w = res["writers"]
+    assert len(w["labels"]) == len(w["vanilla"]) == len(w["steered"]) == 1 + N_LAYERS * (N_HEADS + 1) + 1
+    assert w["labels"][-1] == "other" and abs(w["vanilla"][-1]) < 1e-3  # vanilla: no hook writes anything
+    assert math.isclose(sum(w["vanilla"]), w["total"]["vanilla"], abs_tol=1e-3)
+    assert w["total"]["steered"] > w["total"]["vanilla"]
+    assert len(w["top_change"]) == 8
