@@ -4,6 +4,15 @@ Why a grammar and not free strings: a layer sweep written against
 ``blocks.{l}.hook_resid_pre`` must run unchanged on LLaVA, Qwen2.5-VL and the
 next architecture, and a typo must fail at once with the closest valid names,
 not run silently on nothing.
+
+A block name is ``[vision.]blocks.{l}.{site}``: ``site`` is one of the five
+residual-level sites every architecture has (:data:`BLOCK_SITES`) or one of
+the finer ones inside attention and the MLP that the architecture's adapter
+declares (:data:`SITE_ORDER`: ``ln1.hook_normalized``, ``attn.hook_z``,
+``mlp.hook_post``, ...).
+
+>>> parse_block_name("blocks.3.attn.hook_z")
+('lm', 3, 'attn.hook_z')
 """
 from __future__ import annotations
 

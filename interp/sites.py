@@ -1,4 +1,11 @@
-"""Resolve a hook name to a concrete :class:`~interp.adapters.base.Site` on a model."""
+"""Resolve a hook name to a concrete :class:`~interp.adapters.base.Site` on a model.
+
+Why a separate step: names are architecture-free, sites are not.  The same
+site ``attn.hook_z`` is the input of ``self_attn.o_proj`` in a Llama-style
+decoder block, of ``self_attn.out_proj`` in a CLIP block and of ``attn.proj``
+in a Qwen2.5-VL vision block; and a per-head site needs the model's head
+count to be shown as ``[..., head, d_head]``.
+"""
 from __future__ import annotations
 
 from dataclasses import replace
