@@ -33,7 +33,9 @@ import torch
 from .hooks import HookSpec
 from .inputs import VLMInputs
 from .io import JsonRecord, json_number
-from .patching import Metric, PositionSpec, _apply_metric, _mean, _patch_hook, _patch_mask, _position_label
+from .patching import (
+    Metric, PositionSpec, _apply_metric, _mean, _patch_hook, _patch_mask, _position_label, check_aligned,
+)
 from .steering import repeat_inputs
 from .sweep import Grid
 
@@ -115,11 +117,7 @@ def patch_heads(
     :func:`interp.patching.patch_from_run` (``"last"`` asks which heads write the answer-relevant
     information into the last prompt token; ``"image"`` which heads do it at the image tokens).
     """
-    if tuple(clean_inputs.input_ids.shape) != tuple(corrupted_inputs.input_ids.shape):
-        raise ValueError(
-            f"clean inputs have [batch, pos] = {tuple(clean_inputs.input_ids.shape)}, corrupted "
-            f"{tuple(corrupted_inputs.input_ids.shape)}: patching needs the same shapes; use prompts of the same "
-            "token length (e.g. the same prompt with two different images)")
+    check_aligned(clean_inputs, corrupted_inputs)
     layers = list(range(model.n_layers)) if layers is None else [int(l) for l in layers]
     bad = [l for l in layers if not 0 <= l < model.n_layers]
     if not layers or bad or len(set(layers)) != len(layers):

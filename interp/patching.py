@@ -306,6 +306,15 @@ def patch_from_run(
     )
 
 
+def check_aligned(clean_inputs: VLMInputs, corrupted_inputs: VLMInputs) -> None:
+    """Clean and corrupted runs must line up position by position: the same ``[batch, pos]``."""
+    if tuple(clean_inputs.input_ids.shape) != tuple(corrupted_inputs.input_ids.shape):
+        raise ValueError(
+            f"clean inputs have [batch, pos] = {tuple(clean_inputs.input_ids.shape)}, corrupted "
+            f"{tuple(corrupted_inputs.input_ids.shape)}: patching needs the same shapes; use prompts of the same "
+            "token length (e.g. the same prompt with two different images)")
+
+
 def patchable_names(model: "HookedVLM", names: NameFilter) -> list[str]:
     """``names`` resolved for patching: read-only sites (``attn.hook_pattern``) are left out of globs and
     predicates, and naming one outright is an error, since no hook can replace it.
@@ -335,11 +344,7 @@ def patch_sites(
     inputs) in an otherwise plain corrupted run.  See :func:`patch_from_run`
     for ``positions`` and ``max_rows``, and the module docstring for an example.
     """
-    if tuple(clean_inputs.input_ids.shape) != tuple(corrupted_inputs.input_ids.shape):
-        raise ValueError(
-            f"clean inputs have [batch, pos] = {tuple(clean_inputs.input_ids.shape)}, corrupted "
-            f"{tuple(corrupted_inputs.input_ids.shape)}: patching needs the same shapes; use prompts of the same "
-            "token length (e.g. the same prompt with two different images)")
+    check_aligned(clean_inputs, corrupted_inputs)
     resolved = patchable_names(model, names)
     clean_logits, cache = model.run_with_cache(clean_inputs, names=resolved)
     return patch_from_run(model, corrupted_inputs, cache, resolved, metric, positions, clean_logits, max_rows)

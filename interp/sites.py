@@ -68,10 +68,8 @@ def resolve_site(adapter: ArchAdapter, name: str, heads: HeadCounts | None = Non
             return Site(block, "input")
         if site == "hook_resid_post":
             return Site(block, "output")
-        if site in ("hook_attn_out", "hook_resid_mid", "hook_mlp_out"):
-            rel = {"hook_attn_out": sites.attn, "hook_resid_mid": sites.resid_mid, "hook_mlp_out": sites.mlp}[site]
-        else:
-            rel = sites.inner_site(site)
+        residual = {"hook_attn_out": sites.attn, "hook_resid_mid": sites.resid_mid, "hook_mlp_out": sites.mlp}
+        rel = residual[site] if site in residual else sites.inner_site(site)
         out = replace(rel, module=f"{block}.{rel.module}")
         if out.heads is not None:
             if heads is None or tower not in heads:

@@ -99,9 +99,6 @@ _VISION_LAYOUT = {
 }
 SUPPORTED = tuple(_VISION_LAYOUT)
 
-# per-head sites, and which head count splits them: 0 = query heads, 1 = key/value heads
-_PER_HEAD = {"attn.hook_q": 0, "attn.hook_k": 1, "attn.hook_v": 1, "attn.hook_z": 0}
-
 # Qwen2.5-VL's vision blocks keep HF's own submodule names on the bridge (no TransformerLens aliases)
 _QWEN_VISION_SITES = {
     "ln1.hook_normalized": "norm1.hook_out",
@@ -280,11 +277,11 @@ def bridge_run_with_cache(bridge: "TransformerBridge", model: "HookedVLM", input
         logits, cache = bridge.run_with_cache(input_ids, names_filter=sorted(set(mapping.values())), **kw)
     acts = {ours: cache[theirs] for ours, theirs in mapping.items()}
     for ours, t in acts.items():  # per-head sites the bridge keeps flat ([..., heads * d_head]): split them as ours are
-        parsed = parse_block_name(ours)
-        if parsed is not None and parsed[2] in _PER_HEAD:
-            flat_dims = 3 if parsed[0] == "lm" or model.adapter.vision_batched else 2
-            if t.dim() == flat_dims:
-                acts[ours] = t.unflatten(-1, (model.head_counts[parsed[0]][_PER_HEAD[parsed[2]]], -1))
+        site = model.site(ours)
+        if site.heads is not None:
+            tower = parse_block_name(ours)[0]
+            if t.dim() == (3 if tower == "lm" or model.adapter.vision_batched else 2):
+                acts[ours] = site.get(t)  # a tensor site's accessor is the split itself
     if model.arch == "qwen2_5_vl" and "projector.hook_out" in acts:
         acts["projector.hook_out"] = _qwen_unwindow(bridge, acts["projector.hook_out"], kw["image_grid_thw"])
     return logits, acts

@@ -44,7 +44,7 @@ def test_language_model_sites_hold_what_their_modules_compute(tiny_model, padded
     logits, cache = model.run_with_cache(padded, names=f"blocks.{l}.*")
     blk, real = _block(model, l), padded.attention_mask.bool()
     n_q, n_kv = model.head_counts["lm"]
-    c = {k.split(f"blocks.{l}.")[1]: v for k, v in cache._acts.items()}
+    c = {n.split(f"blocks.{l}.")[1]: cache[n] for n in cache.names}
     with torch.no_grad():
         assert _close(c["ln1.hook_normalized"], blk.input_layernorm(c["hook_resid_pre"]), real) < TOL
         for s, proj, n in (("q", blk.self_attn.q_proj, n_q), ("k", blk.self_attn.k_proj, n_kv),
@@ -79,7 +79,7 @@ def test_vision_tower_sites(tiny_model, padded):
     model = tiny_model
     _, cache = model.run_with_cache(padded, names="vision.blocks.0.*")
     blk = _block(model, 0, vision=True)
-    c = {k.split("vision.blocks.0.")[1]: v for k, v in cache._acts.items()}
+    c = {n.split("vision.blocks.0.")[1]: cache[n] for n in cache.names}
     with torch.no_grad():
         if model.arch == "llava":  # CLIP: LayerNorm, q/k/v/out_proj, fc1 -> quick_gelu -> fc2
             assert _close(c["ln1.hook_normalized"], blk.layer_norm1(c["hook_resid_pre"])) < TOL
