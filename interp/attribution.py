@@ -24,7 +24,7 @@ True
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence, Union
+from typing import TYPE_CHECKING, Any, Sequence, Union
 
 import numpy as np
 import torch
@@ -33,6 +33,8 @@ from torch import Tensor
 
 from .adapters import get_module
 from .cache import ActivationCache
+from .io import JsonRecord, json_number
+from .lens import final_norm_scale
 
 if TYPE_CHECKING:
     from .model import HookedVLM
@@ -63,7 +65,7 @@ def head_outputs(model: "HookedVLM", z: Float[Tensor, "... head d_head"], layer:
 
 
 @dataclass
-class Attribution:
+class Attribution(JsonRecord):
     """Each component's direct contribution to a logit difference at the last prompt token: ``values[i, b]``
     is component ``labels[i]`` (``"embed"``, ``"L{l}H{h}"``, ``"L{l}.mlp"``, ``"other"``) in batch row ``b``.
 
@@ -79,6 +81,21 @@ class Attribution:
         """Batch-mean contribution of every head, ``[layer, head]``."""
         idx = [self.labels.index(f"L{l}H{h}") for l in range(self.n_layers) for h in range(self.n_heads)]
         return self.values[idx].mean(1).reshape(self.n_layers, self.n_heads).numpy()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (``save`` writes it as strict JSON): labels, ``values[component][row]``, the model's shape."""
+        return {"format": "interp.Attribution", "labels": list(self.labels), "values": self.values.tolist(),
+                "n_layers": self.n_layers, "n_heads": self.n_heads}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Attribution":
+        if d.get("format") != "interp.Attribution":
+            raise ValueError(f"format is {d.get('format')!r}, not 'interp.Attribution'")
+        values = torch.tensor([[json_number(x) for x in row] for row in d["values"]], dtype=torch.float32)
+        labels = [str(x) for x in d["labels"]]
+        if values.dim() != 2 or values.shape[0] != len(labels):
+            raise ValueError(f"{len(labels)} labels for values of shape {tuple(values.shape)}")
+        return cls(labels, values, int(d["n_layers"]), int(d["n_heads"]))
 
     def top(self, k: int = 5) -> list[tuple[str, float]]:
         """The ``k`` components with the largest batch-mean contribution in absolute value."""
@@ -112,14 +129,8 @@ def logit_attribution(model: "HookedVLM", cache: ActivationCache, good: Ids, bad
     n = model.n_layers
     x = cache.last(f"blocks.{n - 1}.hook_resid_post").float()  # [batch, d_model]
     b = x.shape[0]
-    norm = get_module(model.hf_model, model.adapter.final_norm)
-    w = norm.weight.float()
-    with torch.no_grad():
-        y = norm(cache.last(f"blocks.{n - 1}.hook_resid_post")).float()  # what the unembedding read
-    wx = w * x
-    inv_rms = (y * wx).sum(-1) / (wx * wx).sum(-1)  # the norm's scale of each row: y = inv_rms * w * x
-    if not torch.allclose(y, inv_rms[:, None] * wx, atol=1e-4 * float(y.abs().max()) + 1e-6):
-        raise NotImplementedError("the final norm is not an RMSNorm (y != scale * w * x): cannot attribute exactly")
+    w = get_module(model.hf_model, model.adapter.final_norm).weight.float()
+    inv_rms = final_norm_scale(model, cache.last(f"blocks.{n - 1}.hook_resid_post"))  # y = inv_rms * w * x
     w_u = get_module(model.hf_model, model.adapter.lm_head).weight.float()  # [vocab, d_model]
     direction = w_u[_ids(good, b).to(w_u.device)]
     if bad is not None:

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 from jaxtyping import Bool, Float, Int
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -140,11 +140,20 @@ class ActivationCache:
         return mass[torch.arange(b, device=p.device), :, self.last_index.to(p.device)]
 
     def stack(self, pattern: str) -> Float[Tensor, "layer ..."]:
-        """Stack every cached name matching a glob (``"blocks.*.hook_resid_post"``) along a new leading layer axis."""
+        """Stack every cached name matching a glob (``"blocks.*.hook_resid_post"``) along a new leading layer axis.
+
+        The glob must pick one site per layer of one tower: ``"blocks.*"`` over a cache holding both
+        ``hook_resid_pre`` and ``hook_attn_out`` is an error, since the leading axis would no longer be layers.
+        """
         hits = [n for n in self.names if fnmatch.fnmatch(n, pattern)]
         if not hits:
             raise HookNameError(f"no cached name matches {pattern!r}; cached: {self.names[:8]}{'...' if len(self) > 8 else ''}")
-        hits.sort(key=lambda n: (layer_of(n) is None, layer_of(n) or 0))
+        kinds = sorted({(p[0], p[2]) if (p := parse_block_name(n)) is not None else ("", n) for n in hits})
+        if len(kinds) > 1 or kinds[0][0] == "":
+            shown = [f"{'vision.' if t == 'vision' else ''}blocks.*.{s}" if t else s for t, s in kinds]
+            raise ValueError(f"{pattern!r} matches {len(kinds)} kinds of site ({', '.join(shown[:6])}); stack() "
+                             "stacks one block site over layers: narrow the glob to one of them")
+        hits.sort(key=lambda n: layer_of(n) or 0)
         return torch.stack([self._acts[n] for n in hits])
 
     # -- movement and persistence ----------------------------------------
@@ -157,18 +166,32 @@ class ActivationCache:
         )
 
     def save(self, path: str | Path) -> None:
-        """Write to one safetensors file (activations + masks); no pickle."""
+        """Write to one safetensors file (activations + masks); no pickle.
+
+        Names that hold the same tensor (``blocks.{l}.hook_resid_post`` is ``blocks.{l+1}.hook_resid_pre``) are
+        written as separate copies, since safetensors refuses shared storage; :meth:`load` keeps the order.
+        """
         from .io import atomic_path
 
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self._acts.items()}
+        tensors, seen = {}, set()
+        for k, v in self._acts.items():
+            v = v.detach().contiguous().cpu()
+            key = (v.untyped_storage().data_ptr(), v.storage_offset())
+            tensors[k] = v.clone() if key in seen or v.untyped_storage().nbytes() != v.nbytes else v
+            seen.add(key)
         tensors.update(dict(zip(_MASKS, (self.image_mask.cpu(), self.text_mask.cpu(), self.last_index.cpu()))))
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "interp.ActivationCache", "names": json.dumps(self.names)})
 
     @classmethod
     def load(cls, path: str | Path) -> "ActivationCache":
-        """Read a file :meth:`save` wrote (safetensors: no code runs); anything else is a ValueError naming the file."""
+        """Read a file :meth:`save` wrote (safetensors: no code runs); anything else is a ValueError naming the file.
+
+        Names come back in the order they were saved (execution order for a cache from ``run_with_cache``).
+        """
         try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
             t = load_file(str(path))
         except FileNotFoundError:
             raise
@@ -178,4 +201,10 @@ class ActivationCache:
         if missing:
             raise ValueError(f"{path} is a safetensors file but not an ActivationCache (no {', '.join(missing)})")
         masks = [t.pop(k) for k in _MASKS]
+        try:
+            order = json.loads(meta.get("names", "null"))
+        except ValueError:
+            order = None
+        if isinstance(order, list) and sorted(order) == sorted(t):
+            t = {n: t[n] for n in order}
         return cls(t, *masks)

@@ -63,6 +63,11 @@ def iter_query_activations(
     names = resolve_names_except_read_only(
         names, model.hook_names(), "attention patterns are [batch, head, query, key], not one vector per query; "
         "collect attn.hook_z (each head's output) instead")
+    vision = [n for n in names if n.startswith(("vision.", "projector."))]
+    if vision:
+        raise ValueError(f"{vision[:3]} are vision-side sites: they have no prompt tokens to read a query at; "
+                         "collect language-model sites here, and per-image means of vision sites with "
+                         "interp.probe.collect_features (the mean over each image's patches)")
     per_head = {n for n in names if model.site(n).heads is not None}
     starts = range(0, len(prompts), batch_size)
     for s in tqdm(starts, desc=desc, disable=not progress, leave=False):

@@ -91,17 +91,27 @@ def last_step(fn: HookFn) -> int | None:
 
 
 def checked_result(name: str, new: object, value: Tensor) -> Tensor:
-    """A hook's return value, after checking it can replace ``value``: a tensor of the same shape.
+    """A hook's return value, after checking it can replace ``value``: a tensor of the same shape, in
+    ``value``'s dtype and on its device.
 
     Both backends call this, so a hook that returns the wrong thing fails the same way on each, at the
     hook that did it, instead of deep inside the next module (or, on the plain-PyTorch backend, not at
-    all: a shorter sequence ran on silently).  Same shape, not same dtype: a hook may compute in float32.
+    all: a shorter sequence ran on silently).  A hook may compute in another float dtype (float32 or
+    float64 on a bf16 model): its result is cast back to the site's, as the next module needs.  An integer
+    or bool result for a float site is an error (the values were truncated).
     """
     if not isinstance(new, Tensor):
         raise TypeError(f"hook on {name!r} returned {type(new).__name__}; return a tensor shaped like its input, "
                         "or None to leave it as is")
     if new.shape != value.shape:
         raise ValueError(f"hook on {name!r} returned shape {tuple(new.shape)}, expected {tuple(value.shape)}")
+    if new.dtype != value.dtype:
+        if value.is_floating_point() and not new.is_floating_point():
+            raise TypeError(f"hook on {name!r} returned a {new.dtype} tensor for a {value.dtype} site; return "
+                            "floating-point values (an integer result has lost the fraction)")
+        new = new.to(value.dtype)
+    if new.device != value.device:
+        new = new.to(value.device)
     return new
 
 

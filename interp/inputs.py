@@ -92,12 +92,32 @@ class VLMInputs:
 
 
 def _as_rgb(img: Any, row: int) -> Image.Image:
-    """Accept PIL images of any mode and HxWx3 uint8 arrays; anything else is an error naming the row."""
+    """Accept PIL images of any mode and HxW / HxWx{1,3,4} arrays; anything else is an error naming the row.
+
+    Arrays: uint8 as is; floats in [0, 1] are scaled to 0-255 (the convention of torchvision and matplotlib),
+    other floats and integers must already lie in [0, 255].  Why so strict: a float image in [0, 1] cast to
+    uint8 is silently black, and out-of-range values wrap around; both would run, and be wrong.
+    """
     if isinstance(img, np.ndarray):
-        if img.ndim == 2 or (img.ndim == 3 and img.shape[-1] in (1, 3, 4)):
-            img = Image.fromarray(img.astype(np.uint8) if img.dtype != np.uint8 else img)
-        else:
+        if not (img.ndim == 2 or (img.ndim == 3 and img.shape[-1] in (1, 3, 4))):
             raise InputError(f"row {row}: image array has shape {img.shape}; expected HxW or HxWx{{1,3,4}}")
+        if img.dtype != np.uint8:
+            if img.dtype == bool or not (np.issubdtype(img.dtype, np.floating) or np.issubdtype(img.dtype, np.integer)):
+                raise InputError(f"row {row}: image array has dtype {img.dtype}; expected uint8, integers in "
+                                 "[0, 255] or floats in [0, 1]")
+            if img.size and not np.isfinite(img).all():
+                raise InputError(f"row {row}: image array has NaN or infinite values")
+            lo, hi = (float(img.min()), float(img.max())) if img.size else (0.0, 0.0)
+            if np.issubdtype(img.dtype, np.floating) and lo >= 0.0 and hi <= 1.0:
+                img = np.rint(img * 255.0)
+            elif lo < 0.0 or hi > 255.0:
+                raise InputError(f"row {row}: image array values span [{lo:g}, {hi:g}]; expected uint8 [0, 255] "
+                                 "or floats in [0, 1]")
+            elif np.issubdtype(img.dtype, np.floating) and not np.array_equal(img, np.rint(img)):
+                raise InputError(f"row {row}: float image array with values up to {hi:g} is neither in [0, 1] "
+                                 "nor whole numbers in [0, 255]")
+            img = img.astype(np.uint8)
+        img = Image.fromarray(img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img)
     if not isinstance(img, Image.Image):
         raise InputError(f"row {row}: expected a PIL image, a numpy array or None, got {type(img).__name__}")
     if img.width < 1 or img.height < 1:
@@ -143,6 +163,11 @@ def encode_batch(
         raise InputError("encode() needs at least one prompt")
     if images is None:
         images = [None] * len(prompts)
+    elif isinstance(images, Image.Image) or (isinstance(images, np.ndarray) and images.ndim in (2, 3)):
+        if len(prompts) != 1:
+            raise InputError(f"got one image for {len(prompts)} prompts; pass one entry (an image, a list of "
+                             "images, or None) per prompt")
+        images = [images]  # one prompt, one image: the bare form, like a bare prompt string
     images = list(images)
     if len(images) != len(prompts):
         raise InputError(f"got {len(images)} image entries for {len(prompts)} prompts; pass one entry (or None) per prompt")

@@ -68,6 +68,13 @@ class JsonRecord:
     def load(cls, path: str | Path):
         try:
             data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is not a JSON file ({e})") from None
-        return cls.from_dict(data)  # type: ignore[attr-defined]
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} is not a saved {cls.__name__}: it holds a JSON {type(data).__name__}, not an object")
+        try:
+            return cls.from_dict(data)  # type: ignore[attr-defined]
+        except KeyError as e:
+            raise ValueError(f"{path} is not a saved {cls.__name__}: it has no field {e}") from None
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{path} is not a saved {cls.__name__} ({type(e).__name__}: {e})") from None

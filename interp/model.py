@@ -208,7 +208,8 @@ class HookedVLM:
     def run_with_cache(self, inputs: VLMInputs, names: NameFilter = None, hooks: HookSpec | None = None,
                        remote: bool | str = False, stop_early: bool = False
                        ) -> tuple[Float[Tensor, "batch pos vocab"] | None, ActivationCache]:
-        """One forward pass; returns logits and an :class:`ActivationCache` of ``names`` (all names if None).
+        """One forward pass; returns logits and an :class:`ActivationCache` of ``names`` (if None, every name the
+        batch runs: all of them, or without the vision tower's and projector's for a text-only batch).
 
         ``hooks`` run in the same pass, and cached values are the values after the hooks at that site.
         ``remote=True`` runs the trace on an NDIF host; ``remote="local"`` simulates that round trip here.
@@ -217,7 +218,9 @@ class HookedVLM:
         costs half a forward pass.  A call that reads (or hooks) an ``attn.hook_pattern`` runs that tower's
         attention eagerly for the call (:mod:`interp.attention`), since only eager attention builds the weights.
         """
-        plan = self._plan(self.hook_names() if names is None else names, hooks, inputs)
+        if names is None:  # every name the batch has: a text-only batch never runs the vision tower
+            names = [n for n in self._names if inputs.has_images or not n.startswith(("vision.", "projector."))]
+        plan = self._plan(names, hooks, inputs)
         with torch_hooks.active_inputs(inputs), eager_attention(self.hf_model, plan.eager):
             logits, acts = tracing.run(self, inputs, plan, remote=remote, stop=stop_early)
         return logits, ActivationCache(acts, inputs.image_mask, inputs.text_mask, inputs.last_index)
@@ -269,6 +272,57 @@ class HookedVLM:
                 del self._persistent[len(self._persistent) - len(added):]
         else:
             raise ValueError(f"unknown hook backend {backend!r}; use 'torch' or 'nnsight'")
+
+    # -- tokens (TransformerLens's names) ------------------------------------
+    def to_single_token(self, text: str) -> int:
+        """The id of ``text`` if it is exactly one token (no special tokens added): for logit-difference metrics.
+
+        Raises with the pieces it splits into otherwise (with a sentencepiece tokenizer, ``" Paris"`` and
+        ``"Paris"`` are different tokens: pass the form that follows the prompt).
+        """
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            pieces = self.tokenizer.convert_ids_to_tokens(ids)
+            raise ValueError(f"{text!r} is {len(ids)} tokens {pieces}, not one")
+        return int(ids[0])
+
+    def to_tokens(self, text: str | Sequence[str], prepend_bos: bool = True) -> Int[Tensor, "batch pos"]:
+        """Token ids of plain text, no chat template and no image: ``[batch, pos]``, left-padded, on the model's
+        device (TransformerLens's ``to_tokens``).  For prompts with images use :meth:`encode`."""
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts:
+            raise ValueError("to_tokens needs at least one string")
+        enc = self.tokenizer(texts, add_special_tokens=prepend_bos, padding=True, return_tensors="pt")
+        return enc["input_ids"].to(self.device)
+
+    def to_string(self, tokens: Int[Tensor, "... pos"] | Sequence[int]) -> str | list[str]:
+        """Decode ids to text, special tokens included: one string for ``[pos]``, a list for ``[batch, pos]``
+        (for answers cut at EOS, use :meth:`decode`)."""
+        t = torch.as_tensor(tokens)
+        if t.dim() == 2:
+            return [self.tokenizer.decode(r.tolist()) for r in t]
+        if t.dim() != 1:
+            raise ValueError(f"to_string takes [pos] or [batch, pos] ids, got shape {tuple(t.shape)}")
+        return self.tokenizer.decode(t.tolist())
+
+    def to_str_tokens(self, x: str | VLMInputs | Tensor | Sequence[int], row: int = 0) -> list[str]:
+        """One string per token, for labelling positions in plots (TransformerLens's ``to_str_tokens``).
+
+        ``x`` is plain text (tokenised with special tokens, no chat template), ids ``[pos]``, or
+        :class:`VLMInputs` (row ``row``): then the list has one entry per position of the batch, padding and
+        image tokens included, so index ``p`` labels position ``p`` of the cache.
+        """
+        if isinstance(x, VLMInputs):
+            if not -x.batch_size <= row < x.batch_size:
+                raise IndexError(f"row {row} is out of range for a batch of {x.batch_size}")
+            ids = x.input_ids[row]
+        elif isinstance(x, str):
+            ids = self.tokenizer(x)["input_ids"]
+        else:
+            ids = torch.as_tensor(x)
+            if ids.dim() != 1:
+                raise ValueError(f"to_str_tokens takes [pos] ids (or text, or VLMInputs), got shape {tuple(ids.shape)}")
+        return self.tokenizer.convert_ids_to_tokens(torch.as_tensor(ids).tolist())
 
     def decode(self, tokens: Int[Tensor, "batch n"]) -> list[str]:
         """Decode answer tokens, cutting each row at its first EOS."""

@@ -273,11 +273,8 @@ def patch_from_run(
     if missing:
         raise ValueError(f"the source cache lacks {missing[:4]}{'...' if len(missing) > 4 else ''}; "
                          f"cache them in the source run (cached: {source_cache.names[:6]})")
-    if tuple(source_cache.image_mask.shape) != tuple(target_inputs.input_ids.shape):
-        raise ValueError(
-            f"source run has [batch, pos] = {tuple(source_cache.image_mask.shape)} but the target has "
-            f"{tuple(target_inputs.input_ids.shape)}: patching needs runs that line up position by position; "
-            "use prompts of the same token length (e.g. the same prompt with two different images)")
+    check_layout("source", source_cache.image_mask, source_cache.image_mask | source_cache.text_mask,
+                 "target", target_inputs.image_mask, target_inputs.image_mask | target_inputs.text_mask)
     masks = {n: _patch_mask(positions, n, target_inputs) for n in resolved}  # validate before any forward pass
 
     target_logits = model.run_with_hooks(target_inputs, [])
@@ -307,12 +304,31 @@ def patch_from_run(
 
 
 def check_aligned(clean_inputs: VLMInputs, corrupted_inputs: VLMInputs) -> None:
-    """Clean and corrupted runs must line up position by position: the same ``[batch, pos]``."""
-    if tuple(clean_inputs.input_ids.shape) != tuple(corrupted_inputs.input_ids.shape):
+    """Clean and corrupted runs must line up position by position: the same ``[batch, pos]``, and in every
+    row the same padding and the same image positions.
+
+    Why more than the shape: with left padding, two prompts of different token lengths padded to one width
+    have the same shape but their tokens sit at different positions, so a patch would write a pad token's
+    activation where the other run has a real one, silently.
+    """
+    check_layout("clean", clean_inputs.image_mask, clean_inputs.attention_mask.bool(),
+                 "corrupted", corrupted_inputs.image_mask, corrupted_inputs.attention_mask.bool())
+
+
+def check_layout(a: str, a_image: Tensor, a_real: Tensor, b: str, b_image: Tensor, b_real: Tensor) -> None:
+    """Raise unless two runs have the same ``[batch, pos]``, real (non-padding) positions and image positions."""
+    if tuple(a_image.shape) != tuple(b_image.shape):
         raise ValueError(
-            f"clean inputs have [batch, pos] = {tuple(clean_inputs.input_ids.shape)}, corrupted "
-            f"{tuple(corrupted_inputs.input_ids.shape)}: patching needs the same shapes; use prompts of the same "
-            "token length (e.g. the same prompt with two different images)")
+            f"{a} inputs have [batch, pos] = {tuple(a_image.shape)}, {b} {tuple(b_image.shape)}: patching needs runs "
+            "that line up position by position; use prompts of the same token length (e.g. the same prompt with "
+            "two different images)")
+    for what, x, y in (("padding", a_real, b_real), ("image positions", a_image, b_image)):
+        diff = (x.cpu() != y.cpu()).any(-1).nonzero().flatten().tolist()
+        if diff:
+            raise ValueError(
+                f"{a} and {b} runs differ in {what} in row(s) {diff[:8]}: their tokens do not line up position by "
+                "position, so a patch would move activations between different tokens; pair prompts of the same "
+                "token length and the same images per row")
 
 
 def patchable_names(model: "HookedVLM", names: NameFilter) -> list[str]:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from safetensors.torch import load_file, save_file
@@ -171,7 +172,14 @@ def collect_features(
 
 # -- the probe -----------------------------------------------------------------
 def _labels(y: Any) -> Int[Tensor, " n"]:
-    y = torch.as_tensor(y)
+    if isinstance(y, str) or (isinstance(y, (list, tuple)) and any(isinstance(v, str) for v in y)) or (
+            isinstance(y, np.ndarray) and y.dtype.kind in "USO"):
+        raise ValueError("labels must be integer class ids, not strings: map them first, e.g. "
+                         "classes = sorted(set(y)); y = [classes.index(v) for v in y]")
+    try:
+        y = torch.as_tensor(y)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"labels must be a 1-D sequence of integer class ids ({type(e).__name__}: {e})") from None
     if y.dim() != 1:
         raise ValueError(f"labels must be 1-D, got shape {tuple(y.shape)}")
     if y.numel() == 0:
@@ -286,13 +294,18 @@ class LinearProbe:
 
     @classmethod
     def load(cls, path: str | Path) -> "LinearProbe":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        if metadata.get("format") != _FORMAT:
-            raise ValueError(f"{path} is not a saved LinearProbe (format={metadata.get('format')!r})")
-        t = load_file(str(path))
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+            if metadata.get("format") != _FORMAT:
+                raise ValueError(f"{path} is not a saved LinearProbe (format={metadata.get('format')!r})")
+            t = load_file(str(path))
+        except FileNotFoundError:
+            raise
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path} is not a readable LinearProbe file ({type(e).__name__}: {e})") from None
         return cls(t["weight"], t["bias"], t["mean"], t["std"], t["classes"],
                    json.loads(metadata["weight_decay"]), json.loads(metadata["meta"]))
 

@@ -77,3 +77,22 @@ def test_a_steering_hooks_own_share_is_other(tiny_llava):
     want = ((v * norm.weight) @ (w_u[4] - w_u[6])) * inv_rms
     torch.testing.assert_close(att.values[-1], want.detach().float(), atol=1e-4, rtol=1e-4)
     assert att.values[-1].abs().min().item() > 1e-3
+
+
+def test_attribution_round_trips_through_json(tiny_llava, tmp_path):
+    from interp.attribution import Attribution
+
+    inputs = tiny_llava.encode(images=[None, None], prompts=["who is he", "who"])
+    _, cache = tiny_llava.run_with_cache(inputs, names=attribution_names(tiny_llava))
+    att = logit_attribution(tiny_llava, cache, good=5, bad=9)
+    att.save(tmp_path / "att.json")
+    back = Attribution.load(tmp_path / "att.json")
+    assert back.labels == att.labels and (back.n_layers, back.n_heads) == (att.n_layers, att.n_heads)
+    assert torch.equal(back.values, att.values)  # float32 -> JSON -> float32 is exact
+    assert back.top(3) == att.top(3)
+    from interp.patching import PatchResult
+
+    PatchResult(names=[], patched={}, clean=1.0, corrupted=0.0).save(tmp_path / "patch.json")
+    with pytest.raises(ValueError, match=r"patch.json is not a saved Attribution .*not 'interp.Attribution'"):
+        Attribution.load(tmp_path / "patch.json")
+

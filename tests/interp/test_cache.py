@@ -56,12 +56,43 @@ def test_stack_orders_by_layer(mixed_cache, tiny_llava):
         cache.stack("blocks.*.hook_mlp_out")
 
 
+def test_stack_refuses_a_glob_over_several_kinds_of_site(tiny_llava):
+    inputs = tiny_llava.encode(images=[random_image(32, 0)], prompts=["who is he"])
+    _, cache = tiny_llava.run_with_cache(inputs, names=["blocks.*.hook_resid_pre", "blocks.*.hook_attn_out",
+                                                        "vision.blocks.*.hook_resid_pre"])
+    with pytest.raises(ValueError, match=r"'blocks.\*' matches 2 kinds of site \(blocks.\*.hook_attn_out, "
+                                         r"blocks.\*.hook_resid_pre\)"):
+        cache.stack("blocks.*")
+    with pytest.raises(ValueError, match="3 kinds of site"):
+        cache.stack("*blocks.*")
+    assert cache.stack("vision.blocks.*").shape[0] == tiny_llava.n_vision_layers
+    assert cache.stack("blocks.*.hook_attn_out").shape[0] == tiny_llava.n_layers
+
+
+def test_names_that_share_a_tensor_save_and_load(tiny_model):
+    """resid_post of block l is resid_pre of block l + 1 and hook_embed is block 0's resid_pre: one tensor under
+    two names, which safetensors refuses as is; a cache of every name must still save."""
+    inputs = tiny_model.encode(images=[None], prompts=["who is this person"])
+    _, cache = tiny_model.run_with_cache(inputs)  # every name the text-only batch runs
+    assert not any(n.startswith(("vision.", "projector.")) for n in cache.names)
+    assert cache["blocks.0.hook_resid_post"].data_ptr() == cache["blocks.1.hook_resid_pre"].data_ptr()
+    import tempfile, pathlib
+
+    with tempfile.TemporaryDirectory() as d:
+        path = pathlib.Path(d) / "all.safetensors"
+        cache.save(path)
+        back = ActivationCache.load(path)
+    assert back.names == cache.names
+    for n in cache.names:
+        assert torch.equal(back[n], cache[n]), n
+
+
 def test_save_load_round_trip_and_to(mixed_cache, tmp_path):
     _, cache = mixed_cache
     path = tmp_path / "cache.safetensors"
     cache.save(path)
     loaded = ActivationCache.load(path)
-    assert sorted(loaded.names) == sorted(cache.names)
+    assert loaded.names == cache.names  # the saved (execution) order, not alphabetical
     for n in cache.names:
         assert torch.equal(loaded[n], cache[n])
     assert torch.equal(loaded.last_index, cache.last_index)

@@ -53,3 +53,8 @@ def test_per_head_sites_stream_as_one_row_and_patterns_are_refused(tiny_model):
                                prompt_mean(cache["blocks.1.attn.hook_z"].flatten(-2).float(), mask), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="attn.hook_z"):
         query_activations(tiny_model, images, prompts, ["blocks.0.attn.hook_pattern"])
+
+
+def test_vision_sites_point_to_collect_features(tiny_llava):
+    with pytest.raises(ValueError, match=r"vision-side sites.*interp.probe.collect_features"):
+        query_activations(tiny_llava, [random_image(32, 0)], ["who"], "vision.blocks.0.hook_resid_post")

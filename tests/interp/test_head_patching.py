@@ -81,8 +81,12 @@ def test_round_trip_grid_and_errors(tiny_llava, pair, tmp_path):
         patch_heads(tiny_llava, clean, corrupt, metric, layers=[3])
     with pytest.raises(ValueError, match="layers"):
         patch_heads(tiny_llava, clean, corrupt, metric, layers=[])
-    with pytest.raises(ValueError, match="same shapes"):
+    with pytest.raises(ValueError, match=r"\(2, 32\), corrupted \(1, 6\).*line up position by position"):
         patch_heads(tiny_llava, clean, tiny_llava.encode(images=[None], prompts=["who"]), metric)
+    shorter = tiny_llava.encode(images=[None, None], prompts=["who is this", "who is this person"])
+    longer = tiny_llava.encode(images=[None, None], prompts=["who is this person", "who is this person"])
+    with pytest.raises(ValueError, match=r"differ in padding in row\(s\) \[0\]"):
+        patch_heads(tiny_llava, shorter, longer, metric)
     with pytest.raises(ValueError, match="positions"):
         patch_heads(tiny_llava, clean, corrupt, metric, positions="middle")
     with pytest.raises(ValueError, match="HeadPatchResult"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from interp.inputs import InputError
@@ -45,6 +46,42 @@ def test_non_rgb_images_are_converted_and_bad_ones_rejected(tiny_llava):
         tiny_llava.encode(images=["not an image"], prompts=["a"])
     with pytest.raises(InputError, match="shape"):
         tiny_llava.encode(images=[np.zeros((4, 4, 7), dtype=np.uint8)], prompts=["a"])
+
+
+def test_float_and_integer_arrays_are_scaled_or_rejected_never_wrapped(tiny_llava):
+    """A float image in [0, 1] is scaled to 0-255 (a plain uint8 cast would make it black); values outside the
+    uint8 range are an error, not wrapped around."""
+    rng = np.random.RandomState(0)
+    as_float = rng.rand(32, 32, 3)
+    as_uint8 = np.rint(as_float * 255).astype(np.uint8)
+    pixels = lambda img: tiny_llava.encode(images=[img], prompts=["who"]).image_kwargs["pixel_values"]
+    assert torch.equal(pixels(as_float), pixels(as_uint8))
+    assert torch.equal(pixels(as_float.astype(np.float32)), pixels(as_uint8))
+    assert torch.equal(pixels(as_uint8.astype(np.int64)), pixels(as_uint8))  # integers already in [0, 255]
+    assert torch.equal(pixels(as_uint8.astype(np.float64)), pixels(as_uint8))  # whole-number floats in [0, 255]
+    black = pixels(np.zeros((32, 32, 3), dtype=np.uint8))
+    assert not torch.equal(pixels(as_float), black)
+    grey = np.full((32, 32, 1), 0.5)
+    assert torch.equal(pixels(grey), pixels(np.full((32, 32, 3), 128, dtype=np.uint8)))
+    for bad, message in [(as_float * 300, r"values span \[0.02.*, 299.9"), (as_float - 0.5, r"values span \[-0.4"),
+                         (as_float * 2, "neither in \\[0, 1\\] nor whole numbers"),
+                         (np.full((8, 8, 3), np.nan), "NaN or infinite"),
+                         (np.ones((8, 8, 3), dtype=bool), "dtype bool")]:
+        with pytest.raises(InputError, match=message):
+            pixels(bad)
+
+
+def test_one_bare_image_for_one_prompt(tiny_llava):
+    img = Image.new("RGB", (32, 32), (10, 20, 30))
+    bare = tiny_llava.encode(images=img, prompts="who")
+    listed = tiny_llava.encode(images=[img], prompts=["who"])
+    assert torch.equal(bare.input_ids, listed.input_ids)
+    assert torch.equal(bare.image_kwargs["pixel_values"], listed.image_kwargs["pixel_values"])
+    assert torch.equal(tiny_llava.encode(images=np.asarray(img), prompts="who").input_ids, listed.input_ids)
+    with pytest.raises(InputError, match="one image for 2 prompts"):
+        tiny_llava.encode(images=img, prompts=["who", "who is he"])
+    stacked = np.stack([np.asarray(img)] * 2)  # a [N, H, W, 3] batch still means one image per prompt
+    assert tiny_llava.encode(images=stacked, prompts=["a", "b"]).image_kwargs["pixel_values"].shape[0] == 2
 
 
 def test_multiple_images_per_row(tiny_llava):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from interp.io import atomic_path, write_json
@@ -48,3 +49,19 @@ def test_write_json_writes_strict_json_nan_and_inf_become_null(tmp_path):
     text = target.read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"a": None, "b": [1.5, None, [None, 2]], "c": {"d": 0.25}, "e": 3}
+
+
+def test_json_records_name_the_file_and_the_problem(tmp_path):
+    from interp.head_patching import HeadPatchResult
+    from interp.patching import PatchResult
+
+    res = HeadPatchResult(layers=[0], patched=np.zeros((1, 1)), clean=1.0, corrupted=0.0)
+    res.save(tmp_path / "heads.json")
+    with pytest.raises(ValueError, match=r"heads.json is not a saved PatchResult: it has no field 'names'"):
+        PatchResult.load(tmp_path / "heads.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"list.json is not a saved PatchResult: it holds a JSON list"):
+        PatchResult.load(tmp_path / "list.json")
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00junk")
+    with pytest.raises(ValueError, match=r"bin.json is not a JSON file"):
+        PatchResult.load(tmp_path / "bin.json")

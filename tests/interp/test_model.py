@@ -241,3 +241,49 @@ def test_from_pretrained_honours_dtype_and_device_map(tiny_llava, tmp_path):
     ref = tiny_llava.run_with_hooks(tiny_llava.encode(images=[random_image(32, 0)], prompts=["who is he"]), [])
     assert cache["blocks.0.hook_resid_pre"].dtype == torch.bfloat16
     assert (logits.float() - ref).abs().max() < 0.1  # bf16 rounding only
+
+
+def test_token_helpers_label_cache_positions(tiny_model, two_prompts):
+    images, prompts = two_prompts
+    inputs = tiny_model.encode(images=[images[0], None], prompts=prompts)
+    tok = tiny_model.tokenizer
+    # to_str_tokens of an encoded row: one label per cache position, padding and image tokens included
+    for row in range(2):
+        labels = tiny_model.to_str_tokens(inputs, row=row)
+        assert len(labels) == inputs.input_ids.shape[1]
+        ids = inputs.input_ids[row]
+        assert [labels[p] for p in range(len(labels)) if ids[p] == tok.pad_token_id and not inputs.attention_mask[row, p]] \
+            == [tok.pad_token] * int((inputs.attention_mask[row] == 0).sum())
+        placeholder = tiny_model.adapter.image_placeholder
+        assert sum(l == placeholder for l in labels) == int(inputs.image_mask[row].sum())
+    assert tiny_model.to_str_tokens(inputs, row=-1) == tiny_model.to_str_tokens(inputs, row=1)
+    with pytest.raises(IndexError, match="row 2 is out of range for a batch of 2"):
+        tiny_model.to_str_tokens(inputs, row=2)
+    # single tokens, plain-text tokens and decoding round-trip
+    pid = tiny_model.to_single_token("person")
+    assert tok.convert_ids_to_tokens(pid) == "person"
+    with pytest.raises(ValueError, match=r"'who is' is 2 tokens \['who', 'is'\], not one"):
+        tiny_model.to_single_token("who is")
+    toks = tiny_model.to_tokens(["who is he", "who"])
+    assert toks.shape[0] == 2 and toks[1, 0] == tok.pad_token_id  # left-padded
+    no_bos = tiny_model.to_tokens("who is he", prepend_bos=False)
+    assert tiny_model.to_str_tokens(no_bos[0]) == ["who", "is", "he"]
+    assert tiny_model.to_string(no_bos[0]) == "who is he"
+    assert tiny_model.to_string(no_bos) == ["who is he"]
+    with pytest.raises(ValueError, match="at least one string"):
+        tiny_model.to_tokens([])
+    with pytest.raises(ValueError, match=r"\[pos\] ids"):
+        tiny_model.to_str_tokens(toks)
+
+
+def test_run_with_cache_of_every_name_on_a_text_only_batch(tiny_model, two_prompts):
+    """names=None caches every name the batch runs: a text-only batch has no vision or projector sites."""
+    text = tiny_model.encode(images=[None], prompts=["who is he"])
+    _, cache = tiny_model.run_with_cache(text)
+    lm = [n for n in tiny_model.hook_names() if not n.startswith(("vision.", "projector."))]
+    assert cache.names == lm
+    images, prompts = two_prompts
+    _, with_images = tiny_model.run_with_cache(tiny_model.encode(images=images, prompts=prompts))
+    assert with_images.names == tiny_model.hook_names()
+    with pytest.raises(ValueError, match="vision-side sites, but this batch has no images"):
+        tiny_model.run_with_cache(text, names="projector.hook_out")  # named outright: still an error

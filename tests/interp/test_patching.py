@@ -208,3 +208,30 @@ def test_head_outputs_patch_like_the_attention_output_they_sum_to(tiny_llava, se
     assert grid.rows == ["attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z"]
     with pytest.raises(ValueError, match="cannot be patched"):
         patch_sites(tiny_llava, clean, corrupt, ["blocks.1.attn.hook_pattern"], metric)
+
+
+def test_rows_padded_differently_are_refused_not_patched_out_of_line(tiny_llava):
+    """Same [batch, pos] but row 0 of the clean batch is one token shorter (left-padded by one): the tokens do not
+    line up, and patching hook_embed at every position would mix a pad embedding into a real position."""
+    clean = tiny_llava.encode(images=[None, None], prompts=["who is this", "who is this person"])
+    corrupt = tiny_llava.encode(images=[None, None], prompts=["who is this person", "who is this person"])
+    assert clean.input_ids.shape == corrupt.input_ids.shape
+    metric = logit_diff(5, 9)
+    with pytest.raises(ValueError, match=r"differ in padding in row\(s\) \[0\]"):
+        patch_sites(tiny_llava, clean, corrupt, ["hook_embed"], metric)
+    _, cache = tiny_llava.run_with_cache(clean, names=["hook_embed"])
+    with pytest.raises(ValueError, match=r"source and target runs differ in padding in row\(s\) \[0\]"):
+        patch_from_run(tiny_llava, corrupt, cache, ["hook_embed"], metric)
+    # same padding, an image in one row only: the image positions differ
+    with_img = tiny_llava.encode(images=[random_image(32, 1), None], prompts=["who", "who is this person"])
+    text_only = tiny_llava.encode(images=[None, None], prompts=["who", "who is this person"])
+    if with_img.input_ids.shape == text_only.input_ids.shape:  # pragma: no cover - depends on the image's token count
+        with pytest.raises(ValueError, match="image positions"):
+            patch_sites(tiny_llava, with_img, text_only, ["hook_embed"], metric)
+    # aligned rows still patch exactly: the whole embedding stream restores the clean run
+    clean2 = tiny_llava.encode(images=[None, None], prompts=["who is this person", "who is this"])
+    corrupt2 = tiny_llava.encode(images=[None, None], prompts=["who was this person", "who is that"])
+    res = patch_sites(tiny_llava, clean2, corrupt2, ["hook_embed"], metric)
+    assert res.patched["hook_embed"] == pytest.approx(res.rows["hook_embed"][0] * 0.5 + res.rows["hook_embed"][1] * 0.5)
+    clean_logits = tiny_llava.run_with_hooks(clean2, [])
+    assert res.patched["hook_embed"] == pytest.approx(float(metric(clean_logits, clean2).mean()), abs=1e-5)

@@ -77,6 +77,9 @@ def test_save_load_round_trip(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a saved LinearProbe"):
         LinearProbe.load(tmp_path / "other.safetensors")
+    (tmp_path / "junk.bin").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match=r"junk.bin is not a readable LinearProbe file"):
+        LinearProbe.load(tmp_path / "junk.bin")
 
 
 def test_stratified_split_is_seeded_and_covers_every_class():
@@ -104,6 +107,13 @@ def test_bad_inputs_are_clear_errors():
         probe_accuracy(X, torch.tensor([0, 1] * 3))
     with pytest.raises(ValueError, match="no labels"):
         probe_accuracy(torch.randn(0, 3), torch.zeros(0, dtype=torch.long))
+    import numpy as np
+
+    for labels in (["red", "blue"] * 3, np.array(["red", "blue"] * 3), "rbrbrb"):
+        with pytest.raises(ValueError, match=r"integer class ids, not strings: map them first"):
+            LinearProbe.fit(torch.randn(6, 3), labels)
+    with pytest.raises(ValueError, match="1-D sequence of integer class ids"):
+        LinearProbe.fit(torch.randn(6, 3), [object()] * 6)
 
 
 # -- features from a tiny model -------------------------------------------------

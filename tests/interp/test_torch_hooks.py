@@ -219,3 +219,21 @@ def test_a_hook_returning_the_wrong_thing_fails_at_the_hook_on_both_backends(tin
                 tiny_model.run_with_hooks(inputs, [])
         assert not has_hooks(tiny_model)  # the failed block left nothing attached
     assert torch.equal(tiny_model.run_with_hooks(inputs, []), vanilla)
+
+
+@pytest.mark.parametrize("backend", ["torch", "nnsight"])
+def test_a_hook_computing_in_another_dtype_is_cast_back_and_integers_are_refused(tiny_model, two_prompts, backend):
+    images, prompts = two_prompts
+    inputs = tiny_model.encode(images=images, prompts=prompts)
+    vec = torch.randn(tiny_model.d_model, dtype=torch.float64)
+    in_f64 = lambda x, c: x.double() + vec  # float64 maths on a float32 model: cast back, same result
+    in_f32 = lambda x, c: x + vec.float()
+    with tiny_model.hooks([("blocks.1.hook_resid_pre", in_f64)], backend=backend):
+        a = tiny_model.run_with_hooks(inputs, [])
+    with tiny_model.hooks([("blocks.1.hook_resid_pre", in_f32)], backend=backend):
+        b = tiny_model.run_with_hooks(inputs, [])
+    assert a.dtype == torch.float32 and torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(TypeError, match=r"hook on 'blocks.1.hook_resid_pre' returned a torch.int64 tensor for a "
+                                        r"torch.float32 site"):
+        with tiny_model.hooks([("blocks.1.hook_resid_pre", lambda x, c: (x * 100).long())], backend=backend):
+            tiny_model.run_with_hooks(inputs, [])
