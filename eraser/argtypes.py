@@ -38,3 +38,25 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
+
+
+def out_dir(text: str) -> str:
+    """An output folder: it may not exist yet, but it must not be a file, and the nearest existing folder above it
+    must be writable; checked at parse time, so a long run cannot fail at its very end when it writes."""
+    import os
+    from pathlib import Path
+
+    if not text:
+        raise argparse.ArgumentTypeError("expected an output folder, got an empty path")
+    path = Path(text).expanduser()
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise argparse.ArgumentTypeError(
+                    f"{text!r} cannot be an output folder: {str(p)!r} is an existing file" if p != path else
+                    f"{text!r} is an existing file, not a folder")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise argparse.ArgumentTypeError(f"cannot write under {str(p)!r} (permission denied)")
+            break
+    return text
+

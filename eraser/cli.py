@@ -3,6 +3,7 @@
     mllmeraser eval --method vanilla [--arch llava|qwen2_5_vl] [--seed N] [--forget-ratio 5|10|15] [--quick] [--out DIR]
     mllmeraser eval --method mllmeraser ...      # vanilla + MLLMEraser (auto strength) + its ablations
     mllmeraser fit --out DIR ...                 # fit, choose the strength, save the artifact
+    mllmeraser eval --artifact DIR ...           # vanilla + a saved artifact, as it is
     mllmeraser sweep --out DIR ...               # layer x strength sweep (resumable) and heatmap
     mllmeraser demo --out DIR [--quick]          # the main job: table + figures
     mllmeraser figures --from DIR                # regenerate the figures from saved results
@@ -17,7 +18,7 @@ from typing import Any
 
 from interp.io import write_json
 
-from .argtypes import finite_float, nonneg_int, positive_int
+from .argtypes import finite_float, nonneg_int, out_dir, positive_int
 from .variants import ERASER_VARIANTS, GATED_VARIANTS
 
 ARCHS = ("llava", "qwen2_5_vl")
@@ -51,26 +52,29 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate methods on the embedded default; writes results.json/.md")
     _common(ev)
     ev.add_argument("--method", choices=sorted(METHOD_SETS), default="vanilla")
-    ev.add_argument("--out", default=None, help="output folder (default: print only)")
+    ev.add_argument("--out", type=out_dir, default=None, help="output folder (default: print only)")
     ev.add_argument("--no-oracle", action="store_true", help=NO_ORACLE_HELP)
+    ev.add_argument("--artifact", default=None,
+                    help="also evaluate a saved eraser (a file or a folder written by `fit`), as it is: no refit; "
+                         "it must have been fitted on this model (--arch/--seed/--quick)")
     fit = sub.add_parser("fit", help="fit MLLMEraser with the automatic strength and save the artifact")
     _common(fit)
     # only gated variants: an artifact carries no "ungated" switch, so a saved ``steer_static`` would steer
     # through a gate when attached; that ablation is evaluated with ``eval --method steer_static`` instead
     fit.add_argument("--variant", default="mllmeraser", choices=[v for v in ERASER_VARIANTS if v in GATED_VARIANTS],
                      help="the variant to fit and save (static steering is an ablation: eval --method steer_static)")
-    fit.add_argument("--out", required=True)
+    fit.add_argument("--out", type=out_dir, required=True)
     sw = sub.add_parser("sweep", help="layer x strength sweep of MLLMEraser (resumable JSONL) and its heatmap")
     _common(sw)
-    sw.add_argument("--out", required=True)
+    sw.add_argument("--out", type=out_dir, required=True)
     sw.add_argument("--strengths", type=finite_float, nargs="+", default=None,
                     help="strengths to try (finite; negative steers towards refusal)")
     figs = sub.add_parser("figures", help="regenerate every figure from a results folder, without recomputing")
     figs.add_argument("--from", dest="src", required=True, help="a folder written by demo/eval")
-    figs.add_argument("--out", default=None, help="where to write PNGs (default: the same folder)")
+    figs.add_argument("--out", type=out_dir, default=None, help="where to write PNGs (default: the same folder)")
     demo = sub.add_parser("demo", help="the main job: fit, evaluate, tabulate and plot")
     _common(demo)
-    demo.add_argument("--out", required=True)
+    demo.add_argument("--out", type=out_dir, required=True)
     demo.add_argument("--no-oracle", action="store_true", help=NO_ORACLE_HELP)
     return ap
 
@@ -86,8 +90,19 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from .evaluate import results_table, write_results
     from .pipeline import eraser_checks, memorisation_checks, run_methods
 
+    erasers = {}
+    if args.artifact:
+        from .method import MLLMEraser
+
+        loaded = MLLMEraser.load(args.artifact)  # a bad file fails here, before any model is loaded
     setup = _setup(args)
-    out = run_methods(setup, METHOD_SETS[args.method], oracle=not args.no_oracle)
+    methods = list(METHOD_SETS[args.method])
+    if args.artifact:
+        loaded.check_model(setup.model)
+        name = f"{loaded.info.get('variant', 'mllmeraser')} (artifact)"
+        erasers[name] = loaded
+        methods.append(name)
+    out = run_methods(setup, methods, oracle=not args.no_oracle, erasers=erasers)
     checks: dict[str, Any] = {"refusal": out["checks"]}
     vanilla = out["methods"]["vanilla"]
     checks["memorisation"] = memorisation_checks(setup, vanilla, out["checks"]["vanilla"], oracle=not args.no_oracle)
@@ -143,7 +158,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
+    from interp.sweep import SweepContextError
+
+    from .method import ArtifactError, ArtifactMismatchError
+
     torch.set_num_threads(getattr(args, "threads", 2))
+    try:
+        return _run(args)
+    except (ArtifactError, ArtifactMismatchError, SweepContextError, FileNotFoundError) as e:  # bad input: one line, no traceback
+        print(f"mllmeraser {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "eval":
         cmd_eval(args)
     elif args.command == "fit":

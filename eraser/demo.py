@@ -44,7 +44,11 @@ def layer_sweep(setup: Setup, eraser, out: Path, strengths=SWEEP_STRENGTHS) -> P
         return {"forget_refusal_rate": f["refusal_rate"], "forget_cls_acc": f["cls_acc"], "retain_cls_acc": r["cls_acc"]}
 
     path = out / "sweep.jsonl"
-    run_sweep(settings, evaluate, path=path, progress=setup.progress)
+    # what the numbers depend on besides (layer, strength): a journal from another model, split or artifact is
+    # refused instead of resumed
+    context = {"recipe_hash": setup.recipe.hash(), "forget_ratio": setup.forget_ratio, "eraser": eraser.digest(),
+               "validation": "validation_split(n_retain_profiles=6, n_celebrities=3), 60 per set"}
+    run_sweep(settings, evaluate, path=path, progress=setup.progress, context=context)
     return path
 
 

@@ -21,8 +21,8 @@ def _ridge_core(H_f: Tensor, P: Tensor, gamma: float) -> Tensor:
         raise ValueError("the forget set is empty: no activations to fit the gate on")
     if not torch.isfinite(H_f).all():
         raise ValueError("forget activations contain NaN or inf")
-    if gamma < 0:
-        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    if not gamma >= 0:  # also NaN
+        raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
     H = H_f.to(torch.float64)
     P = P.to(torch.float64)
     A = P @ H.T @ H @ P + gamma * P
@@ -45,8 +45,8 @@ def fit_gate_from_moments(K_f: Float[Tensor, "d d"], s_f: Float[Tensor, "d *c"],
     """
     if not torch.isfinite(K_f).all() or not torch.isfinite(s_f).all():
         raise ValueError("forget statistics contain NaN or inf")
-    if gamma < 0:
-        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    if not gamma >= 0:  # also NaN
+        raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
     P = P.to(torch.float64)
     K_f = K_f.to(torch.float64)
     s_f = s_f.to(torch.float64)

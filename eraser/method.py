@@ -71,8 +71,9 @@ class EraserConfig:
     ``answer_steps`` > 0 also steers the first that many generated tokens, along an answer direction
     read one token into the answer with ``answer_prefix`` (the refusal's first word) forced, scaled by
     the gate the prefill computed (:func:`eraser.steer.answer_steering`; an extension: the paper steers
-    the prefill only, or every step with a fresh gate, ``every_step``, which this overrides).  With the
-    nnsight backend, decode steps run hooks only under ``generate(..., every_step=True)``.
+    the prefill only, or every step with a fresh gate, ``every_step``, which this overrides).  Its hooks are
+    marked ``first_steps(fn, answer_steps)``, so every backend applies them to those steps, with or without
+    ``generate(..., every_step=True)``.
     """
 
     layers: tuple[int, ...] | None = None
@@ -105,6 +106,21 @@ class EraserConfig:
         if not math.isfinite(strength):
             raise ValueError(f"strength must be a finite number, got {self.strength!r}")
         object.__setattr__(self, "strength", strength)
+        # checked here, not only in the solve: a bad value must fail before any activation is collected
+        gamma = _finite_float(self.gamma, "gamma")
+        if gamma < 0:
+            raise ValueError(f"gamma (the gate's ridge penalty) must be a finite number >= 0, got {self.gamma!r}")
+        object.__setattr__(self, "gamma", gamma)
+        rho = _finite_float(self.rho, "rho")
+        if not 0 < rho <= 1:
+            raise ValueError(f"rho (the null space's share of d) must lie in (0, 1], got {self.rho!r}")
+        object.__setattr__(self, "rho", rho)
+        if self.energy is not None:
+            energy = _finite_float(self.energy, "energy")
+            if not 0 < energy < 1:
+                raise ValueError(f"energy (the retain energy the null space may hold) must lie in (0, 1), "
+                                 f"got {self.energy!r}")
+            object.__setattr__(self, "energy", energy)
         if self.gate_window is not None:
             try:
                 lo, hi = (float(x) for x in self.gate_window)  # also accepts the JSON list an artifact stores
@@ -129,6 +145,16 @@ class EraserConfig:
 
     def hook_name(self, layer: int) -> str:
         return f"blocks.{layer}.hook_{self.site}"
+
+
+def _finite_float(value: Any, name: str) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        out = math.nan
+    if not math.isfinite(out):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return out
 
 
 def _hash_queries(queries: Sequence[Query]) -> str:
@@ -414,6 +440,18 @@ class MLLMEraser:
         per_layer = n_concepts * self.w.shape[-1] * self.d.shape[-1] * (2 if self.d_answer is not None else 1)
         return len(self.layers) * per_layer * self.d.element_size()
 
+    def digest(self, length: int = 16) -> str:
+        """A short sha256 over the steering itself (layers, config, tensors): equal digests steer identically.
+
+        Used to tie results to the artifact that produced them (a sweep's journal context)."""
+        h = hashlib.sha256(json.dumps({"layers": self.layers, "config": asdict(self.config)}, sort_keys=True,
+                                      default=str).encode())
+        for t in (self.w, self.d, self.d_answer):
+            if t is not None:
+                h.update(str(tuple(t.shape)).encode())
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:length]
+
     # -- persistence --------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
         return {"format": FORMAT, "layers": self.layers, "config": asdict(self.config),
@@ -449,17 +487,33 @@ class MLLMEraser:
             raise
         except (SafetensorError, KeyError, json.JSONDecodeError, OSError, ValueError) as e:
             raise ArtifactError(f"{path} is not a readable MLLMEraser artifact ({type(e).__name__}: {e})") from None
-        if meta.get("format") != FORMAT:
-            raise ArtifactError(f"{path}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
-        cfg = dict(meta["config"])
-        if cfg.get("layers") is not None:
-            cfg["layers"] = tuple(cfg["layers"])
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise ArtifactError(f"{path}: unknown format {found!r}, expected {FORMAT!r}")
+        missing = [k for k in ("layers", "config", "fingerprint") if k not in meta] + [
+            k for k in ("w", "d") if k not in tensors]
+        if missing:
+            raise ArtifactError(f"{path}: an incomplete MLLMEraser artifact (no {', '.join(missing)})")
+        fp = meta["fingerprint"]
+        layers = meta["layers"]
+        depth = fp.get("n_layers") if isinstance(fp, dict) else None
+        if (not isinstance(layers, list) or not layers
+                or not all(isinstance(l, int) and not isinstance(l, bool) and l >= 0 for l in layers)
+                or (isinstance(depth, int) and max(layers) >= depth)):
+            raise ArtifactError(f"{path}: its steered layers {layers!r} are not layer indices of the "
+                                f"{depth if depth is not None else '?'}-layer model it names")
+        bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise ArtifactError(f"{path}: tensor(s) {bad} hold NaN or infinite values; a corrupt artifact")
         try:
+            cfg = dict(meta["config"])
+            if cfg.get("layers") is not None:
+                cfg["layers"] = tuple(cfg["layers"])
             config = EraserConfig(**cfg)
         except (TypeError, ValueError) as e:  # an unknown field, or a value the config refuses
             raise ArtifactError(f"{path}: its metadata holds a config this version cannot use ({e})") from None
-        eraser = cls(layers=list(meta["layers"]), w=tensors["w"], d=tensors["d"], config=config,
-                     fingerprint=meta["fingerprint"], info=meta.get("info", {}), d_answer=tensors.get("d_answer"))
+        eraser = cls(layers=list(layers), w=tensors["w"], d=tensors["d"], config=config,
+                     fingerprint=fp, info=meta.get("info", {}), d_answer=tensors.get("d_answer"))
         w, dd, n = eraser.w, eraser.d, len(eraser.layers)
         expected = 3 if eraser.config.concept_gates else 2
         stack = eraser.config.gate_stack

@@ -180,18 +180,27 @@ def fit_variant(setup: Setup, name: str = "mllmeraser", config: EraserConfig | N
     return eraser, selection, timing
 
 
-def run_methods(setup: Setup, methods: list[str], oracle: bool = True) -> dict[str, Any]:
+def run_methods(setup: Setup, methods: list[str], oracle: bool = True,
+                erasers: dict[str, MLLMEraser] | None = None) -> dict[str, Any]:
     """Evaluate ``methods`` (vanilla and eraser variants); returns results.json's content minus nothing.
 
     ``oracle=False`` leaves out forget quality (the KS test against the retain-only oracle), so the
-    oracle is never trained or loaded.
+    oracle is never trained or loaded.  ``erasers`` maps method names (listed in ``methods``) to already
+    fitted erasers, e.g. a saved artifact, which are evaluated as they are: no fit, no choice of settings.
     """
+    erasers = dict(erasers or {})
     out: dict[str, Any] = {"config": setup.config(), "methods": {}, "timing": {}, "checks": {}, "selection": {}}
     oracle_probs = None
     for name in methods:
         if name == "vanilla":
             res, extra, infer_s = evaluate_model(setup)
             out["timing"][name] = {"fit_s": 0.0, "infer_s": infer_s}
+        elif name in erasers:
+            given = erasers[name]
+            given.check_model(setup.model)
+            res, extra, infer_s = evaluate_model(setup, lambda: given.attached(setup.model))
+            out["timing"][name] = {"fit_s": 0.0, "infer_s": infer_s}
+            out["selection"][name] = None
         elif name in ERASER_VARIANTS:
             eraser, sel, timing = fit_variant(setup, name)
             gated = ERASER_VARIANTS[name].get("gated", True)
@@ -206,6 +215,9 @@ def run_methods(setup: Setup, methods: list[str], oracle: bool = True) -> dict[s
             if oracle_probs is None:
                 oracle_probs = answer_probs(setup.bench.forget, nll_fn(setup.oracle, batch_size=setup.batch_size))
             res["forget"]["forget_quality"] = forget_quality(extra["forget_answer_probs"], oracle_probs)
+        if extra.get("forget_answer_probs"):  # BENCHMARK.md's answer probability, on the forget generation answers
+            probs = extra["forget_answer_probs"]
+            res["forget"]["answer_prob"] = sum(probs) / len(probs)
     return out
 
 

@@ -235,7 +235,10 @@ class HookedVLM:
 
     def generate(self, inputs: VLMInputs, max_new_tokens: int = 32, hooks: HookSpec | None = None,
                  every_step: bool = False, **generate_kwargs: Any) -> Generation:
-        """Greedy generation (by default) with hooks on the prefill pass only, or on every step."""
+        """Greedy generation (by default) with hooks on the prefill pass only, or on every step.
+
+        A hook marked :func:`~interp.hooks.first_steps` ``(fn, k)`` acts on its steps ``0..k`` either way (its
+        mark says where it acts), as it does under the plain-PyTorch backend."""
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         plan = self._plan(None, hooks, inputs)

@@ -30,7 +30,7 @@ from .io import atomic_path
 from .steering import generate_coefficients, repeat_inputs, row_scales, run_coefficients
 
 __all__ = [
-    "NoFeasibleSetting", "Sweep", "SweepResult", "choose_setting", "generate_coefficients", "repeat_inputs",
+    "NoFeasibleSetting", "Sweep", "SweepContextError", "SweepResult", "choose_setting", "generate_coefficients", "repeat_inputs",
     "row_scales", "run_coefficients", "run_sweep", "setting_key",
 ]
 
@@ -63,9 +63,17 @@ def _line(record: Record) -> str:
 
 
 def _read_records(path: Path, repair: bool) -> list[Record]:
-    """Parse a journal; a last line without its newline is a crash mid-write and is dropped (and cut off if ``repair``)."""
+    """Parse a journal's records (its context line, if any, is left out): see :func:`_read_journal`."""
+    return _read_journal(path, repair)[1]
+
+
+def _read_journal(path: Path, repair: bool) -> tuple[dict[str, Any] | None, list[Record]]:
+    """Parse a journal: its context (a first line ``{"context": {...}}``, or None) and its records.
+
+    A last line without its newline is a crash mid-write and is dropped (and cut off if ``repair``).
+    """
     if not path.exists():
-        return []
+        return None, []
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
     if end < len(data) and repair:
@@ -73,7 +81,7 @@ def _read_records(path: Path, repair: bool) -> list[Record]:
             f.truncate(end)
             f.flush()
             os.fsync(f.fileno())
-    records = []
+    records, context = [], None
     for i, raw in enumerate(data[:end].decode("utf-8").splitlines(), 1):
         if not raw.strip():
             continue
@@ -81,10 +89,33 @@ def _read_records(path: Path, repair: bool) -> list[Record]:
             rec = json.loads(raw)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{i}: corrupt sweep record ({e}); only the last line may be partial") from None
+        if i == 1 and isinstance(rec, dict) and set(rec) == {"context"} and isinstance(rec["context"], dict):
+            context = rec["context"]
+            continue
         if not (isinstance(rec, dict) and isinstance(rec.get("setting"), dict) and isinstance(rec.get("result"), dict)):
             raise ValueError(f"{path}:{i}: expected {{'setting': {{...}}, 'result': {{...}}}}, got {raw[:80]!r}")
         records.append(rec)
-    return records
+    return context, records
+
+
+class SweepContextError(ValueError):
+    """A journal was written under another context (another model, data split or artifact): resuming it would
+    mix its results with this run's; the message names what differs."""
+
+
+def _check_context(path: Path, on_disk: dict[str, Any] | None, n_records: int, context: Mapping[str, Any]) -> None:
+    want = _plain(dict(context))
+    if on_disk is None:
+        if n_records:
+            raise SweepContextError(
+                f"{path} holds {n_records} records but no context, so it cannot be checked against this run's "
+                f"({want}); write this sweep elsewhere, or move the journal away")
+        return
+    if setting_key(on_disk) != setting_key(want):
+        diff = sorted(k for k in set(on_disk) | set(want) if setting_key({"v": on_disk.get(k)}) != setting_key({"v": want.get(k)}))
+        shown = "; ".join(f"{k}: journal {on_disk.get(k)!r}, this run {want.get(k)!r}" for k in diff[:6])
+        raise SweepContextError(f"{path} was written by another run ({shown}); its results do not apply here: "
+                                "write this sweep to another folder, or move the journal away to start over")
 
 
 # -- results -------------------------------------------------------------------
@@ -235,10 +266,25 @@ class Sweep:
     []
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, context: Mapping[str, Any] | None = None) -> None:
+        """Open (or start) the journal at ``path``.
+
+        ``context`` is what the results depend on besides the settings (model, data split, artifact, ...).
+        A new journal records it on its first line; an existing one must have been written with the same
+        context, or opening it raises :class:`SweepContextError` (resuming would silently return another
+        run's numbers).  Without ``context`` nothing is checked.
+        """
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._records = _read_records(self.path, repair=True)
+        on_disk, self._records = _read_journal(self.path, repair=True)
+        self.context = on_disk
+        if context is not None:
+            _check_context(self.path, on_disk, len(self._records), context)
+            if on_disk is None:  # a new (or empty) journal: its first line says what it was run under
+                header = json.dumps({"context": _plain(dict(context))}, allow_nan=True) + "\n"
+                with atomic_path(self.path) as tmp:
+                    tmp.write_text(header)
+                self.context = _plain(dict(context))
         self._done = {setting_key(r["setting"]) for r in self._records}
 
     @property
@@ -329,13 +375,14 @@ def _progress(total: int, done: int, enabled: bool, name: str):
 def run_sweep(settings: Iterable[Mapping[str, Any]], evaluate: Callable[[dict], dict] | None = None,
               path: str | Path | None = None, progress: bool = True,
               evaluate_batch: Callable[[list[dict]], list[dict]] | None = None,
-              group_by: Sequence[str] = ()) -> SweepResult:
+              group_by: Sequence[str] = (), context: Mapping[str, Any] | None = None) -> SweepResult:
     """Evaluate a grid of settings, resumably, journaled at ``path`` (JSONL).
 
     Kill it at any point and run it again with the same arguments: finished
     settings are read back, never recomputed.  Use ``evaluate_batch`` with
     ``group_by=("layer",)`` to evaluate all strengths of one layer in one
-    batched forward (see :func:`interp.steering.run_coefficients`).
+    batched forward (see :func:`interp.steering.run_coefficients`).  ``context`` (model, data, artifact, ...)
+    is recorded in a new journal and checked against an existing one (:class:`Sweep`).
 
     >>> import tempfile, os, itertools
     >>> path = os.path.join(tempfile.mkdtemp(), "grid.jsonl")
@@ -349,7 +396,8 @@ def run_sweep(settings: Iterable[Mapping[str, Any]], evaluate: Callable[[dict], 
     """
     if path is None:
         raise TypeError("run_sweep needs a path for its journal")
-    return Sweep(path).run(settings, evaluate, progress=progress, evaluate_batch=evaluate_batch, group_by=group_by)
+    return Sweep(path, context=context).run(settings, evaluate, progress=progress, evaluate_batch=evaluate_batch,
+                                            group_by=group_by)
 
 
 # -- choosing ------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .adapters.base import Site
-from .hooks import HookContext, HookFn, checked_result, plan_last_step
+from .hooks import HookContext, HookFn, checked_result, last_step, plan_last_step
 from .names import layer_of
 
 if TYPE_CHECKING:
@@ -172,12 +172,24 @@ def _stood_down_when(root, hf_model: torch.nn.Module, finished: list) -> Iterato
         interleaver.interleaving = before
 
 
+def marked_plan(plan: Plan, step: int) -> Plan:
+    """The part of ``plan`` that acts on decode step ``step`` without ``every_step``: the hook functions marked
+    :func:`~interp.hooks.first_steps` up to at least that step (unmarked functions act on the prefill only)."""
+    hooks = {n: kept for n, fns in plan.hooks.items()
+             if (kept := [fn for fn in fns if (l := last_step(fn)) is not None and l >= step])}
+    return Plan(sites=[(n, s) for n, s in plan.sites if n in hooks], hooks=hooks)
+
+
 def generate(model: "HookedVLM", inputs: "VLMInputs", plan: Plan, max_new_tokens: int, every_step: bool,
              kwargs: dict[str, Any]) -> Tensor:
     """Generate under ``plan``: hooks on the prefill pass only, or on every step.
 
     Every step means every step the plan's functions act on: when they are all marked
     (:func:`~interp.hooks.first_steps`), the trace serves steps ``0..k`` and stands down after them.
+    Without ``every_step``, unmarked functions act on the prefill only, and a function marked
+    ``first_steps(fn, k)`` still acts on its steps ``0..k``: the mark is the function's own statement of
+    where it acts, so a multi-step hook (an eraser's answer steps) is never cut to the prefill silently,
+    and the plain-PyTorch backend, whose module hooks see every step, gives the same tokens.
     """
     model_kwargs = inputs.model_kwargs()
     with torch.no_grad():
@@ -186,7 +198,11 @@ def generate(model: "HookedVLM", inputs: "VLMInputs", plan: Plan, max_new_tokens
         root = model.envoy
         box: list[Tensor] = []
         finished: list[bool] = []
-        last = plan_last_step(fn for fns in plan.hooks.values() for fn in fns) if every_step else 0
+        fns = [fn for fns in plan.hooks.values() for fn in fns]
+        if every_step:
+            last = plan_last_step(fns)
+        else:
+            last = max([l for fn in fns if (l := last_step(fn)) is not None] + [0])
 
         def capture(*args: Any, **kw: Any) -> Tensor:
             # The result is caught here rather than read from tracer.result: after an
@@ -204,6 +220,6 @@ def generate(model: "HookedVLM", inputs: "VLMInputs", plan: Plan, max_new_tokens
                         apply_plan(root, plan, inputs, step, {})
                 else:
                     for step in tracer.iter[:last + 1]:
-                        apply_plan(root, plan, inputs, step, {})
+                        apply_plan(root, plan if every_step or step == 0 else marked_plan(plan, step), inputs, step, {})
                     finished.append(True)
     return box[0]

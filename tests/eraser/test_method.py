@@ -162,6 +162,45 @@ def test_an_artifact_with_a_bad_config_is_refused_by_name(fitted, tmp_path):
             MLLMEraser.load(tmp_path / "bad.safetensors")
 
 
+def test_an_artifact_with_incomplete_metadata_nan_tensors_or_bad_layers_is_refused(fitted, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    eraser, _, _ = fitted
+    good = load_file(str(eraser.save(tmp_path / "e.safetensors")))
+
+    def write(tensors, meta):
+        save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"mllmeraser": json.dumps(meta)})
+        return tmp_path / "bad.safetensors"
+
+    for key in ("layers", "config", "fingerprint"):
+        meta = {k: v for k, v in eraser.metadata().items() if k != key}
+        with pytest.raises(ArtifactError, match=f"incomplete MLLMEraser artifact \\(no {key}\\)"):
+            MLLMEraser.load(write(good, meta))
+    with pytest.raises(ArtifactError, match=r"incomplete MLLMEraser artifact \(no w\)"):
+        MLLMEraser.load(write({"d": good["d"]}, eraser.metadata()))
+    for layers in ([1, 9], [], [-1, 2], ["1", 2]):
+        meta = {**eraser.metadata(), "layers": layers}
+        with pytest.raises(ArtifactError, match=r"steered layers .* are not layer indices of the 3-layer model"):
+            MLLMEraser.load(write(good, meta))
+    for value in (float("nan"), float("inf")):
+        d = good["d"].clone()
+        d[0, 0] = value
+        with pytest.raises(ArtifactError, match=r"tensor\(s\) \['d'\] hold NaN or infinite values"):
+            MLLMEraser.load(write({**good, "d": d}, eraser.metadata()))
+    with pytest.raises(ArtifactError, match="unknown format 'list'"):
+        MLLMEraser.load(write(good, [1, 2]))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("gamma", float("nan"), "gamma must be a finite number"), ("gamma", -1.0, "gamma .* must be a finite number >= 0"),
+    ("rho", 2.0, r"rho .* must lie in \(0, 1\]"), ("rho", 0.0, r"rho .* must lie in \(0, 1\]"),
+    ("rho", "x", "rho must be a finite number"), ("energy", 1.0, r"energy .* must lie in \(0, 1\)"),
+    ("energy", float("inf"), "energy must be a finite number")])
+def test_config_values_are_checked_when_the_config_is_built(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        EraserConfig(**{field: value})
+
+
 def test_failed_save_keeps_previous_file(fitted, tmp_path, monkeypatch):
     import eraser.method as method
 

@@ -87,10 +87,14 @@ def test_generated_tokens_are_steered_for_answer_steps_only(answering, tiny_llav
     if which == "stacked":  # one steered layer: the shift at its input is exactly the answer push
         torch.testing.assert_close(seen[1][1] - seen_plain[1][1], (-4.0 * record[0][2])[:, None] * eraser.d_answer[0],
                                    rtol=1e-3, atol=1e-3)
-    # the nnsight graph applies the same steering when generate visits every step
+    # the nnsight graph applies the same steering, whether or not generate is asked to visit every step: the
+    # answer hooks are marked first_steps(fn, 2), and a plain generate honours the mark
     with eraser.attached(tiny_llava, backend="nnsight"):
         graph = tiny_llava.generate(inputs, max_new_tokens=5, eos_token_id=None, every_step=True)
-    assert torch.equal(graph.sequences, seq)
+        plain = tiny_llava.generate(inputs, max_new_tokens=5, eos_token_id=None)
+    assert torch.equal(graph.sequences, seq) and torch.equal(plain.sequences, seq)
+    direct = tiny_llava.generate(inputs, max_new_tokens=5, eos_token_id=None, hooks=eraser.hooks())
+    assert torch.equal(direct.sequences, seq)
     # both backends stop dispatching after the last answer step (the hooks say so), and after prefill without
     assert plan_last_step(fn for _, fn in eraser.hooks()) == 2
     assert plan_last_step(fn for _, fn in prefill.hooks()) == 0

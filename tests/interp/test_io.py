@@ -65,3 +65,18 @@ def test_json_records_name_the_file_and_the_problem(tmp_path):
     (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00junk")
     with pytest.raises(ValueError, match=r"bin.json is not a JSON file"):
         PatchResult.load(tmp_path / "bin.json")
+
+
+def test_atomic_files_get_the_permissions_open_would_give(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "r.json", {"a": 1})
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "r.json").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == 0o644
+

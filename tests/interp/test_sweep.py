@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from interp.sweep import NoFeasibleSetting, Sweep, SweepResult, choose_setting, run_sweep, setting_key
+from interp.sweep import (NoFeasibleSetting, Sweep, SweepContextError, SweepResult, choose_setting, run_sweep,
+                          setting_key)
 
 GRID = [{"layer": l, "coeff": c} for l, c in itertools.product([0, 1, 2], [-1.0, -0.5, 0.5])]
 
@@ -136,3 +137,29 @@ def test_choose_setting_explains_infeasibility(tmp_path):
         choose_setting(res, "forget", {"retian": (">=", 0.5)})
     with pytest.raises(ValueError, match="op, bound"):
         choose_setting(res, "forget", {"retain": ("at least", 0.5)})
+
+
+def test_a_journal_of_another_context_is_refused_not_resumed(tmp_path):
+    path = tmp_path / "s.jsonl"
+    ctx = {"model": "abc", "forget_ratio": 5}
+    first = run_sweep(GRID, metrics, path, progress=False, context=ctx)
+    lines = path.read_text().splitlines()
+    assert json.loads(lines[0]) == {"context": ctx} and len(lines) == len(GRID) + 1
+    assert len(SweepResult.load(path)) == len(GRID)  # the context line is not a record
+    calls = Counter()
+    again = run_sweep(GRID, calls, path, progress=False, context={"forget_ratio": 5, "model": "abc"})  # key order
+    assert calls.calls == [] and again.rows() == first.rows()
+    with pytest.raises(SweepContextError, match=r"written by another run \(forget_ratio: journal 5, this run 10\)"):
+        run_sweep(GRID, calls, path, progress=False, context={"model": "abc", "forget_ratio": 10})
+    assert calls.calls == [] and path.read_text().splitlines() == lines  # nothing evaluated, nothing written
+    # a journal without a context cannot be vouched for once a context is asked for; without one, it resumes
+    plain = tmp_path / "plain.jsonl"
+    run_sweep(GRID[:2], metrics, plain, progress=False)
+    with pytest.raises(SweepContextError, match="holds 2 records but no context"):
+        Sweep(plain, context=ctx)
+    assert Sweep(plain).context is None and Sweep(path).context == ctx
+    # a partial last line after the context line is still repaired
+    with open(path, "a") as f:
+        f.write('{"setting": {"layer"')
+    assert len(Sweep(path, context=ctx).result) == len(GRID)
+
