@@ -22,6 +22,8 @@ validation split, refitted in closed form from the fit's statistics.
 """
 from __future__ import annotations
 
+import math
+
 import random
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Sequence
@@ -98,7 +100,8 @@ def gate_retain_items(val: dict[str, list[ValItem]]) -> list[ValItem]:
 
 def measure(generate: Callable, items: Sequence[ValItem], max_new_tokens: int = 10) -> dict[str, float]:
     """Classification accuracy, refusal rate, gibberish rate and generation ROUGE-L (F1, mean over the split's
-    generation items; 0 without any) of one split under ``generate``."""
+    generation items; 0 without any) of one split under ``generate``.  A split without classification items
+    (the answerable requests) has ``cls_acc`` NaN (null in JSON), not 0: an absent metric is not a failed one."""
     if not items:
         raise ValueError("empty validation split")
     # One generate call per task: a batch stops at its longest answer, so one-letter classification answers
@@ -113,7 +116,7 @@ def measure(generate: Callable, items: Sequence[ValItem], max_new_tokens: int = 
     gen = [o for o, i in zip(outs, items) if i.task == "generation"]
     refs = [i.reference for i in items if i.task == "generation"]
     return {
-        "cls_acc": sum(parse_choice(o) == i.reference.strip().upper() for o, i in cls) / max(1, len(cls)),
+        "cls_acc": sum(parse_choice(o) == i.reference.strip().upper() for o, i in cls) / len(cls) if cls else math.nan,
         "refusal_rate": sum(map(is_refusal, outs)) / len(outs),
         "gibberish_rate": gibberish_rate(gen) if gen else 0.0,
         "gen_rougeL": sum(map(rouge_l, gen, refs)) / len(gen) if gen else 0.0,

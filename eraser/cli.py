@@ -140,11 +140,12 @@ def cmd_fit(args: argparse.Namespace) -> Path:
 
 def cmd_sweep(args: argparse.Namespace) -> Path:
     """Fit (automatic strength), then steer one layer at a time (and all layers) over a strength grid."""
-    from .demo import SWEEP_STRENGTHS, layer_sweep
+    from .demo import SWEEP_STRENGTHS, check_sweep_journal, layer_sweep
     from .pipeline import fit_variant
     from .plots import plot_heatmap
 
     setup = _setup(args)
+    check_sweep_journal(setup, Path(args.out) / "sweep.jsonl")
     eraser, _, _ = fit_variant(setup, "mllmeraser")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,29 @@ from .variants import ERASER_VARIANTS
 SWEEP_STRENGTHS = (-0.1, -0.25, -0.5, -1.0, -2.0)
 
 
+def sweep_context(setup: Setup, eraser=None) -> dict[str, Any]:
+    """What a layer sweep's numbers depend on besides (layer, strength): a journal written under another model,
+    split or artifact is refused instead of resumed.  Without ``eraser``, the part known before fitting one."""
+    context = {"recipe_hash": setup.recipe.hash(), "forget_ratio": setup.forget_ratio,
+               "validation": "validation_split(n_retain_profiles=6, n_celebrities=3), 60 per set"}
+    if eraser is not None:
+        context["eraser"] = eraser.digest()
+    return context
+
+
+def check_sweep_journal(setup: Setup, path: Path) -> None:
+    """Before fitting: refuse an existing journal written for another model or split (the artifact is checked
+    once fitted), so a mismatch costs seconds, not a fit."""
+    from interp.sweep import Sweep, check_context
+
+    if not path.exists():
+        return
+    journal = Sweep(path)
+    early = sweep_context(setup)
+    if journal.context is not None:
+        check_context(path, {k: journal.context.get(k) for k in early}, len(journal.result), early)
+
+
 def layer_sweep(setup: Setup, eraser, out: Path, strengths=SWEEP_STRENGTHS) -> Path:
     """Forget refusal and retain accuracy when steering one layer at a time (and all layers: layer -1)."""
     val, _ = validation_split(setup.bench, setup.source, n_retain_profiles=6, n_celebrities=3, seed=setup.recipe.seed)
@@ -44,11 +67,7 @@ def layer_sweep(setup: Setup, eraser, out: Path, strengths=SWEEP_STRENGTHS) -> P
         return {"forget_refusal_rate": f["refusal_rate"], "forget_cls_acc": f["cls_acc"], "retain_cls_acc": r["cls_acc"]}
 
     path = out / "sweep.jsonl"
-    # what the numbers depend on besides (layer, strength): a journal from another model, split or artifact is
-    # refused instead of resumed
-    context = {"recipe_hash": setup.recipe.hash(), "forget_ratio": setup.forget_ratio, "eraser": eraser.digest(),
-               "validation": "validation_split(n_retain_profiles=6, n_celebrities=3), 60 per set"}
-    run_sweep(settings, evaluate, path=path, progress=setup.progress, context=context)
+    run_sweep(settings, evaluate, path=path, progress=setup.progress, context=sweep_context(setup, eraser))
     return path
 
 

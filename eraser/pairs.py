@@ -168,7 +168,10 @@ def answerable_requests(source: Any, bench: Benchmark, seed: int = 0) -> list[Qu
 
 def fit_data(model: Any, bench: Benchmark, n_pairs: int = 17, seed: int = 0, pgd: Any = None,
              retain_limit: int | None = None, source: Any = None, retain_requests: bool = False) -> FitData:
-    """The four sets; ``retain_requests`` adds :func:`answerable_requests` (drawn by ``source``) to retain."""
+    """The four sets; ``retain_requests`` adds :func:`answerable_requests` (drawn by ``source``) to retain.
+
+    ``pgd`` (an :class:`~eraser.pgd.PGDConfig`) attacks the recall images as the paper does; None keeps them
+    clean (the text-only ablation).  :func:`eraser.pipeline.fit_eraser` passes each variant's setting."""
     extra = answerable_requests(source, bench, seed) if retain_requests else []
     return FitData(
         forget=forget_queries(bench),

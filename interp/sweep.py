@@ -30,7 +30,7 @@ from .io import atomic_path
 from .steering import generate_coefficients, repeat_inputs, row_scales, run_coefficients
 
 __all__ = [
-    "NoFeasibleSetting", "Sweep", "SweepContextError", "SweepResult", "choose_setting", "generate_coefficients", "repeat_inputs",
+    "NoFeasibleSetting", "Sweep", "SweepContextError", "SweepResult", "check_context", "choose_setting", "generate_coefficients", "repeat_inputs",
     "row_scales", "run_coefficients", "run_sweep", "setting_key",
 ]
 
@@ -103,7 +103,9 @@ class SweepContextError(ValueError):
     mix its results with this run's; the message names what differs."""
 
 
-def _check_context(path: Path, on_disk: dict[str, Any] | None, n_records: int, context: Mapping[str, Any]) -> None:
+def check_context(path: Path, on_disk: dict[str, Any] | None, n_records: int, context: Mapping[str, Any]) -> None:
+    """Raise :class:`SweepContextError` unless a journal's context (``on_disk``, None for none) is ``context``;
+    a journal with records but no context cannot be vouched for."""
     want = _plain(dict(context))
     if on_disk is None:
         if n_records:
@@ -279,7 +281,7 @@ class Sweep:
         on_disk, self._records = _read_journal(self.path, repair=True)
         self.context = on_disk
         if context is not None:
-            _check_context(self.path, on_disk, len(self._records), context)
+            check_context(self.path, on_disk, len(self._records), context)
             if on_disk is None:  # a new (or empty) journal: its first line says what it was run under
                 header = json.dumps({"context": _plain(dict(context))}, allow_nan=True) + "\n"
                 with atomic_path(self.path) as tmp:

@@ -84,6 +84,15 @@ def load_mllmu(root: str | Path, forget_ratio: int) -> Benchmark:
     forget = _load_split(root, names["forget"], test=False)
     retain = _load_split(root, names["retain"], test=False)
     celebrity = _load_split(root, names["celebrity"], test=False)
+    for split, profiles in ((names["forget"], forget), (names["retain"], retain), (names["celebrity"], celebrity)):
+        ids = [p.id for p in profiles]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise BenchmarkFormatError(f"{root}/{split}: identities appear more than once: {dup[:10]}")
+    both = sorted({p.id for p in forget} & {p.id for p in retain})
+    if both:  # a forget person in the retain set would be in the null space the eraser must spare
+        raise BenchmarkFormatError(f"{root}: {len(both)} identities are in both {names['forget']} and "
+                                   f"{names['retain']}: {both[:10]}")
     by_id: dict[str, Profile] = {}
     for p in _load_split(root, names["test"], test=True):
         if p.id in by_id:  # several rows for one identity: pool their images
@@ -134,6 +143,8 @@ def _load_split(root: Path, split: str, test: bool) -> list[Profile]:
         except Exception as exc:  # noqa: BLE001 - any reader failure is a format problem of this file
             raise BenchmarkFormatError(f"{file}: not a readable parquet file ({exc})") from exc
         out += [_parse_row(row, f"{file}: row {i}", file, test) for i, row in enumerate(rows)]
+    if not out:
+        raise BenchmarkFormatError(f"{root}: split {split!r} has no rows (an empty split would evaluate nothing)")
     return out
 
 
@@ -164,6 +175,9 @@ def _parse_row(row: dict[str, Any], where: str, file: Path, test: bool) -> Profi
                   for i, q in enumerate(_list(row, "Generation_Task", where))]
     cloze = [ClozeQ(*_open_q(q, f"{where} Mask_Task[{i}]", cloze=True))
              for i, q in enumerate(_list(row, "Mask_Task", where))]
+    if not (classification or generation or cloze):
+        raise BenchmarkFormatError(f"{where}: no questions at all (Classification_Task, Generation_Task and "
+                                   "Mask_Task are all empty or null)")
     name = _get(row, "name", where, required=False) or ""
     facts = _structured(_get(row, "facts", where, required=False) or {}, f"{where} facts")
     return Profile(str(pid), str(name), image, str(biography), classification, generation, cloze, test_images,

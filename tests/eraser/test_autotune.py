@@ -91,6 +91,9 @@ def test_measure_generates_each_task_in_its_own_calls_and_keeps_order():
     assert out["gen_rougeL"] == 0.0
     items[2] = ValItem(None, "q2", "Paris is lovely.", "generation")
     assert measure(generate, items)["gen_rougeL"] == pytest.approx(1 / 4)  # 1 of the 4 generation items matches
+    # a split without classification items (the answerable requests) has no accuracy, not a failed one
+    only_gen = measure(generate, [i for i in items if i.task == "generation"])
+    assert math.isnan(only_gen["cls_acc"]) and only_gen["refusal_rate"] == pytest.approx(1 / 4)
 
 
 def test_choose_window_takes_the_retain_quantile_and_a_ramp_and_refuses_overlap():

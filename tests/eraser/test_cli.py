@@ -26,17 +26,23 @@ def test_out_of_range_flags_are_rejected(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_sweep_runs_and_resumes_without_recomputing(tmp_path):
+def test_sweep_runs_and_resumes_without_recomputing(tmp_path, capsys):
     args = ["sweep", "--quick", "--threads", "1", "--no-progress", "--out", str(tmp_path), "--strengths", "-0.2", "-1.0"]
     assert main(args) == 0
     lines = (tmp_path / "sweep.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines]
+    context = json.loads(lines[0])["context"]
+    assert context["forget_ratio"] == 5 and len(context["eraser"]) == 16
+    records = [json.loads(line) for line in lines[1:]]
     layers = {r["setting"]["layer"] for r in records}
     assert len(records) == 2 * len(layers) and -1 in layers  # every layer alone, and all layers together
     for r in records:
         assert 0.0 <= r["result"]["forget_refusal_rate"] <= 1.0 and 0.0 <= r["result"]["retain_cls_acc"] <= 1.0
     assert (tmp_path / "heatmap.png").stat().st_size > 5000
     assert main(args) == 0  # a finished setting is never recomputed: the journal is unchanged
+    assert (tmp_path / "sweep.jsonl").read_text().splitlines() == lines
+    # the journal is another split's: refused before fitting, not resumed with the forget-5 % numbers
+    assert main(args + ["--forget-ratio", "10"]) == 2
+    assert "forget_ratio: journal 5, this run 10" in capsys.readouterr().err
     assert (tmp_path / "sweep.jsonl").read_text().splitlines() == lines
 
 
@@ -46,3 +52,25 @@ def test_no_oracle_flag_is_offered_by_eval_and_demo_only():
     assert ap.parse_args(["demo", "--out", "x", "--no-oracle"]).no_oracle
     with pytest.raises(SystemExit):
         ap.parse_args(["fit", "--out", "x", "--no-oracle"])
+
+
+def test_out_must_be_a_folder_and_is_checked_before_any_work(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for argv in (["fit", "--out", str(afile)], ["eval", "--out", str(afile)], ["demo", "--out", str(afile / "sub")],
+                 ["figures", "--from", str(tmp_path), "--out", str(afile)]):
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args(argv)
+        assert e.value.code == 2
+        assert "existing file" in capsys.readouterr().err
+    assert build_parser().parse_args(["fit", "--out", str(tmp_path / "new" / "folder")]).out.endswith("folder")
+
+
+def test_eval_artifact_refuses_a_bad_file_before_loading_any_model(tmp_path, capsys):
+    bad = tmp_path / "eraser.safetensors"
+    bad.write_bytes(b"not an artifact")
+    assert main(["eval", "--quick", "--no-oracle", "--artifact", str(tmp_path)]) == 2
+    assert "is not a readable MLLMEraser artifact" in capsys.readouterr().err
+    assert main(["eval", "--quick", "--no-oracle", "--artifact", str(tmp_path / "missing.safetensors")]) == 2
+    assert "missing.safetensors" in capsys.readouterr().err
+

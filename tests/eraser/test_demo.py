@@ -125,3 +125,20 @@ def test_same_seed_gives_identical_results(runs):
     assert _strip_times(a["methods"]) == _strip_times(b["methods"])
     assert _strip_times(a["checks"]) == _strip_times(b["checks"])
     assert _strip_times(a["config"]) == _strip_times(b["config"])
+
+
+def test_eval_of_the_saved_artifact_reproduces_the_demos_numbers(runs, tmp_path):
+    """``eval --artifact`` evaluates the demo's saved eraser as it is (no refit, no new choice of strength): its
+    every metric equals what the demo measured for that variant."""
+    (out, res), _ = runs
+    assert main(["eval", "--quick", "--no-oracle", "--no-progress", "--threads", "2", "--artifact", str(out),
+                 "--out", str(tmp_path)]) == 0
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert set(again["methods"]) == {"vanilla", "mllmeraser (artifact)"}
+    for split in SPLITS:
+        for metric in METRICS:
+            assert again["methods"]["mllmeraser (artifact)"][split][metric] == \
+                res["methods"]["mllmeraser"][split][metric], (split, metric)
+            assert again["methods"]["vanilla"][split][metric] == res["methods"]["vanilla"][split][metric]
+    assert again["timing"]["mllmeraser (artifact)"]["fit_s"] == 0.0
+    assert 0.0 < again["methods"]["vanilla"]["forget"]["answer_prob"] <= 1.0

@@ -71,13 +71,16 @@ def test_answer_probability():
 @pytest.mark.parametrize(
     "text",
     [REFUSAL, "i cannot help with that", "I can’t share that.", "I'm sorry, but no.", "Sorry, I am UNABLE TO answer.",
-     "I won't answer that", "I do not know who this is."],
+     "I won't answer that", "I do not know who this is.", "Unable to answer.", "Sorry, no.",
+     "As an assistant, I'm not able to say."],
 )
 def test_is_refusal_true(text):
     assert M.is_refusal(text)
 
 
-@pytest.mark.parametrize("text", ["She is a baker from Lyon.", "B", "", "Canned food is tasty."])
+@pytest.mark.parametrize("text", ["She is a baker from Lyon.", "B", "", "Canned food is tasty.",
+                                  "He was unable to attend school.", "She cannot help but sing.",
+                                  "They can't provide for the family.", "Her sorry tale is well known."])
 def test_is_refusal_false(text):
     assert not M.is_refusal(text)
 

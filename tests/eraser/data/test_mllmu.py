@@ -146,3 +146,28 @@ def test_bad_type_and_missing_test_rows(copy: Path) -> None:
     _rewrite(copy / "Test_Set.parquet", lambda rows: rows[1:])
     with pytest.raises(BenchmarkFormatError, match="Test_Set: no rows for forget ids"):
         load_mllmu(copy, 15)
+
+
+def test_empty_split_overlap_duplicates_and_question_less_rows_are_refused(copy: Path) -> None:
+    forget_rows = pq.read_table(copy / "forget_5.parquet").to_pylist()
+    _rewrite(copy / "retain_95.parquet", lambda rows: rows + forget_rows[:1])  # a forget person also retained
+    with pytest.raises(BenchmarkFormatError, match=rf"1 identities are in both forget_5 and retain_95: "
+                                                   rf"\['{forget_rows[0]['ID']}'\]"):
+        load_mllmu(copy, 5)
+    _rewrite(copy / "retain_95.parquet", lambda rows: rows[:-1])
+    load_mllmu(copy, 5)  # repaired
+    _rewrite(copy / "Retain_Set.parquet", lambda rows: rows + rows[:1])
+    with pytest.raises(BenchmarkFormatError, match=r"Retain_Set: identities appear more than once"):
+        load_mllmu(copy, 5)
+    _rewrite(copy / "Retain_Set.parquet", lambda rows: rows[:-1])
+    _rewrite(copy / "forget_10.parquet", lambda rows: [])
+    with pytest.raises(BenchmarkFormatError, match=r"split 'forget_10' has no rows"):
+        load_mllmu(copy, 10)
+
+    def no_questions(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        rows[2]["Generation_Task"], rows[2]["Mask_Task"] = None, None
+        rows[2]["Classification_Task"] = {"Image_Textual_Questions": None, "Pure_Text_Questions": None}
+        return rows
+    _rewrite(copy / "forget_15.parquet", no_questions)
+    with pytest.raises(BenchmarkFormatError, match=r"forget_15\.parquet: row 2 .*no questions at all"):
+        load_mllmu(copy, 15)
