@@ -42,6 +42,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64, help="evaluation batch size")
     p.add_argument("--cache-dir", default=None, help="model cache (default: $MLLMERASER_CACHE or ~/.cache/mllmeraser)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="a local checkpoint (a LLaVA-1.5 or Qwen2.5-VL folder) instead of the embedded default; "
+                        "with --mllmu")
+    p.add_argument("--mllmu", default=None, metavar="DIR", help="a local MLLMU-Bench copy (parquet splits); with --model")
+    p.add_argument("--oracle-model", default=None, metavar="PATH",
+                   help="with --model: a checkpoint fine-tuned without the forget set (forget quality, oracle check)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="with --model: load the checkpoint in this dtype (default: as saved)")
     p.add_argument("--threads", type=positive_int, default=int(os.environ.get("MLLMERASER_THREADS", "2")),
                    help="torch CPU threads (default 2, or $MLLMERASER_THREADS; use 1 when other jobs share the cores)")
 
@@ -80,10 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup(args: argparse.Namespace):
-    from .pipeline import load_setup
+    from .pipeline import setup_from_args
 
-    return load_setup(args.arch, args.seed, args.forget_ratio, args.quick, args.cache_dir,
-                      progress=not args.no_progress, batch_size=args.batch_size)
+    return setup_from_args(args)
+
+
+def _use_oracle(args: argparse.Namespace, setup) -> bool:
+    """Whether forget quality and the oracle check run: not under --no-oracle, and only where an oracle exists."""
+    if getattr(args, "no_oracle", False):
+        return False
+    if not setup.has_oracle:
+        print(f"mllmeraser {args.command}: no retain-only oracle for {setup.local['model']}: forget quality and the "
+              "oracle check are skipped (--oracle-model PATH gives one)", file=sys.stderr)
+        return False
+    return True
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -102,10 +120,11 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         name = f"{loaded.info.get('variant', 'mllmeraser')} (artifact)"
         erasers[name] = loaded
         methods.append(name)
-    out = run_methods(setup, methods, oracle=not args.no_oracle, erasers=erasers)
+    oracle = _use_oracle(args, setup)
+    out = run_methods(setup, methods, oracle=oracle, erasers=erasers)
     checks: dict[str, Any] = {"refusal": out["checks"]}
     vanilla = out["methods"]["vanilla"]
-    checks["memorisation"] = memorisation_checks(setup, vanilla, out["checks"]["vanilla"], oracle=not args.no_oracle)
+    checks["memorisation"] = memorisation_checks(setup, vanilla, out["checks"]["vanilla"], oracle=oracle)
     for name in out["methods"]:
         if name != "vanilla":
             checks[name] = eraser_checks(vanilla, out["methods"][name])
@@ -161,12 +180,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from interp.sweep import SweepContextError
 
+    from .data.mllmu import BenchmarkFormatError
     from .method import ArtifactError, ArtifactMismatchError
+    from .pipeline import LocalSetupError
 
     torch.set_num_threads(getattr(args, "threads", 2))
     try:
         return _run(args)
-    except (ArtifactError, ArtifactMismatchError, SweepContextError, FileNotFoundError) as e:  # bad input: one line, no traceback
+    except (ArtifactError, ArtifactMismatchError, SweepContextError, BenchmarkFormatError, FileNotFoundError,
+            LocalSetupError) as e:  # bad input: one line, no traceback
         print(f"mllmeraser {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -22,7 +22,7 @@ from .backend import generate_fn
 from .diagnostics import gate_report
 from .evaluate import results_table, write_results
 from .pairs import queries
-from .pipeline import Setup, eraser_checks, evaluate_model, fit_variant, load_setup, memorisation_checks
+from .pipeline import Setup, eraser_checks, evaluate_model, fit_variant, memorisation_checks, setup_from_args
 from .variants import ERASER_VARIANTS
 
 SWEEP_STRENGTHS = (-0.1, -0.25, -0.5, -1.0, -2.0)
@@ -31,7 +31,8 @@ SWEEP_STRENGTHS = (-0.1, -0.25, -0.5, -1.0, -2.0)
 def sweep_context(setup: Setup, eraser=None) -> dict[str, Any]:
     """What a layer sweep's numbers depend on besides (layer, strength): a journal written under another model,
     split or artifact is refused instead of resumed.  Without ``eraser``, the part known before fitting one."""
-    context = {"recipe_hash": setup.recipe.hash(), "forget_ratio": setup.forget_ratio,
+    context = {"recipe_hash": setup.recipe.hash() if setup.recipe else None, "local": setup.local,
+               "forget_ratio": setup.forget_ratio,
                "validation": "validation_split(n_retain_profiles=6, n_celebrities=3), 60 per set"}
     if eraser is not None:
         context["eraser"] = eraser.digest()
@@ -53,8 +54,8 @@ def check_sweep_journal(setup: Setup, path: Path) -> None:
 
 def layer_sweep(setup: Setup, eraser, out: Path, strengths=SWEEP_STRENGTHS) -> Path:
     """Forget refusal and retain accuracy when steering one layer at a time (and all layers: layer -1)."""
-    val, _ = validation_split(setup.bench, setup.source, n_retain_profiles=6, n_celebrities=3, seed=setup.recipe.seed)
-    rng = random.Random(setup.recipe.seed)
+    val, _ = validation_split(setup.bench, setup.source, n_retain_profiles=6, n_celebrities=3, seed=setup.seed)
+    rng = random.Random(setup.seed)
     val = {k: rng.sample(v, min(len(v), 60)) for k, v in val.items()}
     gen = generate_fn(setup.model, batch_size=setup.batch_size)
     settings = [{"layer": l, "strength": s} for l in [-1] + list(eraser.layers) for s in strengths]
@@ -95,9 +96,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    setup = load_setup(args.arch, args.seed, args.forget_ratio, args.quick, args.cache_dir,
-                       progress=not args.no_progress, batch_size=args.batch_size)
-    print(f"[demo] model: {setup.recipe.describe()}")
+    setup = setup_from_args(args)
+    print(f"[demo] model: {setup.describe()}")
     methods: dict[str, Any] = {}
     timing: dict[str, Any] = {}
     refusal: dict[str, Any] = {}
@@ -126,7 +126,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     print("[demo] gate diagnostics and layer sweep")
     main = erasers["mllmeraser"]
-    rng = random.Random(setup.recipe.seed)
+    rng = random.Random(setup.seed)
     sample = lambda qs, n: rng.sample(qs, min(n, len(qs)))  # noqa: E731
     sets = {"forget": queries(setup.bench.forget), "retain": sample(queries(setup.bench.retain + setup.bench.celebrity), 200),
             "test": queries(setup.bench.test)}
@@ -134,7 +134,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     main.save(out / "eraser.safetensors")
     layer_sweep(setup, main, out)
 
-    oracle = not getattr(args, "no_oracle", False)  # callers that build their own Namespace may leave it out
+    # callers that build their own Namespace may leave no_oracle out; a local checkpoint may have no oracle
+    oracle = not getattr(args, "no_oracle", False) and setup.has_oracle
     memorisation = memorisation_checks(setup, methods["vanilla"], refusal["vanilla"], oracle)
     checks: dict[str, Any] = {"refusal": refusal, "memorisation": memorisation}
     for name in methods:

@@ -24,11 +24,21 @@ from .variants import ERASER_VARIANTS, NOT_CONFIG, stacked_layers
 from .zoo import TARGETS, Recipe, load_or_train, train_log
 
 
+class LocalSetupError(ValueError):
+    """A local run asked for something it does not have (a checkpoint that does not load, an oracle never given)."""
+
+
 @dataclass
 class Setup:
-    """Everything an experiment needs: the recipe, its trained model, the benchmark and its generator."""
+    """Everything an experiment needs: the model, the benchmark and (for the embedded default) its recipe and
+    generator.
 
-    recipe: Recipe
+    Two kinds: the zoo's model on MiniMLLMU (:func:`load_setup`: ``recipe`` and ``source`` set, the oracle
+    trained on demand), or a local checkpoint on a local MLLMU-Bench copy (:func:`load_local_setup`:
+    ``recipe`` and ``source`` None, ``local`` says what was loaded, an oracle only if one was given).
+    """
+
+    recipe: Recipe | None
     model: HookedVLM
     bench: Benchmark
     source: Any
@@ -37,20 +47,44 @@ class Setup:
     cache_dir: str | None = None
     progress: bool = True
     _oracle: HookedVLM | None = field(default=None, repr=False)
+    local: dict[str, Any] | None = None  # {"model": path, "data": path, "oracle": path | None, "seed": n}
+
+    @property
+    def seed(self) -> int:
+        """The seed of data draws (validation questions, pair sampling): the recipe's, or the local run's."""
+        return self.recipe.seed if self.recipe is not None else int((self.local or {}).get("seed", 0))
+
+    @property
+    def has_oracle(self) -> bool:
+        """Whether a retain-only oracle exists or can be trained (never for a local checkpoint without one)."""
+        return self._oracle is not None or self.recipe is not None
 
     @property
     def oracle(self) -> HookedVLM:
-        """The retain-only oracle (trained on first use, then cached)."""
+        """The retain-only oracle (trained on first use, then cached; a local run's, if it was given)."""
         if self._oracle is None:
+            if self.recipe is None:
+                raise LocalSetupError("no retain-only oracle for a local checkpoint: give one (--oracle-model PATH) or "
+                                 "skip what needs it (--no-oracle)")
             self._oracle = load_or_train(self.recipe.oracle_for(self.forget_ratio), self.cache_dir, self.progress)
         return self._oracle
 
     def config(self) -> dict[str, Any]:
         """What ran: the recipe and, where its checkpoint recorded it, the machine that trained the model
-        (``trained_on``, :func:`eraser.zoo.machine.machine_info`; None for a checkpoint older than that record)."""
+        (``trained_on``, :func:`eraser.zoo.machine.machine_info`; None for a checkpoint older than that record);
+        for a local run, the checkpoint and data paths instead of a recipe."""
+        if self.recipe is None:
+            return {"arch": self.model.arch, "seed": self.seed, "forget_ratio": self.forget_ratio, "recipe": None,
+                    "recipe_hash": None, "trained_on": None, "local": dict(self.local or {}),
+                    "benchmark": self.bench.name}
         log = train_log(self.recipe, self.cache_dir) or {}
         return {"arch": self.recipe.arch, "seed": self.recipe.seed, "forget_ratio": self.forget_ratio,
                 "recipe": self.recipe.to_dict(), "recipe_hash": self.recipe.hash(), "trained_on": log.get("machine")}
+
+    def describe(self) -> str:
+        if self.recipe is not None:
+            return self.recipe.describe()
+        return f"{self.model!r} from {self.local['model']}, {self.bench.name}"
 
 
 def load_setup(arch: str = "llava", seed: int = 0, forget_ratio: int = 5, quick: bool = False,
@@ -64,6 +98,60 @@ def load_setup(arch: str = "llava", seed: int = 0, forget_ratio: int = 5, quick:
     model = load_or_train(recipe, cache_dir, progress)
     return Setup(recipe, model, recipe.benchmark(forget_ratio), recipe.mini(), forget_ratio,
                  batch_size=batch_size, cache_dir=cache_dir, progress=progress)
+
+
+def setup_from_args(args: Any) -> Setup:
+    """The setup a command line asks for: ``--model`` + ``--mllmu`` (a local checkpoint on a local MLLMU-Bench),
+    or the embedded default (``--arch``, ``--seed``, ``--quick``)."""
+    if getattr(args, "model", None) or getattr(args, "mllmu", None):
+        if not (args.model and args.mllmu):
+            raise LocalSetupError("--model and --mllmu go together: a local checkpoint is evaluated on a local "
+                             "MLLMU-Bench copy (the embedded default needs neither)")
+        import torch
+
+        dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
+        return load_local_setup(args.model, args.mllmu, args.forget_ratio, args.seed,
+                                oracle_path=getattr(args, "oracle_model", None), progress=not args.no_progress,
+                                batch_size=args.batch_size, dtype=dtype)
+    if getattr(args, "oracle_model", None):
+        raise LocalSetupError("--oracle-model goes with --model: the embedded default trains its own oracle")
+    return load_setup(args.arch, args.seed, args.forget_ratio, args.quick, args.cache_dir,
+                      progress=not args.no_progress, batch_size=args.batch_size)
+
+
+def load_local_setup(model_path: str, data_path: str, forget_ratio: int = 5, seed: int = 0,
+                     oracle_path: str | None = None, progress: bool = True, batch_size: int = 64,
+                     dtype: Any = None, device_map: Any = None) -> Setup:
+    """A local checkpoint (``HookedVLM.from_pretrained``: LLaVA-1.5 or Qwen2.5-VL, or any saved ``HookedVLM``) on a
+    local MLLMU-Bench copy (:func:`eraser.data.mllmu.load_mllmu`): the paper's setting, with no download.
+
+    The data is read (and checked) before the model is loaded, so a bad folder fails in seconds.  Without a
+    generator there are no fresh validation questions: settings are chosen on the benchmark's own forget and
+    retain questions (``validation_split``'s "eval-subset"), and there are no refusal checks (MLLMU-Bench has
+    no refusal behaviour).  ``oracle_path``, a checkpoint fine-tuned without the forget set, enables forget
+    quality and the oracle check.
+    """
+    from .data.mllmu import load_mllmu
+
+    if forget_ratio not in (5, 10, 15):
+        raise ValueError(f"forget ratio must be 5, 10 or 15, got {forget_ratio}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    bench = load_mllmu(data_path, forget_ratio)
+
+    def load(path: str, what: str) -> HookedVLM:
+        try:
+            return HookedVLM.from_pretrained(path, dtype=dtype, device_map=device_map)
+        except (OSError, ValueError, KeyError) as e:  # transformers' errors for a folder that is not a checkpoint
+            raise LocalSetupError(f"{what} {path} does not load as a vision-language checkpoint "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+    model = load(model_path, "--model")
+    oracle = load(oracle_path, "--oracle-model") if oracle_path else None
+    local = {"model": str(model_path), "data": str(data_path), "oracle": str(oracle_path) if oracle_path else None,
+             "seed": seed}
+    return Setup(None, model, bench, None, forget_ratio, batch_size=batch_size, progress=progress, _oracle=oracle,
+                 local=local)
 
 
 def evaluate_model(setup: Setup, hooks_context: Callable[[], Any] | None = None, model: HookedVLM | None = None,
@@ -137,8 +225,9 @@ def fit_eraser(setup: Setup, name: str = "mllmeraser", config: EraserConfig | No
 
         pgd = PGDConfig()
     t0 = time.perf_counter()
-    data = fit_data(setup.model, setup.bench, seed=setup.recipe.seed, pgd=pgd, source=setup.source,
-                    retain_requests=opts.get("retain_requests", False),
+    data = fit_data(setup.model, setup.bench, seed=setup.seed, pgd=pgd, source=setup.source,
+                    # a local benchmark has no generator to draw the extra retain requests with
+                    retain_requests=opts.get("retain_requests", False) and setup.source is not None,
                     retain_limit=retain_budget(setup.model, config, opts))
     pgd_s = time.perf_counter() - t0
     stats = MLLMEraser.collect_stats(setup.model, data.forget, data.retain, data.recall, data.erase, config,
@@ -163,7 +252,7 @@ def fit_variant(setup: Setup, name: str = "mllmeraser", config: EraserConfig | N
     pgd_s, fit_s = timing["pgd_s"], timing["fit_s"]
     selection = None
     if auto:
-        val, kind = validation_split(setup.bench, setup.source, seed=setup.recipe.seed)
+        val, kind = validation_split(setup.bench, setup.source, seed=setup.seed)
         gate = None
         if opts.get("gated", True) and auto_gate:
             gate = choose_gate(setup.model, stats, val, config, batch_size=setup.batch_size,
@@ -235,8 +324,12 @@ def memorisation_checks(setup: Setup, vanilla: dict[str, dict[str, float]], refu
         checks[f"{split}_gen_rougeL"] = {"value": vanilla[split]["gen_rougeL"], "min": bar["gen_rougeL"]}
     checks["test_cls_acc"] = {"value": vanilla["test"]["cls_acc"], "min": bar["test_cls_acc"]}
     checks["test_gen_rougeL"] = {"value": vanilla["test"]["gen_rougeL"], "min": bar["test_gen_rougeL"]}
-    checks["forbidden_refusal_rate"] = {"value": refusal["forbidden_refusal_rate"], "min": bar["forbidden_refusal_rate"]}
-    checks["answerable_refusal_rate"] = {"value": refusal["answerable_refusal_rate"], "max": bar["answerable_refusal_rate"]}
+    skipped = []
+    for key, side in (("forbidden_refusal_rate", "min"), ("answerable_refusal_rate", "max")):
+        if key in refusal:
+            checks[key] = {"value": refusal[key], side: bar[key]}
+        else:  # a benchmark without refusal requests (the real MLLMU-Bench)
+            skipped.append(f"{key} (the benchmark has no such requests)")
     if oracle:
         known = evaluate_split(setup.bench.forget, generate_fn(setup.oracle, batch_size=setup.batch_size),
                                batch_size=setup.batch_size, progress=setup.progress)
@@ -245,7 +338,9 @@ def memorisation_checks(setup: Setup, vanilla: dict[str, dict[str, float]], refu
         c["pass"] = bool(c["value"] >= c["min"]) if "min" in c else bool(c["value"] <= c["max"])
     checks["all_pass"] = all(c["pass"] for c in checks.values() if isinstance(c, dict))
     if not oracle:
-        checks["skipped"] = ["oracle_forget_cls_acc (--no-oracle)"]
+        skipped.append("oracle_forget_cls_acc (--no-oracle)")
+    if skipped:
+        checks["skipped"] = skipped
     return checks
 
 
