@@ -28,7 +28,7 @@ import os
 import tempfile
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
@@ -47,6 +47,8 @@ __all__ = [
     "run_generate",
     "evaluate_split",
     "answer_probs",
+    "truth_ratio_items",
+    "truth_ratios",
     "evaluate_requests",
     "evaluate_benchmark",
     "refusal_checks",
@@ -176,6 +178,48 @@ def answer_probs(profiles: Sequence[Profile], nll: NllFn, batch_size: int = 32) 
     if not items:
         raise ValueError("no generation questions to score")
     return [M.answer_probability(v) for v in _run_nll(items, nll, batch_size)]
+
+
+def truth_ratio_items(profiles: Sequence[Profile]) -> list[tuple[EvalItem, list[str]]]:
+    """Cloze questions paired with wrong answers of the same kind: ``(item, wrong_answers)``.
+
+    TOFU's truth ratio compares a correct answer with perturbed (wrong) ones.  MLLMU-Bench ships no perturbed
+    answers, but every fact is also asked as multiple choice, and a cloze question's ground truth is the correct
+    option of the multiple-choice question about the same fact (same person, same modality); the other options
+    are wrong answers of the same kind.  Cloze questions without such a match are left out.
+    """
+    by_id = {p.id: p for p in profiles}
+    out = []
+    for it in build_items(profiles, tasks=("cloze",)):
+        truth = it.reference.strip().lower()
+        for q in by_id[it.profile_id].classification:
+            letter = q.answer.strip().upper()
+            if q.modality == it.modality and str(q.options.get(letter, "")).strip().lower() == truth:
+                wrong = [str(v) for k, v in sorted(q.options.items()) if k != letter]
+                if wrong:
+                    out.append((it, wrong))
+                break
+    return out
+
+
+def truth_ratios(profiles: Sequence[Profile], nll: NllFn, batch_size: int = 32) -> list[float]:
+    """TOFU's truth ratio of every cloze question :func:`truth_ratio_items` pairs with wrong answers:
+    ``exp(nll_correct - mean nll_wrong)`` (:func:`eraser.metrics.truth_ratio`).  Well below 1: the model still
+    prefers the truth; around 1 or above: it no longer does.  Feed two of these lists (unlearned model,
+    retain-only oracle) to :func:`eraser.metrics.forget_quality` for TOFU's forget quality."""
+    pairs = truth_ratio_items(profiles)
+    if not pairs:
+        raise ValueError("no cloze question's answer is a multiple-choice option about the same fact: "
+                         "no truth ratio to compute")
+    flat: list[EvalItem] = []
+    for it, wrong in pairs:
+        flat += [it] + [replace(it, reference=w) for w in wrong]
+    vals = _run_nll(flat, nll, batch_size)
+    out, k = [], 0
+    for _, wrong in pairs:
+        out.append(M.truth_ratio(vals[k], vals[k + 1:k + 1 + len(wrong)]))
+        k += 1 + len(wrong)
+    return out
 
 
 def _score(item: EvalItem, output: str) -> dict[str, Any]:

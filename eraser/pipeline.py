@@ -15,7 +15,8 @@ from interp import HookedVLM
 from .autotune import DEFAULT_GRID, Selection, choose_gate, choose_strength, validation_split
 from .backend import generate_fn, nll_fn
 from .data.schema import Benchmark
-from .evaluate import answer_probs, evaluate_benchmark, evaluate_split, refusal_checks
+from .evaluate import (answer_probs, evaluate_benchmark, evaluate_split, refusal_checks, truth_ratio_items,
+                       truth_ratios)
 from .method import EraserConfig, MLLMEraser
 from .metrics import forget_quality
 from .pairs import fit_data
@@ -166,11 +167,17 @@ def evaluate_model(setup: Setup, hooks_context: Callable[[], Any] | None = None,
     with ctx():
         results = evaluate_benchmark(setup.bench, gen, batch_size=setup.batch_size, progress=setup.progress)
         checks = refusal_checks(setup.bench, gen, batch_size=setup.batch_size, progress=setup.progress)
-        probs = answer_probs(setup.bench.forget, nll_fn(model, batch_size=setup.batch_size)) if with_probs else None
+        probs = ratios = None
+        if with_probs:
+            nll = nll_fn(model, batch_size=setup.batch_size)
+            probs = answer_probs(setup.bench.forget, nll)
+            ratios = truth_ratios(setup.bench.forget, nll) if truth_ratio_items(setup.bench.forget) else None
     infer_s = time.perf_counter() - t0
     extra = {"refusal": checks}
     if probs is not None:
         extra["forget_answer_probs"] = probs
+    if ratios is not None:
+        extra["forget_truth_ratios"] = ratios
     return results, extra, infer_s
 
 
@@ -279,7 +286,7 @@ def run_methods(setup: Setup, methods: list[str], oracle: bool = True,
     """
     erasers = dict(erasers or {})
     out: dict[str, Any] = {"config": setup.config(), "methods": {}, "timing": {}, "checks": {}, "selection": {}}
-    oracle_probs = None
+    oracle_probs = oracle_ratios = None
     for name in methods:
         if name == "vanilla":
             res, extra, infer_s = evaluate_model(setup)
@@ -307,6 +314,13 @@ def run_methods(setup: Setup, methods: list[str], oracle: bool = True,
         if extra.get("forget_answer_probs"):  # BENCHMARK.md's answer probability, on the forget generation answers
             probs = extra["forget_answer_probs"]
             res["forget"]["answer_prob"] = sum(probs) / len(probs)
+        if extra.get("forget_truth_ratios"):  # TOFU's truth ratio, and its forget quality (KS against the oracle's)
+            ratios = extra["forget_truth_ratios"]
+            res["forget"]["truth_ratio"] = sum(ratios) / len(ratios)
+            if oracle:
+                if oracle_ratios is None:
+                    oracle_ratios = truth_ratios(setup.bench.forget, nll_fn(setup.oracle, batch_size=setup.batch_size))
+                res["forget"]["forget_quality_truth_ratio"] = forget_quality(ratios, oracle_ratios)
     return out
 
 

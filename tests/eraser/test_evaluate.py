@@ -145,6 +145,32 @@ def test_answer_prob_from_nll():
     assert len(probs) == 8 and probs[:2] == pytest.approx([1.0, 0.25])
 
 
+def test_truth_ratios_pair_each_cloze_answer_with_its_multiple_choice_distractors():
+    import dataclasses
+
+    p = PROFILES[1]  # options A-D are jobs, the correct one is A (pilot)
+    job_cloze = [ClozeQ("The person in the image works as a __.", "Pilot", "vqa"),  # matches case-insensitively
+                 ClozeQ(f"{p.name} works as a __.", "pilot", "qa")]
+    q = dataclasses.replace(p, cloze=list(p.cloze) + job_cloze)
+    pairs = E.truth_ratio_items([q])
+    assert [(it.modality, it.reference, wrong) for it, wrong in pairs] == [
+        ("vqa", "Pilot", ["nurse", "chef", "baker"]), ("qa", "pilot", ["nurse", "chef", "baker"])]  # city clozes: no MC
+
+    nlls = {"pilot": 0.5, "nurse": 1.0, "chef": 2.0, "baker": 3.0}
+    seen = []
+
+    def nll(images, prompts, answers):
+        seen.extend(answers)
+        return [nlls[a.lower()] + (0.0 if im is not None else 1.0) for im, a in zip(images, answers)]
+
+    ratios = E.truth_ratios([q], nll, batch_size=3)
+    # exp(nll_correct - mean nll_wrong): the vqa row exp(0.5 - 2.0), the qa row exp(1.5 - 3.0): the same
+    assert ratios == pytest.approx([math.exp(-1.5), math.exp(-1.5)])
+    assert sorted(seen) == sorted(["Pilot", "nurse", "chef", "baker", "pilot", "nurse", "chef", "baker"])
+    with pytest.raises(ValueError, match="no truth ratio"):
+        E.truth_ratios(PROFILES, nll)
+
+
 def test_batching_groups_and_max_new_tokens():
     calls = []
     res, records = E.evaluate_split(

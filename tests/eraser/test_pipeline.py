@@ -71,8 +71,11 @@ def test_no_oracle_skips_forget_quality_and_the_oracle_check_without_touching_th
 
     bare = _NoOracle(**{f.name: getattr(setup, f.name) for f in dataclasses.fields(setup)})
     out = run_methods(bare, ["vanilla"], oracle=False)
-    assert "forget_quality" not in out["methods"]["vanilla"]["forget"]
-    assert out["methods"]["vanilla"]["forget"]["cls_acc"] >= 0.9  # the evaluation itself still ran
+    forget = out["methods"]["vanilla"]["forget"]
+    assert "forget_quality" not in forget and "forget_quality_truth_ratio" not in forget
+    assert forget["cls_acc"] >= 0.9  # the evaluation itself still ran
+    # the vanilla model knows its forget facts: its answers are likely, and it prefers the truth to the distractors
+    assert forget["answer_prob"] > 0.5 and forget["truth_ratio"] < 0.2
     vanilla = {s: {"cls_acc": 0.95, "gen_rougeL": 0.9} for s in ("forget", "retain", "celebrity", "test")}
     refusal = {"forbidden_refusal_rate": 1.0, "answerable_refusal_rate": 0.0}
     checks = memorisation_checks(bare, vanilla, refusal, oracle=False)
