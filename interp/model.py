@@ -203,6 +203,7 @@ class HookedVLM:
             hooks=hook_map,
             cache=set(cache_names),
             eager=self._eager_roots(ordered),
+            attached=frozenset(id(fn) for _, fn in self._persistent),
         )
 
     def run_with_cache(self, inputs: VLMInputs, names: NameFilter = None, hooks: HookSpec | None = None,
@@ -256,7 +257,9 @@ class HookedVLM:
 
         ``backend="torch"`` registers plain module hooks (no tracing cost; the
         deployment path); ``backend="nnsight"`` adds them to every trace's plan.
-        Both call the hook functions with the same context and give the same outputs.
+        Both call the hook functions with the same context and give the same outputs: in ``generate``, a
+        function acts on every step (as a module hook does) unless it is marked
+        :func:`~interp.hooks.prefill_only` / :func:`~interp.hooks.first_steps`.
         """
         hook_map = expand_hooks(hooks, self._names)  # validate names before touching anything
         if backend == "torch":

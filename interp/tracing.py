@@ -31,6 +31,9 @@ class Plan:
     hooks: dict[str, list[HookFn]] = field(default_factory=dict)
     cache: set[str] = field(default_factory=set)
     eager: tuple[str, ...] = ()  # module paths whose attention must run eagerly (a site reads attention weights)
+    # ids of hook functions attached for a whole block (``HookedVLM.hooks``): like module hooks, an unmarked one
+    # acts on every generation step, whatever ``generate``'s ``every_step`` says
+    attached: frozenset[int] = frozenset()
 
     @property
     def empty(self) -> bool:
@@ -172,12 +175,19 @@ def _stood_down_when(root, hf_model: torch.nn.Module, finished: list) -> Iterato
         interleaver.interleaving = before
 
 
+def _acts_on(fn: HookFn, step: int, attached: frozenset[int]) -> bool:
+    """Whether ``fn`` acts on decode ``step`` of a generate without ``every_step``: its mark says so, or it is
+    unmarked and attached for a block (a module hook's behaviour)."""
+    last = last_step(fn)
+    return last >= step if last is not None else id(fn) in attached
+
+
 def marked_plan(plan: Plan, step: int) -> Plan:
     """The part of ``plan`` that acts on decode step ``step`` without ``every_step``: the hook functions marked
-    :func:`~interp.hooks.first_steps` up to at least that step (unmarked functions act on the prefill only)."""
-    hooks = {n: kept for n, fns in plan.hooks.items()
-             if (kept := [fn for fn in fns if (l := last_step(fn)) is not None and l >= step])}
-    return Plan(sites=[(n, s) for n, s in plan.sites if n in hooks], hooks=hooks)
+    :func:`~interp.hooks.first_steps` up to at least that step, and unmarked ones attached with
+    ``HookedVLM.hooks`` (unmarked functions passed to ``generate`` act on the prefill only)."""
+    hooks = {n: kept for n, fns in plan.hooks.items() if (kept := [fn for fn in fns if _acts_on(fn, step, plan.attached)])}
+    return Plan(sites=[(n, s) for n, s in plan.sites if n in hooks], hooks=hooks, attached=plan.attached)
 
 
 def generate(model: "HookedVLM", inputs: "VLMInputs", plan: Plan, max_new_tokens: int, every_step: bool,
@@ -186,10 +196,11 @@ def generate(model: "HookedVLM", inputs: "VLMInputs", plan: Plan, max_new_tokens
 
     Every step means every step the plan's functions act on: when they are all marked
     (:func:`~interp.hooks.first_steps`), the trace serves steps ``0..k`` and stands down after them.
-    Without ``every_step``, unmarked functions act on the prefill only, and a function marked
-    ``first_steps(fn, k)`` still acts on its steps ``0..k``: the mark is the function's own statement of
-    where it acts, so a multi-step hook (an eraser's answer steps) is never cut to the prefill silently,
-    and the plain-PyTorch backend, whose module hooks see every step, gives the same tokens.
+    Without ``every_step``, unmarked functions passed to ``generate`` act on the prefill only, and a function
+    marked ``first_steps(fn, k)`` still acts on its steps ``0..k``: the mark is the function's own statement
+    of where it acts, so a multi-step hook (an eraser's answer steps) is never cut to the prefill silently.
+    Unmarked functions attached for a block (``HookedVLM.hooks(..., backend="nnsight")``) act on every step,
+    as the plain-PyTorch backend's module hooks do, so the two backends give the same tokens.
     """
     model_kwargs = inputs.model_kwargs()
     with torch.no_grad():
@@ -201,6 +212,8 @@ def generate(model: "HookedVLM", inputs: "VLMInputs", plan: Plan, max_new_tokens
         fns = [fn for fns in plan.hooks.values() for fn in fns]
         if every_step:
             last = plan_last_step(fns)
+        elif any(last_step(fn) is None and id(fn) in plan.attached for fn in fns):
+            last = None  # an unmarked hook attached for the block acts on every step, as a module hook does
         else:
             last = max([l for fn in fns if (l := last_step(fn)) is not None] + [0])
 
@@ -217,7 +230,7 @@ def generate(model: "HookedVLM", inputs: "VLMInputs", plan: Plan, max_new_tokens
             with root.trace(**model_kwargs, fn=capture, max_new_tokens=max_new_tokens, **kwargs) as tracer:
                 if last is None:
                     for step in tracer.all():
-                        apply_plan(root, plan, inputs, step, {})
+                        apply_plan(root, plan if every_step or step == 0 else marked_plan(plan, step), inputs, step, {})
                 else:
                     for step in tracer.iter[:last + 1]:
                         apply_plan(root, plan if every_step or step == 0 else marked_plan(plan, step), inputs, step, {})

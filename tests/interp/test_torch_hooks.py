@@ -237,3 +237,24 @@ def test_a_hook_computing_in_another_dtype_is_cast_back_and_integers_are_refused
                                         r"torch.float32 site"):
         with tiny_model.hooks([("blocks.1.hook_resid_pre", lambda x, c: (x * 100).long())], backend=backend):
             tiny_model.run_with_hooks(inputs, [])
+
+
+def test_attached_hooks_visit_the_same_generation_steps_on_both_backends(tiny_llava):
+    """In a block (``model.hooks``), a function acts on every step unless marked, on either backend; passed to
+    ``generate`` itself, an unmarked function acts on the prefill only (``every_step=False``)."""
+    from interp import first_steps, prefill_only
+
+    inputs = tiny_llava.encode(images=[None], prompts=["who is this person"])
+    marks = {"unmarked": (lambda f: f, [0, 1, 2, 3, 4]), "prefill_only": (prefill_only, [0]),
+             "first_steps(2)": (lambda f: first_steps(f, 2), [0, 1, 2])}
+    for backend in ("torch", "nnsight"):
+        for label, (mark, expected) in marks.items():
+            steps: list = []
+            hook = mark(lambda x, c, steps=steps: steps.append(c.step) if c.step == 0 or label != "prefill_only" else None)
+            with tiny_llava.hooks([("blocks.1.hook_resid_pre", hook)], backend=backend):
+                tiny_llava.generate(inputs, max_new_tokens=5, eos_token_id=None)
+            assert steps == expected, (backend, label)
+    steps = []
+    tiny_llava.generate(inputs, max_new_tokens=5, eos_token_id=None,
+                        hooks=[("blocks.1.hook_resid_pre", lambda x, c: steps.append(c.step))])
+    assert steps == [0]
