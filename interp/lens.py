@@ -32,7 +32,7 @@ True
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 from jaxtyping import Float
@@ -44,8 +44,11 @@ from .cache import ActivationCache
 if TYPE_CHECKING:
     from .model import HookedVLM
 
-#: Where a residual is read: the last prompt token (``[batch, d]``) or every position (``[batch, pos, d]``).
+#: Where a residual is read: the last prompt token (``[batch, d]``) or every position (``[batch, pos, d]``);
+#: a ``[batch]`` tensor of positions (one per row, e.g. ``inputs.last_index + 1``: the first answer token of a
+#: teacher-forced run) reads ``[batch, d]`` there.
 POSITIONS = ("last", "all")
+Pos = Union[str, Tensor]
 
 
 def lens_names(model: "HookedVLM", incl_mid: bool = False) -> list[str]:
@@ -66,12 +69,21 @@ def decompose_names(model: "HookedVLM") -> list[str]:
             + [f"blocks.{n - 1}.hook_resid_post"])
 
 
-def _read(cache: ActivationCache, name: str, pos: str) -> Tensor:
-    if pos not in POSITIONS:
-        raise ValueError(f"pos must be one of {POSITIONS}, got {pos!r}")
+def _read(cache: ActivationCache, name: str, pos: Pos) -> Tensor:
     if name not in cache:
-        raise ValueError(f"the cache lacks {name!r}: run it with names=interp.lens.lens_names(model) "
-                         "(+ interp.lens.decompose_names(model) for decompose_resid)")
+        hint = ("interp.lens.lens_names(model, incl_mid=True)" if name.endswith("hook_resid_mid")
+                else "interp.lens.decompose_names(model)" if name.endswith(("_out", "hook_embed"))
+                else "interp.lens.lens_names(model)")
+        raise ValueError(f"the cache lacks {name!r}: run it with names={hint} (or add it to the names)")
+    if isinstance(pos, Tensor):
+        t = cache[name]
+        idx = pos.to(device=t.device, dtype=torch.long).reshape(-1)
+        if idx.shape[0] != t.shape[0] or bool(((idx < 0) | (idx >= t.shape[1])).any()):
+            raise ValueError(f"pos must hold one position in [0, {t.shape[1]}) per row ({t.shape[0]} rows), "
+                             f"got {pos.tolist()}")
+        return t[torch.arange(t.shape[0], device=t.device), idx]
+    if pos not in POSITIONS:
+        raise ValueError(f"pos must be one of {POSITIONS} or a [batch] tensor of positions, got {pos!r}")
     return cache.last(name) if pos == "last" else cache[name]
 
 
@@ -85,7 +97,7 @@ def _depth(model: "HookedVLM", layer: Optional[int]) -> int:
 
 
 def accumulated_resid(model: "HookedVLM", cache: ActivationCache, layer: Optional[int] = None,
-                      incl_mid: bool = False, pos: str = "last", return_labels: bool = False):
+                      incl_mid: bool = False, pos: Pos = "last", return_labels: bool = False):
     """The residual stream as it accumulates: ``blocks.{l}.hook_resid_pre`` for ``l < layer`` (with
     ``resid_mid`` between them if ``incl_mid``), and the final residual when ``layer`` is None or
     ``n_layers``.  ``[component, batch, d]`` at the last prompt token (``pos="last"``) or
@@ -106,13 +118,15 @@ def accumulated_resid(model: "HookedVLM", cache: ActivationCache, layer: Optiona
     return (out, labels) if return_labels else out
 
 
-def decompose_resid(model: "HookedVLM", cache: ActivationCache, layer: Optional[int] = None, pos: str = "last",
-                    return_labels: bool = False):
+def decompose_resid(model: "HookedVLM", cache: ActivationCache, layer: Optional[int] = None, pos: Pos = "last",
+                    return_labels: bool = False, incl_other: bool = False):
     """The residual stream at ``blocks.{layer}.hook_resid_pre`` (the final residual if None) as the sum of what
     wrote it: ``"embed"`` (token embeddings with the image features in place), then each earlier block's
     ``"{l}_attn_out"`` and ``"{l}_mlp_out"``.  ``[component, batch, d]`` (``pos="last"``) or
     ``[component, batch, pos, d]``; the components add up to that residual (to float rounding), unless a hook
-    wrote into the residual stream itself.
+    wrote into the residual stream itself: ``incl_other=True`` appends ``"other"``, that residual minus the
+    components (what hooks wrote, e.g. a steering vector's own share; ~1e-6 in an unhooked run), so the
+    parts always add up.
     """
     stop = _depth(model, layer)
     labels, parts = ["embed"], [_read(cache, "hook_embed", pos)]
@@ -120,6 +134,12 @@ def decompose_resid(model: "HookedVLM", cache: ActivationCache, layer: Optional[
         for k in ("attn", "mlp"):
             labels.append(f"{l}_{k}_out")
             parts.append(_read(cache, f"blocks.{l}.hook_{k}_out", pos))
+    if incl_other:
+        n = model.n_layers
+        target = (_read(cache, f"blocks.{stop}.hook_resid_pre", pos) if stop < n
+                  else _read(cache, f"blocks.{n - 1}.hook_resid_post", pos))
+        labels.append("other")
+        parts.append(target - torch.stack(parts).sum(0))
     out = torch.stack(parts)
     return (out, labels) if return_labels else out
 
@@ -128,8 +148,8 @@ def final_norm_scale(model: "HookedVLM", resid: Float[Tensor, "... d_model"]) ->
     """The final RMSNorm's scale of each residual vector: ``norm(x) == scale * weight * x``, read off the
     norm module itself (so its own epsilon and dtype count).  Raises if the final norm is not an RMSNorm."""
     norm = get_module(model.hf_model, model.adapter.final_norm)
-    w = norm.weight.float()
-    x = resid.float()
+    w = norm.weight.detach().float()
+    x = resid.detach().float()
     with torch.no_grad():
         y = norm(resid.to(norm.weight.dtype)).float()
     wx = w * x
@@ -140,7 +160,7 @@ def final_norm_scale(model: "HookedVLM", resid: Float[Tensor, "... d_model"]) ->
 
 
 def apply_ln_to_stack(model: "HookedVLM", cache: ActivationCache, stack: Float[Tensor, "component batch ..."],
-                      pos: str = "last") -> Float[Tensor, "component batch ..."]:
+                      pos: Pos = "last") -> Float[Tensor, "component batch ..."]:
     """Put every component of ``stack`` (from :func:`decompose_resid` or :func:`accumulated_resid`, same
     ``pos``) through the final norm with the *final* residual's scale, frozen: the norm is then linear, so
     normalised components add up to the normalised final residual (direct attribution, not the logit lens)."""
@@ -148,8 +168,8 @@ def apply_ln_to_stack(model: "HookedVLM", cache: ActivationCache, stack: Float[T
     if tuple(stack.shape[1:]) != tuple(final.shape):
         raise ValueError(f"stack has per-component shape {tuple(stack.shape[1:])}, the final residual at pos={pos!r} "
                          f"{tuple(final.shape)}: build the stack with the same pos")
-    w = get_module(model.hf_model, model.adapter.final_norm).weight.float()
-    return stack.float() * w * final_norm_scale(model, final)[None, ..., None]
+    w = get_module(model.hf_model, model.adapter.final_norm).weight.detach().float()
+    return stack.detach().float() * w * final_norm_scale(model, final)[None, ..., None]
 
 
 def unembed(model: "HookedVLM", x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
@@ -159,7 +179,7 @@ def unembed(model: "HookedVLM", x: Float[Tensor, "... d_model"]) -> Float[Tensor
         return head(x.to(head.weight.dtype)).float()
 
 
-def logit_lens(model: "HookedVLM", cache: ActivationCache, incl_mid: bool = False, pos: str = "last",
+def logit_lens(model: "HookedVLM", cache: ActivationCache, incl_mid: bool = False, pos: Pos = "last",
                return_labels: bool = False):
     """The logit lens: each accumulated residual (:func:`accumulated_resid`) through the final norm, with its
     own scale, and the unembedding: ``[component, batch, vocab]`` at the last prompt token (``pos="all"``:

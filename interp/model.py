@@ -130,6 +130,12 @@ class HookedVLM:
         return next(self.hf_model.parameters()).dtype
 
     @property
+    def W_U(self) -> Float[Tensor, "d_model vocab"]:
+        """The unembedding as TransformerLens lays it out, ``[d_model, vocab]`` (a view of ``lm_head.weight``):
+        ``resid @ model.W_U[:, good] - ...`` reads a logit direction."""
+        return get_module(self.hf_model, self.adapter.lm_head).weight.detach().T
+
+    @property
     def head_counts(self) -> dict[str, tuple[int, int]]:
         """``{"lm": (query heads, key/value heads), "vision": (...)}``: how the per-head sites split."""
         return dict(self._heads)

@@ -75,8 +75,14 @@ def test_atomic_files_get_the_permissions_open_would_give(tmp_path):
     try:
         write_json(tmp_path / "r.json", {"a": 1})
         (tmp_path / "plain.txt").write_text("x")
+        import torch
+        from safetensors.torch import save_file
+
+        with atomic_path(tmp_path / "t.safetensors") as tmp:
+            save_file({"a": torch.zeros(2)}, str(tmp))  # safetensors creates its files owner-only
     finally:
         os.umask(old)
     mode = stat.S_IMODE((tmp_path / "r.json").stat().st_mode)
     assert mode == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "t.safetensors").stat().st_mode) == 0o644
 

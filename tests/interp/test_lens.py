@@ -106,3 +106,39 @@ def test_missing_names_say_what_to_cache(tiny_llava):
         logit_lens(tiny_llava, cache)
     with pytest.raises(ValueError, match=r"lacks 'hook_embed'.*decompose_names"):
         decompose_resid(tiny_llava, cache)
+
+
+def test_positions_per_row_other_and_no_grad(lens_run):
+    model, inputs, logits, cache = lens_run
+    rows = torch.arange(2)
+    at = inputs.last_index - 1  # one token before each row's last
+    lens = logit_lens(model, cache, pos=at)
+    assert torch.allclose(lens[-1], logits[rows, at].float(), atol=1e-5)
+    with pytest.raises(ValueError, match=r"one position in \[0, \d+\) per row"):
+        logit_lens(model, cache, pos=torch.tensor([0]))
+    parts = decompose_resid(model, cache, pos=at)
+    normed = apply_ln_to_stack(model, cache, parts, pos=at)
+    assert not normed.requires_grad and not final_norm_scale(model, parts[0]).requires_grad
+    normed.numpy()  # usable as is
+    # W_U is TransformerLens's [d_model, vocab]
+    assert model.W_U.shape == (model.d_model, logits.shape[-1])
+    assert torch.allclose(normed.sum(0) @ model.W_U, logits[rows, at].float(), atol=1e-4)
+    # unhooked, "other" is float rounding; steered, it is exactly what the hook added
+    parts, labels = decompose_resid(model, cache, return_labels=True, incl_other=True)
+    assert labels[-1] == "other" and float(parts[-1].abs().max()) < 1e-4
+    v = torch.randn(model.d_model)
+    steer = [("blocks.1.hook_resid_pre", lambda x, c: x + v)]
+    _, steered = model.run_with_cache(inputs, names=decompose_names(model) + ["blocks.1.hook_resid_pre"], hooks=steer)
+    parts = decompose_resid(model, steered, incl_other=True)
+    assert torch.allclose(parts[-1], v.expand(2, -1), atol=1e-4)
+    assert torch.allclose(parts.sum(0), steered.last(f"blocks.{model.n_layers - 1}.hook_resid_post"), atol=1e-4)
+    layer1 = decompose_resid(model, steered, layer=1, incl_other=True)
+    assert torch.allclose(layer1[-1], v.expand(2, -1), atol=1e-4)  # the hook wrote resid_pre of block 1 itself
+
+
+def test_incl_mid_error_names_the_call_that_caches_it(tiny_llava):
+    inputs = tiny_llava.encode(images=[None], prompts=["who is this"])
+    _, cache = tiny_llava.run_with_cache(inputs, names=lens_names(tiny_llava))
+    with pytest.raises(ValueError, match=r"lacks 'blocks.0.hook_resid_mid'.*lens_names\(model, incl_mid=True\)"):
+        accumulated_resid(tiny_llava, cache, incl_mid=True)
+
