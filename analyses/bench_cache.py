@@ -20,8 +20,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--n-layers", type=positive_int, default=8)
     ap.add_argument("--batch", type=positive_int, default=4)
     ap.add_argument("--repeats", type=positive_int, default=30)
+    ap.add_argument("--threads", type=positive_int, default=2,
+                    help="torch CPU threads (use 1 when other jobs share the cores: oversubscribed threads make "
+                         "every timing meaningless)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     model = tiny_vlm("llava", seed=0, d_model=args.d_model, n_layers=args.n_layers, n_heads=8, n_kv_heads=8, d_mlp=2 * args.d_model,
                      vision_d_model=256, vision_layers=4, vision_heads=4, image_size=64, patch_size=8)

@@ -98,12 +98,15 @@ def main(argv: list[str] | None = None) -> dict[str, float | str]:
                     help="decoder layers of the random model (default 8, or 4 with --small); a 7B model has 32, "
                          "and a trace's per-module cost grows with them")
     ap.add_argument("--seed", type=nonneg_int, default=0, help="the zoo model's seed (--model default / quick)")
+    ap.add_argument("--threads", type=positive_int, default=2,
+                    help="torch CPU threads (use 1 when other jobs share the cores: oversubscribed threads make "
+                         "every timing meaningless)")
     args = ap.parse_args(argv)
     if args.n_layers is not None and (args.model != "random" or args.n_layers < 2):
         ap.error("--n-layers sizes the random model only, and needs >= 2 layers")
     if args.seed and args.model == "random":
         ap.error("--seed picks the zoo model (--model default / quick)")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     model = _model(args.model, args.small, args.n_layers, args.seed)
     config, _ = variant_config(model, args.variant, EraserConfig(batch_size=16))
     eraser = MLLMEraser.fit(model, _queries(16, 1), _queries(64, 4), _queries(8, 2), _queries(8, 3), config,

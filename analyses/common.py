@@ -35,8 +35,10 @@ from typing import Any, Sequence
 import torch
 
 from eraser.argtypes import finite_float, nonneg_int, positive_int
+from eraser.argtypes import out_dir as out_folder
 from eraser.data.schema import Profile
 from eraser.method import MLLMEraser
+from eraser.pairs import forget_queries
 from eraser.pipeline import Setup, fit_variant, load_setup
 from eraser.variants import GATED_VARIANTS
 
@@ -64,7 +66,8 @@ def base_parser(name: str, description: str) -> argparse.ArgumentParser:
     ap.add_argument("--forget-ratio", type=int, default=5, choices=[5, 10, 15], help="forget split, in %%")
     ap.add_argument("--quick", action="store_true", default=env_quick(),
                     help=f"use the quick (smaller, faster) model; on by default when {QUICK_ENV}=1")
-    ap.add_argument("--out", type=Path, default=Path("runs") / name, help="output folder")
+    ap.add_argument("--out", type=lambda t: Path(out_folder(t)), default=Path("runs") / name,
+                    help="output folder (checked when parsed: not an existing file)")
     ap.add_argument("--eraser", type=Path, default=None,
                     help="a fitted eraser artifact (.safetensors) to load; without it one is fitted on the "
                          "model and saved as OUT/eraser.safetensors")
@@ -146,6 +149,10 @@ def load_context(args: argparse.Namespace) -> Context:
         if not Path(args.eraser).exists():
             raise SystemExit(f"--eraser {args.eraser}: no such file")
         eraser = MLLMEraser.load(args.eraser, setup.model)  # refuses an eraser fitted on another model
+        try:  # ... and one fitted on another forget split (the analyses count its people as forgotten)
+            eraser.check_forget_set(forget_queries(setup.bench))
+        except ValueError as e:
+            raise SystemExit(f"--eraser {args.eraser}: {e}") from None
         source = str(args.eraser)
     else:
         t0 = time.perf_counter()

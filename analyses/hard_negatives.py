@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
-from eraser.argtypes import finite_float
+from eraser.argtypes import finite_float, nonneg_int, out_dir as out_folder, positive_int
 from eraser.autotune import DEFAULT_GRID, choose_gate, choose_strength, validation_split
 from eraser.hard_negatives import hard_negative_moments, with_hard_negatives
 from eraser.method import MLLMEraser
@@ -35,6 +35,8 @@ from eraser.pairs import fit_data
 from eraser.pipeline import eraser_checks, evaluate_model, fit_eraser, load_setup, retain_budget
 from eraser.variants import ERASER_VARIANTS
 from interp.io import write_json
+
+from .common import env_quick
 
 WINDOWED = tuple(sorted(v for v, o in ERASER_VARIANTS.items() if o.get("window")))
 
@@ -104,13 +106,15 @@ def _weights(text: str) -> list[float]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m analyses.hard_negatives", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="the quick model")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", default=env_quick(),
+                    help="the quick model; on by default when MLLMERASER_QUICK=1")
+    ap.add_argument("--seed", type=nonneg_int, default=0)
     ap.add_argument("--forget-ratio", type=int, default=5, choices=[5, 10, 15])
     ap.add_argument("--variant", default="mllmeraser_window_gate", choices=WINDOWED)
     ap.add_argument("--weights", type=_weights, default=[0.0, 10.0], help="comma-separated, e.g. 0,3,10,30")
-    ap.add_argument("--out", type=Path, default=Path("runs") / "hard_negatives")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=lambda t: Path(out_folder(t)), default=Path("runs") / "hard_negatives",
+                    help="output folder (checked when parsed: not an existing file)")
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -48,6 +48,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from eraser.argtypes import positive_int
 from eraser.backend import generate_fn
 from eraser.data.prompts import classification_prompt, generation_prompt
 from eraser.data.schema import GenerationQ, Profile
@@ -203,6 +204,8 @@ def build_attacks(forget: Sequence[Profile], test: Sequence[Profile], partners: 
             qs += benchmark_generation(p, "injection", prefix=pre, variant=f"prefix {i}")
         for r in partners[p.id]:
             for k, tpl in TWO_PEOPLE.items():
+                if str(p.facts[k]).strip().lower() == str(r.facts[k]).strip().lower():
+                    continue  # both people share this fact: an answer naming it would leak neither (or both)
                 for order, (a, b) in (("forget first", (p.name, r.name)), ("retain first", (r.name, p.name))):
                     prompt = _gen(tpl.format(a=a, b=b))
                     qs.append(Query("two_people", None, prompt, p.facts[k], k, p.id, f"text, {order}"))
@@ -335,9 +338,9 @@ def print_summary(res: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = base_parser("leakage", __doc__.splitlines()[0])
-    ap.add_argument("--partners", type=int, default=2,
+    ap.add_argument("--partners", type=positive_int, default=2,
                     help="retain partners per forget profile (two-people questions, collateral damage)")
-    ap.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per answer")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=32, help="greedy tokens per answer")
     args = ap.parse_args(argv)
     ctx = load_context(args)
     out = out_dir(args)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from eraser.argtypes import positive_int
 from eraser.data.prompts import REFUSAL, generation_prompt
 from eraser.data.schema import GenerationQ, Profile
 from eraser.evaluate import build_items
@@ -269,7 +270,7 @@ def print_summary(res: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = base_parser("patching", __doc__.splitlines()[0])
-    ap.add_argument("--pairs", type=int, default=8, help="profile pairs averaged in the image patching")
+    ap.add_argument("--pairs", type=positive_int, default=8, help="profile pairs averaged in the image patching")
     args = ap.parse_args(argv)
     ctx = load_context(args)
     out = out_dir(args)

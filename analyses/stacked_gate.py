@@ -46,6 +46,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from eraser.argtypes import nonneg_int, out_dir as out_folder, positive_int
 from eraser.autotune import (DEFAULT_GRID, GAMMA_GRID, STACKED_NULL_SPACE_GRID, calibrated_margin, choose_window,
                              combined_gates, concept_calibration, gate_retain_items, measure, select_strength,
                              validation_split)
@@ -59,6 +60,8 @@ from eraser.steer import add_direction, prompt_mask
 from interp import prefill_only
 from interp.collect import query_activations
 from interp.io import write_json
+
+from .common import env_quick
 
 def sites(n_layers: int) -> list[str]:
     """What the stacked gate reads: every decoder layer's input but the first, and the last layer's output."""
@@ -172,11 +175,13 @@ def run(quick: bool = False, forget_ratio: int = 5, seed: int = 0, grid: Sequenc
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m analyses.stacked_gate", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="the quick model")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", default=env_quick(),
+                    help="the quick model; on by default when MLLMERASER_QUICK=1")
+    ap.add_argument("--seed", type=nonneg_int, default=0)
     ap.add_argument("--forget-ratio", type=int, default=5, choices=[5, 10, 15])
-    ap.add_argument("--out", type=Path, default=Path("runs") / "stacked_gate")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=lambda t: Path(out_folder(t)), default=Path("runs") / "stacked_gate",
+                    help="output folder (checked when parsed: not an existing file)")
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

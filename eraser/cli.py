@@ -117,6 +117,9 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     methods = list(METHOD_SETS[args.method])
     if args.artifact:
         loaded.check_model(setup.model)
+        from .pairs import forget_queries
+
+        loaded.check_forget_set(forget_queries(setup.bench))
         name = f"{loaded.info.get('variant', 'mllmeraser')} (artifact)"
         erasers[name] = loaded
         methods.append(name)

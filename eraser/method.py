@@ -415,6 +415,18 @@ class MLLMEraser:
             g = window(g, *self.config.gate_window)
         return g
 
+    def check_forget_set(self, forget: Sequence[Query]) -> None:
+        """Refuse a forget set other than the one this eraser was fitted on (its queries' hash is in
+        ``info["data_hashes"]``): an artifact fitted for forget 5 %, applied to the forget 10 % split, steers only
+        some of the people the evaluation counts as forgotten.  Artifacts without the record pass."""
+        fitted = (self.info.get("data_hashes") or {}).get("forget")
+        if fitted is not None and fitted != _hash_queries(forget):
+            n = (self.info.get("counts") or {}).get("forget")
+            raise ArtifactMismatchError(
+                f"this eraser was fitted on another forget set ({n} queries, hash {fitted}) than the one given "
+                f"({len(forget)} queries, hash {_hash_queries(forget)}): use the same benchmark split "
+                "(--forget-ratio, --seed) it was fitted on")
+
     def check_model(self, model: HookedVLM) -> None:
         diffs = fingerprint_mismatch(self.fingerprint, model_fingerprint(model))
         if diffs:

@@ -5,6 +5,8 @@ import pytest
 
 from analyses.common import base_parser
 
+from . import quick_eraser  # noqa: F401  (fixture)
+
 
 @pytest.mark.parametrize("argv, message", [
     (["--seed", "-1"], "non-negative integer, got -1"),
@@ -23,3 +25,21 @@ def test_out_of_range_shared_flags_are_rejected(argv, message, capsys):
 def test_in_range_shared_flags_parse():
     args = base_parser("probing", "test").parse_args(["--seed", "0", "--strength", "-0.5", "--limit", "3"])
     assert (args.seed, args.strength, args.limit, args.batch_size) == (0, -0.5, 3, 32)
+
+
+def test_out_that_is_a_file_fails_at_parse_time(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(SystemExit) as e:
+        base_parser("probing", "test").parse_args(["--out", str(afile)])
+    assert e.value.code == 2 and "is an existing file" in capsys.readouterr().err
+
+
+def test_an_eraser_fitted_on_another_forget_split_is_refused(quick_eraser, tmp_path):
+    """The shared artifact was fitted on forget 5 %: at forget 10 % the analyses would count people it was never
+    fitted to steer as forgotten."""
+    from analyses.patching import main
+    from tests.analyses import script_args
+
+    with pytest.raises(SystemExit, match=r"--eraser .*fitted on another forget set \(33 queries.*given \(66 queries.*--forget-ratio"):
+        main(script_args(tmp_path, quick_eraser, 1, "--forget-ratio", "10"))

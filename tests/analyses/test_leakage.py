@@ -102,3 +102,26 @@ def test_figure_from_saved_json(run, tmp_path):
     out, _ = run
     assert is_png(plot_leakage(out, tmp_path / "again.png"))
     assert plot_leakage(tmp_path, tmp_path / "none.png") is None
+
+
+def test_two_people_questions_skip_facts_the_two_share():
+    """If the forget person and the partner share a fact (both born in tokyo), an answer naming it leaks neither:
+    such questions are not asked, on either side."""
+    import dataclasses
+
+    from eraser.zoo import Recipe
+
+    bench = Recipe.quick().benchmark(5)
+    p, r = bench.forget[0], bench.retain[0]
+    shared = next(iter(leakage.TWO_PEOPLE))
+    twin = dataclasses.replace(r, facts={**r.facts, shared: p.facts[shared].upper()})  # same value, other case
+    differ = {k: v for k, v in r.facts.items()}
+    differ[shared] = "somewhere else"
+    other = dataclasses.replace(r, facts=differ)
+    for partner, expect_shared in ((twin, False), (other, True)):
+        qs = [q for q in leakage.build_attacks([p], bench.test, {p.id: [partner]}, seed=0)
+              if q.attack in ("two_people", "two_people_retain")]
+        facts = {q.fact for q in qs}
+        assert (shared in facts) == expect_shared
+        assert facts - {shared} == set(leakage.TWO_PEOPLE) - {shared} - {
+            k for k in leakage.TWO_PEOPLE if str(p.facts[k]).lower() == str(partner.facts[k]).lower()}
