@@ -271,6 +271,8 @@ def pick_partners(forget: Sequence[Profile], retain: Sequence[Profile], n: int, 
 def run(ctx: Context, n_partners: int, max_new_tokens: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     bench, model, limit = ctx.setup.bench, ctx.model, ctx.args.limit
     forget = limited(bench.forget, limit)
+    if limit is not None and n_partners != 1:
+        print(f"[leakage] --limit: one partner per forget person (not {n_partners}), to keep the run small")
     partners = pick_partners(forget, limited(bench.retain, None if limit is None else max(limit, 1)),
                              n_partners if limit is None else 1, ctx.setup.recipe.seed)
     queries = build_attacks(forget, bench.test, partners, ctx.setup.recipe.seed)

@@ -10,12 +10,13 @@ from typing import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from eraser.plots import FIGURES, make_all
+    from eraser.plots import ANALYSIS_FIGURES, FIGURES, make_all
 
     ap = argparse.ArgumentParser(prog="python -m figures.make_all", description=__doc__.split("\n")[0])
     ap.add_argument("--from", dest="src", required=True, help="run folder holding the saved results")
     ap.add_argument("--out", default=None, help="output folder (default: the run folder)")
-    ap.add_argument("--only", nargs="+", choices=sorted(FIGURES), default=None, help="a subset of figures")
+    ap.add_argument("--only", nargs="+", choices=sorted({**FIGURES, **ANALYSIS_FIGURES}), default=None,
+                    help="a subset of figures (the demo's and the analyses')")
     args = ap.parse_args(argv)
     try:
         paths = make_all(args.src, args.out, only=args.only)
@@ -24,6 +25,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for p in paths:
         print(p)
     print(f"{len(paths)} figure(s) written", file=sys.stderr)
+    if not paths:  # like the single-figure scripts: nothing to draw from is a failure, not a success
+        print(f"no figure had data in {args.src}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -56,3 +56,15 @@ def test_scripts_run_from_a_folder(run_dir, tmp_path):
     assert figure_main("heatmap", ["--from", str(run_dir), "--out", str(out)]) == 0
     assert_png(out / "heatmap.png")
     assert figure_main("gates", ["--from", str(tmp_path), "--out", str(out / "none")]) == 1  # no data: skipped
+
+
+def test_make_all_script_fails_when_nothing_can_be_drawn_and_offers_the_analysis_figures(tmp_path, capsys):
+    from eraser.plots import ANALYSIS_FIGURES
+    from figures.make_all import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["--from", str(empty)]) == 1
+    assert "no figure had data" in capsys.readouterr().err
+    name = sorted(ANALYSIS_FIGURES)[0]
+    assert main(["--from", str(empty), "--only", name]) == 1  # accepted as a choice; no data for it here
