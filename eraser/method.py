@@ -78,7 +78,7 @@ class EraserConfig:
 
     layers: tuple[int, ...] | None = None
     site: str = "resid_pre"
-    rho: float = 0.3
+    rho: float | None = 0.3
     energy: float | None = None
     gamma: float = 0.1
     strength: float = -0.25
@@ -111,10 +111,13 @@ class EraserConfig:
         if gamma < 0:
             raise ValueError(f"gamma (the gate's ridge penalty) must be a finite number >= 0, got {self.gamma!r}")
         object.__setattr__(self, "gamma", gamma)
-        rho = _finite_float(self.rho, "rho")
-        if not 0 < rho <= 1:
-            raise ValueError(f"rho (the null space's share of d) must lie in (0, 1], got {self.rho!r}")
-        object.__setattr__(self, "rho", rho)
+        if self.rho is None and self.energy is None:
+            raise ValueError("give rho (the null space's share of d) or energy (the retain energy it may hold)")
+        if self.rho is not None:  # None is allowed when energy (which wins) is set
+            rho = _finite_float(self.rho, "rho")
+            if not 0 < rho <= 1:
+                raise ValueError(f"rho (the null space's share of d) must lie in (0, 1], got {self.rho!r}")
+            object.__setattr__(self, "rho", rho)
         if self.energy is not None:
             energy = _finite_float(self.energy, "energy")
             if not 0 < energy < 1:

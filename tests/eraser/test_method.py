@@ -201,6 +201,12 @@ def test_config_values_are_checked_when_the_config_is_built(field, value, messag
         EraserConfig(**{field: value})
 
 
+def test_rho_may_be_none_only_when_energy_is_set():
+    assert EraserConfig(rho=None, energy=0.01).rho is None
+    with pytest.raises(ValueError, match="give rho .* or energy"):
+        EraserConfig(rho=None)
+
+
 def test_failed_save_keeps_previous_file(fitted, tmp_path, monkeypatch):
     import eraser.method as method
 
