@@ -66,7 +66,7 @@ def base_parser(name: str, description: str) -> argparse.ArgumentParser:
     ap.add_argument("--forget-ratio", type=int, default=5, choices=[5, 10, 15], help="forget split, in %%")
     ap.add_argument("--quick", action="store_true", default=env_quick(),
                     help=f"use the quick (smaller, faster) model; on by default when {QUICK_ENV}=1")
-    ap.add_argument("--out", type=lambda t: Path(out_folder(t)), default=Path("runs") / name,
+    ap.add_argument("--out", type=out_folder, default=Path("runs") / name,
                     help="output folder (checked when parsed: not an existing file)")
     ap.add_argument("--eraser", type=Path, default=None,
                     help="a fitted eraser artifact (.safetensors) to load; without it one is fitted on the "

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
-from eraser.argtypes import finite_float, nonneg_int, out_dir as out_folder, positive_int
+from eraser.argtypes import finite_float, nonneg_int, out_dir, positive_int
 from eraser.autotune import DEFAULT_GRID, choose_gate, choose_strength, validation_split
 from eraser.hard_negatives import hard_negative_moments, with_hard_negatives
 from eraser.method import MLLMEraser
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--forget-ratio", type=int, default=5, choices=[5, 10, 15])
     ap.add_argument("--variant", default="mllmeraser_window_gate", choices=WINDOWED)
     ap.add_argument("--weights", type=_weights, default=[0.0, 10.0], help="comma-separated, e.g. 0,3,10,30")
-    ap.add_argument("--out", type=lambda t: Path(out_folder(t)), default=Path("runs") / "hard_negatives",
+    ap.add_argument("--out", type=out_dir, default=Path("runs") / "hard_negatives",
                     help="output folder (checked when parsed: not an existing file)")
     ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--no-progress", action="store_true")

@@ -46,7 +46,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from eraser.argtypes import nonneg_int, out_dir as out_folder, positive_int
+from eraser.argtypes import nonneg_int, out_dir, positive_int
 from eraser.autotune import (DEFAULT_GRID, GAMMA_GRID, STACKED_NULL_SPACE_GRID, calibrated_margin, choose_window,
                              combined_gates, concept_calibration, gate_retain_items, measure, select_strength,
                              validation_split)
@@ -62,6 +62,7 @@ from interp.collect import query_activations
 from interp.io import write_json
 
 from .common import env_quick
+
 
 def sites(n_layers: int) -> list[str]:
     """What the stacked gate reads: every decoder layer's input but the first, and the last layer's output."""
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="the quick model; on by default when MLLMERASER_QUICK=1")
     ap.add_argument("--seed", type=nonneg_int, default=0)
     ap.add_argument("--forget-ratio", type=int, default=5, choices=[5, 10, 15])
-    ap.add_argument("--out", type=lambda t: Path(out_folder(t)), default=Path("runs") / "stacked_gate",
+    ap.add_argument("--out", type=out_dir, default=Path("runs") / "stacked_gate",
                     help="output folder (checked when parsed: not an existing file)")
     ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--no-progress", action="store_true")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+from pathlib import Path
 
 
 def _int_at_least(text: str, low: int, what: str) -> int:
@@ -40,11 +42,9 @@ def finite_float(text: str) -> float:
     return value
 
 
-def out_dir(text: str) -> str:
+def out_dir(text: str) -> Path:
     """An output folder: it may not exist yet, but it must not be a file, and the nearest existing folder above it
     must be writable; checked at parse time, so a long run cannot fail at its very end when it writes."""
-    import os
-    from pathlib import Path
 
     if not text:
         raise argparse.ArgumentTypeError("expected an output folder, got an empty path")
@@ -58,5 +58,4 @@ def out_dir(text: str) -> str:
             if not os.access(p, os.W_OK | os.X_OK):
                 raise argparse.ArgumentTypeError(f"cannot write under {str(p)!r} (permission denied)")
             break
-    return text
-
+    return path

@@ -23,7 +23,6 @@ validation split, refitted in closed form from the fit's statistics.
 from __future__ import annotations
 
 import math
-
 import random
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Sequence

@@ -115,11 +115,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         loaded = MLLMEraser.load(args.artifact)  # a bad file fails here, before any model is loaded
     setup = _setup(args)
     methods = list(METHOD_SETS[args.method])
-    if args.artifact:
-        loaded.check_model(setup.model)
-        from .pairs import forget_queries
-
-        loaded.check_forget_set(forget_queries(setup.bench))
+    if args.artifact:  # run_methods checks it against the model and the forget split before evaluating
         name = f"{loaded.info.get('variant', 'mllmeraser')} (artifact)"
         erasers[name] = loaded
         methods.append(name)

@@ -26,6 +26,8 @@ from .pipeline import Setup, eraser_checks, evaluate_model, fit_variant, memoris
 from .variants import ERASER_VARIANTS
 
 SWEEP_STRENGTHS = (-0.1, -0.25, -0.5, -1.0, -2.0)
+#: The layer sweep's validation questions: ``validation_split`` arguments, then at most ``per_set`` per set.
+SWEEP_VALIDATION = {"n_retain_profiles": 6, "n_celebrities": 3, "per_set": 60}
 
 
 def sweep_context(setup: Setup, eraser=None) -> dict[str, Any]:
@@ -33,7 +35,7 @@ def sweep_context(setup: Setup, eraser=None) -> dict[str, Any]:
     split or artifact is refused instead of resumed.  Without ``eraser``, the part known before fitting one."""
     context = {"recipe_hash": setup.recipe.hash() if setup.recipe else None, "local": setup.local,
                "forget_ratio": setup.forget_ratio,
-               "validation": "validation_split(n_retain_profiles=6, n_celebrities=3), 60 per set"}
+               "validation": SWEEP_VALIDATION}
     if eraser is not None:
         context["eraser"] = eraser.digest()
     return context
@@ -54,9 +56,11 @@ def check_sweep_journal(setup: Setup, path: Path) -> None:
 
 def layer_sweep(setup: Setup, eraser, out: Path, strengths=SWEEP_STRENGTHS) -> Path:
     """Forget refusal and retain accuracy when steering one layer at a time (and all layers: layer -1)."""
-    val, _ = validation_split(setup.bench, setup.source, n_retain_profiles=6, n_celebrities=3, seed=setup.seed)
+    v = SWEEP_VALIDATION
+    val, _ = validation_split(setup.bench, setup.source, n_retain_profiles=v["n_retain_profiles"],
+                              n_celebrities=v["n_celebrities"], seed=setup.seed)
     rng = random.Random(setup.seed)
-    val = {k: rng.sample(v, min(len(v), 60)) for k, v in val.items()}
+    val = {k: rng.sample(items, min(len(items), v["per_set"])) for k, items in val.items()}
     gen = generate_fn(setup.model, batch_size=setup.batch_size)
     settings = [{"layer": l, "strength": s} for l in [-1] + list(eraser.layers) for s in strengths]
 

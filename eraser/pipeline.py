@@ -19,7 +19,7 @@ from .evaluate import (answer_probs, evaluate_benchmark, evaluate_split, refusal
                        truth_ratios)
 from .method import EraserConfig, MLLMEraser
 from .metrics import forget_quality
-from .pairs import fit_data
+from .pairs import fit_data, forget_queries
 from .stats import FitStats
 from .variants import ERASER_VARIANTS, NOT_CONFIG, stacked_layers
 from .zoo import TARGETS, Recipe, load_or_train, train_log
@@ -65,8 +65,8 @@ class Setup:
         """The retain-only oracle (trained on first use, then cached; a local run's, if it was given)."""
         if self._oracle is None:
             if self.recipe is None:
-                raise LocalSetupError("no retain-only oracle for a local checkpoint: give one (--oracle-model PATH) or "
-                                 "skip what needs it (--no-oracle)")
+                raise LocalSetupError("no retain-only oracle for a local checkpoint: give one (--oracle-model PATH) "
+                                      "or skip what needs it (--no-oracle)")
             self._oracle = load_or_train(self.recipe.oracle_for(self.forget_ratio), self.cache_dir, self.progress)
         return self._oracle
 
@@ -107,7 +107,7 @@ def setup_from_args(args: Any) -> Setup:
     if getattr(args, "model", None) or getattr(args, "mllmu", None):
         if not (args.model and args.mllmu):
             raise LocalSetupError("--model and --mllmu go together: a local checkpoint is evaluated on a local "
-                             "MLLMU-Bench copy (the embedded default needs neither)")
+                                  "MLLMU-Bench copy (the embedded default needs neither)")
         import torch
 
         dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
@@ -285,6 +285,9 @@ def run_methods(setup: Setup, methods: list[str], oracle: bool = True,
     fitted erasers, e.g. a saved artifact, which are evaluated as they are: no fit, no choice of settings.
     """
     erasers = dict(erasers or {})
+    for given in erasers.values():  # before any evaluation: a wrong artifact should cost seconds, not a run
+        given.check_model(setup.model)
+        given.check_forget_set(forget_queries(setup.bench))
     out: dict[str, Any] = {"config": setup.config(), "methods": {}, "timing": {}, "checks": {}, "selection": {}}
     oracle_probs = oracle_ratios = None
     for name in methods:
@@ -293,7 +296,6 @@ def run_methods(setup: Setup, methods: list[str], oracle: bool = True,
             out["timing"][name] = {"fit_s": 0.0, "infer_s": infer_s}
         elif name in erasers:
             given = erasers[name]
-            given.check_model(setup.model)
             res, extra, infer_s = evaluate_model(setup, lambda: given.attached(setup.model))
             out["timing"][name] = {"fit_s": 0.0, "infer_s": infer_s}
             out["selection"][name] = None

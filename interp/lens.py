@@ -98,14 +98,14 @@ def _depth(model: "HookedVLM", layer: Optional[int]) -> int:
 
 def accumulated_resid(model: "HookedVLM", cache: ActivationCache, layer: Optional[int] = None,
                       incl_mid: bool = False, pos: Pos = "last", return_labels: bool = False):
-    """The residual stream as it accumulates: ``blocks.{l}.hook_resid_pre`` for ``l < layer`` (with
-    ``resid_mid`` between them if ``incl_mid``), and the final residual when ``layer`` is None or
-    ``n_layers``.  ``[component, batch, d]`` at the last prompt token (``pos="last"``) or
+    """The residual stream as it accumulates, as TransformerLens reads ``layer``: ``blocks.{l}.hook_resid_pre``
+    for ``l <= layer`` (with ``resid_mid`` of each ``l < layer`` if ``incl_mid``), and every layer plus the final
+    residual when ``layer`` is None or ``n_layers``.  ``[component, batch, d]`` at the last prompt token (``pos="last"``) or
     ``[component, batch, pos, d]`` (``"all"``); labels ``"0_pre"``, ``"0_mid"``, ..., ``"final_post"``.
     """
     n, stop = model.n_layers, _depth(model, layer)
     labels, parts = [], []
-    for l in range(min(stop + (stop < n), n)):  # TransformerLens: ``layer`` k includes k's resid_pre
+    for l in range(min(stop + 1, n)):  # ``layer`` k includes k's resid_pre
         labels.append(f"{l}_pre")
         parts.append(_read(cache, f"blocks.{l}.hook_resid_pre", pos))
         if incl_mid and l < stop:

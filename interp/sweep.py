@@ -30,8 +30,8 @@ from .io import atomic_path
 from .steering import generate_coefficients, repeat_inputs, row_scales, run_coefficients
 
 __all__ = [
-    "NoFeasibleSetting", "Sweep", "SweepContextError", "SweepResult", "check_context", "choose_setting", "generate_coefficients", "repeat_inputs",
-    "row_scales", "run_coefficients", "run_sweep", "setting_key",
+    "NoFeasibleSetting", "Sweep", "SweepContextError", "SweepResult", "check_context", "choose_setting",
+    "generate_coefficients", "repeat_inputs", "row_scales", "run_coefficients", "run_sweep", "setting_key",
 ]
 
 Record = dict[str, dict[str, Any]]
@@ -114,7 +114,8 @@ def check_context(path: Path, on_disk: dict[str, Any] | None, n_records: int, co
                 f"({want}); write this sweep elsewhere, or move the journal away")
         return
     if setting_key(on_disk) != setting_key(want):
-        diff = sorted(k for k in set(on_disk) | set(want) if setting_key({"v": on_disk.get(k)}) != setting_key({"v": want.get(k)}))
+        diff = sorted(k for k in set(on_disk) | set(want)
+                      if setting_key({"v": on_disk.get(k)}) != setting_key({"v": want.get(k)}))
         shown = "; ".join(f"{k}: journal {on_disk.get(k)!r}, this run {want.get(k)!r}" for k in diff[:6])
         raise SweepContextError(f"{path} was written by another run ({shown}); its results do not apply here: "
                                 "write this sweep to another folder, or move the journal away to start over")

@@ -217,6 +217,9 @@ def generate(model: "HookedVLM", inputs: "VLMInputs", plan: Plan, max_new_tokens
         else:
             last = max([l for fn in fns if (l := last_step(fn)) is not None] + [0])
 
+        def step_plan(step: int) -> Plan:
+            return plan if every_step or step == 0 else marked_plan(plan, step)
+
         def capture(*args: Any, **kw: Any) -> Tensor:
             # The result is caught here rather than read from tracer.result: after an
             # open-ended every-step loop nnsight runs no further statement of the body.
@@ -230,9 +233,9 @@ def generate(model: "HookedVLM", inputs: "VLMInputs", plan: Plan, max_new_tokens
             with root.trace(**model_kwargs, fn=capture, max_new_tokens=max_new_tokens, **kwargs) as tracer:
                 if last is None:
                     for step in tracer.all():
-                        apply_plan(root, plan if every_step or step == 0 else marked_plan(plan, step), inputs, step, {})
+                        apply_plan(root, step_plan(step), inputs, step, {})
                 else:
                     for step in tracer.iter[:last + 1]:
-                        apply_plan(root, plan if every_step or step == 0 else marked_plan(plan, step), inputs, step, {})
+                        apply_plan(root, step_plan(step), inputs, step, {})
                     finished.append(True)
     return box[0]

@@ -63,7 +63,7 @@ def test_out_must_be_a_folder_and_is_checked_before_any_work(tmp_path, capsys):
             build_parser().parse_args(argv)
         assert e.value.code == 2
         assert "existing file" in capsys.readouterr().err
-    assert build_parser().parse_args(["fit", "--out", str(tmp_path / "new" / "folder")]).out.endswith("folder")
+    assert build_parser().parse_args(["fit", "--out", str(tmp_path / "new" / "folder")]).out == tmp_path / "new" / "folder"
 
 
 def test_eval_artifact_refuses_a_bad_file_before_loading_any_model(tmp_path, capsys):
