@@ -1,4 +1,4 @@
-"""Training-based unlearning baselines (GA, GradDiff, KL_Min, NPO): fine-tune a copy of the model.
+"""Training-based unlearning baselines (GA, GradDiff, KL_Min, NPO, MMUnlearner): fine-tune a copy of the model.
 
 Why a copy: the paper's point is that MLLMEraser edits nothing (it is removed
 bit for bit), while these baselines change the weights.  To compare them on
@@ -7,6 +7,12 @@ vanilla model untouched; the vanilla model doubles as the frozen reference of
 KL_Min and NPO.  Tiny models are fine-tuned in full; ``lora=True`` trains
 LoRA adapters (as the paper does for 7B models) through ``peft`` and merges
 them back, so the result is again a plain model.
+
+MMUnlearner is GradDiff restricted to a weight-saliency mask (see
+:mod:`eraser.baselines.saliency`): by default it ascends on the forget people's
+*visual* questions only and keeps their text-only questions with the retain
+set (``forget_text="keep"``, the paper's reformulation); ``forget_text="forget"``
+ascends on every forget question, as the other baselines do.
 
 The learning rate is constant (no warm-up or decay) and batch order is drawn
 epoch by epoch from one seeded stream, so the model after epoch ``k`` of a
@@ -36,11 +42,14 @@ from interp.model import HookedVLM, sequence_nll
 from ..data.schema import Benchmark
 from ..evaluate import build_items
 from . import losses as L
+from . import saliency as S
 
-__all__ = ["METHODS", "Example", "unlearn", "unlearning_data", "batch_loss"]
+__all__ = ["METHODS", "FORGET_TEXT", "Example", "unlearn", "unlearning_data", "batch_loss"]
 
 #: Method names as ``results.json`` spells them, with the retain weight each uses by default.
-METHODS: dict[str, float] = {"ga": 0.0, "grad_diff": 1.0, "kl_min": 1.0, "npo": 0.0}
+METHODS: dict[str, float] = {"ga": 0.0, "grad_diff": 1.0, "kl_min": 1.0, "npo": 0.0, "mmunlearner": 1.0}
+#: What MMUnlearner does with the forget people's text-only questions: keep them (descend) or forget them (ascend).
+FORGET_TEXT = ("keep", "forget")
 _NEEDS_REF = {"kl_min", "npo"}
 
 #: LoRA targets: the language model's attention and MLP projections (the vision tower stays frozen).
@@ -131,7 +140,7 @@ def batch_loss(method: str, model: HookedVLM, reference: HookedVLM | None, forge
         parts["forget_nll"] = float(forget_nll.detach().mean())
         if method == "ga" or w == 0 or not retain:
             loss = L.ga_loss(forget_nll)
-        elif method == "grad_diff":
+        elif method in ("grad_diff", "mmunlearner"):  # MMUnlearner: GradDiff, its gradient masked in `unlearn`
             r_logits, r_labels = _forward(model, retain)
             retain_nll = sequence_nll(r_logits, r_labels)
             parts["retain_nll"] = float(retain_nll.detach().mean())
@@ -166,6 +175,40 @@ def _copy(model: HookedVLM, lora: bool, lora_rank: int, lora_alpha: float) -> tu
                              image_processor=model.image_processor), peft_model
 
 
+def _mmunlearner_rows(forget: list[Example], retain: list[Example], forget_text: str, lora: bool,
+                      weight_decay: float, threshold: float) -> tuple[list[Example], list[Example]]:
+    """MMUnlearner's (ascend, keep) rows, after checking the settings that would move masked entries."""
+    if forget_text not in FORGET_TEXT:
+        raise ValueError(f"forget_text must be one of {FORGET_TEXT}, got {forget_text!r}")
+    if lora:
+        raise ValueError("mmunlearner masks the model's own weights; it needs full fine-tuning (lora=False)")
+    if weight_decay:
+        raise ValueError("mmunlearner needs weight_decay=0: decay would move the entries its saliency mask freezes")
+    if not threshold > 0:
+        raise ValueError(f"saliency_threshold must be > 0, got {threshold!r}")
+    if forget_text == "forget":
+        return forget, retain
+    visual = [r for r in forget if r.image is not None]
+    if not visual:
+        raise ValueError("mmunlearner with forget_text='keep' ascends on the forget rows with an image, and there "
+                         "are none (pass forget_text='forget' to ascend on text-only rows)")
+    return visual, retain + [r for r in forget if r.image is None]
+
+
+def _saliency(model: HookedVLM, named: dict[str, torch.nn.Parameter], forget: list[Example], keep: list[Example],
+              batch_size: int, seed: int, threshold: float) -> dict[str, torch.Tensor]:
+    """The saliency mask: one pass over the ascent rows and one over the kept rows, answer NLL's squared grads."""
+    def loss_of(batch: list[Example]) -> torch.Tensor:
+        logits, labels = _forward(model, batch)
+        return sequence_nll(logits, labels).mean()
+
+    model.hf_model.train()
+    rng = random.Random(f"saliency:{seed}")
+    f_imp = S.squared_grad_importance(named, _batches(forget, batch_size, rng), loss_of)
+    k_imp = S.squared_grad_importance(named, _batches(keep, batch_size, rng), loss_of)
+    return S.saliency_mask(f_imp, k_imp, threshold)
+
+
 def unlearn(
     model: HookedVLM,
     method: str,
@@ -184,9 +227,11 @@ def unlearn(
     lora: bool = False,
     lora_rank: int = 8,
     lora_alpha: float = 16.0,
+    saliency_threshold: float = 1.0,
+    forget_text: str = "keep",
     on_epoch: Callable[[int, HookedVLM, dict[str, Any]], None] | None = None,
 ) -> tuple[HookedVLM, dict[str, Any]]:
-    """Unlearn ``forget`` with ``method`` in {ga, grad_diff, kl_min, npo}; returns ``(new_model, info)``.
+    """Unlearn ``forget`` with ``method`` in {ga, grad_diff, kl_min, npo, mmunlearner}; returns ``(new_model, info)``.
 
     Trains a deep copy of ``model`` (which is left bit-identical and serves as
     the frozen reference of KL_Min and NPO) with AdamW at a constant ``lr``
@@ -200,6 +245,16 @@ def unlearn(
     settings and per-step ``history`` of the loss parts.  ``on_epoch(epoch,
     model, info_so_far)`` runs after each epoch with the model in eval mode
     (``epoch`` counts from 1), e.g. to evaluate checkpoints.
+
+    ``mmunlearner`` first estimates each parameter's importance for the rows
+    it ascends on and for the rows it keeps (one pass over each, counted in
+    ``fit_s``), then trains GradDiff with every gradient entry outside
+    ``importance ratio > saliency_threshold`` zeroed, so those entries stay
+    bit-identical (``info["mask_fraction"]`` says how many may move).  The
+    rows it ascends on are the forget rows with an image; ``forget_text``
+    ("keep" or "forget") says whether the text-only forget rows join the
+    retain rows or the ascent.  It needs full fine-tuning and no weight decay
+    (either would move masked entries).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
@@ -210,6 +265,8 @@ def unlearn(
     if not forget:
         raise ValueError("nothing to forget")
     w = METHODS[method] if retain_weight is None else float(retain_weight)
+    if method == "mmunlearner":
+        forget, retain = _mmunlearner_rows(forget, retain, forget_text, lora, weight_decay, saliency_threshold)
     if w > 0 and not retain and method != "ga":
         raise ValueError(f"{method} with retain_weight {w} needs retain examples")
 
@@ -219,7 +276,8 @@ def unlearn(
     rng = random.Random(f"unlearn:{seed}")
     new, trained = _copy(model, lora, lora_rank, lora_alpha)
     reference = model if method in _NEEDS_REF else None
-    params = [p for p in trained.parameters() if p.requires_grad]
+    named = {n: p for n, p in trained.named_parameters() if p.requires_grad}
+    params = list(named.values())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     stream = _RetainStream(retain, batch_size, rng) if retain and w > 0 else None
     n_per_epoch = len(_batches(forget, batch_size, random.Random(0)))
@@ -230,6 +288,11 @@ def unlearn(
                             "history": history}
     was_training = model.hf_model.training
     try:
+        mask = None
+        if method == "mmunlearner":
+            mask = _saliency(new, named, forget, retain, batch_size, seed, saliency_threshold)
+            info.update(saliency_threshold=saliency_threshold, forget_text=forget_text,
+                        mask_fraction=S.mask_fraction(mask))
         with tqdm(total=epochs * n_per_epoch, desc=f"unlearn {method}", disable=not progress, leave=False) as bar:
             for epoch in range(1, epochs + 1):
                 new.hf_model.train()
@@ -238,6 +301,8 @@ def unlearn(
                     loss, parts = batch_loss(method, new, reference, batch, r_batch, beta, w)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    if mask is not None:
+                        S.mask_gradients(named, mask)
                     if grad_clip:
                         torch.nn.utils.clip_grad_norm_(params, grad_clip)
                     opt.step()

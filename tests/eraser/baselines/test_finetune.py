@@ -45,7 +45,8 @@ def test_trains_a_copy_and_leaves_the_original_bit_identical(tiny_llava, method)
     assert tiny_llava.hf_model.training == mode
     assert new.hf_model is not tiny_llava.hf_model and not new.hf_model.training
     assert not _same(before, _state(new))
-    assert info["steps"] == 4 and len(info["history"]) == 4 and info["fit_s"] > 0
+    steps = 2 if method == "mmunlearner" else 4  # MMUnlearner ascends on the one forget row with an image
+    assert info["steps"] == steps and len(info["history"]) == steps and info["fit_s"] > 0
     assert info["method"] == method and info["retain_weight"] == METHODS[method]
 
 
@@ -83,6 +84,37 @@ def test_bad_arguments(tiny_llava):
         unlearn(tiny_llava, "grad_diff", FORGET, [], lr=1e-3, epochs=1, batch_size=2)
     with pytest.raises(ValueError):
         unlearn(tiny_llava, "ga", [], RETAIN, lr=1e-3, epochs=1, batch_size=2)
+
+
+def test_mmunlearner_moves_only_the_salient_entries(tiny_llava):
+    before = _state(tiny_llava)
+    new, info = unlearn(tiny_llava, "mmunlearner", FORGET, RETAIN, lr=1e-2, epochs=3, batch_size=2,
+                        progress=False, saliency_threshold=1.0)
+    assert info["forget_text"] == "keep" and info["n_forget"] == 1 and info["n_retain"] == len(RETAIN) + 2
+    after = _state(new)
+    changed = sum(int((before[k] != after[k]).sum()) for k in before)
+    total = sum(v.numel() for v in before.values())
+    # Entries outside the mask get a zero gradient and, without weight decay, no Adam update: they stay bit-identical.
+    assert 0 < info["mask_fraction"] < 1
+    assert 0 < changed <= info["mask_fraction"] * total
+    strict, strict_info = unlearn(tiny_llava, "mmunlearner", FORGET, RETAIN, lr=1e-2, epochs=3, batch_size=2,
+                                  progress=False, saliency_threshold=100.0)
+    n_strict = sum(int((before[k] != _state(strict)[k]).sum()) for k in before)
+    assert strict_info["mask_fraction"] < info["mask_fraction"] and n_strict < changed  # a higher threshold frees fewer
+    assert _same(before, _state(tiny_llava))
+
+
+def test_mmunlearner_bad_settings(tiny_llava):
+    for kwargs, match in [({"lora": True}, "full fine-tuning"), ({"weight_decay": 0.01}, "weight_decay"),
+                          ({"forget_text": "drop"}, "forget_text"), ({"saliency_threshold": 0}, "saliency")]:
+        with pytest.raises(ValueError, match=match):
+            unlearn(tiny_llava, "mmunlearner", FORGET, RETAIN, lr=1e-3, epochs=1, batch_size=2, **kwargs)
+    text_only = [r for r in FORGET if r[0] is None]
+    with pytest.raises(ValueError, match="with an image"):
+        unlearn(tiny_llava, "mmunlearner", text_only, RETAIN, lr=1e-3, epochs=1, batch_size=2)
+    _, info = unlearn(tiny_llava, "mmunlearner", text_only, RETAIN, lr=1e-3, epochs=1, batch_size=2,
+                      forget_text="forget", progress=False)
+    assert info["n_forget"] == 2 and info["steps"] == 1
 
 
 def test_lora_trains_adapters_only_and_merges(tiny_llava):
@@ -139,6 +171,25 @@ def test_retain_terms_keep_retain_nll_closer_to_its_start_than_ga(quick):
     assert all(v > 0.3 for v in forgot.values()), forgot
     assert drift["grad_diff"] < drift["ga"] and drift["kl_min"] < drift["ga"], drift
     assert forgot["ga"] > forgot["grad_diff"]  # the retain term also brakes forgetting: the trade-off the paper reports
+
+
+def test_mmunlearner_forgets_the_visual_questions_and_keeps_the_rest(quick):
+    """The paper's reformulation on the quick model: ascend on the forget people's questions with an image,
+    keep their text-only questions and the retain set.  Measured (lr 1e-3, 3 epochs, 2 threads, AMD EPYC): NLL
+    of the forget visual answers 0.001 -> 0.20, forget text 0.0004 -> 0.00, held-out retain 0.002 -> 0.00, with
+    6.6 % of the entries free to move; GA at the same setting: 5.7 / 5.2 / 1.14 (it forgets everything and wrecks
+    retain)."""
+    model, bench, _ = quick
+    forget, retain = unlearning_data(bench)
+    visual, text = [r for r in forget if r.image is not None], [r for r in forget if r.image is None]
+    held, train = retain[::7], [r for i, r in enumerate(retain) if i % 7]
+    v0, t0, r0 = _mean_nll(model, visual), _mean_nll(model, text), _mean_nll(model, held)
+    new, info = unlearn(model, "mmunlearner", forget, train, lr=1e-3, epochs=3, batch_size=16, progress=False)
+    v1, t1, r1 = _mean_nll(new, visual), _mean_nll(new, text), _mean_nll(new, held)
+    assert 0.01 < info["mask_fraction"] < 0.3, info["mask_fraction"]
+    assert v1 - v0 > 0.1, (v0, v1)
+    assert t1 - t0 < 0.05 and r1 - r0 < 0.05, (t0, t1, r0, r1)
+    assert v1 - v0 > 5 * max(t1 - t0, r1 - r0, 0.0)
 
 
 # ----------------------------------------------------------------------------- the hyper-parameter sweep
