@@ -46,6 +46,8 @@ class VLMInputs:
     prompts: list[str] = field(default_factory=list)
     n_images: list[int] = field(default_factory=list)
     labels: Optional[Int[Tensor, "batch pos"]] = None
+    #: pass ``mm_token_type_ids`` (1 at image tokens) with images: the adapter's ``token_types`` (Qwen2.5-VL)
+    token_types: bool = False
 
     @property
     def answer_mask(self) -> Optional[Bool[Tensor, "batch pos"]]:
@@ -53,8 +55,16 @@ class VLMInputs:
         return None if self.labels is None else self.labels[:, 1:] != -100
 
     def model_kwargs(self) -> dict[str, Tensor]:
-        """Keyword arguments to pass straight to ``hf_model(**kwargs)`` or ``hf_model.generate(**kwargs)``."""
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.image_kwargs}
+        """Keyword arguments to pass straight to ``hf_model(**kwargs)`` or ``hf_model.generate(**kwargs)``.
+
+        For an architecture with ``token_types`` (Qwen2.5-VL), a batch with images also carries
+        ``mm_token_type_ids``, derived from ``image_mask`` here so that row selections and repeats of the
+        batch keep it consistent: the model needs it to give image tokens their 3-D rope positions.
+        """
+        kwargs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.image_kwargs}
+        if self.token_types and self.image_kwargs:
+            kwargs["mm_token_type_ids"] = self.image_mask.long()
+        return kwargs
 
     @property
     def batch_size(self) -> int:
@@ -255,4 +265,5 @@ def encode_batch(
         prompts=texts,
         n_images=[len(r) for r in rows_imgs],
         labels=labels,
+        token_types=adapter.token_types,
     )

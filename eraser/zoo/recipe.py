@@ -24,6 +24,10 @@ from typing import Any, Mapping
 
 #: Bump when the training code changes what a given recipe trains (invalidates every cached checkpoint).
 CODE_VERSION = "zoo-5"
+#: Per-architecture changes to what training produces, in the hash of that architecture's recipes only (so a
+#: change that cannot affect the other architecture does not retrain its cached models).  ``mrope-1``: Qwen2.5-VL
+#: batches carry ``mm_token_type_ids``, so image tokens get their 3-D rope positions (before, 1-D positions).
+ARCH_CODE_VERSION: dict[str, str] = {"qwen2_5_vl": "mrope-1"}
 
 ARCHS = ("llava", "qwen2_5_vl")
 
@@ -273,8 +277,12 @@ class Recipe:
         return cls.from_dict(json.loads(text))
 
     def hash(self, length: int = 16) -> str:
-        """Stable sha256 over the recipe's JSON and :data:`CODE_VERSION` (hex, first ``length`` chars)."""
-        payload = json.dumps({"code_version": CODE_VERSION, "recipe": self.to_dict()}, sort_keys=True)
+        """Stable sha256 over the recipe's JSON, :data:`CODE_VERSION` and the architecture's entry of
+        :data:`ARCH_CODE_VERSION` if it has one (hex, first ``length`` chars)."""
+        code = {"code_version": CODE_VERSION}
+        if self.arch in ARCH_CODE_VERSION:
+            code["arch_code_version"] = ARCH_CODE_VERSION[self.arch]
+        payload = json.dumps({**code, "recipe": self.to_dict()}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:length]
 
     def describe(self) -> str:

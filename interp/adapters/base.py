@@ -152,6 +152,9 @@ class ArchAdapter:
     with the same numbers (plain 1-D positions); Qwen2.5-VL's 3-D rope positions
     are rebuilt from the whole prompt, so it declares False
     (:func:`interp.steering.run_coefficients` with ``shared_prefix``).
+    ``token_types`` says whether the model reads image positions from
+    ``mm_token_type_ids`` (Qwen2.5-VL's M-RoPE), which
+    :meth:`~interp.inputs.VLMInputs.model_kwargs` then derives from the image mask.
     """
 
     name: str
@@ -167,6 +170,9 @@ class ArchAdapter:
     image_token_id: Callable[[Any], int]
     vision_batched: bool = True
     continues_from_cache: bool = True
+    # whether the model needs ``mm_token_type_ids`` (1 at image tokens) to give image tokens their 3-D rope
+    # positions: without it Qwen2.5-VL silently falls back to 1-D positions for every token
+    token_types: bool = False
     # prompt formatting and image handling, see interp.inputs
     chat_template: Callable[[str, int], str] = field(default=lambda p, n: p)
     image_placeholder: str = "<image>"

@@ -5,6 +5,11 @@ sequence in window-permuted order, so vision caches have no batch dimension.
 ``projector.hook_out`` is read from the vision tower's ``pooler_output`` (the
 merged features after the window permutation is undone), which is exactly
 what the model scatters into the image-token positions.
+
+Image tokens take 3-D (temporal, height, width) rope positions, which the
+model only computes when it is given ``mm_token_type_ids`` (its processor's
+default); without them every token gets 1-D positions, silently.  The adapter
+declares ``token_types`` so every encoded batch carries them.
 """
 from __future__ import annotations
 
@@ -65,6 +70,7 @@ QWEN2_5_VL = register(
         image_token_id=lambda config: config.image_token_id,
         vision_batched=False,
         continues_from_cache=False,
+        token_types=True,
         chat_template=_chat,
         image_placeholder="<|image_pad|>",
         preprocess_images=_preprocess,

@@ -88,3 +88,38 @@ def test_multiple_images_per_row(tiny_llava):
     img = Image.new("RGB", (32, 32), (10, 20, 30))
     inputs = tiny_llava.encode(images=[[img, img], None], prompts=["compare them", "hi"])
     assert inputs.image_mask[0].sum().item() == 32 and inputs.image_mask[1].sum().item() == 0
+
+
+def test_qwen_image_tokens_get_their_3d_rope_positions(tiny_qwen, tiny_llava):
+    """Qwen2.5-VL computes its (temporal, height, width) image positions only when given ``mm_token_type_ids``;
+    without them every token silently gets 1-D positions.  The encoded batch carries them, so interp's forward
+    equals one with the 3-D positions passed explicitly, and differs from the 1-D fallback."""
+    import copy
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (64, 40, 3), dtype=np.uint8))  # a non-square grid
+    model = copy.deepcopy(tiny_qwen)
+    with torch.no_grad():  # sharper attention, as a trained model has, so positions matter visibly
+        for layer in model.hf_model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(4)
+            layer.self_attn.k_proj.weight.mul_(4)
+    inputs = model.encode(images=[img, None], prompts=["who is this person ?", "who is ada lovelace ?"])
+    kw = inputs.model_kwargs()
+    assert torch.equal(kw["mm_token_type_ids"], inputs.image_mask.long())
+    pos, deltas = model.hf_model.model.get_rope_index(
+        inputs.input_ids, image_grid_thw=kw["image_grid_thw"], attention_mask=inputs.attention_mask,
+        mm_token_type_ids=kw["mm_token_type_ids"])
+    assert int(deltas[0]) < 0 and int(deltas[1]) == 0  # the image row's text positions are shifted back
+    real = inputs.attention_mask.bool()
+    with torch.no_grad():
+        ours = model.run_with_hooks(inputs, [])
+        plain = {k: v for k, v in kw.items() if k != "mm_token_type_ids"}
+        explicit = model.hf_model(**plain, position_ids=pos).logits
+        model.hf_model.model.rope_deltas = None
+        fallback = model.hf_model(**plain).logits
+        model.hf_model.model.rope_deltas = None
+    assert torch.allclose(ours[real], explicit[real], atol=1e-5)
+    assert (ours[0][real[0]] - fallback[0][real[0]]).abs().max() > 1e-2
+    assert torch.allclose(ours[1][real[1]], fallback[1][real[1]], atol=1e-5)  # text-only rows: 1-D either way
+    assert "mm_token_type_ids" not in model.encode(prompts=["who is ada lovelace ?"]).model_kwargs()
+    assert "mm_token_type_ids" not in tiny_llava.encode(images=[img], prompts=["who ?"]).model_kwargs()
