@@ -309,10 +309,19 @@ def check_aligned(clean_inputs: VLMInputs, corrupted_inputs: VLMInputs) -> None:
 
     Why more than the shape: with left padding, two prompts of different token lengths padded to one width
     have the same shape but their tokens sit at different positions, so a patch would write a pad token's
-    activation where the other run has a real one, silently.
+    activation where the other run has a real one, silently.  Likewise two Qwen2.5-VL images with the same
+    token count but different patch grids (8 x 8 and 4 x 16): their image grids must be equal.
     """
     check_layout("clean", clean_inputs.image_mask, clean_inputs.attention_mask.bool(),
                  "corrupted", corrupted_inputs.image_mask, corrupted_inputs.attention_mask.bool())
+    a, b = clean_inputs.image_kwargs.get("image_grid_thw"), corrupted_inputs.image_kwargs.get("image_grid_thw")
+    if a is not None and b is not None and not torch.equal(a.cpu(), b.cpu()):
+        bad = [i for i, (x, y) in enumerate(zip(a.tolist(), b.tolist())) if x != y] if a.shape == b.shape else []
+        raise ValueError(
+            f"clean and corrupted images have different patch grids (image_grid_thw {a.tolist()} vs {b.tolist()}"
+            + (f", image(s) {bad}" if bad else "") + "): the same number of image tokens in another layout, so "
+            "a patch would move vision activations between different places and rope positions; resize the "
+            "images to the same size")
 
 
 def check_layout(a: str, a_image: Tensor, a_real: Tensor, b: str, b_image: Tensor, b_real: Tensor) -> None:

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from interp import ActivationCache
 from interp.patching import PatchResult, answer_logprob, logit_diff, patch_from_run, patch_hooks, patch_sites
@@ -235,3 +236,22 @@ def test_rows_padded_differently_are_refused_not_patched_out_of_line(tiny_llava)
     assert res.patched["hook_embed"] == pytest.approx(res.rows["hook_embed"][0] * 0.5 + res.rows["hook_embed"][1] * 0.5)
     clean_logits = tiny_llava.run_with_hooks(clean2, [])
     assert res.patched["hook_embed"] == pytest.approx(float(metric(clean_logits, clean2).mean()), abs=1e-5)
+
+
+def test_qwen_images_with_other_patch_grids_are_refused(tiny_qwen):
+    """Two Qwen2.5-VL images with the same token count in different grids (8 x 8 vs 4 x 16 patches) line up
+    token by token, but a patch would move vision activations between different places (measured before the
+    check: effect 0.92 at vision.hook_embed); same-size images still patch."""
+    rng = np.random.default_rng(0)
+    square = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    wide = Image.fromarray(rng.integers(0, 255, (16, 64, 3), dtype=np.uint8))
+    clean = tiny_qwen.encode(images=[square], prompts=["who is this"])
+    corrupt = tiny_qwen.encode(images=[wide], prompts=["who is this"])
+    g_clean, g_corrupt = clean.image_kwargs["image_grid_thw"], corrupt.image_kwargs["image_grid_thw"]
+    assert int(clean.image_mask.sum()) == int(corrupt.image_mask.sum()) and not torch.equal(g_clean, g_corrupt)
+    with pytest.raises(ValueError, match="different patch grids"):
+        patch_sites(tiny_qwen, clean, corrupt, ["vision.hook_embed"], logit_diff(5, 9))
+    other = tiny_qwen.encode(images=[Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))],
+                             prompts=["who is this"])
+    res = patch_sites(tiny_qwen, clean, other, ["vision.hook_embed"], logit_diff(5, 9))
+    assert math.isfinite(res.patched["vision.hook_embed"])
