@@ -70,31 +70,54 @@ def _read_records(path: Path, repair: bool) -> list[Record]:
 def _read_journal(path: Path, repair: bool) -> tuple[dict[str, Any] | None, list[Record]]:
     """Parse a journal: its context (a first line ``{"context": {...}}``, or None) and its records.
 
-    A last line without its newline is a crash mid-write and is dropped (and cut off if ``repair``).
+    A last line without its newline that does not parse is a crash mid-write: it is dropped (and cut off if
+    ``repair``); one that parses is a complete record whose newline is missing (a hand-written file): it is
+    kept (and its newline written if ``repair``).  A file that is not a journal (not UTF-8 text, or a line
+    that is not a JSON record) is an error naming it, checked before anything is written to it.
     """
     if not path.exists():
         return None, []
     data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data) and repair:
-        with open(path, "r+b") as f:
-            f.truncate(end)
-            f.flush()
-            os.fsync(f.fileno())
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a sweep journal (not UTF-8 text; a journal is JSON lines)") from None
+    lines = text.split("\n")
+    tail = lines.pop()  # "" when the file ends with its newline
+    complete = None
+    if tail.strip():
+        try:
+            complete = json.loads(tail)
+        except json.JSONDecodeError:
+            if not tail.lstrip().startswith("{"):
+                raise ValueError(f"{path} is not a sweep journal: its last line {tail[:60]!r} is not a JSON "
+                                 "record") from None
+        if complete is not None:
+            lines.append(tail)
     records, context = [], None
-    for i, raw in enumerate(data[:end].decode("utf-8").splitlines(), 1):
+    for i, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
         try:
             rec = json.loads(raw)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: corrupt sweep record ({e}); only the last line may be partial") from None
+            raise ValueError(f"{path}:{i}: not a sweep record ({e}); a journal is JSON lines, and only its last "
+                             "line may be partial") from None
         if i == 1 and isinstance(rec, dict) and set(rec) == {"context"} and isinstance(rec["context"], dict):
             context = rec["context"]
             continue
         if not (isinstance(rec, dict) and isinstance(rec.get("setting"), dict) and isinstance(rec.get("result"), dict)):
             raise ValueError(f"{path}:{i}: expected {{'setting': {{...}}, 'result': {{...}}}}, got {raw[:80]!r}")
         records.append(rec)
+    if repair and tail.strip():
+        with open(path, "r+b") as f:
+            if complete is not None:
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
+            else:
+                f.truncate(data.rfind(b"\n") + 1)
+            f.flush()
+            os.fsync(f.fileno())
     return context, records
 
 
@@ -238,7 +261,10 @@ class SweepResult:
     @classmethod
     def load(cls, path: str | Path) -> "SweepResult":
         """Read a journal; a partial last line (a crash mid-write) is ignored, the file is left untouched."""
-        return cls(_read_records(Path(path), repair=False))
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no sweep journal at {path}")
+        return cls(_read_records(path, repair=False))
 
 
 def _hashable(v: Any) -> Any:

@@ -76,8 +76,34 @@ def test_partial_last_line_is_dropped_and_redone(tmp_path):
 def test_corrupt_middle_line_is_an_error(tmp_path):
     path = tmp_path / "s.jsonl"
     path.write_text('{"setting": {}, "result": {}}\nnot json\n{"setting": {}, "result": {}}\n')
-    with pytest.raises(ValueError, match=":2: corrupt"):
+    with pytest.raises(ValueError, match=":2: not a sweep record"):
         Sweep(path)
+
+
+def test_a_file_that_is_not_a_journal_is_refused_and_left_intact(tmp_path):
+    """Opening another file as a journal must not cut it down: before, a safetensors file given as a sweep
+    path was truncated to 0 bytes, and a hand-written journal without a final newline lost its last record."""
+    binary = tmp_path / "eraser.safetensors"
+    binary.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}\xff\xfe" + bytes(range(256)))
+    before = binary.read_bytes()
+    for open_it in (lambda: Sweep(binary), lambda: run_sweep(GRID[:1], metrics, binary, progress=False),
+                    lambda: SweepResult.load(binary)):
+        with pytest.raises(ValueError, match="not a sweep journal"):
+            open_it()
+        assert binary.read_bytes() == before
+    text = tmp_path / "notes.txt"
+    text.write_text("layer sweep notes\nto do")
+    with pytest.raises(ValueError, match="not a sweep journal"):
+        Sweep(text)
+    assert text.read_text() == "layer sweep notes\nto do"
+    hand = tmp_path / "hand.jsonl"
+    hand.write_text("\n".join(json.dumps({"setting": g, "result": metrics(g)}) for g in GRID[:3]))  # no final newline
+    assert len(SweepResult.load(hand)) == 3
+    c = Counter()
+    assert len(run_sweep(GRID[:4], c, hand, progress=False)) == 4 and c.calls == GRID[3:4]
+    assert len(hand.read_text().splitlines()) == 4 and hand.read_text().endswith("\n")
+    with pytest.raises(FileNotFoundError, match="no sweep journal"):
+        SweepResult.load(tmp_path / "missing.jsonl")
 
 
 def test_evaluate_batch_called_once_per_group(tmp_path):
