@@ -150,11 +150,16 @@ def final_norm_scale(model: "HookedVLM", resid: Float[Tensor, "... d_model"]) ->
     norm = get_module(model.hf_model, model.adapter.final_norm)
     w = norm.weight.detach().float()
     x = resid.detach().float()
+    rtol = 1e-4
     with torch.no_grad():
-        y = norm(resid.to(norm.weight.dtype)).float()
+        try:  # an RMSNorm computes in float32 anyway: a float32 input keeps bf16/fp16 rounding out of the check
+            y = norm(x).float()
+        except RuntimeError:  # a module that insists on its own dtype: check to that dtype's precision
+            y = norm(resid.to(norm.weight.dtype)).float()
+            rtol = max(rtol, 8 * torch.finfo(norm.weight.dtype).eps)
     wx = w * x
     scale = (y * wx).sum(-1) / (wx * wx).sum(-1).clamp_min(1e-30)
-    if not torch.allclose(y, scale[..., None] * wx, atol=1e-4 * float(y.abs().max()) + 1e-6):
+    if not torch.allclose(y, scale[..., None] * wx, atol=rtol * float(y.abs().max()) + 1e-6):
         raise NotImplementedError("the final norm is not an RMSNorm (y != scale * w * x): it is not linear per vector")
     return scale
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from interp import HookedVLM
 from interp.attribution import attribution_names, logit_attribution
 from interp.lens import (accumulated_resid, apply_ln_to_stack, decompose_names, decompose_resid, final_norm_scale,
                          lens_names, logit_lens, unembed)
@@ -142,3 +143,29 @@ def test_incl_mid_error_names_the_call_that_caches_it(tiny_llava):
     with pytest.raises(ValueError, match=r"lacks 'blocks.0.hook_resid_mid'.*lens_names\(model, incl_mid=True\)"):
         accumulated_resid(tiny_llava, cache, incl_mid=True)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_attribute_too(tiny_model, two_prompts, dtype):
+    """A 7B model is loaded in bf16/fp16: the frozen-norm scale and the attribution work there (they raised
+    "not an RMSNorm" before, the check's tolerance being below half-precision rounding) and agree with the
+    float32 model's to half precision."""
+    import copy
+
+    images, prompts = two_prompts
+    half = HookedVLM.from_hf(copy.deepcopy(tiny_model.hf_model).to(dtype), tokenizer=tiny_model.tokenizer,
+                             image_processor=tiny_model.image_processor)
+    inputs = tiny_model.encode(images=[images[0], None], prompts=prompts)
+    x = torch.randn(3, tiny_model.d_model)
+    assert torch.allclose(final_norm_scale(half, x.to(dtype)), final_norm_scale(tiny_model, x.to(dtype).float()),
+                          rtol=1e-3)
+    atts = []
+    for m in (tiny_model, half):
+        _, cache = m.run_with_cache(inputs, names=attribution_names(m) + decompose_names(m))
+        atts.append(logit_attribution(m, cache, good=5, bad=9))
+    full, low = atts
+    assert low.labels == full.labels
+    scale = float(full.values.abs().max())
+    assert float((low.values.float() - full.values.float()).abs().max()) < 0.05 * scale
+    normed = apply_ln_to_stack(half, cache, decompose_resid(half, cache))
+    assert normed.dtype == torch.float32 and torch.isfinite(normed).all()
