@@ -97,8 +97,20 @@ class EraserConfig:
             raise ValueError(f"site must be 'resid_pre' or 'resid_post', got {self.site!r}")
         if self.gate_read not in READS:
             raise ValueError(f"gate_read must be one of {READS} ('last' is the paper's h_T), got {self.gate_read!r}")
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if self.layers is not None:
+            try:
+                layers = tuple(int(l) for l in self.layers)  # also accepts a list or the JSON list an artifact stores
+            except (TypeError, ValueError):
+                raise ValueError(f"layers must be decoder layer indices, got {self.layers!r}") from None
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"layers {list(self.layers)} repeat a layer; each layer is steered once")
+            object.__setattr__(self, "layers", layers)
+        if not isinstance(self.every_step, bool):
+            raise ValueError(f"every_step must be True or False, got {self.every_step!r}")
+        if isinstance(self.strength, (str, bool)):
+            raise ValueError(f"strength must be a finite number, got {self.strength!r}")
         try:
             strength = float(self.strength)  # also a numpy or 0-d torch scalar from a strength search
         except (TypeError, ValueError):
@@ -141,13 +153,17 @@ class EraserConfig:
                 raise ValueError(f"gate_stack must be distinct layer indices >= 0 in increasing order, "
                                  f"got {self.gate_stack!r}")
             object.__setattr__(self, "gate_stack", stack)
-        if not isinstance(self.answer_steps, int) or self.answer_steps < 0:
+        if isinstance(self.answer_steps, bool) or not isinstance(self.answer_steps, int) or self.answer_steps < 0:
             raise ValueError(f"answer_steps must be an integer >= 0, got {self.answer_steps!r}")
         if self.answer_steps and not self.answer_prefix.strip():
             raise ValueError("answer_steps needs an answer_prefix (the refusal's first word, e.g. 'I')")
 
     def hook_name(self, layer: int) -> str:
         return f"blocks.{layer}.hook_{self.site}"
+
+
+#: The :class:`EraserConfig` fields that only say how fitted gates are applied (:meth:`MLLMEraser.with_config`).
+APPLICATION_FIELDS = frozenset({"strength", "every_step", "gate_window", "answer_steps", "batch_size"})
 
 
 def _finite_float(value: Any, name: str) -> float:
@@ -492,7 +508,9 @@ class MLLMEraser:
         if path.is_dir():
             path = path / "eraser.safetensors"
         try:
-            tensors = load_file(str(path))
+            # cloned: safetensors hands back tensors at addresses a matmul kernel treats differently (measured:
+            # steered logits 2-4e-7 off a fresh fit's), and "equal digests steer identically" is a promise
+            tensors = {k: v.clone() for k, v in load_file(str(path)).items()}
             from safetensors import safe_open
 
             with safe_open(str(path), "pt") as f:
@@ -527,6 +545,9 @@ class MLLMEraser:
             config = EraserConfig(**cfg)
         except (TypeError, ValueError) as e:  # an unknown field, or a value the config refuses
             raise ArtifactError(f"{path}: its metadata holds a config this version cannot use ({e})") from None
+        if len(set(layers)) != len(layers) or (config.layers is not None and list(config.layers) != list(layers)):
+            raise ArtifactError(f"{path}: its steered layers {layers} and its config's layers "
+                                f"{None if config.layers is None else list(config.layers)} disagree (or repeat)")
         eraser = cls(layers=list(layers), w=tensors["w"], d=tensors["d"], config=config,
                      fingerprint=fp, info=meta.get("info", {}), d_answer=tensors.get("d_answer"))
         w, dd, n = eraser.w, eraser.d, len(eraser.layers)
@@ -570,5 +591,21 @@ class MLLMEraser:
         return replace(self, w=self.w * f, info=info)
 
     def with_config(self, **changes: Any) -> "MLLMEraser":
-        """The same fitted gates with other application settings (e.g. strength)."""
+        """The same fitted gates with other application settings: ``strength``, ``every_step``,
+        ``gate_window``, ``answer_steps`` (0 to drop answer steering, or another count when it was fitted)
+        and ``batch_size``.
+
+        Why only those: every other field (layers, site, gate_read, rho / energy / gamma, the null space,
+        concept gates, the stack, the answer prefix) decides what the gates and directions *are*; changing it
+        here would keep the fitted tensors while the config, and so a saved artifact, claimed otherwise (e.g.
+        ``layers=(1,)`` still steered every fitted layer).  Refit with :meth:`fit` or :meth:`from_stats`.
+        """
+        fit_time = sorted(set(changes) - APPLICATION_FIELDS)
+        if fit_time:
+            raise ValueError(f"with_config() changes application settings only ({sorted(APPLICATION_FIELDS)}); "
+                             f"{fit_time} decide what was fitted: refit with MLLMEraser.fit or from_stats "
+                             "(from FitStats, the solve alone takes milliseconds)")
+        if changes.get("answer_steps") and self.d_answer is None:
+            raise ValueError("answer_steps > 0 needs answer directions, and this eraser was fitted without them "
+                             "(fit with EraserConfig(answer_steps=...))")
         return replace(self, config=replace(self.config, **changes))

@@ -281,7 +281,10 @@ class HookedVLM:
             try:
                 yield self
             finally:
-                del self._persistent[len(self._persistent) - len(added):]
+                # each block removes exactly its own entries (these tuple objects), also when blocks exit out
+                # of order (two erasers attached, the first detached first), not the last len(added) entries
+                mine = {id(e) for e in added}
+                self._persistent[:] = [e for e in self._persistent if id(e) not in mine]
         else:
             raise ValueError(f"unknown hook backend {backend!r}; use 'torch' or 'nnsight'")
 

@@ -1,6 +1,8 @@
 """Stacked gates (``EraserConfig.gate_stack``): one gate over several layers' reads, applied in one causal pass."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -130,7 +132,8 @@ def test_stacked_artifacts_round_trip_and_bad_shapes_are_refused(stacked, tiny_l
     back = MLLMEraser.load(eraser.save(tmp_path / "s.safetensors"), tiny_llava)
     assert back.config.gate_stack == (1, 2) and torch.equal(back.w, eraser.w)
     torch.testing.assert_close(back.gate_values(tiny_llava, forget[:3]), eraser.gate_values(tiny_llava, forget[:3]))
-    eraser.with_config(gate_stack=(0, 1, 2)).save(tmp_path / "bad.safetensors")  # 3 layers' width claimed
+    bad = replace(eraser, config=replace(eraser.config, gate_stack=(0, 1, 2)))  # 3 layers' width claimed
+    bad.save(tmp_path / "bad.safetensors")
     with pytest.raises(ArtifactError, match="stacked over 3 layers"):
         MLLMEraser.load(tmp_path / "bad.safetensors")
     s = eraser.scaled([2.0])

@@ -118,6 +118,38 @@ def test_save_load_round_trip(fitted, tiny_llava, tmp_path):
     assert torch.equal(tiny_llava.run_with_hooks(inputs, eraser.hooks()), tiny_llava.run_with_hooks(inputs, loaded.hooks()))
 
 
+def test_with_config_changes_application_settings_only(fitted, tiny_llava, tmp_path):
+    """Fit-time fields would keep the fitted tensors under a config (and an artifact) claiming otherwise:
+    before, with_config(layers=(1,)) still steered layers 1 and 2, and site="resid_post" moved directions fitted
+    at resid_pre.  They are refused; application settings still change."""
+    eraser, forget, _ = fitted
+    for change in ({"layers": (1,)}, {"site": "resid_post"}, {"gate_read": "mean"}, {"gamma": 100.0},
+                   {"rho": 0.9}, {"use_null_space": False}, {"concept_gates": True}, {"gate_stack": (1, 2)}):
+        with pytest.raises(ValueError, match="application settings only"):
+            eraser.with_config(**change)
+    with pytest.raises(ValueError, match="fitted without them"):
+        eraser.with_config(answer_steps=2)
+    weaker = eraser.with_config(strength=-1.0, every_step=True, gate_window=(0.2, 0.8), batch_size=4)
+    assert weaker.config.strength == -1.0 and weaker.w is eraser.w and eraser.config.strength == -4.0
+    # an artifact whose config's layers disagree with its steered layers is refused at load
+    replace(eraser, config=replace(eraser.config, layers=(1,))).save(tmp_path / "bad.safetensors")
+    with pytest.raises(ArtifactError, match="disagree"):
+        MLLMEraser.load(tmp_path / "bad.safetensors")
+
+
+def test_config_refuses_repeated_layers_and_wrong_types(tiny_llava):
+    """layers=(1, 2, 2) fitted 3 gate rows while the hooks (one per layer) indexed them by position, so a
+    later layer was steered with another layer's gate and direction; now refused, as are other wrong types."""
+    with pytest.raises(ValueError, match="repeat a layer"):
+        EraserConfig(layers=(1, 2, 2))
+    assert EraserConfig(layers=[2, 1]).layers == (2, 1)  # a list is stored as a tuple: the config stays hashable
+    hash(EraserConfig(layers=[1, 2]))
+    for bad in ({"batch_size": 2.5}, {"batch_size": True}, {"strength": "-1"}, {"answer_steps": True},
+                {"every_step": 1}, {"layers": ("a",)}):
+        with pytest.raises(ValueError):
+            EraserConfig(**bad)
+
+
 def test_load_refuses_other_models(fitted, tmp_path):
     from interp.tiny import tiny_vlm
 
@@ -459,7 +491,8 @@ def test_concept_gates_fit_one_gate_per_concept_and_steer_by_the_max(fitted_conc
     # round trip, and a rank-one artifact claiming per-concept gates is refused
     back = MLLMEraser.load(eraser.save(tmp_path / "c.safetensors"), tiny_llava)
     assert torch.equal(back.w, eraser.w) and back.config.concept_gates
-    fitted[0].with_config(concept_gates=True).save(tmp_path / "bad.safetensors")
+    rank_one = fitted[0]
+    replace(rank_one, config=replace(rank_one.config, concept_gates=True)).save(tmp_path / "bad.safetensors")
     with pytest.raises(ArtifactError, match="per-concept"):
         MLLMEraser.load(tmp_path / "bad.safetensors")
 

@@ -56,6 +56,28 @@ def test_hooks_are_removed_on_error(tiny_llava):
     assert not tiny_llava.hf_model.model.language_model.layers[0]._forward_pre_hooks
 
 
+@pytest.mark.parametrize("backend", ["torch", "nnsight"])
+def test_blocks_detached_out_of_order_remove_their_own_hooks(tiny_llava, backend):
+    """Enter A, enter B, exit A: B's hooks alone remain (the nnsight backend used to drop the last entries,
+    i.e. B's, and keep A's)."""
+    import contextlib
+
+    inputs = tiny_llava.encode(prompts=["who is he"])
+    a = [("blocks.0.hook_resid_pre", lambda x, c: x + 1.0)]
+    b = [("blocks.1.hook_resid_pre", lambda x, c: x * 0.5)]
+    vanilla = tiny_llava.run_with_hooks(inputs, [])
+    only_b = tiny_llava.run_with_hooks(inputs, b)
+    outer, inner = contextlib.ExitStack(), contextlib.ExitStack()
+    outer.enter_context(tiny_llava.hooks(a, backend=backend))
+    inner.enter_context(tiny_llava.hooks(b, backend=backend))
+    outer.close()
+    try:
+        assert torch.equal(tiny_llava.run_with_hooks(inputs, []), only_b)
+    finally:
+        inner.close()
+    assert torch.equal(tiny_llava.run_with_hooks(inputs, []), vanilla)
+
+
 def test_unknown_backend_and_names_fail_before_attaching(tiny_llava):
     with pytest.raises(ValueError, match="backend"):
         with tiny_llava.hooks([("blocks.0.hook_resid_pre", lambda x, c: x)], backend="jax"):
