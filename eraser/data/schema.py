@@ -30,6 +30,25 @@ class ClassificationQ:
     answer: str
     modality: Modality
 
+    def __post_init__(self) -> None:
+        # Checked here because a wrong answer field is scored as a wrong answer on every question: forget
+        # accuracy 0, which looks like perfect unlearning.
+        _check_modality(self.modality, self.question)
+        keys = list(self.options)
+        if len(keys) < 2 or not all(isinstance(k, str) and len(k) == 1 and "A" <= k <= "Z" for k in keys):
+            raise ValueError(f"classification question {self.question[:60]!r}: options must map at least two "
+                             f"upper-case letters to answers, got keys {keys}")
+        if self.answer not in self.options:
+            hint = [k for k, v in self.options.items() if str(v).strip().lower() == str(self.answer).strip().lower()]
+            raise ValueError(f"classification question {self.question[:60]!r}: answer {self.answer!r} is not one of "
+                             f"its option letters {keys}" + (f" (it is the text of option {hint[0]}: pass "
+                                                             f"{hint[0]!r})" if hint else ""))
+
+
+def _check_modality(modality: str, question: str) -> None:
+    if modality not in ("vqa", "qa"):
+        raise ValueError(f"question {question[:60]!r}: modality must be 'vqa' or 'qa', got {modality!r}")
+
 
 @dataclass(frozen=True)
 class GenerationQ:
@@ -39,6 +58,9 @@ class GenerationQ:
     ground_truth: str
     modality: Modality
 
+    def __post_init__(self) -> None:
+        _check_modality(self.modality, self.question)
+
 
 @dataclass(frozen=True)
 class ClozeQ:
@@ -47,6 +69,11 @@ class ClozeQ:
     question: str
     ground_truth: str
     modality: Modality
+
+    def __post_init__(self) -> None:
+        _check_modality(self.modality, self.question)
+        if "__" not in self.question:
+            raise ValueError(f"cloze question {self.question[:60]!r} has no blank '__'")
 
 
 @dataclass
