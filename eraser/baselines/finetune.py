@@ -29,6 +29,7 @@ epochs by evaluating checkpoints of one run (``on_epoch``).
 from __future__ import annotations
 
 import copy
+import math
 import random
 import time
 from typing import Any, Callable, NamedTuple, Sequence
@@ -258,8 +259,18 @@ def unlearn(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise ValueError(f"need epochs >= 1, batch_size >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
+    if epochs < 1 or batch_size < 1 or not 0 < lr < math.inf:
+        raise ValueError(f"need epochs >= 1, batch_size >= 1 and a finite lr > 0, got {epochs}, {batch_size}, {lr}")
+    # NaN passes every "<= 0" test: a NaN beta or an infinite rate trained the copy into NaN weights, and a
+    # negative or NaN retain weight silently dropped the retain term (GradDiff became GA)
+    for name, value, lo in (("beta", beta, "> 0"), ("retain_weight", retain_weight, ">= 0"),
+                            ("weight_decay", weight_decay, ">= 0"),
+                            ("grad_clip", grad_clip, ">= 0 (0 or None: no clipping)")):
+        if value is None:
+            continue
+        v = float(value)
+        if not math.isfinite(v) or v < 0 or (lo == "> 0" and v == 0):
+            raise ValueError(f"{name} must be a finite number {lo}, got {value!r}")
     forget = [Example(*r) for r in forget]
     retain = [Example(*r) for r in retain]
     if not forget:

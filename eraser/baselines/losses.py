@@ -88,8 +88,8 @@ def npo_loss(logp_theta: Float[Tensor, " batch"], logp_ref: Float[Tensor, " batc
     gradient vanishes once the answer is unlikely, so unlike GA it does not diverge.  With ``retain_nll`` the
     retain NLL is added (the "NPO + RT" variant).
     """
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0 < beta < float("inf"):  # also NaN
+        raise ValueError(f"beta must be a finite number > 0, got {beta}")
     log_ratio = logp_theta - logp_ref.detach()
     loss = -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).mean()
     if retain_nll is not None:

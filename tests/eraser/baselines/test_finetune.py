@@ -84,6 +84,13 @@ def test_bad_arguments(tiny_llava):
         unlearn(tiny_llava, "grad_diff", FORGET, [], lr=1e-3, epochs=1, batch_size=2)
     with pytest.raises(ValueError):
         unlearn(tiny_llava, "ga", [], RETAIN, lr=1e-3, epochs=1, batch_size=2)
+    # NaN and infinities trained NaN weights; a negative or NaN retain weight turned GradDiff into GA silently
+    for kwargs, match in [({"lr": float("inf")}, "finite lr"), ({"lr": float("nan")}, "finite lr"),
+                          ({"beta": float("nan")}, "beta"), ({"retain_weight": -1.0}, "retain_weight"),
+                          ({"retain_weight": float("nan")}, "retain_weight"), ({"weight_decay": -0.1}, "weight_decay"),
+                          ({"grad_clip": float("nan")}, "grad_clip")]:
+        with pytest.raises(ValueError, match=match):
+            unlearn(tiny_llava, "grad_diff", FORGET, RETAIN, **{"lr": 1e-3, **kwargs}, epochs=1, batch_size=2)
 
 
 def test_mmunlearner_moves_only_the_salient_entries(tiny_llava):
