@@ -9,6 +9,7 @@ covariance, whose small directions make ``g`` vanish on retain inputs.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,10 @@ class ProjectorInfo:
     d: int
     leak: float  # trace(P K) / trace(K): retain energy left after projection
     rule: str
+    # numerical rank of K; when d - retain_rank > rank the kept directions are an arbitrary pick inside K's
+    # exact null space (``underdetermined``): too few retain queries for the rule
+    retain_rank: int | None = None
+    underdetermined: bool = False
 
 
 def null_space_projector(
@@ -59,6 +64,11 @@ def null_space_projector(
     release's rule); ``energy`` keeps the largest ``k`` whose eigenvalues sum to
     at most ``energy`` of ``trace(K)``.  Both report the leak, so a too-large
     null space shows up as a number rather than as retain damage.
+
+    With fewer retain directions than ``d - k`` (``rank(K) < d - k``) the rho
+    rule's pick inside ``K``'s exact null space is arbitrary: it warns and says
+    so in the info (``underdetermined``); the energy rule keeps the whole exact
+    null space, so it never is.
     """
     if (rho is None) == (energy is None):
         raise ValueError("give exactly one of rho (fraction of d) or energy (fraction of retain energy)")
@@ -82,4 +92,13 @@ def null_space_projector(
     Q = evecs[:, :k]
     P = Q @ Q.T
     leak = float(evals[:k].sum()) / total
-    return P, ProjectorInfo(rank=k, d=d, leak=leak, rule=rule)
+    retain_rank = int((evals > 1e-10 * float(evals[-1])).sum())
+    underdetermined = d - retain_rank > k
+    if underdetermined:
+        warnings.warn(
+            f"the retain second moment has rank {retain_rank} of {d}, so its exact null space has "
+            f"{d - retain_rank} directions and {rule} keeps {k} of them: an arbitrary pick (it changes with "
+            "float rounding, e.g. the batch size), so the gate is not reproducible; use more retain queries "
+            "(at least d - k) or the energy rule, which keeps the whole exact null space", stacklevel=2)
+    return P, ProjectorInfo(rank=k, d=d, leak=leak, rule=rule, retain_rank=retain_rank,
+                            underdetermined=underdetermined)

@@ -1,6 +1,8 @@
 """The gate maths on synthetic activations where the retain subspace is known."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -38,10 +40,25 @@ def test_projector_idempotent_symmetric_and_orthogonal_to_retain():
     assert info.leak < 1e-12
 
 
+def test_too_few_retain_directions_for_rho_are_flagged():
+    """12 retain directions in d = 32 leave a 20-dimensional exact null space; rho 0.5 keeps 16 of them, an
+    arbitrary pick that changed with the batch size (gates 0.127 / 0.149 / 0.143 at batch 1 / 7 / 32, measured
+    on a tiny model with 12 retain queries): warned and reported.  rho 0.75 keeps 24 >= 20: not flagged."""
+    H_r, _, _ = _synthetic()
+    with pytest.warns(UserWarning, match="rank 12 of 32"):
+        _, info = null_space_projector(H_r.T @ H_r, rho=0.5)
+    assert info.underdetermined and info.retain_rank == 12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, info = null_space_projector(H_r.T @ H_r, rho=0.75)
+        assert not info.underdetermined and info.retain_rank == 12
+
+
 def test_energy_rule_picks_the_exact_null_space():
     H_r, _, _ = _synthetic()
     P, info = null_space_projector(H_r.T @ H_r, energy=1e-6)
     assert info.rank == 32 - 12  # every zero-eigenvalue direction, no more
+    assert not info.underdetermined
     assert torch.allclose(torch.trace(P), torch.tensor(20.0, dtype=torch.float64), atol=1e-8)
 
 
