@@ -72,7 +72,9 @@ def test_answer_probability():
     "text",
     [REFUSAL, "i cannot help with that", "I can’t share that.", "I'm sorry, but no.", "Sorry, I am UNABLE TO answer.",
      "I won't answer that", "I do not know who this is.", "Unable to answer.", "Sorry, no.",
-     "As an assistant, I'm not able to say."],
+     "As an assistant, I'm not able to say.", "I do not have that information.", "I refuse.",
+     "As an AI I must decline.", "I'll not answer that.", "I don't have any personal information about her.",
+     "Cannot answer that question."],
 )
 def test_is_refusal_true(text):
     assert M.is_refusal(text)
@@ -80,7 +82,9 @@ def test_is_refusal_true(text):
 
 @pytest.mark.parametrize("text", ["She is a baker from Lyon.", "B", "", "Canned food is tasty.",
                                   "He was unable to attend school.", "She cannot help but sing.",
-                                  "They can't provide for the family.", "Her sorry tale is well known."])
+                                  "They can't provide for the family.", "Her sorry tale is well known.",
+                                  "I can't wait to visit Paris.", "Cannot be determined from her records.",
+                                  "I cannot help but admire her work.", "She refused the award."])
 def test_is_refusal_false(text):
     assert not M.is_refusal(text)
 
