@@ -69,6 +69,8 @@ def _to_1d(x: Any, what: str) -> np.ndarray:
     arr = np.asarray(x, dtype=np.float64).ravel()
     if arr.size == 0:
         raise ValueError(f"{what} is empty")
+    if not np.isfinite(arr).all():  # a NaN passes every comparison as False: 0 % firing, a NaN p-value
+        raise ValueError(f"{what} holds {int((~np.isfinite(arr)).sum())} NaN or infinite value(s)")
     return arr
 
 
@@ -151,8 +153,8 @@ def answer_probability(mean_nll: float) -> float:
     would make long answers look "forgotten".
     """
     nll = float(mean_nll)
-    if math.isnan(nll):
-        raise ValueError("mean NLL is NaN")
+    if math.isnan(nll) or nll < 0:
+        raise ValueError(f"mean NLL must be a number >= 0 (a probability is at most 1), got {mean_nll!r}")
     return float(math.exp(-nll))
 
 
@@ -284,7 +286,10 @@ def truth_ratio(nll_paraphrased: float, nll_perturbed: Sequence[float]) -> float
     no longer prefers the truth; well below 1 means it still knows it.
     """
     pert = _to_1d(nll_perturbed, "nll_perturbed")
-    return float(math.exp(float(nll_paraphrased) - float(pert.mean())))
+    x = float(nll_paraphrased) - float(pert.mean())
+    if math.isnan(x):
+        raise ValueError(f"truth_ratio of NaN NLLs ({nll_paraphrased!r})")
+    return float(math.exp(x)) if x < 700 else math.inf  # exp overflows past ~709: the truth is that unlikely
 
 
 def gate_firing_rates(gate_forget: Any, gate_retain: Any, threshold: float = 0.5) -> dict[str, float]:

@@ -36,7 +36,14 @@ def instruction_for(names: Sequence[str], template: str = DEFAULT_INSTRUCTION) -
     names = [n.strip() for n in names if n and n.strip()]
     if not names:
         raise ValueError("the prompting baseline needs at least one name to protect")
-    return template.format(names=", ".join(names))
+    if "{names}" not in template:
+        raise ValueError(f"the instruction template must contain '{{names}}' (where the protected names go), got "
+                         f"{template!r}")
+    try:
+        return template.format(names=", ".join(names))
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"the instruction template may only use the field '{{names}}' (double other braces), "
+                         f"got {template!r} ({type(e).__name__}: {e})") from None
 
 
 def forget_names(bench: Benchmark) -> list[str]:

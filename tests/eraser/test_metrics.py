@@ -163,3 +163,15 @@ def test_mean_errors_on_empty():
     assert M.mean([1, 2]) == 1.5
     with pytest.raises(ValueError, match="scores"):
         M.mean([], "scores")
+
+
+def test_nan_and_out_of_range_inputs_are_errors_not_numbers():
+    """Before: forget_quality of a NaN sample was NaN, a NaN gate counted as not firing, answer_probability(-1)
+    was 2.72 and truth_ratio(800, [0]) raised OverflowError."""
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        M.forget_quality([0.1, float("nan")], [0.2, 0.3])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        M.gate_firing_rates([float("nan")], [0.0])
+    with pytest.raises(ValueError, match=">= 0"):
+        M.answer_probability(-1.0)
+    assert M.truth_ratio(800.0, [0.0]) == math.inf and M.truth_ratio(1.0, [1.0]) == 1.0

@@ -79,3 +79,13 @@ def test_the_evaluator_runs_it():
     assert res["cls_acc"] == 1.0
     suffix = "\nJob?\nA: baker\nB: pilot\nJust give ONE letter representing the answer directly."
     assert seen == [instruction_for(["Ann"]) + suffix]
+
+
+def test_instruction_templates_must_place_the_names():
+    from eraser.baselines import instruction_for
+
+    assert instruction_for(["Ann"], "Never talk about {names}.") == "Never talk about Ann."
+    with pytest.raises(ValueError, match="must contain"):
+        instruction_for(["Ann"], "Never talk about these people.")  # the names were dropped silently
+    with pytest.raises(ValueError, match="only use the field"):
+        instruction_for(["Ann"], "Never talk about {names} or {others}.")
