@@ -322,6 +322,11 @@ class MLLMEraser:
         if list(config.gate_stack or []) != list(stats.gate_stack or []):
             raise ValueError(f"statistics were collected for gate_stack {stats.gate_stack}, config asks for "
                              f"{config.gate_stack}")
+        zero = [l for l, v in zip(stats.layers, stats.directions) if not bool(v.abs().max() > 0)]
+        if zero:
+            raise ValueError(f"the erasure direction is exactly zero at layers {zero}: the recall and erase pairs "
+                             "give identical activations there (the same queries on both sides?), so steering "
+                             "would do nothing")
         t0 = time.perf_counter()
         ws, infos = gates_from_stats(stats, config)
         info = {

@@ -509,3 +509,10 @@ def test_concept_gates_need_one_label_per_forget_query(tiny_llava):
     assert stats.S_f is None
     with pytest.raises(ValueError, match="per concept"):
         gates_from_stats(stats, EraserConfig(concept_gates=True))
+
+
+def test_identical_recall_and_erase_pairs_are_refused(tiny_llava):
+    """The same queries on both sides give a zero direction: a fit that can do nothing, refused by name."""
+    pairs = _queries(4, 3, 300)
+    with pytest.raises(ValueError, match="exactly zero at layers"):
+        MLLMEraser.fit(tiny_llava, _queries(6, 1, 100), _queries(20, 2, 200), pairs, pairs, EraserConfig(rho=0.5))
