@@ -307,7 +307,12 @@ class HookedVLM:
         texts = [text] if isinstance(text, str) else list(text)
         if not texts:
             raise ValueError("to_tokens needs at least one string")
-        enc = self.tokenizer(texts, add_special_tokens=prepend_bos, padding=True, return_tensors="pt")
+        side = getattr(self.tokenizer, "padding_side", "left")
+        try:  # left whatever the tokenizer's own setting (a tokenizer passed to from_hf may pad right)
+            self.tokenizer.padding_side = "left"
+            enc = self.tokenizer(texts, add_special_tokens=prepend_bos, padding=True, return_tensors="pt")
+        finally:
+            self.tokenizer.padding_side = side
         return enc["input_ids"].to(self.device)
 
     def to_string(self, tokens: Int[Tensor, "... pos"] | Sequence[int]) -> str | list[str]:

@@ -122,7 +122,8 @@ def tiny_vlm(arch: str = "llava", seed: int = 0, corpus: Iterable[str] | None = 
     image_size, patch_size, vision_feature_layer, max_positions, vision_d_mlp`` (default 4 x
     ``vision_d_model``), and for Qwen2.5-VL ``vision_window`` (pixels per attention window side, default
     ``4 x patch_size``) and ``vision_full_attention`` (the vision layers with full attention, default the last).
-    Images are resized to ``image_size`` x ``image_size``.
+    LLaVA images are resized to ``image_size`` x ``image_size``; Qwen2.5-VL keeps the aspect ratio (its
+    processor rounds each side to whole merged patches), so images of other shapes give other patch grids.
     """
     from .model import HookedVLM
 

@@ -266,6 +266,11 @@ def test_token_helpers_label_cache_positions(tiny_model, two_prompts):
         tiny_model.to_single_token("who is")
     toks = tiny_model.to_tokens(["who is he", "who"])
     assert toks.shape[0] == 2 and toks[1, 0] == tok.pad_token_id  # left-padded
+    tok.padding_side = "right"  # as a tokenizer handed to from_hf may be: to_tokens still pads left
+    try:
+        assert torch.equal(tiny_model.to_tokens(["who is he", "who"]), toks) and tok.padding_side == "right"
+    finally:
+        tok.padding_side = "left"
     no_bos = tiny_model.to_tokens("who is he", prepend_bos=False)
     assert tiny_model.to_str_tokens(no_bos[0]) == ["who", "is", "he"]
     assert tiny_model.to_string(no_bos[0]) == "who is he"
