@@ -82,7 +82,7 @@ def run_baselines(setup: Setup) -> dict[str, dict[str, Any]]:
     from .evaluate import evaluate_benchmark, refusal_checks
 
     out: dict[str, dict[str, Any]] = {}
-    print("[demo] baselines: GA, GradDiff, KL_Min, NPO (lr/epochs by a small sweep)")
+    print("[demo] baselines: GA, GradDiff, KL_Min, NPO, MMUnlearner (lr/epochs by a small sweep)")
     for name, sel in select_baselines(setup.model, setup.bench, setup.source, progress=setup.progress).items():
         res, extra, infer_s = evaluate_model(setup, model=sel.model, with_probs=False)
         out[name] = {"results": res, "refusal": extra["refusal"], "selection": sel.to_dict(),
