@@ -5,7 +5,7 @@
     mllmeraser fit --out DIR ...                 # fit, choose the strength, save the artifact
     mllmeraser eval --artifact DIR ...           # vanilla + a saved artifact, as it is
     mllmeraser sweep --out DIR ...               # layer x strength sweep (resumable) and heatmap
-    mllmeraser demo --out DIR [--quick]          # the main job: table + figures
+    mllmeraser demo --out DIR [--quick] [--baselines ga,...,mmunlearner]   # the main job: table + figures
     mllmeraser figures --from DIR                # regenerate the figures from saved results
 """
 from __future__ import annotations
@@ -19,10 +19,20 @@ from typing import Any
 from interp.io import write_json
 
 from .argtypes import finite_float, nonneg_int, out_dir, positive_int
+from .baselines.finetune import DEMO_BASELINES, METHODS
 from .variants import ERASER_VARIANTS, GATED_VARIANTS
 
 ARCHS = ("llava", "qwen2_5_vl")
 #: ``eval --method``: vanilla alone, every MLLMEraser variant (``mllmeraser``), or one variant next to vanilla.
+def baseline_list(text: str) -> tuple[str, ...]:
+    """``--baselines``: distinct names among the training baselines, comma-separated (may be empty: none)."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = sorted(set(names) - set(METHODS))
+    if unknown or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected distinct names among {', '.join(sorted(METHODS))}, got {text!r}")
+    return names
+
+
 METHOD_SETS = {
     "vanilla": ["vanilla"],
     "mllmeraser": ["vanilla", *ERASER_VARIANTS],
@@ -83,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the main job: fit, evaluate, tabulate and plot")
     _common(demo)
     demo.add_argument("--out", type=out_dir, required=True)
+    demo.add_argument("--baselines", type=baseline_list, default=DEMO_BASELINES, metavar="LIST",
+                      help=f"training baselines, comma-separated, among {', '.join(sorted(METHODS))} (default: "
+                           f"{','.join(DEMO_BASELINES)}; MMUnlearner's saliency pass and its selection add ~25 s "
+                           "to the quick demo)")
     demo.add_argument("--no-oracle", action="store_true", help=NO_ORACLE_HELP)
     return ap
 

@@ -12,12 +12,13 @@ import argparse
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from interp.io import write_json
 from interp.sweep import run_sweep
 
 from .autotune import measure, validation_split
+from .baselines.finetune import DEMO_BASELINES
 from .backend import generate_fn
 from .diagnostics import gate_report
 from .evaluate import results_table, write_results
@@ -76,14 +77,16 @@ def layer_sweep(setup: Setup, eraser, out: Path, strengths=SWEEP_STRENGTHS) -> P
     return path
 
 
-def run_baselines(setup: Setup) -> dict[str, dict[str, Any]]:
-    """The paper's training-based baselines (lr/epochs chosen by a small constrained sweep) and prompting."""
+def run_baselines(setup: Setup, methods: Sequence[str] = DEMO_BASELINES) -> dict[str, dict[str, Any]]:
+    """The training-based baselines ``methods`` (lr/epochs chosen by a small constrained sweep) and prompting."""
     from .baselines import forget_names, prompted_generate_fn, select_baselines
     from .evaluate import evaluate_benchmark, refusal_checks
 
     out: dict[str, dict[str, Any]] = {}
-    print("[demo] baselines: GA, GradDiff, KL_Min, NPO, MMUnlearner (lr/epochs by a small sweep)")
-    for name, sel in select_baselines(setup.model, setup.bench, setup.source, progress=setup.progress).items():
+    print(f"[demo] baselines: {', '.join(methods) or 'none'} (lr/epochs by a small sweep), prompting")
+    selections = select_baselines(setup.model, setup.bench, setup.source, methods=tuple(methods),
+                                  progress=setup.progress) if methods else {}
+    for name, sel in selections.items():
         res, extra, infer_s = evaluate_model(setup, model=sel.model, with_probs=False)
         out[name] = {"results": res, "refusal": extra["refusal"], "selection": sel.to_dict(),
                      "timing": {"fit_s": sel.fit_s, "select_s": sel.select_s, "infer_s": infer_s}}
@@ -124,7 +127,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         print(f"[demo]   strength {eraser.config.strength}: forget cls {res['forget']['cls_acc']:.3f}, "
               f"retain cls {res['retain']['cls_acc']:.3f}")
 
-    for name, b in run_baselines(setup).items():
+    for name, b in run_baselines(setup, getattr(args, "baselines", DEMO_BASELINES)).items():
         methods[name], timing[name], refusal[name] = b["results"], b["timing"], b["refusal"]
         selection[name] = b.get("selection")
 

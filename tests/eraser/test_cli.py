@@ -18,6 +18,8 @@ from eraser.cli import build_parser, main
     (["sweep", "--out", "x", "--strengths", "-1", "nan"], "expected a finite number, got 'nan'"),
     (["sweep", "--out", "x", "--strengths", "-1", "inf"], "expected a finite number, got 'inf'"),
     (["sweep", "--out", "x", "--strengths", "strong"], "expected a number, got 'strong'"),
+    (["demo", "--out", "x", "--baselines", "ga,sgd"], "expected distinct names among"),
+    (["demo", "--out", "x", "--baselines", "ga,ga"], "expected distinct names among"),
 ])
 def test_out_of_range_flags_are_rejected(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -74,3 +76,11 @@ def test_eval_artifact_refuses_a_bad_file_before_loading_any_model(tmp_path, cap
     assert main(["eval", "--quick", "--no-oracle", "--artifact", str(tmp_path / "missing.safetensors")]) == 2
     assert "missing.safetensors" in capsys.readouterr().err
 
+
+
+def test_demo_baselines_default_to_the_papers_four_and_take_mmunlearner(tmp_path):
+    args = build_parser().parse_args(["demo", "--out", str(tmp_path)])
+    assert args.baselines == ("ga", "grad_diff", "kl_min", "npo")
+    args = build_parser().parse_args(["demo", "--out", str(tmp_path), "--baselines", "npo, mmunlearner"])
+    assert args.baselines == ("npo", "mmunlearner")
+    assert build_parser().parse_args(["demo", "--out", str(tmp_path), "--baselines", ""]).baselines == ()

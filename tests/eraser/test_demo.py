@@ -14,7 +14,7 @@ import pytest
 
 from eraser.cli import main
 
-BASELINES = ("ga", "grad_diff", "kl_min", "npo", "mmunlearner", "prompt")
+BASELINES = ("ga", "grad_diff", "kl_min", "npo", "prompt")
 ERASERS = ("mllmeraser", "mllmeraser_no_nullspace", "steer_static", "mllmeraser_text_only", "mllmeraser_mean_gate",
            "mllmeraser_window_gate", "mllmeraser_concept_gate", "mllmeraser_stacked_gate")
 SPLITS = ("forget", "test", "retain", "celebrity")
