@@ -177,10 +177,22 @@ def _finite_float(value: Any, name: str) -> float:
 
 
 def _hash_queries(queries: Sequence[Query]) -> str:
+    """A stable hash of the queries (prompts and image bytes), the same in every process.
+
+    A row with several images hashes each one's bytes, size and mode: hashing the list's ``repr`` (memory
+    addresses) gave the same forget set another hash in every process.  Single images keep the original
+    scheme, so the hashes stored in existing artifacts stay valid.
+    """
     h = hashlib.sha256()
     for image, prompt in queries:
         h.update(prompt.encode())
-        if image is not None:
+        if isinstance(image, (list, tuple)):
+            h.update(f"[{len(image)} images]".encode())
+            for im in image:
+                h.update(f"{getattr(im, 'mode', type(im).__name__)}{getattr(im, 'size', getattr(im, 'shape', ''))}"
+                         .encode())
+                h.update(im.tobytes() if hasattr(im, "tobytes") else repr(im).encode())
+        elif image is not None:
             h.update(image.tobytes() if hasattr(image, "tobytes") else repr(image).encode())
     return h.hexdigest()[:16]
 
@@ -189,6 +201,12 @@ def _split(queries: Sequence[Query], what: str) -> tuple[list, list[str]]:
     queries = list(queries)
     if not queries:
         raise ValueError(f"the {what} set is empty; MLLMEraser needs at least one {what} query")
+    bad = [i for i, q in enumerate(queries)
+           if not isinstance(q, (tuple, list)) or len(q) < 2 or not isinstance(q[1], str)]
+    if bad:
+        raise ValueError(f"the {what} set must be a sequence of (image or None, prompt) pairs; item {bad[0]} is "
+                         f"{type(queries[bad[0]]).__name__} {str(queries[bad[0]])[:60]!r} (a single pair? wrap it "
+                         "in a list)")
     return [q[0] for q in queries], [q[1] for q in queries]
 
 

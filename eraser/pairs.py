@@ -22,7 +22,9 @@ All sampling is seeded (the release chose Test images without a seed).
 """
 from __future__ import annotations
 
+import math
 import random
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -142,6 +144,13 @@ def recall_pairs(model: Any, bench: Benchmark, n: int = 17, seed: int = 0, pgd: 
     from .pgd import pgd_attack
 
     result = pgd_attack(model, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], pgd)
+    diff = result.pil_max_diff
+    lost = [i for i, v in enumerate(diff.tolist()) if not math.isfinite(v)] if diff is not None else []
+    if lost:
+        warnings.warn(
+            f"recall images {lost[:8]}: the processor resizes them again when they are encoded, so the recall "
+            "pairs do not carry the attack (measured on Qwen2.5-VL with a 96 x 48 image: a loss above the clean "
+            "image's); resize the images to the processor's size before the attack", stacklevel=2)
     return list(zip(result.images, [r[1] for r in rows]))
 
 

@@ -32,6 +32,7 @@ shrinks on a second pass); ``res.pil_max_diff`` is ``inf`` for such rows.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -61,12 +62,16 @@ class PGDConfig:
     batch_size: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if self.eps < 0 or self.alpha < 0:
-            raise ValueError(f"eps and alpha must be >= 0, got eps={self.eps}, alpha={self.alpha}")
-        if self.steps < 0:
-            raise ValueError(f"steps must be >= 0, got {self.steps}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1 or None, got {self.batch_size}")
+        # ``not x >= 0`` also catches NaN, which passes ``x < 0``: a NaN eps made every attacked pixel NaN, saved
+        # as an all-black recall image
+        if not (isinstance(self.eps, (int, float)) and isinstance(self.alpha, (int, float))
+                and 0 <= self.eps < math.inf and 0 <= self.alpha < math.inf):
+            raise ValueError(f"eps and alpha must be finite numbers >= 0, got eps={self.eps!r}, alpha={self.alpha!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"steps must be an integer >= 0, got {self.steps!r}")
+        if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
+                                            or self.batch_size < 1):
+            raise ValueError(f"batch_size must be an integer >= 1 or None, got {self.batch_size!r}")
 
 
 @dataclass

@@ -181,6 +181,11 @@ def to_pixels(
     """
     from_processed, _ = _arch(model)
     proc = model.image_processor
+    bad = [i for i, im in enumerate(images) if not isinstance(im, Image.Image)]
+    if bad:
+        raise InputError(f"row {bad[0]}: to_pixels() takes one PIL image per row, got "
+                         f"{type(images[bad[0]]).__name__} (text-only and multi-image rows cannot be attacked in "
+                         "pixel space here)")
     rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
     if not rgb:
         raise InputError("to_pixels() needs at least one image")

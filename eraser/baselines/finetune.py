@@ -88,10 +88,14 @@ def unlearning_data(bench: Benchmark, n_retain: int | None = None, seed: int = 0
     return forget, retain
 
 
+def _has_image(row: Example) -> bool:
+    return row.image is not None and not (isinstance(row.image, (list, tuple)) and len(row.image) == 0)
+
+
 def _batches(rows: Sequence[Example], batch_size: int, rng: random.Random) -> list[list[Example]]:
     """Shuffled batches that are all-image or all-text (less padding; no mixed processor inputs)."""
     out: list[list[Example]] = []
-    for group in ([r for r in rows if r.image is not None], [r for r in rows if r.image is None]):
+    for group in ([r for r in rows if _has_image(r)], [r for r in rows if not _has_image(r)]):
         group = list(group)
         rng.shuffle(group)
         out += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
@@ -179,6 +183,15 @@ def _copy(model: HookedVLM, lora: bool, lora_rank: int, lora_alpha: float) -> tu
                              image_processor=model.image_processor), peft_model
 
 
+def _rows(rows: Sequence[Any], what: str) -> list[Example]:
+    out = []
+    for i, r in enumerate(rows):
+        if not isinstance(r, (tuple, list)) or len(r) != 3:
+            raise ValueError(f"{what} row {i} must be (image or None, prompt, answer), got {str(r)[:80]!r}")
+        out.append(Example(*r))
+    return out
+
+
 def _mmunlearner_rows(forget: list[Example], retain: list[Example], forget_text: str, lora: bool,
                       weight_decay: float, threshold: float) -> tuple[list[Example], list[Example]]:
     """MMUnlearner's (ascend, keep) rows, after checking the settings that would move masked entries."""
@@ -188,15 +201,15 @@ def _mmunlearner_rows(forget: list[Example], retain: list[Example], forget_text:
         raise ValueError("mmunlearner masks the model's own weights; it needs full fine-tuning (lora=False)")
     if weight_decay:
         raise ValueError("mmunlearner needs weight_decay=0: decay would move the entries its saliency mask freezes")
-    if not threshold > 0:
-        raise ValueError(f"saliency_threshold must be > 0, got {threshold!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < math.inf:
+        raise ValueError(f"saliency_threshold must be a finite number > 0, got {threshold!r}")
     if forget_text == "forget":
         return forget, retain
-    visual = [r for r in forget if r.image is not None]
+    visual = [r for r in forget if _has_image(r)]
     if not visual:
         raise ValueError("mmunlearner with forget_text='keep' ascends on the forget rows with an image, and there "
                          "are none (pass forget_text='forget' to ascend on text-only rows)")
-    return visual, retain + [r for r in forget if r.image is None]
+    return visual, retain + [r for r in forget if not _has_image(r)]
 
 
 def _saliency(model: HookedVLM, named: dict[str, torch.nn.Parameter], forget: list[Example], keep: list[Example],
@@ -210,7 +223,11 @@ def _saliency(model: HookedVLM, named: dict[str, torch.nn.Parameter], forget: li
     rng = random.Random(f"saliency:{seed}")
     f_imp = S.squared_grad_importance(named, _batches(forget, batch_size, rng), loss_of)
     k_imp = S.squared_grad_importance(named, _batches(keep, batch_size, rng), loss_of)
-    return S.saliency_mask(f_imp, k_imp, threshold)
+    mask = S.saliency_mask(f_imp, k_imp, threshold)
+    if S.mask_fraction(mask) == 0.0:
+        raise ValueError(f"no parameter's importance ratio exceeds saliency_threshold {threshold}: the mask is "
+                         "empty and training would change nothing; lower the threshold")
+    return mask
 
 
 def unlearn(
@@ -274,10 +291,12 @@ def unlearn(
         v = float(value)
         if not math.isfinite(v) or v < 0 or (lo == "> 0" and v == 0):
             raise ValueError(f"{name} must be a finite number {lo}, got {value!r}")
-    forget = [Example(*r) for r in forget]
-    retain = [Example(*r) for r in retain]
+    forget, retain = _rows(forget, "forget"), _rows(retain, "retain")
     if not forget:
         raise ValueError("nothing to forget")
+    if method != "mmunlearner" and (forget_text != "keep" or saliency_threshold != 1.0):
+        raise ValueError(f"forget_text and saliency_threshold are MMUnlearner's settings; {method} has no use "
+                         "for them")
     w = METHODS[method] if retain_weight is None else float(retain_weight)
     if method == "mmunlearner":
         forget, retain = _mmunlearner_rows(forget, retain, forget_text, lora, weight_decay, saliency_threshold)

@@ -81,3 +81,23 @@ def test_answerable_requests_are_fresh_ordinary_requests_about_retain_people():
     assert data.retain == retain_queries(bench) + reqs
     with pytest.raises(ValueError, match="generator"):
         answerable_requests(object(), bench)
+
+
+def test_recall_pairs_warn_when_the_processor_would_undo_the_attack(bench, monkeypatch):
+    """A PGD image the processor resizes again on encoding (Qwen2.5-VL, non-square sizes: pil_max_diff inf) does
+    not carry the attack; the recall pairs used it silently (measured: a loss above the clean image's)."""
+    import torch
+
+    import eraser.pgd as pgd_mod
+    from eraser.pairs import recall_pairs
+
+    def fake_attack(model, images, prompts, targets, cfg):
+        n = len(images)
+        diff = torch.zeros(n)
+        diff[1] = float("inf")
+        return pgd_mod.PGDResult([], [], list(images), torch.zeros(1, n), torch.zeros(n), torch.zeros(n), diff, cfg)
+
+    monkeypatch.setattr(pgd_mod, "pgd_attack", fake_attack)
+    with pytest.warns(UserWarning, match=r"recall images \[1\]: the processor resizes them again"):
+        pairs = recall_pairs(None, bench, n=4, pgd=pgd_mod.PGDConfig(steps=1))
+    assert len(pairs) == 4

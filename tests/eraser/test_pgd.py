@@ -93,3 +93,17 @@ def test_bad_arguments():
         PGDConfig(eps=-1)
     with pytest.raises(ValueError, match="steps"):
         PGDConfig(steps=-1)
+
+
+def test_config_and_inputs_are_checked(tiny_llava):
+    """A NaN eps made every attacked pixel NaN, saved as an all-black recall image; a text-only or multi-image row
+    crashed with "'NoneType' object has no attribute 'mode'"."""
+    from interp.inputs import InputError
+
+    for bad in ({"eps": float("nan")}, {"alpha": float("inf")}, {"eps": -1.0}, {"steps": 2.5}, {"batch_size": 0}):
+        with pytest.raises(ValueError):
+            PGDConfig(**bad)
+    img = Image.fromarray(np.zeros((32, 32, 3), np.uint8))
+    for row in (None, [img, img], np.zeros((32, 32, 3), np.uint8)):
+        with pytest.raises(InputError, match="row 1: to_pixels"):
+            to_pixels(tiny_llava, [img, row])

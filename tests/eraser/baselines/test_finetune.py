@@ -116,6 +116,19 @@ def test_mmunlearner_bad_settings(tiny_llava):
                           ({"forget_text": "drop"}, "forget_text"), ({"saliency_threshold": 0}, "saliency")]:
         with pytest.raises(ValueError, match=match):
             unlearn(tiny_llava, "mmunlearner", FORGET, RETAIN, lr=1e-3, epochs=1, batch_size=2, **kwargs)
+    with pytest.raises(ValueError, match="mask is empty"):
+        unlearn(tiny_llava, "mmunlearner", FORGET, RETAIN, lr=1e-3, epochs=1, batch_size=2,
+                saliency_threshold=1e300)  # no ratio is that high: training would change nothing
+    with pytest.raises(ValueError, match="saliency_threshold"):
+        unlearn(tiny_llava, "mmunlearner", FORGET, RETAIN, lr=1e-3, epochs=1, batch_size=2, saliency_threshold="2")
+    with pytest.raises(ValueError, match="MMUnlearner's settings"):
+        unlearn(tiny_llava, "ga", FORGET, RETAIN, lr=1e-3, epochs=1, batch_size=2, forget_text="forget")
+    with pytest.raises(ValueError, match=r"must be \(image or None, prompt, answer\)"):
+        unlearn(tiny_llava, "ga", [(None, "who is ann")], RETAIN, lr=1e-3, epochs=1, batch_size=2)
+    # a row with an empty image list is a text-only row, kept like one
+    _, info = unlearn(tiny_llava, "mmunlearner", FORGET + [([], "where was ann born ?", "blue city")], RETAIN,
+                      lr=1e-3, epochs=1, batch_size=2, progress=False)
+    assert info["n_forget"] == 1 and info["n_retain"] == len(RETAIN) + 3
     text_only = [r for r in FORGET if r[0] is None]
     with pytest.raises(ValueError, match="with an image"):
         unlearn(tiny_llava, "mmunlearner", text_only, RETAIN, lr=1e-3, epochs=1, batch_size=2)
