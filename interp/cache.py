@@ -22,6 +22,7 @@ from torch import Tensor
 from .names import HookNameError, closest_names, layer_of, parse_block_name
 
 _MASKS = ("__image_mask__", "__text_mask__", "__last_index__")
+_GRID = "__image_grid_thw__"
 
 
 class ActivationCache:
@@ -38,11 +39,15 @@ class ActivationCache:
         image_mask: Bool[Tensor, "batch pos"],
         text_mask: Bool[Tensor, "batch pos"],
         last_index: Int[Tensor, " batch"],
+        image_grid_thw: Int[Tensor, "n_images 3"] | None = None,
     ) -> None:
         self._acts = dict(acts)
         self.image_mask = image_mask
         self.text_mask = text_mask
         self.last_index = last_index
+        #: Qwen2.5-VL's patch grid per image (None for LLaVA or text-only runs): patching from this cache
+        #: checks a target's images have the same grids, not only the same token counts
+        self.image_grid_thw = image_grid_thw
 
     # -- dict-like access -------------------------------------------------
     @property
@@ -163,6 +168,7 @@ class ActivationCache:
             self.image_mask.to(device),
             self.text_mask.to(device),
             self.last_index.to(device),
+            self.image_grid_thw,
         )
 
     def save(self, path: str | Path) -> None:
@@ -180,6 +186,8 @@ class ActivationCache:
             tensors[k] = v.clone() if key in seen or v.untyped_storage().nbytes() != v.nbytes else v
             seen.add(key)
         tensors.update(dict(zip(_MASKS, (self.image_mask.cpu(), self.text_mask.cpu(), self.last_index.cpu()))))
+        if self.image_grid_thw is not None:
+            tensors[_GRID] = self.image_grid_thw.detach().cpu().contiguous()
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "interp.ActivationCache", "names": json.dumps(self.names)})
 
@@ -201,10 +209,11 @@ class ActivationCache:
         if missing:
             raise ValueError(f"{path} is a safetensors file but not an ActivationCache (no {', '.join(missing)})")
         masks = [t.pop(k) for k in _MASKS]
+        grid = t.pop(_GRID, None)
         try:
             order = json.loads(meta.get("names", "null"))
         except ValueError:
             order = None
         if isinstance(order, list) and sorted(order) == sorted(t):
             t = {n: t[n] for n in order}
-        return cls(t, *masks)
+        return cls(t, *masks, image_grid_thw=grid)

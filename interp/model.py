@@ -230,7 +230,8 @@ class HookedVLM:
         plan = self._plan(names, hooks, inputs)
         with torch_hooks.active_inputs(inputs), eager_attention(self.hf_model, plan.eager):
             logits, acts = tracing.run(self, inputs, plan, remote=remote, stop=stop_early)
-        return logits, ActivationCache(acts, inputs.image_mask, inputs.text_mask, inputs.last_index)
+        return logits, ActivationCache(acts, inputs.image_mask, inputs.text_mask, inputs.last_index,
+                                       inputs.image_kwargs.get("image_grid_thw"))
 
     def run_with_hooks(self, inputs: VLMInputs, hooks: HookSpec, remote: bool | str = False
                        ) -> Float[Tensor, "batch pos vocab"]:

@@ -275,6 +275,8 @@ def patch_from_run(
                          f"cache them in the source run (cached: {source_cache.names[:6]})")
     check_layout("source", source_cache.image_mask, source_cache.image_mask | source_cache.text_mask,
                  "target", target_inputs.image_mask, target_inputs.image_mask | target_inputs.text_mask)
+    check_grids("source", getattr(source_cache, "image_grid_thw", None), "target",
+                target_inputs.image_kwargs.get("image_grid_thw"))
     masks = {n: _patch_mask(positions, n, target_inputs) for n in resolved}  # validate before any forward pass
 
     target_logits = model.run_with_hooks(target_inputs, [])
@@ -314,11 +316,16 @@ def check_aligned(clean_inputs: VLMInputs, corrupted_inputs: VLMInputs) -> None:
     """
     check_layout("clean", clean_inputs.image_mask, clean_inputs.attention_mask.bool(),
                  "corrupted", corrupted_inputs.image_mask, corrupted_inputs.attention_mask.bool())
-    a, b = clean_inputs.image_kwargs.get("image_grid_thw"), corrupted_inputs.image_kwargs.get("image_grid_thw")
+    check_grids("clean", clean_inputs.image_kwargs.get("image_grid_thw"), "corrupted",
+                corrupted_inputs.image_kwargs.get("image_grid_thw"))
+
+
+def check_grids(a_name: str, a: Tensor | None, b_name: str, b: Tensor | None) -> None:
+    """Raise if two runs' Qwen2.5-VL patch grids (``image_grid_thw``) differ; None (LLaVA, or unknown) passes."""
     if a is not None and b is not None and not torch.equal(a.cpu(), b.cpu()):
         bad = [i for i, (x, y) in enumerate(zip(a.tolist(), b.tolist())) if x != y] if a.shape == b.shape else []
         raise ValueError(
-            f"clean and corrupted images have different patch grids (image_grid_thw {a.tolist()} vs {b.tolist()}"
+            f"{a_name} and {b_name} images have different patch grids (image_grid_thw {a.tolist()} vs {b.tolist()}"
             + (f", image(s) {bad}" if bad else "") + "): the same number of image tokens in another layout, so "
             "a patch would move vision activations between different places and rope positions; resize the "
             "images to the same size")

@@ -96,6 +96,7 @@ def test_save_load_round_trip_and_to(mixed_cache, tmp_path):
     for n in cache.names:
         assert torch.equal(loaded[n], cache[n])
     assert torch.equal(loaded.last_index, cache.last_index)
+    assert cache.image_grid_thw is None and loaded.image_grid_thw is None  # LLaVA has no patch grids to keep
     (tmp_path / "junk.safetensors").write_bytes(b"junk" * 10)
     with pytest.raises(ValueError, match="junk.safetensors is not a readable ActivationCache file"):
         ActivationCache.load(tmp_path / "junk.safetensors")

@@ -251,6 +251,17 @@ def test_qwen_images_with_other_patch_grids_are_refused(tiny_qwen):
     assert int(clean.image_mask.sum()) == int(corrupt.image_mask.sum()) and not torch.equal(g_clean, g_corrupt)
     with pytest.raises(ValueError, match="different patch grids"):
         patch_sites(tiny_qwen, clean, corrupt, ["vision.hook_embed"], logit_diff(5, 9))
+    _, cache = tiny_qwen.run_with_cache(clean, names=["vision.hook_embed"])  # the cache keeps its grids,
+    assert torch.equal(cache.image_grid_thw, g_clean)
+    import tempfile, pathlib
+
+    with tempfile.TemporaryDirectory() as d:  # also through save and load
+        cache.save(pathlib.Path(d) / "c.safetensors")
+        back = ActivationCache.load(pathlib.Path(d) / "c.safetensors")
+    assert torch.equal(back.image_grid_thw, g_clean) and torch.equal(back.to("cpu").image_grid_thw, g_clean)
+    for source in (cache, back):
+        with pytest.raises(ValueError, match="source and target images have different patch grids"):
+            patch_from_run(tiny_qwen, corrupt, source, ["vision.hook_embed"], logit_diff(5, 9))
     other = tiny_qwen.encode(images=[Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))],
                              prompts=["who is this"])
     res = patch_sites(tiny_qwen, clean, other, ["vision.hook_embed"], logit_diff(5, 9))
