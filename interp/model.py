@@ -308,12 +308,9 @@ class HookedVLM:
         texts = [text] if isinstance(text, str) else list(text)
         if not texts:
             raise ValueError("to_tokens needs at least one string")
-        side = getattr(self.tokenizer, "padding_side", "left")
-        try:  # left whatever the tokenizer's own setting (a tokenizer passed to from_hf may pad right)
-            self.tokenizer.padding_side = "left"
-            enc = self.tokenizer(texts, add_special_tokens=prepend_bos, padding=True, return_tensors="pt")
-        finally:
-            self.tokenizer.padding_side = side
+        # left whatever the tokenizer's own setting (a tokenizer passed to from_hf may pad right)
+        enc = self.tokenizer(texts, add_special_tokens=prepend_bos, padding=True, padding_side="left",
+                             return_tensors="pt")
         return enc["input_ids"].to(self.device)
 
     def to_string(self, tokens: Int[Tensor, "... pos"] | Sequence[int]) -> str | list[str]:

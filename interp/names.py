@@ -77,6 +77,11 @@ def _ordered_sites(sites: Sequence[str]) -> list[str]:
     return [s for s in SITE_ORDER if s in sites]
 
 
+def is_vision_side(name: str) -> bool:
+    """Sites of the vision tower and projector: no prompt positions, one row per image (or per patch for Qwen)."""
+    return name.startswith(("vision.", "projector."))
+
+
 def is_read_only(name: str) -> bool:
     """Whether ``name`` is a site hooks may read but not replace (:data:`READ_ONLY_SITES`)."""
     parsed = parse_block_name(name)

@@ -47,7 +47,8 @@ from .cache import ActivationCache
 from .hooks import HookContext, HookFn, HookSpec
 from .inputs import VLMInputs
 from .io import JsonRecord, json_number
-from .names import SITE_ORDER, NameFilter, parse_block_name, resolve_names, resolve_names_except_read_only
+from .names import (SITE_ORDER, NameFilter, is_vision_side, parse_block_name, resolve_names,
+                    resolve_names_except_read_only)
 from .steering import repeat_inputs
 from .sweep import Grid
 
@@ -180,10 +181,6 @@ class PatchResult(JsonRecord):
 
 
 # -- patching ------------------------------------------------------------------
-def _vision_side(name: str) -> bool:
-    return name.startswith(("vision.", "projector."))
-
-
 def _position_label(positions: PositionSpec) -> str:
     return positions if isinstance(positions, str) else getattr(positions, "__name__", "custom")
 
@@ -194,7 +191,7 @@ def _patch_mask(positions: PositionSpec, name: str, inputs: VLMInputs) -> Option
         raise ValueError(f"positions must be one of {POSITIONS} or a callable(inputs) -> bool [batch, pos], got {positions!r}")
     if positions == "all":
         return None
-    if _vision_side(name):
+    if is_vision_side(name):
         if positions == "image":
             return None  # every vision-side position belongs to an image
         raise ValueError(f"positions={_position_label(positions)!r} is meaningless at vision-side site {name!r}: "
@@ -275,7 +272,7 @@ def patch_from_run(
                          f"cache them in the source run (cached: {source_cache.names[:6]})")
     check_layout("source", source_cache.image_mask, source_cache.image_mask | source_cache.text_mask,
                  "target", target_inputs.image_mask, target_inputs.image_mask | target_inputs.text_mask)
-    check_grids("source", getattr(source_cache, "image_grid_thw", None), "target",
+    check_grids("source", source_cache.image_grid_thw, "target",
                 target_inputs.image_kwargs.get("image_grid_thw"))
     masks = {n: _patch_mask(positions, n, target_inputs) for n in resolved}  # validate before any forward pass
 

@@ -38,7 +38,7 @@ from torch import Tensor
 from .hooks import HookSpec
 from .inputs import RowImages, VLMInputs
 from .model import HookedVLM
-from .names import NameFilter, resolve_names_except_read_only
+from .names import NameFilter, is_vision_side, resolve_names_except_read_only
 
 Position = Literal["last", "image_mean", "text_mean"]
 POSITIONS = ("last", "image_mean", "text_mean")
@@ -46,11 +46,6 @@ _FORMAT = "interp.LinearProbe"
 
 
 # -- features ------------------------------------------------------------------
-def is_vision_side(name: str) -> bool:
-    """Sites of the vision tower and projector: no prompt positions, one row per image (or per patch for Qwen)."""
-    return name.startswith(("vision.", "projector."))
-
-
 def _masked_mean(t: Float[Tensor, "batch pos d"], mask: Tensor, name: str, what: str) -> Float[Tensor, "batch d"]:
     mask = mask.to(t.device)
     counts = mask.sum(1)

@@ -252,12 +252,10 @@ def bridge_hook_names(model: "HookedVLM", names: NameFilter = None) -> dict[str,
 
 def _qwen_unwindow(bridge: "TransformerBridge", merged: Tensor, grid_thw: Tensor) -> Tensor:
     """Undo Qwen2.5-VL's window permutation of merged vision tokens (what the HF tower does after the merger)."""
-    from transformers.vision_utils import get_vision_window_index
+    from .vision import qwen_unwindow
 
     visual = bridge.original_model.model.visual
-    window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
-                                              window_size=visual.window_size, patch_size=visual.patch_size)
-    return merged[torch.argsort(window_index.to(merged.device))]
+    return qwen_unwindow(merged, grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size)
 
 
 def bridge_run_with_cache(bridge: "TransformerBridge", model: "HookedVLM", inputs: VLMInputs,

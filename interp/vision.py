@@ -30,22 +30,19 @@ import torch
 from torch import Tensor
 
 from .inputs import VLMInputs
+from .names import is_vision_side
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import HookedVLM
 
-__all__ = ["vision_maps", "qwen_window_to_raster"]
-
-
-def _is_vision_site(name: str) -> bool:
-    return name.startswith(("vision.", "projector."))
+__all__ = ["vision_maps", "qwen_window_to_raster", "qwen_unwindow"]
 
 
 def vision_maps(model: "HookedVLM", inputs: VLMInputs, name: str, source: Any) -> list[Tensor]:
     """One ``[h, w, ...]`` tensor per image of ``inputs`` (batch order, then image order within a row): the
     vision-side activation ``name`` on the image's patch grid, row-major; ``source`` is a cache holding ``name``
     or the activation itself."""
-    if not _is_vision_site(name):
+    if not is_vision_side(name):
         raise ValueError(f"{name!r} is not a vision-side site (vision.* or projector.*): it has prompt positions, "
                          "not patches; use cache.image(name) for the image tokens in the language model")
     t = source[name] if not isinstance(source, Tensor) else source
@@ -85,11 +82,30 @@ def _grids(grid_thw: Tensor) -> list[tuple[int, int, int]]:
 
 def _raster_merged(t: Tensor, grid_thw: Tensor, merge: int, name: str) -> list[Tensor]:
     """``projector.hook_out``: merged patches already in raster order, image after image."""
-    counts = [(h // merge) * (w // merge) for _, h, w in _grids(grid_thw)]
+    shapes = [(h // merge, w // merge) for _, h, w in _grids(grid_thw)]
+    counts = [h * w for h, w in shapes]
     if t.shape[0] != sum(counts):
         raise ValueError(f"{name!r}: {t.shape[0]} rows for merged grids of {counts} patches")
-    return [c.reshape(h // merge, w // merge, *t.shape[1:])
-            for c, (_, h, w) in zip(torch.split(t, counts), _grids(grid_thw))]
+    return [c.reshape(h, w, *t.shape[1:]) for c, (h, w) in zip(torch.split(t, counts), shapes)]
+
+
+def qwen_unwindow(t: Tensor, grid_thw: Tensor, merge: int, window_size: int, patch_size: int) -> Tensor:
+    """Undo Qwen2.5-VL's window permutation: rows in window order -> the processor's order, for patch rows
+    (``merge**2`` rows per merged unit: the vision blocks, ``projector.hook_in``) or merged rows (one per unit).
+
+    The permutation is the tower's own (``transformers.vision_utils.get_vision_window_index``) over merged
+    units, applied before the first block and undone by the tower only after the merger.
+    """
+    from transformers.vision_utils import get_vision_window_index
+
+    window_index, _ = get_vision_window_index(grid_thw.cpu(), spatial_merge_size=merge, window_size=window_size,
+                                              patch_size=patch_size)
+    n_units = window_index.numel()
+    if t.shape[0] % n_units:
+        raise ValueError(f"{t.shape[0]} rows do not split into the {n_units} merged units of grids "
+                         f"{grid_thw.tolist()}")
+    units = t.reshape(n_units, t.shape[0] // n_units, *t.shape[1:])
+    return units[torch.argsort(window_index.to(t.device))].reshape(t.shape)
 
 
 def qwen_window_to_raster(t: Tensor, grid_thw: Tensor, merge: int, window_size: int, patch_size: int,
@@ -101,17 +117,11 @@ def qwen_window_to_raster(t: Tensor, grid_thw: Tensor, merge: int, window_size: 
     (``transformers.vision_utils.get_vision_window_index``, what the tower applies before its first block),
     then the processor's blocked order ``(h_block, w_block, h_in, w_in)``.
     """
-    from transformers.vision_utils import get_vision_window_index
-
     grids = _grids(grid_thw)
-    unit = merge * merge
     total = sum(h * w for _, h, w in grids)
     if t.shape[0] != total:
         raise ValueError(f"{name!r}: {t.shape[0]} rows for image grids of {total} patches in all")
-    window_index, _ = get_vision_window_index(grid_thw.cpu(), spatial_merge_size=merge, window_size=window_size,
-                                              patch_size=patch_size)
-    units = t.reshape(total // unit, unit, *t.shape[1:])
-    processor = units[torch.argsort(window_index.to(t.device))].reshape(total, *t.shape[1:])
+    processor = qwen_unwindow(t, grid_thw, merge, window_size, patch_size)
     maps = []
     for chunk, (_, h, w) in zip(torch.split(processor, [h * w for _, h, w in grids]), grids):
         rest = tuple(chunk.shape[1:])

@@ -248,8 +248,8 @@ def unlearn(
     lora: bool = False,
     lora_rank: int = 8,
     lora_alpha: float = 16.0,
-    saliency_threshold: float = 1.0,
-    forget_text: str = "keep",
+    saliency_threshold: float | None = None,
+    forget_text: str | None = None,
     on_epoch: Callable[[int, HookedVLM, dict[str, Any]], None] | None = None,
 ) -> tuple[HookedVLM, dict[str, Any]]:
     """Unlearn ``forget`` with ``method`` in {ga, grad_diff, kl_min, npo, mmunlearner}; returns ``(new_model, info)``.
@@ -270,10 +270,10 @@ def unlearn(
     ``mmunlearner`` first estimates each parameter's importance for the rows
     it ascends on and for the rows it keeps (one pass over each, counted in
     ``fit_s``), then trains GradDiff with every gradient entry outside
-    ``importance ratio > saliency_threshold`` zeroed, so those entries stay
+    ``importance ratio > saliency_threshold`` (default 1) zeroed, so those entries stay
     bit-identical (``info["mask_fraction"]`` says how many may move).  The
     rows it ascends on are the forget rows with an image; ``forget_text``
-    ("keep" or "forget") says whether the text-only forget rows join the
+    ("keep", the default, or "forget") says whether the text-only forget rows join the
     retain rows or the ascent.  It needs full fine-tuning and no weight decay
     (either would move masked entries).
     """
@@ -283,20 +283,19 @@ def unlearn(
         raise ValueError(f"need epochs >= 1, batch_size >= 1 and a finite lr > 0, got {epochs}, {batch_size}, {lr}")
     # NaN passes every "<= 0" test: a NaN beta or an infinite rate trained the copy into NaN weights, and a
     # negative or NaN retain weight silently dropped the retain term (GradDiff became GA)
-    for name, value, lo in (("beta", beta, "> 0"), ("retain_weight", retain_weight, ">= 0"),
-                            ("weight_decay", weight_decay, ">= 0"),
-                            ("grad_clip", grad_clip, ">= 0 (0 or None: no clipping)")):
-        if value is None:
-            continue
-        v = float(value)
-        if not math.isfinite(v) or v < 0 or (lo == "> 0" and v == 0):
-            raise ValueError(f"{name} must be a finite number {lo}, got {value!r}")
+    if not 0 < float(beta) < math.inf:
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    for name, value in (("retain_weight", retain_weight), ("weight_decay", weight_decay), ("grad_clip", grad_clip)):
+        if value is not None and not 0 <= float(value) < math.inf:
+            raise ValueError(f"{name} must be a finite number >= 0 (or None), got {value!r}")
     forget, retain = _rows(forget, "forget"), _rows(retain, "retain")
     if not forget:
         raise ValueError("nothing to forget")
-    if method != "mmunlearner" and (forget_text != "keep" or saliency_threshold != 1.0):
+    if method != "mmunlearner" and (forget_text is not None or saliency_threshold is not None):
         raise ValueError(f"forget_text and saliency_threshold are MMUnlearner's settings; {method} has no use "
                          "for them")
+    saliency_threshold = 1.0 if saliency_threshold is None else saliency_threshold
+    forget_text = "keep" if forget_text is None else forget_text
     w = METHODS[method] if retain_weight is None else float(retain_weight)
     if method == "mmunlearner":
         forget, retain = _mmunlearner_rows(forget, retain, forget_text, lora, weight_decay, saliency_threshold)

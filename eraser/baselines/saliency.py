@@ -63,7 +63,7 @@ def saliency_mask(forget: Mapping[str, Tensor], keep: Mapping[str, Tensor], thre
     A parameter neither set moves (both importances 0) is never selected;
     one only the forget set moves is always selected.
     """
-    if not threshold > 0 or threshold != threshold:
+    if not threshold > 0:  # also NaN
         raise ValueError(f"threshold must be > 0, got {threshold!r}")
     if set(forget) != set(keep):
         raise ValueError(f"importance dicts name different parameters: {sorted(set(forget) ^ set(keep))[:5]}")
