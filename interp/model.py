@@ -118,6 +118,17 @@ class HookedVLM:
         return self.adapter.n_vision_layers(self.hf_model)
 
     @property
+    def vision_feature_blocks(self) -> tuple[int, ...]:
+        """The vision blocks whose outputs the projector reads (LLaVA-1.5: the second-to-last; Qwen2.5-VL: the last).
+
+        Why it matters: to change what the language model sees, edit ``vision.blocks.{l}.hook_resid_post`` of
+        one of these (or ``projector.hook_in``).  ``vision.blocks.{l+1}.hook_resid_pre`` caches the same tensor,
+        but an edit there reaches only the later vision blocks, whose output LLaVA never reads; -1 means the
+        projector reads the patch embeddings.
+        """
+        return self.adapter.feature_blocks(self.hf_model.config, self.n_vision_layers)
+
+    @property
     def d_model(self) -> int:
         return get_module(self.hf_model, self.adapter.lm_head).in_features
 

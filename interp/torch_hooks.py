@@ -90,8 +90,10 @@ class _Dispatcher:
     steps aside: when every entry acts on the prefill pass only, the torch hook removes itself after
     that pass (after step k when every entry acts on steps 0..k at most, :func:`~interp.hooks.first_steps`),
     so the later decode steps run with no hook dispatch at all (the deployment fast path costs nothing per
-    generated token); :class:`active_inputs` puts it back when the call ends.  Relative
-    order against torch hooks that other code registered on the same module is not preserved.
+    generated token); :class:`active_inputs` puts it back when the call ends.  The torch hook is
+    prepended, so it runs before any hook other code registered on the module: transformers records
+    ``hidden_states`` with its own forward hooks, and LLaVA's projector reads a vision block's output
+    from that record, so an edit there must be made before the record is, as the nnsight backend's is.
     """
 
     def __init__(self, module: torch.nn.Module, kind: str) -> None:
@@ -120,9 +122,9 @@ class _Dispatcher:
         if self.torch_handle is not None or not self.entries:
             return
         if self.kind == "input":
-            self.torch_handle = self.module.register_forward_pre_hook(self._pre)
+            self.torch_handle = self.module.register_forward_pre_hook(self._pre, prepend=True)
         else:
-            self.torch_handle = self.module.register_forward_hook(self._post)
+            self.torch_handle = self.module.register_forward_hook(self._post, prepend=True)
 
     def step_aside(self) -> None:
         if self.torch_handle is not None:

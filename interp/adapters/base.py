@@ -181,6 +181,8 @@ class ArchAdapter:
     # (query heads, key/value heads) of the language model's and the vision tower's attention, from the config
     lm_heads: Callable[[Any], tuple[int, int]] | None = None
     vision_heads: Callable[[Any], tuple[int, int]] | None = None
+    # (config, number of vision blocks) -> the vision blocks whose outputs the projector reads (default: the last)
+    feature_blocks: Callable[[Any, int], tuple[int, ...]] = field(default=lambda config, n: (n - 1,))
 
     def n_layers(self, model: nn.Module) -> int:
         return len(get_module(model, self.lm_layers))

@@ -24,6 +24,14 @@ def _tokens_per_image(config, processed: dict[str, torch.Tensor]) -> list[int]:
     return [n] * processed["pixel_values"].shape[0]
 
 
+def _feature_blocks(config, n_blocks: int) -> tuple[int, ...]:
+    # The projector reads ``hidden_states[i]`` (a list of them on some checkpoints): index 0 is the embeddings,
+    # index i the output of block i - 1; LLaVA-1.5 reads -2, the second-to-last block's output.
+    layers = config.vision_feature_layer
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    return tuple((i if i >= 0 else n_blocks + 1 + i) - 1 for i in layers)
+
+
 LLAVA = register(
     ArchAdapter(
         name="llava",
@@ -57,6 +65,7 @@ LLAVA = register(
         projector_in=Site("model.multi_modal_projector", "input"),
         projector_out=Site("model.multi_modal_projector", "output"),
         image_token_id=lambda config: config.image_token_id,
+        feature_blocks=_feature_blocks,
         chat_template=_chat,
         image_placeholder="<image>",
         preprocess_images=_preprocess,

@@ -292,3 +292,17 @@ def test_run_with_cache_of_every_name_on_a_text_only_batch(tiny_model, two_promp
     assert with_images.names == tiny_model.hook_names()
     with pytest.raises(ValueError, match="vision-side sites, but this batch has no images"):
         tiny_model.run_with_cache(text, names="projector.hook_out")  # named outright: still an error
+
+
+def test_vision_feature_blocks_name_the_blocks_whose_output_reaches_the_language_model(tiny_llava, tiny_qwen):
+    from tests.conftest import random_image
+
+    assert tiny_llava.vision_feature_blocks == (0,)  # vision_feature_layer -2 of 2 blocks
+    assert tiny_qwen.vision_feature_blocks == (tiny_qwen.n_vision_layers - 1,)
+    inputs = tiny_llava.encode(images=[random_image(32, 4)], prompts=["who is this"])
+    vanilla = tiny_llava.run_with_hooks(inputs, [])
+    width = tiny_llava.hf_model.config.vision_config.hidden_size
+    shift = lambda x, c: x + torch.linspace(-1, 1, width)  # noqa: E731
+    read = tiny_llava.run_with_hooks(inputs, [("vision.blocks.0.hook_resid_post", shift)])
+    unread = tiny_llava.run_with_hooks(inputs, [("vision.blocks.1.hook_resid_post", shift)])
+    assert (read - vanilla).abs().max() > 1e-2 and torch.equal(unread, vanilla)

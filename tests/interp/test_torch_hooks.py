@@ -280,3 +280,24 @@ def test_attached_hooks_visit_the_same_generation_steps_on_both_backends(tiny_ll
     tiny_llava.generate(inputs, max_new_tokens=5, eos_token_id=None,
                         hooks=[("blocks.1.hook_resid_pre", lambda x, c: steps.append(c.step))])
     assert steps == [0]
+
+
+@pytest.mark.parametrize("site", ["vision.blocks.0.hook_resid_post", "vision.blocks.0.hook_mlp_out"])
+def test_an_edit_where_llava_reads_its_vision_features_reaches_the_projector_on_both_backends(tiny_llava, site):
+    # The tiny LLaVA's projector reads hidden_states[-2], block 0's output, which transformers records with
+    # its own forward hook: the torch backend's hook must run before that record (it ran after, unseen).
+    assert tiny_llava.hf_model.config.vision_feature_layer == -2 and tiny_llava.n_vision_layers == 2
+    from tests.conftest import random_image
+
+    inputs = tiny_llava.encode(images=[random_image(32, 3)], prompts=["who is this"])
+    vec = 0.5 * torch.linspace(-1, 1, tiny_llava.hf_model.config.vision_config.hidden_size)
+    spec = [(site, lambda x, c: x + vec)]
+    vanilla = tiny_llava.run_with_hooks(inputs, [])
+    via_nnsight = tiny_llava.run_with_hooks(inputs, spec)
+    with tiny_llava.hooks(spec, backend="torch"):
+        via_torch, cache = tiny_llava.run_with_cache(inputs, names=["projector.hook_in"])
+    _, clean = tiny_llava.run_with_cache(inputs, names=["projector.hook_in", "vision.blocks.0.hook_resid_post"])
+    assert (via_nnsight - vanilla).abs().max() > 1e-2
+    assert torch.allclose(via_torch, via_nnsight, atol=1e-5)
+    expected = clean["vision.blocks.0.hook_resid_post"][:, 1:] + vec  # CLS row dropped by the projector's read
+    assert torch.allclose(cache["projector.hook_in"], expected, atol=1e-5)
