@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     ev = sub.add_parser("eval", help="evaluate methods on the embedded default; writes results.json/.md")
     _common(ev)
-    ev.add_argument("--method", choices=sorted(METHOD_SETS), default="vanilla")
+    ev.add_argument("--method", choices=sorted(METHOD_SETS), default="vanilla",
+                    help="vanilla alone (default), every MLLMEraser variant next to it (mllmeraser), or one variant")
     ev.add_argument("--out", type=out_dir, default=None, help="output folder (default: print only)")
     ev.add_argument("--no-oracle", action="store_true", help=NO_ORACLE_HELP)
     ev.add_argument("--artifact", default=None,
@@ -80,11 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     # only gated variants: an artifact carries no "ungated" switch, so a saved ``steer_static`` would steer
     # through a gate when attached; that ablation is evaluated with ``eval --method steer_static`` instead
     fit.add_argument("--variant", default="mllmeraser", choices=[v for v in ERASER_VARIANTS if v in GATED_VARIANTS],
-                     help="the variant to fit and save (static steering is an ablation: eval --method steer_static)")
-    fit.add_argument("--out", type=out_dir, required=True)
+                     help="the variant to fit and save (default: mllmeraser; static steering is an ablation: "
+                          "eval --method steer_static)")
+    fit.add_argument("--out", type=out_dir, required=True, help="folder for eraser.safetensors and selection.json")
     sw = sub.add_parser("sweep", help="layer x strength sweep of MLLMEraser (resumable JSONL) and its heatmap")
     _common(sw)
-    sw.add_argument("--out", type=out_dir, required=True)
+    sw.add_argument("--out", type=out_dir, required=True,
+                    help="folder for sweep.jsonl (resumed if there), the fitted eraser and heatmap.png")
     sw.add_argument("--strengths", type=finite_float, nargs="+", default=None,
                     help="strengths to try (finite; negative steers towards refusal)")
     figs = sub.add_parser("figures", help="regenerate every figure from a results folder, without recomputing")
@@ -92,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     figs.add_argument("--out", type=out_dir, default=None, help="where to write PNGs (default: the same folder)")
     demo = sub.add_parser("demo", help="the main job: fit, evaluate, tabulate and plot")
     _common(demo)
-    demo.add_argument("--out", type=out_dir, required=True)
+    demo.add_argument("--out", type=out_dir, required=True,
+                      help="folder for results.json/.md, the artifacts, the sweep and the figures")
     demo.add_argument("--baselines", type=baseline_list, default=DEMO_BASELINES, metavar="LIST",
                       help=f"training baselines, comma-separated, among {', '.join(sorted(METHODS))} (default: "
                            f"{','.join(DEMO_BASELINES)}; MMUnlearner's saliency pass and its selection add ~25 s "
@@ -171,16 +175,29 @@ def cmd_fit(args: argparse.Namespace) -> Path:
 
 
 def cmd_sweep(args: argparse.Namespace) -> Path:
-    """Fit (automatic strength), then steer one layer at a time (and all layers) over a strength grid."""
+    """Fit (automatic strength), then steer one layer at a time (and all layers) over a strength grid.
+
+    The fitted eraser is saved beside the journal, so a resumed sweep loads it (after checking it against
+    the model and the forget split) instead of fitting again; settings already in the journal are skipped."""
     from .demo import SWEEP_STRENGTHS, check_sweep_journal, layer_sweep
     from .pipeline import fit_variant
     from .plots import plot_heatmap
 
     setup = _setup(args)
-    check_sweep_journal(setup, Path(args.out) / "sweep.jsonl")
-    eraser, _, _ = fit_variant(setup, "mllmeraser")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_sweep_journal(setup, out / "sweep.jsonl")
+    artifact = out / "eraser.safetensors"
+    if artifact.exists():  # a resumed sweep: the fit (and its strength search) is the slow part, so keep it
+        from .method import MLLMEraser
+        from .pairs import forget_queries
+
+        eraser = MLLMEraser.load(artifact)
+        eraser.check_model(setup.model)
+        eraser.check_forget_set(forget_queries(setup.bench))
+        print(f"reusing the eraser fitted by an earlier run, {artifact} (delete it to refit)")
+    else:
+        eraser, _, _ = fit_variant(setup, "mllmeraser")
+        eraser.save(artifact)
     path = layer_sweep(setup, eraser, out, tuple(args.strengths) if args.strengths else SWEEP_STRENGTHS)
     png = plot_heatmap(out, out / "heatmap.png")
     print(f"wrote {path}" + (f" and {png}" if png else ""))
@@ -198,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     from .pipeline import LocalSetupError
 
     torch.set_num_threads(getattr(args, "threads", 2))
+    if getattr(args, "no_progress", False):  # transformers' own bars too ("Loading weights" of --model)
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     try:
         return _run(args)
     except (ArtifactError, ArtifactMismatchError, SweepContextError, BenchmarkFormatError, FileNotFoundError,

@@ -474,6 +474,15 @@ class MLLMEraser:
         if diffs:
             raise ArtifactMismatchError("this eraser was fitted on a different model: " + "; ".join(diffs))
 
+    def __repr__(self) -> str:
+        # the dataclass repr would print every tensor (12k characters for the quick model's artifact)
+        fp = self.fingerprint or {}
+        changed = {k: v for k, v in asdict(self.config).items()
+                   if v != getattr(EraserConfig, k, None) and k != "layers"}
+        extra = f", d_answer {tuple(self.d_answer.shape)}" if self.d_answer is not None else ""
+        return (f"MLLMEraser({fp.get('arch', '?')} d_model {fp.get('d_model', '?')}: layers {self.layers}, "
+                f"w {tuple(self.w.shape)}, d {tuple(self.d.shape)}{extra}, {self.nbytes} bytes; config {changed})")
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.w, self.d, self.d_answer) if t is not None)

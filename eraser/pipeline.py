@@ -354,7 +354,8 @@ def memorisation_checks(setup: Setup, vanilla: dict[str, dict[str, float]], refu
         c["pass"] = bool(c["value"] >= c["min"]) if "min" in c else bool(c["value"] <= c["max"])
     checks["all_pass"] = all(c["pass"] for c in checks.values() if isinstance(c, dict))
     if not oracle:
-        skipped.append("oracle_forget_cls_acc (--no-oracle)")
+        skipped.append("oracle_forget_cls_acc (" + ("--no-oracle" if setup.has_oracle else
+                                                     "no retain-only oracle for this model: --oracle-model PATH") + ")")
     if skipped:
         checks["skipped"] = skipped
     return checks

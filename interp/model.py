@@ -261,6 +261,9 @@ class HookedVLM:
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         plan = self._plan(None, hooks, inputs)
+        if "backend" in generate_kwargs:
+            raise TypeError("generate() takes no backend: attach hooks on a backend with model.hooks(hooks, "
+                            "backend=...) (or eraser.attached(model, backend=...)) and call generate inside it")
         kwargs = dict(do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
                       eos_token_id=self.tokenizer.eos_token_id)
         kwargs.update(generate_kwargs)
@@ -311,6 +314,11 @@ class HookedVLM:
         if len(ids) != 1:
             pieces = self.tokenizer.convert_ids_to_tokens(ids)
             raise ValueError(f"{text!r} is {len(ids)} tokens {pieces}, not one")
+        unk = self.tokenizer.unk_token_id
+        if unk is not None and ids[0] == unk and text != self.tokenizer.unk_token:
+            # a word-level vocabulary maps every unknown word to one id: its logit says nothing about ``text``
+            raise ValueError(f"{text!r} is not in the vocabulary: it tokenises to the unknown token "
+                             f"{self.tokenizer.unk_token!r}")
         return int(ids[0])
 
     def to_tokens(self, text: str | Sequence[str], prepend_bos: bool = True) -> Int[Tensor, "batch pos"]:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .inputs import VLMInputs
-from .names import is_vision_side
+from .names import HookNameError, closest_names, is_vision_side
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import HookedVLM
@@ -42,6 +42,10 @@ def vision_maps(model: "HookedVLM", inputs: VLMInputs, name: str, source: Any) -
     """One ``[h, w, ...]`` tensor per image of ``inputs`` (batch order, then image order within a row): the
     vision-side activation ``name`` on the image's patch grid, row-major; ``source`` is a cache holding ``name``
     or the activation itself."""
+    if name not in model.hook_names():  # a typo or a block this model lacks: the closest valid names
+        vision_names = [n for n in model.hook_names() if is_vision_side(n)]
+        raise HookNameError(f"{name!r} is not a hook name of this model; closest vision-side names: "
+                            f"{closest_names(name, vision_names) or vision_names[:6]}")
     if not is_vision_side(name):
         raise ValueError(f"{name!r} is not a vision-side site (vision.* or projector.*): it has prompt positions, "
                          "not patches; use cache.image(name) for the image tokens in the language model")

@@ -2,7 +2,7 @@
 
 >>> from eraser.zoo import Recipe, load_or_train
 >>> recipe = Recipe.quick("llava")
->>> # model = load_or_train(recipe)   # trains once (< 1 min), then loads from the cache
+>>> # model = load_or_train(recipe)   # trains once (quick: ~6-8 min on 2 cores), then loads from the cache
 """
 from .cache import cache_root, cached_path, checkpoint_dir, default_model, load_checkpoint, load_or_train, train_log
 from .check import TARGETS, memorisation_report

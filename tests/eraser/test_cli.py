@@ -28,7 +28,7 @@ def test_out_of_range_flags_are_rejected(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_sweep_runs_and_resumes_without_recomputing(tmp_path, capsys):
+def test_sweep_runs_and_resumes_without_recomputing(tmp_path, capsys, monkeypatch):
     args = ["sweep", "--quick", "--threads", "1", "--no-progress", "--out", str(tmp_path), "--strengths", "-0.2", "-1.0"]
     assert main(args) == 0
     lines = (tmp_path / "sweep.jsonl").read_text().splitlines()
@@ -40,7 +40,16 @@ def test_sweep_runs_and_resumes_without_recomputing(tmp_path, capsys):
     for r in records:
         assert 0.0 <= r["result"]["forget_refusal_rate"] <= 1.0 and 0.0 <= r["result"]["retain_cls_acc"] <= 1.0
     assert (tmp_path / "heatmap.png").stat().st_size > 5000
-    assert main(args) == 0  # a finished setting is never recomputed: the journal is unchanged
+    assert (tmp_path / "eraser.safetensors").exists()
+    from eraser import pipeline
+
+    def no_refit(*a, **k):
+        raise AssertionError("a resumed sweep fitted again")
+
+    monkeypatch.setattr(pipeline, "fit_variant", no_refit)
+    capsys.readouterr()
+    assert main(args) == 0  # a finished setting is never recomputed (the journal is unchanged), nor the fit
+    assert "reusing the eraser fitted by an earlier run" in capsys.readouterr().out
     assert (tmp_path / "sweep.jsonl").read_text().splitlines() == lines
     # the journal is another split's: refused before fitting, not resumed with the forget-5 % numbers
     assert main(args + ["--forget-ratio", "10"]) == 2

@@ -532,3 +532,15 @@ def test_forget_hash_is_stable_for_multi_image_rows_and_bare_pairs_are_refused(t
     with pytest.raises(ValueError, match=r"\(image or None, prompt\) pairs; item 0"):
         MLLMEraser.fit(tiny_llava, (a, "who is this"), _queries(8, 2, 200), _queries(2, 3, 300),
                        _queries(2, 4, 400))
+
+
+def test_repr_summarises_instead_of_printing_tensors():
+    import torch
+
+    from eraser.method import EraserConfig, MLLMEraser
+
+    e = MLLMEraser(layers=[1, 2], w=torch.zeros(2, 300), d=torch.ones(2, 300),
+                   config=EraserConfig(layers=(1, 2), gamma=0.5), fingerprint={"arch": "llava", "d_model": 300})
+    text = repr(e)
+    assert text == ("MLLMEraser(llava d_model 300: layers [1, 2], w (2, 300), d (2, 300), 4800 bytes; "
+                    "config {'gamma': 0.5})")

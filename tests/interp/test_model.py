@@ -306,3 +306,15 @@ def test_vision_feature_blocks_name_the_blocks_whose_output_reaches_the_language
     read = tiny_llava.run_with_hooks(inputs, [("vision.blocks.0.hook_resid_post", shift)])
     unread = tiny_llava.run_with_hooks(inputs, [("vision.blocks.1.hook_resid_post", shift)])
     assert (read - vanilla).abs().max() > 1e-2 and torch.equal(unread, vanilla)
+
+
+def test_to_single_token_refuses_an_unknown_word_and_generate_refuses_a_backend(tiny_llava):
+    tok = tiny_llava.tokenizer
+    known = next(w for w in tok.get_vocab() if w.isalpha() and w != tok.unk_token)
+    assert tiny_llava.to_single_token(known) == tok.get_vocab()[known]
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        tiny_llava.to_single_token("xyzzyplugh")
+    inputs = tiny_llava.encode(prompts=["who is he"])
+    with pytest.raises(TypeError, match="model.hooks"):
+        tiny_llava.generate(inputs, max_new_tokens=2, hooks=[("blocks.0.hook_resid_pre", lambda x, c: x)],
+                            backend="torch")

@@ -74,3 +74,13 @@ def test_bad_requests_are_named(tiny_llava):
     text = tiny_llava.encode(prompts=["who"])
     with pytest.raises(ValueError, match="no images"):
         vision_maps(tiny_llava, text, "vision.hook_embed", cache)
+
+
+def test_vision_maps_names_a_missing_block_as_a_bad_name_with_vision_suggestions(tiny_llava):
+    from interp.names import HookNameError
+    from interp.vision import vision_maps
+    from tests.conftest import random_image
+
+    inputs = tiny_llava.encode(images=[random_image(32, 1)], prompts=["who is this"])
+    with pytest.raises(HookNameError, match="vision.blocks.1.hook_resid_post"):  # 2 blocks: block 3 does not exist
+        vision_maps(tiny_llava, inputs, "vision.blocks.3.hook_resid_post", {})
