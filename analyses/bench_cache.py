@@ -1,25 +1,25 @@
 """Benchmark: ``run_with_cache`` over every residual-stream name vs a plain ``output_hidden_states=True`` forward.
 
 Prints medians over interleaved repeats and their ratio (target <= 1.3) on a
-21M-parameter LLaVA-architecture config.  Run: ``python -m analyses.bench_cache``.
+24.8M-parameter LLaVA-architecture config.  Run: ``python -m analyses.bench_cache``.
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 
+from analyses._cli import script_parser
 from analyses._timing import interleaved
 from eraser.argtypes import positive_int
 from interp.tiny import tiny_vlm
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--d-model", type=positive_int, default=512)
-    ap.add_argument("--n-layers", type=positive_int, default=8)
-    ap.add_argument("--batch", type=positive_int, default=4)
-    ap.add_argument("--repeats", type=positive_int, default=30)
+    ap = script_parser("bench_cache", __doc__)
+    ap.add_argument("--d-model", type=positive_int, default=512, help="the random model's width")
+    ap.add_argument("--n-layers", type=positive_int, default=8, help="its decoder depth")
+    ap.add_argument("--batch", type=positive_int, default=4, help="prompts per forward")
+    ap.add_argument("--repeats", type=positive_int, default=30, help="interleaved timing rounds (the median is printed)")
     ap.add_argument("--threads", type=positive_int, default=2,
                     help="torch CPU threads (use 1 when other jobs share the cores: oversubscribed threads make "
                          "every timing meaningless)")

@@ -41,11 +41,11 @@ Run: ``python -m analyses.bench_fit --model default --seed 1``.
 """
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import torch
 
+from analyses._cli import script_parser
 from analyses._timing import interleaved
 from eraser.argtypes import nonneg_int, positive_int
 from eraser.autotune import measure, validation_split
@@ -131,17 +131,18 @@ def epochs_to_target(setup: Setup, method: str, forget, retain, lrs: list[float]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=("quick", "default", "random"), default="quick")
+    ap = script_parser("bench_fit", __doc__)
+    ap.add_argument("--model", choices=("quick", "default", "random"), default="quick",
+                    help="the zoo's trained quick or default model, or a random one (timing only)")
     ap.add_argument("--seed", type=nonneg_int, default=0, help="the zoo model's data and training seed")
-    ap.add_argument("--repeats", type=positive_int, default=3)
+    ap.add_argument("--repeats", type=positive_int, default=3, help="interleaved timing rounds (medians)")
     ap.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="baseline learning rates, comma-separated")
     ap.add_argument("--max-epochs", type=positive_int, default=20, help="most epochs a baseline trains to reach the target")
     ap.add_argument("--fixed-epochs", type=positive_int, default=None,
                     help="skip the search: every baseline trains this many epochs at the first --lrs rate")
     ap.add_argument("--retain-tolerance", type=float, default=None,
                     help="also require retain cls >= vanilla - this on the validation split (default: forgetting only)")
-    ap.add_argument("--threads", type=positive_int, default=2)
+    ap.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     ap.add_argument("--variant", default="mllmeraser_stacked_gate", choices=GATED_VARIANTS,
                     help="the MLLMEraser variant whose fit is timed")
     ap.add_argument("--baselines", default=",".join(BASELINES),

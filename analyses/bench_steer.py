@@ -5,14 +5,13 @@ ratios, with their quartiles: the three contenders run back to back in every rou
 size against the release's d x d per-layer matrices (target: >= d/4 times smaller) and against the same steering
 as dense matrices, and the peak memory of fitting as the retain set grows 10x (target: flat, thanks to streaming
 statistics; the high-water mark is reset after the model is built, see ``analyses._memory``).
-Run: ``python -m analyses.bench_steer`` (a 21M-parameter LLaVA config, random weights, 2 CPU threads), or
+Run: ``python -m analyses.bench_steer`` (a 24.8M-parameter LLaVA config, random weights, 2 CPU threads), or
 ``--model default`` / ``--model quick`` for the embedded default / quick trained models (trained once if not cached).
 ``--variant`` picks the eraser (default: the paper's ``mllmeraser``); ``mllmeraser_stacked_gate`` also steers the
 first answer tokens, so its hooks act on decode steps and its nnsight graph runs with ``every_step=True``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -22,6 +21,7 @@ import sys
 import torch
 from PIL import Image
 
+from analyses._cli import script_parser
 from analyses._memory import current_rss, peak_rss, reset_peak
 from analyses._timing import interleaved_times, paired_ratios, ratio_summary
 from eraser.argtypes import nonneg_int, positive_int
@@ -85,12 +85,12 @@ def _model(which: str, small: bool, n_layers: int | None = None, seed: int = 0):
 
 
 def main(argv: list[str] | None = None) -> dict[str, float | str]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=positive_int, default=10)
-    ap.add_argument("--new-tokens", type=positive_int, default=16)
+    ap = script_parser("bench_steer", __doc__)
+    ap.add_argument("--repeats", type=positive_int, default=10, help="interleaved timing rounds (medians of paired ratios)")
+    ap.add_argument("--new-tokens", type=positive_int, default=16, help="tokens each generate call produces")
     ap.add_argument("--small", action="store_true", help="a 1M-parameter random model, for a quick look")
     ap.add_argument("--model", choices=("random", "default", "quick"), default="random",
-                    help="random weights (21M, or 1M with --small), or the zoo's trained default / quick model")
+                    help="random weights (24.8M, or 1M with --small), or the zoo's trained default / quick model")
     ap.add_argument("--variant", default="mllmeraser",
                     choices=GATED_VARIANTS,
                     help="the eraser variant to steer with (its config; fitted on synthetic queries)")

@@ -1,7 +1,7 @@
 """Benchmark: 8 steering strengths in one batched forward (``run_coefficients``) vs one trace per strength.
 
 Prints medians over interleaved repeats and their ratios (target >= 3x) on a
-21M-parameter LLaVA-architecture config, batch of 4 prompts with images,
+24.8M-parameter LLaVA-architecture config, batch of 4 prompts with images,
 steering the last prompt token at the middle block.  Every contender computes
 the same logits (asserted before timing).  Run: ``python -m analyses.bench_sweep``.
 
@@ -19,12 +19,12 @@ Two batched contenders:
 """
 from __future__ import annotations
 
-import argparse
 from typing import Callable
 
 import torch
 from torch import Tensor
 
+from analyses._cli import script_parser, torch_device
 from analyses._timing import interleaved, synced
 from eraser.argtypes import nonneg_int, positive_int
 from interp.steering import add_vector, run_coefficients
@@ -51,12 +51,13 @@ def sweep_fns(model, inputs, v: Tensor, site: str, coeffs: list[float]) -> dict[
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n-coeffs", type=positive_int, default=8)
-    ap.add_argument("--batch", type=positive_int, default=4)
-    ap.add_argument("--repeats", type=positive_int, default=7)
-    ap.add_argument("--threads", type=positive_int, default=2)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap = script_parser("bench_sweep", __doc__)
+    ap.add_argument("--n-coeffs", type=positive_int, default=8, help="steering strengths per sweep")
+    ap.add_argument("--batch", type=positive_int, default=4, help="prompts per forward")
+    ap.add_argument("--repeats", type=positive_int, default=7, help="interleaved timing rounds (the median is printed)")
+    ap.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
+    ap.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu or cuda[:N]")
     ap.add_argument("--model", choices=("random", "default", "quick"), default="random",
                     help="a 24.8M-parameter random LLaVA config, or the zoo's trained default / quick model")
     ap.add_argument("--seed", type=nonneg_int, default=0, help="the zoo model's seed (--model default / quick)")

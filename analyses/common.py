@@ -34,10 +34,11 @@ from typing import Any, Sequence
 
 import torch
 
+from analyses._cli import script_parser
 from eraser.argtypes import finite_float, nonneg_int, positive_int
 from eraser.argtypes import out_dir as out_folder
 from eraser.data.schema import Profile
-from eraser.method import MLLMEraser
+from eraser.method import ArtifactError, MLLMEraser
 from eraser.pairs import forget_queries
 from eraser.pipeline import Setup, fit_variant, load_setup
 from eraser.variants import GATED_VARIANTS
@@ -59,8 +60,7 @@ def env_quick() -> bool:
 
 def base_parser(name: str, description: str) -> argparse.ArgumentParser:
     """The arguments every analysis script shares; scripts add their own on the returned parser."""
-    ap = argparse.ArgumentParser(prog=f"python -m analyses.{name}", description=description,
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = script_parser(name, description)
     ap.add_argument("--arch", default="llava", choices=["llava", "qwen2_5_vl"], help="model architecture")
     ap.add_argument("--seed", type=nonneg_int, default=0, help="model and data seed")
     ap.add_argument("--forget-ratio", type=int, default=5, choices=[5, 10, 15], help="forget split, in %%")
@@ -142,17 +142,24 @@ def load_context(args: argparse.Namespace) -> Context:
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"--limit must be >= 1, got {args.limit}")
     progress = not args.no_progress
+    given = None
+    if args.eraser is not None:  # a bad artifact fails in one line, before the model is loaded
+        if not Path(args.eraser).exists():
+            raise SystemExit(f"--eraser {args.eraser}: no such file")
+        try:
+            given = MLLMEraser.load(args.eraser)
+        except ArtifactError as e:
+            raise SystemExit(f"--eraser {args.eraser}: {e}") from None
     setup = load_setup(args.arch, args.seed, args.forget_ratio, quick=args.quick, cache_dir=args.cache_dir,
                        progress=progress, batch_size=args.batch_size)
     fit_s = None
-    if args.eraser is not None:
-        if not Path(args.eraser).exists():
-            raise SystemExit(f"--eraser {args.eraser}: no such file")
-        eraser = MLLMEraser.load(args.eraser, setup.model)  # refuses an eraser fitted on another model
-        try:  # ... and one fitted on another forget split (the analyses count its people as forgotten)
-            eraser.check_forget_set(forget_queries(setup.bench))
+    if given is not None:
+        try:  # an eraser fitted on another model, or on another forget split (the analyses count its people)
+            given.check_model(setup.model)
+            given.check_forget_set(forget_queries(setup.bench))
         except ValueError as e:
             raise SystemExit(f"--eraser {args.eraser}: {e}") from None
+        eraser = given
         source = str(args.eraser)
     else:
         t0 = time.perf_counter()

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
+from analyses._cli import script_parser
 from eraser.argtypes import finite_float, nonneg_int, out_dir, positive_int
 from eraser.autotune import DEFAULT_GRID, choose_gate, choose_strength, validation_split
 from eraser.hard_negatives import hard_negative_moments, with_hard_negatives
@@ -104,18 +105,18 @@ def _weights(text: str) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m analyses.hard_negatives", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = script_parser("hard_negatives", __doc__)
     ap.add_argument("--quick", action="store_true", default=env_quick(),
                     help="the quick model; on by default when MLLMERASER_QUICK=1")
-    ap.add_argument("--seed", type=nonneg_int, default=0)
-    ap.add_argument("--forget-ratio", type=int, default=5, choices=[5, 10, 15])
-    ap.add_argument("--variant", default="mllmeraser_window_gate", choices=WINDOWED)
+    ap.add_argument("--seed", type=nonneg_int, default=0, help="model and data seed")
+    ap.add_argument("--forget-ratio", type=int, default=5, choices=[5, 10, 15], help="forget split, in %%")
+    ap.add_argument("--variant", default="mllmeraser_window_gate", choices=WINDOWED,
+                    help="the windowed-gate variant whose retain set is re-weighted")
     ap.add_argument("--weights", type=_weights, default=[0.0, 10.0], help="comma-separated, e.g. 0,3,10,30")
     ap.add_argument("--out", type=out_dir, default=Path("runs") / "hard_negatives",
                     help="output folder (checked when parsed: not an existing file)")
-    ap.add_argument("--threads", type=positive_int, default=2)
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:

@@ -208,7 +208,7 @@ def print_summary(res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = base_parser("heads", __doc__.splitlines()[0])
+    ap = base_parser("heads", __doc__)
     ap.add_argument("--pairs", type=int, default=8, help="profile pairs averaged in the per-head patching")
     args = ap.parse_args(argv)
     if args.pairs < 1:

@@ -4,17 +4,16 @@ Run: ``python -m analyses.interp_tour``.  Everything is built offline from confi
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 from PIL import Image
 
+from analyses._cli import script_parser
 from interp.tiny import tiny_vlm
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", default="llava", choices=["llava", "qwen2_5_vl"])
+    ap = script_parser("interp_tour", __doc__)
+    ap.add_argument("--arch", default="llava", choices=["llava", "qwen2_5_vl"], help="the tiny random model's architecture")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
 

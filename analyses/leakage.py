@@ -339,7 +339,7 @@ def print_summary(res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = base_parser("leakage", __doc__.splitlines()[0])
+    ap = base_parser("leakage", __doc__)
     ap.add_argument("--partners", type=positive_int, default=2,
                     help="retain partners per forget profile (two-people questions, collateral damage)")
     ap.add_argument("--max-new-tokens", type=positive_int, default=32, help="greedy tokens per answer")

@@ -269,7 +269,7 @@ def print_summary(res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = base_parser("patching", __doc__.splitlines()[0])
+    ap = base_parser("patching", __doc__)
     ap.add_argument("--pairs", type=positive_int, default=8, help="profile pairs averaged in the image patching")
     args = ap.parse_args(argv)
     ctx = load_context(args)

@@ -237,7 +237,7 @@ def print_summary(res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = base_parser("probing", __doc__.splitlines()[0])
+    ap = base_parser("probing", __doc__)
     ap.add_argument("--weight-decay", type=float, default=1e-3, help="probe L2 weight decay")
     args = ap.parse_args(argv)
     ctx = load_context(args)

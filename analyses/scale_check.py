@@ -31,7 +31,6 @@ Run: ``python -m analyses.scale_check --arch llava --size 7b --device cuda --dty
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 import tempfile
@@ -42,6 +41,7 @@ from typing import Any
 
 import torch
 
+from analyses._cli import script_parser, torch_device
 from analyses._timing import interleaved, interleaved_times, paired_ratios, ratio_summary, synced
 from eraser.argtypes import positive_int
 
@@ -273,27 +273,26 @@ def check_baselines(setup, clock: _Clock, batch: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", choices=tuple(SIZES), default="llava")
-    ap.add_argument("--size", choices=("7b", "tiny"), default="tiny")
+    ap = script_parser("scale_check", __doc__)
+    ap.add_argument("--arch", choices=tuple(SIZES), default="llava", help="which checkpoint's sizes")
+    ap.add_argument("--size", choices=("7b", "tiny"), default="tiny", help="7b: the checkpoint's sizes (needs a GPU); tiny: a smoke run")
     ap.add_argument("--layers", type=positive_int, default=None, help="decoder depth (default: the checkpoint's)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu or cuda[:N]")
     ap.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                     help="default: bfloat16 on CUDA, float32 on the CPU")
     ap.add_argument("--variants", default="mllmeraser,mllmeraser_stacked_gate")
     ap.add_argument("--batch", type=positive_int, default=4, help="prompts per forward (cache, generation, sweep, baselines)")
     ap.add_argument("--fit-batch", type=positive_int, default=16, help="queries per forward while fitting")
     ap.add_argument("--pgd-batch", type=positive_int, default=None, help="recall images per PGD chunk (default: all at once)")
-    ap.add_argument("--new-tokens", type=positive_int, default=16)
-    ap.add_argument("--repeats", type=positive_int, default=5)
+    ap.add_argument("--new-tokens", type=positive_int, default=16, help="tokens per steered generate")
+    ap.add_argument("--repeats", type=positive_int, default=5, help="interleaved timing rounds (medians)")
     ap.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated subset of {','.join(CHECKS)}")
-    ap.add_argument("--threads", type=positive_int, default=2)
+    ap.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     ap.add_argument("--out", default=None, help="folder for scale_check.json")
     args = ap.parse_args(argv)
     if args.layers is not None and args.layers < 2:
         ap.error(f"--layers must be >= 2, got {args.layers}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        ap.error("--device cuda asked for, but torch sees no CUDA device")
     from eraser.pipeline import Setup
     from eraser.variants import GATED_VARIANTS
     from eraser.zoo import Recipe

@@ -36,7 +36,6 @@ evaluation, the method bar's checks).  Run:
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from analyses._cli import script_parser
 from eraser.argtypes import nonneg_int, out_dir, positive_int
 from eraser.autotune import (DEFAULT_GRID, GAMMA_GRID, STACKED_NULL_SPACE_GRID, calibrated_margin, choose_window,
                              combined_gates, concept_calibration, gate_retain_items, measure, select_strength,
@@ -174,16 +174,15 @@ def run(quick: bool = False, forget_ratio: int = 5, seed: int = 0, grid: Sequenc
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m analyses.stacked_gate", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = script_parser("stacked_gate", __doc__)
     ap.add_argument("--quick", action="store_true", default=env_quick(),
                     help="the quick model; on by default when MLLMERASER_QUICK=1")
-    ap.add_argument("--seed", type=nonneg_int, default=0)
-    ap.add_argument("--forget-ratio", type=int, default=5, choices=[5, 10, 15])
+    ap.add_argument("--seed", type=nonneg_int, default=0, help="model and data seed")
+    ap.add_argument("--forget-ratio", type=int, default=5, choices=[5, 10, 15], help="forget split, in %%")
     ap.add_argument("--out", type=out_dir, default=Path("runs") / "stacked_gate",
                     help="output folder (checked when parsed: not an existing file)")
-    ap.add_argument("--threads", type=positive_int, default=2)
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = run(args.quick, args.forget_ratio, args.seed, progress=not args.no_progress)

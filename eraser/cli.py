@@ -235,14 +235,22 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "sweep":
         cmd_sweep(args)
     elif args.command == "figures":
-        from .plots import make_all
+        from .plots import FiguresFailed, make_all
 
         src = Path(args.src)
         if not src.is_dir():
             print(f"mllmeraser figures: {src} is not a folder", file=sys.stderr)
             return 2
-        paths = make_all(src, Path(args.out) if args.out else None)
-        print("\n".join(f"wrote {p}" for p in paths) or "no figure had data")
+        try:
+            paths = make_all(src, Path(args.out) if args.out else None)
+        except FiguresFailed as e:  # each failure was printed in one line as it happened
+            print("\n".join(f"wrote {p}" for p in e.made))
+            print(f"mllmeraser figures: error: {e}", file=sys.stderr)
+            return 1
+        if not paths:  # nothing to draw from is a failure, as for python -m figures.make_all
+            print(f"mllmeraser figures: no figure had data in {src}", file=sys.stderr)
+            return 1
+        print("\n".join(f"wrote {p}" for p in paths))
     elif args.command == "demo":
         from .demo import run_demo
 

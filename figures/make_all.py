@@ -10,7 +10,7 @@ from typing import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from eraser.plots import ANALYSIS_FIGURES, FIGURES, make_all
+    from eraser.plots import ANALYSIS_FIGURES, FIGURES, FiguresFailed, make_all
 
     ap = argparse.ArgumentParser(prog="python -m figures.make_all", description=__doc__.split("\n")[0])
     ap.add_argument("--from", dest="src", required=True, help="run folder holding the saved results")
@@ -22,6 +22,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = make_all(args.src, args.out, only=args.only)
     except FileNotFoundError as e:
         ap.error(str(e))
+    except FiguresFailed as e:  # each failure was printed in one line as it happened
+        for p in e.made:
+            print(p)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     for p in paths:
         print(p)
     print(f"{len(paths)} figure(s) written", file=sys.stderr)

@@ -45,6 +45,7 @@ from .timing import plot_timing, timing_ratios
 from .tradeoff import Curve, plot_tradeoff, tradeoff_curves
 
 __all__ = [
+    "FiguresFailed",
     "ANALYSIS_FIGURES", "Curve", "DPI", "FIGURES", "gate_summary", "make_all", "plot_gates", "plot_heads_heatmap",
     "plot_heatmap",
     "plot_leakage", "plot_patching_heatmap", "plot_probe_accuracy", "plot_timing", "plot_tradeoff",
@@ -61,13 +62,21 @@ FIGURES: dict[str, tuple[Callable[..., Path | None], str]] = {
 }
 
 
+class FiguresFailed(RuntimeError):
+    """Some figures' data could not be drawn (each was reported as it failed); ``made`` holds the others."""
+
+    def __init__(self, failed: Sequence[str], made: Sequence[Path]) -> None:
+        super().__init__(f"figures failed: {', '.join(failed)} (made {[p.name for p in made]})")
+        self.failed, self.made = list(failed), list(made)
+
+
 def make_all(run_dir: PathLike, out_dir: PathLike | None = None,
              only: Sequence[str] | None = None) -> list[Path]:
     """Regenerate every figure whose input is in ``run_dir`` (into ``out_dir``, default ``run_dir``).
 
     Nothing is recomputed; figures without data are skipped with a message.
     A figure whose data is malformed does not stop the others: all are
-    attempted, then the first error is re-raised.
+    attempted, then :class:`FiguresFailed` is raised (from the first error).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -89,6 +98,5 @@ def make_all(run_dir: PathLike, out_dir: PathLike | None = None,
         if p is not None:
             made.append(p)
     if errors:
-        raise RuntimeError(f"figures failed: {', '.join(n for n, _ in errors)} (made {[p.name for p in made]})") \
-            from errors[0][1]
+        raise FiguresFailed([n for n, _ in errors], made) from errors[0][1]
     return made

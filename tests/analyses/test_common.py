@@ -43,3 +43,19 @@ def test_an_eraser_fitted_on_another_forget_split_is_refused(quick_eraser, tmp_p
 
     with pytest.raises(SystemExit, match=r"--eraser .*fitted on another forget set \(33 queries.*given \(66 queries.*--forget-ratio"):
         main(script_args(tmp_path, quick_eraser, 1, "--forget-ratio", "10"))
+
+
+def test_a_corrupt_eraser_fails_in_one_line_before_any_model_loads(tmp_path, monkeypatch):
+    import analyses.common as common
+    from analyses.patching import main
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the artifact was checked")
+
+    monkeypatch.setattr(common, "load_setup", no_model)
+    bad = tmp_path / "eraser.safetensors"
+    bad.write_bytes(b'{"not": "an artifact"}')
+    with pytest.raises(SystemExit, match=r"--eraser .*eraser.safetensors: .*not a readable MLLMEraser artifact"):
+        main(["--quick", "--eraser", str(bad), "--out", str(tmp_path / "out"), "--no-progress"])
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["--quick", "--eraser", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "out")])

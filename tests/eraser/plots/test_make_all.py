@@ -68,3 +68,20 @@ def test_make_all_script_fails_when_nothing_can_be_drawn_and_offers_the_analysis
     assert "no figure had data" in capsys.readouterr().err
     name = sorted(ANALYSIS_FIGURES)[0]
     assert main(["--from", str(empty), "--only", name]) == 1  # accepted as a choice; no data for it here
+
+
+def test_a_truncated_results_file_fails_in_one_line_on_both_entry_points(tmp_path, capsys):
+    from eraser.cli import main as cli_main
+    from figures.make_all import main
+
+    (tmp_path / "leakage.json").write_text('{"attacks": {"direct": ')  # cut short
+    assert main(["--from", str(tmp_path), "--out", str(tmp_path / "a")]) == 1
+    err = capsys.readouterr().err
+    assert "leakage_bars failed: JSONDecodeError" in err and "figures failed: leakage_bars" in err
+    assert "Traceback" not in err
+    assert cli_main(["figures", "--from", str(tmp_path), "--out", str(tmp_path / "b")]) == 1
+    assert "mllmeraser figures: error: figures failed: leakage_bars" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli_main(["figures", "--from", str(empty)]) == 1  # nothing drawn is a failure here too
+    assert "no figure had data" in capsys.readouterr().err
