@@ -233,9 +233,13 @@ def plot_leakage(source: Any, out_path: PathLike) -> Path | None:
             _paired_bars(axes[1], [coll[c].get("label", c) for c in cn], np.array([_f(coll[c]["vanilla"]) for c in cn]),
                          np.array([_f(coll[c]["steered"]) for c in cn]), "retain facts answered correctly ↑",
                          "Collateral damage")
-        fig.suptitle("Leakage under an API threat model (the steering hook cannot be removed)")
+        eraser = (data.get("config") or {}).get("eraser") or {}
+        which = ", ".join(x for x in (eraser.get("variant"), None if eraser.get("strength") is None
+                                      else f"λ={eraser['strength']}") if x)
+        fig.suptitle("Leakage under an API threat model (the steering hook cannot be removed)"
+                     + (f": {which}" if which else ""))
         rates = {a: {"vanilla": attacks[a]["vanilla"], "steered": attacks[a]["steered"]} for a in names}
-        return save_png(fig, out_path, {"attacks": rates})
+        return save_png(fig, out_path, {"attacks": rates, "eraser": which})
 
 
 #: figure name -> (plot function taking (run_dir or data, out_path), output file name, input file name)
