@@ -215,10 +215,6 @@ def main(argv: list[str] | None = None) -> int:
     from .pipeline import LocalSetupError
 
     torch.set_num_threads(getattr(args, "threads", 2))
-    if getattr(args, "no_progress", False):  # transformers' own bars too ("Loading weights" of --model)
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
     try:
         return _run(args)
     except (ArtifactError, ArtifactMismatchError, SweepContextError, BenchmarkFormatError, FileNotFoundError,

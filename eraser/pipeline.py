@@ -142,7 +142,7 @@ def load_local_setup(model_path: str, data_path: str, forget_ratio: int = 5, see
 
     def load(path: str, what: str) -> HookedVLM:
         try:
-            return HookedVLM.from_pretrained(path, dtype=dtype, device_map=device_map)
+            return HookedVLM.from_pretrained(path, dtype=dtype, device_map=device_map, progress=progress)
         except (OSError, ValueError, KeyError) as e:  # transformers' errors for a folder that is not a checkpoint
             raise LocalSetupError(f"{what} {path} does not load as a vision-language checkpoint "
                                   f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None

@@ -6,9 +6,10 @@ We read the saved processor type and use its PIL twin when one exists.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import transformers
 
@@ -66,3 +67,16 @@ def load_image_processor(path: str | Path) -> Any:
     if cls is None:
         raise ValueError(f"{cfg_file}: unknown image_processor_type {kind!r}")
     return cls.from_pretrained(path)
+
+
+@contextlib.contextmanager
+def transformers_progress(enabled: bool) -> Iterator[None]:
+    """transformers' own progress bars on or off inside the block, restored after (its switch is global)."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()

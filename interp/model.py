@@ -82,16 +82,19 @@ class HookedVLM:
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, dtype: torch.dtype | str | None = None,
-                        device_map: Any = None, **kwargs: Any) -> "HookedVLM":
-        """Load a checkpoint (a local directory works offline), its tokenizer and its image processor."""
+                        device_map: Any = None, progress: bool = True, **kwargs: Any) -> "HookedVLM":
+        """Load a checkpoint (a local directory works offline), its tokenizer and its image processor.
+
+        ``progress=False`` hides transformers' "Loading weights" bar for this call only."""
         from transformers import AutoConfig, AutoTokenizer
 
-        from .loading import load_image_processor, local_checkpoint, model_class_for
+        from .loading import load_image_processor, local_checkpoint, model_class_for, transformers_progress
 
         path_or_id = local_checkpoint(path_or_id)
         config = AutoConfig.from_pretrained(path_or_id)
         model_cls = model_class_for(config)
-        model = model_cls.from_pretrained(path_or_id, dtype=dtype, device_map=device_map, **kwargs).eval()
+        with transformers_progress(progress):
+            model = model_cls.from_pretrained(path_or_id, dtype=dtype, device_map=device_map, **kwargs).eval()
         tok = AutoTokenizer.from_pretrained(path_or_id)
         tok.padding_side = "left"
         return cls(model, tok, load_image_processor(path_or_id))

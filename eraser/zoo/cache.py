@@ -60,9 +60,9 @@ def cached_path(recipe: Recipe, cache_dir: str | os.PathLike | None = None) -> P
     return path if saved == recipe else None
 
 
-def load_checkpoint(path: str | os.PathLike) -> HookedVLM:
+def load_checkpoint(path: str | os.PathLike, progress: bool = True) -> HookedVLM:
     """Load a checkpoint directory written by :func:`load_or_train` (eval mode)."""
-    model = HookedVLM.from_pretrained(path)
+    model = HookedVLM.from_pretrained(path, progress=progress)
     model.hf_model.eval()
     return model
 
@@ -107,14 +107,14 @@ def load_or_train(recipe: Recipe, cache_dir: str | os.PathLike | None = None, pr
     """
     path = cached_path(recipe, cache_dir)
     if path is not None:
-        return load_checkpoint(path)
+        return load_checkpoint(path, progress)
     root = cache_root(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
     key = recipe.hash()
     with _lock(root / f".{key}.lock"):
         path = cached_path(recipe, cache_dir)  # another process may have finished it while we waited
         if path is not None:
-            return load_checkpoint(path)
+            return load_checkpoint(path, progress)
         _sweep(root, key)
         from .train import train
 
@@ -133,7 +133,7 @@ def load_or_train(recipe: Recipe, cache_dir: str | os.PathLike | None = None, pr
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    return load_checkpoint(final)
+    return load_checkpoint(final, progress)
 
 
 def train_log(recipe: Recipe, cache_dir: str | os.PathLike | None = None) -> dict | None:

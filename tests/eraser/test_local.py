@@ -54,10 +54,6 @@ def test_eval_of_a_local_checkpoint_matches_the_zoo_path(local, tmp_path, capsys
     assert "forbidden_refusal_rate" not in memo and any("forbidden_refusal_rate" in s for s in memo["skipped"])
     # the reason is that there is none, not a flag the user did not pass
     assert "oracle_forget_cls_acc (no retain-only oracle for this model: --oracle-model PATH)" in memo["skipped"]
-    import transformers
-
-    assert not transformers.utils.logging.is_progress_bar_enabled()  # --no-progress hides transformers' bars too
-    transformers.utils.logging.enable_progress_bar()
     assert memo["forget_cls_acc"]["pass"] and res["config"]["local"]["data"].endswith("mllmu")
     assert res["checks"]["refusal"]["vanilla"] == {}  # MLLMU-Bench has no refusal requests
 

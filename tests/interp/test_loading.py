@@ -59,3 +59,16 @@ def test_local_checkpoint_expands_home_and_leaves_hub_ids(tmp_path, monkeypatch)
     monkeypatch.setenv("HOME", str(tmp_path))
     assert local_checkpoint("~/ckpt") == tmp_path / "ckpt"
     assert local_checkpoint("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"  # a hub id: transformers' call
+
+
+def test_from_pretrained_without_progress_hides_the_loading_bar_for_that_call_only(tiny_llava, tmp_path, capsys):
+    from transformers.utils import logging as hf_logging
+
+    from interp import HookedVLM
+
+    tiny_llava.save_pretrained(tmp_path / "ckpt")
+    assert hf_logging.is_progress_bar_enabled()
+    HookedVLM.from_pretrained(tmp_path / "ckpt", progress=False)
+    assert "Loading weights" not in capsys.readouterr().err and hf_logging.is_progress_bar_enabled()  # restored
+    HookedVLM.from_pretrained(tmp_path / "ckpt")
+    assert "Loading weights" in capsys.readouterr().err
