@@ -202,11 +202,13 @@ def _split(queries: Sequence[Query], what: str) -> tuple[list, list[str]]:
     if not queries:
         raise ValueError(f"the {what} set is empty; MLLMEraser needs at least one {what} query")
     bad = [i for i, q in enumerate(queries)
-           if not isinstance(q, (tuple, list)) or len(q) < 2 or not isinstance(q[1], str)]
+           if not isinstance(q, (tuple, list)) or len(q) != 2 or not isinstance(q[1], str)]
     if bad:
+        q = queries[bad[0]]
+        hint = ("an answer is not used: the method reads the prompt's activations; pass (image, prompt)"
+                if isinstance(q, (tuple, list)) and len(q) > 2 else "a single pair? wrap it in a list")
         raise ValueError(f"the {what} set must be a sequence of (image or None, prompt) pairs; item {bad[0]} is "
-                         f"{type(queries[bad[0]]).__name__} {str(queries[bad[0]])[:60]!r} (a single pair? wrap it "
-                         "in a list)")
+                         f"{type(q).__name__} {str(q)[:60]!r} ({hint})")
     return [q[0] for q in queries], [q[1] for q in queries]
 
 

@@ -532,6 +532,9 @@ def test_forget_hash_is_stable_for_multi_image_rows_and_bare_pairs_are_refused(t
     with pytest.raises(ValueError, match=r"\(image or None, prompt\) pairs; item 0"):
         MLLMEraser.fit(tiny_llava, (a, "who is this"), _queries(8, 2, 200), _queries(2, 3, 300),
                        _queries(2, 4, 400))
+    with pytest.raises(ValueError, match=r"item 0 .*an answer is not used"):  # was silently dropped
+        MLLMEraser.fit(tiny_llava, [(a, "who is this", "ann")], _queries(8, 2, 200), _queries(2, 3, 300),
+                       _queries(2, 4, 400))
 
 
 def test_repr_summarises_instead_of_printing_tensors():
