@@ -188,6 +188,9 @@ def _rows(rows: Sequence[Any], what: str) -> list[Example]:
     for i, r in enumerate(rows):
         if not isinstance(r, (tuple, list)) or len(r) != 3:
             raise ValueError(f"{what} row {i} must be (image or None, prompt, answer), got {str(r)[:80]!r}")
+        if not (isinstance(r[1], str) and isinstance(r[2], str) and r[1].strip() and r[2].strip()):
+            # an empty answer trains on the end-of-sequence token alone: nothing of the fact is forgotten
+            raise ValueError(f"{what} row {i} needs a non-empty prompt and answer (strings), got {str(r)[:80]!r}")
         out.append(Example(*r))
     return out
 
@@ -279,6 +282,10 @@ def unlearn(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    counts = (epochs, batch_size)
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in counts) or not isinstance(lr, (int, float)):
+        raise ValueError(f"epochs and batch_size must be integers and lr a number, got {epochs!r}, {batch_size!r}, "
+                         f"{lr!r}")
     if epochs < 1 or batch_size < 1 or not 0 < lr < math.inf:
         raise ValueError(f"need epochs >= 1, batch_size >= 1 and a finite lr > 0, got {epochs}, {batch_size}, {lr}")
     # NaN passes every "<= 0" test: a NaN beta or an infinite rate trained the copy into NaN weights, and a
@@ -320,6 +327,7 @@ def unlearn(
                             "history": history}
     was_training = model.hf_model.training
     try:
+        model.hf_model.eval()  # the frozen reference (KL_Min, NPO) runs without dropout; restored below
         mask = None
         if method == "mmunlearner":
             mask = _saliency(new, named, forget, retain, batch_size, seed, saliency_threshold)

@@ -91,6 +91,35 @@ def test_bad_arguments(tiny_llava):
                           ({"grad_clip": float("nan")}, "grad_clip")]:
         with pytest.raises(ValueError, match=match):
             unlearn(tiny_llava, "grad_diff", FORGET, RETAIN, **{"lr": 1e-3, **kwargs}, epochs=1, batch_size=2)
+    for kwargs in ({"epochs": 1.5}, {"epochs": "2"}, {"lr": "1e-3"}, {"batch_size": True}):
+        with pytest.raises(ValueError, match="must be integers and lr a number"):  # were raw TypeErrors
+            unlearn(tiny_llava, "ga", FORGET, RETAIN, **{"lr": 1e-3, "epochs": 1, "batch_size": 2, **kwargs})
+    with pytest.raises(ValueError, match="forget row 1 needs a non-empty prompt and answer"):  # trained on EOS alone
+        unlearn(tiny_llava, "ga", [FORGET[0], (None, "what is the job of ann ?", " ")], RETAIN, lr=1e-3, epochs=1,
+                batch_size=2)
+
+
+def test_the_reference_runs_in_eval_mode_and_the_callers_mode_is_restored(tiny_llava, monkeypatch):
+    # NPO and KL_Min read the caller's model as their frozen reference: with dropout in train mode two reads
+    # of the same batch differed (0.76 in the logits on an audit's model with attention dropout 0.5)
+    from eraser.baselines import finetune
+
+    modes = []
+    real = finetune._forward
+
+    def spy(model, rows):
+        if model is tiny_llava:
+            modes.append(model.hf_model.training)
+        return real(model, rows)
+
+    monkeypatch.setattr(finetune, "_forward", spy)
+    tiny_llava.hf_model.train()
+    try:
+        unlearn(tiny_llava, "npo", FORGET, RETAIN, lr=1e-4, epochs=1, batch_size=2)
+        assert modes and not any(modes)  # every reference read in eval mode
+        assert tiny_llava.hf_model.training  # the caller's mode is back
+    finally:
+        tiny_llava.hf_model.eval()
 
 
 def test_mmunlearner_moves_only_the_salient_entries(tiny_llava):
