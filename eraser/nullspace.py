@@ -69,6 +69,11 @@ def null_space_projector(
     rule's pick inside ``K``'s exact null space is arbitrary: it warns and says
     so in the info (``underdetermined``); the energy rule keeps the whole exact
     null space, so it never is.
+
+    ``k`` is at least 1 under both rules (a gate needs a direction to live in):
+    a ``rho`` under ``1/d``, or an ``energy`` below the smallest eigenvalue's
+    share, still keeps that one direction, and the info's ``leak`` then exceeds
+    the ``energy`` asked for (the number is reported, not hidden).
     """
     if (rho is None) == (energy is None):
         raise ValueError("give exactly one of rho (fraction of d) or energy (fraction of retain energy)")

@@ -62,6 +62,14 @@ def test_energy_rule_picks_the_exact_null_space():
     assert torch.allclose(torch.trace(P), torch.tensor(20.0, dtype=torch.float64), atol=1e-8)
 
 
+def test_both_rules_keep_at_least_one_direction_and_report_the_leak_that_costs():
+    K = torch.diag(torch.arange(1.0, 65.0, dtype=torch.float64))  # eigenvalues 1..64, trace 2080
+    P, info = null_space_projector(K, rho=0.001)  # floor(0.064) = 0
+    assert info.rank == 1 and torch.equal(P.diagonal().nonzero().flatten(), torch.tensor([0]))
+    _, info = null_space_projector(K, energy=1e-6)  # below the smallest share, 1 / 2080
+    assert info.rank == 1 and info.leak == pytest.approx(1 / 2080) and info.leak > 1e-6
+
+
 def test_gate_zero_on_retain_and_one_on_forget():
     # 15 forget queries fit exactly in the 20-dim null space, so only the ridge bias separates g from 1
     H_r, H_f, _ = _synthetic(n_f=15)
