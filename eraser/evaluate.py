@@ -244,12 +244,13 @@ def evaluate_split(
 ) -> dict[str, float] | tuple[dict[str, float], list[dict[str, Any]]]:
     """All MLLMU-Bench metrics of one split, accuracies in 0..1.
 
-    Metrics: ``cls_acc``, ``cloze_acc``, ``gen_rougeL``, ``gen_bleu`` (each
-    also with ``_vqa`` / ``_qa`` suffixes), ``refusal_rate`` (over every output
-    of the split), ``gibberish_rate`` (over cloze + generation outputs: a
-    one-letter classification answer is never a sentence), ``answer_prob``
-    (+ ``_vqa``/``_qa``; only when ``nll`` is given: mean ``exp(-NLL)`` of the
-    generation ground truths) and ``n_items``.  A metric whose questions are
+    Metrics (each also with ``_vqa`` / ``_qa`` suffixes, BENCHMARK.md's split by
+    modality): ``cls_acc``, ``cloze_acc``, ``gen_rougeL``, ``gen_bleu``,
+    ``refusal_rate`` (over every output), ``gibberish_rate`` (over cloze +
+    generation outputs: a one-letter classification answer is never a
+    sentence), ``answer_prob`` (only when ``nll`` is given: mean ``exp(-NLL)``
+    of the generation ground truths, over their tokens and the end-of-sequence
+    token, :func:`eraser.backend.nll_fn`); and ``n_items``.  A metric whose questions are
     absent (e.g. a split without text-only cloze) is left out rather than NaN,
     so results stay valid JSON.
 
@@ -284,10 +285,13 @@ def evaluate_split(
                 res[name + suffix] = M.mean(r["score"] for r in sel)
                 if task == "generation":
                     res["gen_bleu" + suffix] = M.mean(r["bleu"] for r in sel)
-    res["refusal_rate"] = M.refusal_rate(outputs)
-    free_text = [r["output"] for r in records if r["task"] != "classification"]
-    if free_text:
-        res["gibberish_rate"] = M.gibberish_rate(free_text)
+    for suffix, mods in (("", MODALITIES), ("_vqa", ("vqa",)), ("_qa", ("qa",))):
+        outs = [r["output"] for r in records if r["modality"] in mods]
+        if outs:
+            res["refusal_rate" + suffix] = M.refusal_rate(outs)
+        free_text = [r["output"] for r in records if r["task"] != "classification" and r["modality"] in mods]
+        if free_text:
+            res["gibberish_rate" + suffix] = M.gibberish_rate(free_text)
 
     if nll is not None:
         gen_pos = [i for i, it in enumerate(items) if it.task == "generation"]

@@ -157,7 +157,8 @@ def load_local_setup(model_path: str, data_path: str, forget_ratio: int = 5, see
 
 def evaluate_model(setup: Setup, hooks_context: Callable[[], Any] | None = None, model: HookedVLM | None = None,
                    with_probs: bool = True) -> tuple[dict[str, dict[str, float]], dict[str, Any], float]:
-    """All splits' metrics (+ refusal checks, + answer probabilities for forget quality) under an optional context."""
+    """All splits' metrics (+ refusal checks; with ``with_probs`` every split's answer probability, and the
+    forget split's per-question probabilities for forget quality) under an optional context."""
     import contextlib
 
     model = model or setup.model
@@ -165,11 +166,11 @@ def evaluate_model(setup: Setup, hooks_context: Callable[[], Any] | None = None,
     gen = generate_fn(model, batch_size=setup.batch_size)
     t0 = time.perf_counter()
     with ctx():
-        results = evaluate_benchmark(setup.bench, gen, batch_size=setup.batch_size, progress=setup.progress)
+        nll = nll_fn(model, batch_size=setup.batch_size) if with_probs else None  # answer_prob on every split
+        results = evaluate_benchmark(setup.bench, gen, nll, batch_size=setup.batch_size, progress=setup.progress)
         checks = refusal_checks(setup.bench, gen, batch_size=setup.batch_size, progress=setup.progress)
         probs = ratios = None
-        if with_probs:
-            nll = nll_fn(model, batch_size=setup.batch_size)
+        if nll is not None:
             probs = answer_probs(setup.bench.forget, nll)
             ratios = truth_ratios(setup.bench.forget, nll) if truth_ratio_items(setup.bench.forget) else None
     infer_s = time.perf_counter() - t0

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import io
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -55,24 +56,38 @@ def split_names(forget_ratio: int) -> dict[str, str]:
 
 
 def split_files(root: str | Path, split: str) -> list[Path]:
-    """Parquet files of one split: ``<split>.parquet`` or ``<split>/**/*.parquet``, under ``root`` or ``root/data``.
+    """Parquet files of one split, under ``root`` or ``root/data``: ``<split>.parquet``, ``<split>/**/*.parquet``,
+    or Hugging Face shards ``<split>-00000-of-00002.parquet``.
 
-    Names match case-insensitively.  Raises :class:`BenchmarkFormatError` when none exist.
+    Names match case-insensitively.  Raises :class:`BenchmarkFormatError` when none exist, and when two of
+    these layouts hold the split (which copy is the benchmark would be a guess).
     """
     root = Path(root)
+    shard = re.compile(rf"^{re.escape(split.lower())}-\d+-of-\d+\.parquet$")
+    found: list[list[Path]] = []
     for base in (root, root / "data"):
         if not base.is_dir():
             continue
+        hf_shards = []
         for entry in sorted(base.iterdir()):
             name = entry.name.lower()
             if entry.is_file() and name == f"{split.lower()}.parquet":
-                return [entry]
-            if entry.is_dir() and name == split.lower():
+                found.append([entry])
+            elif entry.is_file() and shard.match(name):
+                hf_shards.append(entry)
+            elif entry.is_dir() and name == split.lower():
                 shards = sorted(entry.rglob("*.parquet"))
                 if shards:
-                    return shards
-    raise BenchmarkFormatError(f"{root}: no parquet data for split {split!r} "
-                               f"(looked for {split}.parquet and {split}/*.parquet)")
+                    found.append(shards)
+        if hf_shards:
+            found.append(hf_shards)
+    if not found:
+        raise BenchmarkFormatError(f"{root}: no parquet data for split {split!r} (looked for {split}.parquet, "
+                                   f"{split}/*.parquet and {split}-NNNNN-of-NNNNN.parquet, also under data/)")
+    if len(found) > 1:
+        raise BenchmarkFormatError(f"{root}: split {split!r} is stored more than once "
+                                   f"({'; '.join(str(f[0]) for f in found)}): keep one copy")
+    return found[0]
 
 
 def load_mllmu(root: str | Path, forget_ratio: int) -> Benchmark:
@@ -155,7 +170,11 @@ def _parse_row(row: dict[str, Any], where: str, file: Path, test: bool) -> Profi
     where = f"{where} (ID={pid})"
     if test:
         raw = _get(row, "images", where, required=False)
-        raw = [_get(row, "image", where)] if raw is None else raw
+        if raw is None:  # the Test_Set's field is 'images' (a list); a single 'image' is accepted as well
+            try:
+                raw = [_get(row, "image", where)]
+            except BenchmarkFormatError:
+                raise BenchmarkFormatError(f"{where}: missing field 'images' (the Test_Set's list of images)") from None
         if not isinstance(raw, list) or not raw:
             raise BenchmarkFormatError(f"{where}: field 'images' must be a non-empty list")
         test_images = [_image(x, f"{where} images[{i}]", file) for i, x in enumerate(raw)]

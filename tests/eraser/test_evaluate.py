@@ -131,6 +131,13 @@ def test_refusal_and_gibberish_rates():
     babble = lambda ims, prs, n: ["the the the the" if P.GENERATION_SUFFIX in p else "A" for p in prs]
     res = E.evaluate_split(PROFILES, babble, progress=False)
     assert res["gibberish_rate"] == 0.5 and res["refusal_rate"] == 0.0
+    # by modality too: refuse the questions with an image only, babble on the text-only ones' generation
+    mixed = lambda ims, prs, n: [P.REFUSAL if im is not None else ("the the the the" if P.GENERATION_SUFFIX in p
+                                                                  else "A") for im, p in zip(ims, prs)]
+    res = E.evaluate_split(PROFILES, mixed, progress=False)
+    assert (res["refusal_rate_vqa"], res["refusal_rate_qa"]) == (1.0, 0.0)
+    assert (res["gibberish_rate_vqa"], res["gibberish_rate_qa"]) == (0.0, 0.5)
+    assert res["refusal_rate"] == 0.5 and res["gibberish_rate"] == 0.25
 
 
 def test_answer_prob_from_nll():

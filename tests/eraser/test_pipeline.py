@@ -76,6 +76,9 @@ def test_no_oracle_skips_forget_quality_and_the_oracle_check_without_touching_th
     assert forget["cls_acc"] >= 0.9  # the evaluation itself still ran
     # the vanilla model knows its forget facts: its answers are likely, and it prefers the truth to the distractors
     assert forget["answer_prob"] > 0.5 and forget["truth_ratio"] < 0.2
+    for split in ("test", "retain", "celebrity"):  # BENCHMARK.md: every metric on every split and modality
+        res = out["methods"]["vanilla"][split]
+        assert res["answer_prob"] > 0.5 and res["answer_prob_vqa"] > 0.5 and res["answer_prob_qa"] > 0.5, split
     vanilla = {s: {"cls_acc": 0.95, "gen_rougeL": 0.9} for s in ("forget", "retain", "celebrity", "test")}
     refusal = {"forbidden_refusal_rate": 1.0, "answerable_refusal_rate": 0.0}
     checks = memorisation_checks(bare, vanilla, refusal, oracle=False)

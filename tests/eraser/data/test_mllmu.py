@@ -66,6 +66,22 @@ def test_sharded_layout_under_data_folder(tmp_path: Path) -> None:
     _same(small.build(10), load_mllmu(tmp_path, 10))
 
 
+def test_hugging_face_shard_names_load_and_two_copies_of_a_split_are_refused(tmp_path: Path) -> None:
+    import shutil
+
+    small = MiniMLLMU(seed=3, n_profiles=20, n_celebrities=4, image_size=32, n_test_images=2)
+    save_mllmu(small, tmp_path / "flat")
+    hub = tmp_path / "hub" / "data"
+    hub.mkdir(parents=True)
+    for f in (tmp_path / "flat").glob("*.parquet"):  # the names a Hugging Face dataset export gives its shards
+        shutil.copy(f, hub / f"{f.stem}-00000-of-00001.parquet")
+    _same(small.build(5), load_mllmu(tmp_path / "hub", 5))
+    (hub / "forget_5").mkdir()
+    shutil.copy(tmp_path / "flat" / "forget_5.parquet", hub / "forget_5" / "0.parquet")
+    with pytest.raises(BenchmarkFormatError, match="split 'forget_5' is stored more than once"):
+        load_mllmu(tmp_path / "hub", 5)
+
+
 def _rewrite(path: Path, edit: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]) -> None:
     rows = edit(pq.read_table(path).to_pylist())
     pq.write_table(pa.Table.from_pylist(rows), path)
@@ -104,6 +120,12 @@ def test_missing_split_file(copy: Path) -> None:
 def test_missing_field(copy: Path, field: str) -> None:
     _rewrite(copy / "forget_5.parquet", lambda rows: [{k: v for k, v in r.items() if k != field} for r in rows])
     with pytest.raises(BenchmarkFormatError, match=rf"forget_5\.parquet: row 0.*'{field}'"):
+        load_mllmu(copy, 5)
+
+
+def test_a_test_set_without_images_names_its_images_field(copy: Path) -> None:
+    _rewrite(copy / "Test_Set.parquet", lambda rows: [{k: v for k, v in r.items() if k != "images"} for r in rows])
+    with pytest.raises(BenchmarkFormatError, match=r"Test_Set\.parquet: row 0.*missing field 'images'"):
         load_mllmu(copy, 5)
 
 
