@@ -157,10 +157,12 @@ def feasible(row: dict[str, Any], vanilla: dict[str, dict[str, float]], toleranc
 
 def choose_strength(model: Any, eraser: Any, val: dict[str, list[ValItem]], grid: Sequence[float] = DEFAULT_GRID,
                     tolerance: float = 0.02, batch_size: int = 64, validation: str = "", progress: bool = True,
-                    gated: bool = True) -> Selection:
+                    gated: bool = True, vanilla: dict[str, dict[str, float]] | None = None) -> Selection:
     """Evaluate every strength on the validation split; pick the most forgetting one that keeps retain utility.
 
     Forgetting is the forget refusal rate (ties: lower forget accuracy, then the gentler strength).
+    ``vanilla`` (the unsteered model's :func:`measure` of each split of ``val``) is measured when not given;
+    pass it to share one measurement across variants (:meth:`eraser.pipeline.Setup.vanilla_validation`).
     """
     gen = generate_fn(model, batch_size=batch_size)
 
@@ -168,7 +170,10 @@ def choose_strength(model: Any, eraser: Any, val: dict[str, list[ValItem]], grid
         with eraser.attached(model, strength=lam, gated=gated):
             return {k: measure(gen, v) for k, v in val.items()}
 
-    vanilla = {k: measure(gen, v) for k, v in val.items()}
+    if vanilla is None:
+        vanilla = {k: measure(gen, v) for k, v in val.items()}
+    elif set(vanilla) != set(val):
+        raise ValueError(f"vanilla measures splits {sorted(vanilla)}, the validation split has {sorted(val)}")
     return select_strength(at, vanilla, grid, tolerance, validation, progress)
 
 

@@ -5,14 +5,16 @@ figure and a number in ``results.json`` come from the same code path.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from interp import HookedVLM
+from interp.fingerprint import model_fingerprint
 
-from .autotune import DEFAULT_GRID, Selection, choose_gate, choose_strength, validation_split
+from .autotune import DEFAULT_GRID, Selection, choose_gate, choose_strength, measure, validation_split
 from .backend import generate_fn, nll_fn
 from .data.schema import Benchmark
 from .evaluate import (answer_probs, evaluate_benchmark, evaluate_split, refusal_checks, truth_ratio_items,
@@ -49,6 +51,23 @@ class Setup:
     progress: bool = True
     _oracle: HookedVLM | None = field(default=None, repr=False)
     local: dict[str, Any] | None = None  # {"model": path, "data": path, "oracle": path | None, "seed": n}
+    _memo: dict[Any, Any] = field(default_factory=dict, repr=False)  # validation split and vanilla numbers
+
+    def validation(self) -> tuple[dict[str, list[Any]], str]:
+        """The validation split (:func:`~eraser.autotune.validation_split`: fresh questions), drawn once per
+        setup, so every variant's settings are chosen on the same questions."""
+        if "validation" not in self._memo:
+            self._memo["validation"] = validation_split(self.bench, self.source, seed=self.seed)
+        return self._memo["validation"]
+
+    def vanilla_validation(self) -> dict[str, dict[str, float]]:
+        """The unsteered model's validation numbers (:func:`~eraser.autotune.measure` per split), measured once
+        per weights: each variant's strength search compares against them (the demo fits nine variants)."""
+        key = ("vanilla", model_fingerprint(self.model)["weights"], self.batch_size)
+        if key not in self._memo:
+            gen = generate_fn(self.model, batch_size=self.batch_size)
+            self._memo[key] = {k: measure(gen, v) for k, v in self.validation()[0].items()}
+        return copy.deepcopy(self._memo[key])
 
     @property
     def seed(self) -> int:
@@ -260,7 +279,7 @@ def fit_variant(setup: Setup, name: str = "mllmeraser", config: EraserConfig | N
     pgd_s, fit_s = timing["pgd_s"], timing["fit_s"]
     selection = None
     if auto:
-        val, kind = validation_split(setup.bench, setup.source, seed=setup.seed)
+        val, kind = setup.validation()
         gate = None
         if opts.get("gated", True) and auto_gate:
             gate = choose_gate(setup.model, stats, val, config, batch_size=setup.batch_size,
@@ -268,7 +287,7 @@ def fit_variant(setup: Setup, name: str = "mllmeraser", config: EraserConfig | N
             eraser = MLLMEraser.from_stats(stats, replace(config, **gate.config_changes())).scaled(gate.calibration)
         selection = choose_strength(setup.model, eraser, val, grid=grid or DEFAULT_GRID,
                                     batch_size=setup.batch_size, validation=kind, progress=setup.progress,
-                                    gated=opts.get("gated", True))
+                                    gated=opts.get("gated", True), vanilla=setup.vanilla_validation())
         selection.gate = gate.to_dict() if gate is not None else None
         strength = selection.strength if selection.strength is not None else 0.0
         eraser = eraser.with_config(strength=strength)

@@ -88,3 +88,26 @@ def test_no_oracle_skips_forget_quality_and_the_oracle_check_without_touching_th
     assert not memorisation_checks(bare, vanilla, refusal, oracle=False)["all_pass"]
     with pytest.raises(AssertionError, match="oracle was asked for"):
         memorisation_checks(bare, vanilla, refusal)
+
+
+def test_vanilla_validation_is_measured_once_per_weights_and_handed_out_as_a_copy(setup, monkeypatch):
+    import dataclasses
+
+    from eraser import pipeline
+    from eraser.autotune import measure
+
+    import copy
+
+    fresh = dataclasses.replace(setup, model=copy.deepcopy(setup.model), _memo={})  # its weights change below
+    calls = []
+    monkeypatch.setattr(pipeline, "measure", lambda gen, items: calls.append(len(items)) or measure(gen, items))
+    first = fresh.vanilla_validation()
+    n = len(calls)
+    assert n == len(fresh.validation()[0]) and set(first) == set(fresh.validation()[0])
+    first["retain"]["cls_acc"] = -1.0  # a caller's edit does not reach the next caller
+    again = fresh.vanilla_validation()
+    assert len(calls) == n and again["retain"]["cls_acc"] >= 0.9
+    with torch.no_grad():  # new weights: measured again
+        fresh.model.hf_model.lm_head.weight.mul_(1.01)
+    fresh.vanilla_validation()
+    assert len(calls) == 2 * n
