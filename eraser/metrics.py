@@ -208,6 +208,9 @@ def _gib_tokens(text: str) -> list[str]:
     return (text or "").lower().split()
 
 
+_SENTENCE_MARKS = frozenset(".,;:!?-—")
+
+
 def _is_non_word(tok: str) -> bool:
     """``<unk>``-like tokens, replacement characters, or tokens without any letter/digit."""
     return bool(_UNK_RE.search(tok)) or not any(c.isalnum() for c in tok)
@@ -223,7 +226,8 @@ def is_gibberish(text: str) -> bool:
     2. one token repeated >= 4 times in a row ("the the the the");
     3. among >= 5 tokens, a single token makes up >= 60 % of them;
     4. >= 50 % of the tokens are ``<unk>``/replacement characters or contain no
-       letter or digit at all ("## ?? !!");
+       letter or digit at all ("## ?? !!"); a lone sentence mark ("paris .")
+       is left out of that count, unless the output is nothing else;
     5. a non-digit character repeated >= 8 times in a row ("aaaaaaaa",
        "!!!!!!!!"), which catches repetition by models with sub-word/char
        vocabularies (digits are exempt: "1000000000" is a fine answer).
@@ -236,7 +240,10 @@ def is_gibberish(text: str) -> bool:
     if not text or not text.strip():
         return True
     raw = _gib_tokens(text)
-    if sum(_is_non_word(t) for t in raw) / len(raw) >= 0.5:
+    # a word-level tokenizer decodes "paris ." with the full stop as its own token: a lone sentence mark is
+    # neutral, not a non-word (an answer of marks only is still degenerate)
+    counted = [t for t in raw if t not in _SENTENCE_MARKS] or raw
+    if sum(_is_non_word(t) for t in counted) / len(counted) >= 0.5:
         return True
     words = [w.strip(".,;:!?\"'()[]{}*") for w in raw]
     words = [w for w in words if w]

@@ -98,7 +98,7 @@ def test_refusal_rate():
 @pytest.mark.parametrize(
     "text",
     ["", "   ", "the the the the", "Paris paris, PARIS. paris!", "a b a a a", "<unk> <unk> <unk> hello",
-     "## ?? !!", "aaaaaaaaaaaa", "\ufffd\ufffd \ufffd"],
+     "## ?? !!", "aaaaaaaaaaaa", "\ufffd\ufffd \ufffd", ". . !"],
 )
 def test_is_gibberish_true(text):
     assert M.is_gibberish(text)
@@ -107,7 +107,7 @@ def test_is_gibberish_true(text):
 @pytest.mark.parametrize(
     "text",
     ["Paris.", "B", "She was born in 1987 in Lyon, France.", "the cat and the dog and the bird",
-     "1000000000", "He works as a baker — and loves chess."],
+     "1000000000", "He works as a baker — and loves chess.", "paris .", "tokyo , japan ."],
 )
 def test_is_gibberish_false(text):
     assert not M.is_gibberish(text)
