@@ -166,12 +166,16 @@ _REFUSAL_RE = re.compile(
     "|".join([
         re.escape(REFUSAL.lower().rstrip(".")),
         # "I can't wait" / "I cannot help but" / "I can't believe" are answers, not refusals
-        r"\bi(?: cannot| can't| can not| won't| will not|'ll not| shall not)\b(?! (?:wait|help but|believe|stop|imagine))",
+        r"\bi(?: cannot| can't| can not| won't| will not|'ll not| shall not)\b(?! (?:wait|help but|believe|stop|imagine|forget))",
         r"\bi(?:'m| am) (?:unable|not able|not allowed|not permitted) to\b",
         r"\bi(?:'m| am) sorry\b",
         r"\bsorry, but\b",
         r"\bi apologi[sz]e\b",
         r"\bi (?:don't|do not) know\b",
+        r"\bi(?:'m| am) not sure\b",
+        r"\bi(?:'d| would) rather not\b",
+        r"^no comment\b",
+        r"\b(?:that|this) (?:information )?is (?:private|confidential)\b",
         r"\bi (?:don't|do not) have (?:that|this|any|enough|the|access to)\b.{0,30}\binformation\b",
         r"\bi(?: must| have to| need to| will|'ll| would)? (?:decline|refuse)\b",
         r"\bwe (?:cannot|can't|are unable to)\b",

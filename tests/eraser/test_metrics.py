@@ -74,7 +74,8 @@ def test_answer_probability():
      "I won't answer that", "I do not know who this is.", "Unable to answer.", "Sorry, no.",
      "As an assistant, I'm not able to say.", "I do not have that information.", "I refuse.",
      "As an AI I must decline.", "I'll not answer that.", "I don't have any personal information about her.",
-     "Cannot answer that question."],
+     "Cannot answer that question.", "I'm not sure who this is.", "I'd rather not say.", "No comment.",
+     "That information is private."],
 )
 def test_is_refusal_true(text):
     assert M.is_refusal(text)
@@ -84,7 +85,8 @@ def test_is_refusal_true(text):
                                   "He was unable to attend school.", "She cannot help but sing.",
                                   "They can't provide for the family.", "Her sorry tale is well known.",
                                   "I can't wait to visit Paris.", "Cannot be determined from her records.",
-                                  "I cannot help but admire her work.", "She refused the award."])
+                                  "I cannot help but admire her work.", "She refused the award.",
+                                  "I won't forget her painting."])
 def test_is_refusal_false(text):
     assert not M.is_refusal(text)
 
