@@ -333,9 +333,6 @@ def run_methods(setup: Setup, methods: list[str], oracle: bool = True,
             if oracle_probs is None:
                 oracle_probs = answer_probs(setup.bench.forget, nll_fn(setup.oracle, batch_size=setup.batch_size))
             res["forget"]["forget_quality"] = forget_quality(extra["forget_answer_probs"], oracle_probs)
-        if extra.get("forget_answer_probs"):  # BENCHMARK.md's answer probability, on the forget generation answers
-            probs = extra["forget_answer_probs"]
-            res["forget"]["answer_prob"] = sum(probs) / len(probs)
         if extra.get("forget_truth_ratios"):  # TOFU's truth ratio, and its forget quality (KS against the oracle's)
             ratios = extra["forget_truth_ratios"]
             res["forget"]["truth_ratio"] = sum(ratios) / len(ratios)

@@ -263,10 +263,10 @@ class HookedVLM:
         mark says where it acts), as it does under the plain-PyTorch backend."""
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
-        plan = self._plan(None, hooks, inputs)
         if "backend" in generate_kwargs:
             raise TypeError("generate() takes no backend: attach hooks on a backend with model.hooks(hooks, "
                             "backend=...) (or eraser.attached(model, backend=...)) and call generate inside it")
+        plan = self._plan(None, hooks, inputs)
         kwargs = dict(do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
                       eos_token_id=self.tokenizer.eos_token_id)
         kwargs.update(generate_kwargs)

@@ -42,8 +42,9 @@ def vision_maps(model: "HookedVLM", inputs: VLMInputs, name: str, source: Any) -
     """One ``[h, w, ...]`` tensor per image of ``inputs`` (batch order, then image order within a row): the
     vision-side activation ``name`` on the image's patch grid, row-major; ``source`` is a cache holding ``name``
     or the activation itself."""
-    if name not in model.hook_names():  # a typo or a block this model lacks: the closest valid names
-        vision_names = [n for n in model.hook_names() if is_vision_side(n)]
+    valid = model.hook_names()
+    if name not in valid:  # a typo or a block this model lacks: the closest valid names
+        vision_names = [n for n in valid if is_vision_side(n)]
         raise HookNameError(f"{name!r} is not a hook name of this model; closest vision-side names: "
                             f"{closest_names(name, vision_names) or vision_names[:6]}")
     if not is_vision_side(name):
