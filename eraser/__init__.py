@@ -1,4 +1,7 @@
 """eraser: MLLMEraser (test-time unlearning by gated activation steering), its baselines, data and evaluation."""
-from .method import ArtifactError, ArtifactMismatchError, EraserConfig, MLLMEraser
+from .artifact import ArtifactError, ArtifactMismatchError
+from .direction import ErasureDirection
+from .gate import NullSpaceGate
+from .method import EraserConfig, MLLMEraser
 
-__all__ = ["ArtifactError", "ArtifactMismatchError", "EraserConfig", "MLLMEraser"]
+__all__ = ["ArtifactError", "ArtifactMismatchError", "EraserConfig", "ErasureDirection", "MLLMEraser", "NullSpaceGate"]

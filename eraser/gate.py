@@ -7,12 +7,27 @@ the steering is a scalar gate ``g(h) = w . h`` times ``d``.  We store ``w``
 and ``d`` (2d floats per layer instead of d^2).  With several concepts
 (targets ``Y`` one-hot over C concepts, directions ``D`` d x C) the same
 algebra gives ``S = W D^T`` with ``W = P pinv(...) P H_f^T Y``.
+
+:class:`NullSpaceGate` is the stage's value object: the fitted ``w`` with what
+it reads (site, prompt read, stacked layers), its window, the solve's settings
+and the null space's report, saved and loaded on its own (safetensors + JSON).
+An :class:`~eraser.method.MLLMEraser` hands out its own as ``eraser.gate``.
+
+>>> gate = NullSpaceGate.from_stats(stats, gamma=1.0, energy=0.01)   # doctest: +SKIP
+>>> gate.values(model, forget_queries).mean(0)    # ~1 per layer on forget queries, ~0 on retain ones
+>>> gate.save("gate.safetensors"); NullSpaceGate.load("gate.safetensors", model)
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from .artifact import ArtifactError, check_fingerprint, read_artifact, write_artifact
 
 
 def _ridge_core(H_f: Tensor, P: Tensor, gamma: float) -> Tensor:
@@ -116,3 +131,148 @@ def window(g: Float[Tensor, "..."], lo: float, hi: float) -> Float[Tensor, "..."
     if not hi > lo:
         raise ValueError(f"a gate window needs lo < hi, got ({lo}, {hi})")
     return ((g - lo) / (hi - lo)).clamp(0.0, 1.0)
+
+
+FORMAT = "mllmeraser.gate.v1"
+READS = ("last", "mean")
+
+
+@dataclass(frozen=True)
+class NullSpaceGate:
+    """The closed-form gates of one fit: ``g_l(h) = w_l . h`` per steered layer, fitted in the retain null space.
+
+    ``w`` is ``[n_layers, d]`` (the paper), ``[n_layers, C, d]`` with one gate per forget concept (``concepts``
+    names them; the score is their max), or, with ``stack`` (layers whose reads are concatenated), one row over
+    the stacked features, ``[1, F]`` / ``[1, C, F]``, seen by every steered layer.  ``read`` is where in the prompt
+    the gate reads (``"last"`` token, the paper's; ``"mean"`` over the prompt), ``window`` the optional
+    saturating window (:func:`window`).  ``settings`` records the solve (gamma, rho / energy, use_null_space) and
+    ``projector`` each layer's null-space report (:class:`~eraser.nullspace.ProjectorInfo`: rank, leak, rule);
+    ``fingerprint`` the model, ``counts`` and ``data_hashes`` the forget and retain queries it was fitted on.
+    """
+
+    layers: list[int]
+    site: str
+    w: Float[Tensor, "rows *c f"]
+    read: str = "last"
+    stack: list[int] | None = None
+    window: tuple[float, float] | None = None
+    concepts: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    projector: dict[str, Any] = field(default_factory=dict)
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    data_hashes: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        layers = list(self.layers)
+        if (not layers or len(set(layers)) != len(layers)
+                or not all(isinstance(l, int) and not isinstance(l, bool) and l >= 0 for l in layers)):
+            raise ValueError(f"layers must be distinct decoder layer indices, got {self.layers!r}")
+        object.__setattr__(self, "layers", layers)
+        if self.site not in ("resid_pre", "resid_post"):
+            raise ValueError(f"site must be 'resid_pre' or 'resid_post', got {self.site!r}")
+        if self.read not in READS:
+            raise ValueError(f"read must be one of {READS}, got {self.read!r}")
+        if self.stack is not None:
+            object.__setattr__(self, "stack", list(self.stack) or None)
+        if self.window is not None:
+            lo, hi = (float(x) for x in self.window)
+            if not hi > lo:
+                raise ValueError(f"a gate window needs lo < hi, got {self.window}")
+            object.__setattr__(self, "window", (lo, hi))
+        rows = 1 if self.stack else len(layers)
+        ndim = 3 if self.concepts else 2
+        if self.w.ndim != ndim or self.w.shape[0] != rows or (self.concepts and self.w.shape[1] != len(self.concepts)):
+            raise ValueError(f"gate weights of shape {tuple(self.w.shape)} do not fit {rows} gate row(s)"
+                             + (f" with {len(self.concepts)} concepts" if self.concepts else ""))
+
+    # -- building ------------------------------------------------------------------
+    @classmethod
+    def from_stats(cls, stats: Any, gamma: float = 0.1, rho: float | None = 0.3, energy: float | None = None,
+                   use_null_space: bool = True, concept_gates: bool = False, read: str = "last",
+                   window: tuple[float, float] | None = None) -> "NullSpaceGate":
+        """The closed-form solve on :class:`~eraser.stats.FitStats` (milliseconds: no model pass).
+
+        ``energy`` wins over ``rho``, as in :class:`~eraser.method.EraserConfig`; ``read`` must be the read the
+        statistics were collected with (``EraserConfig.gate_read``).
+        """
+        from types import SimpleNamespace
+
+        from .stats import gates_from_stats
+
+        settings = {"gamma": float(gamma), "rho": rho, "energy": energy, "use_null_space": bool(use_null_space)}
+        w, infos = gates_from_stats(stats, SimpleNamespace(**settings, concept_gates=concept_gates))
+        return cls(list(stats.layers), stats.site, w.float(), read, stats.gate_stack, window,
+                   list(stats.concepts) if concept_gates else [], settings,
+                   dict(zip(map(str, stats.layers), infos)), dict(stats.fingerprint),
+                   {k: v for k, v in stats.counts.items() if k in ("forget", "retain")},
+                   {k: v for k, v in stats.data_hashes.items() if k in ("forget", "retain")})
+
+    # -- scoring ---------------------------------------------------------------------
+    def rows(self) -> list[list[str]]:
+        """Per gate row, the hook names whose reads it concatenates (:func:`eraser.features.gate_rows`)."""
+        if self.stack:
+            return [[f"blocks.{l}.hook_{self.site}" for l in self.stack]]
+        return [[f"blocks.{l}.hook_{self.site}"] for l in self.layers]
+
+    def score(self, rows: Sequence[Float[Tensor, "batch f"]], raw: bool = False) -> Float[Tensor, "batch n_layers"]:
+        """Gate values per steered layer from each row's features (what :meth:`rows` names, read as ``read``):
+        through the window unless ``raw``."""
+        if len(rows) != self.w.shape[0]:
+            raise ValueError(f"{len(rows)} feature rows for {self.w.shape[0]} gate row(s)")
+        g = torch.stack([gate_score(h, self.w[i].to(h.device)) for i, h in enumerate(rows)], dim=1)
+        if self.stack:  # one gate, seen by every steered layer
+            g = g.expand(-1, len(self.layers)).contiguous()
+        if self.window is not None and not raw:
+            g = window(g, *self.window)
+        return g
+
+    def values(self, model: Any, queries: Sequence[Any], batch_size: int = 32, raw: bool = False
+               ) -> Float[Tensor, "n_queries n_layers"]:
+        """``[n_queries, n_layers]`` gate values on ``model``'s vanilla activations for ``(image or None, prompt)``
+        queries: what each steered layer's gate sees unsteered."""
+        from interp.collect import iter_query_activations
+
+        from .features import read_names, row_features
+        from .queries import split_queries
+
+        images, prompts = split_queries(queries, "gate query")
+        rows = self.rows()
+        out = [self.score(row_features(batch, rows), raw) for batch in iter_query_activations(
+            model, images, prompts, read_names(rows), batch_size, read=self.read, desc="gate values")]
+        return torch.cat(out)
+
+    def check_model(self, model: Any) -> None:
+        check_fingerprint(self.fingerprint, model, "this gate")
+
+    def __repr__(self) -> str:
+        shape = "stacked over layers " + str(self.stack) if self.stack else f"per layer at {self.layers}"
+        return (f"NullSpaceGate({shape}, {self.site} read {self.read!r}, w {tuple(self.w.shape)}"
+                + (f", {len(self.concepts)} concepts" if self.concepts else "")
+                + (f", window {self.window}" if self.window else "") + f", settings {self.settings})")
+
+    # -- persistence -------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """One safetensors file, its JSON metadata in the header; written atomically."""
+        meta = {"format": FORMAT, "layers": self.layers, "site": self.site, "read": self.read, "stack": self.stack,
+                "window": list(self.window) if self.window else None, "concepts": self.concepts,
+                "settings": self.settings, "projector": self.projector, "fingerprint": self.fingerprint,
+                "counts": self.counts, "data_hashes": self.data_hashes}
+        return write_artifact(path, {"w": self.w}, "mllmeraser_gate", meta)
+
+    @classmethod
+    def load(cls, path: str | Path, model: Any = None) -> "NullSpaceGate":
+        """Read a saved gate (no code executed); refuse it if ``model`` is not the model it was fitted on."""
+        tensors, meta = read_artifact(path, "mllmeraser_gate", FORMAT, "null-space gate", tensors=("w",),
+                                      fields=("layers", "site"))
+        try:
+            out = cls(meta["layers"], meta["site"], tensors["w"], meta.get("read", "last"), meta.get("stack"),
+                      tuple(meta["window"]) if meta.get("window") else None, list(meta.get("concepts") or []),
+                      dict(meta.get("settings") or {}), dict(meta.get("projector") or {}),
+                      dict(meta.get("fingerprint") or {}), dict(meta.get("counts") or {}),
+                      dict(meta.get("data_hashes") or {}))
+        except (TypeError, ValueError) as e:
+            raise ArtifactError(f"{path}: not a consistent null-space gate ({e})") from None
+        if model is not None:
+            out.check_model(model)
+        return out

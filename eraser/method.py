@@ -22,32 +22,22 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from interp import HookedVLM
-from interp.collect import READS, iter_query_activations
+from interp.collect import READS
 from interp.fingerprint import fingerprint_mismatch, model_fingerprint
-from interp.io import atomic_path
 
-from .direction import first_answer_means
+from .artifact import ArtifactError, ArtifactMismatchError, check_fingerprint, read_artifact, write_artifact
+from .direction import ErasureDirection, directions_from_pairs, first_answer_means
 from .features import check_stack, gate_row_stream, gate_rows
-from .gate import gate_score, window
+from .gate import NullSpaceGate
 from .nullspace import SecondMoment
+from .queries import Query, hash_queries, split_queries
 from .stats import FitStats, gates_from_stats
 from .steer import gated_hook, stacked_hooks, static_hook
 
 FORMAT = "mllmeraser.v1"
-Query = tuple[Any, str]
-
-
-class ArtifactError(ValueError):
-    """An eraser file that cannot be read (corrupt, truncated, not ours)."""
-
-
-class ArtifactMismatchError(ValueError):
-    """An eraser fitted on a different model than the one it is loaded onto."""
 
 
 @dataclass(frozen=True)
@@ -176,42 +166,6 @@ def _finite_float(value: Any, name: str) -> float:
     return out
 
 
-def _hash_queries(queries: Sequence[Query]) -> str:
-    """A stable hash of the queries (prompts and image bytes), the same in every process.
-
-    A row with several images hashes each one's bytes, size and mode: hashing the list's ``repr`` (memory
-    addresses) gave the same forget set another hash in every process.  Single images keep the original
-    scheme, so the hashes stored in existing artifacts stay valid.
-    """
-    h = hashlib.sha256()
-    for image, prompt in queries:
-        h.update(prompt.encode())
-        if isinstance(image, (list, tuple)):
-            h.update(f"[{len(image)} images]".encode())
-            for im in image:
-                h.update(f"{getattr(im, 'mode', type(im).__name__)}{getattr(im, 'size', getattr(im, 'shape', ''))}"
-                         .encode())
-                h.update(im.tobytes() if hasattr(im, "tobytes") else repr(im).encode())
-        elif image is not None:
-            h.update(image.tobytes() if hasattr(image, "tobytes") else repr(image).encode())
-    return h.hexdigest()[:16]
-
-
-def _split(queries: Sequence[Query], what: str) -> tuple[list, list[str]]:
-    queries = list(queries)
-    if not queries:
-        raise ValueError(f"the {what} set is empty; MLLMEraser needs at least one {what} query")
-    bad = [i for i, q in enumerate(queries)
-           if not isinstance(q, (tuple, list)) or len(q) != 2 or not isinstance(q[1], str)]
-    if bad:
-        q = queries[bad[0]]
-        hint = ("an answer is not used: the method reads the prompt's activations; pass (image, prompt)"
-                if isinstance(q, (tuple, list)) and len(q) > 2 else "a single pair? wrap it in a list")
-        raise ValueError(f"the {what} set must be a sequence of (image or None, prompt) pairs; item {bad[0]} is "
-                         f"{type(q).__name__} {str(q)[:60]!r} ({hint})")
-    return [q[0] for q in queries], [q[1] for q in queries]
-
-
 @dataclass
 class MLLMEraser:
     """Per steered layer ``l``: gate weights ``w_l`` and direction ``d_l`` (2d floats), plus provenance.
@@ -266,7 +220,7 @@ class MLLMEraser:
             check_stack(config.gate_stack, layers, model.n_layers)
         names = [config.hook_name(l) for l in layers]
         rows = gate_rows(config, layers)
-        sets = {k: _split(v, k) for k, v in
+        sets = {k: split_queries(v, k) for k, v in
                 (("forget", forget), ("retain", retain), ("recall", recall_pairs), ("erase", erase_pairs))}
         concepts: list[str] = []
         if forget_concepts is not None:
@@ -277,24 +231,10 @@ class MLLMEraser:
         elif config.concept_gates:
             raise ValueError("concept_gates needs forget_concepts: one concept label (profile id) per forget query")
 
-        def stream(key: str):  # the directions: the last prompt token of each steered layer
-            imgs, prompts = sets[key]
-            return iter_query_activations(model, imgs, prompts, names, config.batch_size, progress=progress,
-                                          desc=key)
-
         def gate_stream(key: str):  # what each gate row reads: [rows] of [batch, F]
             return gate_row_stream(model, list(zip(*sets[key])), config, layers, progress=progress, desc=key)
 
-        means: dict[str, dict[str, Tensor]] = {}
-        for key in ("recall", "erase"):
-            sums: dict[str, Tensor] = {}
-            for batch in stream(key):
-                for n, h in batch.items():
-                    if not torch.isfinite(h).all():
-                        raise ValueError(f"{key} activations at {n} contain NaN or inf")
-                    sums[n] = sums.get(n, 0) + h.double().sum(0)
-            means[key] = {n: s / len(sets[key][1]) for n, s in sums.items()}
-        directions = torch.stack([means["recall"][n] - means["erase"][n] for n in names])
+        directions = directions_from_pairs(model, sets["recall"], sets["erase"], names, config.batch_size, progress)
         answer_directions = None
         if config.answer_steps:
             first = {key: first_answer_means(model, *sets[key], names, config.answer_prefix, config.batch_size,
@@ -327,7 +267,7 @@ class MLLMEraser:
             s_f=torch.stack(s_f), gate_stack=list(config.gate_stack) if config.gate_stack else None,
             S_f=torch.stack(S_f) if concepts else None, concepts=concepts,
             counts={k: len(v[1]) for k, v in sets.items()},
-            data_hashes={k: _hash_queries(list(zip(*v))) for k, v in sets.items()},
+            data_hashes={k: hash_queries(list(zip(*v))) for k, v in sets.items()},
             fingerprint=model_fingerprint(model), seconds=time.perf_counter() - t0)
 
     @classmethod
@@ -448,33 +388,78 @@ class MLLMEraser:
 
         They pass through the config's ``gate_window`` (what steering applies) unless ``raw``.
         """
-        queries = list(queries)
-        _split(queries, "diagnostic")  # refuses an empty set
-        out = [torch.stack([gate_score(h, self.w[i]) for i, h in enumerate(feats)], dim=1)
-               for feats in gate_row_stream(model, queries, self.config, self.layers, batch_size=batch_size)]
-        g = torch.cat(out)
-        if self.config.gate_stack:  # one gate, seen by every steered layer
-            g = g.expand(-1, len(self.layers)).contiguous()
-        if self.config.gate_window is not None and not raw:
-            g = window(g, *self.config.gate_window)
-        return g
+        return self.gate.values(model, queries, batch_size or self.config.batch_size, raw)
+
+    # -- the two stages as value objects ------------------------------------------------
+    @property
+    def direction(self) -> ErasureDirection:
+        """Stage 1: the erasure directions (and answer directions, if fitted), as a value object of their own."""
+        return ErasureDirection(list(self.layers), self.config.site, self.d, dict(self.fingerprint), self.d_answer,
+                                {k: v for k, v in (self.info.get("counts") or {}).items() if k in ("recall", "erase")},
+                                {k: v for k, v in (self.info.get("data_hashes") or {}).items()
+                                 if k in ("recall", "erase")})
+
+    @property
+    def gate(self) -> NullSpaceGate:
+        """Stage 2: the null-space gates (with their calibration, window and read), as a value object of their own."""
+        c = self.config
+        return NullSpaceGate(list(self.layers), c.site, self.w, c.gate_read, list(c.gate_stack) if c.gate_stack else None,
+                             c.gate_window, list(self.info.get("concepts") or []) if c.concept_gates else [],
+                             {"gamma": c.gamma, "rho": c.rho, "energy": c.energy, "use_null_space": c.use_null_space},
+                             dict(self.info.get("projector") or {}), dict(self.fingerprint),
+                             {k: v for k, v in (self.info.get("counts") or {}).items() if k in ("forget", "retain")},
+                             {k: v for k, v in (self.info.get("data_hashes") or {}).items()
+                              if k in ("forget", "retain")})
+
+    @classmethod
+    def from_parts(cls, direction: ErasureDirection, gate: NullSpaceGate, **settings: Any) -> "MLLMEraser":
+        """An eraser from a direction and a gate fitted separately (e.g. one seed's gate with another's direction,
+        or a direction from image-only pairs): they must cover the same layers and site on the same model.
+
+        ``settings`` are application settings (``strength``, ``every_step``, ``answer_steps``, ``batch_size``;
+        see :meth:`with_config`); answer steering needs the direction's answer directions.
+        """
+        if direction.layers != gate.layers or direction.site != gate.site:
+            raise ValueError(f"the direction covers layers {direction.layers} at {direction.site}, the gate "
+                             f"{gate.layers} at {gate.site}: they must match")
+        diffs = fingerprint_mismatch(direction.fingerprint, gate.fingerprint) if gate.fingerprint else []
+        if diffs:
+            raise ArtifactMismatchError("the direction and the gate were fitted on different models: "
+                                        + "; ".join(d.replace("artifact has", "direction has").replace("model has", "gate has")
+                                                    for d in diffs))
+        fitted = set(settings) - (APPLICATION_FIELDS - {"gate_window"})
+        if fitted:
+            raise ValueError(f"from_parts takes application settings only ({sorted(APPLICATION_FIELDS - {'gate_window'})}), "
+                             f"not {sorted(fitted)}: the window is the gate's")
+        s = gate.settings
+        config = EraserConfig(layers=tuple(gate.layers), site=gate.site, rho=s.get("rho", 0.3), energy=s.get("energy"),
+                              gamma=s.get("gamma", 0.1), use_null_space=s.get("use_null_space", True),
+                              gate_read=gate.read, gate_window=gate.window, concept_gates=bool(gate.concepts),
+                              gate_stack=tuple(gate.stack) if gate.stack else None, **settings)
+        if config.answer_steps and direction.answer is None:
+            raise ValueError("answer_steps > 0 needs answer directions; read the direction with answer_prefix")
+        info: dict[str, Any] = {"projector": dict(gate.projector), "counts": {**gate.counts, **direction.counts},
+                                "data_hashes": {**gate.data_hashes, **direction.data_hashes}}
+        if gate.concepts:
+            info["concepts"] = list(gate.concepts)
+        return cls(list(gate.layers), gate.w, direction.vectors.float(), config,
+                   dict(direction.fingerprint or gate.fingerprint), info,
+                   direction.answer.float() if direction.answer is not None and config.answer_steps else None)
 
     def check_forget_set(self, forget: Sequence[Query]) -> None:
         """Refuse a forget set other than the one this eraser was fitted on (its queries' hash is in
         ``info["data_hashes"]``): an artifact fitted for forget 5 %, applied to the forget 10 % split, steers only
         some of the people the evaluation counts as forgotten.  Artifacts without the record pass."""
         fitted = (self.info.get("data_hashes") or {}).get("forget")
-        if fitted is not None and fitted != _hash_queries(forget):
+        if fitted is not None and fitted != hash_queries(forget):
             n = (self.info.get("counts") or {}).get("forget")
             raise ArtifactMismatchError(
                 f"this eraser was fitted on another forget set ({n} queries, hash {fitted}) than the one given "
-                f"({len(forget)} queries, hash {_hash_queries(forget)}): use the same benchmark split "
+                f"({len(forget)} queries, hash {hash_queries(forget)}): use the same benchmark split "
                 "(--forget-ratio, --seed) it was fitted on")
 
     def check_model(self, model: HookedVLM) -> None:
-        diffs = fingerprint_mismatch(self.fingerprint, model_fingerprint(model))
-        if diffs:
-            raise ArtifactMismatchError("this eraser was fitted on a different model: " + "; ".join(diffs))
+        check_fingerprint(self.fingerprint, model)
 
     def __repr__(self) -> str:
         # the dataclass repr would print every tensor (12k characters for the quick model's artifact)
@@ -527,13 +512,8 @@ class MLLMEraser:
         path = Path(path)
         if path.is_dir():
             path = path / "eraser.safetensors"
-        with atomic_path(path) as tmp:
-            tensors = {"w": self.w.cpu().contiguous(), "d": self.d.cpu().contiguous()}
-            if self.d_answer is not None:
-                tensors["d_answer"] = self.d_answer.cpu().contiguous()
-            save_file(tensors, str(tmp),
-                      metadata={"mllmeraser": json.dumps(self.metadata())})
-        return path
+        return write_artifact(path, {"w": self.w, "d": self.d, "d_answer": self.d_answer}, "mllmeraser",
+                              self.metadata())
 
     @classmethod
     def load(cls, path: str | Path, model: HookedVLM | None = None) -> "MLLMEraser":
@@ -541,26 +521,8 @@ class MLLMEraser:
         path = Path(path)
         if path.is_dir():
             path = path / "eraser.safetensors"
-        try:
-            # cloned: safetensors hands back tensors at addresses a matmul kernel treats differently (measured:
-            # steered logits 2-4e-7 off a fresh fit's), and "equal digests steer identically" is a promise
-            tensors = {k: v.clone() for k, v in load_file(str(path)).items()}
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as f:
-                header = f.metadata() or {}
-            meta = json.loads(header["mllmeraser"])
-        except FileNotFoundError:
-            raise
-        except (SafetensorError, KeyError, json.JSONDecodeError, OSError, ValueError) as e:
-            raise ArtifactError(f"{path} is not a readable MLLMEraser artifact ({type(e).__name__}: {e})") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-            raise ArtifactError(f"{path}: unknown format {found!r}, expected {FORMAT!r}")
-        missing = [k for k in ("layers", "config", "fingerprint") if k not in meta] + [
-            k for k in ("w", "d") if k not in tensors]
-        if missing:
-            raise ArtifactError(f"{path}: an incomplete MLLMEraser artifact (no {', '.join(missing)})")
+        tensors, meta = read_artifact(path, "mllmeraser", FORMAT, "MLLMEraser artifact", tensors=("w", "d"),
+                                      fields=("layers", "config", "fingerprint"))
         fp = meta["fingerprint"]
         layers = meta["layers"]
         depth = fp.get("n_layers") if isinstance(fp, dict) else None
@@ -569,9 +531,6 @@ class MLLMEraser:
                 or (isinstance(depth, int) and max(layers) >= depth)):
             raise ArtifactError(f"{path}: its steered layers {layers!r} are not layer indices of the "
                                 f"{depth if depth is not None else '?'}-layer model it names")
-        bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-        if bad:
-            raise ArtifactError(f"{path}: tensor(s) {bad} hold NaN or infinite values; a corrupt artifact")
         try:
             cfg = dict(meta["config"])
             if cfg.get("layers") is not None:

@@ -240,7 +240,7 @@ def test_rho_may_be_none_only_when_energy_is_set():
 
 
 def test_failed_save_keeps_previous_file(fitted, tmp_path, monkeypatch):
-    import eraser.method as method
+    import eraser.artifact as artifact
 
     eraser, _, _ = fitted
     path = eraser.save(tmp_path / "e.safetensors")
@@ -249,7 +249,7 @@ def test_failed_save_keeps_previous_file(fitted, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(method, "save_file", boom)
+    monkeypatch.setattr(artifact, "save_file", boom)
     with pytest.raises(OSError):
         eraser.save(path)
     assert path.read_bytes() == before
@@ -518,17 +518,9 @@ def test_identical_recall_and_erase_pairs_are_refused(tiny_llava):
         MLLMEraser.fit(tiny_llava, _queries(6, 1, 100), _queries(20, 2, 200), pairs, pairs, EraserConfig(rho=0.5))
 
 
-def test_forget_hash_is_stable_for_multi_image_rows_and_bare_pairs_are_refused(tiny_llava):
-    """A row with two images was hashed through the list's repr (memory addresses): the same forget set had
-    another hash in every process, and check_forget_set refused it."""
-    from eraser.method import _hash_queries
-
-    a, b = random_image(32, 1), random_image(32, 2)
-    rows = [([a, b], "who are they"), (a, "who is this"), (None, "who is ann")]
-    again = [([a.copy(), b.copy()], "who are they"), (a.copy(), "who is this"), (None, "who is ann")]
-    assert _hash_queries(rows) == _hash_queries(again)
-    assert _hash_queries(rows) != _hash_queries([([b, a], "who are they")] + rows[1:])
-    assert _hash_queries([(a, "who is this")]) == "%s" % _hash_queries([(a.copy(), "who is this")])
+def test_bare_pairs_and_triples_are_refused_by_fit(tiny_llava):
+    """(The query hash itself: tests/eraser/test_queries.py.)"""
+    a = random_image(32, 1)
     with pytest.raises(ValueError, match=r"\(image or None, prompt\) pairs; item 0"):
         MLLMEraser.fit(tiny_llava, (a, "who is this"), _queries(8, 2, 200), _queries(2, 3, 300),
                        _queries(2, 4, 400))

@@ -1,0 +1,102 @@
+"""NullSpaceGate (eraser/gate.py), the gate stage as a value object: the same weights and values as the eraser's
+own, the null space's numbers, the window, save / load, and an eraser rebuilt from its two parts.
+(The pure solve, fit_gate and the projector: tests/eraser/test_nullspace_gate.py.)"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eraser import ArtifactError, ArtifactMismatchError, EraserConfig, MLLMEraser
+from eraser.direction import ErasureDirection
+from eraser.gate import NullSpaceGate
+from tests.eraser.test_method import _queries
+
+
+@pytest.fixture(scope="module")
+def data():
+    return _queries(12, 1, 100, text_only_every=0), _queries(40, 2, 200), _queries(6, 3, 300), _queries(6, 4, 400)
+
+
+@pytest.fixture(scope="module")
+def stats(tiny_llava, data):
+    return MLLMEraser.collect_stats(tiny_llava, *data, EraserConfig(layers=(1, 2)))
+
+
+def test_from_stats_is_the_erasers_gate(tiny_llava, data, stats):
+    forget, retain = data[:2]
+    # energy 1e-6 keeps the retain moment's exact null space (40 retain queries, rank 40 of d 128: 88 directions)
+    gate = NullSpaceGate.from_stats(stats, gamma=1e-3, energy=1e-6)
+    eraser = MLLMEraser.from_stats(stats, EraserConfig(layers=(1, 2), gamma=1e-3, energy=1e-6))
+    assert torch.equal(gate.w, eraser.w) and torch.equal(eraser.gate.w, eraser.w)
+    assert gate.settings == {"gamma": 1e-3, "rho": 0.3, "energy": 1e-6, "use_null_space": True}
+    assert eraser.gate.settings == gate.settings and gate.projector["1"]["rank"] == tiny_llava.d_model - 40
+    assert gate.projector == eraser.info["projector"] and gate.counts == {"forget": 12, "retain": 40}
+    g_f, g_r = gate.values(tiny_llava, forget), gate.values(tiny_llava, retain)
+    assert torch.equal(g_f, eraser.gate_values(tiny_llava, forget))
+    # the closed form: ~1 on the forget queries it was fitted on (measured 0.967 / 0.991), and in the exact null
+    # space of the retain queries exactly 0 up to float32 rounding (measured max 1.5e-7)
+    assert g_f.shape == (12, 2) and (g_f.mean(0) - 1).abs().max() < 0.05
+    assert g_r.abs().max() < 1e-5
+    # without the null space the retain queries are not protected (measured mean |g| 0.79)
+    open_gate = NullSpaceGate.from_stats(stats, gamma=1e-3, use_null_space=False)
+    assert open_gate.projector["1"]["rule"] == "identity"
+    assert open_gate.values(tiny_llava, retain).abs().mean() > 0.3
+
+
+def test_window_and_raw_scores(tiny_llava, data, stats):
+    forget = data[0]
+    gate = NullSpaceGate.from_stats(stats, gamma=1e-3, energy=1e-6, window=(0.25, 0.75))
+    raw = gate.values(tiny_llava, forget, raw=True)
+    assert torch.allclose(gate.values(tiny_llava, forget), ((raw - 0.25) / 0.5).clamp(0, 1))
+    with pytest.raises(ValueError, match="lo < hi"):
+        NullSpaceGate([1], "resid_pre", torch.zeros(1, 8), window=(1.0, 0.5))
+    with pytest.raises(ValueError, match=r"do not fit 2 gate row"):
+        NullSpaceGate([1, 2], "resid_pre", torch.zeros(1, 8))
+    with pytest.raises(ValueError, match="the gate query set is empty"):
+        gate.values(tiny_llava, [])
+
+
+def test_stacked_and_concept_gates_round_trip(tiny_llava, data, tmp_path):
+    forget, retain, recall, erase = data
+    concepts = [f"p{i % 3}" for i in range(len(forget))]
+    eraser = MLLMEraser.fit(tiny_llava, forget, retain, recall, erase,
+                            EraserConfig(layers=(2,), energy=0.01, gate_stack=(1, 2), concept_gates=True),
+                            forget_concepts=concepts)
+    gate = eraser.gate
+    assert gate.stack == [1, 2] and gate.concepts == ["p0", "p1", "p2"] and gate.w.shape == (1, 3, 2 * tiny_llava.d_model)
+    back = NullSpaceGate.load(gate.save(tmp_path / "g.safetensors"), tiny_llava)
+    assert torch.equal(back.w, gate.w) and back.stack == [1, 2] and back.concepts == gate.concepts
+    assert torch.equal(back.values(tiny_llava, forget), eraser.gate_values(tiny_llava, forget))
+
+
+def test_save_load_refusals(tiny_llava, tiny_qwen, stats, tmp_path):
+    gate = NullSpaceGate.from_stats(stats, gamma=0.1, energy=0.01, window=(0.2, 0.8))
+    path = gate.save(tmp_path / "g.safetensors")
+    back = NullSpaceGate.load(path, tiny_llava)
+    assert torch.equal(back.w, gate.w) and back.window == (0.2, 0.8) and back.settings == gate.settings
+    assert back.projector == gate.projector and back.data_hashes == gate.data_hashes
+    with pytest.raises(ArtifactMismatchError, match="this gate was fitted on a different model"):
+        NullSpaceGate.load(path, tiny_qwen)
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(ArtifactError, match="not a readable null-space gate"):
+        NullSpaceGate.load(path)
+
+
+def test_an_eraser_from_its_parts(tiny_llava, tiny_qwen, data, stats):
+    eraser = MLLMEraser.from_stats(stats, EraserConfig(layers=(1, 2), gamma=1e-3, energy=0.01, strength=-3.0))
+    rebuilt = MLLMEraser.from_parts(eraser.direction, eraser.gate, strength=-3.0)
+    assert rebuilt.digest() == eraser.digest() and rebuilt.info["data_hashes"] == eraser.info["data_hashes"]
+    # a direction read from other pairs, with this gate: steers along the new direction, gated the same way
+    other = ErasureDirection.fit(tiny_llava, _queries(4, 8, 800), _queries(4, 9, 900), layers=[1, 2])
+    mixed = MLLMEraser.from_parts(other, eraser.gate)
+    assert torch.equal(mixed.d, other.vectors.float()) and torch.equal(mixed.w, eraser.w)
+    with pytest.raises(ValueError, match="must match"):
+        MLLMEraser.from_parts(ErasureDirection([1], "resid_pre", other.vectors[:1]), eraser.gate)
+    with pytest.raises(ValueError, match="application settings only"):
+        MLLMEraser.from_parts(eraser.direction, eraser.gate, gamma=1.0)
+    with pytest.raises(ValueError, match="needs answer directions"):
+        MLLMEraser.from_parts(eraser.direction, eraser.gate, answer_steps=1)
+    qwen_direction = ErasureDirection(other.layers, other.site, other.vectors,
+                                      fingerprint={**other.fingerprint, "arch": "qwen2_5_vl"})
+    with pytest.raises(ArtifactMismatchError, match="different models: arch: direction has 'qwen2_5_vl', gate has"):
+        MLLMEraser.from_parts(qwen_direction, eraser.gate)
