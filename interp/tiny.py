@@ -37,6 +37,9 @@ def _check_overrides(arch: str, overrides: dict[str, Any]) -> dict[str, Any]:
     unknown = set(overrides) - set(DEFAULTS[arch])
     if unknown:
         raise TypeError(f"unknown override(s) {sorted(unknown)} for tiny_vlm({arch!r}); valid: {sorted(DEFAULTS[arch])}")
+    if arch == "qwen2_5_vl" and overrides.get("vision_feature_layer") is not None:
+        raise ValueError("vision_feature_layer is LLaVA's (which vision block its projector reads); Qwen2.5-VL's "
+                         "merger always reads the last vision block: leave it None, or set vision_layers")
     cfg = {**DEFAULTS[arch], **overrides}
     if cfg["d_model"] % cfg["n_heads"] or cfg["n_heads"] % cfg["n_kv_heads"]:
         raise ValueError("d_model must divide by n_heads, and n_heads by n_kv_heads")

@@ -7,6 +7,7 @@ generation, or on every generation step.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -190,6 +191,22 @@ def marked_plan(plan: Plan, step: int) -> Plan:
     return Plan(sites=[(n, s) for n, s in plan.sites if n in hooks], hooks=hooks, attached=plan.attached)
 
 
+def decode_plan(plan: Plan) -> Plan:
+    """``plan`` without its vision-side sites (``vision.*``, ``projector.*``), for decode steps after the prefill.
+
+    Why: the vision tower and the projector run on the prefill only.  A trace that still waited for them on a
+    later step never got them, and skipped the rest of that step's body with them, so a language-model hook
+    next to any vision hook acted on the prefill alone (an audit: steps [0] instead of [0..5], other tokens
+    than the torch backend's), silently, since "was never reached" warnings are filtered here.
+    """
+    vision = {n for n, _ in plan.sites if n.startswith(("vision.", "projector."))}
+    if not vision:
+        return plan
+    return dataclasses.replace(plan, sites=[(n, s) for n, s in plan.sites if n not in vision],
+                               hooks={n: fns for n, fns in plan.hooks.items() if n not in vision},
+                               cache=set(plan.cache) - vision)
+
+
 def generate(model: "HookedVLM", inputs: "VLMInputs", plan: Plan, max_new_tokens: int, every_step: bool,
              kwargs: dict[str, Any]) -> Tensor:
     """Generate under ``plan``: hooks on the prefill pass only, or on every step.
@@ -209,8 +226,11 @@ def generate(model: "HookedVLM", inputs: "VLMInputs", plan: Plan, max_new_tokens
         root = model.envoy
         box: list[Tensor] = []
         finished: list[bool] = []
-        fns = [fn for fns in plan.hooks.values() for fn in fns]
-        if every_step:
+        decode = decode_plan(plan)  # what later steps can reach: no vision-side site runs after the prefill
+        fns = [fn for fns in decode.hooks.values() for fn in fns]
+        if decode.empty:
+            last = 0  # only vision-side hooks: nothing to serve after the prefill (an empty step would never end)
+        elif every_step:
             last = plan_last_step(fns)
         elif any(last_step(fn) is None and id(fn) in plan.attached for fn in fns):
             last = None  # an unmarked hook attached for the block acts on every step, as a module hook does
@@ -218,7 +238,9 @@ def generate(model: "HookedVLM", inputs: "VLMInputs", plan: Plan, max_new_tokens
             last = max([l for fn in fns if (l := last_step(fn)) is not None] + [0])
 
         def step_plan(step: int) -> Plan:
-            return plan if every_step or step == 0 else marked_plan(plan, step)
+            if step == 0:
+                return plan
+            return decode if every_step else marked_plan(decode, step)
 
         def capture(*args: Any, **kw: Any) -> Tensor:
             # The result is caught here rather than read from tracer.result: after an

@@ -48,6 +48,8 @@ def test_bad_arch_and_overrides_are_rejected():
         tiny_vlm("llava", n_layer=2)
     with pytest.raises(ValueError):
         tiny_vlm("llava", d_model=100, n_heads=3)
+    with pytest.raises(ValueError, match="vision_feature_layer is LLaVA's"):  # was accepted and ignored (an audit)
+        tiny_vlm("qwen2_5_vl", vision_feature_layer=-2)
 
 
 def test_unsupported_hf_class_is_rejected():

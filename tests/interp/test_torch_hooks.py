@@ -303,3 +303,40 @@ def test_an_edit_where_llava_reads_its_vision_features_reaches_the_projector_on_
     assert torch.allclose(via_torch, via_nnsight, atol=1e-5)
     expected = clean["vision.blocks.0.hook_resid_post"][:, 1:] + vec  # CLS row dropped by the projector's read
     assert torch.allclose(cache["projector.hook_in"], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("mark", ["every_step", "attached", "first_steps"])
+def test_a_vision_hook_beside_a_language_model_hook_keeps_it_acting_after_the_prefill(tiny_model, mark):
+    """From an audit: with any vision-side hook in the plan, the nnsight trace waited on decode steps for the
+    vision tower (which runs on the prefill only) and skipped the rest of each step, so the language-model hook
+    acted on step 0 alone ([0] instead of [0..5]) and gave other tokens than the torch backend, silently."""
+    from interp import first_steps
+    from tests.conftest import random_image
+
+    inputs = tiny_model.encode(images=[random_image(32, 1)], prompts=["who is the person in this image"])
+    vision_width = tiny_model.hf_model.config.vision_config.hidden_size
+    vec = 0.5 * torch.linspace(-1, 1, tiny_model.d_model)
+    runs = {}
+    for backend in ("nnsight", "torch"):
+        steps: list = []
+
+        def lm(x, c, steps=steps):
+            steps.append(c.step)
+            return x + vec
+
+        lm_fn = first_steps(lm, 3) if mark == "first_steps" else lm
+        spec = [("vision.blocks.0.hook_resid_post", lambda x, c: x + 0.1 * torch.ones(vision_width)
+                 if c.is_prefill else None), ("blocks.2.hook_resid_pre", lm_fn)]
+        if mark == "every_step" and backend == "nnsight":
+            out = tiny_model.generate(inputs, max_new_tokens=6, eos_token_id=None, hooks=spec, every_step=True)
+        else:
+            with tiny_model.hooks(spec, backend=backend):
+                out = tiny_model.generate(inputs, max_new_tokens=6, eos_token_id=None)
+        runs[backend] = (sorted(set(steps)), out)
+    assert runs["nnsight"][0] == runs["torch"][0] == ([0, 1, 2, 3] if mark == "first_steps" else list(range(6)))
+    assert torch.equal(runs["nnsight"][1].sequences, runs["torch"][1].sequences)
+    # only vision-side hooks, every step: served on the prefill, and the generate ends (an empty step never would)
+    seen: list = []
+    tiny_model.generate(inputs, max_new_tokens=3, eos_token_id=None, every_step=True,
+                        hooks=[("vision.blocks.0.hook_resid_post", lambda x, c: seen.append(c.step))])
+    assert seen == [0]
