@@ -23,7 +23,10 @@ of each profile's queries.  Reported per task and site:
 * ``steered_probe``: a probe trained and tested on steered features (is the
   information there at all after steering?);
 * accuracy on all held-out queries, balanced accuracy, and accuracy on the
-  forget profiles' queries only (the number the question is about);
+  forget profiles' queries only (the number the question is about), with its
+  chance level (a random guess with the training labels' frequencies) and what
+  a constant guess of the training majority class scores on those queries (for
+  identity, whose forget slice holds one label, it can be 1.0);
 * ``shift``: how far steering moved the features (norm of the mean change,
   relative to the mean feature norm), on forget vs retain queries.
 
@@ -40,6 +43,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from eraser.argtypes import nonneg_float
 from eraser.data.schema import Profile
 from eraser.evaluate import build_items
 from interp.probe import LinearProbe, features_from_cache, stratified_split
@@ -108,6 +112,25 @@ def scores(probe: LinearProbe, X: torch.Tensor, y: torch.Tensor, is_forget: torc
             "retain_acc": float(ok[r].mean()) if r.any() else None}
 
 
+def forget_chance(y: torch.Tensor, tr: torch.Tensor, te: torch.Tensor, is_forget: torch.Tensor
+                  ) -> dict[str, float | None]:
+    """The references for ``forget_acc`` (accuracy on the forget profiles' held-out queries).
+
+    ``chance``: the expected ``forget_acc`` of guessing at random with the training labels' frequencies.  Why not
+    the majority class over the whole test set (what was printed before): on the forget rows, which all share
+    a few labels (one, for identity), that number is not the chance level of ``forget_acc``.
+    ``constant_guess``: the ``forget_acc`` of always answering the training majority class, which for a
+    single-class slice can be 1.0: a probe near it has learned nothing the slice's label frequency does not
+    give.  Both None without forget queries among the held-out ones.
+    """
+    rows = te[is_forget[te].bool()]
+    if rows.numel() == 0:
+        return {"chance": None, "constant_guess": None}
+    prior = torch.bincount(y[tr], minlength=int(y.max()) + 1).double() / tr.numel()
+    majority = int(torch.bincount(y[tr]).argmax())  # ties: the smallest label
+    return {"chance": float(prior[y[rows]].mean()), "constant_guess": float((y[rows] == majority).double().mean())}
+
+
 def relative_shift(v: torch.Tensor, s: torch.Tensor, mask: torch.Tensor) -> float | None:
     """``||mean(steered - vanilla)|| / mean ||vanilla||`` over the rows in ``mask``."""
     if not mask.any():
@@ -148,7 +171,8 @@ def summarise(results: dict[str, Any], sites: list[dict]) -> dict[str, Any]:
             continue
         metric = "balanced_acc" if task == "forget" else "forget_acc"
         row: dict[str, Any] = {"metric": metric,
-                               "chance": tr["balanced_chance"] if task == "forget" else tr["chance"]}
+                               "chance": tr["balanced_chance"] if task == "forget" else tr["chance"],
+                               "constant_guess": None if task == "forget" else tr["constant_guess"]}
         for probe, run in (("vanilla_probe", "vanilla"), ("vanilla_probe", "steered"), ("steered_probe", "steered")):
             vals = [(tr["sites"][s["key"]][probe][run][metric], s["key"]) for s in lm]
             vals = [v for v in vals if v[0] is not None]
@@ -184,8 +208,9 @@ def run(ctx: Context, weight_decay: float = 1e-3, train_frac: float = 0.7) -> di
             continue
         counts = torch.unique(y[te], return_counts=True)[1]
         task_res: dict[str, Any] = {"label": TASK_LABELS[task], "n_classes": int(torch.unique(y).numel()),
-                                    "chance": float(counts.max()) / te.numel(), "balanced_chance": 1.0 / counts.numel(),
-                                    "sites": {}}
+                                    **forget_chance(y, tr, te, is_forget),
+                                    "majority_chance": float(counts.max()) / te.numel(),
+                                    "balanced_chance": 1.0 / counts.numel(), "sites": {}}
         for s in sites:
             k = s["key"]
             task_res["sites"][k] = probe_site(Xv[k], Xs[k], y, is_forget, tr, te, weight_decay)
@@ -221,11 +246,12 @@ def print_summary(res: dict[str, Any]) -> None:
         if "skipped" in s:
             print(f"  {TASK_LABELS[task]:<17} skipped: {s['skipped']}")
             continue
+        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
 
         def f(x: dict) -> str:
-            fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
             return f"{fmt(x['best'])} / {fmt(x['final_last_token'])}"
-        print(f"  {TASK_LABELS[task]:<17} {s['metric']:<12} chance {s['chance']:.2f} | vanilla probe: vanilla run "
+        const = "" if s.get("constant_guess") is None else f" (constant guess {s['constant_guess']:.2f})"
+        print(f"  {TASK_LABELS[task]:<17} {s['metric']:<12} chance {fmt(s['chance'])}{const} | vanilla probe: vanilla run "
               f"{f(s['vanilla_probe_on_vanilla'])}, steered run {f(s['vanilla_probe_on_steered'])} | "
               f"steered probe: {f(s['steered_probe_on_steered'])}")
     lm = [s for s in res["sites"] if s["tower"] == "lm" and s["position"] == "last"]
@@ -238,7 +264,7 @@ def print_summary(res: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = base_parser("probing", __doc__)
-    ap.add_argument("--weight-decay", type=float, default=1e-3, help="probe L2 weight decay")
+    ap.add_argument("--weight-decay", type=nonneg_float, default=1e-3, help="probe L2 weight decay (>= 0)")
     args = ap.parse_args(argv)
     ctx = load_context(args)
     out = out_dir(args)

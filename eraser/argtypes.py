@@ -42,6 +42,13 @@ def finite_float(text: str) -> float:
     return value
 
 
+def nonneg_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
 def out_dir(text: str) -> Path:
     """An output folder: it may not exist yet, but it must not be a file, and the nearest existing folder above it
     must be writable; checked at parse time, so a long run cannot fail at its very end when it writes."""

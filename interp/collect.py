@@ -56,6 +56,8 @@ def iter_query_activations(
     """
     if read not in READS:
         raise ValueError(f"read must be one of {READS}, got {read!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
     if not prompts:

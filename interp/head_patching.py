@@ -35,6 +35,7 @@ from .inputs import VLMInputs
 from .io import JsonRecord, json_number
 from .patching import (
     Metric, PositionSpec, _apply_metric, _mean, _patch_hook, _patch_mask, _position_label, check_aligned,
+    check_max_rows,
 )
 from .steering import repeat_inputs
 from .sweep import Grid
@@ -118,6 +119,7 @@ def patch_heads(
     information into the last prompt token; ``"image"`` which heads do it at the image tokens).
     """
     check_aligned(clean_inputs, corrupted_inputs)
+    check_max_rows(max_rows)
     layers = list(range(model.n_layers)) if layers is None else [int(l) for l in layers]
     bad = [l for l in layers if not 0 <= l < model.n_layers]
     if not layers or bad or len(set(layers)) != len(layers):
@@ -134,7 +136,7 @@ def patch_heads(
     b, p = corrupted_inputs.input_ids.shape
     base = torch.ones((b, p), dtype=torch.bool) if mask is None else mask.cpu()
     cells = [(l, h) for l in layers for h in range(n_heads)]
-    per = len(cells) if max_rows is None else max(1, max_rows // b)
+    per = len(cells) if max_rows is None else max(1, max_rows // b)  # checked on entry
     patched = np.full((len(layers), n_heads), np.nan)
     for s in range(0, len(cells), per):
         chunk = cells[s:s + per]

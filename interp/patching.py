@@ -234,6 +234,14 @@ def _patch_hook(source: Tensor, mask: Optional[Tensor], copy: int, n_copies: int
     return hook
 
 
+def check_max_rows(max_rows: Optional[int]) -> Optional[int]:
+    """``max_rows`` as given, if it is None or an integer >= 1 (a batch smaller than it still runs one site per
+    pass); anything else is a ValueError, not a silent single-site run."""
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+        raise ValueError(f"max_rows must be None (everything in one pass) or an integer >= 1, got {max_rows!r}")
+    return max_rows
+
+
 def patch_from_run(
     model: "HookedVLM",
     target_inputs: VLMInputs,
@@ -265,6 +273,7 @@ def patch_from_run(
     >>> [round(e, 4) for e in res.effects.values()]
     [1.0, 1.0]
     """
+    check_max_rows(max_rows)
     resolved = patchable_names(model, names)
     missing = [n for n in resolved if n not in source_cache]
     if missing:

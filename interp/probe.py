@@ -25,6 +25,7 @@ Three pieces:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -180,8 +181,8 @@ def _labels(y: Any) -> Int[Tensor, " n"]:
     if y.numel() == 0:
         raise ValueError("no labels: a probe needs at least one labelled example per class")
     if y.is_floating_point():
-        if not bool((y == y.round()).all()):
-            raise ValueError("labels must be integers (class ids)")
+        if not bool(torch.isfinite(y).all()) or not bool((y == y.round()).all()):
+            raise ValueError("labels must be integers (class ids), finite")
         y = y.long()
     return y.long()
 
@@ -233,6 +234,16 @@ class LinearProbe:
     def fit(cls, X: Float[Tensor, "n d"], y: Int[Tensor, " n"], weight_decay: float = 1e-3, max_iter: int = 300,
             meta: Mapping[str, Any] | None = None) -> "LinearProbe":
         """Fit by full-batch L-BFGS on ``mean cross-entropy + weight_decay/2 * ||W||^2`` (deterministic: zero init)."""
+        try:
+            decay = math.nan if isinstance(weight_decay, (bool, str)) else float(weight_decay)
+        except (TypeError, ValueError):
+            decay = math.nan
+        if not (math.isfinite(decay) and decay >= 0):
+            # a negative decay rewards large weights: L-BFGS runs off to NaN weights, and the probe still "predicts"
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+        weight_decay = decay
+        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+            raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
         X = _features(X)
         y = _labels(y).to(X.device)
         if X.shape[0] != y.shape[0]:
@@ -336,6 +347,9 @@ def probe_accuracy(X: Float[Tensor, "n d"], y: Int[Tensor, " n"], train_frac: fl
     if X.shape[0] != y.shape[0]:
         raise ValueError(f"{X.shape[0]} feature rows for {y.shape[0]} labels")
     tr, te = stratified_split(y, train_frac, seed)
+    if te.numel() == 0:
+        raise ValueError("no held-out examples: every class has a single example, and a stratified split keeps "
+                         "singletons for training; a probe's accuracy needs at least 2 examples of some class")
     probe = LinearProbe.fit(X[tr], y[tr], **fit_kw)
     counts = torch.unique(y[te], return_counts=True)[1]
     return {

@@ -175,6 +175,8 @@ class SweepResult:
     """
 
     records: list[Record] = field(default_factory=list)
+    #: what the results depend on besides the settings (the journal's context line), when the sweep had one
+    context: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -192,7 +194,7 @@ class SweepResult:
             if all(k in row and setting_key({"v": row[k]}) == setting_key({"v": v}) for k, v in fixed.items()) and (
                     predicate is None or predicate(row)):
                 keep.append(rec)
-        return SweepResult(keep)
+        return SweepResult(keep, self.context)
 
     def metrics(self) -> list[str]:
         return list(dict.fromkeys(k for r in self.records for k in r["result"]))
@@ -247,16 +249,28 @@ class SweepResult:
         cands = [(rec, row) for rec, row in zip(self.records, self.rows())
                  if objective in row and _finite(row[objective]) and (constraint is None or constraint(row))]
         if not cands:
-            have = any(objective in row for row in self.rows())
-            why = "no record satisfies the constraint" if have else f"no record has {objective!r}; metrics are {self.metrics()}"
+            have = [row[objective] for row in self.rows() if objective in row]
+            if not have:
+                why = f"no record has {objective!r}; metrics are {self.metrics()}"
+            elif constraint is None or not any(_finite(v) for v in have):
+                why = f"no record has a finite {objective!r} (all NaN, inf or not numbers)"
+            else:
+                why = "no record satisfies the constraint"
             raise NoFeasibleSetting(f"best({objective!r}): {why} ({len(self.records)} records)")
         pick = max if maximize else min
         return pick(cands, key=lambda c: float(c[1][objective]))[0]
 
     def save(self, path: str | Path) -> None:
-        """Write the records as a JSONL journal (atomically), readable by :meth:`load` and resumable by :class:`Sweep`."""
+        """Write the records as a JSONL journal (atomically), readable by :meth:`load` and resumable by :class:`Sweep`
+        (its context line first, when there is one, so ``Sweep(path, context=...)`` can check it).
+
+        Values serialise as :meth:`Sweep.append` writes them (numpy / torch scalars as numbers; JSON has no tuples,
+        so they come back as lists, and dict keys as strings)."""
+        head = json.dumps({"context": _plain(dict(self.context))}, allow_nan=True) + "\n" if self.context else ""
+        text = head + "".join(_line({"setting": _plain(r["setting"]), "result": _plain(r["result"])})
+                              for r in self.records)
         with atomic_path(path) as tmp:
-            tmp.write_text("".join(_line(r) for r in self.records))
+            tmp.write_text(text)
 
     @classmethod
     def load(cls, path: str | Path) -> "SweepResult":
@@ -264,7 +278,8 @@ class SweepResult:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no sweep journal at {path}")
-        return cls(_read_records(path, repair=False))
+        context, records = _read_journal(path, repair=False)
+        return cls(records, context)
 
 
 def _hashable(v: Any) -> Any:
@@ -318,7 +333,7 @@ class Sweep:
 
     @property
     def result(self) -> SweepResult:
-        return SweepResult(list(self._records))
+        return SweepResult(list(self._records), self.context)
 
     def is_done(self, setting: Mapping[str, Any]) -> bool:
         return setting_key(setting) in self._done
@@ -372,7 +387,7 @@ class Sweep:
         finally:
             bar.close()
         by_key = {setting_key(r["setting"]): r for r in self._records}
-        return SweepResult([by_key[k] for k in wanted])
+        return SweepResult([by_key[k] for k in wanted], self.context)
 
 
 def _group(settings: list[dict], keys: Sequence[str]) -> list[list[dict]]:

@@ -49,7 +49,9 @@ def plot_probe_accuracy(source: Any, out_path: PathLike) -> Path | None:
     Solid lines: all held-out queries (balanced accuracy for forget-vs-retain);
     dashed: the forget profiles' queries only.  Colours: vanilla probe on the
     vanilla run, the same probe on the steered run, a probe trained on the
-    steered run.  Dotted grey: chance.
+    steered run.  Dotted grey: chance (for identity and birthplace, of the forget
+    queries' accuracy: a random guess with the training labels' frequencies); dash-dot: the majority class's
+    share of all held-out queries.
     """
     data, path = read_json(source, "probing.json")
     if not data or not data.get("tasks"):
@@ -78,8 +80,15 @@ def plot_probe_accuracy(source: Any, out_path: PathLike) -> Path | None:
                         y = [_f(t["sites"][s["key"]][probe][run].get(metric)) for s in col_sites]
                         ax.plot(x, y, ls, marker="o" if ls == "-" else None, ms=3, color=colour, lw=1.2,
                                 label=f"{label} ({'all' if ls == '-' else 'forget queries'})" if i == j == 0 else None)
-                chance = t["balanced_chance"] if task == "forget" else t["chance"]
-                ax.axhline(chance, color="grey", ls=":", lw=1, label="chance" if i == j == 0 else None)
+                if task == "forget":
+                    ax.axhline(t["balanced_chance"], color="grey", ls=":", lw=1, label="chance" if i == j == 0 else None)
+                elif "majority_chance" in t:  # chance: of forget queries' accuracy; majority: of all queries'
+                    ax.axhline(_f(t["majority_chance"]), color="grey", ls="-.", lw=0.8,
+                               label="majority class (all)" if i == j == 0 else None)
+                    ax.axhline(_f(t["chance"]), color="grey", ls=":", lw=1,
+                               label="chance (forget queries)" if i == j == 0 else None)
+                else:  # a probing.json from before the forget queries had their own chance level
+                    ax.axhline(_f(t["chance"]), color="grey", ls=":", lw=1, label="chance" if i == j == 0 else None)
                 if vision:
                     ax.axvspan(-0.5, len(vision) - 0.5, color="#eeeeee", zorder=0)
                 ax.set_xticks(x, [f"v{s['layer']}" if s["tower"] == "vision" else str(s["layer"]) for s in col_sites])

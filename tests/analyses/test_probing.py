@@ -41,7 +41,7 @@ def test_writes_json_with_every_task_and_site(run):
     assert data["data"]["n_queries"] == 4 * 18  # VQA questions: 6 facts x 3 tasks per profile
     for task, t in data["tasks"].items():
         assert set(t["sites"]) == set(keys)
-        assert in_unit(t["chance"]) and in_unit(t["balanced_chance"])
+        assert in_unit(t["chance"]) and in_unit(t["balanced_chance"]) and in_unit(t["majority_chance"])
         for site in t["sites"].values():
             for probe, runs in (("vanilla_probe", ("vanilla", "steered")), ("steered_probe", ("steered",))):
                 assert in_unit(site[probe]["train_acc"])
@@ -85,3 +85,19 @@ def test_summary_and_figure_from_saved_json(run, tmp_path):
     png = plot_probe_accuracy(out, tmp_path / "again.png")  # from the run folder, nothing recomputed
     assert png is not None and is_png(png)
     assert plot_probe_accuracy(tmp_path / "missing", tmp_path / "none.png") is None
+
+
+def test_forget_chance_is_the_chance_of_the_forget_slice():
+    """The chance printed beside forget_acc was the majority class's share of all held-out queries (0.25 for four
+    balanced identities), while a constant guess scores 1.0 on the forget slice: both references are now given."""
+    import torch
+
+    y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 0, 0, 1, 1, 1, 1])  # birthplace-like: class 1 is common
+    is_forget = torch.tensor([1, 1, 1] + [0] * 15)  # profile 0's three queries are the forget ones
+    tr = torch.tensor([0, 1, 3, 4, 6, 7, 9, 10, 12, 14, 15, 16])  # train labels 0,0,1,1,2,2,3,3,0,1,1,1
+    te = torch.tensor([2, 5, 8, 11, 13, 17])
+    ref = probing.forget_chance(y, tr, te, is_forget)
+    assert ref["chance"] == pytest.approx(3 / 12)  # the one forget test row has label 0: p_train(0) = 3/12
+    assert ref["constant_guess"] == 0.0  # the training majority is class 1 (5 of 12), never right on the slice
+    ref = probing.forget_chance(y, tr, te, torch.zeros(18, dtype=torch.long))
+    assert ref == {"chance": None, "constant_guess": None}

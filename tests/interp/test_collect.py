@@ -32,6 +32,9 @@ def test_streamed_rows_equal_the_cache(tiny_model):
     torch.testing.assert_close(stacked[name], mean)
     with pytest.raises(ValueError, match="read"):
         next(iter_query_activations(tiny_model, images, prompts, [name], read="max"))
+    for bad in (0, -1, 2.0):  # -1 gave {} silently, 0 a bare range() error (an audit)
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+            query_activations(tiny_model, images, prompts, [name], batch_size=bad)
 
 
 def test_per_head_sites_stream_as_one_row_and_patterns_are_refused(tiny_model):

@@ -91,3 +91,6 @@ def test_round_trip_grid_and_errors(tiny_llava, pair, tmp_path):
         patch_heads(tiny_llava, clean, corrupt, metric, positions="middle")
     with pytest.raises(ValueError, match="HeadPatchResult"):
         HeadPatchResult.from_dict({"format": "interp.PatchResult"})
+    for bad in (0, -4, 2.5):  # 0 ran silently as one head per pass (an audit)
+        with pytest.raises(ValueError, match="max_rows must be None .* or an integer >= 1"):
+            patch_heads(tiny_llava, clean, corrupt, metric, max_rows=bad)

@@ -114,6 +114,16 @@ def test_bad_inputs_are_clear_errors():
             LinearProbe.fit(torch.randn(6, 3), labels)
     with pytest.raises(ValueError, match="1-D sequence of integer class ids"):
         LinearProbe.fit(torch.randn(6, 3), [object()] * 6)
+    # from an audit: a negative decay gave NaN weights that still "predicted" (accuracy 0.55); inf became a class
+    for decay in (-1.0, float("nan"), "0.1"):
+        with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0"):
+            LinearProbe.fit(torch.randn(60, 4), torch.tensor([0, 1] * 30), weight_decay=decay)
+    with pytest.raises(ValueError, match="max_iter must be an integer >= 1"):
+        LinearProbe.fit(torch.randn(6, 3), torch.tensor([0, 1] * 3), max_iter=0)
+    with pytest.raises(ValueError, match="labels must be integers"):
+        LinearProbe.fit(torch.randn(4, 3), [0, float("inf"), 0, 1])
+    with pytest.raises(ValueError, match="no held-out examples: every class has a single example"):
+        probe_accuracy(torch.randn(3, 3), torch.tensor([0, 1, 2]))
 
 
 # -- features from a tiny model -------------------------------------------------

@@ -141,6 +141,14 @@ def test_table_grid_best_save_load(tmp_path):
     assert res.best("forget", constraint=lambda r: r["retain"] >= 0.95)["setting"] == {"layer": 0, "coeff": -1.0}
     res.save(tmp_path / "copy.jsonl")
     assert SweepResult.load(tmp_path / "copy.jsonl").records == res.records
+    # numpy values serialise as Sweep.append writes them (save raised TypeError on an int64, an audit)
+    hand = SweepResult([{"setting": {"layer": np.int64(3)}, "result": {"forget": np.float32(0.5), "v": np.arange(2)}}])
+    hand.save(tmp_path / "hand.jsonl")
+    assert SweepResult.load(tmp_path / "hand.jsonl").records == [{"setting": {"layer": 3},
+                                                                   "result": {"forget": 0.5, "v": [0, 1]}}]
+    nan = SweepResult([{"setting": {"layer": 0}, "result": {"forget": math.nan}}])
+    with pytest.raises(NoFeasibleSetting, match="no record has a finite 'forget'"):
+        nan.best("forget")
 
 
 def test_choose_setting_constrained_argmax(tmp_path):
@@ -184,6 +192,13 @@ def test_a_journal_of_another_context_is_refused_not_resumed(tmp_path):
     with pytest.raises(SweepContextError, match="holds 2 records but no context"):
         Sweep(plain, context=ctx)
     assert Sweep(plain).context is None and Sweep(path).context == ctx
+    # a result saved elsewhere keeps its context line, so the copy resumes under the same check (an audit: it was
+    # dropped, and Sweep(copy, context=ctx) refused the copy for having records but no context)
+    copy = tmp_path / "copy.jsonl"
+    first.save(copy)
+    assert first.context == ctx and SweepResult.load(copy).context == ctx
+    assert len(Sweep(copy, context=ctx).result) == len(GRID) and Sweep(copy, context=ctx).result.rows() == first.rows()
+    assert first.where(layer=0).context == ctx
     # a partial last line after the context line is still repaired
     with open(path, "a") as f:
         f.write('{"setting": {"layer"')
