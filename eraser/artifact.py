@@ -18,7 +18,8 @@ from torch import Tensor
 from interp.fingerprint import fingerprint_mismatch, model_fingerprint
 from interp.io import atomic_path
 
-__all__ = ["ArtifactError", "ArtifactMismatchError", "write_artifact", "read_artifact", "check_fingerprint"]
+__all__ = ["ArtifactError", "ArtifactMismatchError", "write_artifact", "read_artifact", "check_fingerprint",
+           "layer_indices", "check_shape"]
 
 
 class ArtifactError(ValueError):
@@ -75,3 +76,24 @@ def check_fingerprint(fingerprint: dict[str, Any], model: Any, what: str = "this
     diffs = fingerprint_mismatch(fingerprint, model_fingerprint(model))
     if diffs:
         raise ArtifactMismatchError(f"{what} was fitted on a different model: " + "; ".join(diffs))
+
+
+def layer_indices(layers: Any, what: str = "layers") -> list[int]:
+    """``layers`` as a non-empty list of distinct ints >= 0 (numpy and torch integers too, never bools)."""
+    try:
+        out = [int(l) for l in layers if not isinstance(l, bool) and float(l) == int(l)]
+        ok = len(out) == len(list(layers))
+    except (TypeError, ValueError, OverflowError):
+        out, ok = [], False
+    if not ok or not out or len(set(out)) != len(out) or min(out) < 0:
+        raise ValueError(f"{what} must be distinct decoder layer indices >= 0, got {layers!r}")
+    return out
+
+
+def check_shape(layers: list[int], width: int, n_layers: Any, d_model: Any, what: str, against: str) -> None:
+    """Raise :class:`ArtifactMismatchError` when ``layers`` (max index) or ``width`` do not fit a model of
+    ``n_layers`` blocks and width ``d_model`` (either None: not checked); ``against`` names that model."""
+    if isinstance(n_layers, int) and max(layers) >= n_layers:
+        raise ArtifactMismatchError(f"{what} covers layers {layers}, but {against} has {n_layers} decoder layers")
+    if isinstance(d_model, int) and width != d_model:
+        raise ArtifactMismatchError(f"{what} is {width} wide, but {against} has d_model {d_model}")

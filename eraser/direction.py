@@ -29,7 +29,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .artifact import ArtifactError, check_fingerprint, read_artifact, write_artifact
+from .artifact import ArtifactError, check_fingerprint, check_shape, layer_indices, read_artifact, write_artifact
 from .queries import Query, hash_queries, split_queries
 
 SITES = ("resid_pre", "resid_post")
@@ -99,12 +99,13 @@ def pair_means(model: Any, images: Sequence[Any], prompts: Sequence[str], names:
 FORMAT = "mllmeraser.direction.v1"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity equality: tensors have no single truth value
 class ErasureDirection:
     """Per layer, ``d_l = mean_recall h_l - mean_erase h_l`` at the last prompt token of ``blocks.{l}.hook_{site}``.
 
     ``answer`` (optional, ``[n_layers, d]``) holds the answer directions read one token into the answer
-    (:func:`first_answer_means`; ``EraserConfig.answer_steps``).  ``fingerprint`` names the model the
+    (:func:`first_answer_means`; ``EraserConfig.answer_steps``) with ``answer_prefix`` forced, the refusal's first
+    word they were read at.  ``fingerprint`` names the model the
     direction was read on (:func:`interp.fingerprint.model_fingerprint`), so loading it onto another model
     fails; ``counts`` and ``data_hashes`` say which pairs it was read from.
     """
@@ -116,21 +117,26 @@ class ErasureDirection:
     answer: Float[Tensor, "n_layers d"] | None = None
     counts: dict[str, int] = field(default_factory=dict)
     data_hashes: dict[str, str] = field(default_factory=dict)
+    answer_prefix: str | None = None
 
     def __post_init__(self) -> None:
         if self.site not in SITES:
             raise ValueError(f"site must be one of {SITES}, got {self.site!r}")
-        layers = list(self.layers)
-        if (not layers or len(set(layers)) != len(layers)
-                or not all(isinstance(l, int) and not isinstance(l, bool) and l >= 0 for l in layers)):
-            raise ValueError(f"layers must be distinct decoder layer indices, got {self.layers!r}")
+        layers = layer_indices(self.layers)
         object.__setattr__(self, "layers", layers)
         if self.vectors.ndim != 2 or self.vectors.shape[0] != len(layers):
             raise ValueError(f"vectors of shape {tuple(self.vectors.shape)} for {len(layers)} layers "
                              "(expected [n_layers, d])")
-        if self.answer is not None and self.answer.shape != self.vectors.shape:
-            raise ValueError(f"answer directions of shape {tuple(self.answer.shape)}, expected "
-                             f"{tuple(self.vectors.shape)}")
+        for name, t in (("vectors", self.vectors), ("answer directions", self.answer)):
+            if t is not None and (not t.is_floating_point() or not bool(torch.isfinite(t).all())):
+                raise ValueError(f"{name} must be finite floating-point numbers")
+        if self.answer is not None:
+            if self.answer.shape != self.vectors.shape:
+                raise ValueError(f"answer directions of shape {tuple(self.answer.shape)}, expected "
+                                 f"{tuple(self.vectors.shape)}")
+            if not isinstance(self.answer_prefix, str) or not self.answer_prefix.strip():
+                raise ValueError("answer directions need their answer_prefix (the refusal's first word they were "
+                                 "read at)")
 
     # -- building ------------------------------------------------------------------
     @classmethod
@@ -145,7 +151,7 @@ class ErasureDirection:
         """
         from interp.fingerprint import model_fingerprint
 
-        layers = list(layers) if layers is not None else list(range(1, model.n_layers))
+        layers = layer_indices(layers) if layers is not None else list(range(1, model.n_layers))
         bad = [l for l in layers if not 0 <= l < model.n_layers]
         if bad or not layers:
             raise ValueError(f"layers {bad or layers} are not decoder layers of this {model.n_layers}-layer model")
@@ -161,7 +167,7 @@ class ErasureDirection:
             answer = torch.stack([first["recall"][n] - first["erase"][n] for n in names])
         return cls(layers, site, vectors, model_fingerprint(model), answer,
                    counts={k: len(v[1]) for k, v in sets.items()},
-                   data_hashes={k: hash_queries(list(zip(*v))) for k, v in sets.items()})
+                   data_hashes={k: hash_queries(list(zip(*v))) for k, v in sets.items()}, answer_prefix=answer_prefix)
 
     # -- reading ---------------------------------------------------------------------
     def hook_name(self, layer: int) -> str:
@@ -200,14 +206,23 @@ class ErasureDirection:
     def hooks(self, strength: float = -1.0, every_step: bool = False) -> list:
         """Static steering along the directions (``h + strength * d_l`` at every position, no gate): hook specs
         for ``model.hooks`` / ``run_with_hooks`` / ``generate``.  The paper's ungated ablation."""
+        import math
+
         from .steer import static_hook
 
-        if not isinstance(strength, (int, float)) or isinstance(strength, bool) or strength != strength:
+        try:  # numpy and 0-d torch scalars too, as the eraser's strengths
+            value = math.nan if isinstance(strength, (bool, str)) else float(strength)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value):
             raise ValueError(f"strength must be a finite number, got {strength!r}")
-        return [(self.hook_name(l), static_hook(self.vectors[i], float(strength), every_step))
+        return [(self.hook_name(l), static_hook(self.vectors[i], value, every_step))
                 for i, l in enumerate(self.layers)]
 
     def check_model(self, model: Any) -> None:
+        """Refuse a model whose depth or width does not fit, or (with a fingerprint) another model."""
+        check_shape(self.layers, self.vectors.shape[-1], model.n_layers, model.d_model, "this direction",
+                    "the model")
         check_fingerprint(self.fingerprint, model, "this direction")
 
     def __repr__(self) -> str:
@@ -220,7 +235,7 @@ class ErasureDirection:
     def save(self, path: str | Path) -> Path:
         """One safetensors file, its JSON metadata in the header; written atomically."""
         meta = {"format": FORMAT, "layers": self.layers, "site": self.site, "fingerprint": self.fingerprint,
-                "counts": self.counts, "data_hashes": self.data_hashes}
+                "counts": self.counts, "data_hashes": self.data_hashes, "answer_prefix": self.answer_prefix}
         return write_artifact(path, {"vectors": self.vectors, "answer": self.answer}, "mllmeraser_direction", meta)
 
     @classmethod
@@ -230,8 +245,12 @@ class ErasureDirection:
                                       tensors=("vectors",), fields=("layers", "site"))
         try:
             out = cls(meta["layers"], meta["site"], tensors["vectors"], dict(meta.get("fingerprint") or {}),
-                      tensors.get("answer"), dict(meta.get("counts") or {}), dict(meta.get("data_hashes") or {}))
-        except (TypeError, ValueError) as e:
+                      tensors.get("answer"), dict(meta.get("counts") or {}), dict(meta.get("data_hashes") or {}),
+                      meta.get("answer_prefix"))
+            fp = out.fingerprint
+            check_shape(out.layers, out.vectors.shape[-1], fp.get("n_layers"), fp.get("d_model"), "the direction",
+                        "the model its fingerprint names")
+        except (TypeError, ValueError) as e:  # ArtifactMismatchError too: the file contradicts itself
             raise ArtifactError(f"{path}: not a consistent erasure direction ({e})") from None
         if model is not None:
             out.check_model(model)

@@ -14,11 +14,12 @@ and the null space's report, saved and loaded on its own (safetensors + JSON).
 An :class:`~eraser.method.MLLMEraser` hands out its own as ``eraser.gate``.
 
 >>> gate = NullSpaceGate.from_stats(stats, gamma=1.0, energy=0.01)   # doctest: +SKIP
->>> gate.values(model, forget_queries).mean(0)    # ~1 per layer on forget queries, ~0 on retain ones
+>>> gate.values(model, forget_queries).mean(0)    # near 1 on the forget queries it was fitted on (small gamma)
 >>> gate.save("gate.safetensors"); NullSpaceGate.load("gate.safetensors", model)
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,7 +28,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .artifact import ArtifactError, check_fingerprint, read_artifact, write_artifact
+from .artifact import ArtifactError, check_fingerprint, check_shape, layer_indices, read_artifact, write_artifact
 
 
 def _ridge_core(H_f: Tensor, P: Tensor, gamma: float) -> Tensor:
@@ -36,7 +37,7 @@ def _ridge_core(H_f: Tensor, P: Tensor, gamma: float) -> Tensor:
         raise ValueError("the forget set is empty: no activations to fit the gate on")
     if not torch.isfinite(H_f).all():
         raise ValueError("forget activations contain NaN or inf")
-    if not gamma >= 0:  # also NaN
+    if not (math.isfinite(gamma) and gamma >= 0):  # NaN too; inf shrank the gate to exactly zero, silently
         raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
     H = H_f.to(torch.float64)
     P = P.to(torch.float64)
@@ -60,7 +61,7 @@ def fit_gate_from_moments(K_f: Float[Tensor, "d d"], s_f: Float[Tensor, "d *c"],
     """
     if not torch.isfinite(K_f).all() or not torch.isfinite(s_f).all():
         raise ValueError("forget statistics contain NaN or inf")
-    if not gamma >= 0:  # also NaN
+    if not (math.isfinite(gamma) and gamma >= 0):  # NaN too; inf shrank the gate to exactly zero, silently
         raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
     P = P.to(torch.float64)
     K_f = K_f.to(torch.float64)
@@ -137,7 +138,7 @@ FORMAT = "mllmeraser.gate.v1"
 READS = ("last", "mean")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity equality: tensors have no single truth value
 class NullSpaceGate:
     """The closed-form gates of one fit: ``g_l(h) = w_l . h`` per steered layer, fitted in the retain null space.
 
@@ -164,27 +165,36 @@ class NullSpaceGate:
     data_hashes: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        layers = list(self.layers)
-        if (not layers or len(set(layers)) != len(layers)
-                or not all(isinstance(l, int) and not isinstance(l, bool) and l >= 0 for l in layers)):
-            raise ValueError(f"layers must be distinct decoder layer indices, got {self.layers!r}")
-        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "layers", layer_indices(self.layers))
         if self.site not in ("resid_pre", "resid_post"):
             raise ValueError(f"site must be 'resid_pre' or 'resid_post', got {self.site!r}")
         if self.read not in READS:
             raise ValueError(f"read must be one of {READS}, got {self.read!r}")
         if self.stack is not None:
-            object.__setattr__(self, "stack", list(self.stack) or None)
+            stack = layer_indices(self.stack, "stack") if list(self.stack) else []
+            if stack != sorted(stack):
+                raise ValueError(f"stack must list its layers in increasing order, got {self.stack!r}")
+            object.__setattr__(self, "stack", stack or None)
         if self.window is not None:
             lo, hi = (float(x) for x in self.window)
-            if not hi > lo:
-                raise ValueError(f"a gate window needs lo < hi, got {self.window}")
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ValueError(f"a gate window needs finite lo < hi, got {self.window}")
             object.__setattr__(self, "window", (lo, hi))
-        rows = 1 if self.stack else len(layers)
+        if not self.w.is_floating_point() or not bool(torch.isfinite(self.w).all()):
+            raise ValueError("gate weights must be finite floating-point numbers")
+        rows = 1 if self.stack else len(self.layers)
         ndim = 3 if self.concepts else 2
         if self.w.ndim != ndim or self.w.shape[0] != rows or (self.concepts and self.w.shape[1] != len(self.concepts)):
             raise ValueError(f"gate weights of shape {tuple(self.w.shape)} do not fit {rows} gate row(s)"
                              + (f" with {len(self.concepts)} concepts" if self.concepts else ""))
+        if self.stack and self.w.shape[-1] % len(self.stack):
+            raise ValueError(f"a gate stacked over {len(self.stack)} layers reads {len(self.stack)} x d features; "
+                             f"its weights are {self.w.shape[-1]} wide")
+
+    @property
+    def d_model(self) -> int:
+        """The width of one layer's read (the stacked gate's features are ``len(stack)`` of them)."""
+        return self.w.shape[-1] // (len(self.stack) if self.stack else 1)
 
     # -- building ------------------------------------------------------------------
     @classmethod
@@ -236,13 +246,17 @@ class NullSpaceGate:
         from .features import read_names, row_features
         from .queries import split_queries
 
-        images, prompts = split_queries(queries, "gate query")
+        self.check_model(model)
+        images, prompts = split_queries(queries, "gate-value")
         rows = self.rows()
         out = [self.score(row_features(batch, rows), raw) for batch in iter_query_activations(
             model, images, prompts, read_names(rows), batch_size, read=self.read, desc="gate values")]
         return torch.cat(out)
 
     def check_model(self, model: Any) -> None:
+        """Refuse a model whose depth or width does not fit, or (with a fingerprint) another model."""
+        check_shape(self.layers + list(self.stack or []), self.d_model, model.n_layers, model.d_model, "this gate",
+                    "the model")
         check_fingerprint(self.fingerprint, model, "this gate")
 
     def __repr__(self) -> str:
@@ -271,7 +285,10 @@ class NullSpaceGate:
                       dict(meta.get("settings") or {}), dict(meta.get("projector") or {}),
                       dict(meta.get("fingerprint") or {}), dict(meta.get("counts") or {}),
                       dict(meta.get("data_hashes") or {}))
-        except (TypeError, ValueError) as e:
+            fp = out.fingerprint
+            check_shape(out.layers + list(out.stack or []), out.d_model, fp.get("n_layers"), fp.get("d_model"),
+                        "the gate", "the model its fingerprint names")
+        except (TypeError, ValueError) as e:  # ArtifactMismatchError too: the file contradicts itself
             raise ArtifactError(f"{path}: not a consistent null-space gate ({e})") from None
         if model is not None:
             out.check_model(model)

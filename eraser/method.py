@@ -156,6 +156,15 @@ class EraserConfig:
 APPLICATION_FIELDS = frozenset({"strength", "every_step", "gate_window", "answer_steps", "batch_size"})
 
 
+def check_nonzero(layers: Sequence[int], directions: Tensor) -> None:
+    """Refuse directions that are exactly zero at some layer: steering along them would do nothing, silently."""
+    zero = [l for l, v in zip(layers, directions) if not bool(v.abs().max() > 0)]
+    if zero:
+        raise ValueError(f"the erasure direction is exactly zero at layers {zero}: the recall and erase pairs "
+                         "give identical activations there (the same queries on both sides?), so steering "
+                         "would do nothing")
+
+
 def _finite_float(value: Any, name: str) -> float:
     try:
         out = float(value)
@@ -282,11 +291,7 @@ class MLLMEraser:
         if list(config.gate_stack or []) != list(stats.gate_stack or []):
             raise ValueError(f"statistics were collected for gate_stack {stats.gate_stack}, config asks for "
                              f"{config.gate_stack}")
-        zero = [l for l, v in zip(stats.layers, stats.directions) if not bool(v.abs().max() > 0)]
-        if zero:
-            raise ValueError(f"the erasure direction is exactly zero at layers {zero}: the recall and erase pairs "
-                             "give identical activations there (the same queries on both sides?), so steering "
-                             "would do nothing")
+        check_nonzero(stats.layers, stats.directions)
         t0 = time.perf_counter()
         ws, infos = gates_from_stats(stats, config)
         info = {
@@ -397,7 +402,8 @@ class MLLMEraser:
         return ErasureDirection(list(self.layers), self.config.site, self.d, dict(self.fingerprint), self.d_answer,
                                 {k: v for k, v in (self.info.get("counts") or {}).items() if k in ("recall", "erase")},
                                 {k: v for k, v in (self.info.get("data_hashes") or {}).items()
-                                 if k in ("recall", "erase")})
+                                 if k in ("recall", "erase")},
+                                self.config.answer_prefix if self.d_answer is not None else None)
 
     @property
     def gate(self) -> NullSpaceGate:
@@ -417,25 +423,34 @@ class MLLMEraser:
         or a direction from image-only pairs): they must cover the same layers and site on the same model.
 
         ``settings`` are application settings (``strength``, ``every_step``, ``answer_steps``, ``batch_size``;
-        see :meth:`with_config`); answer steering needs the direction's answer directions.
+        see :meth:`with_config`); answer steering needs the direction's answer directions, which are kept whenever
+        the direction has them (``answer_steps`` 0, the default, leaves them unused, as ``with_config`` does).
         """
         if direction.layers != gate.layers or direction.site != gate.site:
             raise ValueError(f"the direction covers layers {direction.layers} at {direction.site}, the gate "
                              f"{gate.layers} at {gate.site}: they must match")
-        diffs = fingerprint_mismatch(direction.fingerprint, gate.fingerprint) if gate.fingerprint else []
+        if direction.vectors.shape[-1] != gate.d_model:
+            raise ArtifactMismatchError(f"the direction is {direction.vectors.shape[-1]} wide and the gate reads "
+                                        f"{gate.d_model}-wide activations: they come from different models")
+        diffs = (fingerprint_mismatch(direction.fingerprint, gate.fingerprint)
+                 if direction.fingerprint and gate.fingerprint else [])
         if diffs:
             raise ArtifactMismatchError("the direction and the gate were fitted on different models: "
                                         + "; ".join(d.replace("artifact has", "direction has").replace("model has", "gate has")
                                                     for d in diffs))
-        fitted = set(settings) - (APPLICATION_FIELDS - {"gate_window"})
+        allowed = sorted(APPLICATION_FIELDS - {"gate_window"})
+        fitted = set(settings) - set(allowed)
         if fitted:
-            raise ValueError(f"from_parts takes application settings only ({sorted(APPLICATION_FIELDS - {'gate_window'})}), "
-                             f"not {sorted(fitted)}: the window is the gate's")
+            raise ValueError(f"from_parts takes application settings only ({allowed}), not {sorted(fitted)}"
+                             + (": the window is the gate's" if "gate_window" in fitted else
+                                ": the rest comes from the direction and the gate"))
+        check_nonzero(direction.layers, direction.vectors)
         s = gate.settings
         config = EraserConfig(layers=tuple(gate.layers), site=gate.site, rho=s.get("rho", 0.3), energy=s.get("energy"),
                               gamma=s.get("gamma", 0.1), use_null_space=s.get("use_null_space", True),
                               gate_read=gate.read, gate_window=gate.window, concept_gates=bool(gate.concepts),
-                              gate_stack=tuple(gate.stack) if gate.stack else None, **settings)
+                              gate_stack=tuple(gate.stack) if gate.stack else None,
+                              answer_prefix=direction.answer_prefix or "I", **settings)
         if config.answer_steps and direction.answer is None:
             raise ValueError("answer_steps > 0 needs answer directions; read the direction with answer_prefix")
         info: dict[str, Any] = {"projector": dict(gate.projector), "counts": {**gate.counts, **direction.counts},
@@ -444,7 +459,7 @@ class MLLMEraser:
             info["concepts"] = list(gate.concepts)
         return cls(list(gate.layers), gate.w, direction.vectors.float(), config,
                    dict(direction.fingerprint or gate.fingerprint), info,
-                   direction.answer.float() if direction.answer is not None and config.answer_steps else None)
+                   direction.answer.float() if direction.answer is not None else None)
 
     def check_forget_set(self, forget: Sequence[Query]) -> None:
         """Refuse a forget set other than the one this eraser was fitted on (its queries' hash is in

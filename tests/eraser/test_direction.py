@@ -39,6 +39,7 @@ def test_mean_difference_and_projection():
 def test_fit_matches_a_plain_forward_and_the_eraser(tiny_llava, pairs):
     recall, erase = pairs
     direction = ErasureDirection.fit(tiny_llava, recall, erase, layers=[1, 2], batch_size=3)
+    assert direction.vectors.dtype == torch.float64  # the eraser keeps float32 of the same numbers
     assert direction.layers == [1, 2] and direction.site == "resid_pre"
     assert direction.counts == {"recall": 5, "erase": 7}
     for i, layer in enumerate((1, 2)):  # resid_pre of block l is hidden_states[l]
@@ -75,8 +76,13 @@ def test_hooks_steer_statically_like_the_ungated_eraser(tiny_llava, pairs):
     a = tiny_llava.run_with_hooks(enc, hooks=eraser.direction.hooks(strength=-2.0))
     b = tiny_llava.run_with_hooks(enc, hooks=eraser.hooks(strength=-2.0, gated=False))
     assert torch.equal(a, b) and (a - vanilla).abs().max() > 1e-3
-    with pytest.raises(ValueError, match="finite number"):
-        eraser.direction.hooks(strength=float("nan"))
+    for bad in (float("nan"), float("inf"), "1"):  # inf was let through (an audit)
+        with pytest.raises(ValueError, match="finite number"):
+            eraser.direction.hooks(strength=bad)
+    import numpy as np
+
+    c = tiny_llava.run_with_hooks(enc, hooks=eraser.direction.hooks(strength=np.float32(-2.0)))  # was refused
+    assert torch.equal(c, a)
 
 
 def test_answer_directions_match_the_eraser(tiny_llava, pairs):
@@ -111,3 +117,11 @@ def test_save_load_and_refusals(tiny_llava, tiny_qwen, pairs, tmp_path):
         ErasureDirection.fit(tiny_llava, [], pairs[1])
     with pytest.raises(ValueError, match=r"layers \[9\] are not decoder layers"):
         ErasureDirection.fit(tiny_llava, *pairs, layers=[9])
+    with pytest.raises(ValueError, match="finite floating-point"):
+        ErasureDirection([1], "resid_pre", torch.ones(1, 8, dtype=torch.long))
+    import numpy as np
+
+    assert ErasureDirection.fit(tiny_llava, *pairs, layers=np.array([1])).layers == [1]  # numpy layers (an audit)
+    bare = ErasureDirection([1, 2], "resid_pre", direction.vectors[:, :64])  # no fingerprint: shapes still checked
+    with pytest.raises(ArtifactMismatchError, match="is 64 wide, but the model has d_model 128"):
+        bare.check_model(tiny_llava)

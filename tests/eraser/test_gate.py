@@ -52,7 +52,7 @@ def test_window_and_raw_scores(tiny_llava, data, stats):
         NullSpaceGate([1], "resid_pre", torch.zeros(1, 8), window=(1.0, 0.5))
     with pytest.raises(ValueError, match=r"do not fit 2 gate row"):
         NullSpaceGate([1, 2], "resid_pre", torch.zeros(1, 8))
-    with pytest.raises(ValueError, match="the gate query set is empty"):
+    with pytest.raises(ValueError, match="the gate-value set is empty"):
         gate.values(tiny_llava, [])
 
 
@@ -92,11 +92,68 @@ def test_an_eraser_from_its_parts(tiny_llava, tiny_qwen, data, stats):
     assert torch.equal(mixed.d, other.vectors.float()) and torch.equal(mixed.w, eraser.w)
     with pytest.raises(ValueError, match="must match"):
         MLLMEraser.from_parts(ErasureDirection([1], "resid_pre", other.vectors[:1]), eraser.gate)
-    with pytest.raises(ValueError, match="application settings only"):
+    with pytest.raises(ValueError, match="application settings only .*the rest comes from the direction and the gate"):
         MLLMEraser.from_parts(eraser.direction, eraser.gate, gamma=1.0)
+    with pytest.raises(ValueError, match="the window is the gate's"):
+        MLLMEraser.from_parts(eraser.direction, eraser.gate, gate_window=(0.1, 0.9))
+    # from an audit: parts without fingerprints were never compared, so a 64-wide direction met a 128-wide gate
+    # and failed inside the hook; and a zero direction made a silent no-op
+    narrow = ErasureDirection([1, 2], "resid_pre", torch.randn(2, 64))
+    with pytest.raises(ArtifactMismatchError, match="64 wide and the gate reads 128-wide"):
+        MLLMEraser.from_parts(narrow, eraser.gate)
+    with pytest.raises(ValueError, match="exactly zero at layers \\[1, 2\\]"):
+        MLLMEraser.from_parts(ErasureDirection([1, 2], "resid_pre", torch.zeros(2, tiny_llava.d_model)), eraser.gate)
     with pytest.raises(ValueError, match="needs answer directions"):
         MLLMEraser.from_parts(eraser.direction, eraser.gate, answer_steps=1)
     qwen_direction = ErasureDirection(other.layers, other.site, other.vectors,
                                       fingerprint={**other.fingerprint, "arch": "qwen2_5_vl"})
     with pytest.raises(ArtifactMismatchError, match="different models: arch: direction has 'qwen2_5_vl', gate has"):
         MLLMEraser.from_parts(qwen_direction, eraser.gate)
+
+
+def test_constructor_and_loader_refuse_what_cannot_steer(tiny_llava, tiny_qwen, stats, tmp_path):
+    """From an audit of the value objects: each of these was accepted."""
+    with pytest.raises(ValueError, match="gamma must be a finite number"):  # inf gave an all-zero gate, silently
+        NullSpaceGate.from_stats(stats, gamma=float("inf"))
+    with pytest.raises(ValueError, match="finite floating-point"):
+        NullSpaceGate([1], "resid_pre", torch.full((1, 8), float("nan")))
+    with pytest.raises(ValueError, match="increasing order"):
+        NullSpaceGate([2], "resid_pre", torch.zeros(1, 16), stack=[2, 1])
+    with pytest.raises(ValueError, match="reads 2 x d features"):
+        NullSpaceGate([2], "resid_pre", torch.zeros(1, 9), stack=[1, 2])
+    with pytest.raises(ValueError, match="finite lo < hi"):
+        NullSpaceGate([1], "resid_pre", torch.zeros(1, 8), window=(0.0, float("inf")))
+    gate = NullSpaceGate.from_stats(stats, gamma=0.1, energy=0.01)
+    assert gate == gate and gate != NullSpaceGate.from_stats(stats, gamma=0.1, energy=0.01)  # identity, no error
+    bare = NullSpaceGate([1, 2], "resid_pre", torch.zeros(2, 64))  # no fingerprint: shapes are still checked
+    with pytest.raises(ValueError, match="is 64 wide, but the model has d_model 128"):
+        bare.values(tiny_llava, [(None, "who is this")])
+    with pytest.raises(ValueError, match="this gate was fitted on a different model"):
+        gate.values(tiny_qwen, [(None, "who is this")])
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = gate.save(tmp_path / "g.safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta, w = json.loads(f.metadata()["mllmeraser_gate"]), f.get_tensor("w")
+    meta["layers"] = [1, 99]  # tampered: a layer the fingerprinted model does not have
+    save_file({"w": w}, str(path), metadata={"mllmeraser_gate": json.dumps(meta)})
+    with pytest.raises(ArtifactError, match=rf"covers layers \[1, 99\], but the model its fingerprint names has {tiny_llava.n_layers} decoder"):
+        NullSpaceGate.load(path)
+
+
+def test_answer_directions_and_their_prefix_survive_the_parts(tiny_llava, data):
+    """From an audit: the rebuilt eraser said answer_prefix 'I' for directions read at 'No', and dropped the answer
+    directions unless answer_steps was passed again."""
+    forget, retain, recall, erase = data
+    eraser = MLLMEraser.fit(tiny_llava, forget, retain, recall, erase,
+                            EraserConfig(layers=(1, 2), energy=0.01, answer_steps=2, answer_prefix="No", strength=-2.0))
+    assert eraser.direction.answer_prefix == "No"
+    rebuilt = MLLMEraser.from_parts(eraser.direction, eraser.gate, strength=-2.0, answer_steps=2)
+    assert rebuilt.config.answer_prefix == "No" and rebuilt.digest() == eraser.digest()
+    unused = MLLMEraser.from_parts(eraser.direction, eraser.gate, strength=-2.0)
+    assert unused.config.answer_steps == 0 and torch.equal(unused.direction.answer, eraser.d_answer)
+    with pytest.raises(ValueError, match="need their answer_prefix"):
+        ErasureDirection([1, 2], "resid_pre", eraser.d, answer=eraser.d_answer)
