@@ -81,8 +81,9 @@ def check_fingerprint(fingerprint: dict[str, Any], model: Any, what: str = "this
 def layer_indices(layers: Any, what: str = "layers") -> list[int]:
     """``layers`` as a non-empty list of distinct ints >= 0 (numpy and torch integers too, never bools)."""
     try:
-        out = [int(l) for l in layers if not isinstance(l, bool) and float(l) == int(l)]
-        ok = len(out) == len(list(layers))
+        items = list(layers)
+        out = [int(l) for l in items if not isinstance(l, (bool, str, bytes)) and float(l) == int(l)]
+        ok = len(out) == len(items)
     except (TypeError, ValueError, OverflowError):
         out, ok = [], False
     if not ok or not out or len(set(out)) != len(out) or min(out) < 0:
