@@ -133,11 +133,11 @@ def print_summary(res: dict[str, Any]) -> None:
           "retain cls | chosen strength: lambda, forget refusal, retain cls")
     for b in res["budgets"]:
         own, ch = b["validation"]["at_own_strength"] or {}, b["validation"]["chosen"]
-        cos_c = "  n/a" if b["cosine_to_clean"] is None else f"{min(b['cosine_to_clean']):5.2f}"
+        cos_c = "  n/a" if b["cosine_to_clean"] is None else f"{min(b['cosine_to_clean']):5.3f}"
         chosen = ("none feasible" if ch is None else
                   f"{ch['strength']:g}, {fmt(ch['forget_refusal'])}, {fmt(ch['retain_cls'])}")
-        print(f"  {b['eps_255']:7g}  {b['target_loss']['clean']:6.3f} -> {b['target_loss']['attacked']:6.3f}"
-              f"       {cos_c}      {min(b['cosine_to_eraser']):5.2f}   | {fmt(own.get('forget_refusal'))}, "
+        print(f"  {b['eps_255']:7g}  {b['target_loss']['clean']:8.2e} -> {b['target_loss']['attacked']:8.2e}"
+              f"  {cos_c}      {min(b['cosine_to_eraser']):5.3f}   | {fmt(own.get('forget_refusal'))}, "
               f"{fmt(own.get('forget_cls'))}, {fmt(own.get('retain_cls'))} | {chosen}")
     print("  (cosines: the smallest over the steered layers)")
 
