@@ -16,7 +16,7 @@ of 2/255 at 8/255; 0 means clean images, the text-only ablation's data):
   the automatic rule picks for it (:func:`eraser.autotune.choose_strength`, on ``--grid`` plus that strength):
   forget refusal and multiple-choice accuracy, retain accuracy, answerable requests refused.
 
-Writes ``OUT/pgd_budget.json``. The eraser comes from ``--eraser PATH`` or is fitted (``--variant``), as in
+Writes ``OUT/pgd_budget.json`` and ``OUT/pgd_budget.png``. The eraser comes from ``--eraser PATH`` or is fitted (``--variant``), as in
 every analysis (``analyses/common.py``).
 
 Run: ``python -m analyses.pgd_budget [--quick] [--eps 0,2,4,8,16] [--steps 10] [--grid -0.5,-1,-2]``.
@@ -33,6 +33,7 @@ from eraser.direction import ErasureDirection
 from eraser.method import MLLMEraser
 from eraser.pairs import erase_pairs, recall_questions
 from eraser.pgd import PGDConfig, pgd_attack
+from eraser.plots import plot_pgd_budget
 
 from .common import Context, base_parser, load_context, out_dir, save_json
 
@@ -153,7 +154,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ctx = load_context(args)
     res = save_json(out_dir(args) / "pgd_budget.json", run(ctx, args.eps, args.steps, args.grid))
     print_summary(res)
-    print(f"  wrote {out_dir(args) / 'pgd_budget.json'}")
+    png = plot_pgd_budget(res, out_dir(args) / "pgd_budget.png")
+    print(f"  wrote {out_dir(args) / 'pgd_budget.json'}" + (f" and {png}" if png else ""))
     return res
 
 

@@ -12,6 +12,7 @@ probe_accuracy.png   probing.json   probe accuracy by layer, before vs after ste
 patching_heatmap.png patching.json  information flow (image patching) and steering patching
 leakage_bars.png     leakage.json   each attack's success rate, vanilla vs steered
 heads_heatmap.png    heads.json     per-head patching; attention to the image, vanilla vs steered
+pgd_budget.png       pgd_budget.json the PGD budget: attack loss, direction cosines, validation numbers
 ===================  =============  ===========================================
 
 >>> from eraser.plots import plot_leakage
@@ -251,10 +252,46 @@ def plot_leakage(source: Any, out_path: PathLike) -> Path | None:
         return save_png(fig, out_path, {"attacks": rates, "eraser": which})
 
 
+def plot_pgd_budget(source: Any, out_path: PathLike) -> Path | None:
+    """Per PGD budget: the recall answer's loss (clean vs attacked), the direction's cosine with the clean
+    images' and with the eraser's own (smallest over the steered layers), and the validation numbers of the
+    eraser rebuilt with that direction at the eraser's strength."""
+    data, path = read_json(source, "pgd_budget.json")
+    if not data or not data.get("budgets"):
+        say_skipped("pgd_budget", f"no PGD budget results ({path or 'no data'})")
+        return None
+    budgets = sorted(data["budgets"], key=lambda b: _f(b.get("eps_255")))
+    eps = np.array([_f(b.get("eps_255")) for b in budgets])
+    with matplotlib.rc_context(STYLE):
+        fig = new_figure(11.0, 3.4)
+        ax_loss, ax_cos, ax_val = fig.subplots(1, 3)
+        for key, label, ls in (("clean", "clean images", ":"), ("attacked", "after the attack", "-")):
+            y = np.array([_f((b.get("target_loss") or {}).get(key)) for b in budgets])
+            ax_loss.plot(eps, np.clip(y, 1e-12, None), ls, marker="o", ms=3, label=label)
+        ax_loss.set_yscale("log")
+        ax_loss.set(xlabel="PGD eps (/255)", ylabel="recall answer loss (mean)", title="The attack")
+        ax_loss.legend(frameon=False)
+        for key, label in (("cosine_to_clean", "vs clean images' direction"), ("cosine_to_eraser", "vs the eraser's")):
+            y = np.array([min(b[key]) if b.get(key) else math.nan for b in budgets], dtype=float)
+            ax_cos.plot(eps, y, marker="o", ms=3, label=label)
+        ax_cos.set(xlabel="PGD eps (/255)", ylabel="cosine (smallest over layers)", title="The erasure direction")
+        ax_cos.legend(frameon=False)
+        own = [(b.get("validation") or {}).get("at_own_strength") or {} for b in budgets]
+        for key, label in (("forget_refusal", "forget refused"), ("forget_cls", "forget multiple choice"),
+                           ("retain_cls", "retain multiple choice"), ("answerable_refusal", "answerable refused")):
+            ax_val.plot(eps, [_f(o.get(key)) for o in own], marker="o", ms=3, label=label)
+        strength = ((data.get("config") or {}).get("eraser") or {}).get("strength")
+        ax_val.set(xlabel="PGD eps (/255)", ylim=(-0.03, 1.03), ylabel="rate (validation split)",
+                   title="Gate held fixed" + (f", λ={strength:g}" if isinstance(strength, (int, float)) else ""))
+        ax_val.legend(frameon=False, fontsize="small")
+        return save_png(fig, out_path, {"eps_255": eps.tolist()})
+
+
 #: figure name -> (plot function taking (run_dir or data, out_path), output file name, input file name)
 FIGURES = {
     "probe_accuracy": (plot_probe_accuracy, "probe_accuracy.png", "probing.json"),
     "patching_heatmap": (plot_patching_heatmap, "patching_heatmap.png", "patching.json"),
     "leakage_bars": (plot_leakage, "leakage_bars.png", "leakage.json"),
     "heads_heatmap": (plot_heads_heatmap, "heads_heatmap.png", "heads.json"),
+    "pgd_budget": (plot_pgd_budget, "pgd_budget.png", "pgd_budget.json"),
 }

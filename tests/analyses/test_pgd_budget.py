@@ -5,7 +5,9 @@ import pytest
 
 from analyses import pgd_budget
 
-from . import in_unit, one_thread, quick_eraser, read_json, script_args  # noqa: F401
+from eraser.plots import make_all, plot_pgd_budget
+
+from . import in_unit, is_png, one_thread, quick_eraser, read_json, script_args  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +38,15 @@ def test_budgets_attack_direction_and_validation(run):
         own = b["validation"]["at_own_strength"]
         assert own["strength"] == data["config"]["eraser"]["strength"]
         assert in_unit(own["forget_refusal"]) and in_unit(own["retain_cls"]) and in_unit(own["answerable_refusal"])
+
+
+def test_figure_from_the_run_and_from_saved_json(run, tmp_path):
+    out, _ = run
+    assert is_png(out / "pgd_budget.png")  # drawn by the script
+    again = plot_pgd_budget(out, tmp_path / "again.png")  # redrawn from the folder, nothing recomputed
+    assert again is not None and is_png(again)
+    assert [p.name for p in make_all(out, tmp_path, only=["pgd_budget"])] == ["pgd_budget.png"]
+    assert plot_pgd_budget(tmp_path / "missing", tmp_path / "none.png") is None
 
 
 def test_bad_arguments_fail_at_parse_time(capsys):
