@@ -8,6 +8,7 @@ results), which strength steers, and how the steered model is run (the
 deployed path, :meth:`Context.steered`).  Every script takes::
 
     --arch llava|qwen2_5_vl  --seed N  --forget-ratio 5|10|15  --quick
+    --model PATH --mllmu DIR [--dtype D]   (a local checkpoint on a local MLLMU-Bench, e.g. LLaVA-1.5-7B)
     --out DIR  --eraser PATH  --variant NAME  --strength L  --limit N  --threads N  --no-progress
 
 Why ``--variant`` defaults to ``mllmeraser_stacked_gate``: the analyses ask
@@ -40,7 +41,7 @@ from eraser.argtypes import out_dir as out_folder
 from eraser.data.schema import Profile
 from eraser.method import ArtifactError, MLLMEraser
 from eraser.pairs import forget_queries
-from eraser.pipeline import Setup, fit_variant, load_setup
+from eraser.pipeline import LocalSetupError, Setup, fit_variant, setup_from_args
 from eraser.variants import GATED_VARIANTS
 
 QUICK_ENV = "MLLMERASER_QUICK"
@@ -76,6 +77,13 @@ def base_parser(name: str, description: str) -> argparse.ArgumentParser:
                          "default is the one that forgets on the embedded default model)")
     ap.add_argument("--strength", type=finite_float, default=None,
                     help="steering strength; None: the eraser's own (chosen by the autotuner when fitted)")
+    ap.add_argument("--model", default=None, metavar="PATH",
+                    help="a local checkpoint (a LLaVA-1.5 or Qwen2.5-VL folder, e.g. the real 7B) instead of the "
+                         "embedded default; with --mllmu")
+    ap.add_argument("--mllmu", default=None, metavar="DIR",
+                    help="a local MLLMU-Bench copy (parquet splits); with --model")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                    help="with --model: load the checkpoint in this dtype (default: as saved)")
     ap.add_argument("--limit", type=positive_int, default=None,
                     help="small config for tests: at most N profiles per split (and fewer pairs/queries)")
     ap.add_argument("--batch-size", type=positive_int, default=32, help="rows per forward pass")
@@ -141,7 +149,6 @@ def load_context(args: argparse.Namespace) -> Context:
     set_threads(args.threads)
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"--limit must be >= 1, got {args.limit}")
-    progress = not args.no_progress
     given = None
     if args.eraser is not None:  # a bad artifact fails in one line, before the model is loaded
         if not Path(args.eraser).exists():
@@ -150,8 +157,10 @@ def load_context(args: argparse.Namespace) -> Context:
             given = MLLMEraser.load(args.eraser)
         except ArtifactError as e:
             raise SystemExit(f"--eraser {args.eraser}: {e}") from None
-    setup = load_setup(args.arch, args.seed, args.forget_ratio, quick=args.quick, cache_dir=args.cache_dir,
-                       progress=progress, batch_size=args.batch_size)
+    try:  # the embedded default, or --model + --mllmu (a local checkpoint on a local MLLMU-Bench)
+        setup = setup_from_args(args)
+    except LocalSetupError as e:
+        raise SystemExit(str(e)) from None
     fit_s = None
     if given is not None:
         try:  # an eraser fitted on another model, or on another forget split (the analyses count its people)

@@ -54,7 +54,7 @@ from .patching import (
 # -- part 1: which heads move the identity --------------------------------------------------------------------
 def head_flow(ctx: Context, profiles: Sequence[Profile], n_pairs: int) -> dict[str, Any]:
     model, tok = ctx.model, ctx.model.tokenizer
-    specs = [s for s in (pair_spec(tok, a, b) for a, b in make_pairs(profiles, n_pairs, ctx.setup.recipe.seed)) if s]
+    specs = [s for s in (pair_spec(tok, a, b) for a, b in make_pairs(profiles, n_pairs, ctx.setup.seed)) if s]
     if not specs:
         raise ValueError("no profile pair has answers that differ")
     images = {p.id: p.image for p in profiles}

@@ -274,8 +274,8 @@ def run(ctx: Context, n_partners: int, max_new_tokens: int) -> tuple[dict[str, A
     if limit is not None and n_partners != 1:
         print(f"[leakage] --limit: one partner per forget person (not {n_partners}), to keep the run small")
     partners = pick_partners(forget, limited(bench.retain, None if limit is None else max(limit, 1)),
-                             n_partners if limit is None else 1, ctx.setup.recipe.seed)
-    queries = build_attacks(forget, bench.test, partners, ctx.setup.recipe.seed)
+                             n_partners if limit is None else 1, ctx.setup.seed)
+    queries = build_attacks(forget, bench.test, partners, ctx.setup.seed)
     bs = ctx.args.batch_size
     gen = generate_fn(model, batch_size=bs)
     # The steered model is generated as deployed (ctx.steered: torch hooks on every call), so an eraser that

@@ -12,9 +12,11 @@ of 2/255 at 8/255; 0 means clean images, the text-only ablation's data):
 * the direction (:class:`eraser.direction.ErasureDirection`): its norm per steered layer, its cosine with
   the clean direction (eps 0) and with the eraser's own;
 * the eraser rebuilt from this direction and the eraser's own gate (:meth:`MLLMEraser.from_parts`), on the
-  validation split (fresh questions, never the evaluation's): at the eraser's own strength, and at the strength
-  the automatic rule picks for it (:func:`eraser.autotune.choose_strength`, on ``--grid`` plus that strength):
-  forget refusal and multiple-choice accuracy, retain accuracy, answerable requests refused.
+  validation split (fresh questions, never the evaluation's; on a local MLLMU-Bench, which has no generator,
+  a seeded subset of its own questions, as the eraser's settings were chosen there): at the eraser's own
+  strength, and at the strength the automatic rule picks for it (:func:`eraser.autotune.choose_strength`, on
+  ``--grid`` plus that strength): forget refusal and multiple-choice accuracy, retain accuracy, answerable
+  requests refused (when the split has them).
 
 Writes ``OUT/pgd_budget.json`` and ``OUT/pgd_budget.png``. The eraser comes from ``--eraser PATH`` or is fitted (``--variant``), as in
 every analysis (``analyses/common.py``).
@@ -74,9 +76,6 @@ def summarise_selection(sel: Any, own: float) -> dict[str, Any]:
 
 def run(ctx: Context, eps: Sequence[float] = (0, 2, 4, 8, 16), steps: int = 10,
         grid: Sequence[float] = DEFAULT_GRID) -> dict[str, Any]:
-    if ctx.setup.source is None:
-        raise SystemExit("pgd_budget needs the embedded benchmark's generator for its validation split "
-                         "(a local MLLMU-Bench has none)")
     if any(e < 0 for e in eps):
         raise SystemExit(f"--eps values must be >= 0 (in /255), got {list(eps)}")
     model, bench, seed, eraser = ctx.model, ctx.setup.bench, ctx.setup.seed, ctx.eraser

@@ -195,7 +195,7 @@ def run(ctx: Context, weight_decay: float = 1e-3, train_frac: float = 0.7) -> di
     Xv = collect(model, images, prompts, sites, bs, None, "features (vanilla)", ctx.progress)
     Xs = collect(model, images, prompts, sites, bs, ctx.hooks(), "features (steered)", ctx.progress)
     collect_s = time.perf_counter() - t0
-    tr, te = stratified_split(labels["identity"], train_frac=train_frac, seed=ctx.setup.recipe.seed)
+    tr, te = stratified_split(labels["identity"], train_frac=train_frac, seed=ctx.setup.seed)
     is_forget = labels["forget"]
     results: dict[str, Any] = {}
     t0 = time.perf_counter()

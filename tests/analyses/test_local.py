@@ -1,0 +1,47 @@
+"""The analyses on a local checkpoint and a local MLLMU-Bench (``--model`` + ``--mllmu``): the path a real
+LLaVA-1.5-7B takes.  The quick zoo model is saved as a Hugging Face folder and its benchmark as MLLMU-Bench
+parquet files; with the same eraser, the scripts must give the numbers they give on the embedded default."""
+from __future__ import annotations
+
+import pytest
+
+from analyses import patching, probing
+
+from . import one_thread, quick_eraser, read_json, script_args  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    from eraser.data.mllmu import save_mllmu
+    from eraser.pipeline import load_setup
+
+    zoo = load_setup(quick=True, forget_ratio=5, progress=False)
+    root = tmp_path_factory.mktemp("local")
+    zoo.model.save_pretrained(root / "model")
+    save_mllmu(zoo.source, root / "mllmu", ratios=[5])
+    return root
+
+
+def _local_args(out, eraser, root, limit=3, *extra):
+    args = script_args(out, eraser, limit, *extra)
+    args.remove("--quick")
+    return args + ["--model", str(root / "model"), "--mllmu", str(root / "mllmu")]
+
+
+def test_patching_and_probing_match_the_embedded_default(local, quick_eraser, tmp_path):
+    with one_thread():
+        for script, name in ((patching, "patching.json"), (probing, "probing.json")):
+            script.main(_local_args(tmp_path / "local", quick_eraser, local, 3))
+            script.main(script_args(tmp_path / "zoo", quick_eraser, 3))
+            here, there = read_json(tmp_path / "local" / name), read_json(tmp_path / "zoo" / name)
+            assert here["config"]["local"]["model"].endswith("model") and there["config"]["recipe"] is not None
+            keys = ("tasks", "shift") if script is probing else ("flow", "steering")
+            for key in keys:  # same weights, same data, same eraser: the same numbers
+                assert here[key] == there[key], (script.__name__, key)
+
+
+def test_local_flags_fail_clearly(local, quick_eraser, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="--model and --mllmu go together"):
+        patching.main(script_args(tmp_path, quick_eraser, 3, "--model", str(local / "model")))
+    with pytest.raises(SystemExit, match="does not load as a vision-language checkpoint"):
+        patching.main(_local_args(tmp_path, quick_eraser, local) + ["--model", str(tmp_path)])
