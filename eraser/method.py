@@ -409,8 +409,11 @@ class MLLMEraser:
     def gate(self) -> NullSpaceGate:
         """Stage 2: the null-space gates (with their calibration, window and read), as a value object of their own."""
         c = self.config
+        concepts = list(self.info.get("concepts") or []) if c.concept_gates else []
+        if c.concept_gates and len(concepts) != self.w.shape[1]:  # an artifact without its concepts' names
+            concepts = [f"concept {i}" for i in range(self.w.shape[1])]
         return NullSpaceGate(list(self.layers), c.site, self.w, c.gate_read, list(c.gate_stack) if c.gate_stack else None,
-                             c.gate_window, list(self.info.get("concepts") or []) if c.concept_gates else [],
+                             c.gate_window, concepts,
                              {"gamma": c.gamma, "rho": c.rho, "energy": c.energy, "use_null_space": c.use_null_space},
                              dict(self.info.get("projector") or {}), dict(self.fingerprint),
                              {k: v for k, v in (self.info.get("counts") or {}).items() if k in ("forget", "retain")},

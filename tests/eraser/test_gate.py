@@ -67,6 +67,11 @@ def test_stacked_and_concept_gates_round_trip(tiny_llava, data, tmp_path):
     back = NullSpaceGate.load(gate.save(tmp_path / "g.safetensors"), tiny_llava)
     assert torch.equal(back.w, gate.w) and back.stack == [1, 2] and back.concepts == gate.concepts
     assert torch.equal(back.values(tiny_llava, forget), eraser.gate_values(tiny_llava, forget))
+    from dataclasses import replace
+
+    unnamed = replace(eraser, info={})  # an artifact whose info lost the concepts' names still has a gate
+    assert unnamed.gate.concepts == ["concept 0", "concept 1", "concept 2"]
+    assert torch.equal(unnamed.gate_values(tiny_llava, forget), eraser.gate_values(tiny_llava, forget))
 
 
 def test_save_load_refusals(tiny_llava, tiny_qwen, stats, tmp_path):
