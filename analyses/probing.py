@@ -15,7 +15,10 @@ forget and retain profiles.  Features, one vector per query and site:
 
 They are collected twice: on the vanilla model and with the eraser's hooks
 (the steered run).  One seeded, per-profile stratified split holds out ~30 %
-of each profile's queries.  Reported per task and site:
+of each profile's queries; with ``--split profiles`` whole profiles are held out
+instead (forget and retain ones each in proportion), which asks whether a fact
+is readable in people never seen rather than by recognising the person
+(identity is then skipped).  Reported per task and site:
 
 * ``vanilla_probe``: a probe trained on vanilla features, tested on the
   held-out queries of the vanilla run *and* of the steered run (does the
@@ -46,7 +49,7 @@ from tqdm.auto import tqdm
 from eraser.argtypes import nonneg_float
 from eraser.data.schema import Profile
 from eraser.evaluate import build_items
-from interp.probe import LinearProbe, features_from_cache, stratified_split
+from interp.probe import LinearProbe, features_from_cache, group_split, stratified_split
 
 from .common import Context, base_parser, limited, load_context, out_dir, save_json
 
@@ -183,7 +186,12 @@ def summarise(results: dict[str, Any], sites: list[dict]) -> dict[str, Any]:
     return out
 
 
-def run(ctx: Context, weight_decay: float = 1e-3, train_frac: float = 0.7) -> dict[str, Any]:
+SPLITS = ("queries", "profiles")
+
+
+def run(ctx: Context, weight_decay: float = 1e-3, train_frac: float = 0.7, split: str = "queries") -> dict[str, Any]:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     bench, model, limit = ctx.setup.bench, ctx.model, ctx.args.limit
     forget = limited(bench.forget, limit)
     retain = limited(bench.retain, None if limit is None else max(limit - len(forget), 2))
@@ -195,15 +203,28 @@ def run(ctx: Context, weight_decay: float = 1e-3, train_frac: float = 0.7) -> di
     Xv = collect(model, images, prompts, sites, bs, None, "features (vanilla)", ctx.progress)
     Xs = collect(model, images, prompts, sites, bs, ctx.hooks(), "features (steered)", ctx.progress)
     collect_s = time.perf_counter() - t0
-    tr, te = stratified_split(labels["identity"], train_frac=train_frac, seed=ctx.setup.seed)
     is_forget = labels["forget"]
+    if split == "queries":
+        tr, te = stratified_split(labels["identity"], train_frac=train_frac, seed=ctx.setup.seed)
+    else:  # whole profiles held out, forget and retain ones each in proportion
+        tr, te = group_split(labels["identity"], is_forget, train_frac=train_frac, seed=ctx.setup.seed)
     results: dict[str, Any] = {}
     t0 = time.perf_counter()
     bar = tqdm(total=len(TASKS) * len(sites), desc="probes", disable=not ctx.progress, leave=False)
     for task in TASKS:
         y = labels[task]
-        if torch.unique(y[tr]).numel() < 2:  # e.g. every probed profile born in the same city (tiny --limit)
-            results[task] = {"label": TASK_LABELS[task], "skipped": "fewer than 2 classes among these profiles"}
+        why = None
+        if split == "profiles" and task == "identity":
+            why = "held-out profiles: a person never seen in training has no class to be read as"
+        elif split == "profiles" and not bool(is_forget[te].any()):
+            why = (f"no forget profile is held out ({len(forget)} forget profile(s): a single one trains); "
+                   "use more profiles (--limit) or a larger forget ratio")
+        elif torch.unique(y[tr]).numel() < 2:  # e.g. every probed profile born in the same city (tiny --limit)
+            why = "fewer than 2 classes among these profiles" + (" (training side)" if split == "profiles" else "")
+        elif te.numel() == 0:
+            why = "no held-out queries"
+        if why:
+            results[task] = {"label": TASK_LABELS[task], "skipped": why}
             bar.update(len(sites))
             continue
         counts = torch.unique(y[te], return_counts=True)[1]
@@ -226,7 +247,10 @@ def run(ctx: Context, weight_decay: float = 1e-3, train_frac: float = 0.7) -> di
         "config": ctx.config(),
         "data": {"n_queries": len(prompts), "n_profiles": len(profiles), "n_forget_profiles": len(forget),
                  "n_train": int(tr.numel()), "n_test": int(te.numel()), "modality": "vqa",
-                 "split": "seeded per-profile stratified split of the queries (held-out queries of seen profiles)"},
+                 "split": split, "split_note": (
+                     "seeded per-profile stratified split of the queries (held-out queries of seen profiles)"
+                     if split == "queries" else "seeded split of whole profiles, forget and retain ones each in "
+                     "proportion (held-out profiles never seen in training)")},
         "sites": sites,
         "positions": list(POSITIONS),
         "tasks": results,
@@ -240,7 +264,8 @@ def print_summary(res: dict[str, Any]) -> None:
     print(f"\n{res['question']}")
     d = res["data"]
     print(f"  {d['n_queries']} VQA queries of {d['n_profiles']} profiles ({d['n_forget_profiles']} forget); "
-          f"{d['n_test']} held out; strength {res['config']['eraser']['strength']:g}")
+          f"{d['n_test']} held out ({'whole profiles' if d.get('split') == 'profiles' else 'queries of every profile'}); "
+          f"strength {res['config']['eraser']['strength']:g}")
     print("  best LM site / final block last token:")
     for task, s in res["summary"].items():
         if "skipped" in s:
@@ -265,10 +290,14 @@ def print_summary(res: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = base_parser("probing", __doc__)
     ap.add_argument("--weight-decay", type=nonneg_float, default=1e-3, help="probe L2 weight decay (>= 0)")
+    ap.add_argument("--split", choices=SPLITS, default="queries",
+                    help="hold out queries of every profile (queries), or whole profiles (profiles: is the fact "
+                         "readable in people the probe never saw, not only by recognising the person; identity "
+                         "is then skipped)")
     args = ap.parse_args(argv)
     ctx = load_context(args)
     out = out_dir(args)
-    res = run(ctx, weight_decay=args.weight_decay)
+    res = run(ctx, weight_decay=args.weight_decay, split=args.split)
     res = save_json(out / "probing.json", res)
     from eraser.plots import plot_probe_accuracy
 

@@ -335,6 +335,41 @@ def stratified_split(y: Int[Tensor, " n"], train_frac: float = 0.7, seed: int = 
     return torch.cat(train).sort().values, torch.cat(test).sort().values
 
 
+def group_split(groups: Int[Tensor, " n"], strata: Int[Tensor, " n"] | None = None, train_frac: float = 0.7,
+                seed: int = 0) -> tuple[Int[Tensor, " n_train"], Int[Tensor, " n_test"]]:
+    """Seeded split that keeps every group (e.g. one person's queries) whole, on one side.
+
+    Why: a per-query split holds out queries of people the probe has seen, so a probe for an attribute
+    (birthplace) can pass by recognising the person; held-out *groups* ask whether the attribute itself is
+    readable in people never seen.  ``strata`` (one label per row, constant within a group, e.g. forget vs
+    retain) splits each stratum's groups separately, as :func:`stratified_split` does classes: a stratum with
+    >= 2 groups lands on both sides, a single group goes to training.
+    """
+    if not 0.0 < train_frac < 1.0:
+        raise ValueError(f"train_frac must be in (0, 1), got {train_frac}")
+    groups = _labels(groups).cpu()
+    strata = torch.zeros_like(groups) if strata is None else _labels(strata).cpu()
+    if strata.shape != groups.shape:
+        raise ValueError(f"{strata.numel()} strata labels for {groups.numel()} rows")
+    ids = torch.unique(groups)
+    of = {}
+    for g in ids.tolist():
+        values = torch.unique(strata[groups == g])
+        if values.numel() != 1:
+            raise ValueError(f"group {g} spans strata {values.tolist()}: a group must sit in one stratum")
+        of[g] = int(values)
+    gen = torch.Generator().manual_seed(seed)
+    train_groups: list[int] = []
+    for st in sorted(set(of.values())):
+        members = torch.tensor([g for g in ids.tolist() if of[g] == st])
+        members = members[torch.randperm(members.numel(), generator=gen)]
+        n = members.numel()
+        k = n if n < 2 else min(max(int(round(train_frac * n)), 1), n - 1)
+        train_groups += members[:k].tolist()
+    in_train = torch.isin(groups, torch.tensor(train_groups, dtype=groups.dtype))
+    return torch.nonzero(in_train).flatten(), torch.nonzero(~in_train).flatten()
+
+
 def probe_accuracy(X: Float[Tensor, "n d"], y: Int[Tensor, " n"], train_frac: float = 0.7, seed: int = 0,
                    **fit_kw: Any) -> dict[str, float | int]:
     """Fit a :class:`LinearProbe` on a stratified split and report how well it reads ``y`` off ``X``.

@@ -101,3 +101,18 @@ def test_forget_chance_is_the_chance_of_the_forget_slice():
     assert ref["constant_guess"] == 0.0  # the training majority is class 1 (5 of 12), never right on the slice
     ref = probing.forget_chance(y, tr, te, torch.zeros(18, dtype=torch.long))
     assert ref == {"chance": None, "constant_guess": None}
+
+
+def test_held_out_profiles(quick_eraser, tmp_path):
+    """--split profiles: whole people held out; identity cannot be probed then, and with the quick model's single
+    forget profile (it trains) neither can the forget-side numbers: each is skipped with its reason, not reported
+    as a chance of 1.0 on a one-class test set."""
+    from . import one_thread
+
+    with one_thread():
+        res = probing.main(script_args(tmp_path, quick_eraser, 6, "--split", "profiles"))
+    data = read_json(tmp_path / "probing.json")
+    assert data["data"]["split"] == "profiles" and res["data"]["n_test"] > 0
+    assert "never seen in training" in data["tasks"]["identity"]["skipped"]
+    for task in ("forget", "birthplace"):
+        assert "no forget profile is held out" in data["tasks"][task]["skipped"]

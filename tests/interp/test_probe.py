@@ -209,3 +209,22 @@ def test_per_head_sites_give_the_heads_side_by_side(llava2):
     assert torch.allclose(vis, cache["vision.blocks.0.attn.hook_z"].flatten(-2).mean(1), atol=1e-6)
     with pytest.raises(ValueError, match="probe attn.hook_z"):
         collect_features(llava2, images, prompts, ["blocks.1.attn.hook_pattern"])
+
+
+def test_group_split_keeps_groups_whole_and_stratifies():
+    from interp.probe import group_split
+
+    groups = torch.arange(10).repeat_interleave(3)  # 10 people, 3 queries each
+    strata = (groups < 4).long()  # people 0-3 are "forget"
+    tr, te = group_split(groups, strata, train_frac=0.5, seed=1)
+    assert sorted(torch.cat([tr, te]).tolist()) == list(range(30))  # disjoint and covering
+    assert not set(groups[tr].tolist()) & set(groups[te].tolist())  # no person on both sides
+    assert len(set(groups[te].tolist()) & {0, 1, 2, 3}) == 2 and len(set(groups[te].tolist()) - {0, 1, 2, 3}) == 3
+    again = group_split(groups, strata, train_frac=0.5, seed=1)
+    assert torch.equal(again[0], tr) and torch.equal(again[1], te)  # seeded
+    lone = group_split(torch.tensor([0, 0, 1, 1, 2]), torch.tensor([1, 1, 0, 0, 0]), seed=0)
+    assert 0 in lone[0].tolist() and 1 in lone[0].tolist()  # a stratum's single group trains
+    with pytest.raises(ValueError, match="group 0 spans strata"):
+        group_split(torch.tensor([0, 0, 1]), torch.tensor([0, 1, 1]))
+    with pytest.raises(ValueError, match="train_frac"):
+        group_split(groups, train_frac=1.0)
