@@ -17,7 +17,8 @@ that is the variant that forgets (refusal >= 0.997 on forget at 5/10/15 %);
 the paper's ``mllmeraser`` refuses 16 % there, so a leakage number against it
 measures little.  ``--variant mllmeraser`` studies the paper's method.
 
-``--quick`` defaults to on when ``MLLMERASER_QUICK=1`` is set.
+``--quick`` defaults to on when ``MLLMERASER_QUICK=1`` is set (for the embedded default: with ``--model``
+the checkpoint is the model, and ``--quick`` is an error).
 
 >>> ap = base_parser("probing", "demo")
 >>> args = ap.parse_args(["--quick", "--limit", "3"])
@@ -41,6 +42,7 @@ from eraser.argtypes import out_dir as out_folder
 from eraser.data.schema import Profile
 from eraser.method import ArtifactError, MLLMEraser
 from eraser.pairs import forget_queries
+from eraser.data.mllmu import BenchmarkFormatError
 from eraser.pipeline import LocalSetupError, Setup, fit_variant, setup_from_args
 from eraser.variants import GATED_VARIANTS
 
@@ -62,10 +64,11 @@ def env_quick() -> bool:
 def base_parser(name: str, description: str) -> argparse.ArgumentParser:
     """The arguments every analysis script shares; scripts add their own on the returned parser."""
     ap = script_parser(name, description)
-    ap.add_argument("--arch", default="llava", choices=["llava", "qwen2_5_vl"], help="model architecture")
+    ap.add_argument("--arch", default=None, choices=["llava", "qwen2_5_vl"],
+                    help="model architecture (default: llava; with --model, the checkpoint's own)")
     ap.add_argument("--seed", type=nonneg_int, default=0, help="model and data seed")
     ap.add_argument("--forget-ratio", type=int, default=5, choices=[5, 10, 15], help="forget split, in %%")
-    ap.add_argument("--quick", action="store_true", default=env_quick(),
+    ap.add_argument("--quick", action="store_true", default=None,
                     help=f"use the quick (smaller, faster) model; on by default when {QUICK_ENV}=1")
     ap.add_argument("--out", type=out_folder, default=Path("runs") / name,
                     help="output folder (checked when parsed: not an existing file)")
@@ -157,9 +160,11 @@ def load_context(args: argparse.Namespace) -> Context:
             given = MLLMEraser.load(args.eraser)
         except ArtifactError as e:
             raise SystemExit(f"--eraser {args.eraser}: {e}") from None
+    if args.quick is None:  # not given: $MLLMERASER_QUICK decides, for the embedded default only
+        args.quick = env_quick() and not args.model
     try:  # the embedded default, or --model + --mllmu (a local checkpoint on a local MLLMU-Bench)
         setup = setup_from_args(args)
-    except LocalSetupError as e:
+    except (LocalSetupError, BenchmarkFormatError) as e:  # one line, before any model work
         raise SystemExit(str(e)) from None
     fit_s = None
     if given is not None:

@@ -21,6 +21,8 @@ of 2/255 at 8/255; 0 means clean images, the text-only ablation's data):
 Writes ``OUT/pgd_budget.json`` and ``OUT/pgd_budget.png``. The eraser comes from ``--eraser PATH`` or is fitted (``--variant``), as in
 every analysis (``analyses/common.py``).
 
+``--limit N`` uses N recall and N erase pairs (at least 2; the release's 17 without it), for quick runs.
+
 Run: ``python -m analyses.pgd_budget [--quick] [--eps 0,2,4,8,16] [--steps 10] [--grid -0.5,-1,-2]``.
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from eraser.argtypes import nonneg_int
+from eraser.argtypes import positive_int
 from eraser.autotune import DEFAULT_GRID, choose_strength
 from eraser.direction import ErasureDirection
 from eraser.method import MLLMEraser
@@ -57,6 +59,16 @@ def floats(text: str) -> list[float]:
     return values
 
 
+def budgets(text: str) -> list[float]:
+    """``--eps``: :func:`floats`, each >= 0 (checked when parsed, before any model work)."""
+    import argparse
+
+    values = floats(text)
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"PGD budgets are >= 0 (in /255), got {text!r}")
+    return values
+
+
 def summarise_selection(sel: Any, own: float) -> dict[str, Any]:
     """The validation numbers at the eraser's own strength and at the chosen one, from one strength search."""
     rows = {float(r["strength"]): r for r in sel.candidates}
@@ -74,14 +86,23 @@ def summarise_selection(sel: Any, own: float) -> dict[str, Any]:
             "reason": sel.reason}
 
 
+def _cosines(a, b) -> list[float]:
+    """Row-wise cosine of two ``[n_layers, d]`` tensors."""
+    a, b = a.double(), b.double()
+    return ((a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=1e-12)).tolist()
+
+
 def run(ctx: Context, eps: Sequence[float] = (0, 2, 4, 8, 16), steps: int = 10,
         grid: Sequence[float] = DEFAULT_GRID) -> dict[str, Any]:
     if any(e < 0 for e in eps):
-        raise SystemExit(f"--eps values must be >= 0 (in /255), got {list(eps)}")
+        raise ValueError(f"PGD budgets are >= 0 (in /255), got {list(eps)}")
+    if steps == 0 and any(e > 0 for e in eps):
+        raise ValueError("steps 0 runs no attack: every budget would be the clean images")
     model, bench, seed, eraser = ctx.model, ctx.setup.bench, ctx.setup.seed, ctx.eraser
     layers, site = list(eraser.layers), eraser.config.site
-    rows = recall_questions(bench, seed=seed)
-    erase = erase_pairs(bench, seed=seed)
+    n_pairs = 17 if ctx.args.limit is None else min(17, max(2, ctx.args.limit))  # the release's 17; fewer for tests
+    rows = recall_questions(bench, n_pairs, seed=seed)
+    erase = erase_pairs(bench, n_pairs, seed=seed)
     val, kind = ctx.setup.validation()
     vanilla = ctx.setup.vanilla_validation()
     own = ctx.strength
@@ -111,6 +132,9 @@ def run(ctx: Context, eps: Sequence[float] = (0, 2, 4, 8, 16), steps: int = 10,
             "direction_norm": direction.norms().tolist(),
             "cosine_to_eraser": direction.cosine(eraser.direction).tolist(),
             "cosine_to_clean": direction.cosine(clean_direction).tolist() if clean_direction is not None else None,
+            # the answer directions (an eraser with answer_steps) move with the recall images too
+            "answer_cosine_to_eraser": (_cosines(direction.answer, eraser.d_answer)
+                                        if direction.answer is not None and eraser.d_answer is not None else None),
             "validation": summarise_selection(sel, own),
         })
     return {
@@ -129,14 +153,15 @@ def print_summary(res: dict[str, Any]) -> None:
     print(f"  {c['n_recall_pairs']} recall / {c['n_erase_pairs']} erase pairs; layers {c['eraser']['layers']}; "
           f"the eraser's strength {c['eraser']['strength']:g}; validation numbers ({c['validation']})")
     fmt = lambda v: "  n/a" if v is None else f"{v:5.2f}"  # noqa: E731
-    print("  eps/255  loss clean->attacked  cos(clean) cos(eraser)  | at own strength: forget refusal, forget cls, "
-          "retain cls | chosen strength: lambda, forget refusal, retain cls")
+    print("  eps/255 steps linf/255  loss clean->attacked  cos(clean) cos(eraser)  | at own strength: forget refusal, "
+          "forget cls, retain cls | chosen strength: lambda, forget refusal, retain cls")
     for b in res["budgets"]:
         own, ch = b["validation"]["at_own_strength"] or {}, b["validation"]["chosen"]
         cos_c = "  n/a" if b["cosine_to_clean"] is None else f"{min(b['cosine_to_clean']):5.3f}"
         chosen = ("none feasible" if ch is None else
                   f"{ch['strength']:g}, {fmt(ch['forget_refusal'])}, {fmt(ch['retain_cls'])}")
-        print(f"  {b['eps_255']:7g}  {b['target_loss']['clean']:8.2e} -> {b['target_loss']['attacked']:8.2e}"
+        print(f"  {b['eps_255']:7g} {b['steps']:5d} {b['linf_255']:8.2f}  "
+              f"{b['target_loss']['clean']:8.2e} -> {b['target_loss']['attacked']:8.2e}"
               f"  {cos_c}      {min(b['cosine_to_eraser']):5.3f}   | {fmt(own.get('forget_refusal'))}, "
               f"{fmt(own.get('forget_cls'))}, {fmt(own.get('retain_cls'))} | {chosen}")
     print("  (cosines: the smallest over the steered layers)")
@@ -144,9 +169,9 @@ def print_summary(res: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = base_parser("pgd_budget", __doc__)
-    ap.add_argument("--eps", type=floats, default=[0.0, 2.0, 4.0, 8.0, 16.0],
+    ap.add_argument("--eps", type=budgets, default=[0.0, 2.0, 4.0, 8.0, 16.0],
                     help="PGD budgets in /255 (alpha = eps / 4; 0: clean images)")
-    ap.add_argument("--steps", type=nonneg_int, default=10, help="PGD steps (the release's 10)")
+    ap.add_argument("--steps", type=positive_int, default=10, help="PGD steps (the release's 10)")
     ap.add_argument("--grid", type=floats, default=list(DEFAULT_GRID),
                     help="strengths the automatic choice searches (the eraser's own is always added)")
     args = ap.parse_args(argv)

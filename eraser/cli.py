@@ -45,7 +45,8 @@ NO_ORACLE_HELP = ("skip the retain-only oracle, whose first training costs as mu
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", choices=ARCHS, default="llava", help="model architecture (default: llava)")
+    p.add_argument("--arch", choices=ARCHS, default=None,
+                   help="model architecture (default: llava; with --model, the checkpoint's own)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="data and training seed (default: 0)")
     p.add_argument("--forget-ratio", type=int, choices=(5, 10, 15), default=5, help="forget split in percent")
     p.add_argument("--quick", action="store_true", help="small data and a short training run (for tests)")

@@ -123,19 +123,29 @@ def load_setup(arch: str = "llava", seed: int = 0, forget_ratio: int = 5, quick:
 def setup_from_args(args: Any) -> Setup:
     """The setup a command line asks for: ``--model`` + ``--mllmu`` (a local checkpoint on a local MLLMU-Bench),
     or the embedded default (``--arch``, ``--seed``, ``--quick``)."""
+    arch = getattr(args, "arch", None)  # None: not given (the embedded default's is llava; a checkpoint has its own)
     if getattr(args, "model", None) or getattr(args, "mllmu", None):
         if not (args.model and args.mllmu):
             raise LocalSetupError("--model and --mllmu go together: a local checkpoint is evaluated on a local "
                                   "MLLMU-Bench copy (the embedded default needs neither)")
+        if getattr(args, "quick", False):
+            raise LocalSetupError("--quick picks the embedded default's small model; with --model the checkpoint is "
+                                  "the model (unset MLLMERASER_QUICK, or leave out --quick)")
         import torch
 
         dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
-        return load_local_setup(args.model, args.mllmu, args.forget_ratio, args.seed,
-                                oracle_path=getattr(args, "oracle_model", None), progress=not args.no_progress,
-                                batch_size=args.batch_size, dtype=dtype)
+        setup = load_local_setup(args.model, args.mllmu, args.forget_ratio, args.seed,
+                                 oracle_path=getattr(args, "oracle_model", None), progress=not args.no_progress,
+                                 batch_size=args.batch_size, dtype=dtype)
+        if arch is not None and arch != setup.model.arch:
+            raise LocalSetupError(f"--arch {arch}, but --model {args.model} is a {setup.model.arch} checkpoint "
+                                  "(leave out --arch: a checkpoint's architecture is read from it)")
+        return setup
     if getattr(args, "oracle_model", None):
         raise LocalSetupError("--oracle-model goes with --model: the embedded default trains its own oracle")
-    return load_setup(args.arch, args.seed, args.forget_ratio, args.quick, args.cache_dir,
+    if getattr(args, "dtype", None):
+        raise LocalSetupError("--dtype goes with --model: the embedded default is float32")
+    return load_setup(arch or "llava", args.seed, args.forget_ratio, args.quick, args.cache_dir,
                       progress=not args.no_progress, batch_size=args.batch_size)
 
 
@@ -169,7 +179,7 @@ def load_local_setup(model_path: str, data_path: str, forget_ratio: int = 5, see
     model = load(model_path, "--model")
     oracle = load(oracle_path, "--oracle-model") if oracle_path else None
     local = {"model": str(model_path), "data": str(data_path), "oracle": str(oracle_path) if oracle_path else None,
-             "seed": seed}
+             "seed": seed, "dtype": str(model.dtype).removeprefix("torch.")}  # what ran, given or as saved
     return Setup(None, model, bench, None, forget_ratio, batch_size=batch_size, progress=progress, _oracle=oracle,
                  local=local)
 

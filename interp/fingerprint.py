@@ -54,7 +54,10 @@ def _weights_hash(hf: torch.nn.Module, tensors: list[torch.Tensor]) -> str:
 
 
 def model_fingerprint(model: Any) -> dict[str, Any]:
-    """``{arch, d_model, n_layers, n_vision_layers, vocab_size, weights}`` for a :class:`~interp.HookedVLM`."""
+    """``{arch, d_model, n_layers, n_vision_layers, vocab_size, dtype, weights}`` for a :class:`~interp.HookedVLM`.
+
+    Artifacts saved before ``dtype`` was recorded carry no such key, and :func:`fingerprint_mismatch` only
+    compares the keys an artifact has, so they still load."""
     hf = model.hf_model
     layers = get_module(hf, model.adapter.lm_layers)
     embed = hf.get_input_embeddings().weight
@@ -70,6 +73,8 @@ def model_fingerprint(model: Any) -> dict[str, Any]:
         "n_layers": len(layers),
         "n_vision_layers": model.n_vision_layers,
         "vocab_size": int(embed.shape[0]),
+        # before the weights: the same checkpoint in another dtype has other weights, and this says why
+        "dtype": str(embed.dtype).removeprefix("torch."),
         "weights": _weights_hash(hf, tensors),
     }
 

@@ -271,15 +271,25 @@ def plot_pgd_budget(source: Any, out_path: PathLike) -> Path | None:
         ax_loss.set_yscale("log")
         ax_loss.set(xlabel="PGD eps (/255)", ylabel="recall answer loss (mean)", title="The attack")
         ax_loss.legend(frameon=False)
-        for key, label in (("cosine_to_clean", "vs clean images' direction"), ("cosine_to_eraser", "vs the eraser's")):
+        lowest = 1.0
+        for key, label in (("cosine_to_clean", "vs clean images' direction"), ("cosine_to_eraser", "vs the eraser's"),
+                           ("answer_cosine_to_eraser", "answer direction vs the eraser's")):
             y = np.array([min(b[key]) if b.get(key) else math.nan for b in budgets], dtype=float)
-            ax_cos.plot(eps, y, marker="o", ms=3, label=label)
+            if np.isfinite(y).any():
+                ax_cos.plot(eps, y, marker="o", ms=3, label=label)
+                lowest = min(lowest, float(np.nanmin(y)))
+        # never zoomed past 0.9: a change in the fourth decimal must look like one, not like a crossing
+        ax_cos.set_ylim(min(0.9, lowest - 0.02), 1.005)
         ax_cos.set(xlabel="PGD eps (/255)", ylabel="cosine (smallest over layers)", title="The erasure direction")
         ax_cos.legend(frameon=False)
         own = [(b.get("validation") or {}).get("at_own_strength") or {} for b in budgets]
-        for key, label in (("forget_refusal", "forget refused"), ("forget_cls", "forget multiple choice"),
-                           ("retain_cls", "retain multiple choice"), ("answerable_refusal", "answerable refused")):
-            ax_val.plot(eps, [_f(o.get(key)) for o in own], marker="o", ms=3, label=label)
+        # distinct markers and dashes: lines that coincide (forget refused and retain kept, both 1) stay visible
+        for (key, label), style in zip((("forget_refusal", "forget refused"), ("forget_cls", "forget multiple choice"),
+                                        ("retain_cls", "retain multiple choice"),
+                                        ("answerable_refusal", "answerable refused")),
+                                       (("o", "-", 7), ("s", "--", 5), ("^", ":", 4), ("x", "-.", 6))):
+            marker, ls, ms = style
+            ax_val.plot(eps, [_f(o.get(key)) for o in own], marker=marker, ls=ls, ms=ms, mfc="none", label=label)
         strength = ((data.get("config") or {}).get("eraser") or {}).get("strength")
         ax_val.set(xlabel="PGD eps (/255)", ylim=(-0.03, 1.03), ylabel="rate (validation split)",
                    title="Gate held fixed" + (f", λ={strength:g}" if isinstance(strength, (int, float)) else ""))

@@ -45,3 +45,19 @@ def test_local_flags_fail_clearly(local, quick_eraser, tmp_path, capsys):
         patching.main(script_args(tmp_path, quick_eraser, 3, "--model", str(local / "model")))
     with pytest.raises(SystemExit, match="does not load as a vision-language checkpoint"):
         patching.main(_local_args(tmp_path, quick_eraser, local) + ["--model", str(tmp_path)])
+    # from an audit: each of these ran, silently ignoring a flag (and --quick was recorded as true)
+    with pytest.raises(SystemExit, match="--quick picks the embedded default's small model"):
+        patching.main(_local_args(tmp_path, quick_eraser, local) + ["--quick"])
+    with pytest.raises(SystemExit, match="--arch qwen2_5_vl, but --model .* is a llava checkpoint"):
+        patching.main(_local_args(tmp_path, quick_eraser, local) + ["--arch", "qwen2_5_vl"])
+    with pytest.raises(SystemExit, match="--dtype goes with --model"):
+        patching.main(script_args(tmp_path, quick_eraser, 3, "--dtype", "bfloat16"))
+    with pytest.raises(SystemExit, match="no parquet data for split 'forget_10'"):  # was a 26-line traceback
+        patching.main(_local_args(tmp_path, quick_eraser, local) + ["--forget-ratio", "10"])
+
+
+def test_quick_from_the_environment_is_for_the_embedded_default_only(local, quick_eraser, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLLMERASER_QUICK", "1")
+    with one_thread():
+        res = patching.main(_local_args(tmp_path, quick_eraser, local, 2))
+    assert res["config"]["quick"] is False and res["config"]["local"]["dtype"] == "float32"

@@ -14,7 +14,8 @@ from . import in_unit, is_png, one_thread, quick_eraser, read_json, script_args 
 def run(quick_eraser, tmp_path_factory):
     out = tmp_path_factory.mktemp("pgd_budget")
     with one_thread():
-        res = pgd_budget.main(script_args(out, quick_eraser, 3, "--eps", "8,0", "--grid=-1"))
+        # --limit 17: the release's 17 pairs, the ones the eraser was fitted on (a smaller limit takes fewer)
+        res = pgd_budget.main(script_args(out, quick_eraser, 17, "--eps", "8,0", "--grid=-1"))
     return out, res
 
 
@@ -32,6 +33,8 @@ def test_budgets_attack_direction_and_validation(run):
     # the eraser was fitted with the release's budget (8/255, alpha 2/255, 10 steps) on the same pairs: its own
     # direction comes back, the independent check that this script varies only the budget
     assert all(c > 0.99999 for c in attacked["cosine_to_eraser"])
+    if data["config"]["eraser"]["answer_steps"]:  # the default variant steers answer tokens too: same check there
+        assert all(c > 0.99999 for c in attacked["answer_cosine_to_eraser"])
     assert all(-1 <= c <= 1 for c in attacked["cosine_to_clean"]) and all(n > 0 for n in attacked["direction_norm"])
     assert data["config"]["grid"] == sorted({-1.0, data["config"]["eraser"]["strength"]}, key=abs)
     for b in data["budgets"]:
@@ -50,8 +53,10 @@ def test_figure_from_the_run_and_from_saved_json(run, tmp_path):
 
 
 def test_bad_arguments_fail_at_parse_time(capsys):
-    for argv in (["--eps", ""], ["--eps", "1,x"], ["--grid", "nan"], ["--steps", "-1"]):
+    for argv in (["--eps", ""], ["--eps", "1,x"], ["--grid", "nan"], ["--steps", "-1"], ["--eps=-1"], ["--steps", "0"]):
         with pytest.raises(SystemExit) as e:
             pgd_budget.main(argv)
         assert e.value.code == 2
     assert "expected" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="steps 0 runs no attack"):  # the same rule for a programmatic run
+        pgd_budget.run(None, eps=(8,), steps=0)

@@ -54,3 +54,18 @@ def test_a_repeat_reuses_the_hash_and_any_write_recomputes_it(model, monkeypatch
     finally:
         model.hf_model.load_state_dict(state)  # a write too: back to the original weights and hash
     assert model_fingerprint(model)["weights"] == base
+
+
+def test_dtype_is_named_and_old_fingerprints_without_it_still_match(tiny_llava):
+    import copy
+
+    fp = model_fingerprint(tiny_llava)
+    assert fp["dtype"] == "float32"
+    old = {k: v for k, v in fp.items() if k != "dtype"}  # an artifact saved before dtype was recorded
+    assert fingerprint_mismatch(old, fp) == []
+    half = copy.deepcopy(tiny_llava.hf_model).to(torch.bfloat16)
+    from interp import HookedVLM
+
+    wrapped = HookedVLM.from_hf(half, tokenizer=tiny_llava.tokenizer, image_processor=tiny_llava.image_processor)
+    diffs = fingerprint_mismatch(fp, model_fingerprint(wrapped))
+    assert diffs[0] == "dtype: artifact has 'float32', model has 'bfloat16'" and diffs[1].startswith("weights")
