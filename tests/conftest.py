@@ -16,6 +16,19 @@ def random_image(size: int, seed: int) -> Image.Image:
     return Image.fromarray(rng.randint(0, 255, (size, size, 3), dtype=np.uint8))
 
 
+def save_local_copy(root):
+    """The quick zoo model saved as a Hugging Face folder (``root/model``) and its benchmark as MLLMU-Bench parquet
+    files (``root/mllmu``, forget 5 %): a local checkpoint on a local MLLMU-Bench, as a real 7B run has.
+    Returns the zoo setup it was saved from."""
+    from eraser.data.mllmu import save_mllmu
+    from eraser.pipeline import load_setup
+
+    zoo = load_setup(quick=True, forget_ratio=5, progress=False)
+    zoo.model.save_pretrained(root / "model")
+    save_mllmu(zoo.source, root / "mllmu", ratios=[5])
+    return zoo
+
+
 @pytest.fixture(scope="session")
 def tiny_llava():
     from interp.tiny import tiny_vlm

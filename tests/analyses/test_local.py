@@ -7,18 +7,15 @@ import pytest
 
 from analyses import patching, probing
 
+from tests.conftest import save_local_copy
+
 from . import one_thread, quick_eraser, read_json, script_args  # noqa: F401
 
 
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
-    from eraser.data.mllmu import save_mllmu
-    from eraser.pipeline import load_setup
-
-    zoo = load_setup(quick=True, forget_ratio=5, progress=False)
     root = tmp_path_factory.mktemp("local")
-    zoo.model.save_pretrained(root / "model")
-    save_mllmu(zoo.source, root / "mllmu", ratios=[5])
+    save_local_copy(root)
     return root
 
 

@@ -11,17 +11,14 @@ import pytest
 import torch
 
 from eraser.cli import main
-from eraser.data.mllmu import save_mllmu
-from eraser.pipeline import LocalSetupError, evaluate_model, load_local_setup, load_setup, setup_from_args
+from eraser.pipeline import LocalSetupError, evaluate_model, load_local_setup, setup_from_args
+from tests.conftest import save_local_copy
 
 
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
-    zoo = load_setup(quick=True, forget_ratio=5, progress=False)
     root = tmp_path_factory.mktemp("local")
-    zoo.model.save_pretrained(root / "model")
-    save_mllmu(zoo.source, root / "mllmu", ratios=[5])
-    return zoo, root
+    return save_local_copy(root), root
 
 
 def test_the_local_path_loads_the_same_model_and_data(local):
