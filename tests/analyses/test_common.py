@@ -52,7 +52,7 @@ def test_a_corrupt_eraser_fails_in_one_line_before_any_model_loads(tmp_path, mon
     def no_model(*a, **k):
         raise AssertionError("the model was loaded before the artifact was checked")
 
-    monkeypatch.setattr(common, "load_setup", no_model)
+    monkeypatch.setattr(common, "setup_from_args", no_model)
     bad = tmp_path / "eraser.safetensors"
     bad.write_bytes(b'{"not": "an artifact"}')
     with pytest.raises(SystemExit, match=r"--eraser .*eraser.safetensors: .*not a readable MLLMEraser artifact"):
