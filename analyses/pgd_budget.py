@@ -27,13 +27,15 @@ Run: ``python -m analyses.pgd_budget [--quick] [--eps 0,2,4,8,16] [--steps 10] [
 """
 from __future__ import annotations
 
+import argparse
+import math
 import sys
 import time
 from typing import Any, Sequence
 
 from eraser.argtypes import positive_int
 from eraser.autotune import DEFAULT_GRID, choose_strength
-from eraser.direction import ErasureDirection
+from eraser.direction import ErasureDirection, cosine_rows
 from eraser.method import MLLMEraser
 from eraser.pairs import erase_pairs, recall_questions
 from eraser.pgd import PGDConfig, pgd_attack
@@ -47,9 +49,6 @@ QUESTION = ("How sensitive is MLLMEraser to the PGD budget of its recall images:
 
 def floats(text: str) -> list[float]:
     """A comma-separated list of finite numbers (``--eps``, ``--grid``); an empty or bad list is a parse error."""
-    import argparse
-    import math
-
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -61,8 +60,6 @@ def floats(text: str) -> list[float]:
 
 def budgets(text: str) -> list[float]:
     """``--eps``: :func:`floats`, each >= 0 (checked when parsed, before any model work)."""
-    import argparse
-
     values = floats(text)
     if any(v < 0 for v in values):
         raise argparse.ArgumentTypeError(f"PGD budgets are >= 0 (in /255), got {text!r}")
@@ -84,12 +81,6 @@ def summarise_selection(sel: Any, own: float) -> dict[str, Any]:
     return {"at_own_strength": pick(rows.get(float(own))),
             "chosen": pick(rows.get(float(sel.strength))) if sel.strength is not None else None,
             "reason": sel.reason}
-
-
-def _cosines(a, b) -> list[float]:
-    """Row-wise cosine of two ``[n_layers, d]`` tensors."""
-    a, b = a.double(), b.double()
-    return ((a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=1e-12)).tolist()
 
 
 def run(ctx: Context, eps: Sequence[float] = (0, 2, 4, 8, 16), steps: int = 10,
@@ -133,7 +124,7 @@ def run(ctx: Context, eps: Sequence[float] = (0, 2, 4, 8, 16), steps: int = 10,
             "cosine_to_eraser": direction.cosine(eraser.direction).tolist(),
             "cosine_to_clean": direction.cosine(clean_direction).tolist() if clean_direction is not None else None,
             # the answer directions (an eraser with answer_steps) move with the recall images too
-            "answer_cosine_to_eraser": (_cosines(direction.answer, eraser.d_answer)
+            "answer_cosine_to_eraser": (cosine_rows(direction.answer, eraser.d_answer).tolist()
                                         if direction.answer is not None and eraser.d_answer is not None else None),
             "validation": summarise_selection(sel, own),
         })

@@ -30,6 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .artifact import ArtifactError, check_fingerprint, check_shape, layer_indices, read_artifact, write_artifact
+from .features import site_name
 from .queries import Query, hash_queries, split_queries
 
 SITES = ("resid_pre", "resid_post")
@@ -47,6 +48,17 @@ def projection(h: Float[Tensor, "... d"], direction: Float[Tensor, " d"]) -> Flo
     """Scalar projection of activations on the unit direction (the activation shift the paper pictures)."""
     d = direction.to(h.dtype)
     return h @ (d / d.norm().clamp(min=1e-12))
+
+
+def unit_rows(v: Float[Tensor, "n d"]) -> Float[Tensor, "n d"]:
+    """Each row scaled to unit norm, in float64 (a zero row stays zero)."""
+    v = v.double()
+    return v / v.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+def cosine_rows(a: Float[Tensor, "n d"], b: Float[Tensor, "n d"]) -> Float[Tensor, " n"]:
+    """Row-wise cosine similarity (float64), e.g. of two directions layer by layer."""
+    return (unit_rows(a) * unit_rows(b)).sum(-1)
 
 
 def first_answer_means(model: Any, images: Sequence[Any], prompts: Sequence[str], names: Sequence[str],
@@ -158,7 +170,7 @@ class ErasureDirection:
         if site not in SITES:
             raise ValueError(f"site must be one of {SITES}, got {site!r}")
         sets = {"recall": split_queries(recall_pairs, "recall"), "erase": split_queries(erase_pairs, "erase")}
-        names = [f"blocks.{l}.hook_{site}" for l in layers]
+        names = [site_name(site, l) for l in layers]
         vectors = directions_from_pairs(model, sets["recall"], sets["erase"], names, batch_size, progress)
         answer = None
         if answer_prefix is not None:
@@ -171,7 +183,7 @@ class ErasureDirection:
 
     # -- reading ---------------------------------------------------------------------
     def hook_name(self, layer: int) -> str:
-        return f"blocks.{layer}.hook_{self.site}"
+        return site_name(self.site, layer)
 
     def __getitem__(self, layer: int) -> Float[Tensor, " d"]:
         """The direction at decoder layer ``layer`` (a layer index, not a position in ``layers``)."""
@@ -186,8 +198,7 @@ class ErasureDirection:
 
     def unit(self) -> Float[Tensor, "n_layers d"]:
         """The directions scaled to unit norm (a zero direction stays zero)."""
-        v = self.vectors.double()
-        return v / v.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        return unit_rows(self.vectors)
 
     def project(self, h: Float[Tensor, "... d"], layer: int) -> Float[Tensor, "..."]:
         """Scalar projection of activations ``h`` read at ``layer`` on its unit direction."""
@@ -201,7 +212,7 @@ class ErasureDirection:
                              f"{other.layers} at {other.site}")
         if other.vectors.shape != self.vectors.shape:
             raise ValueError(f"widths differ: {tuple(self.vectors.shape)} vs {tuple(other.vectors.shape)}")
-        return (self.unit() * other.unit()).sum(-1)
+        return cosine_rows(self.vectors, other.vectors)
 
     def hooks(self, strength: float = -1.0, every_step: bool = False) -> list:
         """Static steering along the directions (``h + strength * d_l`` at every position, no gate): hook specs

@@ -22,7 +22,21 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["gate_rows", "read_names", "row_features", "gate_row_stream", "check_stack"]
+__all__ = ["site_name", "row_names", "gate_rows", "read_names", "row_features", "stream_rows", "gate_row_stream",
+           "check_stack"]
+
+
+def site_name(site: str, layer: int) -> str:
+    """The hook name of the method's ``site`` (``resid_pre`` / ``resid_post``) at decoder ``layer``."""
+    return f"blocks.{layer}.hook_{site}"
+
+
+def row_names(site: str, layers: Sequence[int], stack: Sequence[int] | None = None) -> list[list[str]]:
+    """Per gate row, the hook names whose reads it concatenates, in order: one row per steered layer (its own
+    site), or with ``stack`` one row over the stacked layers' sites."""
+    if stack:
+        return [[site_name(site, l) for l in stack]]
+    return [[site_name(site, l)] for l in layers]
 
 
 def check_stack(stack: Sequence[int], steered: Sequence[int], n_layers: int) -> None:
@@ -43,9 +57,7 @@ def gate_rows(config: Any, layers: Sequence[int]) -> list[list[str]]:
     ``config`` is an :class:`~eraser.method.EraserConfig` (its ``site`` and ``gate_stack``); ``layers`` the
     steered layers.
     """
-    if config.gate_stack:
-        return [[config.hook_name(l) for l in config.gate_stack]]
-    return [[config.hook_name(l)] for l in layers]
+    return row_names(config.site, layers, config.gate_stack)
 
 
 def read_names(rows: list[list[str]]) -> list[str]:
@@ -71,10 +83,16 @@ def gate_row_stream(model: Any, queries: Sequence[Any], config: Any, layers: Seq
     The same features the fit's statistics, the diagnostics and the deployed gate read; ``batch_size`` None
     takes ``config.batch_size``.
     """
+    queries = list(queries)
+    yield from stream_rows(model, [q[0] for q in queries], [q[1] for q in queries], gate_rows(config, layers),
+                           config.gate_read, batch_size or config.batch_size, progress, desc)
+
+
+def stream_rows(model: Any, images: Sequence[Any], prompts: Sequence[str], rows: list[list[str]], read: str = "last",
+                batch_size: int = 32, progress: bool = False, desc: str = "gate rows"
+                ) -> Iterator[list[Float[Tensor, "batch f"]]]:
+    """Per batch of queries, each of ``rows``' features read as ``read`` (``"last"`` token or prompt ``"mean"``)."""
     from interp.collect import iter_query_activations  # the model-running part; the rest here is pure
 
-    queries = list(queries)
-    rows = gate_rows(config, layers)
     yield from (row_features(batch, rows) for batch in iter_query_activations(
-        model, [q[0] for q in queries], [q[1] for q in queries], read_names(rows),
-        batch_size or config.batch_size, progress=progress, desc=desc, read=config.gate_read))
+        model, images, prompts, read_names(rows), batch_size, progress=progress, desc=desc, read=read))

@@ -29,6 +29,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .artifact import ArtifactError, check_fingerprint, check_shape, layer_indices, read_artifact, write_artifact
+from .features import row_names, stream_rows
 
 
 def _ridge_core(H_f: Tensor, P: Tensor, gamma: float) -> Tensor:
@@ -220,10 +221,8 @@ class NullSpaceGate:
 
     # -- scoring ---------------------------------------------------------------------
     def rows(self) -> list[list[str]]:
-        """Per gate row, the hook names whose reads it concatenates (:func:`eraser.features.gate_rows`)."""
-        if self.stack:
-            return [[f"blocks.{l}.hook_{self.site}" for l in self.stack]]
-        return [[f"blocks.{l}.hook_{self.site}"] for l in self.layers]
+        """Per gate row, the hook names whose reads it concatenates (:func:`eraser.features.row_names`)."""
+        return row_names(self.site, self.layers, self.stack)
 
     def score(self, rows: Sequence[Float[Tensor, "batch f"]], raw: bool = False) -> Float[Tensor, "batch n_layers"]:
         """Gate values per steered layer from each row's features (what :meth:`rows` names, read as ``read``):
@@ -241,17 +240,12 @@ class NullSpaceGate:
                ) -> Float[Tensor, "n_queries n_layers"]:
         """``[n_queries, n_layers]`` gate values on ``model``'s vanilla activations for ``(image or None, prompt)``
         queries: what each steered layer's gate sees unsteered."""
-        from interp.collect import iter_query_activations
-
-        from .features import read_names, row_features
         from .queries import split_queries
 
         self.check_model(model)
         images, prompts = split_queries(queries, "gate-value")
-        rows = self.rows()
-        out = [self.score(row_features(batch, rows), raw) for batch in iter_query_activations(
-            model, images, prompts, read_names(rows), batch_size, read=self.read, desc="gate values")]
-        return torch.cat(out)
+        return torch.cat([self.score(feats, raw) for feats in stream_rows(
+            model, images, prompts, self.rows(), self.read, batch_size, desc="gate values")])
 
     def check_model(self, model: Any) -> None:
         """Refuse a model whose depth or width does not fit, or (with a fingerprint) another model."""

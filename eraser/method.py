@@ -30,7 +30,7 @@ from interp.fingerprint import fingerprint_mismatch, model_fingerprint
 
 from .artifact import ArtifactError, ArtifactMismatchError, check_fingerprint, read_artifact, write_artifact
 from .direction import ErasureDirection, directions_from_pairs, first_answer_means
-from .features import check_stack, gate_row_stream, gate_rows
+from .features import check_stack, gate_row_stream, gate_rows, site_name
 from .gate import NullSpaceGate
 from .nullspace import SecondMoment
 from .queries import Query, hash_queries, split_queries
@@ -149,7 +149,7 @@ class EraserConfig:
             raise ValueError("answer_steps needs an answer_prefix (the refusal's first word, e.g. 'I')")
 
     def hook_name(self, layer: int) -> str:
-        return f"blocks.{layer}.hook_{self.site}"
+        return site_name(self.site, layer)
 
 
 #: The :class:`EraserConfig` fields that only say how fitted gates are applied (:meth:`MLLMEraser.with_config`).
@@ -400,10 +400,13 @@ class MLLMEraser:
     def direction(self) -> ErasureDirection:
         """Stage 1: the erasure directions (and answer directions, if fitted), as a value object of their own."""
         return ErasureDirection(list(self.layers), self.config.site, self.d, dict(self.fingerprint), self.d_answer,
-                                {k: v for k, v in (self.info.get("counts") or {}).items() if k in ("recall", "erase")},
-                                {k: v for k, v in (self.info.get("data_hashes") or {}).items()
-                                 if k in ("recall", "erase")},
+                                self._info_for("counts", "recall", "erase"),
+                                self._info_for("data_hashes", "recall", "erase"),
                                 self.config.answer_prefix if self.d_answer is not None else None)
+
+    def _info_for(self, key: str, *sets: str) -> dict[str, Any]:
+        """``info[key]`` (per-set counts or data hashes) restricted to ``sets``: what one stage was fitted on."""
+        return {k: v for k, v in (self.info.get(key) or {}).items() if k in sets}
 
     @property
     def gate(self) -> NullSpaceGate:
@@ -416,9 +419,8 @@ class MLLMEraser:
                              c.gate_window, concepts,
                              {"gamma": c.gamma, "rho": c.rho, "energy": c.energy, "use_null_space": c.use_null_space},
                              dict(self.info.get("projector") or {}), dict(self.fingerprint),
-                             {k: v for k, v in (self.info.get("counts") or {}).items() if k in ("forget", "retain")},
-                             {k: v for k, v in (self.info.get("data_hashes") or {}).items()
-                              if k in ("forget", "retain")})
+                             self._info_for("counts", "forget", "retain"),
+                             self._info_for("data_hashes", "forget", "retain"))
 
     @classmethod
     def from_parts(cls, direction: ErasureDirection, gate: NullSpaceGate, **settings: Any) -> "MLLMEraser":
@@ -435,12 +437,10 @@ class MLLMEraser:
         if direction.vectors.shape[-1] != gate.d_model:
             raise ArtifactMismatchError(f"the direction is {direction.vectors.shape[-1]} wide and the gate reads "
                                         f"{gate.d_model}-wide activations: they come from different models")
-        diffs = (fingerprint_mismatch(direction.fingerprint, gate.fingerprint)
+        diffs = (fingerprint_mismatch(direction.fingerprint, gate.fingerprint, ("direction", "gate"))
                  if direction.fingerprint and gate.fingerprint else [])
         if diffs:
-            raise ArtifactMismatchError("the direction and the gate were fitted on different models: "
-                                        + "; ".join(d.replace("artifact has", "direction has").replace("model has", "gate has")
-                                                    for d in diffs))
+            raise ArtifactMismatchError("the direction and the gate were fitted on different models: " + "; ".join(diffs))
         allowed = sorted(APPLICATION_FIELDS - {"gate_window"})
         fitted = set(settings) - set(allowed)
         if fitted:

@@ -79,7 +79,9 @@ def model_fingerprint(model: Any) -> dict[str, Any]:
     }
 
 
-def fingerprint_mismatch(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
-    """Human-readable differences, empty when the fingerprints agree."""
-    return [f"{k}: artifact has {expected.get(k)!r}, model has {actual.get(k)!r}"
+def fingerprint_mismatch(expected: dict[str, Any], actual: dict[str, Any], names: tuple[str, str] = ("artifact", "model")
+                         ) -> list[str]:
+    """Human-readable differences over ``expected``'s keys, empty when the fingerprints agree; ``names`` say what
+    each side is in the messages."""
+    return [f"{k}: {names[0]} has {expected.get(k)!r}, {names[1]} has {actual.get(k)!r}"
             for k in expected if expected.get(k) != actual.get(k)]
