@@ -62,11 +62,6 @@ def _line(record: Record) -> str:
     return json.dumps(record, allow_nan=True) + "\n"
 
 
-def _read_records(path: Path, repair: bool) -> list[Record]:
-    """Parse a journal's records (its context line, if any, is left out): see :func:`_read_journal`."""
-    return _read_journal(path, repair)[1]
-
-
 def _read_journal(path: Path, repair: bool) -> tuple[dict[str, Any] | None, list[Record]]:
     """Parse a journal: its context (a first line ``{"context": {...}}``, or None) and its records.
 

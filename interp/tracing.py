@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .adapters.base import Site
 from .hooks import HookContext, HookFn, checked_result, last_step, plan_last_step
-from .names import layer_of
+from .names import is_vision_side, layer_of
 
 if TYPE_CHECKING:
     from .inputs import VLMInputs
@@ -199,7 +199,7 @@ def decode_plan(plan: Plan) -> Plan:
     next to any vision hook acted on the prefill alone (an audit: steps [0] instead of [0..5], other tokens
     than the torch backend's), silently, since "was never reached" warnings are filtered here.
     """
-    vision = {n for n, _ in plan.sites if n.startswith(("vision.", "projector."))}
+    vision = {n for n, _ in plan.sites if is_vision_side(n)}
     if not vision:
         return plan
     return dataclasses.replace(plan, sites=[(n, s) for n, s in plan.sites if n not in vision],
