@@ -18,8 +18,8 @@ of 2/255 at 8/255; 0 means clean images, the text-only ablation's data):
   ``--grid`` plus that strength): forget refusal and multiple-choice accuracy, retain accuracy, answerable
   requests refused (when the split has them).
 
-Writes ``OUT/pgd_budget.json`` and ``OUT/pgd_budget.png``. The eraser comes from ``--eraser PATH`` or is fitted (``--variant``), as in
-every analysis (``analyses/common.py``).
+Writes ``OUT/pgd_budget.json`` and ``OUT/pgd_budget.png``. The eraser comes from ``--eraser PATH`` or is
+fitted (``--variant``), as in every analysis (``analyses/common.py``).
 
 ``--limit N`` uses N recall and N erase pairs (at least 2; the release's 17 without it), for quick runs.
 

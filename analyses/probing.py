@@ -264,7 +264,8 @@ def print_summary(res: dict[str, Any]) -> None:
     print(f"\n{res['question']}")
     d = res["data"]
     print(f"  {d['n_queries']} VQA queries of {d['n_profiles']} profiles ({d['n_forget_profiles']} forget); "
-          f"{d['n_test']} held out ({'whole profiles' if d.get('split') == 'profiles' else 'queries of every profile'}); "
+          f"{d['n_test']} held out "
+          f"({'whole profiles' if d.get('split') == 'profiles' else 'queries of every profile'}); "
           f"strength {res['config']['eraser']['strength']:g}")
     print("  best LM site / final block last token:")
     for task, s in res["summary"].items():
@@ -276,7 +277,8 @@ def print_summary(res: dict[str, Any]) -> None:
         def f(x: dict) -> str:
             return f"{fmt(x['best'])} / {fmt(x['final_last_token'])}"
         const = "" if s.get("constant_guess") is None else f" (constant guess {s['constant_guess']:.2f})"
-        print(f"  {TASK_LABELS[task]:<17} {s['metric']:<12} chance {fmt(s['chance'])}{const} | vanilla probe: vanilla run "
+        print(f"  {TASK_LABELS[task]:<17} {s['metric']:<12} chance {fmt(s['chance'])}{const} | "
+              f"vanilla probe: vanilla run "
               f"{f(s['vanilla_probe_on_vanilla'])}, steered run {f(s['vanilla_probe_on_steered'])} | "
               f"steered probe: {f(s['steered_probe_on_steered'])}")
     lm = [s for s in res["sites"] if s["tower"] == "lm" and s["position"] == "last"]

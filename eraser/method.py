@@ -415,7 +415,8 @@ class MLLMEraser:
         concepts = list(self.info.get("concepts") or []) if c.concept_gates else []
         if c.concept_gates and len(concepts) != self.w.shape[1]:  # an artifact without its concepts' names
             concepts = [f"concept {i}" for i in range(self.w.shape[1])]
-        return NullSpaceGate(list(self.layers), c.site, self.w, c.gate_read, list(c.gate_stack) if c.gate_stack else None,
+        stack = list(c.gate_stack) if c.gate_stack else None
+        return NullSpaceGate(list(self.layers), c.site, self.w, c.gate_read, stack,
                              c.gate_window, concepts,
                              {"gamma": c.gamma, "rho": c.rho, "energy": c.energy, "use_null_space": c.use_null_space},
                              dict(self.info.get("projector") or {}), dict(self.fingerprint),
@@ -440,7 +441,8 @@ class MLLMEraser:
         diffs = (fingerprint_mismatch(direction.fingerprint, gate.fingerprint, ("direction", "gate"))
                  if direction.fingerprint and gate.fingerprint else [])
         if diffs:
-            raise ArtifactMismatchError("the direction and the gate were fitted on different models: " + "; ".join(diffs))
+            raise ArtifactMismatchError("the direction and the gate were fitted on different models: "
+                                        + "; ".join(diffs))
         allowed = sorted(APPLICATION_FIELDS - {"gate_window"})
         fitted = set(settings) - set(allowed)
         if fitted:

@@ -50,7 +50,8 @@ class Setup:
     cache_dir: str | None = None
     progress: bool = True
     _oracle: HookedVLM | None = field(default=None, repr=False)
-    local: dict[str, Any] | None = None  # {"model": path, "data": path, "oracle": path | None, "seed": n}
+    # {"model": path, "data": path, "oracle": path | None, "seed": n, "dtype": name}
+    local: dict[str, Any] | None = None
     _memo: dict[Any, Any] = field(default_factory=dict, repr=False)  # validation split and vanilla numbers
 
     def validation(self) -> tuple[dict[str, list[Any]], str]:
