@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import torch
 
 from analyses._cli import script_parser
-from eraser.argtypes import finite_float, nonneg_int, positive_int
+from eraser.argtypes import add_local_args, finite_float, nonneg_int, positive_int
 from eraser.argtypes import out_dir as out_folder
 from eraser.data.schema import Profile
 from eraser.method import ArtifactError, MLLMEraser
@@ -80,13 +80,7 @@ def base_parser(name: str, description: str) -> argparse.ArgumentParser:
                          "default is the one that forgets on the embedded default model)")
     ap.add_argument("--strength", type=finite_float, default=None,
                     help="steering strength; None: the eraser's own (chosen by the autotuner when fitted)")
-    ap.add_argument("--model", default=None, metavar="PATH",
-                    help="a local checkpoint (a LLaVA-1.5 or Qwen2.5-VL folder, e.g. the real 7B) instead of the "
-                         "embedded default; with --mllmu")
-    ap.add_argument("--mllmu", default=None, metavar="DIR",
-                    help="a local MLLMU-Bench copy (parquet splits); with --model")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                    help="with --model: load the checkpoint in this dtype (default: as saved)")
+    add_local_args(ap)
     ap.add_argument("--limit", type=positive_int, default=None,
                     help="small config for tests: at most N profiles per split (and fewer pairs/queries)")
     ap.add_argument("--batch-size", type=positive_int, default=32, help="rows per forward pass")

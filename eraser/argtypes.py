@@ -66,3 +66,25 @@ def out_dir(text: str) -> Path:
                 raise argparse.ArgumentTypeError(f"cannot write under {str(p)!r} (permission denied)")
             break
     return path
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_local_args(parser: argparse.ArgumentParser, oracle: bool = False) -> None:
+    """The flags :func:`eraser.pipeline.setup_from_args` reads for a local checkpoint, declared once for the CLI
+    and the analyses.
+
+    ``oracle`` adds ``--oracle-model`` (the CLI's evaluations use it; the analyses compute no forget quality).
+    """
+    parser.add_argument("--model", default=None, metavar="PATH",
+                        help="a local checkpoint (a LLaVA-1.5 or Qwen2.5-VL folder, e.g. the real 7B) instead of "
+                             "the embedded default; with --mllmu")
+    parser.add_argument("--mllmu", default=None, metavar="DIR",
+                        help="a local MLLMU-Bench copy (parquet splits); with --model")
+    if oracle:
+        parser.add_argument("--oracle-model", default=None, metavar="PATH",
+                            help="with --model: a checkpoint fine-tuned without the forget set (forget quality, "
+                                 "oracle check)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="with --model: load the checkpoint in this dtype (default: as saved)")

@@ -18,7 +18,7 @@ from typing import Any
 
 from interp.io import write_json
 
-from .argtypes import finite_float, nonneg_int, out_dir, positive_int
+from .argtypes import add_local_args, finite_float, nonneg_int, out_dir, positive_int
 from .baselines.finetune import DEMO_BASELINES, METHODS
 from .variants import ERASER_VARIANTS, GATED_VARIANTS
 
@@ -53,14 +53,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64, help="evaluation batch size")
     p.add_argument("--cache-dir", default=None, help="model cache (default: $MLLMERASER_CACHE or ~/.cache/mllmeraser)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("--model", default=None, metavar="PATH",
-                   help="a local checkpoint (a LLaVA-1.5 or Qwen2.5-VL folder) instead of the embedded default; "
-                        "with --mllmu")
-    p.add_argument("--mllmu", default=None, metavar="DIR", help="a local MLLMU-Bench copy (parquet splits); with --model")
-    p.add_argument("--oracle-model", default=None, metavar="PATH",
-                   help="with --model: a checkpoint fine-tuned without the forget set (forget quality, oracle check)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="with --model: load the checkpoint in this dtype (default: as saved)")
+    add_local_args(p, oracle=True)
     p.add_argument("--threads", type=positive_int, default=int(os.environ.get("MLLMERASER_THREADS", "2")),
                    help="torch CPU threads (default 2, or $MLLMERASER_THREADS; use 1 when other jobs share the cores)")
 

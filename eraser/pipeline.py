@@ -134,6 +134,12 @@ def setup_from_args(args: Any) -> Setup:
                                   "the model (unset MLLMERASER_QUICK, or leave out --quick)")
         import torch
 
+        from interp.loading import checkpoint_arch
+
+        saved_arch = checkpoint_arch(args.model)  # refused before minutes of loading weights, where it can be told
+        if arch is not None and saved_arch is not None and arch != saved_arch:
+            raise LocalSetupError(f"--arch {arch}, but --model {args.model} is a {saved_arch} checkpoint "
+                                  "(leave out --arch: a checkpoint's architecture is read from it)")
         dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
         setup = load_local_setup(args.model, args.mllmu, args.forget_ratio, args.seed,
                                  oracle_path=getattr(args, "oracle_model", None), progress=not args.no_progress,

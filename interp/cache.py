@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .names import HookNameError, closest_names, layer_of, parse_block_name
+from .names import HookNameError, closest_names, is_vision_side, layer_of, parse_block_name
 
 _MASKS = ("__image_mask__", "__text_mask__", "__last_index__")
 _GRID = "__image_grid_thw__"
@@ -85,7 +85,7 @@ class ActivationCache:
     def _positional(self, name: str) -> Tensor:
         t = self[name]
         parsed = parse_block_name(name)
-        if name.startswith(("vision.", "projector.")) or (parsed is not None and parsed[0] == "vision"):
+        if is_vision_side(name) or (parsed is not None and parsed[0] == "vision"):
             raise ValueError(f"{name!r} is a vision-side site: it has no prompt positions to slice by modality")
         if t.dim() < 2 or t.shape[:2] != self.image_mask.shape:
             raise ValueError(f"{name!r} has shape {tuple(t.shape)}, not [batch, pos, ...] matching the prompt masks")

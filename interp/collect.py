@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .hooks import HookSpec
 from .inputs import RowImages
 from .model import HookedVLM
-from .names import NameFilter, resolve_names_except_read_only
+from .names import NameFilter, is_vision_side, resolve_names_except_read_only
 
 
 #: How a ``[batch, pos, d]`` activation becomes one ``[batch, d]`` row per query.
@@ -65,7 +65,7 @@ def iter_query_activations(
     names = resolve_names_except_read_only(
         names, model.hook_names(), "attention patterns are [batch, head, query, key], not one vector per query; "
         "collect attn.hook_z (each head's output) instead")
-    vision = [n for n in names if n.startswith(("vision.", "projector."))]
+    vision = [n for n in names if is_vision_side(n)]
     if vision:
         raise ValueError(f"{vision[:3]} are vision-side sites: they have no prompt tokens to read a query at; "
                          "collect language-model sites here, and per-image means of vision sites with "

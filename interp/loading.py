@@ -50,6 +50,26 @@ def local_checkpoint(path_or_id: str | Path) -> str | Path:
     return path
 
 
+def checkpoint_arch(path: str | Path) -> str | None:
+    """The adapter name (``"llava"``, ``"qwen2_5_vl"``) of the checkpoint saved at ``path``, read from its
+    ``config.json`` without loading any weights; None when that cannot be told (no such file, unreadable, or an
+    architecture no adapter supports: loading says why).
+
+    Why: a command line that contradicts a checkpoint (``--arch llava --model qwen-7b/``) can be refused in
+    milliseconds instead of after minutes of loading 7B weights.
+    """
+    try:
+        config = json.loads((Path(path).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    adapters = registered()
+    names = config.get("architectures") if isinstance(config, dict) else None
+    for name in names if isinstance(names, list) else []:
+        if name in adapters:
+            return adapters[name].name
+    return None
+
+
 def load_image_processor(path: str | Path) -> Any:
     """The image processor saved at ``path`` (PIL backend), or None if the checkpoint has none."""
     cfg_file = Path(path) / "preprocessor_config.json"

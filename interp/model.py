@@ -29,7 +29,7 @@ from .attention import eager_attention, tower_root
 from .cache import ActivationCache
 from .hooks import HookSpec, expand_hooks
 from .inputs import RowImages, VLMInputs, encode_batch
-from .names import NameFilter, all_hook_names, parse_block_name, resolve_names
+from .names import NameFilter, all_hook_names, is_vision_side, parse_block_name, resolve_names
 from .sites import head_counts, resolve_site
 from . import torch_hooks, tracing
 
@@ -214,7 +214,7 @@ class HookedVLM:
         hook_map = expand_hooks(list(self._persistent) + list(hooks or ()), self._names)
         wanted = set(cache_names) | set(hook_map)
         if not inputs.has_images:
-            vision = sorted(n for n in wanted if n.startswith(("vision.", "projector.")))
+            vision = sorted(n for n in wanted if is_vision_side(n))
             if vision:
                 raise ValueError(f"{vision[:3]} are vision-side sites, but this batch has no images")
         ordered = [n for n in self._names if n in wanted]
@@ -240,7 +240,7 @@ class HookedVLM:
         attention eagerly for the call (:mod:`interp.attention`), since only eager attention builds the weights.
         """
         if names is None:  # every name the batch has: a text-only batch never runs the vision tower
-            names = [n for n in self._names if inputs.has_images or not n.startswith(("vision.", "projector."))]
+            names = [n for n in self._names if inputs.has_images or not is_vision_side(n)]
         plan = self._plan(names, hooks, inputs)
         with torch_hooks.active_inputs(inputs), eager_attention(self.hf_model, plan.eager):
             logits, acts = tracing.run(self, inputs, plan, remote=remote, stop=stop_early)

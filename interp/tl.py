@@ -80,7 +80,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .inputs import VLMInputs
-from .names import NameFilter, parse_block_name, resolve_names
+from .names import NameFilter, is_vision_side, parse_block_name, resolve_names
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformer_lens.model_bridge import TransformerBridge
@@ -268,7 +268,7 @@ def bridge_run_with_cache(bridge: "TransformerBridge", model: "HookedVLM", input
     """
     mapping = bridge_hook_names(model, names)
     if not inputs.has_images:
-        mapping = {k: v for k, v in mapping.items() if not k.startswith(("vision.", "projector."))}
+        mapping = {k: v for k, v in mapping.items() if not is_vision_side(k)}
     kw = {k: v.to(bridge.cfg.device) for k, v in inputs.model_kwargs().items()}
     input_ids = kw.pop("input_ids")
     with torch.no_grad():

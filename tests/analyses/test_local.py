@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from analyses import patching, probing
+from interp import HookedVLM
 
 from tests.conftest import save_local_copy
 
@@ -37,7 +38,7 @@ def test_patching_and_probing_match_the_embedded_default(local, quick_eraser, tm
                 assert here[key] == there[key], (script.__name__, key)
 
 
-def test_local_flags_fail_clearly(local, quick_eraser, tmp_path, capsys):
+def test_local_flags_fail_clearly(local, quick_eraser, tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit, match="--model and --mllmu go together"):
         patching.main(script_args(tmp_path, quick_eraser, 3, "--model", str(local / "model")))
     with pytest.raises(SystemExit, match="does not load as a vision-language checkpoint"):
@@ -45,8 +46,10 @@ def test_local_flags_fail_clearly(local, quick_eraser, tmp_path, capsys):
     # from an audit: each of these ran, silently ignoring a flag (and --quick was recorded as true)
     with pytest.raises(SystemExit, match="--quick picks the embedded default's small model"):
         patching.main(_local_args(tmp_path, quick_eraser, local) + ["--quick"])
-    with pytest.raises(SystemExit, match="--arch qwen2_5_vl, but --model .* is a llava checkpoint"):
-        patching.main(_local_args(tmp_path, quick_eraser, local) + ["--arch", "qwen2_5_vl"])
+    with monkeypatch.context() as m:  # told from config.json, before any weights load
+        m.setattr(HookedVLM, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("the checkpoint loaded")))
+        with pytest.raises(SystemExit, match="--arch qwen2_5_vl, but --model .* is a llava checkpoint"):
+            patching.main(_local_args(tmp_path, quick_eraser, local) + ["--arch", "qwen2_5_vl"])
     with pytest.raises(SystemExit, match="--dtype goes with --model"):
         patching.main(script_args(tmp_path, quick_eraser, 3, "--dtype", "bfloat16"))
     with pytest.raises(SystemExit, match="no parquet data for split 'forget_10'"):  # was a 26-line traceback

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import transformers
 
-from interp.loading import load_image_processor, model_class_for
+from interp.loading import checkpoint_arch, load_image_processor, model_class_for
 
 
 def test_model_class_for_supported_and_unsupported_configs():
@@ -17,6 +17,21 @@ def test_model_class_for_supported_and_unsupported_configs():
         model_class_for(SimpleNamespace(architectures=["GPT2LMHeadModel"]))
     with pytest.raises(NotImplementedError, match="SimpleNamespace"):
         model_class_for(SimpleNamespace())
+
+
+def test_checkpoint_arch_reads_config_json_only(tmp_path):
+    def saved(config) -> str:
+        (tmp_path / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+        return checkpoint_arch(tmp_path)
+
+    assert saved({"architectures": ["LlavaForConditionalGeneration"]}) == "llava"
+    assert saved({"architectures": ["GPT2LMHeadModel", "Qwen2_5_VLForConditionalGeneration"]}) == "qwen2_5_vl"
+    # cannot be told: left to loading, which names the problem
+    assert saved({"architectures": ["GPT2LMHeadModel"]}) is None
+    assert saved({"model_type": "llava"}) is None
+    assert saved({"architectures": "LlavaForConditionalGeneration"}) is None
+    assert saved("{not json") is None and saved("[]") is None
+    assert checkpoint_arch(tmp_path / "missing") is None
 
 
 @pytest.mark.parametrize("arch", ["llava", "qwen2_5_vl"])
