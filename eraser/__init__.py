@@ -2,6 +2,7 @@
 from .artifact import ArtifactError, ArtifactMismatchError
 from .direction import ErasureDirection
 from .gate import NullSpaceGate
-from .method import EraserConfig, MLLMEraser
+from .config import EraserConfig
+from .method import MLLMEraser
 
 __all__ = ["ArtifactError", "ArtifactMismatchError", "EraserConfig", "ErasureDirection", "MLLMEraser", "NullSpaceGate"]

@@ -54,7 +54,7 @@ def check_stack(stack: Sequence[int], steered: Sequence[int], n_layers: int) -> 
 def gate_rows(config: Any, layers: Sequence[int]) -> list[list[str]]:
     """Per gate row, the hook names whose reads it concatenates, in order.
 
-    ``config`` is an :class:`~eraser.method.EraserConfig` (its ``site`` and ``gate_stack``); ``layers`` the
+    ``config`` is an :class:`~eraser.config.EraserConfig` (its ``site`` and ``gate_stack``); ``layers`` the
     steered layers.
     """
     return row_names(config.site, layers, config.gate_stack)

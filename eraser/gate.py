@@ -204,7 +204,7 @@ class NullSpaceGate:
                    window: tuple[float, float] | None = None) -> "NullSpaceGate":
         """The closed-form solve on :class:`~eraser.stats.FitStats` (milliseconds: no model pass).
 
-        ``energy`` wins over ``rho``, as in :class:`~eraser.method.EraserConfig`; ``read`` must be the read the
+        ``energy`` wins over ``rho``, as in :class:`~eraser.config.EraserConfig`; ``read`` must be the read the
         statistics were collected with (``EraserConfig.gate_read``).
         """
         from types import SimpleNamespace

@@ -19,7 +19,8 @@ from .backend import generate_fn, nll_fn
 from .data.schema import Benchmark
 from .evaluate import (answer_probs, evaluate_benchmark, evaluate_split, refusal_checks, truth_ratio_items,
                        truth_ratios)
-from .method import EraserConfig, MLLMEraser
+from .config import EraserConfig
+from .method import MLLMEraser
 from .metrics import forget_quality
 from .pairs import fit_data, forget_queries
 from .stats import FitStats

@@ -97,7 +97,7 @@ def projectors_from_stats(stats: FitStats, rho: float | None = 0.3, energy: floa
 
 def gates_from_stats(stats: FitStats, config: Any, projectors: tuple[list[Tensor], list[dict]] | None = None
                      ) -> tuple[Float[Tensor, "n_layers *c d"], list[dict[str, Any]]]:
-    """``(w, projector infos)`` for an :class:`~eraser.method.EraserConfig` (its rho/energy/gamma/use_null_space).
+    """``(w, projector infos)`` for an :class:`~eraser.config.EraserConfig` (its rho/energy/gamma/use_null_space).
 
     ``w`` is ``[n_layers, d]`` (the rank-one gate), or ``[n_layers, C, d]`` with ``config.concept_gates``
     (one gate per forget concept, from ``S_f``).  ``projectors`` (from :func:`projectors_from_stats`)

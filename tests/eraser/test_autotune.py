@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from eraser.autotune import score_gate_configs, select_strength, separation
-from eraser.method import EraserConfig
+from eraser.config import EraserConfig
 from eraser.stats import FitStats
 
 

@@ -137,19 +137,6 @@ def test_with_config_changes_application_settings_only(fitted, tiny_llava, tmp_p
         MLLMEraser.load(tmp_path / "bad.safetensors")
 
 
-def test_config_refuses_repeated_layers_and_wrong_types(tiny_llava):
-    """layers=(1, 2, 2) fitted 3 gate rows while the hooks (one per layer) indexed them by position, so a
-    later layer was steered with another layer's gate and direction; now refused, as are other wrong types."""
-    with pytest.raises(ValueError, match="repeat a layer"):
-        EraserConfig(layers=(1, 2, 2))
-    assert EraserConfig(layers=[2, 1]).layers == (2, 1)  # a list is stored as a tuple: the config stays hashable
-    hash(EraserConfig(layers=[1, 2]))
-    for bad in ({"batch_size": 2.5}, {"batch_size": True}, {"strength": "-1"}, {"answer_steps": True},
-                {"every_step": 1}, {"layers": ("a",)}):
-        with pytest.raises(ValueError):
-            EraserConfig(**bad)
-
-
 def test_load_refuses_other_models(fitted, tmp_path):
     from interp.tiny import tiny_vlm
 
@@ -221,22 +208,6 @@ def test_an_artifact_with_incomplete_metadata_nan_tensors_or_bad_layers_is_refus
             MLLMEraser.load(write({**good, "d": d}, eraser.metadata()))
     with pytest.raises(ArtifactError, match="unknown format 'list'"):
         MLLMEraser.load(write(good, [1, 2]))
-
-
-@pytest.mark.parametrize("field, value, message", [
-    ("gamma", float("nan"), "gamma must be a finite number"), ("gamma", -1.0, "gamma .* must be a finite number >= 0"),
-    ("rho", 2.0, r"rho .* must lie in \(0, 1\]"), ("rho", 0.0, r"rho .* must lie in \(0, 1\]"),
-    ("rho", "x", "rho must be a finite number"), ("energy", 1.0, r"energy .* must lie in \(0, 1\)"),
-    ("energy", float("inf"), "energy must be a finite number")])
-def test_config_values_are_checked_when_the_config_is_built(field, value, message):
-    with pytest.raises(ValueError, match=message):
-        EraserConfig(**{field: value})
-
-
-def test_rho_may_be_none_only_when_energy_is_set():
-    assert EraserConfig(rho=None, energy=0.01).rho is None
-    with pytest.raises(ValueError, match="give rho .* or energy"):
-        EraserConfig(rho=None)
 
 
 def test_failed_save_keeps_previous_file(fitted, tmp_path, monkeypatch):
@@ -426,13 +397,6 @@ def test_gate_window_saturates_the_gate_on_both_backends(fitted, tiny_llava, tmp
                           tiny_llava.run_with_hooks(inputs, eraser.hooks(strength=-1.0, gated=False)), atol=1e-5)
     path = win.save(tmp_path / "win.safetensors")
     assert MLLMEraser.load(path, tiny_llava).config.gate_window == (lo, hi)
-
-
-def test_bad_gate_windows_are_rejected():
-    assert EraserConfig(gate_window=[0.1, 0.3]).gate_window == (0.1, 0.3)  # JSON lists become tuples
-    for bad in [(0.3, 0.1), (0.2, 0.2), (0.1, float("nan")), (0.1,), "ab", (0.1, 0.2, 0.3)]:
-        with pytest.raises(ValueError, match="gate_window"):
-            EraserConfig(gate_window=bad)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from eraser.cli import METHOD_SETS, build_parser
-from eraser.method import EraserConfig
+from eraser.config import EraserConfig
 from eraser.variants import ERASER_VARIANTS, NOT_CONFIG
 
 
