@@ -23,6 +23,7 @@ from .names import HookNameError, closest_names, is_vision_side, layer_of, parse
 
 _MASKS = ("__image_mask__", "__text_mask__", "__last_index__")
 _GRID = "__image_grid_thw__"
+_ANSWER = "__answer_mask__"
 
 
 class ActivationCache:
@@ -40,6 +41,7 @@ class ActivationCache:
         text_mask: Bool[Tensor, "batch pos"],
         last_index: Int[Tensor, " batch"],
         image_grid_thw: Int[Tensor, "n_images 3"] | None = None,
+        answer_mask: Bool[Tensor, "batch pos"] | None = None,
     ) -> None:
         self._acts = dict(acts)
         self.image_mask = image_mask
@@ -48,6 +50,8 @@ class ActivationCache:
         #: Qwen2.5-VL's patch grid per image (None for LLaVA or text-only runs): patching from this cache
         #: checks a target's images have the same grids, not only the same token counts
         self.image_grid_thw = image_grid_thw
+        #: the generated answer's positions in a cache from ``generate_with_cache`` (None for one forward pass)
+        self.answer_mask = answer_mask
 
     # -- dict-like access -------------------------------------------------
     @property
@@ -112,6 +116,13 @@ class ActivationCache:
         """Real text-token positions (no padding, no image tokens), like :meth:`image`."""
         return self._select(name, self.text_mask, padded)
 
+    def answer(self, name: str, padded: bool = False):
+        """The generated answer's positions (a cache from ``generate_with_cache``), like :meth:`image`."""
+        if self.answer_mask is None:
+            raise ValueError("this cache holds one forward pass, not a generation: there is no answer to slice "
+                             "(HookedVLM.generate_with_cache records one)")
+        return self._select(name, self.answer_mask, padded)
+
     def last(self, name: str) -> Float[Tensor, "batch ..."]:
         """The last prompt token of each row: ``[batch, d]``."""
         t = self._positional(name)
@@ -169,6 +180,7 @@ class ActivationCache:
             self.text_mask.to(device),
             self.last_index.to(device),
             self.image_grid_thw,
+            None if self.answer_mask is None else self.answer_mask.to(device),
         )
 
     def save(self, path: str | Path) -> None:
@@ -188,6 +200,8 @@ class ActivationCache:
         tensors.update(dict(zip(_MASKS, (self.image_mask.cpu(), self.text_mask.cpu(), self.last_index.cpu()))))
         if self.image_grid_thw is not None:
             tensors[_GRID] = self.image_grid_thw.detach().cpu().contiguous()
+        if self.answer_mask is not None:
+            tensors[_ANSWER] = self.answer_mask.cpu().contiguous()
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "interp.ActivationCache", "names": json.dumps(self.names)})
 
@@ -210,10 +224,11 @@ class ActivationCache:
             raise ValueError(f"{path} is a safetensors file but not an ActivationCache (no {', '.join(missing)})")
         masks = [t.pop(k) for k in _MASKS]
         grid = t.pop(_GRID, None)
+        answer = t.pop(_ANSWER, None)
         try:
             order = json.loads(meta.get("names", "null"))
         except ValueError:
             order = None
         if isinstance(order, list) and sorted(order) == sorted(t):
             t = {n: t[n] for n in order}
-        return cls(t, *masks, image_grid_thw=grid)
+        return cls(t, *masks, image_grid_thw=grid, answer_mask=answer)

@@ -275,6 +275,16 @@ class HookedVLM:
         new = seqs[:, inputs.input_ids.shape[1]:]
         return Generation(sequences=seqs, new_tokens=new, texts=self.decode(new))
 
+    def generate_with_cache(self, inputs: VLMInputs, names: NameFilter = None, max_new_tokens: int = 32,
+                            hooks: HookSpec | None = None, every_step: bool = False, **generate_kwargs: Any
+                            ) -> tuple[Generation, ActivationCache]:
+        """:meth:`generate`, also caching ``names`` on every step: an :class:`ActivationCache` over the prompt and
+        the answer tokens fed back, the answer's positions in ``cache.answer_mask`` (:mod:`interp.recording`:
+        why this and not a teacher-forced ``run_with_cache``, and what is recorded after which hooks)."""
+        from .recording import generate_with_cache
+
+        return generate_with_cache(self, inputs, names, max_new_tokens, hooks, every_step, **generate_kwargs)
+
     @contextlib.contextmanager
     def hooks(self, hooks: HookSpec, backend: str = "torch") -> Iterator["HookedVLM"]:
         """Attach hooks to every call inside the block; they are removed on exit, whatever happens.
