@@ -13,6 +13,7 @@ patching_heatmap.png patching.json  information flow (image patching) and steeri
 leakage_bars.png     leakage.json   each attack's success rate, vanilla vs steered
 heads_heatmap.png    heads.json     per-head patching; attention to the image, vanilla vs steered
 pgd_budget.png       pgd_budget.json the PGD budget: attack loss, direction cosines, validation numbers
+answer_shift.png     answer_shift.json  the projection on the erasure direction along the answer, vanilla vs steered
 ===================  =============  ===========================================
 
 >>> from eraser.plots import plot_leakage
@@ -30,7 +31,8 @@ from matplotlib.colors import TwoSlopeNorm
 
 from .canvas import STYLE, PathLike, new_figure, read_json, save_png, say_skipped
 
-__all__ = ["plot_probe_accuracy", "plot_patching_heatmap", "plot_leakage", "plot_heads_heatmap", "FIGURES"]
+__all__ = ["plot_probe_accuracy", "plot_patching_heatmap", "plot_leakage", "plot_heads_heatmap", "plot_pgd_budget",
+           "plot_answer_shift", "FIGURES"]
 
 _COND = (  # (probe, run, label, colour)
     ("vanilla_probe", "vanilla", "vanilla probe / vanilla run", "#1f77b4"),
@@ -297,6 +299,45 @@ def plot_pgd_budget(source: Any, out_path: PathLike) -> Path | None:
         return save_png(fig, out_path, {"eps_255": eps.tolist()})
 
 
+def plot_answer_shift(source: Any, out_path: PathLike) -> Path | None:
+    """Per split (columns: forget, retain) and direction (rows: the erasure direction, and the answer direction
+    when the eraser has answer steps): the mean projection at each answer position ``t`` (0: the last prompt
+    token), vanilla (dashed) and steered (solid), one colour per steered layer; the shaded span is where the
+    eraser pushes (the prompt and its answer steps)."""
+    data, path = read_json(source, "answer_shift.json")
+    if not data or not data.get("splits"):
+        say_skipped("answer_shift", f"no answer-shift results ({path or 'no data'})")
+        return None
+    splits = data["splits"]
+    config = data.get("config") or {}
+    k = config.get("steered_steps") or 0
+    keys = list(config.get("directions") or ["erasure"])
+    with matplotlib.rc_context(STYLE):
+        fig = new_figure(5.0 * len(splits), 3.2 * len(keys))
+        axes = np.array(fig.subplots(len(keys), len(splits), squeeze=False))
+        for col, (split, entry) in enumerate(splits.items()):
+            refused = {m: (entry.get(m) or {}).get("refusal_rate") for m in ("vanilla", "steered")}
+            for row, key in enumerate(keys):
+                ax = axes[row, col]
+                per_layer = ((entry.get("vanilla") or {}).get("directions") or {}).get(key) or {}
+                for i, layer in enumerate(sorted(per_layer, key=int)):
+                    for model, ls in (("vanilla", "--"), ("steered", "-")):
+                        got = ((entry.get(model) or {}).get("directions") or {}).get(key) or {}
+                        y = np.array([_f(v) for v in (got.get(layer) or {}).get("mean") or []], dtype=float)
+                        ax.plot(np.arange(len(y)), y, ls, color=f"C{i}", marker="o", ms=2.5,
+                                label=f"layer {layer}, {model}")
+                if not config.get("every_step"):
+                    ax.axvspan(-0.5, k + 0.5, color="0.9", zorder=0)
+                ax.set(xlabel="answer position t (0: last prompt token)", ylabel=f"projection on the {key} direction",
+                       title=f"{split}: refused {_pct(refused['vanilla'])} vanilla, {_pct(refused['steered'])} steered")
+                ax.legend(frameon=False, fontsize="x-small")
+        return save_png(fig, out_path, {"steered_steps": k, "splits": list(splits), "directions": keys})
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if not isinstance(v, (int, float)) else f"{100 * v:.0f} %"
+
+
 #: figure name -> (plot function taking (run_dir or data, out_path), output file name, input file name)
 FIGURES = {
     "probe_accuracy": (plot_probe_accuracy, "probe_accuracy.png", "probing.json"),
@@ -304,4 +345,5 @@ FIGURES = {
     "leakage_bars": (plot_leakage, "leakage_bars.png", "leakage.json"),
     "heads_heatmap": (plot_heads_heatmap, "heads_heatmap.png", "heads.json"),
     "pgd_budget": (plot_pgd_budget, "pgd_budget.png", "pgd_budget.json"),
+    "answer_shift": (plot_answer_shift, "answer_shift.png", "answer_shift.json"),
 }
