@@ -45,6 +45,7 @@ from eraser.pairs import forget_queries
 from eraser.data.mllmu import BenchmarkFormatError
 from eraser.pipeline import LocalSetupError, Setup, fit_variant, setup_from_args
 from eraser.variants import GATED_VARIANTS
+from eraser.zoo import CorruptCheckpointError
 
 QUICK_ENV = "MLLMERASER_QUICK"
 
@@ -158,7 +159,7 @@ def load_context(args: argparse.Namespace) -> Context:
         args.quick = env_quick() and not args.model
     try:  # the embedded default, or --model + --mllmu (a local checkpoint on a local MLLMU-Bench)
         setup = setup_from_args(args)
-    except (LocalSetupError, BenchmarkFormatError) as e:  # one line, before any model work
+    except (LocalSetupError, BenchmarkFormatError, CorruptCheckpointError) as e:  # one line, before any model work
         raise SystemExit(str(e)) from None
     fit_s = None
     if given is not None:

@@ -43,7 +43,7 @@ import torch
 
 from analyses._cli import script_parser, torch_device
 from analyses._timing import interleaved, interleaved_times, paired_ratios, ratio_summary, synced
-from eraser.argtypes import positive_int
+from eraser.argtypes import out_dir, positive_int
 
 #: Real checkpoints' sizes (Qwen2.5-VL-7B: its vision MLP width, 112-pixel attention windows, full attention every 8th
 #: vision layer; ``max_positions`` only bounds the rope tables).
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeats", type=positive_int, default=5, help="interleaved timing rounds (medians)")
     ap.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated subset of {','.join(CHECKS)}")
     ap.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
-    ap.add_argument("--out", default=None, help="folder for scale_check.json")
+    ap.add_argument("--out", type=out_dir, default=None, help="folder for scale_check.json (checked when parsed)")
     args = ap.parse_args(argv)
     if args.layers is not None and args.layers < 2:
         ap.error(f"--layers must be >= 2, got {args.layers}")

@@ -6,6 +6,7 @@ the wrong model.  Nothing here executes code from a file: safetensors holds raw 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from interp.fingerprint import fingerprint_mismatch, model_fingerprint
 from interp.io import atomic_path
 
 __all__ = ["ArtifactError", "ArtifactMismatchError", "write_artifact", "read_artifact", "check_fingerprint",
-           "layer_indices", "check_shape"]
+           "layer_indices", "check_shape", "content_digest", "CHECKSUM_KEY"]
 
 
 class ArtifactError(ValueError):
@@ -30,12 +31,34 @@ class ArtifactMismatchError(ValueError):
     """An eraser fitted on a different model than the one it is loaded onto."""
 
 
+#: The header entry holding :func:`content_digest` of the file's metadata and tensors, checked on read.
+CHECKSUM_KEY = "sha256"
+
+
+def content_digest(key: str, meta_text: str, tensors: dict[str, Tensor]) -> str:
+    """sha256 over the header entry's name and JSON text and every tensor's name, dtype, shape and bytes.
+
+    Why: safetensors checks the layout, not the values, so a flipped bit in a direction or a gate still loads
+    and steers differently (an audit: a byte flipped in an artifact loaded and evaluated with exit code 0).
+    """
+    h = hashlib.sha256()
+    h.update(key.encode())
+    h.update(b"\0" + meta_text.encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def write_artifact(path: str | Path, tensors: dict[str, Tensor | None], key: str, meta: dict[str, Any]) -> Path:
-    """Write ``tensors`` (None values left out) and ``meta`` (under header ``key``) atomically; returns the path."""
+    """Write ``tensors`` (None values left out) and ``meta`` (under header ``key``) atomically, with their
+    :func:`content_digest`; returns the path."""
     path = Path(path)
+    kept = {k: v.detach().cpu().contiguous() for k, v in tensors.items() if v is not None}
+    text = json.dumps(meta)
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items() if v is not None}, str(tmp),
-                  metadata={key: json.dumps(meta)})
+        save_file(kept, str(tmp), metadata={key: text, CHECKSUM_KEY: content_digest(key, text, kept)})
     return path
 
 
@@ -59,6 +82,10 @@ def read_artifact(path: str | Path, key: str, fmt: str, what: str, tensors: tupl
         raise
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError, ValueError) as e:
         raise ArtifactError(f"{path} is not a readable {what} ({type(e).__name__}: {e})") from None
+    recorded = header.get(CHECKSUM_KEY)  # files written before the checksum have none
+    if recorded is not None and recorded != content_digest(key, header[key], out):
+        raise ArtifactError(f"{path}: a damaged {what} (its content's sha256 differs from the one recorded when it "
+                            "was saved: changed bytes, or an edited header)")
     if not isinstance(meta, dict) or meta.get("format") != fmt:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise ArtifactError(f"{path}: unknown format {found!r}, expected {fmt!r}")

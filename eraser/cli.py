@@ -159,8 +159,10 @@ def cmd_fit(args: argparse.Namespace) -> Path:
     eraser, selection, timing = fit_variant(setup, args.variant)
     out = Path(args.out)
     path = eraser.save(out / "eraser.safetensors")
+    # the artifact's digest: the two files are replaced one after the other, so a reader can tell they belong
+    # together (a run killed between the renames leaves a new artifact beside the old selection)
     write_json(out / "selection.json", {"selection": selection.to_dict() if selection else None, "timing": timing,
-                                        "config": setup.config()})
+                                        "config": setup.config(), "eraser_digest": eraser.digest()})
     c = eraser.config
     null_space = f"energy {c.energy}" if c.energy is not None else f"rho {c.rho}"
     print(f"chosen strength {c.strength} ({selection.reason if selection else 'fixed'}); gamma {c.gamma}, "
@@ -185,12 +187,19 @@ def cmd_sweep(args: argparse.Namespace) -> Path:
         from .method import MLLMEraser
         from .pairs import forget_queries
 
+        from .artifact import ArtifactMismatchError
+
         eraser = MLLMEraser.load(artifact)
         eraser.check_model(setup.model)
         eraser.check_forget_set(forget_queries(setup.bench))
+        variant = eraser.info.get("variant")
+        if variant not in (None, "mllmeraser"):  # e.g. `fit --variant ...` wrote it: not the method this sweeps
+            raise ArtifactMismatchError(f"{artifact} was fitted as {variant}; the sweep sweeps the paper's method "
+                                        "(mllmeraser): give the sweep its own --out, or move the artifact away")
         print(f"reusing the eraser fitted by an earlier run, {artifact} (delete it to refit)")
     else:
         eraser, _, _ = fit_variant(setup, "mllmeraser")
+        check_sweep_journal(setup, out / "sweep.jsonl", eraser)  # before writing beside it
         eraser.save(artifact)
     path = layer_sweep(setup, eraser, out, tuple(args.strengths) if args.strengths else SWEEP_STRENGTHS)
     png = plot_heatmap(out, out / "heatmap.png")
@@ -202,19 +211,24 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from interp.sweep import SweepContextError
+    from interp.sweep import JournalError, SweepContextError
 
     from .data.mllmu import BenchmarkFormatError
     from .method import ArtifactError, ArtifactMismatchError
     from .pipeline import LocalSetupError
+    from .zoo import CorruptCheckpointError
 
     torch.set_num_threads(getattr(args, "threads", 2))
     try:
         return _run(args)
-    except (ArtifactError, ArtifactMismatchError, SweepContextError, BenchmarkFormatError, FileNotFoundError,
-            LocalSetupError) as e:  # bad input: one line, no traceback
+    except (ArtifactError, ArtifactMismatchError, SweepContextError, JournalError, BenchmarkFormatError,
+            FileNotFoundError, LocalSetupError, CorruptCheckpointError) as e:  # bad input: one line, no traceback
         print(f"mllmeraser {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what finished is on disk (files are replaced whole), so say so in one line
+        print(f"mllmeraser {args.command}: interrupted; files already written are complete, and a sweep resumes "
+              "from its journal", file=sys.stderr)
+        return 130
 
 
 def _run(args: argparse.Namespace) -> int:

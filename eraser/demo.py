@@ -42,17 +42,19 @@ def sweep_context(setup: Setup, eraser=None) -> dict[str, Any]:
     return context
 
 
-def check_sweep_journal(setup: Setup, path: Path) -> None:
-    """Before fitting: refuse an existing journal written for another model or split (the artifact is checked
-    once fitted), so a mismatch costs seconds, not a fit."""
+def check_sweep_journal(setup: Setup, path: Path, eraser=None) -> None:
+    """Refuse an existing journal written for another model or split, before fitting (so a mismatch costs
+    seconds, not a fit), and, given the fitted ``eraser``, for another artifact, before anything is written
+    beside the journal (so a refused run leaves the folder as it was)."""
     from interp.sweep import Sweep, check_context
 
     if not path.exists():
         return
     journal = Sweep(path)
-    early = sweep_context(setup)
-    if journal.context is not None:
-        check_context(path, {k: journal.context.get(k) for k in early}, len(journal.result), early)
+    wanted = sweep_context(setup, eraser)
+    if journal.context is not None or eraser is not None:
+        on_disk = None if journal.context is None else {k: journal.context.get(k) for k in wanted}
+        check_context(path, on_disk, len(journal.result), wanted)
 
 
 def layer_sweep(setup: Setup, eraser, out: Path, strengths=SWEEP_STRENGTHS) -> Path:
@@ -104,6 +106,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     setup = setup_from_args(args)
+    check_sweep_journal(setup, out / "sweep.jsonl")  # a journal of another run is refused before any work
     print(f"[demo] model: {setup.describe()}")
     methods: dict[str, Any] = {}
     timing: dict[str, Any] = {}
@@ -137,6 +140,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     sample = lambda qs, n: rng.sample(qs, min(n, len(qs)))  # noqa: E731
     sets = {"forget": queries(setup.bench.forget), "retain": sample(queries(setup.bench.retain + setup.bench.celebrity), 200),
             "test": queries(setup.bench.test)}
+    check_sweep_journal(setup, out / "sweep.jsonl", main)  # before writing beside it: the folder stays one run's
     write_json(out / "gates.json", gate_report(setup.model, main, sets, batch_size=setup.batch_size))
     main.save(out / "eraser.safetensors")
     layer_sweep(setup, main, out)

@@ -25,7 +25,6 @@ import enum
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -467,20 +466,15 @@ def _plain(obj: Any, path: str = "$") -> Any:
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write via a temp file in the same directory, then ``os.replace``: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+    """Write via :func:`interp.io.atomic_path` (a temp file renamed into place, with the permissions ``open``
+    would give), synced before the rename: readers never see half a file, even after a power cut."""
+    from interp.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _markdown(config: Any, methods: Mapping, timing: Mapping, checks: Mapping | None, baseline: str) -> str:

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from eraser.argtypes import out_dir
+
 
 def figure_main(name: str, argv: Sequence[str] | None = None) -> int:
     """``--from DIR [--out OUT_DIR]``: draw figure ``name`` of :data:`eraser.plots.FIGURES`; 0 drawn, 1 skipped."""
@@ -20,7 +22,7 @@ def figure_main(name: str, argv: Sequence[str] | None = None) -> int:
     fn, filename = FIGURES[name]
     ap = argparse.ArgumentParser(prog=f"python -m figures.fig_{name}", description=(fn.__doc__ or "").split("\n")[0])
     ap.add_argument("--from", dest="src", required=True, help="run folder holding the saved results")
-    ap.add_argument("--out", default=None, help="output folder (default: the run folder)")
+    ap.add_argument("--out", type=out_dir, default=None, help="output folder (default: the run folder)")
     args = ap.parse_args(argv)
     src = Path(args.src)
     if not src.is_dir():

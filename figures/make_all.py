@@ -8,13 +8,15 @@ import argparse
 import sys
 from typing import Sequence
 
+from eraser.argtypes import out_dir
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     from eraser.plots import ANALYSIS_FIGURES, FIGURES, FiguresFailed, make_all
 
     ap = argparse.ArgumentParser(prog="python -m figures.make_all", description=__doc__.split("\n")[0])
     ap.add_argument("--from", dest="src", required=True, help="run folder holding the saved results")
-    ap.add_argument("--out", default=None, help="output folder (default: the run folder)")
+    ap.add_argument("--out", type=out_dir, default=None, help="output folder (default: the run folder)")
     ap.add_argument("--only", nargs="+", choices=sorted({**FIGURES, **ANALYSIS_FIGURES}), default=None,
                     help="a subset of figures (the demo's and the analyses')")
     args = ap.parse_args(argv)

@@ -30,7 +30,7 @@ from .io import atomic_path
 from .steering import generate_coefficients, repeat_inputs, row_scales, run_coefficients
 
 __all__ = [
-    "NoFeasibleSetting", "Sweep", "SweepContextError", "SweepResult", "check_context", "choose_setting",
+    "JournalError", "NoFeasibleSetting", "Sweep", "SweepContextError", "SweepResult", "check_context", "choose_setting",
     "generate_coefficients", "repeat_inputs", "row_scales", "run_coefficients", "run_sweep", "setting_key",
 ]
 
@@ -62,6 +62,11 @@ def _line(record: Record) -> str:
     return json.dumps(record, allow_nan=True) + "\n"
 
 
+class JournalError(ValueError):
+    """A file that is not a sweep journal (not UTF-8 text, or a line that is not a JSON record); the message
+    names the file and the line."""
+
+
 def _read_journal(path: Path, repair: bool) -> tuple[dict[str, Any] | None, list[Record]]:
     """Parse a journal: its context (a first line ``{"context": {...}}``, or None) and its records.
 
@@ -76,7 +81,7 @@ def _read_journal(path: Path, repair: bool) -> tuple[dict[str, Any] | None, list
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise ValueError(f"{path} is not a sweep journal (not UTF-8 text; a journal is JSON lines)") from None
+        raise JournalError(f"{path} is not a sweep journal (not UTF-8 text; a journal is JSON lines)") from None
     lines = text.split("\n")
     tail = lines.pop()  # "" when the file ends with its newline
     complete = None
@@ -85,7 +90,7 @@ def _read_journal(path: Path, repair: bool) -> tuple[dict[str, Any] | None, list
             complete = json.loads(tail)
         except json.JSONDecodeError:
             if not tail.lstrip().startswith("{"):
-                raise ValueError(f"{path} is not a sweep journal: its last line {tail[:60]!r} is not a JSON "
+                raise JournalError(f"{path} is not a sweep journal: its last line {tail[:60]!r} is not a JSON "
                                  "record") from None
         if complete is not None:
             lines.append(tail)
@@ -96,13 +101,13 @@ def _read_journal(path: Path, repair: bool) -> tuple[dict[str, Any] | None, list
         try:
             rec = json.loads(raw)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not a sweep record ({e}); a journal is JSON lines, and only its last "
+            raise JournalError(f"{path}:{i}: not a sweep record ({e}); a journal is JSON lines, and only its last "
                              "line may be partial") from None
         if i == 1 and isinstance(rec, dict) and set(rec) == {"context"} and isinstance(rec["context"], dict):
             context = rec["context"]
             continue
         if not (isinstance(rec, dict) and isinstance(rec.get("setting"), dict) and isinstance(rec.get("result"), dict)):
-            raise ValueError(f"{path}:{i}: expected {{'setting': {{...}}, 'result': {{...}}}}, got {raw[:80]!r}")
+            raise JournalError(f"{path}:{i}: expected {{'setting': {{...}}, 'result': {{...}}}}, got {raw[:80]!r}")
         records.append(rec)
     if repair and tail.strip():
         with open(path, "r+b") as f:

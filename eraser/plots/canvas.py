@@ -44,7 +44,10 @@ def read_json(src: Any, filename: str) -> tuple[Any, Path | None]:
         p = p / filename
     if not p.is_file():
         return None, p
-    return json.loads(p.read_text()), p
+    try:
+        return json.loads(p.read_text()), p
+    except (ValueError, UnicodeDecodeError) as e:  # a truncated or foreign file: name it (an audit saw a bare error)
+        raise ValueError(f"{p} is not readable JSON ({type(e).__name__}: {e}); was its run interrupted?") from None
 
 
 def run_folder(src: Any) -> Path | None:

@@ -34,6 +34,41 @@ def test_round_trip_and_refusals(tmp_path):
         read_artifact(tmp_path / "missing.safetensors", "k", "f.v1", "thing")
 
 
+def test_changed_bytes_or_an_edited_header_are_caught_by_the_checksum(tmp_path):
+    """From an audit: a byte flipped in an artifact's tensor data (or a value set to 6e37) loaded and steered."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from eraser.artifact import CHECKSUM_KEY, content_digest
+
+    path = write_artifact(tmp_path / "a.safetensors", {"x": torch.arange(6.0)}, "k", {"format": "f.v1", "n": 2})
+    good = path.read_bytes()
+    for offset in (-1, -9, -24):  # inside the tensor data, which ends the file
+        bad = bytearray(good)
+        bad[offset] ^= 0x01
+        path.write_bytes(bytes(bad))
+        with pytest.raises(ArtifactError, match="a damaged thing .*sha256 differs"):
+            read_artifact(path, "k", "f.v1", "thing")
+    path.write_bytes(good)
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata()
+    tensors = load_file(str(path))
+    edited = {**header, "k": json.dumps({"format": "f.v1", "n": 3})}  # the same bytes, another header
+    save_file(tensors, str(path), metadata=edited)
+    with pytest.raises(ArtifactError, match="a damaged thing"):
+        read_artifact(path, "k", "f.v1", "thing")
+    assert header[CHECKSUM_KEY] == content_digest("k", header["k"], tensors)
+    save_file(tensors, str(path), metadata={"k": header["k"]})  # written before the checksum existed: still read
+    assert read_artifact(path, "k", "f.v1", "thing")[1]["n"] == 2
+    # the digest covers names, dtypes and shapes, not only the bytes
+    x = torch.arange(6.0)
+    assert len({content_digest("k", "{}", {"x": x}), content_digest("k", "{}", {"y": x}),
+                content_digest("k", "{}", {"x": x.reshape(2, 3)}), content_digest("k", "{}", {"x": x.double()}),
+                content_digest("j", "{}", {"x": x})}) == 5
+
+
 def test_layer_indices():
     assert layer_indices([3, 1]) == [3, 1] and layer_indices(np.array([1, 2])) == [1, 2]
     assert layer_indices(l for l in (0, 2)) == [0, 2]  # a generator is read once

@@ -55,6 +55,58 @@ def test_sweep_runs_and_resumes_without_recomputing(tmp_path, capsys, monkeypatc
     assert main(args + ["--forget-ratio", "10"]) == 2
     assert "forget_ratio: journal 5, this run 10" in capsys.readouterr().err
     assert (tmp_path / "sweep.jsonl").read_text().splitlines() == lines
+    _audited_sweep_and_demo_failures(tmp_path, args, capsys, monkeypatch)
+
+
+def _audited_sweep_and_demo_failures(done, args, capsys, monkeypatch):
+    """From an audit, each a one-line refusal now (or a clean stop), with the folder left as it was."""
+    import dataclasses
+    import shutil
+
+    from eraser import MLLMEraser, demo, pipeline
+
+    def at(folder):
+        return [a if a != str(done) else str(folder) for a in args]
+
+    # a demo into a folder holding another run's journal: refused after loading the model, before ~5 min of
+    # fitting, and before it wrote its eraser and gates.json beside that journal
+    before = {p.name: p.read_bytes() for p in done.iterdir()}
+    monkeypatch.setattr(demo, "evaluate_model", lambda *a, **k: pytest.fail("the demo started working"))
+    assert main(["demo", "--quick", "--no-oracle", "--threads", "1", "--no-progress", "--baselines", "",
+                 "--forget-ratio", "10", "--out", str(done)]) == 2
+    assert "forget_ratio: journal 5, this run 10" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in done.iterdir()} == before
+    # a corrupt journal: one line and exit 2 (was a 22-line traceback and exit 1), the file untouched
+    bad = done.parent / f"{done.name}_badjournal"
+    bad.mkdir()
+    shutil.copy(done / "eraser.safetensors", bad)
+    (bad / "sweep.jsonl").write_text('{"x": 1}\n')
+    assert main(at(bad)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sweep.jsonl:1: expected {'setting'" in err
+    assert (bad / "sweep.jsonl").read_text() == '{"x": 1}\n'
+    # an eraser another command fitted as another variant is not swept as the paper's method
+    other = done.parent / f"{done.name}_othervariant"
+    other.mkdir()
+    eraser = MLLMEraser.load(done / "eraser.safetensors")
+    dataclasses.replace(eraser, info={**eraser.info, "variant": "mllmeraser_stacked_gate"}).save(
+        other / "eraser.safetensors")
+    assert main(at(other)) == 2
+    assert "was fitted as mllmeraser_stacked_gate; the sweep sweeps the paper's method" in capsys.readouterr().err
+    assert not (other / "sweep.jsonl").exists()
+    # Ctrl-C: one line and exit 130 (was a 147-line KeyboardInterrupt traceback)
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "layer_sweep", interrupted)
+    assert main(args) == 130
+    assert "mllmeraser sweep: interrupted" in capsys.readouterr().err
+    # fit records its artifact's digest beside the selection, so the pair can be checked
+    monkeypatch.setattr(pipeline, "fit_variant", lambda setup, name: (eraser, None, {"fit_s": 0.0}))
+    fitted = done.parent / f"{done.name}_fit"
+    assert main(["fit", "--quick", "--threads", "1", "--no-progress", "--out", str(fitted)]) == 0
+    selection = json.loads((fitted / "selection.json").read_text())
+    assert selection["eraser_digest"] == MLLMEraser.load(fitted / "eraser.safetensors").digest() == eraser.digest()
 
 
 def test_no_oracle_flag_is_offered_by_eval_and_demo_only():

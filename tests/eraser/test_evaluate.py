@@ -322,6 +322,10 @@ def test_write_results_json_and_md(tmp_path):
     assert data["config"] == {"seed": 0, "out": str(tmp_path), "splits": ["forget", "retain"]}
     md = mp.read_text()
     assert "30.0 (-50.0)" in md and "| mllmeraser | 2.00 | 1.75 |" in md
+    # from an audit: results were owner-only (0600) while every other file the project writes gets open()'s mode
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {os.stat(p).st_mode & 0o777 for p in (jp, mp)} == {0o666 & ~umask}
     data2 = json.loads(jp.read_text())
     E.write_results(tmp_path / "out", config, methods, timing)
     assert "checks" not in json.loads(jp.read_text()) and data2["checks"]

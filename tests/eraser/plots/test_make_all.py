@@ -77,7 +77,9 @@ def test_a_truncated_results_file_fails_in_one_line_on_both_entry_points(tmp_pat
     (tmp_path / "leakage.json").write_text('{"attacks": {"direct": ')  # cut short
     assert main(["--from", str(tmp_path), "--out", str(tmp_path / "a")]) == 1
     err = capsys.readouterr().err
-    assert "leakage_bars failed: JSONDecodeError" in err and "figures failed: leakage_bars" in err
+    # the message names the file (an audit saw a bare JSONDecodeError)
+    assert f"leakage_bars failed: ValueError: {tmp_path / 'leakage.json'} is not readable JSON (JSONDecodeError" in err
+    assert "figures failed: leakage_bars" in err
     assert "Traceback" not in err
     assert cli_main(["figures", "--from", str(tmp_path), "--out", str(tmp_path / "b")]) == 1
     assert "mllmeraser figures: error: figures failed: leakage_bars" in capsys.readouterr().err

@@ -77,6 +77,42 @@ def test_interrupted_training_leaves_nothing_loadable(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # no temp or partial checkpoint directory
 
 
+def test_a_damaged_checkpoint_is_refused_by_name(tmp_path):
+    """From an audit: flipped bits in cached weights loaded silently (and changed every number); a truncated
+    file gave a 39-line safetensors traceback naming neither the folder nor the fix."""
+    import json
+    import shutil
+
+    from eraser.zoo import CorruptCheckpointError, load_checkpoint, weights_digest
+
+    recipe = Recipe.quick("llava", **TINY)
+    path = load_or_train(recipe, tmp_path, progress=False) and cached_path(recipe, tmp_path)
+    meta = json.loads((path / "recipe.json").read_text())
+    assert meta["weights_sha256"] == weights_digest(path)  # recorded when trained
+    weights = path / "model.safetensors"
+    good = weights.read_bytes()
+    flipped = bytearray(good)
+    flipped[-100] ^= 0x10  # one bit of one weight: still a valid safetensors file
+    weights.write_bytes(bytes(flipped))
+    with pytest.raises(CorruptCheckpointError, match=f"{path} is damaged: model.safetensors changed .* delete"):
+        load_or_train(recipe, tmp_path, progress=False)
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CorruptCheckpointError, match="damaged"):
+        load_checkpoint(path, progress=False)
+    # a checkpoint from before the check (no digest): a truncated file is still named, and a sound one records
+    # its digest the first time it loads, so the next load is verified
+    del meta["weights_sha256"]
+    (path / "recipe.json").write_text(json.dumps(meta))
+    with pytest.raises(CorruptCheckpointError, match=f"the cached checkpoint {path} does not load .* delete"):
+        load_checkpoint(path, progress=False)
+    weights.write_bytes(good)
+    load_checkpoint(path, progress=False)
+    assert json.loads((path / "recipe.json").read_text())["weights_sha256"] == weights_digest(path)
+    assert cached_path(recipe, tmp_path) == path  # the recipe still matches
+    shutil.rmtree(path)  # what the message says to do: the next run retrains it
+    assert cached_path(recipe, tmp_path) is None
+
+
 @pytest.fixture(scope="module")
 def quick():
     recipe = Recipe.quick("llava")
