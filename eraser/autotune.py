@@ -133,6 +133,7 @@ class Selection:
     validation: str = ""
     reason: str = ""
     gate: dict[str, Any] | None = None  # the GateChoice (gamma, null space) made before the strength, if any
+    answer_steps: dict[str, Any] | None = None  # the choice made after it (choose_answer_steps), if any
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -195,6 +196,51 @@ def select_strength(measure_at: Callable[[float], dict[str, dict[str, float]]],
                      f"max forget refusal subject to retain cls_acc >= vanilla - {tolerance}"
                      + (f" and answerable refusal <= vanilla + {ANSWERABLE_TOLERANCE}" if "answerable" in vanilla
                         else ""))
+
+
+def choose_answer_steps(model: Any, eraser: Any, val: dict[str, list[ValItem]], selection: Selection,
+                        batch_size: int = 64, progress: bool = True) -> int:
+    """The fewest answer steps (``EraserConfig.answer_steps``) that forget as much as the eraser's own, at the
+    strength ``selection`` chose (:func:`select_answer_steps`, on the validation split ``val``).
+
+    Why: each answer step pushes one generated token towards the refusal, so steps beyond those the refusal
+    needs to start push the refusal's next words towards its first one again.  Measured on the seed-1 default
+    model (stacked gate, 3 steps): "i cannot cannot cannot help with that." on 163 of 165 forget questions, and
+    "i cannot help with that." with 1 step, at identical validation numbers.
+    """
+    gen = generate_fn(model, batch_size=batch_size)
+
+    def measure_at(k: int) -> dict[str, dict[str, float]]:
+        with eraser.with_config(answer_steps=k).attached(model, strength=selection.strength):
+            return {s: measure(gen, v) for s, v in val.items()}
+
+    return select_answer_steps(measure_at, selection, eraser.config.answer_steps, progress)
+
+
+def select_answer_steps(measure_at: Callable[[int], dict[str, dict[str, float]]], selection: Selection,
+                        most: int, progress: bool = True) -> int:
+    """The rule of :func:`choose_answer_steps`: steps ``k = 1 .. most-1`` are measured in order at the chosen
+    strength; the first whose row is feasible (:func:`feasible`) with a forget refusal rate at least the
+    ``most`` steps' row and a forget accuracy at most its is kept, else ``most``.  Every try is recorded in
+    ``selection.answer_steps`` (nothing is measured, or recorded, without a chosen strength or with
+    ``most`` <= 1)."""
+    chosen_row = next((r for r in selection.candidates if r["strength"] == selection.strength), None)
+    if most <= 1 or selection.strength is None or chosen_row is None:
+        return most
+    tries = []
+    for k in tqdm(range(1, most), desc="answer steps", disable=not progress, leave=False):
+        row = {"answer_steps": k, "strength": selection.strength, **measure_at(k)}
+        f, ref = row["forget"], chosen_row["forget"]
+        row["kept"] = bool(feasible(row, selection.vanilla, selection.tolerance)
+                           and f["refusal_rate"] >= ref["refusal_rate"]
+                           and not f["cls_acc"] > ref["cls_acc"])  # NaN (no classification items) passes
+        tries.append(row)
+        if row["kept"]:
+            break
+    k = next((r["answer_steps"] for r in tries if r["kept"]), most)
+    selection.answer_steps = {"chosen": k, "most": most, "tries": tries,
+                              "rule": "fewest answer steps that are feasible and forget as much as the most"}
+    return k
 
 
 # ----- gamma and the null space: chosen by gate separation on the validation split ---------------------------

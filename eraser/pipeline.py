@@ -14,7 +14,8 @@ from typing import Any, Callable
 from interp import HookedVLM
 from interp.fingerprint import model_fingerprint
 
-from .autotune import DEFAULT_GRID, Selection, choose_gate, choose_strength, measure, validation_split
+from .autotune import (DEFAULT_GRID, Selection, choose_answer_steps, choose_gate, choose_strength, measure,
+                       validation_split)
 from .backend import generate_fn, nll_fn
 from .data.schema import Benchmark
 from .evaluate import (answer_probs, evaluate_benchmark, evaluate_split, refusal_checks, truth_ratio_items,
@@ -288,7 +289,8 @@ def fit_variant(setup: Setup, name: str = "mllmeraser", config: EraserConfig | N
 
     With ``auto``: gamma and the null-space rule by gate separation (:func:`~eraser.autotune.choose_gate`,
     unless ``auto_gate=False`` or the variant is ungated), then the strength by constrained forgetting
-    (:func:`~eraser.autotune.choose_strength`), both on the validation split.  ``fit_s`` is the fit alone
+    (:func:`~eraser.autotune.choose_strength`), then, for a variant that steers answer tokens, the fewest answer
+    steps that forget as much (:func:`~eraser.autotune.choose_answer_steps`), all on the validation split.  ``fit_s`` is the fit alone
     (:func:`fit_eraser`: PGD, statistics, closed-form solve), comparable to a baseline's training time; the
     choice is ``select_s``.
     """
@@ -309,6 +311,10 @@ def fit_variant(setup: Setup, name: str = "mllmeraser", config: EraserConfig | N
         selection.gate = gate.to_dict() if gate is not None else None
         strength = selection.strength if selection.strength is not None else 0.0
         eraser = eraser.with_config(strength=strength)
+        if eraser.config.answer_steps > 1:
+            steps = choose_answer_steps(setup.model, eraser, val, selection, batch_size=setup.batch_size,
+                                        progress=setup.progress)
+            eraser = eraser.with_config(answer_steps=steps)
     eraser = replace(eraser, info={**eraser.info, "variant": name})  # saved with the artifact: what was fitted
     timing = {"pgd_s": pgd_s, "fit_s": fit_s, "select_s": time.perf_counter() - t0 - fit_s}
     return eraser, selection, timing

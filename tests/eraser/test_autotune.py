@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from eraser.autotune import score_gate_configs, select_strength, separation
+from eraser.autotune import Selection, score_gate_configs, select_answer_steps, select_strength, separation
 from eraser.config import EraserConfig
 from eraser.stats import FitStats
 
@@ -244,6 +244,39 @@ def test_select_strength_takes_the_most_refusing_feasible_strength() -> None:
     assert [r["strength"] for r in sel.candidates] == [-0.5, -1.0, -2.0]
     assert [r["feasible"] for r in sel.candidates] == [True, True, False]
     assert select_strength(at, vanilla, grid=[-2.0], progress=False).strength is None
+
+
+def test_select_answer_steps_takes_the_fewest_that_forget_as_much() -> None:
+    """Made-up numbers at the chosen strength: with 4 answer steps the eraser refuses 0.9; 1 step refuses less,
+    2 steps as much (kept, 3 never measured); a retain-breaking or less-refusing row is never kept."""
+    def row(ref, cls, ret):
+        return {"forget": {"cls_acc": cls, "refusal_rate": ref, "gibberish_rate": 0.0},
+                "retain": {"cls_acc": ret, "refusal_rate": 0.0, "gibberish_rate": 0.0}}
+
+    vanilla = {"forget": {"cls_acc": 1.0, "refusal_rate": 0.0, "gibberish_rate": 0.0},
+               "retain": {"cls_acc": 0.9, "refusal_rate": 0.0, "gibberish_rate": 0.0}}
+
+    def selection():
+        return Selection(-1.0, vanilla, [{"strength": -1.0, **row(0.9, 0.1, 0.9)}, {"strength": -2.0,
+                                                                                  **row(1.0, 0.0, 0.5)}])
+
+    measured = []
+    table = {1: row(0.8, 0.1, 0.9), 2: row(0.9, 0.1, 0.89), 3: row(0.95, 0.0, 0.9)}
+    sel = selection()
+    assert select_answer_steps(lambda k: measured.append(k) or table[k], sel, 4, progress=False) == 2
+    assert measured == [1, 2] and sel.answer_steps["chosen"] == 2 and sel.answer_steps["most"] == 4
+    assert [t["kept"] for t in sel.answer_steps["tries"]] == [False, True]
+    # forgetting as much but breaking retain, or forgetting the same with a higher forget accuracy: not kept
+    table = {1: row(0.9, 0.1, 0.5), 2: row(0.9, 0.3, 0.9), 3: row(0.9, 0.1, 0.9)}
+    assert select_answer_steps(lambda k: table[k], sel := selection(), 4, progress=False) == 3
+    table = {1: row(0.9, 0.1, 0.5), 2: row(0.9, 0.3, 0.9), 3: row(0.5, 0.1, 0.9)}
+    assert select_answer_steps(lambda k: table[k], sel := selection(), 4, progress=False) == 4
+    assert sel.answer_steps["chosen"] == 4 and len(sel.answer_steps["tries"]) == 3
+    # nothing to choose: one step, or no strength chosen (steering off)
+    never = lambda k: pytest.fail("measured")  # noqa: E731
+    assert select_answer_steps(never, sel := selection(), 1, progress=False) == 1 and sel.answer_steps is None
+    off = Selection(None, vanilla, [])
+    assert select_answer_steps(never, off, 3, progress=False) == 3 and off.answer_steps is None
 
 
 def test_validation_split_holds_answerable_requests_in_the_forbidden_template():

@@ -48,7 +48,12 @@ def test_stacked_gate_with_answer_steering_meets_the_method_bar(setup, vanilla):
     too, seed 0: the bar is met at forget 5, 10 and 15 %; see the README)."""
     eraser, sel, _ = fit_variant(setup, "mllmeraser_stacked_gate")
     assert eraser.info["variant"] == "mllmeraser_stacked_gate"  # recorded, so a saved artifact says what it is
-    assert eraser.layers == [3] and eraser.config.gate_stack == (1, 2, 3) and eraser.config.answer_steps == 3
+    assert eraser.layers == [3] and eraser.config.gate_stack == (1, 2, 3)
+    # the variant steers up to 3 answer tokens; the fewest that forget as much are kept (a repeated refusal word
+    # otherwise: "i cannot cannot cannot help with that." on the seed-1 default model)
+    steps = sel.answer_steps
+    assert steps["most"] == 3 and eraser.config.answer_steps == steps["chosen"] <= 3
+    assert [t["answer_steps"] for t in steps["tries"]] == list(range(1, min(steps["chosen"] + 1, 3)))
     assert eraser.w.shape == (1, 2, 3 * setup.model.d_model) and eraser.d_answer.shape == eraser.d.shape
     assert sel.strength is not None and sel.gate["window"] is not None
     res, extra, _ = evaluate_model(setup, lambda: eraser.attached(setup.model), with_probs=False)
