@@ -176,6 +176,11 @@ def test_truth_ratios_pair_each_cloze_answer_with_its_multiple_choice_distractor
     assert sorted(seen) == sorted(["Pilot", "nurse", "chef", "baker", "pilot", "nurse", "chef", "baker"])
     with pytest.raises(ValueError, match="no truth ratio"):
         E.truth_ratios(PROFILES, nll)
+    # from a mutation audit: a pairing that ignored the modality gave the qa cloze the vqa question's distractors
+    vqa_q, qa_q = q.classification
+    qa_opts = {"A": "pilot", "B": "judge", "C": "clerk", "D": "miner"}
+    q2 = dataclasses.replace(q, classification=[vqa_q, dataclasses.replace(qa_q, options=qa_opts)])
+    assert [wrong for _, wrong in E.truth_ratio_items([q2])] == [["nurse", "chef", "baker"], ["judge", "clerk", "miner"]]
 
 
 def test_batching_groups_and_max_new_tokens():

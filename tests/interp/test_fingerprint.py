@@ -69,3 +69,25 @@ def test_dtype_is_named_and_old_fingerprints_without_it_still_match(tiny_llava):
     wrapped = HookedVLM.from_hf(half, tokenizer=tiny_llava.tokenizer, image_processor=tiny_llava.image_processor)
     diffs = fingerprint_mismatch(fp, model_fingerprint(wrapped))
     assert diffs[0] == "dtype: artifact has 'float32', model has 'bfloat16'" and diffs[1].startswith("weights")
+
+
+def test_each_sampled_tensor_is_in_the_hash():
+    """From a mutation audit: hashing the first decoder layer twice instead of the first and the last went unseen.
+    A change to the embeddings, the first or the last decoder layer, or the unembedding must change the hash."""
+    import copy
+
+    from interp.adapters import get_module
+
+    base = tiny_vlm("llava", seed=0)
+    want = model_fingerprint(base)["weights"]
+    layers = lambda m: get_module(m.hf_model, m.adapter.lm_layers)  # noqa: E731
+    picks = {"embeddings": lambda m: m.hf_model.get_input_embeddings().weight,
+             "first layer": lambda m: next(layers(m)[0].parameters()),
+             "last layer": lambda m: next(layers(m)[-1].parameters()),
+             "unembedding": lambda m: get_module(m.hf_model, m.adapter.lm_head).weight}
+    for what, pick in picks.items():
+        changed = copy.deepcopy(base)
+        with torch.no_grad():
+            pick(changed).add_(1e-3)
+        assert model_fingerprint(changed)["weights"] != want, what
+    assert model_fingerprint(copy.deepcopy(base))["weights"] == want  # a copy alone changes nothing
