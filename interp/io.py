@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -16,11 +18,33 @@ def _umask() -> int:
     return mask
 
 
+#: A temporary file of :func:`atomic_path` this old (seconds) belongs to a writer that died (killed mid-write):
+#: the next write of the same target removes it.  Far above any write of this project's files.
+STALE_TMP_S = 3600.0
+
+
+def remove_stale_temps(path: Path, older_than: float = STALE_TMP_S) -> list[Path]:
+    """Remove the temporary files :func:`atomic_path` left for ``path`` when its writer was killed (``kill -9``
+    skips the cleanup), if older than ``older_than`` seconds: younger ones may belong to a live writer."""
+    removed = []
+    now = time.time()
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if tmp.is_file() and now - tmp.stat().st_mtime > older_than:
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; rename it over ``path`` only if the block succeeds."""
+    """Yield a temporary path in the target's folder; rename it over ``path`` only if the block succeeds.
+
+    Temporary files a killed writer left for the same target (older than :data:`STALE_TMP_S`) are removed first.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:

@@ -86,3 +86,27 @@ def test_atomic_files_get_the_permissions_open_would_give(tmp_path):
     assert mode == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "t.safetensors").stat().st_mode) == 0o644
 
+
+
+def test_temporaries_a_killed_writer_left_are_removed_by_the_next_write(tmp_path):
+    """From an audit: kill -9 mid-write skips the cleanup, and the hidden temporaries stayed forever.  Only old
+    ones go (a young one may be a live writer's), only the same target's, and names with glob characters match
+    literally."""
+    import os
+    import time
+
+    from interp.io import STALE_TMP_S, write_json
+
+    target = tmp_path / "results[1].json"
+    stale = tmp_path / ".results[1].json.abc123.tmp"
+    fresh = tmp_path / ".results[1].json.def456.tmp"
+    other = tmp_path / ".other.json.abc123.tmp"
+    lookalike = tmp_path / ".results1.json.abc123.tmp"  # "[1]" as a glob class would match this
+    for f in (stale, fresh, other, lookalike):
+        f.write_text("{")
+    old = time.time() - STALE_TMP_S - 60
+    for f in (stale, other, lookalike):
+        os.utime(f, (old, old))
+    write_json(target, {"a": 1})
+    assert not stale.exists() and fresh.exists() and other.exists() and lookalike.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, fresh.name, other.name, lookalike.name])
