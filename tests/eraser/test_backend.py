@@ -66,7 +66,10 @@ def test_hooks_are_applied(model, images):
     hooked = nll_fn(model, hooks=hooks)(images, PROMPTS, ANSWERS)
     assert not np.allclose(plain, hooked)
     gen_hooked = generate_fn(model, hooks=hooks)(images[:2], PROMPTS[:2], 4)
-    assert len(gen_hooked) == 2
+    # the generation half asserted only a length (a mutation audit): the hooks must reach generate too
+    assert gen_hooked != generate_fn(model)(images[:2], PROMPTS[:2], 4)
+    enc = model.encode(images=images[:2], prompts=PROMPTS[:2])
+    assert gen_hooked == [t.strip() for t in model.generate(enc, max_new_tokens=4, hooks=hooks).texts]
 
 
 def test_input_errors(model):

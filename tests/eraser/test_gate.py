@@ -162,3 +162,14 @@ def test_answer_directions_and_their_prefix_survive_the_parts(tiny_llava, data):
     assert unused.config.answer_steps == 0 and torch.equal(unused.direction.answer, eraser.d_answer)
     with pytest.raises(ValueError, match="need their answer_prefix"):
         ErasureDirection([1, 2], "resid_pre", eraser.d, answer=eraser.d_answer)
+
+
+def test_gate_score_is_the_dot_product_or_the_max_over_concepts():
+    """From a mutation audit: per-concept gates summed instead of maxed were caught only by test_method."""
+    from eraser.gate import gate_score
+
+    h = torch.tensor([[1.0, 2.0, 0.0], [0.0, -1.0, 3.0]])
+    w = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    assert gate_score(h, w[1]).tolist() == [2.0, 2.0]
+    assert gate_score(h, w).tolist() == [2.0, 2.0]  # max(1, 2) and max(0, 2)
+    assert gate_score(h, -w).tolist() == [-1.0, 0.0]  # max(-1, -2) and max(0, -2)

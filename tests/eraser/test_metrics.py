@@ -49,6 +49,14 @@ def test_rouge_l_identical_disjoint_and_known_value():
     assert isinstance(M.rouge_l("a b", "a c"), float)
 
 
+def test_rouge_l_is_the_f_measure():
+    """From a mutation audit: ROUGE-L recall (or precision) in place of F went unnoticed: every pair above has equal
+    lengths.  LCS 2 of a 2-token prediction and a 6-token reference: P 1, R 1/3, F 0.5, either way round."""
+    assert M.rouge_l("the cat", "the cat sat on the mat") == pytest.approx(0.5)
+    assert M.rouge_l("the cat sat on the mat", "the cat") == pytest.approx(0.5)
+    assert M.rouge_l("the dog", "the cat sat on the mat") == pytest.approx(2 * (1 / 2) * (1 / 6) / (1 / 2 + 1 / 6))
+
+
 def test_bleu_bounds_and_empty():
     assert M.bleu("The cat sat on the mat", "the cat sat on the mat") == pytest.approx(1.0)
     assert M.bleu("Paris", "paris") == pytest.approx(1.0)  # short answers are not crushed
@@ -58,6 +66,13 @@ def test_bleu_bounds_and_empty():
     assert M.bleu("zebra quokka", "the cat sat on the mat") < 0.05
     mid = M.bleu("the cat sat on a mat", "the cat sat on the mat")
     assert 0.2 < mid < 1.0
+
+
+def test_bleu_order_follows_the_prediction_and_brevity_applies():
+    """From a mutation audit: the n-gram order taken from the reference's length went unnoticed.  A one-word
+    prediction is scored on unigrams: precision 1 times the brevity penalty exp(1 - 4/1)."""
+    assert M.bleu("paris", "paris is a city") == pytest.approx(math.exp(-3))
+    assert M.bleu("Paris city", "paris is a city") == pytest.approx(math.exp(1 - 4 / 2) * math.sqrt(1.0 * (0.1 / 1)))
 
 
 def test_answer_probability():
@@ -115,6 +130,13 @@ def test_is_gibberish_false(text):
     assert not M.is_gibberish(text)
 
 
+def test_gibberish_single_token_share_boundary():
+    """From a mutation audit: the >= 60 % single-token rule turned into > 60 % went unnoticed.  Exactly 3 of 5."""
+    assert M.is_gibberish("yes yes yes no maybe")
+    assert not M.is_gibberish("yes yes no no maybe")  # 40 %
+    assert M.is_gibberish("yes yes yes yes no maybe")  # a run of four
+
+
 def test_gibberish_rate():
     assert M.gibberish_rate(["ok answer here", "", "x x x x", "Lyon"]) == 0.5
     with pytest.raises(ValueError):
@@ -126,6 +148,9 @@ def test_forget_quality_ks():
     a = rng.uniform(0, 1, 200)
     assert M.forget_quality(a, a.copy()) == pytest.approx(1.0)
     assert M.forget_quality(a, a + 0.5) < 1e-6
+    # two-sided (from a mutation audit: a one-sided test hid over-forgetting, probabilities driven to 0)
+    assert M.forget_quality(a, a * 0.01) < 1e-6
+    assert M.forget_quality(a * 0.01, a) < 1e-6
     assert isinstance(M.forget_quality(list(a), list(a)), float)
     with pytest.raises(ValueError, match="probs_model"):
         M.forget_quality([], [0.1])
@@ -152,6 +177,9 @@ def test_gate_firing_rates():
     assert (r2["true_firing_rate"], r2["false_firing_rate"]) == (0.5, 1.0)
     with pytest.raises(ValueError, match="gate_retain"):
         M.gate_firing_rates([0.5], [])
+    # fires strictly above the threshold (from a mutation audit: ">=" went unnoticed)
+    at = M.gate_firing_rates([0.5, 0.9], [0.5, 0.5, 0.1], threshold=0.5)
+    assert (at["true_firing_rate"], at["false_firing_rate"]) == (0.5, 0.0)
 
 
 def test_gate_firing_rates_accepts_torch():

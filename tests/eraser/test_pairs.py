@@ -63,6 +63,7 @@ def test_forget_concepts_name_the_profile_of_every_forget_query():
 
 def test_answerable_requests_are_fresh_ordinary_requests_about_retain_people():
     from eraser.data.prompts import REFUSAL
+    from eraser.evaluate import build_items
     from eraser.pairs import answerable_requests, fit_data, retain_queries
 
     recipe = Recipe.quick()
@@ -78,7 +79,9 @@ def test_answerable_requests_are_fresh_ordinary_requests_about_retain_people():
         assert img is not None or prompt not in held_out  # text-only prompts name the person: never a check item
     assert reqs == answerable_requests(source, bench, seed=0) != answerable_requests(source, bench, seed=1)
     data = fit_data(None, bench, source=source, retain_requests=True)
-    assert data.retain == retain_queries(bench) + reqs
+    # spelled out, not through retain_queries: every retain and celebrity question, then the requests
+    by_hand = [(it.image, it.prompt) for it in build_items(bench.retain) + build_items(bench.celebrity)]
+    assert data.retain == by_hand + reqs and data.retain[:len(by_hand)] == retain_queries(bench)
     with pytest.raises(ValueError, match="generator"):
         answerable_requests(object(), bench)
 
@@ -101,3 +104,63 @@ def test_recall_pairs_warn_when_the_processor_would_undo_the_attack(bench, monke
     with pytest.warns(UserWarning, match=r"recall images \[1\]: the processor resizes them again"):
         pairs = recall_pairs(None, bench, n=4, pgd=pgd_mod.PGDConfig(steps=1))
     assert len(pairs) == 4
+
+
+def test_recall_pairs_carry_the_attacked_images(bench, monkeypatch):
+    """From a mutation audit: recall_pairs returning the clean images instead of the PGD images went unnoticed
+    (the fake attack above returns its inputs).  Here the attack returns new marker images."""
+    import torch
+    from PIL import Image
+
+    import eraser.pgd as pgd_mod
+    from eraser.pairs import recall_pairs
+
+    made: list = []
+
+    def fake_attack(model, images, prompts, targets, cfg):
+        n = len(images)
+        made.extend(Image.new("RGB", (8, 8), (i, 0, 0)) for i in range(n))
+        return pgd_mod.PGDResult([], [], list(made), torch.zeros(1, n), torch.zeros(n), torch.zeros(n),
+                                 torch.zeros(n), cfg)
+
+    monkeypatch.setattr(pgd_mod, "pgd_attack", fake_attack)
+    pairs = recall_pairs(None, bench, n=4, pgd=pgd_mod.PGDConfig(steps=1))
+    assert len(made) == 4 and len(pairs) == 4
+    assert all(img is m for (img, _), m in zip(pairs, made))
+    assert [p for _, p in pairs] == [p for _, p, _ in recall_questions(bench, n=4)]
+    # without a PGD config the images stay the clean ones
+    clean = recall_pairs(None, bench, n=4)
+    assert [c for c, _ in clean] == [img for img, _, _ in recall_questions(bench, n=4)]
+    assert all(c is not m for (c, _), m in zip(clean, made))
+
+
+def test_erase_pairs_cycle_through_every_forget_image():
+    """From a mutation audit: every erasure pair built on the first person's image went unnoticed."""
+    bench = Recipe.quick().benchmark(15)  # three forget people
+    assert len(bench.forget) == 3
+    images = [img for img, _ in erase_pairs(bench, n=6)]
+    expected = [p.image for p in bench.forget] * 2
+    assert len(images) == 6 and all(a is b for a, b in zip(images, expected))
+    assert len({id(img) for img in images}) == 3
+
+
+def test_retain_queries_hold_the_celebrities_and_recall_questions_have_images():
+    """From a mutation audit: celebrities dropped from retain, and text-only rows in the recall questions, were
+    caught only by the 4-minute pipeline test."""
+    from eraser.evaluate import build_items
+    from eraser.pairs import retain_queries
+
+    bench = Recipe.quick().benchmark(15)
+    retain, celebrity = build_items(bench.retain), build_items(bench.celebrity)
+    assert celebrity and bench.celebrity
+    rq = retain_queries(bench)
+    assert len(rq) == len(retain) + len(celebrity)
+    assert rq[len(retain):] == [(it.image, it.prompt) for it in celebrity]
+    assert len(retain_queries(bench, limit=5)) == 5
+    # the forget split has text-only questions, which the recall questions must leave out
+    forget = build_items(bench.forget)
+    assert any(it.modality == "qa" for it in forget)
+    recall = recall_questions(bench, n=17)
+    assert len(recall) == 17 and all(img is not None for img, _, _ in recall)
+    vqa = {it.prompt for it in forget if it.modality == "vqa"}
+    assert all(p in vqa for _, p, _ in recall)

@@ -107,3 +107,20 @@ def test_config_and_inputs_are_checked(tiny_llava):
     for row in (None, [img, img], np.zeros((32, 32, 3), np.uint8)):
         with pytest.raises(InputError, match="row 1: to_pixels"):
             to_pixels(tiny_llava, [img, row])
+
+
+def test_each_step_moves_every_pixel_by_alpha_times_the_gradient_sign(tiny_llava):
+    """From a mutation audit: a raw-gradient step (no sign) or a step of eps instead of alpha still lowered the loss
+    within budget.  One step moves the image by exactly alpha in L-inf, two by 2 alpha (eps 8/255 is not reached),
+    and every pixel moves by a whole number of alpha steps (measured: after one step 99.9 % by alpha; after two,
+    89 % by 2 alpha and 11 % back to 0, where the gradient's sign flipped)."""
+    imgs = images_for(tiny_llava)
+    alpha = 2 / 255
+    one = pgd_attack(tiny_llava, imgs, PROMPTS, TARGET, PGDConfig(steps=1), as_pil=False)
+    two = pgd_attack(tiny_llava, imgs, PROMPTS, TARGET, PGDConfig(steps=2), as_pil=False)
+    torch.testing.assert_close(one.linf, torch.full((2,), alpha), rtol=0, atol=1e-6)
+    torch.testing.assert_close(two.linf, torch.full((2,), 2 * alpha), rtol=0, atol=1e-6)
+    for res, steps in ((one, 1), (two, 2)):
+        delta = torch.cat([(x - c).abs().flatten() for x, c in zip(res.pixels, res.clean_pixels)])
+        share = [((delta - k * alpha).abs() < 1e-6).float().mean().item() for k in range(steps + 1)]
+        assert sum(share) >= 0.99 and share[steps] >= 0.85

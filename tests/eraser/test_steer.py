@@ -7,6 +7,7 @@ import torch
 from eraser import ArtifactError, EraserConfig, MLLMEraser
 from eraser.direction import first_answer_means
 from interp.hooks import plan_last_step
+from tests.conftest import random_image
 from tests.eraser.test_method import _queries
 
 NAME = "blocks.2.hook_resid_pre"
@@ -124,3 +125,61 @@ def test_answer_directions_round_trip_and_are_required(answering, tiny_llava, tm
             EraserConfig(answer_steps=bad)
     with pytest.raises(ValueError, match="answer_prefix"):
         EraserConfig(answer_steps=1, answer_prefix="")
+
+
+ANSWERS = ["who is this", "a", "the person in the image is a red cat"]
+
+
+def test_teacher_forced_answers_leave_the_prefill_gate_alone(answering, tiny_llava):
+    """From a mutation audit: the gate read at the last position instead of ``last_index`` went unnoticed, since
+    no test scored answers under the eraser (answer_prob, forget quality).  With answers appended the gate read
+    at the last prompt token must equal the gate without them."""
+    eraser, _, forget, _, _ = answering
+    imgs, prompts = [q[0] for q in forget[:3]], [q[1] for q in forget[:3]]
+    enc = tiny_llava.encode(images=imgs, prompts=prompts, answers=ANSWERS)
+    enc0 = tiny_llava.encode(images=imgs, prompts=prompts)
+    assert not torch.equal(enc.last_index, torch.full((3,), enc.input_ids.shape[1] - 1))
+    gates = []
+    for e in (enc, enc0):
+        rec: list = []
+        tiny_llava.run_with_hooks(e, eraser.hooks(record=rec))
+        assert [(layer, step) for layer, step, _ in rec] == [(1, 0), (2, 0)]
+        gates.append(torch.stack([g for _, _, g in rec]))
+    assert gates[1].abs().min() > 1e-2  # the gates are not trivially zero
+    torch.testing.assert_close(gates[0], gates[1], rtol=1e-5, atol=1e-5)
+
+
+def test_gated_hook_steers_prompt_positions_only(tiny_llava):
+    """From a mutation audit: steering the teacher-forced answer tokens (or padding), or reading the gate at the
+    last position, went unnoticed.  Prompt positions move by strength * (w . x[b, last_index[b]]) * d; answer
+    and padding positions stay bit for bit."""
+    from eraser.steer import gated_hook
+    from interp.hooks import HookContext
+
+    enc = tiny_llava.encode(images=[random_image(32, 0), None, random_image(32, 1)],
+                            prompts=["who is this person", "tell me the city", "who"], answers=ANSWERS)
+    b_n, n_pos = enc.input_ids.shape
+    d = tiny_llava.d_model
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b_n, n_pos, d, generator=gen)
+    w, direction = torch.randn(d, generator=gen) / d ** 0.5, torch.randn(d, generator=gen)
+    rec: list = []
+    out = gated_hook(w, direction, -1.0, record=rec)(x, HookContext("blocks.1.hook_resid_pre", 1, 0, enc))
+    gates = torch.stack([x[b, enc.last_index[b]] @ w for b in range(b_n)])
+    assert len(rec) == 1 and (rec[0][0], rec[0][1]) == (1, 0)
+    torch.testing.assert_close(rec[0][2], gates)
+    n_prompt = n_answer = n_pad = 0
+    for b in range(b_n):
+        for t in range(n_pos):
+            if not enc.attention_mask[b, t]:
+                n_pad += 1
+                assert torch.equal(out[b, t], x[b, t])
+            elif t > enc.last_index[b]:
+                n_answer += 1
+                assert torch.equal(out[b, t], x[b, t])
+            else:
+                n_prompt += 1
+                torch.testing.assert_close(out[b, t] - x[b, t], -gates[b] * direction, rtol=1e-5, atol=1e-5)
+    assert n_pad > 0 and n_answer == int((enc.labels != -100).sum()) > 0 and n_prompt > 0
+    # the steering preceding a padded row is not the whole batch's: the gates differ per row
+    assert (gates[0] - gates[1]).abs() > 1e-3

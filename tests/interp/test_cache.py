@@ -39,6 +39,16 @@ def test_image_text_last_slices(mixed_cache):
     padded, valid = cache.text(name, padded=True)
     assert padded.shape == (2, int(inputs.text_mask.sum(1).max()), full.shape[-1])
     assert valid.sum().item() == inputs.text_mask.sum().item()
+    # rows left-aligned with their valid mask, zeros elsewhere (from a mutation audit: right-aligned rows with a
+    # left-aligned mask went unnoticed)
+    assert len(set(inputs.text_mask.sum(1).tolist())) == 2  # rows of different lengths
+    for b in range(2):
+        assert valid[b].tolist() == [i < txt[b].shape[0] for i in range(padded.shape[1])]
+        assert torch.equal(padded[b][valid[b]], txt[b])
+    assert padded[~valid].abs().max() == 0
+    padded_img, valid_img = cache.image(name, padded=True)
+    assert padded_img.shape == (2, 16, full.shape[-1]) and valid_img.sum(1).tolist() == [16, 0]
+    assert torch.equal(padded_img[0], img[0]) and padded_img[1].abs().max() == 0
     last = cache.last(name)
     assert last.shape == (2, full.shape[-1])
     assert torch.equal(last[1], full[1, inputs.last_index[1]])
@@ -54,6 +64,20 @@ def test_stack_orders_by_layer(mixed_cache, tiny_llava):
         assert torch.equal(stacked[l], cache[f"blocks.{l}.hook_resid_pre"])
     with pytest.raises(HookNameError):
         cache.stack("blocks.*.hook_mlp_out")
+
+
+def test_stack_orders_layers_numerically_past_ten():
+    """From a mutation audit: a lexicographic sort (0, 1, 10, 11, 2, ...) went unnoticed on 3-layer models."""
+    order = [5, 11, 0, 10, 2, 1, 9, 3, 8, 4, 7, 6]  # neither numeric nor lexicographic
+    mask = torch.zeros(1, 2, dtype=torch.bool)
+    cache = ActivationCache({f"blocks.{l}.hook_resid_pre": torch.full((1, 2, 4), float(l)) for l in order},
+                            mask, ~mask, torch.tensor([1]))
+    stacked = cache.stack("blocks.*.hook_resid_pre")
+    assert stacked.shape == (12, 1, 2, 4)
+    assert stacked[:, 0, 0, 0].tolist() == list(range(12))
+    in_order = ActivationCache({f"blocks.{l}.hook_resid_pre": torch.full((1, 2, 4), float(l)) for l in range(12)},
+                               mask, ~mask, torch.tensor([1]))
+    assert in_order.stack("blocks.*.hook_resid_pre")[:, 0, 0, 0].tolist() == list(range(12))
 
 
 def test_stack_refuses_a_glob_over_several_kinds_of_site(tiny_llava):

@@ -61,3 +61,21 @@ def test_per_head_sites_stream_as_one_row_and_patterns_are_refused(tiny_model):
 def test_vision_sites_point_to_collect_features(tiny_llava):
     with pytest.raises(ValueError, match=r"vision-side sites.*interp.probe.collect_features"):
         query_activations(tiny_llava, [random_image(32, 0)], ["who"], "vision.blocks.0.hook_resid_post")
+
+
+def test_prompt_positions_leave_out_padding_and_teacher_forced_answers(tiny_llava):
+    """From a mutation audit: dropping ``pos <= last_index`` (so the eraser steered the forced answer tokens too)
+    went unnoticed.  The mask is exactly the non-padded positions up to and including the last prompt token."""
+    inputs = tiny_llava.encode(images=[random_image(32, 0), None], prompts=["who is this person", "who"],
+                               answers=["a red cat", "the person in the image is a red cat"])
+    width = inputs.input_ids.shape[1]
+    mask = prompt_positions(inputs, width)
+    n_answer = (inputs.labels != -100).sum(1)
+    assert inputs.last_index.tolist() == (width - 1 - n_answer).tolist()
+    expected = torch.zeros_like(mask)
+    for b in range(2):
+        start = width - int(inputs.attention_mask[b].sum())
+        expected[b, start:int(inputs.last_index[b]) + 1] = True
+    assert torch.equal(mask, expected)
+    assert mask.sum(1).tolist() == (inputs.attention_mask.sum(1) - n_answer).tolist()
+    assert not (mask & (inputs.labels != -100)).any() and (inputs.labels != -100).sum() > 0

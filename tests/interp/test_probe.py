@@ -45,6 +45,32 @@ def test_independent_labels_stay_near_chance():
     assert abs(res["test_acc"] - 0.25) <= 0.15
 
 
+def test_test_accuracy_is_scored_on_the_held_out_rows():
+    """From a mutation audit: ``test_acc`` computed on the training rows went unnoticed.  Noise features wider than
+    the training set: the probe memorises its 28 rows and is near chance on the 12 it never saw."""
+    X = torch.randn(40, 64, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(40) % 2
+    res = probe_accuracy(X, y, seed=0)
+    tr, te = stratified_split(y, 0.7, 0)
+    assert (res["n_train"], res["n_test"]) == (tr.numel(), te.numel()) == (28, 12)
+    assert res["train_acc"] == 1.0 and res["test_acc"] <= 0.6
+    probe = LinearProbe.fit(X[tr], y[tr])
+    assert res["test_acc"] == probe.accuracy(X[te], y[te])
+    assert res["train_acc"] == probe.accuracy(X[tr], y[tr])
+
+
+def test_chance_is_the_held_out_majority_share():
+    """From a mutation audit: chance as 1 / n_classes instead of the test set's majority share went unnoticed
+    (balanced classes give the same number).  32 + 8 rows: 12 held out, 10 of class 0."""
+    X = torch.randn(40, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0] * 32 + [1] * 8)
+    res = probe_accuracy(X, y, seed=0)
+    _, te = stratified_split(y, 0.7, 0)
+    assert res["n_test"] == 12 and int((y[te] == 0).sum()) == 10
+    assert res["chance"] == pytest.approx(10 / 12)
+    assert res["n_classes"] == 2
+
+
 def test_probe_layers_ranks_signal_above_noise():
     X, y = _clusters(30, 3, 8, sep=5.0, seed=2)
     res = probe_layers({"signal": X, "noise": torch.randn(90, 8)}, y)

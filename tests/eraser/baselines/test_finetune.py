@@ -77,6 +77,59 @@ def test_seeded_and_epoch_checkpoints_equal_shorter_runs(tiny_llava):
     assert _same(seen[2][0], _state(a))  # constant lr + epoch-by-epoch batch order: epoch sweeps need one run
 
 
+def test_batch_loss_is_each_methods_formula(tiny_llava):
+    """From a mutation audit: GradDiff reduced to GA (retain term dropped, retain forward still run) passed every
+    test.  Each method's loss is its formula over the forget NLL and the retain NLL / KL, read independently."""
+    import copy
+
+    from eraser.baselines import losses as L
+    from eraser.baselines.finetune import Example, batch_loss
+    from interp import HookedVLM
+
+    forget = [Example(*r) for r in FORGET[1:]]
+    retain = [Example(*r) for r in RETAIN[1:]]
+    ref_hf = copy.deepcopy(tiny_llava.hf_model)
+    with torch.no_grad():
+        for prm in ref_hf.parameters():
+            prm.add_(0.02 * torch.randn(prm.shape, generator=torch.Generator().manual_seed(prm.numel())))
+    reference = HookedVLM.from_hf(ref_hf, tokenizer=tiny_llava.tokenizer, image_processor=tiny_llava.image_processor)
+
+    def nll(rows):
+        enc = tiny_llava.encode([r.image for r in rows], [r.prompt for r in rows], answers=[r.answer for r in rows])
+        return float(tiny_llava.answer_nll(enc).mean())
+
+    with torch.no_grad():
+        f_nll, r_nll = nll(forget), nll(retain)
+        parts = {m: batch_loss(m, tiny_llava, reference, forget, retain)[1] for m in METHODS}
+        gd_half = batch_loss("grad_diff", tiny_llava, reference, forget, retain, retain_weight=0.5)[1]
+        gd_zero = batch_loss("grad_diff", tiny_llava, reference, forget, retain, retain_weight=0.0)[1]
+        npo_self = batch_loss("npo", tiny_llava, tiny_llava, forget, retain)[1]
+    assert r_nll > 1.0  # a retain term that cannot hide in the tolerance (float32 sums: abs 1e-5)
+    for m in ("grad_diff", "mmunlearner"):
+        assert parts[m]["forget_nll"] == pytest.approx(f_nll, rel=1e-5)
+        assert parts[m]["retain_nll"] == pytest.approx(r_nll, rel=1e-5)
+        assert parts[m]["loss"] == pytest.approx(-f_nll + r_nll, abs=1e-5)
+    assert gd_half["loss"] == pytest.approx(-f_nll + 0.5 * r_nll, abs=1e-5)
+    assert gd_zero["loss"] == pytest.approx(-f_nll, rel=1e-5) and "retain_nll" not in gd_zero
+    assert parts["ga"]["loss"] == pytest.approx(-f_nll, rel=1e-5) and set(parts["ga"]) == {"forget_nll", "loss"}
+    kl = parts["kl_min"]["retain_kl"]
+    assert kl > 1e-4  # the perturbed reference differs from the model
+    assert parts["kl_min"]["loss"] == pytest.approx(-f_nll + kl, abs=1e-5)
+    # NPO at its reference: (2 / beta) log 2 exactly; against the perturbed reference, the formula of its log-ratios
+    assert npo_self["loss"] == pytest.approx(2 / 0.1 * np.log(2), rel=1e-5)
+    assert npo_self["forget_log_ratio"] == pytest.approx(0.0, abs=1e-5) and "retain_nll" not in parts["npo"]
+    with torch.no_grad():
+        def logp(model):
+            enc = model.encode([r.image for r in forget], [r.prompt for r in forget],
+                               answers=[r.answer for r in forget])
+            return L.sequence_logprob(model.hf_model(**enc.model_kwargs()).logits, enc.labels)
+
+        ratio = logp(tiny_llava) - logp(reference)
+    assert parts["npo"]["forget_log_ratio"] == pytest.approx(float(ratio.mean()), rel=1e-4, abs=1e-5)
+    by_hand = -(2 / 0.1) * torch.nn.functional.logsigmoid(-0.1 * ratio).mean()
+    assert parts["npo"]["loss"] == pytest.approx(float(by_hand), rel=1e-5)
+
+
 def test_bad_arguments(tiny_llava):
     with pytest.raises(ValueError, match="unknown method"):
         unlearn(tiny_llava, "sgd", FORGET, RETAIN, lr=1e-3, epochs=1, batch_size=2)

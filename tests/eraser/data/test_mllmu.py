@@ -193,3 +193,55 @@ def test_empty_split_overlap_duplicates_and_question_less_rows_are_refused(copy:
     _rewrite(copy / "forget_15.parquet", no_questions)
     with pytest.raises(BenchmarkFormatError, match=r"forget_15\.parquet: row 2 .*no questions at all"):
         load_mllmu(copy, 15)
+
+
+def test_list_options_duplicate_answer_texts_text_only_types_and_pooled_test_images(gen: MiniMLLMU,
+                                                                                    copy: Path) -> None:
+    """From a mutation audit, four export variants nothing exercised: Options as a list (lettered A, B, C, D), an
+    answer text matching two options (the first letter), Type "text_only" (a QA question), and several Test_Set rows
+    for one identity (their images pooled)."""
+    import io
+
+    from PIL import Image
+
+    rows = pq.read_table(copy / "forget_5.parquet").to_pylist()
+    cls = rows[0]["Classification_Task"]
+    first, second = cls["Image_Textual_Questions"][0], cls["Pure_Text_Questions"][0]
+    opts = [first["Options"][k] for k in "ABCD"]
+    twice = [second["Options"]["A"], "same text", second["Options"]["C"], "same text"]
+
+    def edit(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for i, r in enumerate(rows):
+            c = r["Classification_Task"]
+            if i == 0:
+                c["Image_Textual_Questions"][0].update(Options=opts, Correct_Answer="C")
+                c["Pure_Text_Questions"][0].update(Options=twice, Correct_Answer="same text")
+                r["Generation_Task"][0]["Type"] = "text_only"
+            r["Classification_Task"] = json.dumps(c)  # one column type for the list and the mappings
+        return rows
+    _rewrite(copy / "forget_5.parquet", edit)
+
+    pid = rows[0]["ID"]
+    buf = io.BytesIO()
+    Image.new("RGB", (9, 7), (1, 2, 3)).save(buf, format="PNG")
+
+    def extra_test_row(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        row = dict(next(r for r in rows if r["ID"] == pid))
+        row["images"] = [{"bytes": buf.getvalue(), "path": None}]
+        return rows + [row]
+    _rewrite(copy / "Test_Set.parquet", extra_test_row)
+
+    before = gen.build(5)
+    bench = load_mllmu(copy, 5)
+    p, p0 = bench.forget[0], before.forget[0]
+    assert p.id == pid == p0.id
+    vqa = [q for q in p.classification if q.modality == "vqa"]
+    qa = [q for q in p.classification if q.modality == "qa"]
+    assert vqa[0].options == dict(zip("ABCD", opts)) and vqa[0].answer == "C"
+    assert qa[0].options == dict(zip("ABCD", twice)) and qa[0].answer == "B"
+    assert p.generation[0].modality == "qa" and p0.generation[0].modality == "vqa"
+    assert p.generation[0].question == p0.generation[0].question and p.generation[1:] == p0.generation[1:]
+    n = len(before.test[0].test_images)
+    assert len(bench.test[0].test_images) == n + 1
+    assert [i.tobytes() for i in bench.test[0].test_images[:n]] == [i.tobytes() for i in before.test[0].test_images]
+    assert bench.test[0].test_images[n].size == (9, 7) and bench.test[0].test_images[n].getpixel((0, 0)) == (1, 2, 3)
