@@ -39,7 +39,7 @@ from eraser.evaluate import build_items
 from eraser.metrics import is_refusal
 from eraser.plots import plot_answer_shift
 
-from .common import Context, base_parser, limited, load_context, out_dir, rate, save_json
+from .common import Context, base_parser, limited, load_context, rate, write_outputs
 
 QUESTION = ("Does the steering hold through the answer? The residual stream's projection on the erasure direction "
             "at each answer token, vanilla vs steered, on forget and retain questions.")
@@ -157,11 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.max_new_tokens < 2:
         ap.error("--max-new-tokens must be >= 2 (one answer token fed back at least)")
     ctx = load_context(args)
-    res = save_json(out_dir(args) / "answer_shift.json", run(ctx, args.max_new_tokens))
-    print_summary(res)
-    png = plot_answer_shift(res, out_dir(args) / "answer_shift.png")
-    print(f"  wrote {out_dir(args) / 'answer_shift.json'}" + (f" and {png}" if png else ""))
-    return res
+    return write_outputs(args, "answer_shift", run(ctx, args.max_new_tokens), print_summary, plot_answer_shift, "answer_shift.png")
 
 
 if __name__ == "__main__":

@@ -203,6 +203,17 @@ def save_json(path: str | os.PathLike, obj: Any) -> dict:
     return obj
 
 
+def write_outputs(args: argparse.Namespace, name: str, result: dict, summary: Any, plot: Any, figure: str) -> dict:
+    """Save ``result`` as ``OUT/<name>.json`` (strict JSON, atomic), print it with ``summary``, draw ``figure``
+    with ``plot`` from what was saved, and say what was written; returns what was written."""
+    out = out_dir(args)
+    res = save_json(out / f"{name}.json", result)
+    summary(res)
+    png = plot(res, out / figure)
+    print(f"  wrote {out / f'{name}.json'}" + (f" and {png}" if png else ""))
+    return res
+
+
 def rate(values: Sequence[bool | float]) -> float | None:
     """Mean of ``values`` as a float in [0, 1]; None (JSON null) when there is nothing to average."""
     vals = [float(v) for v in values]

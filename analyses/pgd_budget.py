@@ -41,7 +41,7 @@ from eraser.pairs import erase_pairs, recall_questions
 from eraser.pgd import PGDConfig, pgd_attack
 from eraser.plots import plot_pgd_budget
 
-from .common import Context, base_parser, load_context, out_dir, save_json
+from .common import Context, base_parser, load_context, write_outputs
 
 QUESTION = ("How sensitive is MLLMEraser to the PGD budget of its recall images: the attack, the erasure "
             "direction, and forgetting with the gate held fixed?")
@@ -167,11 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="strengths the automatic choice searches (the eraser's own is always added)")
     args = ap.parse_args(argv)
     ctx = load_context(args)
-    res = save_json(out_dir(args) / "pgd_budget.json", run(ctx, args.eps, args.steps, args.grid))
-    print_summary(res)
-    png = plot_pgd_budget(res, out_dir(args) / "pgd_budget.png")
-    print(f"  wrote {out_dir(args) / 'pgd_budget.json'}" + (f" and {png}" if png else ""))
-    return res
+    return write_outputs(args, "pgd_budget", run(ctx, args.eps, args.steps, args.grid), print_summary, plot_pgd_budget, "pgd_budget.png")
 
 
 if __name__ == "__main__":
