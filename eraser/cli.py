@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(ev)
     ev.add_argument("--method", choices=sorted(METHOD_SETS), default="vanilla",
                     help="vanilla alone (default), every MLLMEraser variant next to it (mllmeraser), or one variant")
-    ev.add_argument("--out", type=out_dir, default=None, help="output folder (default: print only)")
+    ev.add_argument("--out", type=out_dir, default=None,
+                    help="output folder (default: print only); finished methods are journaled there, so a killed "
+                         "evaluation run again resumes")
     ev.add_argument("--no-oracle", action="store_true", help=NO_ORACLE_HELP)
     ev.add_argument("--artifact", default=None,
                     help="also evaluate a saved eraser (a file or a folder written by `fit`), as it is: no refit; "
@@ -132,7 +134,9 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         erasers[name] = loaded
         methods.append(name)
     oracle = _use_oracle(args, setup)
-    out = run_methods(setup, methods, oracle=oracle, erasers=erasers)
+    # with --out, each finished method is journaled there: a killed evaluation resumes (run_methods)
+    journal = Path(args.out) / "eval_journal.jsonl" if args.out else None
+    out = run_methods(setup, methods, oracle=oracle, erasers=erasers, journal=journal)
     checks: dict[str, Any] = {"refusal": out["checks"]}
     vanilla = out["methods"]["vanilla"]
     checks["memorisation"] = memorisation_checks(setup, vanilla, out["checks"]["vanilla"], oracle=oracle)

@@ -321,49 +321,76 @@ def fit_variant(setup: Setup, name: str = "mllmeraser", config: EraserConfig | N
 
 
 def run_methods(setup: Setup, methods: list[str], oracle: bool = True,
-                erasers: dict[str, MLLMEraser] | None = None) -> dict[str, Any]:
+                erasers: dict[str, MLLMEraser] | None = None, journal: Any = None) -> dict[str, Any]:
     """Evaluate ``methods`` (vanilla and eraser variants); returns results.json's content minus nothing.
 
     ``oracle=False`` leaves out forget quality (the KS test against the retain-only oracle), so the
     oracle is never trained or loaded.  ``erasers`` maps method names (listed in ``methods``) to already
     fitted erasers, e.g. a saved artifact, which are evaluated as they are: no fit, no choice of settings.
+    ``journal`` (a path) records each finished method (:func:`interp.sweep.run_sweep`, with the setup's config,
+    the oracle switch and the given erasers' digests as its context): a killed evaluation run again with the
+    same arguments skips what finished, and one under another context is refused, not mixed in.
     """
     erasers = dict(erasers or {})
     for given in erasers.values():  # before any evaluation: a wrong artifact should cost seconds, not a run
         given.check_model(setup.model)
         given.check_forget_set(forget_queries(setup.bench))
-    out: dict[str, Any] = {"config": setup.config(), "methods": {}, "timing": {}, "checks": {}, "selection": {}}
-    oracle_probs = oracle_ratios = None
-    for name in methods:
+    unknown = [m for m in methods if m != "vanilla" and m not in erasers and m not in ERASER_VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}")
+    oracle_cache: dict[str, Any] = {}
+
+    def oracle_values(key: str, compute: Callable[[], Any]) -> Any:
+        if key not in oracle_cache:
+            oracle_cache[key] = compute()
+        return oracle_cache[key]
+
+    def evaluate_method(name: str) -> dict[str, Any]:
+        selection = None
         if name == "vanilla":
             res, extra, infer_s = evaluate_model(setup)
-            out["timing"][name] = {"fit_s": 0.0, "infer_s": infer_s}
+            timing = {"fit_s": 0.0, "infer_s": infer_s}
         elif name in erasers:
             given = erasers[name]
             res, extra, infer_s = evaluate_model(setup, lambda: given.attached(setup.model))
-            out["timing"][name] = {"fit_s": 0.0, "infer_s": infer_s}
-            out["selection"][name] = None
-        elif name in ERASER_VARIANTS:
-            eraser, sel, timing = fit_variant(setup, name)
+            timing = {"fit_s": 0.0, "infer_s": infer_s}
+        else:
+            eraser, sel, fit_timing = fit_variant(setup, name)
             gated = ERASER_VARIANTS[name].get("gated", True)
             res, extra, infer_s = evaluate_model(setup, lambda: eraser.attached(setup.model, gated=gated))
-            out["timing"][name] = {**timing, "infer_s": infer_s}
-            out["selection"][name] = sel.to_dict() if sel else None
-        else:
-            raise ValueError(f"unknown method {name!r}")
-        out["methods"][name] = res
-        out["checks"][name] = extra["refusal"]
+            timing = {**fit_timing, "infer_s": infer_s}
+            selection = sel.to_dict() if sel else None
         if "forget_answer_probs" in extra and oracle:
-            if oracle_probs is None:
-                oracle_probs = answer_probs(setup.bench.forget, nll_fn(setup.oracle, batch_size=setup.batch_size))
-            res["forget"]["forget_quality"] = forget_quality(extra["forget_answer_probs"], oracle_probs)
+            probs = oracle_values("probs", lambda: answer_probs(setup.bench.forget, nll_fn(setup.oracle,
+                                                                                          batch_size=setup.batch_size)))
+            res["forget"]["forget_quality"] = forget_quality(extra["forget_answer_probs"], probs)
         if extra.get("forget_truth_ratios"):  # TOFU's truth ratio, and its forget quality (KS against the oracle's)
             ratios = extra["forget_truth_ratios"]
             res["forget"]["truth_ratio"] = sum(ratios) / len(ratios)
             if oracle:
-                if oracle_ratios is None:
-                    oracle_ratios = truth_ratios(setup.bench.forget, nll_fn(setup.oracle, batch_size=setup.batch_size))
-                res["forget"]["forget_quality_truth_ratio"] = forget_quality(ratios, oracle_ratios)
+                theirs = oracle_values("ratios", lambda: truth_ratios(setup.bench.forget, nll_fn(
+                    setup.oracle, batch_size=setup.batch_size)))
+                res["forget"]["forget_quality_truth_ratio"] = forget_quality(ratios, theirs)
+        return {"results": res, "timing": timing, "selection": selection, "refusal": extra["refusal"]}
+
+    if journal is None:
+        done = {name: evaluate_method(name) for name in methods}
+    else:
+        from interp.sweep import run_sweep
+
+        context = {"config": setup.config(), "oracle": bool(oracle),
+                   "erasers": {name: e.digest() for name, e in sorted(erasers.items())}}
+        swept = run_sweep([{"method": m} for m in methods], lambda s: evaluate_method(s["method"]), journal,
+                          progress=False, context=context)
+        done = {r["setting"]["method"]: r["result"] for r in swept.records}
+    out: dict[str, Any] = {"config": setup.config(), "methods": {}, "timing": {}, "checks": {}, "selection": {}}
+    for name in methods:
+        entry = done[name]
+        out["methods"][name] = entry["results"]
+        out["timing"][name] = entry["timing"]
+        out["checks"][name] = entry["refusal"]
+        if name != "vanilla":
+            out["selection"][name] = entry["selection"]
     return out
 
 

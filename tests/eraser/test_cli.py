@@ -145,3 +145,37 @@ def test_demo_baselines_default_to_the_papers_four_and_take_mmunlearner(tmp_path
     args = build_parser().parse_args(["demo", "--out", str(tmp_path), "--baselines", "npo, mmunlearner"])
     assert args.baselines == ("npo", "mmunlearner")
     assert build_parser().parse_args(["demo", "--out", str(tmp_path), "--baselines", ""]).baselines == ()
+
+
+def test_a_killed_evaluation_resumes_and_another_runs_journal_is_refused(tmp_path, capsys, monkeypatch):
+    """From an audit: `eval` started over after a kill (issue 7: "sweeps and evaluations resume")."""
+    from eraser import pipeline
+
+    args = ["eval", "--quick", "--no-oracle", "--no-progress", "--threads", "2", "--method",
+            "mllmeraser_stacked_gate", "--out", str(tmp_path)]
+    fit = pipeline.fit_variant
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "fit_variant", killed)
+    assert main(args) == 130  # killed after vanilla finished, before the variant did
+    lines = (tmp_path / "eval_journal.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[1])["setting"] == {"method": "vanilla"}
+    assert not (tmp_path / "results.json").exists()
+    evaluated = []
+    evaluate = pipeline.evaluate_model
+    monkeypatch.setattr(pipeline, "fit_variant", fit)
+    monkeypatch.setattr(pipeline, "evaluate_model", lambda *a, **k: evaluated.append(1) or evaluate(*a, **k))
+    assert main(args) == 0
+    assert len(evaluated) == 1  # vanilla was read back, only the variant ran
+    first = json.loads((tmp_path / "results.json").read_text())
+    assert set(first["methods"]) == {"vanilla", "mllmeraser_stacked_gate"}
+    assert first["checks"]["memorisation"]["forget_cls_acc"]["pass"]  # the resumed vanilla numbers, checked as usual
+    monkeypatch.setattr(pipeline, "evaluate_model", lambda *a, **k: pytest.fail("a finished method ran again"))
+    assert main(args) == 0
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert again["methods"] == first["methods"] and again["checks"] == first["checks"]
+    capsys.readouterr()
+    assert main(args[:-1] + [str(tmp_path), "--forget-ratio", "10"]) == 2  # another split: refused, not mixed in
+    assert "eval_journal.jsonl was written by another run" in capsys.readouterr().err
