@@ -373,17 +373,18 @@ def run_methods(setup: Setup, methods: list[str], oracle: bool = True,
                 res["forget"]["forget_quality_truth_ratio"] = forget_quality(ratios, theirs)
         return {"results": res, "timing": timing, "selection": selection, "refusal": extra["refusal"]}
 
+    config = setup.config()
     if journal is None:
         done = {name: evaluate_method(name) for name in methods}
     else:
         from interp.sweep import run_sweep
 
-        context = {"config": setup.config(), "oracle": bool(oracle),
+        context = {"config": config, "oracle": bool(oracle),
                    "erasers": {name: e.digest() for name, e in sorted(erasers.items())}}
         swept = run_sweep([{"method": m} for m in methods], lambda s: evaluate_method(s["method"]), journal,
                           progress=False, context=context)
         done = {r["setting"]["method"]: r["result"] for r in swept.records}
-    out: dict[str, Any] = {"config": setup.config(), "methods": {}, "timing": {}, "checks": {}, "selection": {}}
+    out: dict[str, Any] = {"config": config, "methods": {}, "timing": {}, "checks": {}, "selection": {}}
     for name in methods:
         entry = done[name]
         out["methods"][name] = entry["results"]

@@ -44,13 +44,12 @@ NOT_RECORDED_WHY = ("not recorded while generating: an attention pattern grows i
 def recorded_names(model: "HookedVLM", names: NameFilter, inputs: "VLMInputs") -> list[str]:
     """``names`` resolved for recording: attention patterns and ``hook_logits`` are refused when named and left
     out of globs; vision-side sites need images (they run on the prefill only, and are kept as it gave them)."""
-    valid = [n for n in model.hook_names() if inputs.has_images or not is_vision_side(n)]
-    if names is not None and not inputs.has_images:
-        vision = [n for n in resolve_names_except_read_only(names, model.hook_names(), NOT_RECORDED_WHY)
-                  if is_vision_side(n)]
-        if vision:
+    resolved = resolve_names_except_read_only(names, model.hook_names(), NOT_RECORDED_WHY)
+    if not inputs.has_images:  # as run_with_cache: all names skips the vision side, naming it is an error
+        vision = [n for n in resolved if is_vision_side(n)]
+        if vision and names is not None:
             raise ValueError(f"{vision[:3]} are vision-side sites, but this batch has no images")
-    resolved = resolve_names_except_read_only(names, valid, NOT_RECORDED_WHY)
+        resolved = [n for n in resolved if not is_vision_side(n)]
     given = [] if names is None or callable(names) else [names] if isinstance(names, str) else list(names)
     if "hook_logits" in given:
         raise ValueError(f"['hook_logits']: {NOT_RECORDED_WHY}")
