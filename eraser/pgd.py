@@ -31,16 +31,16 @@ shrinks on a second pass); ``res.pil_max_diff`` is ``inf`` for such rows.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float
 from PIL import Image
 from torch import Tensor
 
+from interp.gradients import frozen_weights
 from interp.model import sequence_nll
 from interp.pixels import encode_with_pixels, pixels_to_image_kwargs, pixels_to_pil, to_pixels
 
@@ -105,28 +105,6 @@ class PGDResult:
     def stacked(self) -> Float[Tensor, "batch 3 h w"]:
         """``pixels`` as one tensor (all images must have the same size, as LLaVA's always do)."""
         return torch.stack(self.pixels)
-
-
-@contextlib.contextmanager
-def _frozen(module: torch.nn.Module) -> Iterator[None]:
-    """Parameters without ``requires_grad`` and the module in eval mode, both restored on exit.
-
-    Why: the attack differentiates with respect to the pixels only; frozen
-    weights save the memory of weight gradients, and eval mode makes the
-    attacked forward the deployed (deterministic) one.
-    """
-    params = list(module.parameters())
-    flags = [p.requires_grad for p in params]
-    training = module.training
-    for p in params:
-        p.requires_grad_(False)
-    module.eval()
-    try:
-        yield
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
-        module.train(training)
 
 
 def _loss(model: Any, base: Any, xs: list[Tensor]) -> Float[Tensor, " batch"]:
@@ -195,7 +173,7 @@ def pgd_attack(
     gen = torch.Generator().manual_seed(cfg.seed)
     step = cfg.batch_size or len(images)
     adv, hist, clean_loss = [], [], []
-    with _frozen(model.hf_model):
+    with frozen_weights(model.hf_model):
         for s in range(0, len(images), step):
             xs, h, c = _attack_chunk(model, clean[s:s + step], prompts[s:s + step], targets[s:s + step], cfg, gen, chat)
             adv += [x.detach() for x in xs]

@@ -47,7 +47,7 @@ from .cache import ActivationCache
 from .hooks import HookContext, HookFn, HookSpec
 from .inputs import VLMInputs
 from .io import JsonRecord, json_number
-from .names import (SITE_ORDER, NameFilter, is_vision_side, parse_block_name, resolve_names,
+from .names import (SITE_ORDER, NameFilter, is_vision_side, parse_block_name,
                     resolve_names_except_read_only)
 from .steering import repeat_inputs
 from .sweep import Grid
@@ -275,14 +275,7 @@ def patch_from_run(
     """
     check_max_rows(max_rows)
     resolved = patchable_names(model, names)
-    missing = [n for n in resolved if n not in source_cache]
-    if missing:
-        raise ValueError(f"the source cache lacks {missing[:4]}{'...' if len(missing) > 4 else ''}; "
-                         f"cache them in the source run (cached: {source_cache.names[:6]})")
-    check_layout("source", source_cache.image_mask, source_cache.image_mask | source_cache.text_mask,
-                 "target", target_inputs.image_mask, target_inputs.image_mask | target_inputs.text_mask)
-    check_grids("source", source_cache.image_grid_thw, "target",
-                target_inputs.image_kwargs.get("image_grid_thw"))
+    check_source(source_cache, target_inputs, resolved)
     masks = {n: _patch_mask(positions, n, target_inputs) for n in resolved}  # validate before any forward pass
 
     target_logits = model.run_with_hooks(target_inputs, [])
@@ -309,6 +302,19 @@ def patch_from_run(
         positions=_position_label(positions),
         rows=rows,
     )
+
+
+def check_source(source_cache: ActivationCache, target_inputs: VLMInputs, names: Sequence[str]) -> None:
+    """Raise unless ``source_cache`` holds every one of ``names`` and lines up with ``target_inputs`` (the same
+    ``[batch, pos]``, real and image positions, and image grids): what patching from a cached run needs."""
+    missing = [n for n in names if n not in source_cache]
+    if missing:
+        raise ValueError(f"the source cache lacks {missing[:4]}{'...' if len(missing) > 4 else ''}; "
+                         f"cache them in the source run (cached: {source_cache.names[:6]})")
+    check_layout("source", source_cache.image_mask, source_cache.image_mask | source_cache.text_mask,
+                 "target", target_inputs.image_mask, target_inputs.image_mask | target_inputs.text_mask)
+    check_grids("source", source_cache.image_grid_thw, "target",
+                target_inputs.image_kwargs.get("image_grid_thw"))
 
 
 def check_aligned(clean_inputs: VLMInputs, corrupted_inputs: VLMInputs) -> None:
