@@ -46,30 +46,17 @@ from interp.head_patching import patch_heads
 
 from .common import Context, base_parser, limited, load_context, out_dir, save_json
 from .patching import (
-    NAME_QUESTION, answer_position, answer_tokens, logit_diff_at, make_pairs, pair_spec, position_mask,
-    steering_queries,
+    NAME_QUESTION, answer_tokens, n_batches, name_pairs, pair_batches, position_mask, steering_queries,
 )
 
 
 # -- part 1: which heads move the identity --------------------------------------------------------------------
 def head_flow(ctx: Context, profiles: Sequence[Profile], n_pairs: int) -> dict[str, Any]:
-    model, tok = ctx.model, ctx.model.tokenizer
-    specs = [s for s in (pair_spec(tok, a, b) for a, b in make_pairs(profiles, n_pairs, ctx.setup.seed)) if s]
-    if not specs:
-        raise ValueError("no profile pair has answers that differ")
-    images = {p.id: p.image for p in profiles}
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for s in specs:  # pairs sharing prompt and prefix line up position by position: one batch each
-        groups.setdefault((s["prompt"], s["prefix"]), []).append(s)
+    model = ctx.model
+    specs = name_pairs(ctx, profiles, n_pairs)
     rows: dict[str, dict[str, list[float]]] = {"all": {}, "answer": {}}
-    bar = tqdm(total=2 * len(groups), desc="patching heads", disable=not ctx.progress, leave=False)
-    for (prompt, prefix), group in groups.items():
-        n = len(group)
-        answers = [prefix] * n if prefix else None
-        clean = model.encode([images[s["clean"]] for s in group], [prompt] * n, answers=answers)
-        corrupt = model.encode([images[s["corrupted"]] for s in group], [prompt] * n, answers=answers)
-        pos = answer_position(group[0]["n_prefix"])
-        metric = logit_diff_at(pos, [s["clean_id"] for s in group], [s["corrupted_id"] for s in group])
+    bar = tqdm(total=2 * n_batches(specs), desc="patching heads", disable=not ctx.progress, leave=False)
+    for _, clean, corrupt, pos, metric in pair_batches(model, profiles, specs):
         for part, positions in (("all", "all"), ("answer", position_mask(pos))):
             with torch.no_grad():
                 res = patch_heads(model, clean, corrupt, metric, positions=positions, max_rows=ctx.args.batch_size)

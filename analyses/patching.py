@@ -31,7 +31,7 @@ import math
 import random
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -121,20 +121,23 @@ def position_mask(pos_fn):
     return answer_pos
 
 
-def information_flow(ctx: Context, profiles: Sequence[Profile], n_pairs: int) -> dict[str, Any]:
-    model, tok = ctx.model, ctx.model.tokenizer
-    specs = [s for s in (pair_spec(tok, a, b) for a, b in make_pairs(profiles, n_pairs, ctx.setup.seed)) if s]
+def name_pairs(ctx: Context, profiles: Sequence[Profile], n_pairs: int) -> list[dict[str, Any]]:
+    """The pair specs (:func:`pair_spec`) of ``n_pairs`` seeded profile pairs whose name answers differ."""
+    specs = [s for s in (pair_spec(ctx.model.tokenizer, a, b) for a, b in make_pairs(profiles, n_pairs, ctx.setup.seed))
+             if s]
     if not specs:
         raise ValueError("no profile pair has answers that differ")
+    return specs
+
+
+def pair_batches(model, profiles: Sequence[Profile], specs: Sequence[dict[str, Any]]) -> Iterator[tuple]:
+    """One ``(group, clean, corrupted, answer_pos, metric)`` per batch of pairs sharing prompt and prefix: such
+    pairs line up position by position.  ``metric`` is the clean-minus-corrupted name-token logit difference at
+    the answer position (:func:`logit_diff_at`); ``answer_pos`` a function of the inputs giving that position."""
     images = {p.id: p.image for p in profiles}
-    vision = [f"vision.blocks.{l}.hook_resid_post" for l in range(model.n_vision_layers)] + ["projector.hook_out"]
-    lm = [f"blocks.{l}.hook_resid_pre" for l in range(model.n_layers)]
     groups: dict[tuple[str, str], list[dict]] = {}
-    for s in specs:  # pairs sharing prompt and prefix line up position by position: one batch each
+    for s in specs:
         groups.setdefault((s["prompt"], s["prefix"]), []).append(s)
-    rows: dict[str, dict[str, list[float]]] = {"vision": {}, "lm_image": {}, "lm_answer": {}}
-    parts = [("vision", vision, "all"), ("lm_image", lm, "image"), ("lm_answer", lm, "answer")]
-    bar = tqdm(total=len(groups) * len(parts), desc="patching (image flow)", disable=not ctx.progress, leave=False)
     for (prompt, prefix), group in groups.items():
         n = len(group)
         answers = [prefix] * n if prefix else None
@@ -142,6 +145,23 @@ def information_flow(ctx: Context, profiles: Sequence[Profile], n_pairs: int) ->
         corrupt = model.encode([images[s["corrupted"]] for s in group], [prompt] * n, answers=answers)
         pos = answer_position(group[0]["n_prefix"])
         metric = logit_diff_at(pos, [s["clean_id"] for s in group], [s["corrupted_id"] for s in group])
+        yield group, clean, corrupt, pos, metric
+
+
+def n_batches(specs: Sequence[dict[str, Any]]) -> int:
+    return len({(s["prompt"], s["prefix"]) for s in specs})
+
+
+def information_flow(ctx: Context, profiles: Sequence[Profile], n_pairs: int) -> dict[str, Any]:
+    model = ctx.model
+    specs = name_pairs(ctx, profiles, n_pairs)
+    vision = [f"vision.blocks.{l}.hook_resid_post" for l in range(model.n_vision_layers)] + ["projector.hook_out"]
+    lm = [f"blocks.{l}.hook_resid_pre" for l in range(model.n_layers)]
+    rows: dict[str, dict[str, list[float]]] = {"vision": {}, "lm_image": {}, "lm_answer": {}}
+    parts = [("vision", vision, "all"), ("lm_image", lm, "image"), ("lm_answer", lm, "answer")]
+    bar = tqdm(total=n_batches(specs) * len(parts), desc="patching (image flow)", disable=not ctx.progress,
+               leave=False)
+    for _, clean, corrupt, pos, metric in pair_batches(model, profiles, specs):
         for part, names, positions in parts:
             with torch.no_grad():
                 res = patch_sites(model, clean, corrupt, names, metric,

@@ -13,9 +13,18 @@ backward pass in all.  The results are the same value objects as patching's
 ``"attribution"``), so grids, heatmaps and saved files work unchanged, with ``patched`` holding the estimate.
 
 It is an approximation.  It is exact where the metric is linear in the site (``ln_final.hook_normalized``
-with :func:`~interp.patching.logit_diff`), close for small clean - corrupted differences, and can be far off
-where a nonlinearity saturates (a softmax that flips, a LayerNorm after a large change).  Use it to find the
-few sites worth patching for real, and check those with :func:`~interp.patching.patch_sites`;
+with :func:`~interp.patching.logit_diff`), close for small clean - corrupted differences, and can be far off,
+even in sign, where the swap saturates a nonlinearity: on the quick zoo model, swapping one person's portrait
+for another's flips the name logit difference from about +8 to -7, and the first-order estimate of patching
+all image positions of block 0 (an effect of exactly 1) is negative (``analyses/attribution.py``).
+
+``steps=K`` integrates instead of taking one gradient (integrated gradients along the straight path in input
+space, as in EAP-IG): ``K + 1`` differentiated runs from the corrupted inputs to the clean ones, and per
+site ``sum_j (g_j + g_{j+1}) / 2 * (a_{j+1} - a_j)`` (:func:`path_terms`).  Summed over a complete cut (one
+residual stream at every position where the runs differ) these terms add up to the whole clean - corrupted
+change, up to the trapezoid rule's error; per site, position and head they are an attribution, not a
+patching effect, but one that saturation no longer turns around.  Use either to find the few sites worth
+patching for real, and check those with :func:`~interp.patching.patch_sites`;
 ``tests/interp/test_attribution_patching.py`` measures both regimes.
 
 >>> from interp.tiny import tiny_vlm
@@ -30,7 +39,9 @@ few sites worth patching for real, and check those with :func:`~interp.patching.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Sequence
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -40,7 +51,7 @@ from torch import Tensor
 from .cache import ActivationCache
 from .gradients import GradRun, run_with_grads
 from .head_patching import HeadPatchResult
-from .hooks import HookSpec
+from .hooks import HookContext, HookFn, HookSpec, expand_hooks
 from .inputs import VLMInputs
 from .names import NameFilter, is_vision_side
 from .patching import (Metric, PatchResult, PositionSpec, _mean, _patch_mask, _position_label, check_aligned,
@@ -52,48 +63,166 @@ if TYPE_CHECKING:
 METHOD = "attribution"
 
 
-def linear_terms(delta: Float[Tensor, "..."], grad: Float[Tensor, "..."],
-                 mask: Optional[Bool[Tensor, "batch pos"]] = None, keep: int = 2) -> Float[Tensor, "..."]:
-    """The first-order terms ``delta * grad`` (in float32), zeroed outside ``mask`` and summed over every
-    dimension after the first ``keep`` ones: ``keep=2`` gives one term per ``[batch, pos]`` (per image and patch
-    on the vision side), ``keep=3`` one per ``[batch, pos, head]`` for ``attn.hook_z``."""
-    if delta.shape != grad.shape:
-        raise ValueError(f"delta {tuple(delta.shape)} and gradient {tuple(grad.shape)} differ in shape")
-    terms = delta.float() * grad.float()
+def reduce_terms(terms: Float[Tensor, "..."], mask: Optional[Bool[Tensor, "batch pos"]] = None, keep: int = 2
+                 ) -> Float[Tensor, "..."]:
+    """Per-entry attribution terms zeroed outside ``mask`` and summed over every dimension after the first
+    ``keep``: ``keep=2`` gives one term per ``[batch, pos]`` (per image and patch on the vision side),
+    ``keep=3`` one per ``[batch, pos, head]`` for ``attn.hook_z``."""
     if mask is not None:
         m = mask.to(terms.device).reshape(*mask.shape, *([1] * (terms.dim() - mask.dim())))
         terms = terms * m
     return terms.flatten(keep).sum(-1) if terms.dim() > keep else terms
 
 
-def _row_totals(name: str, terms: Tensor, batch: int) -> Optional[Tensor]:
-    """One estimate per batch row, or None at vision-side sites, whose leading dimension is images or patches
-    rather than rows (their batch mean is still exact: rows do not interact)."""
-    if is_vision_side(name):
-        return None
-    return terms.reshape(batch, -1).sum(-1)
+def linear_terms(delta: Float[Tensor, "..."], grad: Float[Tensor, "..."],
+                 mask: Optional[Bool[Tensor, "batch pos"]] = None, keep: int = 2) -> Float[Tensor, "..."]:
+    """The first-order terms ``delta * grad`` (in float32), reduced by :func:`reduce_terms`."""
+    if delta.shape != grad.shape:
+        raise ValueError(f"delta {tuple(delta.shape)} and gradient {tuple(grad.shape)} differ in shape")
+    return reduce_terms(delta.float() * grad.float(), mask, keep)
 
 
-def _result(names: Sequence[str], run: GradRun, source: ActivationCache, masks: dict, positions: PositionSpec,
-            clean_rows: Optional[list[float]]) -> PatchResult:
-    base = [float(v) for v in run.values.float().cpu()]
+def path_terms(acts: Sequence[Float[Tensor, "..."]], grads: Sequence[Float[Tensor, "..."]]) -> Float[Tensor, "..."]:
+    """The path integral of ``grad . d(act)`` by the trapezoid rule, per entry: ``sum_j (g_j + g_{j+1}) / 2 *
+    (a_{j+1} - a_j)`` over the activations ``a_j`` and gradients ``g_j`` at the path's points.
+
+    Why: summed over a complete cut of the model (every position of one residual stream), these terms add up to
+    the metric's change along the path, whatever the nonlinearities (the fundamental theorem of calculus), up
+    to the trapezoid rule's error, which falls as the square of the step.
+    """
+    if len(acts) != len(grads) or len(acts) < 2:
+        raise ValueError(f"need the same number (>= 2) of activations and gradients, got {len(acts)} and {len(grads)}")
+    out = torch.zeros(acts[0].shape, dtype=torch.float32, device=acts[0].device)
+    for j in range(len(acts) - 1):
+        out += 0.5 * (grads[j].float() + grads[j + 1].float()) * (acts[j + 1].float() - acts[j].float())
+    return out
+
+
+@dataclass
+class Terms:
+    """What every estimate is made of: the corrupted run's metric per row, the end point's (the clean or hooked
+    run's, None for a first-order estimate from a cache), and each site's per-entry terms."""
+
+    base: list[float]
+    end: Optional[list[float]]
+    products: dict[str, Tensor]
+
+
+def check_steps(steps: int) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0 (0: the gradient at the corrupted run; K: integrated "
+                         f"along the path in K segments), got {steps!r}")
+    return steps
+
+
+def _rows(values: Tensor) -> list[float]:
+    return [float(v) for v in values.detach().float().cpu()]
+
+
+def first_order_terms(model: "HookedVLM", target_inputs: VLMInputs, source_cache: ActivationCache,
+                      names: Sequence[str], metric: Metric) -> Terms:
+    """``(source - target) * grad`` at each site, the gradient taken once in the target run."""
+    run = run_with_grads(model, target_inputs, names, metric)
+    return Terms(_rows(run.values), None,
+                 {n: (source_cache[n].to(run.acts[n].device).float() - run.acts[n].float()) * run.grads[n].float()
+                  for n in names})
+
+
+def integrated_terms(names: Sequence[str], steps: int, run_at: Callable[[float], GradRun],
+                     progress: Optional[Callable[[], None]] = None) -> Terms:
+    """:func:`path_terms` at each site along ``alpha = 0, 1/steps, ..., 1``; ``run_at(alpha)`` is the
+    differentiated run at that point of the path (``run_at(0)`` the corrupted run, ``run_at(1)`` the clean one).
+    Only two points are held at a time."""
+    products: dict[str, Tensor] = {}
+    prev: Optional[GradRun] = None
+    base: list[float] = []
+    for j in range(steps + 1):
+        run = run_at(j / steps)
+        if prev is None:
+            base = _rows(run.values)
+        else:
+            for n in names:
+                part = path_terms([prev.acts[n], run.acts[n]], [prev.grads[n], run.grads[n]])
+                products[n] = part if n not in products else products[n] + part
+        prev = run
+        if progress is not None:
+            progress()
+    return Terms(base, _rows(prev.values), products)
+
+
+def interpolated_inputs(clean: VLMInputs, corrupted: VLMInputs, alpha: float) -> VLMInputs:
+    """``corrupted`` with every floating-point image input (pixel values) moved ``alpha`` of the way to
+    ``clean``'s (the runs must line up: :func:`interp.patching.check_aligned`)."""
+    kwargs = {}
+    for k, v in corrupted.image_kwargs.items():
+        c = clean.image_kwargs.get(k)
+        if v.is_floating_point():
+            if c is None or c.shape != v.shape:
+                raise ValueError(f"clean and corrupted image input {k!r} differ in shape "
+                                 f"({None if c is None else tuple(c.shape)} vs {tuple(v.shape)}); cannot interpolate")
+            v = v + alpha * (c.to(v) - v)
+        kwargs[k] = v
+    return dataclasses.replace(corrupted, image_kwargs=kwargs)
+
+
+def _text_path(clean_embed: Tensor, alpha: float) -> HookFn:
+    """At ``hook_embed``: move the text positions' embeddings ``alpha`` of the way to the clean run's (image
+    positions come from the interpolated pixels, so every path through the vision tower is kept)."""
+
+    def hook(x: Tensor, ctx: HookContext) -> Tensor:
+        m = ctx.text_mask.to(x.device).unsqueeze(-1)
+        return torch.where(m, x + alpha * (clean_embed.to(x) - x), x)
+
+    return hook
+
+
+def _scaled(fn: HookFn, alpha: float) -> HookFn:
+    """A hook moved ``alpha`` of the way from doing nothing to ``fn``: ``x + alpha * (fn(x) - x)``."""
+
+    def hook(x: Tensor, ctx: HookContext) -> Tensor:
+        new = fn(x, ctx)
+        return x if new is None else x + alpha * (new - x)
+
+    return hook
+
+
+def _result(names: Sequence[str], terms: Terms, masks: dict, positions: PositionSpec,
+            clean_rows: Optional[list[float]], steps: int) -> PatchResult:
+    base = terms.base
     b = len(base)
     rows: dict[str, list[float]] = {"corrupted": base}
     if clean_rows is not None:
         rows["clean"] = clean_rows
     patched: dict[str, float] = {}
     for n in names:
-        terms = linear_terms(source[n].to(run.acts[n].device) - run.acts[n], run.grads[n], masks[n])
-        per_row = _row_totals(n, terms, b)
-        if per_row is None:
-            patched[n] = _mean(base) + float(terms.sum()) / b
+        reduced = reduce_terms(terms.products[n], masks[n])
+        if is_vision_side(n):  # leading dims are images or patches, not rows; the batch mean is still exact
+            patched[n] = _mean(base) + float(reduced.sum()) / b
         else:
-            rows[n] = [x + float(t) for x, t in zip(base, per_row.cpu())]
+            rows[n] = [x + float(t) for x, t in zip(base, reduced.reshape(b, -1).sum(-1).cpu())]
             patched[n] = _mean(rows[n])
     return PatchResult(names=list(names), patched=patched,
                        clean=_mean(clean_rows) if clean_rows is not None else float("nan"),
                        corrupted=_mean(base), positions=_position_label(positions), rows=rows,
-                       meta={"method": METHOD})
+                       meta={"method": METHOD, "steps": steps})
+
+
+def _swap_terms(model: "HookedVLM", clean: VLMInputs, corrupted: VLMInputs, names: Sequence[str], metric: Metric,
+                steps: int) -> tuple[Terms, list[float]]:
+    """The terms of a clean -> corrupted estimate, and the clean run's metric per row."""
+    text_differs = steps > 0 and not torch.equal(clean.input_ids, corrupted.input_ids)
+    wanted = list(names) + (["hook_embed"] if text_differs and "hook_embed" not in names else [])
+    clean_logits, cache = model.run_with_cache(clean, names=wanted)
+    clean_rows = _rows(torch.as_tensor(metric(clean_logits, corrupted)))
+    del clean_logits
+    if steps == 0:
+        return first_order_terms(model, corrupted, cache, names, metric), clean_rows
+
+    def run_at(alpha: float) -> GradRun:
+        hooks = [("hook_embed", _text_path(cache["hook_embed"], alpha))] if text_differs else []
+        return run_with_grads(model, interpolated_inputs(clean, corrupted, alpha), names, metric, hooks=hooks)
+
+    return integrated_terms(names, steps, run_at), clean_rows
 
 
 def attribution_from_run(
@@ -105,20 +234,22 @@ def attribution_from_run(
     positions: PositionSpec = "all",
     source_logits: Optional[Float[Tensor, "batch pos vocab"]] = None,
 ) -> PatchResult:
-    """:func:`interp.patching.patch_from_run`, estimated: the effect of patching each site of ``source_cache``
-    alone into a plain run of ``target_inputs``, from one differentiated run of the target.
+    """:func:`interp.patching.patch_from_run`, estimated to first order: the effect of patching each site of
+    ``source_cache`` alone into a plain run of ``target_inputs``, from one differentiated run of the target.
 
     Arguments as in ``patch_from_run`` (``max_rows`` is not needed: there is one forward pass).  ``rows`` holds
-    per-row estimates at language-model sites; at vision-side sites only the batch mean is estimated.
+    per-row estimates at language-model sites; at vision-side sites only the batch mean is estimated.  A cache
+    gives no path between the runs, so there is no ``steps`` here (:func:`attribution_patch` and
+    :func:`attribution_hooks` have one).
     """
     resolved = patchable_names(model, names)
     check_source(source_cache, target_inputs, resolved)
     masks = {n: _patch_mask(positions, n, target_inputs) for n in resolved}  # validate before any forward pass
     clean_rows = None
     if source_logits is not None:
-        clean_rows = [float(v) for v in torch.as_tensor(metric(source_logits, target_inputs)).detach().float().cpu()]
-    run = run_with_grads(model, target_inputs, resolved, metric)
-    return _result(resolved, run, source_cache, masks, positions, clean_rows)
+        clean_rows = _rows(torch.as_tensor(metric(source_logits, target_inputs)))
+    terms = first_order_terms(model, target_inputs, source_cache, resolved, metric)
+    return _result(resolved, terms, masks, positions, clean_rows, 0)
 
 
 def attribution_patch(
@@ -128,14 +259,24 @@ def attribution_patch(
     names: NameFilter,
     metric: Metric,
     positions: PositionSpec = "all",
+    steps: int = 0,
 ) -> PatchResult:
-    """:func:`interp.patching.patch_sites`, estimated by attribution patching: clean -> corrupted at each site
-    in ``names`` (list, glob or predicate), at ``positions``, from one clean forward pass and one differentiated
-    corrupted pass.  See the module docstring for when the estimate holds."""
+    """:func:`interp.patching.patch_sites`, estimated: clean -> corrupted at each site in ``names`` (list, glob
+    or predicate), at ``positions``.
+
+    ``steps=0``: attribution patching, the gradient taken once in the corrupted run (one clean forward pass,
+    one differentiated corrupted pass).  ``steps=K``: integrated along the straight path in input space from
+    the corrupted inputs to the clean ones (pixel values, and text embeddings where the prompts differ), in
+    ``K`` trapezoid segments (``K + 1`` differentiated passes): exact, up to the trapezoid's error, for sites
+    that form a complete cut (a residual stream at every position where the runs differ), and far closer than
+    ``steps=0`` where the swap saturates the metric (module docstring).
+    """
+    check_steps(steps)
     check_aligned(clean_inputs, corrupted_inputs)
     resolved = patchable_names(model, names)
-    clean_logits, cache = model.run_with_cache(clean_inputs, names=resolved)
-    return attribution_from_run(model, corrupted_inputs, cache, resolved, metric, positions, clean_logits)
+    masks = {n: _patch_mask(positions, n, corrupted_inputs) for n in resolved}
+    terms, clean_rows = _swap_terms(model, clean_inputs, corrupted_inputs, resolved, metric, steps)
+    return _result(resolved, terms, masks, positions, clean_rows, steps)
 
 
 def attribution_hooks(
@@ -145,12 +286,24 @@ def attribution_hooks(
     names: NameFilter,
     metric: Metric,
     positions: PositionSpec = "all",
+    steps: int = 0,
 ) -> PatchResult:
     """:func:`interp.patching.patch_hooks`, estimated: which site's hooked (e.g. steered) activations, patched
-    alone into the vanilla run, would reproduce the hooked behaviour, to first order."""
+    alone into the vanilla run, would reproduce the hooked behaviour.  ``steps=K`` integrates along the path
+    that moves every hook from doing nothing to its full effect (``x + alpha * (fn(x) - x)``)."""
+    check_steps(steps)
     resolved = patchable_names(model, names)
+    masks = {n: _patch_mask(positions, n, inputs) for n in resolved}
+    hook_list = [(n, fn) for n, fns in expand_hooks(hooks, model.hook_names()).items() for fn in fns]
     source_logits, cache = model.run_with_cache(inputs, names=resolved, hooks=hooks)
-    return attribution_from_run(model, inputs, cache, resolved, metric, positions, source_logits)
+    clean_rows = _rows(torch.as_tensor(metric(source_logits, inputs)))
+    del source_logits
+    if steps == 0:
+        terms = first_order_terms(model, inputs, cache, resolved, metric)
+    else:
+        terms = integrated_terms(resolved, steps, lambda alpha: run_with_grads(
+            model, inputs, resolved, metric, hooks=[(n, _scaled(fn, alpha)) for n, fn in hook_list]))
+    return _result(resolved, terms, masks, positions, clean_rows, steps)
 
 
 def attribution_map(
@@ -159,21 +312,23 @@ def attribution_map(
     corrupted_inputs: VLMInputs,
     names: NameFilter,
     metric: Metric,
+    steps: int = 0,
 ) -> dict[str, Float[Tensor, "batch pos"]]:
     """Per-position attribution at each language-model site: ``map[name][b, p]`` estimates how much patching
     position ``p`` of ``name`` alone (clean -> corrupted) changes row ``b``'s metric (unnormalised; summing a row
     over the positions gives the ``positions="all"`` estimate).  The layer x position picture of which image
-    and text tokens carry the difference, for the cost of one backward pass.  Vision-side sites are refused:
-    they have no prompt positions (use :func:`attribution_patch` with ``positions="image"``)."""
+    and text tokens carry the difference, for the cost of one backward pass (``steps`` as in
+    :func:`attribution_patch`).  Vision-side sites are refused: they have no prompt positions (use
+    :func:`attribution_patch` with ``positions="image"``)."""
+    check_steps(steps)
     check_aligned(clean_inputs, corrupted_inputs)
     resolved = patchable_names(model, names)
     vision = [n for n in resolved if is_vision_side(n)]
     if vision:
         raise ValueError(f"{vision[:3]} are vision-side sites: they have no prompt positions to map; "
                          "use attribution_patch(..., positions='image') for their totals")
-    _, cache = model.run_with_cache(clean_inputs, names=resolved)
-    run = run_with_grads(model, corrupted_inputs, resolved, metric)
-    return {n: linear_terms(cache[n].to(run.acts[n].device) - run.acts[n], run.grads[n]).cpu() for n in resolved}
+    terms, _ = _swap_terms(model, clean_inputs, corrupted_inputs, resolved, metric, steps)
+    return {n: reduce_terms(terms.products[n]).cpu() for n in resolved}
 
 
 def attribution_heads(
@@ -183,9 +338,12 @@ def attribution_heads(
     metric: Metric,
     layers: Optional[Sequence[int]] = None,
     positions: PositionSpec = "all",
+    steps: int = 0,
 ) -> HeadPatchResult:
     """:func:`interp.head_patching.patch_heads`, estimated: every (layer, head) at once from the gradient at
-    ``blocks.{l}.attn.hook_z``, one backward pass instead of ``n_layers x n_heads`` patched runs."""
+    ``blocks.{l}.attn.hook_z``, instead of ``n_layers x n_heads`` patched runs (``steps`` as in
+    :func:`attribution_patch`)."""
+    check_steps(steps)
     check_aligned(clean_inputs, corrupted_inputs)
     layers = list(range(model.n_layers)) if layers is None else [int(l) for l in layers]
     bad = [l for l in layers if not 0 <= l < model.n_layers]
@@ -193,19 +351,15 @@ def attribution_heads(
         raise ValueError(f"layers must be distinct LM layers in 0..{model.n_layers - 1}, got {layers}")
     names = [f"blocks.{l}.attn.hook_z" for l in layers]
     mask = _patch_mask(positions, names[0], corrupted_inputs)  # validate before any forward pass
-    clean_logits, cache = model.run_with_cache(clean_inputs, names=names)
-    clean_rows = [float(v) for v in torch.as_tensor(metric(clean_logits, corrupted_inputs)).detach().float().cpu()]
-    del clean_logits
-    run = run_with_grads(model, corrupted_inputs, names, metric)
-    base = [float(v) for v in run.values.float().cpu()]
+    terms, clean_rows = _swap_terms(model, clean_inputs, corrupted_inputs, names, metric, steps)
+    base = terms.base
     rows: dict[str, list[float]] = {"clean": clean_rows, "corrupted": base}
     n_heads = model.head_counts["lm"][0]
     patched = np.full((len(layers), n_heads), np.nan)
     for i, (l, n) in enumerate(zip(layers, names)):
-        terms = linear_terms(cache[n].to(run.acts[n].device) - run.acts[n], run.grads[n], mask, keep=3)
-        per_head = terms.sum(1).cpu()  # [batch, head]
+        per_head = reduce_terms(terms.products[n], mask, keep=3).sum(1).cpu()  # [batch, head]
         for h in range(n_heads):
             rows[f"L{l}H{h}"] = [x + float(t) for x, t in zip(base, per_head[:, h])]
             patched[i, h] = _mean(rows[f"L{l}H{h}"])
     return HeadPatchResult(layers=layers, patched=patched, clean=_mean(clean_rows), corrupted=_mean(base),
-                           positions=_position_label(positions), rows=rows, meta={"method": METHOD})
+                           positions=_position_label(positions), rows=rows, meta={"method": METHOD, "steps": steps})

@@ -14,6 +14,7 @@ leakage_bars.png     leakage.json   each attack's success rate, vanilla vs steer
 heads_heatmap.png    heads.json     per-head patching; attention to the image, vanilla vs steered
 pgd_budget.png       pgd_budget.json the PGD budget: attack loss, direction cosines, validation numbers
 answer_shift.png     answer_shift.json  the projection on the erasure direction along the answer, vanilla vs steered
+attribution.png      attribution.json   attribution patching vs activation patching: effects, position maps
 ===================  =============  ===========================================
 
 >>> from eraser.plots import plot_leakage
@@ -32,7 +33,7 @@ from matplotlib.colors import TwoSlopeNorm
 from .canvas import STYLE, PathLike, new_figure, read_json, save_png, say_skipped
 
 __all__ = ["plot_probe_accuracy", "plot_patching_heatmap", "plot_leakage", "plot_heads_heatmap", "plot_pgd_budget",
-           "plot_answer_shift", "FIGURES"]
+           "plot_answer_shift", "plot_attribution", "FIGURES"]
 
 _COND = (  # (probe, run, label, colour)
     ("vanilla_probe", "vanilla", "vanilla probe / vanilla run", "#1f77b4"),
@@ -334,6 +335,72 @@ def plot_answer_shift(source: Any, out_path: PathLike) -> Path | None:
         return save_png(fig, out_path, {"steered_steps": k, "splits": list(splits), "directions": keys})
 
 
+# -- attribution patching -----------------------------------------------------------------------------------
+_ATTRIBUTION_PARTS = (("vision", "vision + projector", "o"), ("lm_image", "LM, image positions", "s"),
+                      ("lm_answer", "LM, answer position", "^"), ("heads", "heads", "x"),
+                      ("positions", "resid_pre x image token", "."))
+
+
+def plot_attribution(source: Any, out_path: PathLike) -> Path | None:
+    """Attribution patching against activation patching: every cell's normalised effect by patching (x) and by
+    each estimate (y; one marker per experiment, the diagonal is agreement), the layer x image-token map by each
+    method, and the steering experiment's per-layer effects by each."""
+    data, path = read_json(source, "attribution.json")
+    if not data or not (data.get("name") or {}).get("parts"):
+        say_skipped("attribution", f"no attribution results ({path or 'no data'})")
+        return None
+    name, st = data["name"], data.get("steering") or {}
+    grid = name.get("positions_grid") or {}
+    estimates = [m for m in ("attribution", "integrated") if m in grid]
+    titles = {"patching": "patched", "attribution": "first-order estimate",
+              "integrated": f"integrated estimate ({name.get('steps', '?')} steps)"}
+    with matplotlib.rc_context(STYLE):
+        fig = new_figure(13.0, 7.2)
+        grid_axes = fig.subplots(2, len(estimates) + 1, squeeze=False)
+        top, bottom = list(grid_axes[0]), list(grid_axes[1])  # scatters + steering; the three position maps
+        for ax, m in zip(top, estimates):
+            lim = 1.0
+            for key, label, marker in _ATTRIBUTION_PARTS:
+                part = name["parts"].get(key)
+                if not part or m not in part:
+                    continue
+                x = np.array([_f(v) for v in part["patching"]])
+                y = np.array([_f(v) for v in part[m]])
+                ok = np.isfinite(x) & np.isfinite(y)
+                if ok.any():
+                    lim = max(lim, float(np.abs(x[ok]).max()), float(np.abs(y[ok]).max()))
+                r = _f(((part.get("agreement") or {}).get(m) or {}).get("pearson_r"))
+                ax.scatter(x, y, marker=marker, s=14, label=f"{label} (r = {r:.2f})")
+            ax.plot([-lim, lim], [-lim, lim], color="0.5", lw=0.8, ls="--")
+            ax.set(xlabel="activation patching (normalised effect)", ylabel=titles[m], title=f"Every cell: {titles[m]}")
+            ax.legend(frameon=False, fontsize="x-small")
+        for ax, m in zip(bottom, ["patching"] + estimates):
+            vals = grid.get(m) or []
+            _panel(ax, fig, {"rows": [str(l) for l in grid.get("layers", [])],
+                             "cols": list(range(len(vals[0]) if vals else 0)), "values": vals},
+                   f"resid_pre at one image token: {titles[m]}", "image token (raster order)")
+            ax.set_ylabel("LM layer")
+            for t in ax.texts[:]:  # too many cells for numbers
+                t.remove()
+        ax = top[-1]
+        if st.get("sites"):
+            x = np.arange(len(st["sites"]))
+            methods = ["patching"] + [m for m in estimates if m in st]
+            w = 0.8 / len(methods)
+            for i, m in enumerate(methods):
+                ax.bar(x + (i - (len(methods) - 1) / 2) * w, [_f(v) for v in st[m]], w, label=titles[m])
+            ax.set_xticks(x, [s.split(".")[1] for s in st["sites"]])
+            ax.set(xlabel="LM layer (resid_pre)", ylabel="normalised effect", title="Steered → vanilla")
+            ax.legend(frameon=False, fontsize="x-small")
+        else:
+            ax.set_axis_off()
+        fig.suptitle(f"Attribution vs activation patching over {name.get('n_pairs', '?')} profile pairs "
+                     f"(name-token logit diff, clean {_f(name.get('clean')):.2f} / corrupted "
+                     f"{_f(name.get('corrupted')):.2f})")
+        summary = {k: part.get("agreement") for k, part in name["parts"].items()}
+        return save_png(fig, out_path, {"parts": summary})
+
+
 def _pct(v: Any) -> str:
     return "n/a" if not isinstance(v, (int, float)) else f"{100 * v:.0f} %"
 
@@ -346,4 +413,5 @@ FIGURES = {
     "heads_heatmap": (plot_heads_heatmap, "heads_heatmap.png", "heads.json"),
     "pgd_budget": (plot_pgd_budget, "pgd_budget.png", "pgd_budget.json"),
     "answer_shift": (plot_answer_shift, "answer_shift.png", "answer_shift.json"),
+    "attribution": (plot_attribution, "attribution.png", "attribution.json"),
 }

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from interp.attribution_patching import (attribution_from_run, attribution_heads, attribution_hooks,
-                                         attribution_map, attribution_patch, linear_terms)
+                                         attribution_map, attribution_patch, integrated_terms, interpolated_inputs,
+                                         linear_terms, path_terms)
+from interp.gradients import run_with_grads
 from interp.head_patching import HeadPatchResult, patch_heads
 from interp.patching import PatchResult, logit_diff, patch_hooks, patch_sites
 from tests.conftest import random_image
@@ -143,7 +145,7 @@ def test_results_save_and_refuse_bad_input(tiny_llava, tmp_path):
     est = attribution_patch(tiny_llava, clean, corrupt, "blocks.*.hook_resid_pre", metric)
     est.save(tmp_path / "atp.json")
     back = PatchResult.load(tmp_path / "atp.json")
-    assert back.meta == {"method": "attribution"} and back.effects == pytest.approx(est.effects)
+    assert back.meta == {"method": "attribution", "steps": 0} and back.effects == pytest.approx(est.effects)
     assert est.grid().values.shape == (1, 3)
     other = tiny_llava.encode(images=[random_image(32, 1), random_image(32, 2)], prompts=["who", "who is he"])
     with pytest.raises(ValueError, match="line up"):
@@ -166,3 +168,75 @@ def test_linear_terms_mask_and_keep():
     assert linear_terms(delta, 2 * grad, keep=3).shape == (2, 3, 4)
     with pytest.raises(ValueError, match="differ in shape"):
         linear_terms(delta, grad[:, :2])
+
+
+# -- integrated along the path (steps=K) ------------------------------------------------------------------------
+def test_path_terms_integrate_by_the_trapezoid_rule():
+    """f(a) = a^3 from 0 to 1 along a straight line: the trapezoid sum of f'(a) da tends to f(1) - f(0) = 1 with
+    an error falling as 1 / K^2, and is exact for a quadratic f (linear gradient)."""
+    def total(k, grad):
+        a = [torch.tensor([j / k]) for j in range(k + 1)]
+        return float(path_terms(a, [grad(x) for x in a]))
+    err4, err16 = abs(total(4, lambda a: 3 * a ** 2) - 1), abs(total(16, lambda a: 3 * a ** 2) - 1)
+    assert err4 == pytest.approx(1 / 32) and err16 / err4 == pytest.approx(1 / 16)
+    assert total(3, lambda a: 2 * a) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=">= 2"):
+        path_terms([torch.zeros(1)], [torch.zeros(1)])
+
+
+def test_the_path_ends_at_the_clean_run(tiny_model):
+    clean, corrupt = _pair(tiny_model, 1.0)
+    metric = logit_diff(5, 7)
+    names = ["blocks.1.hook_resid_pre"]
+    terms = integrated_terms(names, 2, lambda a: run_with_grads(model=tiny_model, inputs=interpolated_inputs(
+        clean, corrupt, a), names=names, metric=metric))
+    assert terms.base == pytest.approx(metric(tiny_model.run_with_hooks(corrupt, []), corrupt).tolist(), abs=1e-5)
+    assert terms.end == pytest.approx(metric(tiny_model.run_with_hooks(clean, []), clean).tolist(), abs=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["all", "image"])
+def test_integrated_estimates_add_up_over_a_complete_cut(tiny_model, positions):
+    """Far apart runs, where the first-order estimate misses: every residual stream (and the projector's output)
+    carries the whole difference at the positions where the runs differ, and the integrated estimate says so,
+    closer with more steps."""
+    clean, corrupt = _pair(tiny_model, 1.0)
+    metric = logit_diff(5, 7)
+    names = ["projector.hook_out"] + [f"blocks.{l}.hook_resid_pre" for l in range(3)]
+    if positions == "image":
+        names = names[:2]  # only up to block 0 are the image positions the only difference
+    one = attribution_patch(tiny_model, clean, corrupt, names, metric, positions=positions)
+    coarse = attribution_patch(tiny_model, clean, corrupt, names, metric, positions=positions, steps=4)
+    fine = attribution_patch(tiny_model, clean, corrupt, names, metric, positions=positions, steps=16)
+    assert fine.meta == {"method": "attribution", "steps": 16}
+    err = {k: max(abs(r.effects[n] - 1.0) for n in names) for k, r in (("one", one), ("coarse", coarse), ("fine", fine))}
+    assert err["fine"] < 0.02 and err["fine"] < err["coarse"] / 3 and err["fine"] < err["one"] / 5, err
+
+
+def test_integrated_hooks_add_up_for_a_large_steering_vector(tiny_llava):
+    inputs = _pair(tiny_llava, 0.0)[1]
+    v = torch.randn(tiny_llava.d_model, generator=torch.Generator().manual_seed(0))
+    steer = [("blocks.0.hook_resid_post", lambda x, ctx: x + 0.05 * v)]  # as large as the residual itself
+    names = ["blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"]
+    one = attribution_hooks(tiny_llava, inputs, steer, names, logit_diff(5, 7))
+    coarse = attribution_hooks(tiny_llava, inputs, steer, names, logit_diff(5, 7), steps=8)
+    path = attribution_hooks(tiny_llava, inputs, steer, names, logit_diff(5, 7), steps=32)
+    for n in names:  # a stream downstream of the hook at every position carries all of its effect
+        assert path.effects[n] == pytest.approx(1.0, abs=0.02)
+        assert abs(path.effects[n] - 1.0) < abs(coarse.effects[n] - 1.0) / 3
+    assert max(abs(one.effects[n] - 1.0) for n in names) > 10  # the first-order estimate: ~98 and ~45 here
+    with pytest.raises(ValueError, match="steps must be"):
+        attribution_hooks(tiny_llava, inputs, steer, names, logit_diff(5, 7), steps=-1)
+
+
+def test_integrated_maps_and_heads_add_up(tiny_llava):
+    clean, corrupt = _pair(tiny_llava, 1.0)
+    metric = logit_diff(5, 7)
+    maps = attribution_map(tiny_llava, clean, corrupt, ["blocks.1.hook_resid_pre"], metric, steps=8)
+    site = attribution_patch(tiny_llava, clean, corrupt, ["blocks.1.hook_resid_pre"], metric, steps=8)
+    base = np.array(site.rows["corrupted"])
+    assert np.allclose(base + maps["blocks.1.hook_resid_pre"].sum(1).numpy(), site.rows["blocks.1.hook_resid_pre"],
+                       atol=1e-4)
+    heads = attribution_heads(tiny_llava, clean, corrupt, metric, layers=[1], steps=8)
+    z = attribution_patch(tiny_llava, clean, corrupt, ["blocks.1.attn.hook_z"], metric, steps=8)
+    assert (heads.patched[0] - heads.corrupted).sum() == pytest.approx(
+        z.patched["blocks.1.attn.hook_z"] - z.corrupted, abs=1e-4)
