@@ -240,3 +240,18 @@ def test_integrated_maps_and_heads_add_up(tiny_llava):
     z = attribution_patch(tiny_llava, clean, corrupt, ["blocks.1.attn.hook_z"], metric, steps=8)
     assert (heads.patched[0] - heads.corrupted).sum() == pytest.approx(
         z.patched["blocks.1.attn.hook_z"] - z.corrupted, abs=1e-4)
+
+
+@pytest.mark.parametrize("with_images", [False, True])
+def test_integrated_path_moves_text_embeddings_where_the_prompts_differ(tiny_model, with_images):
+    """Two prompts of the same token length: the path moves the text positions' embeddings too (at hook_embed),
+    so every residual stream still adds up to the whole difference."""
+    size = 32 if tiny_model.arch == "llava" else 64
+    imgs = ([random_image(size, 1)], [random_image(size, 2)]) if with_images else ([None], [None])
+    clean = tiny_model.encode(images=imgs[0], prompts=["who is this person"])
+    corrupt = tiny_model.encode(images=imgs[1], prompts=["what is that image"])
+    assert clean.input_ids.shape == corrupt.input_ids.shape and not torch.equal(clean.input_ids, corrupt.input_ids)
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(3)]
+    res = attribution_patch(tiny_model, clean, corrupt, names, logit_diff(5, 7), steps=16)
+    for n in names:
+        assert res.effects[n] == pytest.approx(1.0, abs=0.01)
