@@ -15,8 +15,9 @@ backward pass in all.  The results are the same value objects as patching's
 It is an approximation.  It is exact where the metric is linear in the site (``ln_final.hook_normalized``
 with :func:`~interp.patching.logit_diff`), close for small clean - corrupted differences, and can be far off,
 even in sign, where the swap saturates a nonlinearity: on the quick zoo model, swapping one person's portrait
-for another's flips the name logit difference from about +8 to -7, and the first-order estimate of patching
-all image positions of block 0 (an effect of exactly 1) is negative (``analyses/attribution.py``).
+for another's moves the name logit difference from about +11 to -11, and the first-order estimate of patching
+all image positions of block 0 (an effect of exactly 1) is 0.12 over 8 pairs of people and -0.28 over the 2
+pairs the tests use (``analyses/attribution.py``; the README has the whole comparison).
 
 ``steps=K`` integrates instead of taking one gradient (integrated gradients along the straight path in input
 space, as in EAP-IG): ``K + 1`` differentiated runs from the corrupted inputs to the clean ones, and per
