@@ -187,8 +187,21 @@ def _scaled(fn: HookFn, alpha: float) -> HookFn:
     return hook
 
 
+def check_path_end(terms: Terms, clean_rows: Optional[list[float]]) -> None:
+    """Raise if an integrated path did not end at the clean (or hooked) run: its terms would then add up to the
+    difference to some other run.  Only a bug, or an input the path does not move, can cause it."""
+    if terms.end is None or clean_rows is None:
+        return
+    gap = max(abs(c - b) for c, b in zip(clean_rows, terms.base))
+    off = max(abs(e - c) for e, c in zip(terms.end, clean_rows))
+    if off > 1e-2 * (1.0 + gap):
+        raise RuntimeError(f"the integrated path ended {off:.3g} away from the clean run's metric (clean - corrupted: "
+                           f"{gap:.3g}): the two runs differ in an input the path does not interpolate")
+
+
 def _result(names: Sequence[str], terms: Terms, masks: dict, positions: PositionSpec,
             clean_rows: Optional[list[float]], steps: int) -> PatchResult:
+    check_path_end(terms, clean_rows)
     base = terms.base
     b = len(base)
     rows: dict[str, list[float]] = {"corrupted": base}
@@ -328,7 +341,8 @@ def attribution_map(
     if vision:
         raise ValueError(f"{vision[:3]} are vision-side sites: they have no prompt positions to map; "
                          "use attribution_patch(..., positions='image') for their totals")
-    terms, _ = _swap_terms(model, clean_inputs, corrupted_inputs, resolved, metric, steps)
+    terms, clean_rows = _swap_terms(model, clean_inputs, corrupted_inputs, resolved, metric, steps)
+    check_path_end(terms, clean_rows)
     return {n: reduce_terms(terms.products[n]).cpu() for n in resolved}
 
 
@@ -353,6 +367,7 @@ def attribution_heads(
     names = [f"blocks.{l}.attn.hook_z" for l in layers]
     mask = _patch_mask(positions, names[0], corrupted_inputs)  # validate before any forward pass
     terms, clean_rows = _swap_terms(model, clean_inputs, corrupted_inputs, names, metric, steps)
+    check_path_end(terms, clean_rows)
     base = terms.base
     rows: dict[str, list[float]] = {"clean": clean_rows, "corrupted": base}
     n_heads = model.head_counts["lm"][0]

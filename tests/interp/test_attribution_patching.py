@@ -255,3 +255,12 @@ def test_integrated_path_moves_text_embeddings_where_the_prompts_differ(tiny_mod
     res = attribution_patch(tiny_model, clean, corrupt, names, logit_diff(5, 7), steps=16)
     for n in names:
         assert res.effects[n] == pytest.approx(1.0, abs=0.01)
+
+
+def test_a_path_that_misses_the_clean_run_is_an_error():
+    from interp.attribution_patching import Terms, check_path_end
+
+    check_path_end(Terms([0.0, 1.0], [5.0, 3.0], {}), [5.0, 3.001])  # ends where the clean run is: fine
+    check_path_end(Terms([0.0], None, {}), [5.0])                     # first order: no path to check
+    with pytest.raises(RuntimeError, match="does not interpolate"):
+        check_path_end(Terms([0.0, 1.0], [5.0, 2.0], {}), [5.0, 3.0])
