@@ -51,7 +51,7 @@ from torch import Tensor
 
 from .cache import ActivationCache
 from .gradients import GradRun, run_with_grads
-from .head_patching import HeadPatchResult
+from .head_patching import HeadPatchResult, check_layers
 from .hooks import HookContext, HookFn, HookSpec, expand_hooks
 from .inputs import VLMInputs
 from .names import NameFilter, is_vision_side
@@ -360,10 +360,7 @@ def attribution_heads(
     :func:`attribution_patch`)."""
     check_steps(steps)
     check_aligned(clean_inputs, corrupted_inputs)
-    layers = list(range(model.n_layers)) if layers is None else [int(l) for l in layers]
-    bad = [l for l in layers if not 0 <= l < model.n_layers]
-    if not layers or bad or len(set(layers)) != len(layers):
-        raise ValueError(f"layers must be distinct LM layers in 0..{model.n_layers - 1}, got {layers}")
+    layers = check_layers(model, layers)
     names = [f"blocks.{l}.attn.hook_z" for l in layers]
     mask = _patch_mask(positions, names[0], corrupted_inputs)  # validate before any forward pass
     terms, clean_rows = _swap_terms(model, clean_inputs, corrupted_inputs, names, metric, steps)

@@ -103,6 +103,15 @@ class HeadPatchResult(JsonRecord):
                    meta=dict(d.get("meta", {})))
 
 
+def check_layers(model: "HookedVLM", layers: Optional[Sequence[int]]) -> list[int]:
+    """``layers`` as a list of distinct language-model layers (all of them for None); anything else is an error."""
+    layers = list(range(model.n_layers)) if layers is None else [int(l) for l in layers]
+    bad = [l for l in layers if not 0 <= l < model.n_layers]
+    if not layers or bad or len(set(layers)) != len(layers):
+        raise ValueError(f"layers must be distinct LM layers in 0..{model.n_layers - 1}, got {layers}")
+    return layers
+
+
 def patch_heads(
     model: "HookedVLM",
     clean_inputs: VLMInputs,
@@ -120,10 +129,7 @@ def patch_heads(
     """
     check_aligned(clean_inputs, corrupted_inputs)
     check_max_rows(max_rows)
-    layers = list(range(model.n_layers)) if layers is None else [int(l) for l in layers]
-    bad = [l for l in layers if not 0 <= l < model.n_layers]
-    if not layers or bad or len(set(layers)) != len(layers):
-        raise ValueError(f"layers must be distinct LM layers in 0..{model.n_layers - 1}, got {layers}")
+    layers = check_layers(model, layers)
     names = {l: f"blocks.{l}.attn.hook_z" for l in layers}
     mask = _patch_mask(positions, names[layers[0]], corrupted_inputs)  # validate before any forward pass
     n_heads = model.head_counts["lm"][0]
