@@ -1,4 +1,5 @@
-"""A six-step tour of ``interp`` on a tiny random LLaVA: hook names, a modality-sliced cache, a steering hook, heads.
+"""A seven-step tour of ``interp`` on a tiny random LLaVA: hook names, a modality-sliced cache, a steering hook, heads,
+patching and its estimate from gradients.
 
 Run: ``python -m analyses.interp_tour``.  Everything is built offline from config.
 """
@@ -8,6 +9,8 @@ import torch
 from PIL import Image
 
 from analyses._cli import script_parser
+from interp.attribution_patching import attribution_patch
+from interp.patching import logit_diff, patch_sites
 from interp.tiny import tiny_vlm
 
 
@@ -54,6 +57,18 @@ def main(argv: list[str] | None = None) -> None:
     print(f"6. inside block 1: attn.hook_z {tuple(z.shape)} (batch, pos, head, d_head), attn.hook_pattern "
           f"{tuple(pattern.shape)} (batch, head, query, key); row 0's last token puts "
           f"{[round(v, 2) for v in to_image.tolist()]} of each head's attention on the image")
+
+    other = Image.new("RGB", (size, size), (60, 90, 200))
+    prompt = ["what is the name of the person in the image ?"]
+    clean, corrupt = model.encode(images=[portrait], prompts=prompt), model.encode(images=[other], prompts=prompt)
+    answer = int(model.run_with_hooks(clean, [])[0, clean.last_index[0]].argmax())
+    metric = logit_diff(answer, int(model.run_with_hooks(corrupt, [])[0, corrupt.last_index[0]].argmax()))
+    sites = "blocks.*.hook_resid_pre"
+    patched = patch_sites(model, clean, corrupt, sites, metric, positions="image")
+    estimated = attribution_patch(model, clean, corrupt, sites, metric, positions="image", steps=8)
+    print(f"7. the image positions of each block's input, patched from one portrait's run into another's "
+          f"(normalised effect per block): {[round(v, 2) for v in patched.effects.values()]}; estimated from "
+          f"gradients (integrated, 9 passes for all blocks): {[round(v, 2) for v in estimated.effects.values()]}")
 
 
 if __name__ == "__main__":
