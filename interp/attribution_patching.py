@@ -346,6 +346,37 @@ def attribution_map(
     return {n: reduce_terms(terms.products[n]).cpu() for n in resolved}
 
 
+def attribution_vision_maps(
+    model: "HookedVLM",
+    clean_inputs: VLMInputs,
+    corrupted_inputs: VLMInputs,
+    names: NameFilter,
+    metric: Metric,
+    steps: int = 0,
+) -> dict[str, list[Float[Tensor, "h w"]]]:
+    """Per-patch attribution at vision-side sites: ``maps[name][i]`` is image ``i``'s ``[h, w]`` patch grid in
+    raster order (:func:`interp.vision.vision_maps`: CLIP's CLS row left out, Qwen2.5-VL's windows and merge
+    blocks undone), each cell the estimated change of the metric from patching that patch alone (unnormalised;
+    ``steps`` as in :func:`attribution_patch`).  Which parts of the picture carry the difference, inside the
+    vision tower, for the cost of one backward pass.  Language-model sites are refused (use
+    :func:`attribution_map`)."""
+    from .vision import vision_maps
+
+    check_steps(steps)
+    check_aligned(clean_inputs, corrupted_inputs)
+    resolved = patchable_names(model, names)
+    lm = [n for n in resolved if not is_vision_side(n)]
+    if lm:
+        raise ValueError(f"{lm[:3]} are language-model sites: use attribution_map for their positions")
+    if not corrupted_inputs.has_images:
+        raise ValueError("the batch has no images")
+    terms, clean_rows = _swap_terms(model, clean_inputs, corrupted_inputs, resolved, metric, steps)
+    check_path_end(terms, clean_rows)
+    return {n: [m[..., 0].cpu() for m in vision_maps(model, corrupted_inputs, n,
+                                                      terms.products[n].sum(-1, keepdim=True))]
+            for n in resolved}
+
+
 def attribution_heads(
     model: "HookedVLM",
     clean_inputs: VLMInputs,

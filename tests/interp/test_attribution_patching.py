@@ -264,3 +264,35 @@ def test_a_path_that_misses_the_clean_run_is_an_error():
     check_path_end(Terms([0.0], None, {}), [5.0])                     # first order: no path to check
     with pytest.raises(RuntimeError, match="does not interpolate"):
         check_path_end(Terms([0.0, 1.0], [5.0, 2.0], {}), [5.0, 3.0])
+
+
+def test_vision_maps_put_a_changed_patch_at_its_own_place(tiny_model):
+    """Only one patch of the picture differs between the runs: at the patch embeddings every other cell's
+    estimate is exactly zero, whatever the tower's own row order (Qwen2.5-VL's windows and merge blocks)."""
+    from interp.attribution_patching import attribution_vision_maps
+
+    model = tiny_model
+    size = 32 if model.arch == "llava" else 64
+    patch = 8 if model.arch == "llava" else model.hf_model.config.vision_config.patch_size
+    base = np.array(random_image(size, 1))
+    changed = base.copy()
+    r, c = 2, 1  # the patch at grid row 2, column 1
+    changed[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch] = 255 - changed[r * patch:(r + 1) * patch,
+                                                                                   c * patch:(c + 1) * patch]
+    from PIL import Image
+    prompt = ["what is the name of the person in this image ?"]
+    clean = model.encode(images=[Image.fromarray(changed)], prompts=prompt)
+    corrupt = model.encode(images=[Image.fromarray(base)], prompts=prompt)
+    metric = logit_diff(5, 7)
+    maps = attribution_vision_maps(model, clean, corrupt, ["vision.hook_embed", "projector.hook_out"], metric)
+    grid = maps["vision.hook_embed"][0]
+    assert grid.shape == (size // patch, size // patch)
+    others = grid.clone()
+    others[r, c] = 0
+    assert float(grid[r, c].abs()) > 0 and float(others.abs().max()) == 0.0
+    # the projector's map adds up to its whole-site estimate (it has no CLS row to leave out)
+    total = attribution_patch(model, clean, corrupt, ["projector.hook_out"], metric)
+    assert float(maps["projector.hook_out"][0].sum()) == pytest.approx(
+        total.patched["projector.hook_out"] - total.corrupted, abs=1e-5)
+    with pytest.raises(ValueError, match="language-model sites"):
+        attribution_vision_maps(model, clean, corrupt, ["blocks.0.hook_resid_pre"], metric)
