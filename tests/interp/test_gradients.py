@@ -87,6 +87,12 @@ def test_hooks_act_before_the_gradient_is_taken(tiny_llava):
                                     hooks=steer)
     for n in cache.names:
         assert torch.allclose(run.acts[n], cache[n], atol=1e-5)
+    # hooks attached for a block on the plain-PyTorch backend (an eraser.attached block) act the same way
+    with model.hooks(steer, backend="torch"):
+        attached = run_with_grads(model, inputs, cache.names, logit_diff(5, 7))
+    for n in cache.names:
+        assert torch.allclose(attached.acts[n], run.acts[n], atol=1e-6)
+        assert torch.allclose(attached.grads[n], run.grads[n], atol=1e-6)
 
 
 def test_bad_requests_are_clear_errors(tiny_llava):
