@@ -37,6 +37,8 @@ def test_notebook_runs_on_the_quick_model(tmp_path, monkeypatch):
     assert elapsed < 180, f"the walkthrough took {elapsed:.0f}s on the quick model"
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "quick=True" in text and "fitted in" in text and "steered:" in text
+    row = next(l for l in text.splitlines() if l.startswith("blocks.0.hook_resid_pre"))  # section 3b's table
+    assert float(row.split()[1]) == 1.0  # the first block's input at the image positions is the whole difference
     assert (tmp_path / "out" / "sweep.jsonl").is_file()
     assert (tmp_path / "out" / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
     shown = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
