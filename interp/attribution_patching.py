@@ -75,14 +75,6 @@ def reduce_terms(terms: Float[Tensor, "..."], mask: Optional[Bool[Tensor, "batch
     return terms.flatten(keep).sum(-1) if terms.dim() > keep else terms
 
 
-def linear_terms(delta: Float[Tensor, "..."], grad: Float[Tensor, "..."],
-                 mask: Optional[Bool[Tensor, "batch pos"]] = None, keep: int = 2) -> Float[Tensor, "..."]:
-    """The first-order terms ``delta * grad`` (in float32), reduced by :func:`reduce_terms`."""
-    if delta.shape != grad.shape:
-        raise ValueError(f"delta {tuple(delta.shape)} and gradient {tuple(grad.shape)} differ in shape")
-    return reduce_terms(delta.float() * grad.float(), mask, keep)
-
-
 def path_terms(acts: Sequence[Float[Tensor, "..."]], grads: Sequence[Float[Tensor, "..."]]) -> Float[Tensor, "..."]:
     """The path integral of ``grad . d(act)`` by the trapezoid rule, per entry: ``sum_j (g_j + g_{j+1}) / 2 *
     (a_{j+1} - a_j)`` over the activations ``a_j`` and gradients ``g_j`` at the path's points.
@@ -122,15 +114,19 @@ def _rows(values: Tensor) -> list[float]:
 
 def first_order_terms(model: "HookedVLM", target_inputs: VLMInputs, source_cache: ActivationCache,
                       names: Sequence[str], metric: Metric) -> Terms:
-    """``(source - target) * grad`` at each site, the gradient taken once in the target run."""
+    """``(source - target) * grad`` per entry at each site (float32), the gradient taken once in the target run."""
     run = run_with_grads(model, target_inputs, names, metric)
-    return Terms(_rows(run.values), None,
-                 {n: (source_cache[n].to(run.acts[n].device).float() - run.acts[n].float()) * run.grads[n].float()
-                  for n in names})
+    products = {}
+    for n in names:
+        delta = source_cache[n].to(run.acts[n].device).float() - run.acts[n].float()
+        if delta.shape != run.grads[n].shape:
+            raise ValueError(f"{n!r}: the source activation {tuple(delta.shape)} and the target's "
+                             f"{tuple(run.grads[n].shape)} differ in shape")
+        products[n] = delta * run.grads[n].float()
+    return Terms(_rows(run.values), None, products)
 
 
-def integrated_terms(names: Sequence[str], steps: int, run_at: Callable[[float], GradRun],
-                     progress: Optional[Callable[[], None]] = None) -> Terms:
+def integrated_terms(names: Sequence[str], steps: int, run_at: Callable[[float], GradRun]) -> Terms:
     """:func:`path_terms` at each site along ``alpha = 0, 1/steps, ..., 1``; ``run_at(alpha)`` is the
     differentiated run at that point of the path (``run_at(0)`` the corrupted run, ``run_at(1)`` the clean one).
     Only two points are held at a time."""
@@ -146,8 +142,6 @@ def integrated_terms(names: Sequence[str], steps: int, run_at: Callable[[float],
                 part = path_terms([prev.acts[n], run.acts[n]], [prev.grads[n], run.grads[n]])
                 products[n] = part if n not in products else products[n] + part
         prev = run
-        if progress is not None:
-            progress()
     return Terms(base, _rows(prev.values), products)
 
 

@@ -14,7 +14,7 @@ import torch
 
 from interp.attribution_patching import (attribution_from_run, attribution_heads, attribution_hooks,
                                          attribution_map, attribution_patch, integrated_terms, interpolated_inputs,
-                                         linear_terms, path_terms)
+                                         path_terms, reduce_terms)
 from interp.gradients import run_with_grads
 from interp.head_patching import HeadPatchResult, patch_heads
 from interp.patching import PatchResult, logit_diff, patch_hooks, patch_sites
@@ -159,15 +159,13 @@ def test_results_save_and_refuse_bad_input(tiny_llava, tmp_path):
         attribution_patch(tiny_llava, clean, corrupt, ["blocks.1.hook_resid_pre"], metric, positions="answer")
 
 
-def test_linear_terms_mask_and_keep():
-    delta = torch.arange(24.0).reshape(2, 3, 4)
-    grad = torch.ones(2, 3, 4)
+def test_reduce_terms_mask_and_keep():
+    terms = torch.arange(24.0).reshape(2, 3, 4)
     mask = torch.tensor([[True, False, False], [False, False, True]])
-    assert linear_terms(delta, grad).tolist() == [[6.0, 22.0, 38.0], [54.0, 70.0, 86.0]]
-    assert linear_terms(delta, grad, mask).tolist() == [[6.0, 0.0, 0.0], [0.0, 0.0, 86.0]]
-    assert linear_terms(delta, 2 * grad, keep=3).shape == (2, 3, 4)
-    with pytest.raises(ValueError, match="differ in shape"):
-        linear_terms(delta, grad[:, :2])
+    assert reduce_terms(terms).tolist() == [[6.0, 22.0, 38.0], [54.0, 70.0, 86.0]]
+    assert reduce_terms(terms, mask).tolist() == [[6.0, 0.0, 0.0], [0.0, 0.0, 86.0]]
+    assert torch.equal(reduce_terms(terms, keep=3), terms)
+    assert reduce_terms(terms[..., None].expand(2, 3, 4, 5), keep=3).shape == (2, 3, 4)
 
 
 # -- integrated along the path (steps=K) ------------------------------------------------------------------------
