@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -32,6 +32,10 @@ from .inputs import RowImages, VLMInputs, encode_batch
 from .names import NameFilter, all_hook_names, is_vision_side, parse_block_name, resolve_names
 from .sites import head_counts, resolve_site
 from . import torch_hooks, tracing
+
+if TYPE_CHECKING:
+    from .gradients import GradRun
+    from .patching import Metric
 
 
 @dataclass
@@ -284,6 +288,15 @@ class HookedVLM:
         from .recording import generate_with_cache
 
         return generate_with_cache(self, inputs, names, max_new_tokens, hooks, every_step, **generate_kwargs)
+
+    def run_with_grads(self, inputs: VLMInputs, names: NameFilter, metric: "Metric", hooks: HookSpec | None = None
+                       ) -> "GradRun":
+        """One forward and one backward pass: ``metric(logits, inputs)`` per row, and the activations at ``names``
+        with the gradient of the summed metric at each (a :class:`~interp.gradients.GradRun`; weights untouched).
+        The building block of attribution patching (:mod:`interp.attribution_patching`)."""
+        from .gradients import run_with_grads
+
+        return run_with_grads(self, inputs, names, metric, hooks)
 
     @contextlib.contextmanager
     def hooks(self, hooks: HookSpec, backend: str = "torch") -> Iterator["HookedVLM"]:

@@ -49,6 +49,8 @@ def test_the_forward_pass_is_unchanged_and_activations_match_run_with_cache(tiny
     for n in names:
         assert torch.allclose(run.acts[n], cache[n], atol=1e-5)
         assert run.grads[n].shape == cache[n].shape
+    same = model.run_with_grads(inputs, names, metric)  # the method is the function
+    assert all(torch.equal(same.grads[n], run.grads[n]) for n in names)
     # rows do not interact: row 0's gradient is the gradient of row 0's metric alone
     only_first = run_with_grads(model, inputs, names, lambda lg, inp: metric(lg, inp) * torch.tensor([1.0, 0.0]))
     assert torch.allclose(only_first.grads[names[0]][0], run.grads[names[0]][0], atol=1e-6)
