@@ -108,6 +108,9 @@ def run_with_grads(model: "HookedVLM", inputs: VLMInputs, names: NameFilter, met
         raise ValueError("run_with_grads runs plain module hooks, not a trace, so hooks attached with "
                          "model.hooks(..., backend='nnsight') would not act; attach them with backend='torch' "
                          "(the default) or pass them as hooks=")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("run_with_grads cannot run inside torch.inference_mode(): no tensor made there can carry "
+                           "a gradient; call it outside the block (torch.no_grad() is fine: it is lifted here)")
     chosen = gradient_names(model, names, inputs)
     acts: dict[str, Tensor] = {}
     leaves: dict[str, Tensor] = {}

@@ -113,6 +113,10 @@ def test_bad_requests_are_clear_errors(tiny_llava):
         run_with_grads(model, inputs, ["blocks.0.hook_resid_post"], lambda lg, inp: torch.zeros(2))
     with pytest.raises(Exception, match="hook_resid_pst|closest|did you mean"):
         run_with_grads(model, inputs, ["blocks.0.hook_resid_pst"], metric)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        run_with_grads(model, inputs, ["blocks.0.hook_resid_post"], metric)
+    with torch.no_grad():  # lifted for the call
+        assert run_with_grads(model, inputs, ["blocks.0.hook_resid_post"], metric).grads["blocks.0.hook_resid_post"].abs().sum() > 0
     with model.hooks([("blocks.0.hook_resid_post", lambda x, ctx: x)], backend="nnsight"):
         with pytest.raises(ValueError, match="backend='torch'"):
             run_with_grads(model, inputs, ["blocks.0.hook_resid_post"], metric)
