@@ -37,7 +37,6 @@ import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from eraser.argtypes import positive_int
@@ -45,7 +44,7 @@ from eraser.data.prompts import REFUSAL
 from eraser.data.schema import Profile
 from interp.attribution_patching import attribution_heads, attribution_hooks, attribution_map, attribution_patch
 from interp.head_patching import patch_heads
-from interp.patching import logit_diff, patch_hooks, patch_sites
+from interp.patching import image_token, logit_diff, patch_hooks, patch_sites
 
 from .common import Context, base_parser, limited, load_context, out_dir, save_json
 from .patching import answer_tokens, n_batches, name_pairs, pair_batches, position_mask, steering_queries
@@ -133,13 +132,8 @@ def name_question(ctx: Context, profiles: Sequence[Profile], n_pairs: int, steps
             raise ValueError("rows of one batch have different numbers of image tokens")
         real: dict[str, float] = {}
         for k in range(n_image):
-            def only_k(inputs, k=k) -> torch.Tensor:
-                m = torch.zeros_like(inputs.image_mask)
-                for row, ix in enumerate(image_idx):
-                    m[row, ix[k]] = True
-                return m
             res = _timed(clock, "patching_positions",
-                         lambda: patch_sites(model, clean, corrupt, resid, metric, only_k, bs))
+                         lambda: patch_sites(model, clean, corrupt, resid, metric, image_token(k), bs))
             real.update({f"{n}@{k}": res.patched[n] for n in resid})
         add("patching", "positions", res, real)
         for m in ESTIMATES:

@@ -23,7 +23,7 @@ from analyses._cli import script_parser
 from analyses._timing import interleaved
 from eraser.argtypes import positive_int
 from interp.attribution_patching import attribution_map
-from interp.patching import logit_diff, patch_from_run
+from interp.patching import image_token, logit_diff, patch_from_run
 from interp.tiny import tiny_vlm
 
 
@@ -31,16 +31,10 @@ def patched_map(model, clean, corrupt, names: list[str], metric, max_rows: int |
     """``[layer, image token]``: the metric's batch-mean change from patching each cell alone (the clean run is
     cached once; each call also runs the corrupted batch once, 1 / (layers + 1) of its rows)."""
     _, cache = model.run_with_cache(clean, names=names)
-    image_idx = [row.nonzero().flatten() for row in corrupt.image_mask.cpu()]
-    n_image = len(image_idx[0])
+    n_image = int(corrupt.image_mask.sum(1).min())
     out = np.zeros((len(names), n_image))
     for k in range(n_image):
-        def only_k(inputs, k=k) -> torch.Tensor:
-            m = torch.zeros_like(inputs.image_mask)
-            for row, ix in enumerate(image_idx):
-                m[row, ix[k]] = True
-            return m
-        res = patch_from_run(model, corrupt, cache, names, metric, positions=only_k, max_rows=max_rows)
+        res = patch_from_run(model, corrupt, cache, names, metric, positions=image_token(k), max_rows=max_rows)
         out[:, k] = [res.patched[n] - res.corrupted for n in names]
     return out
 

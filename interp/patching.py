@@ -211,6 +211,33 @@ def _patch_mask(positions: PositionSpec, name: str, inputs: VLMInputs) -> Option
     return mask
 
 
+def image_token(k: int) -> Callable[[VLMInputs], Bool[Tensor, "batch pos"]]:
+    """A ``positions`` spec: the ``k``-th image token of each row (counting from 0 in sequence order, which is the
+    patch grid's raster order for LLaVA and the merged grid's for Qwen2.5-VL); a row with ``k`` or fewer image
+    tokens is an error.  For layer x image-token maps, one call per ``k``.
+
+    >>> from interp.tiny import tiny_vlm
+    >>> from PIL import Image
+    >>> model = tiny_vlm("llava", n_layers=1)
+    >>> inputs = model.encode(images=[Image.new("RGB", (32, 32))], prompts=["who is this"])
+    >>> int(image_token(3)(inputs).nonzero()[0, 1]) == int(inputs.image_mask[0].nonzero()[3, 0])
+    True
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"image_token needs an index >= 0, got {k!r}")
+
+    def kth_image_token(inputs: VLMInputs) -> Tensor:
+        counts = inputs.image_mask.sum(1)
+        short = (counts <= k).nonzero().flatten().tolist()
+        if short:
+            raise ValueError(f"row(s) {short[:8]} have {counts[short[0]].item()} image tokens or fewer; no image token {k}")
+        rank = inputs.image_mask.long().cumsum(1) - 1  # each image token's index among its row's image tokens
+        return inputs.image_mask & (rank == k)
+
+    kth_image_token.__name__ = f"image_token_{k}"
+    return kth_image_token
+
+
 def _patch_hook(source: Tensor, mask: Optional[Tensor], copy: int, n_copies: int) -> HookFn:
     """Overwrite copy ``copy`` of a ``n_copies``-times repeated batch with ``source`` (at ``mask``); other copies untouched."""
 

@@ -35,8 +35,9 @@ def test_maps_are_layer_by_image_token_and_the_integrated_one_adds_up(res):
     assert maps["integrated"][0].sum() == pytest.approx(whole.clean - whole.corrupted, rel=0.02)
     # one cell, patched directly, is the patched map's entry
     k = 5
-    only = lambda inputs: torch.zeros_like(inputs.image_mask).index_fill_(1, inputs.image_mask[0].nonzero()[k], True)
-    one = patch_sites(model, clean, corrupt, ["blocks.1.hook_resid_pre"], metric, positions=only)
+    only = torch.zeros_like(corrupt.image_mask)
+    only[0, corrupt.image_mask[0].nonzero()[k]] = True
+    one = patch_sites(model, clean, corrupt, ["blocks.1.hook_resid_pre"], metric, positions=lambda inputs: only)
     assert maps["patching"][1, k] == pytest.approx(one.patched["blocks.1.hook_resid_pre"] - one.corrupted, abs=1e-6)
 
 

@@ -266,3 +266,21 @@ def test_qwen_images_with_other_patch_grids_are_refused(tiny_qwen):
                              prompts=["who is this"])
     res = patch_sites(tiny_qwen, clean, other, ["vision.hook_embed"], logit_diff(5, 9))
     assert math.isfinite(res.patched["vision.hook_embed"])
+
+
+def test_image_token_positions_pick_one_image_token_per_row(tiny_model):
+    from interp.patching import image_token
+
+    size = 32 if tiny_model.arch == "llava" else 64
+    inputs = tiny_model.encode(images=[random_image(size, 1), random_image(size, 2)], prompts=PROMPTS)
+    n = int(inputs.image_mask[0].sum())
+    masks = [image_token(k)(inputs) for k in range(n)]
+    for k, m in enumerate(masks):
+        assert m.sum(1).tolist() == [1, 1] and not (m & ~inputs.image_mask).any()
+        for row in range(2):
+            assert int(m[row].nonzero()) == int(inputs.image_mask[row].nonzero()[k])
+    assert torch.equal(torch.stack(masks).any(0), inputs.image_mask)  # together: every image token, once
+    with pytest.raises(ValueError, match=f"no image token {n}"):
+        image_token(n)(inputs)
+    with pytest.raises(ValueError, match="index >= 0"):
+        image_token(-1)
