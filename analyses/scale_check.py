@@ -19,6 +19,8 @@ times the ones the benchmarks time:
   gives the same tokens, and costs a ratio of vanilla ``generate``;
 - a batched 8-strength sweep equals one trace per strength (LLaVA: also the
   shared-prefix sweep), and is faster;
+- a layer x image-token attribution map (first order and integrated) adds up over block 0, with its time
+  and peak memory, against activation patching of the same map (timed on two tokens, extrapolated);
 - one epoch of GA full fine-tuning and of GA with LoRA on the forget set, with
   their peak memory, against the eraser's fit.
 
@@ -63,7 +65,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
                      vision_heads=2, image_size=56, patch_size=14),
     },
 }
-CHECKS = ("cache", "eraser", "sweep", "baselines")
+CHECKS = ("cache", "eraser", "sweep", "attribution", "baselines")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -252,6 +254,61 @@ def check_sweep(model, inputs, repeats: int, n_coeffs: int = 8) -> dict[str, Any
     return out
 
 
+def check_attribution(model, bench, batch: int, clock: _Clock, steps: int = 8,
+                      sample_tokens: int = 2) -> dict[str, Any]:
+    """Attribution patching at this size: a layer x image-token map of ``hook_resid_pre`` over one image question
+    of each of ``batch`` retained people (clean: their portraits; corrupted: each row given the next row's person,
+    so both runs line up),
+    first order and integrated, with their time and peak memory; activation patching of ``sample_tokens`` image
+    tokens at every layer, timed and extrapolated to the whole map.  Passes when the integrated estimate of block
+    0's image positions (a complete cut: exactly 1 by patching) is within 0.15 of 1 and every number is finite."""
+    from interp.attribution_patching import attribution_map, attribution_patch
+    from interp.patching import image_token, logit_diff, patch_from_run
+
+    from eraser.evaluate import build_items
+
+    pictured = []
+    for person in bench.retain[:batch]:
+        item = next((it for it in build_items([person], tasks=("generation",)) if it.image is not None), None)
+        if item is not None:
+            pictured.append((item.image, item.prompt))
+    if len(pictured) < 2:
+        return {"skipped": "needs 2 or more image questions (the corrupted run swaps images between rows)"}
+    images, prompts = [q[0] for q in pictured], [q[1] for q in pictured]
+    inputs = model.encode(images=images, prompts=prompts)
+    corrupt = model.encode(images=images[1:] + images[:1], prompts=prompts)
+    b = inputs.batch_size
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(model.n_layers)]
+    with torch.no_grad():
+        top = model.run_with_hooks(inputs, [])[torch.arange(b), inputs.last_index].float().topk(2, dim=-1).indices
+    metric = logit_diff(top[:, 0], top[:, 1])
+    n_image = int(inputs.image_mask.sum(1).min())  # every row has an image, all of one size
+    out: dict[str, Any] = {"cells": len(names) * n_image, "n_image_tokens": n_image, "steps": steps}
+    for key, k in (("first_order", 0), ("integrated", steps)):
+        with clock.peak(out, key):
+            maps = attribution_map(model, inputs, corrupt, names, metric, steps=k)
+        out[f"{key}_map_finite"] = all(bool(torch.isfinite(m).all()) for m in maps.values())
+    whole = {k: attribution_patch(model, inputs, corrupt, [names[0]], metric, positions="image", steps=n)
+             for k, n in (("first_order", 0), ("integrated", steps))}
+    for k, r in whole.items():
+        out[f"block0_{k}_effect"] = r.effects[names[0]]
+    _, cache = model.run_with_cache(inputs, names=names)
+    t0 = time.perf_counter()
+    for k in range(min(sample_tokens, n_image)):
+        patch_from_run(model, corrupt, cache, names, metric, positions=image_token(k), max_rows=len(names) * b)
+    if clock.cuda:
+        torch.cuda.synchronize()
+    per_token = (time.perf_counter() - t0) / min(sample_tokens, n_image)
+    out.update(patching_per_token_s=per_token, patching_map_s_extrapolated=per_token * n_image,
+               first_order_speedup=per_token * n_image / out["first_order_s"],
+               integrated_speedup=per_token * n_image / out["integrated_s"])
+    gap = abs(whole["integrated"].clean - whole["integrated"].corrupted)
+    out["gap"] = gap
+    out["pass"] = out["first_order_map_finite"] and out["integrated_map_finite"] and gap > 0 and \
+        abs(out["block0_integrated_effect"] - 1.0) <= 0.15
+    return out
+
+
 def check_baselines(setup, clock: _Clock, batch: int) -> dict[str, Any]:
     """One epoch of GA (full fine-tuning, then LoRA r=8) on the forget questions: time and peak memory."""
     from eraser.baselines.finetune import unlearn, unlearning_data
@@ -360,6 +417,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               + " faster than one trace per strength; "
               + ", ".join(f"{k[:-13]} diff {v:.1e}" for k, v in s.items() if k.endswith("_max_abs_diff"))
               + f": {'ok' if s['pass'] else 'FAILED'}", flush=True)
+
+    if "attribution" in checks:
+        record["attribution"] = a = check_attribution(model, setup.bench, args.batch, clock)
+        if "skipped" in a:
+            print(f"attribution: skipped ({a['skipped']})", flush=True)
+        else:
+            passed.append(a["pass"])
+            print(f"attribution: a {a['cells']}-cell layer x image-token map in {a['first_order_s']:.2f} s first order "
+                  f"({a['first_order_speedup']:.0f}x faster than patching it, {a['patching_map_s_extrapolated']:.1f} s "
+                  f"extrapolated from {a['patching_per_token_s']:.2f} s per token), {a['integrated_s']:.2f} s integrated "
+                  f"({a['integrated_speedup']:.0f}x)"
+                  + (f", peak {a['integrated_peak_gib']:.1f} GiB" if "integrated_peak_gib" in a else "")
+                  + f"; block 0's image positions (patched: 1) {a['block0_first_order_effect']:.2f} first order, "
+                  f"{a['block0_integrated_effect']:.2f} integrated: {'ok' if a['pass'] else 'FAILED'}", flush=True)
 
     if "baselines" in checks:
         record["baselines"] = b = check_baselines(setup, clock, args.batch)

@@ -36,6 +36,10 @@ def test_scale_check_passes_on_the_tiny_size_and_writes_its_record(arch, tmp_pat
     assert saved["sweep"]["batched_max_abs_diff"] <= 1e-4
     assert ("shared_prefix_speedup" in saved["sweep"]) == (arch == "llava")  # Qwen's 3-D rope refuses it
     assert saved["baselines"]["ga_full_steps"] == saved["baselines"]["ga_lora_steps"] > 0
+    att = saved["attribution"]
+    assert att["pass"] and att["cells"] == SIZES[arch]["tiny"]["n_layers"] * cache["expected_image_tokens"]
+    assert abs(att["block0_integrated_effect"] - 1.0) <= 0.15 < abs(att["block0_first_order_effect"] - 1.0)
+    assert att["patching_map_s_extrapolated"] == pytest.approx(att["patching_per_token_s"] * att["n_image_tokens"])
 
 
 def test_image_tokens_of_the_7b_sizes_are_the_checkpoints():
