@@ -19,6 +19,10 @@ order), by layer: patching runs one pass per (position, layer); the estimate is 
 Part 3, heads.  Each head's output (``attn.hook_z``) at every position: ``patch_heads`` vs
 ``attribution_heads``.
 
+Beside them, the integrated estimate per patch of the portrait at ``projector.hook_out`` (the image as the language
+model receives it; :func:`~interp.attribution_patching.attribution_vision_maps`): where in the picture the
+difference is read from.  Those patches are a complete cut, so the grid adds up to about 1.
+
 Part 4, steering.  The eraser's steered residual stream patched into the vanilla run, per layer, at all
 positions (``patch_hooks`` vs ``attribution_hooks``) on the forget questions of ``analyses.patching``'s
 part 2: a large intervention, where a first-order estimate is expected to miss.
@@ -37,12 +41,14 @@ import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from eraser.argtypes import positive_int
 from eraser.data.prompts import REFUSAL
 from eraser.data.schema import Profile
-from interp.attribution_patching import attribution_heads, attribution_hooks, attribution_map, attribution_patch
+from interp.attribution_patching import (attribution_heads, attribution_hooks, attribution_map, attribution_patch,
+                                         attribution_vision_maps)
 from interp.head_patching import patch_heads
 from interp.patching import image_token, logit_diff, patch_hooks, patch_sites
 
@@ -102,12 +108,12 @@ def name_question(ctx: Context, profiles: Sequence[Profile], n_pairs: int, steps
     resid = [f"blocks.{l}.hook_resid_pre" for l in range(model.n_layers)]
     parts = [("vision", vision, "all"), ("lm_image", lm, "image"), ("lm_answer", lm, "answer")]
     methods = ("patching",) + ESTIMATES
-    tally = {(m, p): Tally() for m in methods for p in [x[0] for x in parts] + ["positions", "heads"]}
+    tally = {(m, p): Tally() for m in methods for p in [x[0] for x in parts] + ["positions", "heads", "patches"]}
     k_of = {"attribution": 0, "integrated": steps}
     clock: dict[str, float] = {}
     bs = ctx.args.batch_size
     bar = tqdm(total=n_batches(specs), desc="attribution vs patching", disable=not ctx.progress, leave=False)
-    n_image = None
+    n_image, patch_grid = None, (0, 0)
     for _, clean, corrupt, pos, metric in pair_batches(model, profiles, specs):
         b = clean.batch_size
 
@@ -143,6 +149,14 @@ def name_question(ctx: Context, profiles: Sequence[Profile], n_pairs: int, steps
                                                                  for row in range(b)]))
                      for n in resid for k in range(n_image)}
             add(m, "positions", res, cells)  # res: the real runs' clean and corrupted means
+        # the projector's output per patch (integrated): where in the portrait the difference is read from
+        vmaps = _timed(clock, "integrated_vision_map", lambda: attribution_vision_maps(
+            model, clean, corrupt, ["projector.hook_out"], metric, steps=steps)["projector.hook_out"])
+        per_image = torch.stack(vmaps).double()  # [image, h, w]; one image per row here
+        patch_grid = tuple(per_image.shape[1:])
+        cells = {f"{r},{c}": res.corrupted + float(per_image[:, r, c].mean())
+                 for r in range(patch_grid[0]) for c in range(patch_grid[1])}
+        add("integrated", "patches", res, cells)
         # part 3: heads, every position
         res = _timed(clock, "patching_heads", lambda: patch_heads(model, clean, corrupt, metric, max_rows=bs))
         add("patching", "heads", res, _head_cells(res))
@@ -165,6 +179,10 @@ def name_question(ctx: Context, profiles: Sequence[Profile], n_pairs: int, steps
     out["positions_grid"] = {"layers": list(range(model.n_layers)), "n_image_tokens": n_image,
                              **{m: np.reshape(out["parts"]["positions"][m], (model.n_layers, -1)).tolist()
                                 for m in methods}}
+    t = tally[("integrated", "patches")]
+    out["patch_grid"] = {"site": "projector.hook_out", "steps": steps,
+                         "integrated": [[t.effect(f"{r},{c}") for c in range(patch_grid[1])]
+                                        for r in range(patch_grid[0])]}
     out["timing_s"] = clock
     return out
 

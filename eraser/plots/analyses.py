@@ -355,9 +355,11 @@ def plot_attribution(source: Any, out_path: PathLike) -> Path | None:
     titles = {"patching": "patched", "attribution": "first-order estimate",
               "integrated": f"integrated estimate ({name.get('steps', '?')} steps)"}
     with matplotlib.rc_context(STYLE):
-        fig = new_figure(13.0, 7.2)
-        grid_axes = fig.subplots(2, len(estimates) + 1, squeeze=False)
-        top, bottom = list(grid_axes[0]), list(grid_axes[1])  # scatters + steering; the three position maps
+        fig = new_figure(17.0, 7.2)
+        grid_axes = fig.subplots(2, len(estimates) + 2, squeeze=False)
+        # top: the scatters, steering, the portrait's patches; bottom: the three position maps
+        top, bottom = list(grid_axes[0]), list(grid_axes[1][:len(estimates) + 1])
+        grid_axes[1][-1].set_axis_off()
         for ax, m in zip(top, estimates):
             lim = 1.0
             for key, label, marker in _ATTRIBUTION_PARTS:
@@ -383,6 +385,14 @@ def plot_attribution(source: Any, out_path: PathLike) -> Path | None:
             for t in ax.texts[:]:  # too many cells for numbers
                 t.remove()
         ax = top[-1]
+        patches = (name.get("patch_grid") or {}).get("integrated")
+        if patches:
+            _panel(ax, fig, {"rows": list(range(len(patches))), "cols": list(range(len(patches[0]))), "values": patches},
+                   f"Portrait patches at {name['patch_grid'].get('site', '?')}: integrated", "patch column")
+            ax.set_ylabel("patch row")
+        else:
+            ax.set_axis_off()
+        ax = top[-2]
         if st.get("sites"):
             x = np.arange(len(st["sites"]))
             methods = ["patching"] + [m for m in estimates if m in st]

@@ -68,10 +68,15 @@ def test_json_shapes(run):
     for m in ("patching", "attribution", "integrated"):
         assert np.array(grid[m]).shape == (N_LAYERS, N_IMAGE_TOKENS)
     assert data["name"]["steps"] == data["config"]["steps"] == 8
+    # the portrait's patches at the projector's output: a 4 x 4 grid that adds up to the whole site's estimate
+    patches = np.array(data["name"]["patch_grid"]["integrated"])
+    vision = parts["vision"]
+    assert patches.shape == (4, 4)
+    assert patches.sum() == pytest.approx(vision["integrated"][vision["sites"].index("projector.hook_out")], abs=1e-6)
     assert data["steering"]["sites"] == [f"blocks.{l}.hook_resid_pre" for l in range(N_LAYERS)]
     assert data["name"]["clean"] > 0 > data["name"]["corrupted"]  # each image prefers its own person's name
     assert set(data["name"]["timing_s"]) == {f"{m}_{w}" for m in ("patching", "attribution", "integrated")
-                                             for w in ("sites", "positions", "heads")}
+                                             for w in ("sites", "positions", "heads")} | {"integrated_vision_map"}
     assert is_png(out / "attribution.png")
 
 
