@@ -123,10 +123,12 @@ def name_question(ctx: Context, profiles: Sequence[Profile], n_pairs: int, steps
             for key, v in cells.items():
                 t.add(key, v, b)
 
+        swap = None  # the batch's real clean and corrupted means, for the cells estimated from maps below
         for part, names, positions in parts:
             where = position_mask(pos) if positions == "answer" else positions
             res = _timed(clock, "patching_sites", lambda: patch_sites(model, clean, corrupt, names, metric, where, bs))
             add("patching", part, res, res.patched)
+            swap = swap or res
             for m in ESTIMATES:
                 res = _timed(clock, f"{m}_sites", lambda: attribution_patch(model, clean, corrupt, names, metric,
                                                                             where, steps=k_of[m]))
@@ -145,18 +147,18 @@ def name_question(ctx: Context, profiles: Sequence[Profile], n_pairs: int, steps
         for m in ESTIMATES:
             maps = _timed(clock, f"{m}_positions",
                           lambda: attribution_map(model, clean, corrupt, resid, metric, steps=k_of[m]))
-            cells = {f"{n}@{k}": res.corrupted + float(np.mean([float(maps[n][row, image_idx[row][k]])
-                                                                 for row in range(b)]))
+            cells = {f"{n}@{k}": swap.corrupted + float(np.mean([float(maps[n][row, image_idx[row][k]])
+                                                                  for row in range(b)]))
                      for n in resid for k in range(n_image)}
-            add(m, "positions", res, cells)  # res: the real runs' clean and corrupted means
+            add(m, "positions", swap, cells)
         # the projector's output per patch (integrated): where in the portrait the difference is read from
         vmaps = _timed(clock, "integrated_vision_map", lambda: attribution_vision_maps(
             model, clean, corrupt, ["projector.hook_out"], metric, steps=steps)["projector.hook_out"])
         per_image = torch.stack(vmaps).double()  # [image, h, w]; one image per row here
         patch_grid = tuple(per_image.shape[1:])
-        cells = {f"{r},{c}": res.corrupted + float(per_image[:, r, c].mean())
+        cells = {f"{r},{c}": swap.corrupted + float(per_image[:, r, c].mean())
                  for r in range(patch_grid[0]) for c in range(patch_grid[1])}
-        add("integrated", "patches", res, cells)
+        add("integrated", "patches", swap, cells)
         # part 3: heads, every position
         res = _timed(clock, "patching_heads", lambda: patch_heads(model, clean, corrupt, metric, max_rows=bs))
         add("patching", "heads", res, _head_cells(res))

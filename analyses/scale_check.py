@@ -293,11 +293,11 @@ def check_attribution(model, bench, batch: int, clock: _Clock, steps: int = 8,
     for k, r in whole.items():
         out[f"block0_{k}_effect"] = r.effects[names[0]]
     _, cache = model.run_with_cache(inputs, names=names)
+    clock.sync()
     t0 = time.perf_counter()
     for k in range(min(sample_tokens, n_image)):
         patch_from_run(model, corrupt, cache, names, metric, positions=image_token(k), max_rows=len(names) * b)
-    if clock.cuda:
-        torch.cuda.synchronize()
+    clock.sync()
     per_token = (time.perf_counter() - t0) / min(sample_tokens, n_image)
     out.update(patching_per_token_s=per_token, patching_map_s_extrapolated=per_token * n_image,
                first_order_speedup=per_token * n_image / out["first_order_s"],
