@@ -142,6 +142,17 @@ def set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def load_setup_only(args: argparse.Namespace) -> Setup:
+    """The setup named by ``args`` (the embedded default, quick or not, or ``--model`` + ``--mllmu``), for scripts
+    that study the vanilla model and need no eraser; a bad checkpoint or benchmark exits in one line."""
+    if args.quick is None:  # not given: $MLLMERASER_QUICK decides, for the embedded default only
+        args.quick = env_quick() and not args.model
+    try:  # the embedded default, or --model + --mllmu (a local checkpoint on a local MLLMU-Bench)
+        return setup_from_args(args)
+    except (LocalSetupError, BenchmarkFormatError, CorruptCheckpointError) as e:  # one line, before any model work
+        raise SystemExit(str(e)) from None
+
+
 def load_context(args: argparse.Namespace) -> Context:
     """Load the setup and the eraser named by ``args`` (fit and save one under ``args.out`` if none is given)."""
     set_threads(args.threads)
@@ -155,12 +166,7 @@ def load_context(args: argparse.Namespace) -> Context:
             given = MLLMEraser.load(args.eraser)
         except ArtifactError as e:
             raise SystemExit(f"--eraser {args.eraser}: {e}") from None
-    if args.quick is None:  # not given: $MLLMERASER_QUICK decides, for the embedded default only
-        args.quick = env_quick() and not args.model
-    try:  # the embedded default, or --model + --mllmu (a local checkpoint on a local MLLMU-Bench)
-        setup = setup_from_args(args)
-    except (LocalSetupError, BenchmarkFormatError, CorruptCheckpointError) as e:  # one line, before any model work
-        raise SystemExit(str(e)) from None
+    setup = load_setup_only(args)
     fit_s = None
     if given is not None:
         try:  # an eraser fitted on another model, or on another forget split (the analyses count its people)

@@ -411,6 +411,54 @@ def plot_attribution(source: Any, out_path: PathLike) -> Path | None:
         return save_png(fig, out_path, {"parts": summary})
 
 
+_CIRCUIT_STYLE = {"patching": ("patched", "-"), "attribution": ("first order (EAP)", "--"),
+                  "integrated": ("integrated (EAP-IG)", "-."), "random": ("random order", ":")}
+
+
+def plot_circuit(source: Any, out_path: PathLike) -> Path | None:
+    """Edges of the name question: every edge's normalised effect by patching (x) and by each estimate (y), and
+    circuit faithfulness against the number of top edges kept, per ranking (``analyses/circuit.py``)."""
+    data, path = read_json(source, "circuit.json")
+    if not data or not data.get("faithfulness"):
+        say_skipped("circuit", f"no circuit results ({path or 'no data'})")
+        return None
+    effects, counts = data["effects"], data["counts"]
+    with matplotlib.rc_context(STYLE):
+        fig = new_figure(15.0, 4.4)
+        ax_scatter, *curve_axes = fig.subplots(1, 3)
+        x = np.array([_f(v) for v in effects["patching"]])
+        lo, hi = 0.0, 0.1
+        for m in ("attribution", "integrated"):
+            y = np.array([_f(v) for v in effects.get(m, [])])
+            if len(y) != len(x):
+                continue
+            ok = np.isfinite(x) & np.isfinite(y)
+            if ok.any():
+                lo = min(lo, float(x[ok].min()), float(y[ok].min()))
+                hi = max(hi, float(x[ok].max()), float(y[ok].max()))
+            r = _f(((data.get("agreement") or {}).get(m) or {}).get("pearson_r"))
+            ax_scatter.scatter(x, y, s=12, label=f"{_CIRCUIT_STYLE[m][0]} (r = {r:.2f})")
+        pad = 0.05 * (hi - lo)
+        ax_scatter.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.5", lw=0.8, ls="--")
+        ax_scatter.set(xlabel="edge patched alone (normalised effect)", ylabel="estimate",
+                       title=f"{data.get('n_edges', '?')} edges: estimate vs patching")
+        ax_scatter.legend(frameon=False, fontsize="x-small")
+        titles = {"top": "Circuits: the top k edges", "greedy": "Circuits: k edges grown from the logits"}
+        for ax_curve, build in zip(curve_axes, ("top", "greedy")):
+            for r, f in (data["faithfulness"].get(build) or {}).items():
+                label, ls = _CIRCUIT_STYLE.get(r, (r, "-"))
+                ax_curve.plot(counts, [_f(v) for v in f], ls=ls, marker="o", ms=3, label=label)
+            ax_curve.axhline(1.0, color="0.5", lw=0.8)
+            ax_curve.axhline(0.8, color="0.7", lw=0.8, ls="--")
+            ax_curve.set_xscale("log")
+            ax_curve.set(xlabel="edges kept", ylabel="faithfulness (clean = 1, corrupted = 0)", title=titles[build])
+            ax_curve.legend(frameon=False, fontsize="x-small")
+        fig.suptitle(f"The name question's edges over {data.get('n_pairs', '?')} profile pairs (name-token logit diff, "
+                     f"clean {_f(data.get('clean')):.2f} / corrupted {_f(data.get('corrupted')):.2f})")
+        return save_png(fig, out_path, {"agreement": data.get("agreement"),
+                                        "fewest_for_80pct": data.get("fewest_for_80pct")})
+
+
 def _pct(v: Any) -> str:
     return "n/a" if not isinstance(v, (int, float)) else f"{100 * v:.0f} %"
 
@@ -424,4 +472,5 @@ FIGURES = {
     "pgd_budget": (plot_pgd_budget, "pgd_budget.png", "pgd_budget.json"),
     "answer_shift": (plot_answer_shift, "answer_shift.png", "answer_shift.json"),
     "attribution": (plot_attribution, "attribution.png", "attribution.json"),
+    "circuit": (plot_circuit, "circuit.png", "circuit.json"),
 }

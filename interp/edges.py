@@ -1,0 +1,272 @@
+"""The language model as a graph of edges between components: what edge patching and edge attribution address.
+
+Why edges and not sites: patching a site (:mod:`interp.patching`) changes every path through it at once, so
+it cannot say whether head L1H0 matters because it writes into the logits directly or because the MLP after
+it reads what it wrote.  The residual stream is a sum, so each component reads the sum of what every earlier
+component wrote, and each *edge* (writer -> reader) can be patched on its own: give one reader the clean
+value of one writer while every other reader sees the run as it is (path patching; the graph ACDC and
+EAP search).
+
+Nodes, with short labels in the style of :mod:`interp.head_patching`'s ``L{l}H{h}``:
+
+- writers (``upstream``): ``"image"`` and ``"text"`` (the block-0 input, ``hook_embed``, at the image and the
+  text positions: the image node stands for the whole vision tower and projector), every head ``"L{l}H{h}"``
+  (its slice of the output projection) and every MLP ``"L{l}.mlp"``;
+- readers (``downstream``): each block's attention input ``"L{l}.attn_in"`` (the input of ``ln1``; the heads of
+  a block share it, so an edge into it reaches all of its heads and their queries, keys and values alike),
+  each MLP input ``"L{l}.mlp_in"`` (the input of ``ln2``) and ``"logits"`` (the input of the final norm).
+
+A writer feeds every reader after it: heads of block l feed block l's MLP and every later block; an MLP feeds
+every later block.  The writers add up to each reader's input exactly (no architecture here has an output
+projection bias or an additive position embedding; :mod:`interp.attribution` relies on the same identity).
+
+>>> from interp.tiny import tiny_vlm
+>>> g = edge_graph(tiny_vlm("llava", n_layers=2))
+>>> g.upstream[:4], g.downstream
+(['image', 'text', 'L0H0', 'L0H1'], ['L0.attn_in', 'L0.mlp_in', 'L1.attn_in', 'L1.mlp_in', 'logits'])
+>>> g.is_edge("L0H1", "L0.mlp_in"), g.is_edge("L1.mlp", "L1.attn_in"), len(g.edges())
+(True, False, 38)
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+from .io import JsonRecord, json_number
+
+if TYPE_CHECKING:
+    from .model import HookedVLM
+
+Edge = tuple[str, str]
+
+EMBED_NODES = ("image", "text")
+_HEAD = re.compile(r"^L(\d+)H(\d+)$")
+_MLP = re.compile(r"^L(\d+)\.mlp$")
+_READER = re.compile(r"^L(\d+)\.(attn_in|mlp_in)$")
+
+
+def edge_names(model: "HookedVLM") -> list[str]:
+    """The hook names a source cache needs for edge patching: ``hook_embed``, every ``attn.hook_z`` and every
+    ``hook_mlp_out`` of the language model."""
+    n = model.n_layers
+    return (["hook_embed"] + [f"blocks.{l}.attn.hook_z" for l in range(n)]
+            + [f"blocks.{l}.hook_mlp_out" for l in range(n)])
+
+
+def reader_input_name(model: "HookedVLM", reader: str) -> str:
+    """The hook name of a reader's input: ``blocks.{l}.hook_resid_pre`` / ``hook_resid_mid`` or the last block's
+    ``hook_resid_post`` for ``"logits"``."""
+    if reader == "logits":
+        return f"blocks.{model.n_layers - 1}.hook_resid_post"
+    layer, kind = _reader(reader)
+    return f"blocks.{layer}.hook_resid_pre" if kind == "attn_in" else f"blocks.{layer}.hook_resid_mid"
+
+
+def reader_norm_name(model: "HookedVLM", reader: str) -> str:
+    """The hook name of a reader's normalised input (``ln1`` / ``ln2`` / the final norm's output): what the
+    reader itself consumes, so a change there reaches that reader alone."""
+    if reader == "logits":
+        return "ln_final.hook_normalized"
+    layer, kind = _reader(reader)
+    return f"blocks.{layer}.ln1.hook_normalized" if kind == "attn_in" else f"blocks.{layer}.ln2.hook_normalized"
+
+
+def _reader(label: str) -> tuple[int, str]:
+    m = _READER.match(label)
+    if m is None:
+        raise ValueError(f"unknown reader {label!r}: readers are 'L{{l}}.attn_in', 'L{{l}}.mlp_in' and 'logits'")
+    return int(m.group(1)), m.group(2)
+
+
+@dataclass(frozen=True)
+class EdgeGraph:
+    """The writers, readers and edges of a language model with ``n_layers`` blocks of ``n_heads`` heads."""
+
+    n_layers: int
+    n_heads: int
+
+    @property
+    def upstream(self) -> list[str]:
+        out = list(EMBED_NODES)
+        for l in range(self.n_layers):
+            out += [f"L{l}H{h}" for h in range(self.n_heads)] + [f"L{l}.mlp"]
+        return out
+
+    @property
+    def downstream(self) -> list[str]:
+        return [r for l in range(self.n_layers) for r in (f"L{l}.attn_in", f"L{l}.mlp_in")] + ["logits"]
+
+    def writer(self, label: str) -> tuple[str, Optional[int], Optional[int]]:
+        """``(kind, layer, head)`` of a writer label: kind ``"image"``, ``"text"``, ``"head"`` or ``"mlp"``."""
+        if label in EMBED_NODES:
+            return label, None, None
+        m = _HEAD.match(label)
+        if m is not None and int(m.group(1)) < self.n_layers and int(m.group(2)) < self.n_heads:
+            return "head", int(m.group(1)), int(m.group(2))
+        m = _MLP.match(label)
+        if m is not None and int(m.group(1)) < self.n_layers:
+            return "mlp", int(m.group(1)), None
+        raise ValueError(f"unknown writer {label!r} for {self.n_layers} blocks of {self.n_heads} heads: writers are "
+                         f"'image', 'text', 'L{{l}}H{{h}}' and 'L{{l}}.mlp'")
+
+    def reader(self, label: str) -> tuple[str, int]:
+        """``(kind, layer)`` of a reader label: kind ``"attn_in"``, ``"mlp_in"`` or ``"logits"`` (layer
+        ``n_layers``)."""
+        if label == "logits":
+            return "logits", self.n_layers
+        layer, kind = _reader(label)
+        if layer >= self.n_layers:
+            raise ValueError(f"reader {label!r}: the model has {self.n_layers} blocks")
+        return kind, layer
+
+    def is_edge(self, writer: str, reader: str) -> bool:
+        """Whether ``writer``'s output is part of ``reader``'s input (raises for unknown labels)."""
+        kind, layer, _ = self.writer(writer)
+        r_kind, r_layer = self.reader(reader)
+        if layer is None:
+            return True
+        if kind == "head" and r_kind == "mlp_in":
+            return layer <= r_layer
+        return layer < r_layer
+
+    def edges(self) -> list[Edge]:
+        """Every edge, readers in execution order, writers in execution order within each."""
+        return [(u, v) for v in self.downstream for u in self.upstream if self.is_edge(u, v)]
+
+    def check_edges(self, edges: Iterable[Edge]) -> list[Edge]:
+        """``edges`` as a list of ``(writer, reader)`` tuples, every one checked; raises naming the first bad one."""
+        out = []
+        for e in edges:
+            if not (isinstance(e, (tuple, list)) and len(e) == 2 and all(isinstance(x, str) for x in e)):
+                raise ValueError(f"an edge is a (writer, reader) pair of labels, got {e!r}")
+            u, v = e
+            if not self.is_edge(u, v):
+                raise ValueError(f"no edge {u!r} -> {v!r}: {u!r} runs after {v!r} reads the residual stream")
+            out.append((u, v))
+        return out
+
+
+def edge_graph(model: "HookedVLM") -> EdgeGraph:
+    """The edge graph of ``model``'s language model."""
+    return EdgeGraph(n_layers=model.n_layers, n_heads=model.head_counts["lm"][0])
+
+
+@dataclass
+class EdgeScores(JsonRecord):
+    """A metric per edge, by patching or estimated; ``effects[i, j]`` is edge ``upstream[i] -> downstream[j]``,
+    normalised to clean = 1, corrupted = 0 (NaN where there is no edge).
+
+    ``patched[i, j]`` is the batch-mean metric of the corrupted run with that edge alone given its clean value
+    (an estimate when ``meta["method"] == "attribution"``); ``clean`` / ``corrupted`` the batch means of the two
+    runs.
+    """
+
+    upstream: list[str]
+    downstream: list[str]
+    patched: np.ndarray
+    clean: float
+    corrupted: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.patched = np.asarray(self.patched, dtype=float)
+        if self.patched.shape != (len(self.upstream), len(self.downstream)):
+            raise ValueError(f"patched has shape {self.patched.shape}, expected "
+                             f"{(len(self.upstream), len(self.downstream))} (writers x readers)")
+
+    @property
+    def graph(self) -> EdgeGraph:
+        """The graph these scores are over (from the labels' counts)."""
+        n_layers = (len(self.downstream) - 1) // 2
+        return EdgeGraph(n_layers=n_layers, n_heads=(len(self.upstream) - 2) // n_layers - 1 if n_layers else 0)
+
+    @property
+    def effects(self) -> np.ndarray:
+        """``(patched - corrupted) / (clean - corrupted)``; all NaN where clean and corrupted agree."""
+        gap = self.clean - self.corrupted
+        if not np.isfinite(gap) or abs(gap) < 1e-12:
+            return np.full_like(self.patched, np.nan)
+        return (self.patched - self.corrupted) / gap
+
+    def value(self, writer: str, reader: str) -> float:
+        """The normalised effect of one edge."""
+        try:
+            i, j = self.upstream.index(writer), self.downstream.index(reader)
+        except ValueError:
+            raise KeyError(f"no edge {writer!r} -> {reader!r} in these scores") from None
+        return float(self.effects[i, j])
+
+    def ranked(self, by_abs: bool = True) -> list[tuple[str, str, float]]:
+        """Every scored edge, largest effect first (``by_abs``: largest absolute effect): ``[(writer, reader,
+        effect), ...]``.  Ties keep the graph's order."""
+        eff = self.effects
+        cells = [(i, j) for j in range(eff.shape[1]) for i in range(eff.shape[0]) if np.isfinite(eff[i, j])]
+        key = (lambda c: -abs(eff[c])) if by_abs else (lambda c: -eff[c])
+        return [(self.upstream[i], self.downstream[j], float(eff[i, j])) for i, j in sorted(cells, key=key)]
+
+    def top(self, k: int = 10, by_abs: bool = True) -> list[Edge]:
+        """The ``k`` edges with the largest (absolute) effect, as ``(writer, reader)`` pairs: a circuit to test
+        with :func:`interp.edge_patching.circuit_faithfulness`."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"k must be an integer >= 0, got {k!r}")
+        return [(u, v) for u, v, _ in self.ranked(by_abs)[:k]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": "interp.EdgeScores", "upstream": list(self.upstream), "downstream": list(self.downstream),
+                "patched": self.patched.tolist(), "clean": self.clean, "corrupted": self.corrupted,
+                "meta": dict(self.meta)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EdgeScores":
+        if d.get("format") != "interp.EdgeScores":
+            raise ValueError(f"not an EdgeScores (format {d.get('format')!r})")
+        patched = np.array([[json_number(x) for x in row] for row in d["patched"]], dtype=float)
+        return cls(upstream=list(d["upstream"]), downstream=list(d["downstream"]), patched=patched,
+                   clean=json_number(d["clean"]), corrupted=json_number(d["corrupted"]), meta=dict(d.get("meta", {})))
+
+
+def input_reader(graph: EdgeGraph, writer: str) -> Optional[str]:
+    """The reader whose input a writer computes from: ``"L{l}.attn_in"`` for a head, ``"L{l}.mlp_in"`` for an MLP,
+    None for the embeddings (the graph's sources)."""
+    kind, layer, _ = graph.writer(writer)
+    return None if layer is None else f"L{layer}.attn_in" if kind == "head" else f"L{layer}.mlp_in"
+
+
+def greedy_circuit(scores: EdgeScores, k: int, by_abs: bool = True) -> list[Edge]:
+    """``k`` edges grown backwards from the logits, best first: at each step the highest-ranked edge whose reader
+    already feeds the circuit (the logits, or the input of a component one of its edges comes from).
+
+    Why not simply :meth:`EdgeScores.top`: the effect of an edge patched alone includes everything upstream of
+    its writer (the source run computed it), but in a circuit a writer whose own inputs are all corrupted writes
+    its corrupted value, so the top edges alone can keep nothing (a head's edge without the edges into its
+    input).  Growing from the logits keeps every edge on a path to the output (Hanna et al. 2024's greedy
+    construction).  Fewer than ``k`` edges come back when no more are connected.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"k must be an integer >= 0, got {k!r}")
+    graph = scores.graph
+    ranked = [(u, v) for u, v, _ in scores.ranked(by_abs)]
+    active, chosen = {"logits"}, []
+    while len(chosen) < k:
+        nxt = next((e for e in ranked if e[1] in active), None)
+        if nxt is None:
+            break
+        ranked.remove(nxt)
+        chosen.append(nxt)
+        feeds = input_reader(graph, nxt[0])
+        if feeds is not None:
+            active.add(feeds)
+    return chosen
+
+
+def scores_from_rows(graph: EdgeGraph, edges: Sequence[Edge], patched: Sequence[float], clean: float,
+                     corrupted: float, meta: dict[str, Any]) -> EdgeScores:
+    """An :class:`EdgeScores` with ``patched[k]`` at edge ``edges[k]`` and NaN elsewhere."""
+    up, down = graph.upstream, graph.downstream
+    grid = np.full((len(up), len(down)), np.nan)
+    for (u, v), x in zip(edges, patched):
+        grid[up.index(u), down.index(v)] = x
+    return EdgeScores(upstream=up, downstream=down, patched=grid, clean=clean, corrupted=corrupted, meta=meta)

@@ -1,0 +1,66 @@
+"""interp.edges: the graph's nodes and edges, and the EdgeScores value object."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from interp.edges import EdgeGraph, EdgeScores, edge_graph, edge_names, reader_input_name, reader_norm_name
+
+
+def test_graph_of_a_model(tiny_model):
+    g = edge_graph(tiny_model)
+    n, h = tiny_model.n_layers, tiny_model.head_counts["lm"][0]
+    assert (g.n_layers, g.n_heads) == (n, h)
+    assert len(g.upstream) == 2 + n * (h + 1) and len(g.downstream) == 2 * n + 1
+    names = edge_names(tiny_model)
+    assert names[0] == "hook_embed" and len(names) == 1 + 2 * n
+    assert all(x in tiny_model.hook_names() for x in names)
+    assert reader_input_name(tiny_model, "logits") == f"blocks.{n - 1}.hook_resid_post"
+    assert reader_norm_name(tiny_model, "L1.mlp_in") == "blocks.1.ln2.hook_normalized"
+
+
+def test_edges_run_forward_only():
+    g = EdgeGraph(n_layers=3, n_heads=2)
+    edges = g.edges()
+    # readers: L0.attn_in 2, L0.mlp_in 4, L1.attn_in 5, L1.mlp_in 7, L2.attn_in 8, L2.mlp_in 10, logits 11
+    assert len(edges) == 2 + 4 + 5 + 7 + 8 + 10 + 11
+    assert ("L0H1", "L0.mlp_in") in edges and ("L0.mlp", "L0.mlp_in") not in edges
+    assert ("L1H0", "L1.attn_in") not in edges and ("L2.mlp", "logits") in edges
+    assert g.is_edge("image", "L0.attn_in") and not g.is_edge("L2H1", "L2.attn_in")
+    assert len(set(edges)) == len(edges)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (("L0H5", "logits"), "unknown writer"),
+    (("L3H0", "logits"), "unknown writer"),
+    (("L0.mlp", "L0.attn_out"), "unknown reader"),
+    (("L0H0", "L3.attn_in"), "3 blocks"),
+    (("L2.mlp", "L1.attn_in"), "runs after"),
+    (("L0H0",), "pair"),
+])
+def test_bad_edges_are_named(bad, match):
+    with pytest.raises(ValueError, match=match):
+        EdgeGraph(n_layers=3, n_heads=2).check_edges([bad])
+
+
+def test_scores_rank_normalise_and_round_trip(tmp_path):
+    g = EdgeGraph(n_layers=1, n_heads=1)  # writers image, text, L0H0, L0.mlp; readers L0.attn_in, L0.mlp_in, logits
+    patched = np.full((4, 3), np.nan)
+    patched[0, 0], patched[2, 1], patched[3, 2], patched[1, 2] = 3.0, -1.0, 1.5, 2.0
+    s = EdgeScores(g.upstream, g.downstream, patched, clean=3.0, corrupted=1.0, meta={"method": "x"})
+    assert s.value("image", "L0.attn_in") == pytest.approx(1.0)
+    assert s.value("L0H0", "L0.mlp_in") == pytest.approx(-1.0)
+    assert s.top(2) == [("image", "L0.attn_in"), ("L0H0", "L0.mlp_in")]  # |1| ties |-1|: graph order
+    assert s.top(2, by_abs=False) == [("image", "L0.attn_in"), ("text", "logits")]
+    assert [r[2] for r in s.ranked()] == pytest.approx([1.0, -1.0, 0.5, 0.25])
+    s.save(tmp_path / "s.json")
+    back = EdgeScores.load(tmp_path / "s.json")
+    assert np.array_equal(np.isnan(back.patched), np.isnan(s.patched))
+    assert np.allclose(np.nan_to_num(back.patched), np.nan_to_num(s.patched)) and back.meta == {"method": "x"}
+    with pytest.raises(KeyError, match="no edge"):
+        s.value("L0.mlp", "L0.attn_out")
+    with pytest.raises(ValueError, match="writers x readers"):
+        EdgeScores(g.upstream, g.downstream, patched[:3], clean=1.0, corrupted=0.0)
+    with pytest.raises(ValueError, match="k must be"):
+        s.top(-1)
+    assert np.isnan(EdgeScores(g.upstream, g.downstream, patched, 1.0, 1.0).effects).all()
