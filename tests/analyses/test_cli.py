@@ -8,8 +8,9 @@ import pytest
 
 from analyses._cli import torch_device
 
-SCRIPTS = ["bench_cache", "bench_fit", "bench_steer", "bench_sweep", "hard_negatives", "heads", "interp_tour",
-           "leakage", "patching", "probing", "scale_check", "stacked_gate"]
+SCRIPTS = ["answer_shift", "attribution", "bench_attribution", "bench_cache", "bench_fit", "bench_steer", "bench_sweep",
+           "circuit", "hard_negatives", "heads", "interp_tour", "leakage", "patching", "pgd_budget", "probing",
+           "scale_check", "stacked_gate"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from interp.edges import EdgeGraph, EdgeScores, edge_graph, edge_names, reader_input_name, reader_norm_name
+from interp.edges import (EdgeGraph, EdgeScores, edge_graph, edge_names, greedy_circuit, input_reader,
+                          reader_input_name, reader_norm_name)
 
 
 def test_graph_of_a_model(tiny_model):
@@ -64,3 +65,26 @@ def test_scores_rank_normalise_and_round_trip(tmp_path):
     with pytest.raises(ValueError, match="k must be"):
         s.top(-1)
     assert np.isnan(EdgeScores(g.upstream, g.downstream, patched, 1.0, 1.0).effects).all()
+
+
+def test_greedy_circuits_grow_from_the_logits():
+    g = EdgeGraph(n_layers=2, n_heads=1)  # writers image, text, L0H0, L0.mlp, L1H0, L1.mlp
+    patched = np.full((len(g.upstream), len(g.downstream)), np.nan)
+    up, down = g.upstream.index, g.downstream.index
+    for u, v in g.edges():
+        patched[up(u), down(v)] = 0.01
+    patched[up("image"), down("L0.attn_in")] = 0.9      # the best edge, but nothing it feeds is kept yet
+    patched[up("L0H0"), down("logits")] = 0.5
+    patched[up("L1.mlp"), down("logits")] = 0.3
+    patched[up("image"), down("L1.mlp_in")] = 0.2
+    s = EdgeScores(g.upstream, g.downstream, patched, clean=1.0, corrupted=0.0)
+    assert s.graph == g
+    assert s.top(1) == [("image", "L0.attn_in")]
+    circuit = greedy_circuit(s, 4)
+    assert circuit == [("L0H0", "logits"), ("image", "L0.attn_in"), ("L1.mlp", "logits"), ("image", "L1.mlp_in")]
+    assert input_reader(g, "L0H0") == "L0.attn_in" and input_reader(g, "L1.mlp") == "L1.mlp_in"
+    assert input_reader(g, "text") is None
+    assert len(greedy_circuit(s, 1000)) == len(g.edges())  # every edge is on a path to the logits
+    assert greedy_circuit(s, 0) == []
+    with pytest.raises(ValueError, match="k must be"):
+        greedy_circuit(s, -2)
