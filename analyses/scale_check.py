@@ -21,6 +21,9 @@ times the ones the benchmarks time:
   shared-prefix sweep), and is faster;
 - a layer x image-token attribution map (first order and integrated) adds up over block 0, with its time
   and peak memory, against activation patching of the same map (timed on two tokens, extrapolated);
+- every edge of the language model (~35k at LLaVA-1.5-7B's size) estimated by edge attribution, first order
+  and integrated, with time and peak memory, against edge patching (timed on a few edges, extrapolated); the
+  edges into the logits patched together give the clean run;
 - one epoch of GA full fine-tuning and of GA with LoRA on the forget set, with
   their peak memory, against the eraser's fit.
 
@@ -41,6 +44,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from analyses._cli import script_parser, torch_device
@@ -65,7 +69,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
                      vision_heads=2, image_size=56, patch_size=14),
     },
 }
-CHECKS = ("cache", "eraser", "sweep", "attribution", "baselines")
+CHECKS = ("cache", "eraser", "sweep", "attribution", "edges", "baselines")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -254,16 +258,11 @@ def check_sweep(model, inputs, repeats: int, n_coeffs: int = 8) -> dict[str, Any
     return out
 
 
-def check_attribution(model, bench, batch: int, clock: _Clock, steps: int = 8,
-                      sample_tokens: int = 2) -> dict[str, Any]:
-    """Attribution patching at this size: a layer x image-token map of ``hook_resid_pre`` over one image question
-    of each of ``batch`` retained people (clean: their portraits; corrupted: each row given the next row's person,
-    so both runs line up),
-    first order and integrated, with their time and peak memory; activation patching of ``sample_tokens`` image
-    tokens at every layer, timed and extrapolated to the whole map.  Passes when the integrated estimate of block
-    0's image positions (a complete cut: exactly 1 by patching) is within 0.15 of 1 and every number is finite."""
-    from interp.attribution_patching import attribution_map, attribution_patch
-    from interp.patching import image_token, logit_diff, patch_from_run
+def swap_pair(model, bench, batch: int):
+    """``(clean, corrupted, metric)`` for the attribution and edge checks: one image question of each of ``batch``
+    retained people (clean: their portraits; corrupted: each row given the next row's person, so both runs line
+    up), and the logit difference between the clean run's two top tokens; or why not (a string)."""
+    from interp.patching import logit_diff
 
     from eraser.evaluate import build_items
 
@@ -273,15 +272,33 @@ def check_attribution(model, bench, batch: int, clock: _Clock, steps: int = 8,
         if item is not None:
             pictured.append((item.image, item.prompt))
     if len(pictured) < 2:
-        return {"skipped": "needs 2 or more image questions (the corrupted run swaps images between rows)"}
+        return "needs 2 or more image questions (the corrupted run swaps images between rows)"
     images, prompts = [q[0] for q in pictured], [q[1] for q in pictured]
     inputs = model.encode(images=images, prompts=prompts)
     corrupt = model.encode(images=images[1:] + images[:1], prompts=prompts)
+    with torch.no_grad():
+        top = model.run_with_hooks(inputs, [])[torch.arange(inputs.batch_size), inputs.last_index].float()
+    top = top.topk(2, dim=-1).indices
+    return inputs, corrupt, logit_diff(top[:, 0], top[:, 1])
+
+
+def check_attribution(model, bench, batch: int, clock: _Clock, steps: int = 8,
+                      sample_tokens: int = 2) -> dict[str, Any]:
+    """Attribution patching at this size: a layer x image-token map of ``hook_resid_pre`` over one image question
+    of each of ``batch`` retained people (clean: their portraits; corrupted: each row given the next row's person,
+    so both runs line up),
+    first order and integrated, with their time and peak memory; activation patching of ``sample_tokens`` image
+    tokens at every layer, timed and extrapolated to the whole map.  Passes when the integrated estimate of block
+    0's image positions (a complete cut: exactly 1 by patching) is within 0.15 of 1 and every number is finite."""
+    from interp.attribution_patching import attribution_map, attribution_patch
+    from interp.patching import image_token, patch_from_run
+
+    pair = swap_pair(model, bench, batch)
+    if isinstance(pair, str):
+        return {"skipped": pair}
+    inputs, corrupt, metric = pair
     b = inputs.batch_size
     names = [f"blocks.{l}.hook_resid_pre" for l in range(model.n_layers)]
-    with torch.no_grad():
-        top = model.run_with_hooks(inputs, [])[torch.arange(b), inputs.last_index].float().topk(2, dim=-1).indices
-    metric = logit_diff(top[:, 0], top[:, 1])
     n_image = int(inputs.image_mask.sum(1).min())  # every row has an image, all of one size
     out: dict[str, Any] = {"cells": len(names) * n_image, "n_image_tokens": n_image, "steps": steps}
     for key, k in (("first_order", 0), ("integrated", steps)):
@@ -306,6 +323,57 @@ def check_attribution(model, bench, batch: int, clock: _Clock, steps: int = 8,
     out["gap"] = gap
     out["pass"] = out["first_order_map_finite"] and out["integrated_map_finite"] and gap > 0 and \
         abs(out["block0_integrated_effect"] - 1.0) <= 0.15
+    return out
+
+
+def check_edges(model, bench, batch: int, clock: _Clock, steps: int = 8, sample_edges: int = 4) -> dict[str, Any]:
+    """Edge attribution at this size: every edge of the language model (``interp.edges``: ~35k for LLaVA-1.5-7B)
+    estimated first order and integrated on the attribution check's swapped portraits, with time and peak memory;
+    ``sample_edges`` edges patched alone, timed and extrapolated to all of them; and every edge into the logits
+    patched from the clean run, which must give the clean run's metric (the final residual is the writers' sum).
+    Passes when that holds (to the dtype's rounding of the metric), the integrated edges into the logits add up to within 0.15
+    of 1 and every number is finite."""
+    from interp.edge_attribution import attribution_edges, edge_cut_sum
+    from interp.edge_patching import patch_edges
+    from interp.edges import edge_graph, edge_names
+
+    pair = swap_pair(model, bench, batch)
+    if isinstance(pair, str):
+        return {"skipped": pair}
+    inputs, corrupt, metric = pair
+    graph = edge_graph(model)
+    edges = graph.edges()
+    out: dict[str, Any] = {"edges": len(edges), "steps": steps}
+    est = {}
+    for key, k in (("first_order", 0), ("integrated", steps)):
+        with clock.peak(out, key):
+            est[key] = attribution_edges(model, inputs, corrupt, metric, steps=k)
+        ok = np.isfinite(est[key].effects)
+        out[f"{key}_finite"] = bool(ok.sum() == len(edges))
+        out[f"{key}_logits_cut"] = edge_cut_sum(est[key])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(inputs, names=edge_names(model))
+    clock.sync()
+    t0 = time.perf_counter()
+    sample = est["integrated"].top(min(sample_edges, len(edges)))
+    for e in sample:
+        patch_edges(model, corrupt, cache, [e], metric)
+    clock.sync()
+    per_edge = (time.perf_counter() - t0) / len(sample)
+    into_logits = [(u, "logits") for u in graph.upstream if graph.is_edge(u, "logits")]
+    whole = float(np.mean(patch_edges(model, corrupt, cache, into_logits, metric)))
+    clean, corrupted = est["integrated"].clean, est["integrated"].corrupted
+    gap = abs(clean - corrupted)
+    # the dtype's rounding of the metric itself (bf16: ~3 digits), which a near tie on random weights can dwarf
+    tol_abs = 8 * torch.finfo(model.dtype).eps * max(1.0, abs(clean), abs(corrupted))
+    out.update(patching_per_edge_s=per_edge, patching_all_s_extrapolated=per_edge * len(edges),
+               first_order_speedup=per_edge * len(edges) / out["first_order_s"],
+               integrated_speedup=per_edge * len(edges) / out["integrated_s"], gap=gap,
+               logits_edges_patched_effect=(whole - corrupted) / (clean - corrupted) if gap > 0 else float("nan"),
+               logits_edges_patched_abs_diff=abs(whole - clean), tolerance=tol_abs)
+    out["pass"] = (out["first_order_finite"] and out["integrated_finite"] and gap > 0
+                   and out["logits_edges_patched_abs_diff"] <= tol_abs
+                   and abs(out["integrated_logits_cut"] - 1.0) <= 0.15)
     return out
 
 
@@ -431,6 +499,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   + (f", peak {a['integrated_peak_gib']:.1f} GiB" if "integrated_peak_gib" in a else "")
                   + f"; block 0's image positions (patched: 1) {a['block0_first_order_effect']:.2f} first order, "
                   f"{a['block0_integrated_effect']:.2f} integrated: {'ok' if a['pass'] else 'FAILED'}", flush=True)
+
+    if "edges" in checks:
+        record["edges"] = e = check_edges(model, setup.bench, args.batch, clock)
+        if "skipped" in e:
+            print(f"edges: skipped ({e['skipped']})", flush=True)
+        else:
+            passed.append(e["pass"])
+            print(f"edges: all {e['edges']} edges in {e['first_order_s']:.2f} s first order "
+                  f"({e['first_order_speedup']:.0f}x faster than patching them, {e['patching_all_s_extrapolated']:.1f} s "
+                  f"extrapolated from {e['patching_per_edge_s']:.3f} s per edge), {e['integrated_s']:.2f} s integrated "
+                  f"({e['integrated_speedup']:.0f}x)"
+                  + (f", peak {e['integrated_peak_gib']:.1f} GiB" if "integrated_peak_gib" in e else "")
+                  + f"; the edges into the logits: patched {e['logits_edges_patched_effect']:.3f} (off the clean run by "
+                  f"{e['logits_edges_patched_abs_diff']:.1e}, tolerance {e['tolerance']:.1e}), integrated "
+                  f"{e['integrated_logits_cut']:.2f}, first order {e['first_order_logits_cut']:.2f}: "
+                  f"{'ok' if e['pass'] else 'FAILED'}", flush=True)
 
     if "baselines" in checks:
         record["baselines"] = b = check_baselines(setup, clock, args.batch)

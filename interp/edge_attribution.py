@@ -82,26 +82,28 @@ def edge_terms(model: "HookedVLM", graph: EdgeGraph, deltas: dict[str, Tensor], 
     """``sum over positions of delta_u . grad_v`` per row for every edge (NaN where there is none).
 
     ``deltas`` holds each writer site's change (``hook_embed``, ``blocks.{l}.attn.hook_z``,
-    ``blocks.{l}.hook_mlp_out``), ``grads`` each reader's gradient (:func:`reader_grads`)."""
+    ``blocks.{l}.hook_mlp_out``), ``grads`` each reader's gradient (:func:`reader_grads`).  Each writer's change
+    is put in the residual stream once (a head's through its slice of the output projection) and met with every
+    reader's gradient in one contraction: per block ``batch x pos x heads x d_model`` multiply-adds per reader,
+    against ``d_model`` times more for projecting each reader's gradient back through the output projection.
+    """
     up, down = graph.upstream, graph.downstream
     embed = deltas["hook_embed"].float()
-    batch = embed.shape[0]
-    out = torch.full((batch, len(up), len(down)), float("nan"))
-    masks = {"image": image_mask.to(embed.device), "text": text_mask.to(embed.device)}
-    for j, v in enumerate(down):
-        g = grads[v].to(embed.device)
-        for kind in ("image", "text"):
-            out[:, up.index(kind), j] = (embed * g * masks[kind].unsqueeze(-1)).sum((1, 2)).cpu()
-        for l in range(graph.n_layers):
-            if graph.is_edge(f"L{l}H0", v):
-                dz = deltas[f"blocks.{l}.attn.hook_z"].float()  # [batch, pos, head, d_head]
-                g_heads = (g @ o_proj_weight(model, l).detach().float().to(g.device)).reshape(dz.shape)
-                per_head = (dz * g_heads).sum((1, 3)).cpu()  # [batch, head]
-                for h in range(graph.n_heads):
-                    out[:, up.index(f"L{l}H{h}"), j] = per_head[:, h]
-            if graph.is_edge(f"L{l}.mlp", v):
-                out[:, up.index(f"L{l}.mlp"), j] = (deltas[f"blocks.{l}.hook_mlp_out"].float() * g).sum((1, 2)).cpu()
-    return out
+    g = torch.stack([grads[v].to(embed.device) for v in down])  # [reader, batch, pos, d_model]
+    out = torch.full((embed.shape[0], len(up), len(down)), float("nan"))
+    for kind, mask in (("image", image_mask), ("text", text_mask)):
+        masked = embed * mask.to(embed.device).unsqueeze(-1)
+        out[:, up.index(kind), :] = torch.einsum("bpd,vbpd->bv", masked, g).cpu()
+    for l in range(graph.n_layers):
+        dz = deltas[f"blocks.{l}.attn.hook_z"].float()  # [batch, pos, head, d_head]
+        w = o_proj_weight(model, l).detach().float().to(dz.device).reshape(-1, *dz.shape[-2:])  # [d_model, head, d_head]
+        per_head = torch.einsum("bphk,dhk->bphd", dz, w)
+        first = up.index(f"L{l}H0")
+        out[:, first:first + graph.n_heads, :] = torch.einsum("bphd,vbpd->bhv", per_head, g).cpu()
+        out[:, up.index(f"L{l}.mlp"), :] = torch.einsum("bpd,vbpd->bv", deltas[f"blocks.{l}.hook_mlp_out"].float(),
+                                                        g).cpu()
+    valid = torch.tensor([[graph.is_edge(u, v) for v in down] for u in up])
+    return torch.where(valid, out, torch.full_like(out, float("nan")))
 
 
 def attribution_edges(model: "HookedVLM", clean_inputs: VLMInputs, corrupted_inputs: VLMInputs, metric: Metric,

@@ -57,10 +57,11 @@ def norm_module(model: "HookedVLM", reader: str) -> torch.nn.Module:
     return module
 
 
-def rms_norm(x: Float[Tensor, "... d_model"], weight: Float[Tensor, " d_model"], eps: float
-             ) -> Float[Tensor, "... d_model"]:
-    """RMSNorm exactly as Llama's and Qwen2's modules compute it (float32 inside, the input's dtype out)."""
-    dtype = x.dtype
+def rms_norm(x: Float[Tensor, "... d_model"], weight: Float[Tensor, " d_model"], eps: float,
+             dtype: Optional[torch.dtype] = None) -> Float[Tensor, "... d_model"]:
+    """RMSNorm exactly as Llama's and Qwen2's modules compute it (float32 inside, then rounded to ``dtype``,
+    default the input's, before the weight)."""
+    dtype = x.dtype if dtype is None else dtype
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(dtype)
@@ -77,7 +78,8 @@ def o_proj_weight(model: "HookedVLM", layer: int) -> Float[Tensor, "d_model head
 def writer_delta(graph: EdgeGraph, writers: Iterable[str], model: "HookedVLM",
                  source: dict[str, Tensor], current: dict[str, Tensor], ctx_masks: tuple[Tensor, Tensor]
                  ) -> Optional[Tensor]:
-    """``sum over writers of (source - current)`` in the residual stream, or None for no writers.
+    """``sum over writers of (source - current)`` in the residual stream, in float32 (a sum of ~1000 bf16
+    differences would round away what it adds up to), or None for no writers.
 
     ``source`` / ``current`` hold ``hook_embed``, ``blocks.{l}.attn.hook_z`` and ``blocks.{l}.hook_mlp_out``;
     ``ctx_masks`` the image and text masks ``[batch, pos]``.
@@ -93,19 +95,19 @@ def writer_delta(graph: EdgeGraph, writers: Iterable[str], model: "HookedVLM",
         kind, layer, head = graph.writer(u)
         if kind in ("image", "text"):
             mask = ctx_masks[0] if kind == "image" else ctx_masks[1]
-            diff = source["hook_embed"] - current["hook_embed"]
-            add(diff * mask.to(diff.device).unsqueeze(-1).to(diff.dtype))
+            diff = source["hook_embed"].float() - current["hook_embed"].float()
+            add(diff * mask.to(diff.device).unsqueeze(-1).float())
         elif kind == "mlp":
             n = f"blocks.{layer}.hook_mlp_out"
-            add(source[n] - current[n])
+            add(source[n].float() - current[n].float())
         else:
             heads[layer].append(head)
     for layer, hs in heads.items():
         n = f"blocks.{layer}.attn.hook_z"
-        diff = source[n] - current[n]
-        keep = torch.zeros(diff.shape[-2], dtype=diff.dtype, device=diff.device)
+        diff = source[n].float() - current[n].float()
+        keep = torch.zeros(diff.shape[-2], device=diff.device)
         keep[hs] = 1
-        add(F.linear((diff * keep[:, None]).flatten(-2), o_proj_weight(model, layer).to(diff.dtype)))
+        add(F.linear((diff * keep[:, None]).flatten(-2), o_proj_weight(model, layer).float()))
     return total
 
 
@@ -151,7 +153,7 @@ def edge_hooks(model: "HookedVLM", source_cache: ActivationCache, edges: Sequenc
             src = {k: t.to(y.device) for k, t in source.items()}
             delta = writer_delta(graph, writers, model, src, current, (ctx.image_mask, ctx.text_mask))
             x = current[inp]
-            return rms_norm(x + delta.to(x.dtype), norm.weight, norm.variance_epsilon).to(y.dtype)
+            return rms_norm(x.float() + delta, norm.weight, norm.variance_epsilon, dtype=x.dtype).to(y.dtype)
         return hook
 
     hooks += [(reader_norm_name(model, v), patch(v, ws)) for v, ws in by_reader.items()]

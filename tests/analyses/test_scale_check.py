@@ -7,6 +7,7 @@ import json
 import pytest
 
 from analyses.scale_check import SIZES, build, image_tokens, main
+from interp.edges import EdgeGraph
 
 
 @pytest.mark.parametrize("arch", ["llava", "qwen2_5_vl"])
@@ -40,6 +41,12 @@ def test_scale_check_passes_on_the_tiny_size_and_writes_its_record(arch, tmp_pat
     assert att["pass"] and att["cells"] == SIZES[arch]["tiny"]["n_layers"] * cache["expected_image_tokens"]
     assert abs(att["block0_integrated_effect"] - 1.0) <= 0.15 < abs(att["block0_first_order_effect"] - 1.0)
     assert att["patching_map_s_extrapolated"] == pytest.approx(att["patching_per_token_s"] * att["n_image_tokens"])
+    edges = saved["edges"]
+    n, h = SIZES[arch]["tiny"]["n_layers"], SIZES[arch]["tiny"]["n_heads"]
+    assert edges["pass"] and edges["edges"] == len(EdgeGraph(n, h).edges())
+    assert edges["logits_edges_patched_effect"] == pytest.approx(1.0, abs=1e-3)  # the writers sum to the final residual
+    assert abs(edges["integrated_logits_cut"] - 1.0) <= 0.15
+    assert edges["patching_all_s_extrapolated"] == pytest.approx(edges["patching_per_edge_s"] * edges["edges"])
 
 
 def test_image_tokens_of_the_7b_sizes_are_the_checkpoints():
