@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .analyses import FIGURES as ANALYSIS_FIGURES  # probing, patching, leakage, heads, PGD budget (analyses/*.py outputs)
-from .analyses import (plot_answer_shift, plot_attribution, plot_circuit, plot_heads_heatmap, plot_leakage, plot_patching_heatmap, plot_pgd_budget,
+from .analyses import (plot_answer_shift, plot_attribution, plot_circuit, plot_gate_attribution,
+                       plot_heads_heatmap, plot_leakage, plot_patching_heatmap, plot_pgd_budget,
                        plot_probe_accuracy)
 from .canvas import DPI, PathLike, png_annotations
 from .gates import gate_summary, plot_gates
@@ -47,7 +48,7 @@ from .tradeoff import Curve, plot_tradeoff, tradeoff_curves
 
 __all__ = [
     "FiguresFailed",
-    "ANALYSIS_FIGURES", "plot_answer_shift", "plot_attribution", "plot_circuit", "Curve", "DPI", "FIGURES", "gate_summary", "make_all", "plot_gates", "plot_heads_heatmap",
+    "ANALYSIS_FIGURES", "plot_answer_shift", "plot_attribution", "plot_circuit", "plot_gate_attribution", "Curve", "DPI", "FIGURES", "gate_summary", "make_all", "plot_gates", "plot_heads_heatmap",
     "plot_heatmap",
     "plot_leakage", "plot_patching_heatmap", "plot_pgd_budget", "plot_probe_accuracy", "plot_timing", "plot_tradeoff",
     "png_annotations", "sweep_grid", "timing_ratios", "tradeoff_curves",

@@ -459,6 +459,37 @@ def plot_circuit(source: Any, out_path: PathLike) -> Path | None:
                                         "fewest_for_80pct": data.get("fewest_for_80pct")})
 
 
+def plot_gate_attribution(source: Any, out_path: PathLike) -> Path | None:
+    """What the eraser's gate reads: per gate row, the mean share of each component family (the image, the text,
+    each block's heads and MLP) of the raw gate value, one bar per split and modality
+    (``analyses/gate_attribution.py``)."""
+    data, path = read_json(source, "gate_attribution.json")
+    if not data or not data.get("rows"):
+        say_skipped("gate_attribution", f"no gate attribution results ({path or 'no data'})")
+        return None
+    rows = data["rows"]
+    with matplotlib.rc_context(STYLE):
+        fig = new_figure(max(7.0, 2.0 + 0.9 * len(next(iter(rows[0]["groups"].values()))["families"])),
+                         3.4 * len(rows))
+        axes = np.atleast_1d(fig.subplots(len(rows), 1))
+        for ax, row in zip(axes, rows):
+            groups = row["groups"]
+            keys = list(groups)
+            fams = [f for f in next(iter(groups.values()))["families"] if f != "other"]
+            x = np.arange(len(fams))
+            w = 0.8 / max(len(keys), 1)
+            for i, k in enumerate(keys):
+                ax.bar(x + (i - (len(keys) - 1) / 2) * w, [_f(groups[k]["families"].get(f)) for f in fams], w,
+                       label=f"{k} (gate {_f(groups[k]['gate']):.2f})")
+            ax.axhline(0.0, color="0.5", lw=0.8)
+            ax.set_xticks(x, fams, rotation=30, ha="right")
+            ax.set(ylabel="share of the raw gate", title=f"Gate over {', '.join(row['sites'])}")
+            ax.legend(frameon=False, fontsize="x-small", ncol=2)
+        fig.suptitle(f"What the gate reads ({data.get('n_items', '?')} questions, read: {data.get('read')})")
+        return save_png(fig, out_path, {"rows": [{"sites": r["sites"], "max_abs_gap": r.get("max_abs_gap")}
+                                                 for r in rows]})
+
+
 def _pct(v: Any) -> str:
     return "n/a" if not isinstance(v, (int, float)) else f"{100 * v:.0f} %"
 
@@ -473,4 +504,5 @@ FIGURES = {
     "answer_shift": (plot_answer_shift, "answer_shift.png", "answer_shift.json"),
     "attribution": (plot_attribution, "attribution.png", "attribution.json"),
     "circuit": (plot_circuit, "circuit.png", "circuit.json"),
+    "gate_attribution": (plot_gate_attribution, "gate_attribution.png", "gate_attribution.json"),
 }

@@ -1,0 +1,163 @@
+"""What the eraser's gate reads: each component's exact share of the gate value, on forget and retain questions.
+
+Why: the gate decides where MLLMEraser steers, and it is linear in the residual stream (``w . h`` at the
+sites it reads, before its window), so its value splits exactly over what wrote those sites
+(:func:`interp.readout.readout_attribution`): the image features at the image tokens, the text embeddings,
+each earlier head and MLP.  That answers, with numbers, whether the gate recognises a forget person from the
+picture (the image's own share, or heads that move it to the text) or from the words, and which blocks write
+the signal it keys on; reviewers asked whether a linear gate is enough (METHOD.md), and this is what it is.
+
+For each question of the forget, retain and celebrity splits (every task, with the picture and text-only) the
+gate's raw value is decomposed (for per-concept gates, the concept that scores highest, which is the one the
+gate takes), grouped by split and modality: the mean share of each component, and of each family (the image,
+the text, each block's heads, each block's MLP, and "other": rounding).  The shares add up to the raw gate of
+every question, checked against the eraser's own gate values.
+
+Writes ``OUT/gate_attribution.json`` and ``OUT/gate_attribution.png``.  The eraser comes from ``--eraser PATH``
+or is fitted (``--variant``), as in every analysis (``analyses/common.py``).
+
+Run: ``python -m analyses.gate_attribution [--quick] [--limit N]``.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from eraser.evaluate import build_items
+from eraser.features import read_names
+from interp.collect import prompt_mean, prompt_positions
+from interp.readout import readout_attribution, readout_names
+
+from .common import Context, base_parser, limited, load_context, write_outputs
+
+SPLITS = ("forget", "retain", "celebrity")
+MODALITIES = ("vqa", "qa")
+
+
+def family(label: str) -> str:
+    """A component's family: ``"image"``, ``"text"``, ``"other"``, ``"L{l} heads"`` or ``"L{l} mlp"``."""
+    if label in ("image", "text", "other"):
+        return label
+    block = label.split("H")[0].split(".")[0]
+    return f"{block} mlp" if label.endswith(".mlp") else f"{block} heads"
+
+
+def gate_readouts(gate, rows: list[list[str]], feats: list[torch.Tensor]) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """Per gate row, the readout it applies to each query (``{site: [batch, d]}``; for per-concept gates the
+    highest-scoring concept's weights) and the raw gate value it gives."""
+    out = []
+    for i, (names, f) in enumerate(zip(rows, feats)):
+        w = gate.w[i].float().to(f.device)
+        if w.ndim == 1:
+            per_row = w.expand(f.shape[0], -1)
+        else:  # [concepts, F]: the max is taken, so the winning concept's weights are the readout
+            per_row = w[(f @ w.T).argmax(-1)]
+        d = f.shape[-1] // len(names)
+        readout = {n: per_row[:, k * d:(k + 1) * d] for k, n in enumerate(names)}
+        out.append((readout, (f * per_row).sum(-1)))
+    return out
+
+
+def collect(ctx: Context, items: Sequence[Any], progress: bool) -> dict[str, Any]:
+    """Every item's components and raw gate value per gate row."""
+    model, gate = ctx.model, ctx.eraser.gate
+    rows = gate.rows()
+    names = read_names(rows)
+    per_row: list[dict[str, Any]] = [{"labels": None, "values": [], "gate": [], "check": []} for _ in rows]
+    bs = ctx.args.batch_size
+    for s in tqdm(range(0, len(items), bs), desc="gate attribution", disable=not progress, leave=False):
+        chunk = items[s:s + bs]
+        inputs = model.encode(images=[it.image for it in chunk], prompts=[it.prompt for it in chunk])
+        every = readout_names(model, {n: torch.zeros(model.d_model) for n in names})
+        with torch.no_grad():
+            _, cache = model.run_with_cache(inputs, names=every, stop_early=True)
+        mask = prompt_positions(inputs, cache[names[0]].shape[1])
+        reads = {n: (cache.last(n).float() if gate.read == "last" else prompt_mean(cache[n].float(), mask))
+                 for n in names}
+        feats = [torch.cat([reads[n] for n in row], dim=-1) for row in rows]
+        deployed = gate.score(feats, raw=True)  # [batch, steered layers]: what the eraser itself computes
+        for i, (readout, raw) in enumerate(gate_readouts(gate, rows, feats)):
+            att = readout_attribution(model, cache, readout, read=gate.read)
+            per_row[i]["labels"] = att.labels
+            per_row[i]["values"].append(att.values)
+            per_row[i]["gate"].append(raw)
+            column = 0 if gate.stack else i
+            per_row[i]["check"].append((att.values.sum(0) - deployed[:, column].cpu()).abs().max())
+    for r in per_row:
+        r["values"] = torch.cat(r["values"], dim=1)
+        r["gate"] = torch.cat(r["gate"])
+        r["max_abs_gap"] = float(max(r.pop("check")))
+    return {"rows": per_row}
+
+
+def summarise(labels: list[str], values: torch.Tensor, gate: torch.Tensor, groups: dict[str, list[int]]
+              ) -> dict[str, Any]:
+    """Per group of items: its size, mean raw gate, the mean share of every component and of every family."""
+    families = list(dict.fromkeys(family(l) for l in labels))
+    out = {}
+    for key, idx in groups.items():
+        if not idx:
+            continue
+        v = values[:, idx].mean(1)
+        fam = {f: float(sum(v[i] for i, l in enumerate(labels) if family(l) == f)) for f in families}
+        out[key] = {"n": len(idx), "gate": float(gate[idx].mean()), "components": dict(zip(labels, v.tolist())),
+                    "families": fam}
+    return out
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    bench, limit = ctx.setup.bench, ctx.args.limit
+    profiles = {"forget": limited(bench.forget, limit), "retain": limited(bench.retain, limit),
+                "celebrity": limited(bench.celebrity, limit)}
+    items, groups = [], {}
+    for split in SPLITS:
+        for it in build_items(profiles[split]):
+            groups.setdefault(f"{split}/{it.modality}", []).append(len(items))
+            items.append(it)
+    if not items:
+        raise SystemExit("no questions to attribute (every split is empty)")
+    got = collect(ctx, items, ctx.progress)
+    gate = ctx.eraser.gate
+    rows = []
+    for names, r in zip(gate.rows(), got["rows"]):
+        rows.append({"sites": names, "max_abs_gap": r["max_abs_gap"],
+                     "groups": summarise(r["labels"], r["values"], r["gate"], groups)})
+    return {"config": ctx.config(), "read": gate.read, "window": list(gate.window) if gate.window else None,
+            "concepts": len(gate.concepts), "n_items": len(items), "rows": rows}
+
+
+def print_summary(res: dict[str, Any]) -> None:
+    print(f"\nWhat the gate reads ({res['n_items']} questions; raw gate, before its window "
+          f"{res['window']}; read: {res['read']}; the shares add up to each question's gate value)")
+    for row in res["rows"]:
+        groups = row["groups"]
+        keys = [k for k in (f"{s}/{m}" for s in SPLITS for m in MODALITIES) if k in groups]
+        print(f"  gate over {', '.join(row['sites'])} (largest gap to the eraser's own gate value: "
+              f"{row['max_abs_gap']:.1e})")
+        print("    " + f"{'':<14}" + "".join(f"{k:>15}" for k in keys))
+        print("    " + f"{'n':<14}" + "".join(f"{groups[k]['n']:>15}" for k in keys))
+        print("    " + f"{'raw gate':<14}" + "".join(f"{groups[k]['gate']:>15.3f}" for k in keys))
+        for fam in groups[keys[0]]["families"]:
+            print("    " + f"{fam:<14}" + "".join(f"{groups[k]['families'][fam]:>15.3f}" for k in keys))
+        for key in ("forget/vqa", "forget/qa"):
+            if key in groups:
+                comp = groups[key]["components"]
+                top = sorted(comp.items(), key=lambda kv: -abs(kv[1]))[:5]
+                print(f"    top components, {key}: " + ", ".join(f"{l} {v:.3f}" for l, v in top))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = base_parser("gate_attribution", __doc__)
+    args = ap.parse_args(argv)
+    ctx = load_context(args)
+    from eraser.plots import plot_gate_attribution
+
+    return write_outputs(args, "gate_attribution", run(ctx), print_summary, plot_gate_attribution,
+                         "gate_attribution.png")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
