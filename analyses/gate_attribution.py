@@ -108,6 +108,17 @@ def summarise(labels: list[str], values: torch.Tensor, gate: torch.Tensor, group
     return out
 
 
+def contrast(groups: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per modality, each family's forget share minus its retain share: what makes the gate tell them apart
+    (the retain gate is ~0 by construction, but not each of its shares)."""
+    out = {}
+    for m in MODALITIES:
+        f, r = groups.get(f"forget/{m}"), groups.get(f"retain/{m}")
+        if f and r:
+            out[m] = {k: f["families"][k] - r["families"][k] for k in f["families"]}
+    return out
+
+
 def run(ctx: Context) -> dict[str, Any]:
     bench, limit = ctx.setup.bench, ctx.args.limit
     profiles = {"forget": limited(bench.forget, limit), "retain": limited(bench.retain, limit),
@@ -123,8 +134,9 @@ def run(ctx: Context) -> dict[str, Any]:
     gate = ctx.eraser.gate
     rows = []
     for names, r in zip(gate.rows(), got["rows"]):
-        rows.append({"sites": names, "max_abs_gap": r["max_abs_gap"],
-                     "groups": summarise(r["labels"], r["values"], r["gate"], groups)})
+        summary = summarise(r["labels"], r["values"], r["gate"], groups)
+        rows.append({"sites": names, "max_abs_gap": r["max_abs_gap"], "groups": summary,
+                     "contrast": contrast(summary)})
     return {"config": ctx.config(), "read": gate.read, "window": list(gate.window) if gate.window else None,
             "concepts": len(gate.concepts), "n_items": len(items), "rows": rows}
 
@@ -142,6 +154,9 @@ def print_summary(res: dict[str, Any]) -> None:
         print("    " + f"{'raw gate':<14}" + "".join(f"{groups[k]['gate']:>15.3f}" for k in keys))
         for fam in groups[keys[0]]["families"]:
             print("    " + f"{fam:<14}" + "".join(f"{groups[k]['families'][fam]:>15.3f}" for k in keys))
+        for m, diff in row["contrast"].items():
+            top = sorted(((k, v) for k, v in diff.items() if k != "other"), key=lambda kv: -abs(kv[1]))[:4]
+            print(f"    forget - retain, {m}: " + ", ".join(f"{k} {v:+.3f}" for k, v in top))
         for key in ("forget/vqa", "forget/qa"):
             if key in groups:
                 comp = groups[key]["components"]

@@ -51,6 +51,9 @@ def test_shares_add_up_and_the_gate_separates(run):
             assert abs(g["families"]["other"]) < 1e-3
         assert groups["forget/qa"]["families"]["image"] == 0.0  # no picture, no image share
         assert groups["forget/vqa"]["gate"] > 0.5 > abs(groups["retain/vqa"]["gate"])
+        for m, diff in row["contrast"].items():  # the families' differences add up to the gates' difference
+            gap = groups[f"forget/{m}"]["gate"] - groups[f"retain/{m}"]["gate"]
+            assert sum(diff.values()) == pytest.approx(gap, abs=1e-4)
 
 
 def test_figure(run, tmp_path):
