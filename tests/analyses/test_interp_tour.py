@@ -7,11 +7,11 @@ from analyses.interp_tour import main
 
 
 @pytest.mark.parametrize("arch", ["llava", "qwen2_5_vl"])
-def test_interp_tour_walks_all_seven_steps(arch, capsys):
+def test_interp_tour_walks_all_eight_steps(arch, capsys):
     main(["--arch", arch])
     text = capsys.readouterr().out
     for step in ("1. ", "2. encoded batch", "3. cache of", "4. steering", "5. greedy answers", "6. inside block 1",
-                 "7. the image positions"):
+                 "7. the image positions", "8. "):
         assert step in text
     assert "last (2, 128)" in text  # the last prompt token of each of the two rows, d_model 128
     assert "(0, 128)]" in text  # the text-only row has no image positions
@@ -19,3 +19,6 @@ def test_interp_tour_walks_all_seven_steps(arch, capsys):
     # the first block's input at the image positions is the whole difference between the two portraits' runs
     effects = text.split("7. ")[1].split("block): [")[1].split("]")[0]
     assert effects.startswith("1.0,")
+    assert "8. 114 edges" in text  # 4 blocks of 4 heads
+    largest = text.split("8. ")[1].split("the largest: ['")[1].split("'")[0]
+    assert largest.startswith("image -> L0.attn_in")  # the portrait enters through block 0's attention input
