@@ -216,20 +216,22 @@ def _result(names: Sequence[str], terms: Terms, masks: dict, positions: Position
 
 
 def swap_path(model: "HookedVLM", clean: VLMInputs, corrupted: VLMInputs, names: Sequence[str], metric: Metric,
-              steps: int) -> tuple[Callable[[float], GradRun], ActivationCache, list[float]]:
+              steps: int, reads: Sequence[str] = ()) -> tuple[Callable[[float], GradRun], ActivationCache, list[float]]:
     """What every clean -> corrupted estimate starts from: ``run_at(alpha)``, the differentiated run ``alpha`` of
     the way along the straight path from the corrupted inputs (0) to the clean ones (1), pixels and, for
-    ``steps > 0`` where the prompts differ, text embeddings; the clean run's cache of ``names``; and the clean
-    run's metric per row."""
+    ``steps > 0`` where the prompts differ, text embeddings, with gradients at ``names`` and activations at
+    ``names`` and ``reads``; the clean run's cache of both; and the clean run's metric per row."""
     text_differs = steps > 0 and not torch.equal(clean.input_ids, corrupted.input_ids)
-    wanted = list(names) + (["hook_embed"] if text_differs and "hook_embed" not in names else [])
+    wanted = list(dict.fromkeys(list(names) + list(reads)))
+    wanted += ["hook_embed"] if text_differs and "hook_embed" not in wanted else []
     clean_logits, cache = model.run_with_cache(clean, names=wanted)
     clean_rows = _rows(torch.as_tensor(metric(clean_logits, corrupted)))
     del clean_logits
 
     def run_at(alpha: float) -> GradRun:
         hooks = [("hook_embed", _text_path(cache["hook_embed"], alpha))] if text_differs else []
-        return run_with_grads(model, interpolated_inputs(clean, corrupted, alpha), names, metric, hooks=hooks)
+        return run_with_grads(model, interpolated_inputs(clean, corrupted, alpha), names, metric, hooks=hooks,
+                              reads=reads)
 
     return run_at, cache, clean_rows
 

@@ -55,12 +55,17 @@ METHOD = "edge_attribution"
 
 
 def grad_names(model: "HookedVLM") -> list[str]:
-    """Every hook name one differentiated run needs: the writers (:func:`~interp.edges.edge_names`) and each
-    reader's input and normalised input."""
+    """The hook names one differentiated run needs a gradient at: each reader's normalised input."""
     readers = edge_graph(model).downstream
-    names = set(edge_names(model))
-    names |= {reader_input_name(model, v) for v in readers} | {reader_norm_name(model, v) for v in readers}
-    return [n for n in model.hook_names() if n in names]
+    wanted = {reader_norm_name(model, v) for v in readers}
+    return [n for n in model.hook_names() if n in wanted]
+
+
+def read_names(model: "HookedVLM") -> list[str]:
+    """The hook names one differentiated run reads without a gradient: the writers
+    (:func:`~interp.edges.edge_names`) and each reader's input."""
+    wanted = set(edge_names(model)) | {reader_input_name(model, v) for v in edge_graph(model).downstream}
+    return [n for n in model.hook_names() if n in wanted]
 
 
 def reader_grads(model: "HookedVLM", run: GradRun) -> dict[str, Float[Tensor, "batch pos d_model"]]:
@@ -116,8 +121,8 @@ def attribution_edges(model: "HookedVLM", clean_inputs: VLMInputs, corrupted_inp
     check_aligned(clean_inputs, corrupted_inputs)
     graph = edge_graph(model)
     writers = edge_names(model)
-    names = grad_names(model)
-    run_at, clean_cache, clean_rows = swap_path(model, clean_inputs, corrupted_inputs, names, metric, steps)
+    run_at, clean_cache, clean_rows = swap_path(model, clean_inputs, corrupted_inputs, grad_names(model), metric,
+                                                steps, reads=read_names(model))
     image_mask, text_mask = corrupted_inputs.image_mask, corrupted_inputs.text_mask
     if steps == 0:
         run = run_at(0.0)
@@ -154,4 +159,4 @@ def edge_cut_sum(scores: EdgeScores, reader: str = "logits") -> float:
     return float(np.nansum(col))
 
 
-__all__ = ["attribution_edges", "edge_cut_sum", "edge_terms", "grad_names", "reader_grads"]
+__all__ = ["attribution_edges", "edge_cut_sum", "edge_terms", "grad_names", "read_names", "reader_grads"]

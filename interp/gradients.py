@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 from jaxtyping import Float
@@ -94,9 +94,12 @@ def gradient_names(model: "HookedVLM", names: NameFilter, inputs: VLMInputs) -> 
 
 
 def run_with_grads(model: "HookedVLM", inputs: VLMInputs, names: NameFilter, metric: Metric,
-                   hooks: HookSpec | None = None) -> GradRun:
+                   hooks: HookSpec | None = None, reads: Sequence[str] = ()) -> GradRun:
     """Run ``inputs`` once with gradients and return ``metric``'s per-row values, the activations at ``names``
     and the gradient of the summed metric with respect to each of them.
+
+    ``reads`` are more sites whose activations are wanted without a gradient (in ``acts``, not ``grads``): a
+    7B model's gradient at every site it reads would double the memory for nothing.
 
     ``hooks`` (e.g. steering) act in the same pass, before the site's gradient is taken, so activations and
     gradients are those of the hooked run; hooks attached with ``model.hooks(...)`` on the plain-PyTorch
@@ -112,8 +115,12 @@ def run_with_grads(model: "HookedVLM", inputs: VLMInputs, names: NameFilter, met
         raise RuntimeError("run_with_grads cannot run inside torch.inference_mode(): no tensor made there can carry "
                            "a gradient; call it outside the block (torch.no_grad() is fine: it is lifted here)")
     chosen = gradient_names(model, names, inputs)
+    read_only = [n for n in (gradient_names(model, list(reads), inputs) if reads else []) if n not in chosen]
     acts: dict[str, Tensor] = {}
     leaves: dict[str, Tensor] = {}
+
+    def record(x: Tensor, ctx: HookContext) -> None:
+        acts[ctx.name] = x.detach()
 
     def capture(x: Tensor, ctx: HookContext) -> Tensor:
         leaf = torch.zeros_like(x, requires_grad=True)
@@ -121,13 +128,14 @@ def run_with_grads(model: "HookedVLM", inputs: VLMInputs, names: NameFilter, met
         return x + leaf
 
     with frozen_weights(model.hf_model), torch.enable_grad(), \
-            model.hooks(list(hooks or []) + [(n, capture) for n in chosen], backend="torch"), active_inputs(inputs):
+            model.hooks(list(hooks or []) + [(n, capture) for n in chosen] + [(n, record) for n in read_only],
+                        backend="torch"), active_inputs(inputs):
         logits = model.hf_model(**inputs.model_kwargs()).logits
         values = metric(logits, inputs)
         if values.dim() != 1 or values.shape[0] != inputs.batch_size:
             raise ValueError(f"metric must return one value per row, shape [{inputs.batch_size}], "
                              f"got {tuple(values.shape)}")
-        missing = [n for n in chosen if n not in leaves]
+        missing = [n for n in chosen if n not in leaves] + [n for n in read_only if n not in acts]
         if missing:
             raise RuntimeError(f"{missing[:3]} never ran in this forward pass")
         if not values.requires_grad:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from interp.gradients import frozen_weights, run_with_grads
+from interp.names import HookNameError
 from interp.patching import answer_logprob, logit_diff
 from tests.conftest import random_image
 
@@ -57,6 +58,21 @@ def test_the_forward_pass_is_unchanged_and_activations_match_run_with_cache(tiny
     assert float(only_first.grads[names[0]][1].abs().max()) == 0.0
     # modality slicing works on the gradients: image positions carry gradient, padding none
     assert float(run.grads.image(names[0], padded=True)[0].abs().sum()) > 0
+
+
+def test_reads_are_activations_without_gradients(tiny_llava):
+    inputs = _inputs(tiny_llava)
+    metric = answer_logprob(3)
+    names, reads = ["blocks.1.hook_resid_post"], ["hook_embed", "blocks.0.attn.hook_z", "blocks.1.hook_resid_post"]
+    run = run_with_grads(tiny_llava, inputs, names, metric, reads=reads)
+    plain = run_with_grads(tiny_llava, inputs, names, metric)
+    _, cache = tiny_llava.run_with_cache(inputs, names=reads)
+    assert set(run.acts.names) == set(reads) and run.grads.names == names
+    assert torch.equal(run.grads[names[0]], plain.grads[names[0]]) and torch.equal(run.values, plain.values)
+    for n in reads:
+        assert torch.allclose(run.acts[n], cache[n], atol=1e-6)
+    with pytest.raises(HookNameError):
+        run_with_grads(tiny_llava, inputs, names, metric, reads=["blocks.9.hook_resid_pre"])
 
 
 def test_weights_flags_mode_and_grads_are_restored(tiny_llava):
