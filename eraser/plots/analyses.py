@@ -424,8 +424,21 @@ def plot_circuit(source: Any, out_path: PathLike) -> Path | None:
         return None
     effects, counts = data["effects"], data["counts"]
     with matplotlib.rc_context(STYLE):
-        fig = new_figure(15.0, 4.4)
-        ax_scatter, *curve_axes = fig.subplots(1, 3)
+        fig = new_figure(13.0, 9.5)
+        (ax_scatter, ax_grid), curve_axes = fig.subplots(2, 2)
+        exact = (data.get("scores") or {}).get("patching")
+        if exact:
+            from interp.edges import EdgeScores
+
+            scores = EdgeScores.from_dict(exact)
+            _panel(ax_grid, fig, {"rows": scores.upstream, "cols": scores.downstream, "values": scores.effects.tolist()},
+                   "Each edge patched alone (writer -> reader)", "reader")
+            for t in ax_grid.texts[:]:  # too many cells for numbers
+                t.remove()
+            ax_grid.tick_params(axis="x", labelrotation=45)
+            ax_grid.tick_params(axis="y", labelsize=6)
+        else:
+            ax_grid.set_axis_off()
         x = np.array([_f(v) for v in effects["patching"]])
         lo, hi = 0.0, 0.1
         for m in ("attribution", "integrated"):
