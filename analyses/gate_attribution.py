@@ -61,16 +61,19 @@ def gate_readouts(gate, rows: list[list[str]], feats: list[torch.Tensor]) -> lis
     return out
 
 
-def collect(ctx: Context, items: Sequence[Any], progress: bool) -> dict[str, Any]:
-    """Every item's components and raw gate value per gate row."""
-    model, gate = ctx.model, ctx.eraser.gate
+def collect(model, gate, images: Sequence[Any], prompts: Sequence[str], batch_size: int = 32,
+            progress: bool = False) -> list[dict[str, Any]]:
+    """Per gate row of ``gate`` (an eraser's :class:`~eraser.gate.NullSpaceGate`), every query's component shares
+    of its raw gate value: ``{"labels", "values": [component, query], "gate": [query], "max_abs_gap"}``, the last
+    the largest difference between the shares' sum and the gate's own value."""
+    if len(images) != len(prompts) or not prompts:
+        raise ValueError(f"need one image (or None) per prompt and at least one query, got {len(images)} and "
+                         f"{len(prompts)}")
     rows = gate.rows()
     names = read_names(rows)
     per_row: list[dict[str, Any]] = [{"labels": None, "values": [], "gate": [], "check": []} for _ in rows]
-    bs = ctx.args.batch_size
-    for s in tqdm(range(0, len(items), bs), desc="gate attribution", disable=not progress, leave=False):
-        chunk = items[s:s + bs]
-        inputs = model.encode(images=[it.image for it in chunk], prompts=[it.prompt for it in chunk])
+    for s in tqdm(range(0, len(prompts), batch_size), desc="gate attribution", disable=not progress, leave=False):
+        inputs = model.encode(images=list(images[s:s + batch_size]), prompts=list(prompts[s:s + batch_size]))
         every = readout_names(model, {n: torch.zeros(model.d_model) for n in names})
         with torch.no_grad():
             _, cache = model.run_with_cache(inputs, names=every, stop_early=True)
@@ -90,7 +93,7 @@ def collect(ctx: Context, items: Sequence[Any], progress: bool) -> dict[str, Any
         r["values"] = torch.cat(r["values"], dim=1)
         r["gate"] = torch.cat(r["gate"])
         r["max_abs_gap"] = float(max(r.pop("check")))
-    return {"rows": per_row}
+    return per_row
 
 
 def summarise(labels: list[str], values: torch.Tensor, gate: torch.Tensor, groups: dict[str, list[int]]
@@ -130,10 +133,11 @@ def run(ctx: Context) -> dict[str, Any]:
             items.append(it)
     if not items:
         raise SystemExit("no questions to attribute (every split is empty)")
-    got = collect(ctx, items, ctx.progress)
     gate = ctx.eraser.gate
+    got = collect(ctx.model, gate, [it.image for it in items], [it.prompt for it in items], ctx.args.batch_size,
+                  ctx.progress)
     rows = []
-    for names, r in zip(gate.rows(), got["rows"]):
+    for names, r in zip(gate.rows(), got):
         summary = summarise(r["labels"], r["values"], r["gate"], groups)
         rows.append({"sites": names, "max_abs_gap": r["max_abs_gap"], "groups": summary,
                      "contrast": contrast(summary)})

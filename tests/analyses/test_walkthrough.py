@@ -39,6 +39,11 @@ def test_notebook_runs_on_the_quick_model(tmp_path, monkeypatch):
     assert "quick=True" in text and "fitted in" in text and "steered:" in text
     row = next(l for l in text.splitlines() if l.startswith("blocks.0.hook_resid_pre"))  # section 3b's table
     assert float(row.split()[1]) == 1.0  # the first block's input at the image positions is the whole difference
+    assert "114 edges; the largest by EAP-IG:" in text  # section 3c
+    kept = text.split("faithfulness of circuits grown from the logits: ")[1].splitlines()[0]
+    assert kept.endswith(("edges 0.9", "edges 1.0")) or float(kept.split()[-1]) > 0.5  # 50 of 114 edges keep most
+    gate = text.split("gate value (raw): forget ")[1].splitlines()[0]  # section 4b
+    assert float(gate.split(",")[0]) > float(gate.split("retain ")[1].split()[0])  # the forget picture opens it more
     assert (tmp_path / "out" / "sweep.jsonl").is_file()
     assert (tmp_path / "out" / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
     shown = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
