@@ -29,7 +29,9 @@ from tqdm.auto import tqdm
 from eraser.evaluate import build_items
 from eraser.features import read_names
 from interp.collect import prompt_mean, prompt_positions
-from interp.readout import readout_attribution, readout_names
+from interp.ablation import ablation_hook, modality_means
+from interp.hooks import HookContext
+from interp.readout import prompt_read, readout_attribution, readout_names, site_writers
 
 from .common import Context, base_parser, limited, load_context, write_outputs
 
@@ -96,6 +98,75 @@ def collect(model, gate, images: Sequence[Any], prompts: Sequence[str], batch_si
     return per_row
 
 
+def family_ablations(model, gate) -> dict[str, tuple[str, str]]:
+    """Each component family that writes the gate's sites, as ``(site, positions)`` to mean-ablate: the image and
+    the text (``hook_embed`` at their positions), each block's heads (``hook_attn_out``: the heads' sum) and MLP."""
+    names = read_names(gate.rows())
+    heads = max(site_writers(model, n)[0] for n in names)
+    mlps = max(site_writers(model, n)[1] for n in names)
+    fams = {"image": ("hook_embed", "image"), "text": ("hook_embed", "text")}
+    for l in range(max(heads, mlps)):
+        if l < heads:
+            fams[f"L{l} heads"] = (f"blocks.{l}.hook_attn_out", "all")
+        if l < mlps:
+            fams[f"L{l} mlp"] = (f"blocks.{l}.hook_mlp_out", "all")
+    return fams
+
+
+def _writes_into(model, fam: str, site: str) -> bool:
+    if fam in ("image", "text"):
+        return True
+    heads, mlps = site_writers(model, site)
+    layer = int(fam.split()[0][1:])
+    return layer < (heads if fam.endswith("heads") else mlps)
+
+
+def _reads(model, gate, inputs, cache) -> list[torch.Tensor]:
+    rows = gate.rows()
+    names = read_names(rows)
+    mask = prompt_positions(inputs, cache[names[0]].shape[1])
+    reads = {n: (cache.last(n).float() if gate.read == "last" else prompt_mean(cache[n].float(), mask)) for n in names}
+    return [torch.cat([reads[n] for n in row], dim=-1) for row in rows]
+
+
+def ablation_effects(model, gate, images: Sequence[Any], prompts: Sequence[str], means, batch_size: int = 32,
+                     progress: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+    """Per family (:func:`family_ablations`), the raw gate's change when that family is replaced by its mean
+    (``means``: :class:`~interp.ablation.ModalityMeans`), per query and gate row: ``"total"`` as the model then
+    computes it (through every later component), ``"direct"`` the family's own share of the change alone (what
+    its readout share predicts).  Their difference is what the family does to the gate through later
+    components."""
+    fams = family_ablations(model, gate)
+    rows = gate.rows()
+    names = read_names(rows)
+    wanted = list(dict.fromkeys(readout_names(model, {n: torch.zeros(model.d_model) for n in names})
+                                + [site for site, _ in fams.values()]))
+    out: dict[str, dict[str, list[torch.Tensor]]] = {f: {"total": [], "direct": []} for f in fams}
+    col = [0 if gate.stack else i for i in range(len(rows))]
+    for s in tqdm(range(0, len(prompts), batch_size), desc="gate ablations", disable=not progress, leave=False):
+        inputs = model.encode(images=list(images[s:s + batch_size]), prompts=list(prompts[s:s + batch_size]))
+        with torch.no_grad():
+            _, cache = model.run_with_cache(inputs, names=wanted, stop_early=True)
+        feats = _reads(model, gate, inputs, cache)
+        base = gate.score(feats, raw=True)[:, col]
+        readouts = gate_readouts(gate, rows, feats)
+        for fam, (site, positions) in fams.items():
+            hook = ablation_hook(model, site, "mean", means, positions=positions)
+            with torch.no_grad():
+                _, hooked = model.run_with_cache(inputs, names=names, hooks=[(site, hook)], stop_early=True)
+                # the same replacement, applied to the cached (unablated) value
+                ablated = hook(cache[site], HookContext(name=site, layer=None, step=0, inputs=inputs))
+            out[fam]["total"].append(gate.score(_reads(model, gate, inputs, hooked), raw=True)[:, col] - base)
+            delta = (ablated - cache[site]).float()
+            direct = torch.zeros_like(base)
+            for i, (readout, _) in enumerate(readouts):
+                for n, w in readout.items():
+                    if _writes_into(model, fam, n):
+                        direct[:, i] += (prompt_read(delta, cache, gate.read) * w.to(delta.device)).sum(-1).cpu()
+            out[fam]["direct"].append(direct)
+    return {f: {k: torch.cat(v) for k, v in d.items()} for f, d in out.items()}
+
+
 def summarise(labels: list[str], values: torch.Tensor, gate: torch.Tensor, groups: dict[str, list[int]]
               ) -> dict[str, Any]:
     """Per group of items: its size, mean raw gate, the mean share of every component and of every family."""
@@ -136,11 +207,23 @@ def run(ctx: Context) -> dict[str, Any]:
     gate = ctx.eraser.gate
     got = collect(ctx.model, gate, [it.image for it in items], [it.prompt for it in items], ctx.args.batch_size,
                   ctx.progress)
+    # part 2: each family mean-ablated (to the retain questions' per-modality means), total vs direct change
+    fams = family_ablations(ctx.model, gate)
+    reference = [it for it in items if it.profile_id in {p.id for p in profiles["retain"]}]
+    bs = ctx.args.batch_size
+    means = modality_means(ctx.model, (ctx.model.encode(images=[it.image for it in reference[s:s + bs]],
+                                                         prompts=[it.prompt for it in reference[s:s + bs]])
+                                       for s in range(0, len(reference), bs)),
+                           list(dict.fromkeys(site for site, _ in fams.values())))
+    effects = ablation_effects(ctx.model, gate, [it.image for it in items], [it.prompt for it in items], means, bs,
+                               ctx.progress)
     rows = []
-    for names, r in zip(gate.rows(), got):
+    for i, (names, r) in enumerate(zip(gate.rows(), got)):
         summary = summarise(r["labels"], r["values"], r["gate"], groups)
+        ablation = {f: {g: {k: float(effects[f][k][idx, i].mean()) for k in ("total", "direct")}
+                        for g, idx in groups.items() if idx} for f in fams}
         rows.append({"sites": names, "max_abs_gap": r["max_abs_gap"], "groups": summary,
-                     "contrast": contrast(summary)})
+                     "contrast": contrast(summary), "ablation": ablation})
     return {"config": ctx.config(), "read": gate.read, "window": list(gate.window) if gate.window else None,
             "concepts": len(gate.concepts), "n_items": len(items), "rows": rows}
 
@@ -161,6 +244,14 @@ def print_summary(res: dict[str, Any]) -> None:
         for m, diff in row["contrast"].items():
             top = sorted(((k, v) for k, v in diff.items() if k != "other"), key=lambda kv: -abs(kv[1]))[:4]
             print(f"    forget - retain, {m}: " + ", ".join(f"{k} {v:+.3f}" for k, v in top))
+        ablation = row.get("ablation") or {}
+        if ablation:
+            keys2 = [k for k in ("forget/vqa", "forget/qa", "retain/vqa", "retain/qa") if k in groups]
+            print("    mean-ablated to the retain means, the gate's change: total (direct share)")
+            print("    " + f"{'':<14}" + "".join(f"{k:>18}" for k in keys2))
+            for fam, by_group in ablation.items():
+                print("    " + f"{fam:<14}" + "".join(
+                    f"{by_group[k]['total']:>9.3f} ({by_group[k]['direct']:6.3f})" for k in keys2))
         for key in ("forget/vqa", "forget/qa"):
             if key in groups:
                 comp = groups[key]["components"]

@@ -58,6 +58,12 @@ def _writers(layer: int, kind: str) -> tuple[int, int]:
     return {"pre": (layer, layer), "mid": (layer + 1, layer), "post": (layer + 1, layer + 1)}[kind]
 
 
+def site_writers(model: "HookedVLM", site: str) -> tuple[int, int]:
+    """How many blocks' heads and MLPs wrote the residual stream at a readout site (``blocks.{l}.hook_resid_pre``:
+    ``(l, l)``; ``_mid``: ``(l + 1, l)``; ``_post``: ``(l + 1, l + 1)``); the embeddings always did."""
+    return _writers(*_site(model, site))
+
+
 def readout_names(model: "HookedVLM", readout: Mapping[str, Tensor]) -> list[str]:
     """The hook names a cache needs for :func:`readout_attribution` of ``readout``."""
     sites = [(_site(model, s), s) for s in readout]
@@ -148,4 +154,4 @@ def _attribute(model: "HookedVLM", cache: ActivationCache, readout: Mapping[str,
     return Attribution(labels + ["other"], values, max(head_blocks, mlp_blocks), n_heads)
 
 
-__all__ = ["prompt_read", "readout_attribution", "readout_names"]
+__all__ = ["prompt_read", "readout_attribution", "readout_names", "site_writers"]

@@ -482,10 +482,28 @@ def plot_gate_attribution(source: Any, out_path: PathLike) -> Path | None:
         return None
     rows = data["rows"]
     with matplotlib.rc_context(STYLE):
+        has_ablation = any(r.get("ablation") for r in rows)
+        per_row = 2 if has_ablation else 1
         fig = new_figure(max(7.0, 2.0 + 0.9 * len(next(iter(rows[0]["groups"].values()))["families"])),
-                         3.4 * len(rows))
-        axes = np.atleast_1d(fig.subplots(len(rows), 1))
-        for ax, row in zip(axes, rows):
+                         3.6 * len(rows) * per_row)
+        axes = np.array(fig.subplots(len(rows) * per_row, 1, squeeze=False)).reshape(len(rows), per_row)
+        for ax, row in zip(axes[:, 1] if has_ablation else [], rows):
+            ablation = row.get("ablation") or {}
+            fams = list(ablation)
+            keys = [k for k in ("forget/vqa", "forget/qa", "retain/vqa", "retain/qa")
+                    if fams and k in ablation[fams[0]]]
+            x = np.arange(len(fams))
+            w = 0.8 / max(len(keys), 1)
+            for i, k in enumerate(keys):
+                pos = x + (i - (len(keys) - 1) / 2) * w
+                ax.bar(pos, [_f(ablation[f][k]["total"]) for f in fams], w, label=f"{k}: total")
+                ax.scatter(pos, [_f(ablation[f][k]["direct"]) for f in fams], marker="_", s=80, color="black",
+                           linewidths=1.5)
+            ax.axhline(0.0, color="0.5", lw=0.8)
+            ax.set_xticks(x, fams, rotation=30, ha="right")
+            ax.set(ylabel="change of the raw gate", title="Each family mean-ablated: total (bars), direct share (ticks)")
+            ax.legend(frameon=False, fontsize="x-small", ncol=2)
+        for ax, row in zip(axes[:, 0], rows):
             groups = row["groups"]
             keys = list(groups)
             fams = [f for f in next(iter(groups.values()))["families"] if f != "other"]

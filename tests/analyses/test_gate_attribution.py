@@ -51,6 +51,15 @@ def test_shares_add_up_and_the_gate_separates(run):
             assert abs(g["families"]["other"]) < 1e-3
         assert groups["forget/qa"]["families"]["image"] == 0.0  # no picture, no image share
         assert groups["forget/vqa"]["gate"] > 0.5 > abs(groups["retain/vqa"]["gate"])
+        # ablation: the last family before the gate's last site reaches it only directly, so total == direct;
+        # the image's total effect on a forget picture question goes through later components
+        ablation = row["ablation"]
+        last = list(ablation)[-1]
+        assert last.endswith("mlp")
+        for g in ablation[last].values():
+            assert g["total"] == pytest.approx(g["direct"], abs=1e-4)
+        assert ablation["image"]["forget/qa"] == {"total": 0.0, "direct": 0.0}
+        assert ablation["image"]["forget/vqa"]["total"] < -0.3
         for m, diff in row["contrast"].items():  # the families' differences add up to the gates' difference
             gap = groups[f"forget/{m}"]["gate"] - groups[f"retain/{m}"]["gate"]
             assert sum(diff.values()) == pytest.approx(gap, abs=1e-4)
