@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 import numpy as np
 
 from .io import JsonRecord, json_number
+from .patching import normalised
 
 if TYPE_CHECKING:
     from .model import HookedVLM
@@ -186,10 +187,7 @@ class EdgeScores(JsonRecord):
     @property
     def effects(self) -> np.ndarray:
         """``(patched - corrupted) / (clean - corrupted)``; all NaN where clean and corrupted agree."""
-        gap = self.clean - self.corrupted
-        if not np.isfinite(gap) or abs(gap) < 1e-12:
-            return np.full_like(self.patched, np.nan)
-        return (self.patched - self.corrupted) / gap
+        return normalised(self.patched, self.clean, self.corrupted)
 
     def value(self, writer: str, reader: str) -> float:
         """The normalised effect of one edge."""

@@ -35,7 +35,7 @@ from .inputs import VLMInputs
 from .io import JsonRecord, json_number
 from .patching import (
     Metric, PositionSpec, _apply_metric, _mean, _patch_hook, _patch_mask, _position_label, check_aligned,
-    check_max_rows,
+    check_max_rows, normalised,
 )
 from .steering import repeat_inputs
 from .sweep import Grid
@@ -68,10 +68,7 @@ class HeadPatchResult(JsonRecord):
     @property
     def effects(self) -> np.ndarray:
         """``(patched - corrupted) / (clean - corrupted)``; NaN where clean and corrupted agree."""
-        gap = self.clean - self.corrupted
-        if not np.isfinite(gap) or abs(gap) < 1e-12:
-            return np.full_like(self.patched, np.nan)
-        return (self.patched - self.corrupted) / gap
+        return normalised(self.patched, self.clean, self.corrupted)
 
     def top(self, k: int = 5) -> list[tuple[int, int, float]]:
         """The ``k`` heads with the largest absolute effect: ``[(layer, head, effect), ...]``."""

@@ -113,6 +113,15 @@ def _mean(xs: Sequence[float]) -> float:
     return float(np.mean(xs)) if len(xs) else float("nan")
 
 
+def normalised(patched: np.ndarray, clean: float, corrupted: float) -> np.ndarray:
+    """``(patched - corrupted) / (clean - corrupted)``: clean = 1, corrupted = 0; all NaN where the two runs agree
+    (no difference to normalise by)."""
+    gap = clean - corrupted
+    if not np.isfinite(gap) or abs(gap) < 1e-12:
+        return np.full_like(patched, np.nan, dtype=float)
+    return (patched - corrupted) / gap
+
+
 @dataclass
 class PatchResult(JsonRecord):
     """Metric values of a patching experiment; ``effects`` are normalised to clean = 1, corrupted = 0.

@@ -16,6 +16,19 @@ def random_image(size: int, seed: int) -> Image.Image:
     return Image.fromarray(rng.randint(0, 255, (size, size, 3), dtype=np.uint8))
 
 
+def nudged_pair(model, step: float, prompts=("what is the name of the person in this image ?", "who is he")):
+    """(clean, corrupted) for the gradient-estimate tests: the clean pixels are the corrupted ones moved ``step``
+    of the way to other images (small ``step``: runs close enough for first order to hold)."""
+    import dataclasses
+
+    size = 32 if model.arch == "llava" else 64
+    corrupt = model.encode(images=[random_image(size, 1), random_image(size, 2)], prompts=list(prompts))
+    other = model.encode(images=[random_image(size, 3), random_image(size, 4)], prompts=list(prompts))
+    a, b = corrupt.image_kwargs["pixel_values"], other.image_kwargs["pixel_values"]
+    clean = dataclasses.replace(corrupt, image_kwargs={**corrupt.image_kwargs, "pixel_values": a + step * (b - a)})
+    return clean, corrupt
+
+
 def save_local_copy(root):
     """The quick zoo model saved as a Hugging Face folder (``root/model``) and its benchmark as MLLMU-Bench parquet
     files (``root/mllmu``, forget 5 %): a local checkpoint on a local MLLMU-Bench, as a real 7B run has.

@@ -6,7 +6,6 @@ agree; where they are far apart on a random model, they need not, and one test m
 """
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest
@@ -18,19 +17,13 @@ from interp.attribution_patching import (attribution_from_run, attribution_heads
 from interp.gradients import run_with_grads
 from interp.head_patching import HeadPatchResult, patch_heads
 from interp.patching import PatchResult, logit_diff, patch_hooks, patch_sites
-from tests.conftest import random_image
+from tests.conftest import nudged_pair, random_image
 
 PROMPTS = ["what is the name of the person in this image ?", "who is he"]
 
 
 def _pair(model, step: float):
-    """(clean, corrupted): the clean pixels are the corrupted ones moved ``step`` of the way to other images."""
-    size = 32 if model.arch == "llava" else 64
-    corrupt = model.encode(images=[random_image(size, 1), random_image(size, 2)], prompts=PROMPTS)
-    other = model.encode(images=[random_image(size, 3), random_image(size, 4)], prompts=PROMPTS)
-    a, b = corrupt.image_kwargs["pixel_values"], other.image_kwargs["pixel_values"]
-    clean = dataclasses.replace(corrupt, image_kwargs={**corrupt.image_kwargs, "pixel_values": a + step * (b - a)})
-    return clean, corrupt
+    return nudged_pair(model, step, PROMPTS)
 
 
 def _sites(model):

@@ -2,7 +2,6 @@
 site estimates they must agree with."""
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest
@@ -11,19 +10,13 @@ from interp.attribution_patching import attribution_patch
 from interp.edge_attribution import attribution_edges, edge_cut_sum
 from interp.edge_patching import patch_each_edge
 from interp.patching import logit_diff
-from tests.conftest import random_image
+from tests.conftest import nudged_pair, random_image
 
 PROMPTS = ["what is the name of the person in this image ?", "who is he"]
 
 
 def _pair(model, step: float):
-    """(clean, corrupted): the clean pixels are the corrupted ones moved ``step`` of the way to other images."""
-    size = 32 if model.arch == "llava" else 64
-    corrupt = model.encode(images=[random_image(size, 1), random_image(size, 2)], prompts=PROMPTS)
-    other = model.encode(images=[random_image(size, 3), random_image(size, 4)], prompts=PROMPTS)
-    a, b = corrupt.image_kwargs["pixel_values"], other.image_kwargs["pixel_values"]
-    clean = dataclasses.replace(corrupt, image_kwargs={**corrupt.image_kwargs, "pixel_values": a + step * (b - a)})
-    return clean, corrupt
+    return nudged_pair(model, step, PROMPTS)
 
 
 def test_close_runs_estimate_every_edge(tiny_model):
