@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from eraser.argtypes import positive_int
 from eraser.data.schema import Profile
 from interp.edge_attribution import attribution_edges
-from interp.edge_patching import complement, patch_each_edge, patch_edges
+from interp.edge_patching import complement, patch_each_edge, patch_edge_sets
 from interp.edges import Edge, EdgeScores, edge_graph, edge_names, greedy_circuit
 
 from .attribution import Tally, compare
@@ -104,13 +104,14 @@ def run(setup, args, n_pairs: int, steps: int, progress: bool) -> dict[str, Any]
     edges = graph.edges()
     tally = {m: Tally() for m in METHODS}
     clock = {m: 0.0 for m in METHODS}
+    ctx_rows = args.batch_size
     batches = list(pair_batches(model, profiles, specs))
     bar = tqdm(total=n_batches(specs), desc="edges: patching vs attribution", disable=not progress, leave=False)
     n_rows = 0
     for _, clean, corrupt, _, metric in batches:
         b = clean.batch_size
         n_rows += b
-        runs = {"patching": lambda: patch_each_edge(model, clean, corrupt, metric),
+        runs = {"patching": lambda: patch_each_edge(model, clean, corrupt, metric, max_rows=ctx_rows),
                 "attribution": lambda: attribution_edges(model, clean, corrupt, metric),
                 "integrated": lambda: attribution_edges(model, clean, corrupt, metric, steps=steps)}
         for m in METHODS:
@@ -141,11 +142,11 @@ def run(setup, args, n_pairs: int, steps: int, progress: bool) -> dict[str, Any]
         b = clean.batch_size
         with torch.no_grad():
             _, corrupt_cache = model.run_with_cache(corrupt, names=edge_names(model))
-        for (build, r), cs in circuits.items():
-            for k, c in zip(counts, cs):
-                rest = complement(model, c)
-                circuit_tally.add(f"{build}:{r}:{k}", float(np.mean(patch_edges(model, clean, corrupt_cache, rest,
-                                                                                  metric))), b)
+        keys = [(build, r, k) for (build, r), cs in circuits.items() for k in counts]
+        rests = [complement(model, c) for cs in circuits.values() for c in cs]
+        for (build, r, k), rows in zip(keys, patch_edge_sets(model, clean, corrupt_cache, rests, metric,
+                                                             ctx_rows)):
+            circuit_tally.add(f"{build}:{r}:{k}", float(np.mean(rows)), b)
         bar.update(1)
     bar.close()
     clean_m, corrupt_m = tally["patching"].mean("clean"), tally["patching"].mean("corrupted")

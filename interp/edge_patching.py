@@ -40,7 +40,8 @@ from .edges import (Edge, EdgeGraph, EdgeScores, edge_graph, edge_names, reader_
                     scores_from_rows)
 from .hooks import HookContext, HookFn
 from .inputs import VLMInputs
-from .patching import Metric, _apply_metric, _mean, check_aligned, check_source
+from .patching import Metric, _apply_metric, _mean, check_aligned, check_max_rows, check_source
+from .steering import repeat_inputs
 
 if TYPE_CHECKING:
     from .model import HookedVLM
@@ -115,17 +116,26 @@ def edge_hooks(model: "HookedVLM", source_cache: ActivationCache, edges: Sequenc
     """Hooks that give each reader in ``edges`` the source value of its listed writers (module docstring); every
     other reader, and the residual stream, stay as the run computes them.  The source cache must hold
     :func:`~interp.edges.edge_names` for the same prompt layout as the run."""
+    return copy_hooks(model, source_cache, [edges])
+
+
+def copy_hooks(model: "HookedVLM", source_cache: ActivationCache, edge_sets: Sequence[Sequence[Edge]]
+               ) -> list[tuple[str, HookFn]]:
+    """:func:`edge_hooks` for a batch repeated once per edge set (:func:`interp.steering.repeat_inputs`): copy
+    ``c`` of the source's rows gets ``edge_sets[c]`` patched, so one forward pass patches many sets, each
+    exactly as alone."""
     graph = edge_graph(model)
-    edges = graph.check_edges(edges)
-    if not edges:
+    edge_sets = [graph.check_edges(edges) for edges in edge_sets]
+    if not any(edge_sets):
         return []
     source = {n: source_cache[n] for n in edge_names(model)}
-    by_reader: dict[str, list[str]] = defaultdict(list)
-    for u, v in edges:
-        if u not in by_reader[v]:
-            by_reader[v].append(u)
+    n_rows = next(iter(source.values())).shape[0]
+    per_copy: dict[str, list[list[str]]] = defaultdict(lambda: [[] for _ in edge_sets])
+    for c, edges in enumerate(edge_sets):
+        for u, v in edges:
+            if u not in per_copy[v][c]:
+                per_copy[v][c].append(u)
     current: dict[str, Tensor] = {}
-    hooks: list[tuple[str, HookFn]] = []
 
     def record(name: str) -> HookFn:
         def hook(x: Tensor, ctx: HookContext) -> None:
@@ -134,30 +144,64 @@ def edge_hooks(model: "HookedVLM", source_cache: ActivationCache, edges: Sequenc
         return hook
 
     needed = set()
-    for v, writers in by_reader.items():
-        for u in writers:
+    for v, copies in per_copy.items():
+        for u in {u for writers in copies for u in writers}:
             kind, layer, _ = graph.writer(u)
             needed.add("hook_embed" if layer is None else
                        f"blocks.{layer}.attn.hook_z" if kind == "head" else f"blocks.{layer}.hook_mlp_out")
         needed.add(reader_input_name(model, v))
     order = model.hook_names()
-    hooks += [(n, record(n)) for n in sorted(needed, key=order.index)]
+    hooks: list[tuple[str, HookFn]] = [(n, record(n)) for n in sorted(needed, key=order.index)]
 
-    def patch(reader: str, writers: list[str]) -> HookFn:
+    def patch(reader: str, copies: list[list[str]]) -> HookFn:
         norm = norm_module(model, reader)
         inp = reader_input_name(model, reader)
 
         def hook(y: Tensor, ctx: HookContext) -> Optional[Tensor]:
             if not ctx.is_prefill:
                 return None
+            if y.shape[0] != n_rows * len(copies):
+                raise ValueError(f"{ctx.name!r}: the run has {y.shape[0]} rows, not {len(copies)} copies of the "
+                                 f"source's {n_rows}: repeat the target once per edge set")
             src = {k: t.to(y.device) for k, t in source.items()}
-            delta = writer_delta(graph, writers, model, src, current, (ctx.image_mask, ctx.text_mask))
             x = current[inp]
-            return rms_norm(x.float() + delta, norm.weight, norm.variance_epsilon, dtype=x.dtype).to(y.dtype)
+            parts = []
+            for c, writers in enumerate(copies):
+                rows = slice(c * n_rows, (c + 1) * n_rows)
+                if not writers:
+                    parts.append(y[rows])
+                    continue
+                cur = {k: t[rows] for k, t in current.items()}
+                delta = writer_delta(graph, writers, model, src, cur, (ctx.image_mask[rows], ctx.text_mask[rows]))
+                parts.append(rms_norm(x[rows].float() + delta, norm.weight, norm.variance_epsilon,
+                                      dtype=x.dtype).to(y.dtype))
+            return torch.cat(parts)
         return hook
 
-    hooks += [(reader_norm_name(model, v), patch(v, ws)) for v, ws in by_reader.items()]
+    hooks += [(reader_norm_name(model, v), patch(v, copies)) for v, copies in per_copy.items()]
     return hooks
+
+
+def patch_edge_sets(model: "HookedVLM", target_inputs: VLMInputs, source_cache: ActivationCache,
+                    edge_sets: Sequence[Sequence[Edge]], metric: Metric, max_rows: Optional[int] = 32
+                    ) -> list[list[float]]:
+    """:func:`patch_edges` for each of ``edge_sets``: ``metric`` per row of the target with that set patched,
+    several sets per forward pass (the target repeated, at most ``max_rows`` rows a pass; None: all at once)."""
+    check_max_rows(max_rows)
+    check_source(source_cache, target_inputs, edge_names(model))
+    graph = edge_graph(model)
+    edge_sets = [graph.check_edges(e) for e in edge_sets]  # validate before any forward pass
+    b = target_inputs.batch_size
+    per_pass = len(edge_sets) if max_rows is None else max(1, max_rows // b)
+    out: list[list[float]] = []
+    for s in range(0, len(edge_sets), per_pass):
+        chunk = edge_sets[s:s + per_pass]
+        inputs = repeat_inputs(target_inputs, len(chunk))
+        with torch.no_grad():
+            logits = model.run_with_hooks(inputs, copy_hooks(model, source_cache, chunk))
+        rows = _apply_metric(metric, logits, inputs)
+        out += [rows[c * b:(c + 1) * b] for c in range(len(chunk))]
+    return out
 
 
 def patch_edges(model: "HookedVLM", target_inputs: VLMInputs, source_cache: ActivationCache, edges: Sequence[Edge],
@@ -183,20 +227,25 @@ def _runs(model: "HookedVLM", clean: VLMInputs, corrupted: VLMInputs, metric: Me
 
 
 def patch_each_edge(model: "HookedVLM", clean_inputs: VLMInputs, corrupted_inputs: VLMInputs, metric: Metric,
-                    edges: Optional[Sequence[Edge]] = None, progress: bool = False) -> EdgeScores:
-    """The corrupted run with each edge alone given its clean value, one forward pass per edge (default: every
-    edge of the graph).  The exact counterpart of :func:`interp.edge_attribution.attribution_edges`; ``progress``
-    shows a bar (a 7B model has ~35k edges: estimate first, patch the top ones)."""
+                    edges: Optional[Sequence[Edge]] = None, progress: bool = False, max_rows: Optional[int] = 32
+                    ) -> EdgeScores:
+    """The corrupted run with each edge alone given its clean value (default: every edge of the graph), several
+    edges per forward pass (``max_rows`` as in :func:`patch_edge_sets`).  The exact counterpart of
+    :func:`interp.edge_attribution.attribution_edges`; ``progress`` shows a bar (a 7B model has ~35k edges:
+    estimate first, patch the top ones)."""
     graph = edge_graph(model)
     edges = graph.edges() if edges is None else graph.check_edges(edges)
     if not edges:
         raise ValueError("no edges to patch")
+    check_max_rows(max_rows)
     clean_cache, _, clean_rows, corrupt_rows = _runs(model, clean_inputs, corrupted_inputs, metric)
-    it: Iterable[Edge] = edges
+    per_pass = max(1, (max_rows or len(edges) * clean_inputs.batch_size) // clean_inputs.batch_size)
+    chunks = [edges[s:s + per_pass] for s in range(0, len(edges), per_pass)]
     if progress:
         from tqdm.auto import tqdm
-        it = tqdm(edges, desc="edges", unit="edge")
-    patched = [_mean(patch_edges(model, corrupted_inputs, clean_cache, [e], metric)) for e in it]
+        chunks = tqdm(chunks, desc=f"edges ({per_pass} a pass)", unit="pass")
+    patched = [_mean(rows) for chunk in chunks
+               for rows in patch_edge_sets(model, corrupted_inputs, clean_cache, [[e] for e in chunk], metric, None)]
     return scores_from_rows(graph, edges, patched, _mean(clean_rows), _mean(corrupt_rows),
                             {"method": METHOD, "n_rows": len(clean_rows)})
 
@@ -217,18 +266,17 @@ def circuit_faithfulness(model: "HookedVLM", clean_inputs: VLMInputs, corrupted_
 
 
 def faithfulness_curve(model: "HookedVLM", clean_inputs: VLMInputs, corrupted_inputs: VLMInputs,
-                       circuits: Sequence[Sequence[Edge]], metric: Metric) -> list[float]:
+                       circuits: Sequence[Sequence[Edge]], metric: Metric, max_rows: Optional[int] = 32
+                       ) -> list[float]:
     """:func:`circuit_faithfulness` of each circuit (e.g. the top 10, 20, 40 edges of an
-    :class:`~interp.edges.EdgeScores`), with the two reference runs made once."""
+    :class:`~interp.edges.EdgeScores`), with the two reference runs made once and several circuits per pass."""
     graph = edge_graph(model)
     circuits = [graph.check_edges(c) for c in circuits]  # validate before any forward pass
     _, corrupt_cache, clean_rows, corrupt_rows = _runs(model, clean_inputs, corrupted_inputs, metric)
     gap = _mean(clean_rows) - _mean(corrupt_rows)
-    out = []
-    for c in circuits:
-        m = _mean(patch_edges(model, clean_inputs, corrupt_cache, complement(model, c), metric))
-        out.append((m - _mean(corrupt_rows)) / gap if abs(gap) > 1e-12 else float("nan"))
-    return out
+    rests = [complement(model, c) for c in circuits]
+    kept = patch_edge_sets(model, clean_inputs, corrupt_cache, rests, metric, max_rows)
+    return [(_mean(m) - _mean(corrupt_rows)) / gap if abs(gap) > 1e-12 else float("nan") for m in kept]
 
 
 def top_circuits(scores: EdgeScores, counts: Sequence[int], by_abs: bool = True) -> list[list[Edge]]:
@@ -236,6 +284,6 @@ def top_circuits(scores: EdgeScores, counts: Sequence[int], by_abs: bool = True)
     return [scores.top(k, by_abs) for k in counts]
 
 
-__all__ = ["circuit_faithfulness", "complement", "edge_hooks", "faithfulness_curve", "norm_module", "o_proj_weight",
+__all__ = ["circuit_faithfulness", "complement", "copy_hooks", "edge_hooks", "patch_edge_sets", "faithfulness_curve", "norm_module", "o_proj_weight",
            "patch_each_edge",
            "patch_edges", "rms_norm", "top_circuits", "writer_delta"]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from interp.adapters import get_module
-from interp.edge_patching import (circuit_faithfulness, complement, edge_hooks, faithfulness_curve, norm_module,
-                                  patch_each_edge, patch_edges, rms_norm, top_circuits)
+from interp.edge_patching import (circuit_faithfulness, complement, copy_hooks, edge_hooks, faithfulness_curve,
+                                  norm_module, patch_each_edge, patch_edge_sets, patch_edges, rms_norm, top_circuits)
 from interp.edges import edge_graph, edge_names
 from interp.lens import unembed
 from interp.patching import logit_diff, patch_sites
@@ -126,3 +126,25 @@ def test_bad_input_is_refused_before_running(tiny_llava, tiny_qwen):
     short = tiny_llava.encode(images=[random_image(32, 1), random_image(32, 2)], prompts=["who", "who is he"])
     with pytest.raises(ValueError):
         patch_each_edge(tiny_llava, clean, short, metric, edges=[("image", "logits")])
+
+
+def test_many_sets_per_pass_are_each_as_alone(tiny_model):
+    clean, corrupt = _pair(tiny_model)
+    metric = logit_diff(5, 7)
+    some = edge_graph(tiny_model).edges()[::7]
+    one_a_pass = patch_each_edge(tiny_model, clean, corrupt, metric, edges=some, max_rows=2)
+    batched = patch_each_edge(tiny_model, clean, corrupt, metric, edges=some, max_rows=64)
+    ok = np.isfinite(one_a_pass.patched)
+    assert ok.sum() == len(some)
+    assert np.allclose(one_a_pass.patched[ok], batched.patched[ok], atol=1e-5)
+    circuits = [some[:3], [], some]
+    assert faithfulness_curve(tiny_model, clean, corrupt, circuits, metric, max_rows=2) == pytest.approx(
+        faithfulness_curve(tiny_model, clean, corrupt, circuits, metric, max_rows=None), abs=1e-5)
+    _, cc, _, _ = _caches(tiny_model, clean, corrupt)
+    rows = patch_edge_sets(tiny_model, corrupt, cc, [[some[0]], [], [some[1]]], metric)
+    assert rows[1] == pytest.approx(patch_edges(tiny_model, corrupt, cc, [], metric), abs=1e-5)  # an empty set: plain
+    assert rows[2] == pytest.approx(patch_edges(tiny_model, corrupt, cc, [some[1]], metric), abs=1e-5)
+    with pytest.raises(ValueError, match="copies"):  # a hook for 2 copies on a run of one
+        tiny_model.run_with_hooks(corrupt, copy_hooks(tiny_model, cc, [[some[0]], [some[1]]]))
+    with pytest.raises(ValueError, match="max_rows"):
+        patch_edge_sets(tiny_model, corrupt, cc, [[some[0]]], metric, max_rows=0)
