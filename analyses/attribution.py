@@ -102,7 +102,7 @@ ESTIMATES = ("attribution", "integrated")
 
 def name_question(ctx: Context, profiles: Sequence[Profile], n_pairs: int, steps: int) -> dict[str, Any]:
     model = ctx.model
-    specs = name_pairs(ctx, profiles, n_pairs)
+    specs = name_pairs(ctx.setup, profiles, n_pairs)
     vision = [f"vision.blocks.{l}.hook_resid_post" for l in range(model.n_vision_layers)] + ["projector.hook_out"]
     lm = [f"blocks.{l}.hook_{s}" for l in range(model.n_layers) for s in ("resid_pre", "attn_out", "mlp_out")]
     resid = [f"blocks.{l}.hook_resid_pre" for l in range(model.n_layers)]

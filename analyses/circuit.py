@@ -56,13 +56,6 @@ COUNTS = (1, 2, 3, 5, 8, 12, 20, 30, 50, 80, 120, 200, 400)
 KEEP = 0.8
 
 
-class _Setup:
-    """What :func:`analyses.patching.name_pairs` reads from a context: the model and the setup's seed."""
-
-    def __init__(self, setup) -> None:
-        self.setup, self.model = setup, setup.model
-
-
 def _pool(tally: Tally, graph, edges: Sequence[Edge], method: str, steps: int, n_rows: int) -> EdgeScores:
     up, down = graph.upstream, graph.downstream
     grid = np.full((len(up), len(down)), np.nan)
@@ -99,7 +92,7 @@ def run(setup, args, n_pairs: int, steps: int, progress: bool) -> dict[str, Any]
     bench, limit = setup.bench, args.limit
     profiles: list[Profile] = limited(bench.forget, limit) + limited(bench.retain, None if limit is None else
                                                                      max(limit, 2))
-    specs = name_pairs(_Setup(setup), profiles, n_pairs)
+    specs = name_pairs(setup, profiles, n_pairs)
     graph = edge_graph(model)
     edges = graph.edges()
     tally = {m: Tally() for m in METHODS}

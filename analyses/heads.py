@@ -53,7 +53,7 @@ from .patching import (
 # -- part 1: which heads move the identity --------------------------------------------------------------------
 def head_flow(ctx: Context, profiles: Sequence[Profile], n_pairs: int) -> dict[str, Any]:
     model = ctx.model
-    specs = name_pairs(ctx, profiles, n_pairs)
+    specs = name_pairs(ctx.setup, profiles, n_pairs)
     rows: dict[str, dict[str, list[float]]] = {"all": {}, "answer": {}}
     bar = tqdm(total=2 * n_batches(specs), desc="patching heads", disable=not ctx.progress, leave=False)
     for _, clean, corrupt, pos, metric in pair_batches(model, profiles, specs):

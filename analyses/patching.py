@@ -41,6 +41,7 @@ from eraser.argtypes import positive_int
 from eraser.data.prompts import REFUSAL, generation_prompt
 from eraser.data.schema import GenerationQ, Profile
 from eraser.evaluate import build_items
+from eraser.pipeline import Setup
 from interp.patching import logit_diff, patch_hooks, patch_sites
 
 from .common import Context, base_parser, limited, load_context, out_dir, save_json
@@ -121,9 +122,10 @@ def position_mask(pos_fn):
     return answer_pos
 
 
-def name_pairs(ctx: Context, profiles: Sequence[Profile], n_pairs: int) -> list[dict[str, Any]]:
-    """The pair specs (:func:`pair_spec`) of ``n_pairs`` seeded profile pairs whose name answers differ."""
-    specs = [s for s in (pair_spec(ctx.model.tokenizer, a, b) for a, b in make_pairs(profiles, n_pairs, ctx.setup.seed))
+def name_pairs(setup: Setup, profiles: Sequence[Profile], n_pairs: int) -> list[dict[str, Any]]:
+    """The pair specs (:func:`pair_spec`) of ``n_pairs`` pairs of ``profiles``, seeded by the setup's seed, whose
+    name answers differ under the setup's tokenizer."""
+    specs = [s for s in (pair_spec(setup.model.tokenizer, a, b) for a, b in make_pairs(profiles, n_pairs, setup.seed))
              if s]
     if not specs:
         raise ValueError("no profile pair has answers that differ")
@@ -154,7 +156,7 @@ def n_batches(specs: Sequence[dict[str, Any]]) -> int:
 
 def information_flow(ctx: Context, profiles: Sequence[Profile], n_pairs: int) -> dict[str, Any]:
     model = ctx.model
-    specs = name_pairs(ctx, profiles, n_pairs)
+    specs = name_pairs(ctx.setup, profiles, n_pairs)
     vision = [f"vision.blocks.{l}.hook_resid_post" for l in range(model.n_vision_layers)] + ["projector.hook_out"]
     lm = [f"blocks.{l}.hook_resid_pre" for l in range(model.n_layers)]
     rows: dict[str, dict[str, list[float]]] = {"vision": {}, "lm_image": {}, "lm_answer": {}}
