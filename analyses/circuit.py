@@ -28,7 +28,6 @@ Run: ``python -m analyses.circuit [--quick] [--limit N] [--pairs N] [--steps K]`
 """
 from __future__ import annotations
 
-import dataclasses
 import random
 import sys
 import time
@@ -42,7 +41,7 @@ from eraser.argtypes import positive_int
 from eraser.data.schema import Profile
 from interp.edge_attribution import attribution_edges
 from interp.edge_patching import complement, patch_each_edge, patch_edge_sets
-from interp.edges import Edge, EdgeScores, edge_graph, edge_names, greedy_circuit
+from interp.edges import Edge, EdgeScores, edge_graph, edge_names, grow_circuit, scores_from_rows
 
 from .attribution import Tally, compare
 from .common import base_parser, limited, load_setup_only, out_dir, save_json, set_threads
@@ -57,24 +56,9 @@ KEEP = 0.8
 
 
 def _pool(tally: Tally, graph, edges: Sequence[Edge], method: str, steps: int, n_rows: int) -> EdgeScores:
-    up, down = graph.upstream, graph.downstream
-    grid = np.full((len(up), len(down)), np.nan)
-    for u, v in edges:
-        grid[up.index(u), down.index(v)] = tally.mean(f"{u}->{v}")
     meta = {"method": method, "n_rows": n_rows} | ({"steps": steps} if method == "integrated" else {})
-    return EdgeScores(upstream=up, downstream=down, patched=grid, clean=tally.mean("clean"),
-                      corrupted=tally.mean("corrupted"), meta=meta)
-
-
-def _random_grid(scores: EdgeScores, order: Sequence[Edge]) -> np.ndarray:
-    """Scores that rank ``order`` first to last (a random ranking as an :class:`EdgeScores`)."""
-    grid = np.full(scores.patched.shape, np.nan)
-    n = len(order)
-    for i, (u, v) in enumerate(order):
-        effect = (n - i) / n
-        grid[scores.upstream.index(u), scores.downstream.index(v)] = (scores.corrupted
-                                                                        + (scores.clean - scores.corrupted) * effect)
-    return grid
+    return scores_from_rows(graph, edges, [tally.mean(f"{u}->{v}") for u, v in edges], tally.mean("clean"),
+                            tally.mean("corrupted"), meta)
 
 
 def ladder(n_edges: int) -> list[int]:
@@ -124,11 +108,9 @@ def run(setup, args, n_pairs: int, steps: int, progress: bool) -> dict[str, Any]
     counts = ladder(len(edges))
     order = list(edges)
     random.Random(f"circuit:{setup.seed}").shuffle(order)
-    rank_scores = dict(pooled)
-    rank_scores["random"] = dataclasses.replace(pooled["patching"], patched=_random_grid(pooled["patching"], order))
-    circuits = {(build, r): [(rank_scores[r].top(k) if build == "top" else greedy_circuit(rank_scores[r], k))
-                             for k in counts]
-                for build in BUILDS for r in rank_scores}
+    rankings = {m: pooled[m].top(len(edges)) for m in METHODS} | {"random": order}
+    circuits = {(build, r): [(ranked[:k] if build == "top" else grow_circuit(graph, ranked, k)) for k in counts]
+                for build in BUILDS for r, ranked in rankings.items()}
     circuit_tally = Tally()
     bar = tqdm(total=len(batches), desc="circuits", disable=not progress, leave=False)
     for _, clean, corrupt, _, metric in batches:
@@ -145,7 +127,7 @@ def run(setup, args, n_pairs: int, steps: int, progress: bool) -> dict[str, Any]
     clean_m, corrupt_m = tally["patching"].mean("clean"), tally["patching"].mean("corrupted")
     gap = clean_m - corrupt_m
     faith = {build: {r: [(circuit_tally.mean(f"{build}:{r}:{k}") - corrupt_m) / gap for k in counts]
-                     for r in rank_scores} for build in BUILDS}
+                     for r in rankings} for build in BUILDS}
     top = [{"edge": [u, v], **{m: pooled[m].value(u, v) for m in METHODS}} for u, v in pooled["patching"].top(10)]
     return {"config": {**setup.config(), "quick": bool(args.quick), "limit": args.limit, "steps": steps},
             "n_pairs": n_rows, "n_edges": len(edges), "clean": clean_m, "corrupted": corrupt_m,

@@ -63,6 +63,20 @@ def gate_readouts(gate, rows: list[list[str]], feats: list[torch.Tensor]) -> lis
     return out
 
 
+def _gate_names(model, gate) -> list[str]:
+    """What a cache needs for the gate's features and their attribution: its sites and everything that wrote them."""
+    return readout_names(model, {n: torch.zeros(model.d_model) for n in read_names(gate.rows())})
+
+
+def _reads(gate, inputs, cache) -> list[torch.Tensor]:
+    """Each gate row's features, read from ``cache`` as the deployed gate reads them (:mod:`eraser.features`)."""
+    rows = gate.rows()
+    names = read_names(rows)
+    mask = prompt_positions(inputs, cache[names[0]].shape[1])
+    reads = {n: (cache.last(n).float() if gate.read == "last" else prompt_mean(cache[n].float(), mask)) for n in names}
+    return [torch.cat([reads[n] for n in row], dim=-1) for row in rows]
+
+
 def collect(model, gate, images: Sequence[Any], prompts: Sequence[str], batch_size: int = 32,
             progress: bool = False) -> list[dict[str, Any]]:
     """Per gate row of ``gate`` (an eraser's :class:`~eraser.gate.NullSpaceGate`), every query's component shares
@@ -72,17 +86,13 @@ def collect(model, gate, images: Sequence[Any], prompts: Sequence[str], batch_si
         raise ValueError(f"need one image (or None) per prompt and at least one query, got {len(images)} and "
                          f"{len(prompts)}")
     rows = gate.rows()
-    names = read_names(rows)
+    every = _gate_names(model, gate)
     per_row: list[dict[str, Any]] = [{"labels": None, "values": [], "gate": [], "check": []} for _ in rows]
     for s in tqdm(range(0, len(prompts), batch_size), desc="gate attribution", disable=not progress, leave=False):
         inputs = model.encode(images=list(images[s:s + batch_size]), prompts=list(prompts[s:s + batch_size]))
-        every = readout_names(model, {n: torch.zeros(model.d_model) for n in names})
         with torch.no_grad():
             _, cache = model.run_with_cache(inputs, names=every, stop_early=True)
-        mask = prompt_positions(inputs, cache[names[0]].shape[1])
-        reads = {n: (cache.last(n).float() if gate.read == "last" else prompt_mean(cache[n].float(), mask))
-                 for n in names}
-        feats = [torch.cat([reads[n] for n in row], dim=-1) for row in rows]
+        feats = _reads(gate, inputs, cache)
         deployed = gate.score(feats, raw=True)  # [batch, steered layers]: what the eraser itself computes
         for i, (readout, raw) in enumerate(gate_readouts(gate, rows, feats)):
             att = readout_attribution(model, cache, readout, read=gate.read)
@@ -121,14 +131,6 @@ def _writes_into(model, fam: str, site: str) -> bool:
     return layer < (heads if fam.endswith("heads") else mlps)
 
 
-def _reads(model, gate, inputs, cache) -> list[torch.Tensor]:
-    rows = gate.rows()
-    names = read_names(rows)
-    mask = prompt_positions(inputs, cache[names[0]].shape[1])
-    reads = {n: (cache.last(n).float() if gate.read == "last" else prompt_mean(cache[n].float(), mask)) for n in names}
-    return [torch.cat([reads[n] for n in row], dim=-1) for row in rows]
-
-
 def ablation_effects(model, gate, images: Sequence[Any], prompts: Sequence[str], means, batch_size: int = 32,
                      progress: bool = False) -> dict[str, dict[str, torch.Tensor]]:
     """Per family (:func:`family_ablations`), the raw gate's change when that family is replaced by its mean
@@ -139,15 +141,14 @@ def ablation_effects(model, gate, images: Sequence[Any], prompts: Sequence[str],
     fams = family_ablations(model, gate)
     rows = gate.rows()
     names = read_names(rows)
-    wanted = list(dict.fromkeys(readout_names(model, {n: torch.zeros(model.d_model) for n in names})
-                                + [site for site, _ in fams.values()]))
+    wanted = list(dict.fromkeys(_gate_names(model, gate) + [site for site, _ in fams.values()]))
     out: dict[str, dict[str, list[torch.Tensor]]] = {f: {"total": [], "direct": []} for f in fams}
     col = [0 if gate.stack else i for i in range(len(rows))]
     for s in tqdm(range(0, len(prompts), batch_size), desc="gate ablations", disable=not progress, leave=False):
         inputs = model.encode(images=list(images[s:s + batch_size]), prompts=list(prompts[s:s + batch_size]))
         with torch.no_grad():
             _, cache = model.run_with_cache(inputs, names=wanted, stop_early=True)
-        feats = _reads(model, gate, inputs, cache)
+        feats = _reads(gate, inputs, cache)
         base = gate.score(feats, raw=True)[:, col]
         readouts = gate_readouts(gate, rows, feats)
         for fam, (site, positions) in fams.items():
@@ -156,7 +157,7 @@ def ablation_effects(model, gate, images: Sequence[Any], prompts: Sequence[str],
                 _, hooked = model.run_with_cache(inputs, names=names, hooks=[(site, hook)], stop_early=True)
                 # the same replacement, applied to the cached (unablated) value
                 ablated = hook(cache[site], HookContext(name=site, layer=None, step=0, inputs=inputs))
-            out[fam]["total"].append(gate.score(_reads(model, gate, inputs, hooked), raw=True)[:, col] - base)
+            out[fam]["total"].append(gate.score(_reads(gate, inputs, hooked), raw=True)[:, col] - base)
             delta = (ablated - cache[site]).float()
             direct = torch.zeros_like(base)
             for i, (readout, _) in enumerate(readouts):

@@ -61,10 +61,14 @@ class ModalityMeans:
     means: dict[str, dict[str, Tensor]]
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
 
-    def get(self, name: str, modality: str) -> Tensor:
-        if name not in self.means:
+    def check(self, name: str) -> None:
+        """Raise unless there is a mean for ``name`` (of at least one modality)."""
+        if not self.means.get(name):
             raise ValueError(f"no mean for {name!r}: compute it with modality_means(model, inputs, [..., {name!r}]) "
                              f"(have: {sorted(self.means)[:6]})")
+
+    def get(self, name: str, modality: str) -> Tensor:
+        self.check(name)
         if modality not in self.means[name]:
             raise ValueError(f"no {modality} mean for {name!r}: the reference set had no {modality} positions")
         return self.means[name][modality]
@@ -162,9 +166,7 @@ def ablation_hook(model: "HookedVLM", name: str, how: str = "mean", means: Optio
     if how == "mean":
         if means is None:
             raise ValueError("mean ablation needs means: modality_means(model, reference_batches, names)")
-        ref = {m: means.means.get(name, {}).get(m) for m in MODALITIES}
-        if all(v is None for v in ref.values()):
-            means.get(name, "text")  # raises, naming the site
+        means.check(name)
     label = _position_label(positions)
 
     def hook(x: Tensor, ctx: HookContext) -> Optional[Tensor]:

@@ -49,9 +49,8 @@ def attribution_names(model: "HookedVLM") -> list[str]:
             + [f"blocks.{l}.hook_mlp_out" for l in range(n)] + [f"blocks.{n - 1}.hook_resid_post"])
 
 
-def head_outputs(model: "HookedVLM", z: Float[Tensor, "... head d_head"], layer: int
-                 ) -> Float[Tensor, "... head d_model"]:
-    """Each head's own output in the residual stream: ``z_h @ W_O[:, h]^T`` (they sum to ``hook_attn_out``).
+def o_proj_weight(model: "HookedVLM", layer: int) -> Float[Tensor, "d_model head_x_d_head"]:
+    """Block ``layer``'s attention output projection weight: each head writes through its column slice.
 
     Raises for an output projection with a bias (no supported architecture has one; its share would belong to
     no head).
@@ -59,8 +58,14 @@ def head_outputs(model: "HookedVLM", z: Float[Tensor, "... head d_head"], layer:
     o_proj = get_module(model.hf_model, model.site(f"blocks.{layer}.attn.hook_z").module)
     if getattr(o_proj, "bias", None) is not None:
         raise NotImplementedError(f"layer {layer}'s output projection has a bias: heads do not sum to its output")
+    return o_proj.weight
+
+
+def head_outputs(model: "HookedVLM", z: Float[Tensor, "... head d_head"], layer: int
+                 ) -> Float[Tensor, "... head d_model"]:
+    """Each head's own output in the residual stream: ``z_h @ W_O[:, h]^T`` (they sum to ``hook_attn_out``)."""
     n_heads, d_head = z.shape[-2:]
-    w = o_proj.weight.T.reshape(n_heads, d_head, -1).to(z.dtype)  # [head, d_head, d_model]
+    w = o_proj_weight(model, layer).T.reshape(n_heads, d_head, -1).to(z)  # [head, d_head, d_model]
     return torch.einsum("...hd,hdm->...hm", z, w)
 
 

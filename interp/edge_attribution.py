@@ -41,9 +41,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .edge_patching import o_proj_weight, norm_module, rms_norm
-from .edges import EdgeGraph, EdgeScores, edge_graph, edge_names, reader_input_name, reader_norm_name
+from .attribution import head_outputs
 from .attribution_patching import Terms, check_path_end, check_steps, swap_path
+from .edge_patching import norm_module, rms_norm
+from .edges import EdgeGraph, EdgeScores, edge_graph, edge_names, reader_input_name, reader_norm_name
 from .gradients import GradRun
 from .inputs import VLMInputs
 from .patching import Metric, _mean, check_aligned
@@ -92,6 +93,12 @@ def edge_terms(model: "HookedVLM", graph: EdgeGraph, deltas: dict[str, Tensor], 
     reader's gradient in one contraction: per block ``batch x pos x heads x d_model`` multiply-adds per reader,
     against ``d_model`` times more for projecting each reader's gradient back through the output projection.
     """
+    with torch.no_grad():  # the weights' flags are on; these products need no gradient
+        return _edge_terms(model, graph, deltas, grads, image_mask, text_mask)
+
+
+def _edge_terms(model: "HookedVLM", graph: EdgeGraph, deltas: dict[str, Tensor], grads: dict[str, Tensor],
+                image_mask: Tensor, text_mask: Tensor) -> Tensor:
     up, down = graph.upstream, graph.downstream
     embed = deltas["hook_embed"].float()
     g = torch.stack([grads[v].to(embed.device) for v in down])  # [reader, batch, pos, d_model]
@@ -100,9 +107,7 @@ def edge_terms(model: "HookedVLM", graph: EdgeGraph, deltas: dict[str, Tensor], 
         masked = embed * mask.to(embed.device).unsqueeze(-1)
         out[:, up.index(kind), :] = torch.einsum("bpd,vbpd->bv", masked, g).cpu()
     for l in range(graph.n_layers):
-        dz = deltas[f"blocks.{l}.attn.hook_z"].float()  # [batch, pos, head, d_head]
-        w = o_proj_weight(model, l).detach().float().to(dz.device).reshape(-1, *dz.shape[-2:])  # [d_model, head, d_head]
-        per_head = torch.einsum("bphk,dhk->bphd", dz, w)
+        per_head = head_outputs(model, deltas[f"blocks.{l}.attn.hook_z"].float(), l)  # [batch, pos, head, d_model]
         first = up.index(f"L{l}H0")
         out[:, first:first + graph.n_heads, :] = torch.einsum("bphd,vbpd->bhv", per_head, g).cpu()
         out[:, up.index(f"L{l}.mlp"), :] = torch.einsum("bpd,vbpd->bv", deltas[f"blocks.{l}.hook_mlp_out"].float(),

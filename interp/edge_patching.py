@@ -35,6 +35,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .adapters import get_module
+from .attribution import o_proj_weight
 from .cache import ActivationCache
 from .edges import (Edge, EdgeGraph, EdgeScores, edge_graph, edge_names, reader_input_name, reader_norm_name,
                     scores_from_rows)
@@ -66,14 +67,6 @@ def rms_norm(x: Float[Tensor, "... d_model"], weight: Float[Tensor, " d_model"],
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(dtype)
-
-
-def o_proj_weight(model: "HookedVLM", layer: int) -> Float[Tensor, "d_model head_x_d_head"]:
-    """Block ``layer``'s attention output projection weight (heads write through its column slices)."""
-    o_proj = get_module(model.hf_model, model.site(f"blocks.{layer}.attn.hook_z").module)
-    if getattr(o_proj, "bias", None) is not None:
-        raise NotImplementedError("the attention output projection has a bias: its share belongs to no head")
-    return o_proj.weight
 
 
 def writer_delta(graph: EdgeGraph, writers: Iterable[str], model: "HookedVLM",
@@ -284,6 +277,6 @@ def top_circuits(scores: EdgeScores, counts: Sequence[int], by_abs: bool = True)
     return [scores.top(k, by_abs) for k in counts]
 
 
-__all__ = ["circuit_faithfulness", "complement", "copy_hooks", "edge_hooks", "patch_edge_sets", "faithfulness_curve", "norm_module", "o_proj_weight",
+__all__ = ["circuit_faithfulness", "complement", "copy_hooks", "edge_hooks", "patch_edge_sets", "faithfulness_curve", "norm_module",
            "patch_each_edge",
            "patch_edges", "rms_norm", "top_circuits", "writer_delta"]

@@ -243,10 +243,14 @@ def greedy_circuit(scores: EdgeScores, k: int, by_abs: bool = True) -> list[Edge
     input).  Growing from the logits keeps every edge on a path to the output (Hanna et al. 2024's greedy
     construction).  Fewer than ``k`` edges come back when no more are connected.
     """
+    return grow_circuit(scores.graph, [(u, v) for u, v, _ in scores.ranked(by_abs)], k)
+
+
+def grow_circuit(graph: EdgeGraph, ranked: Sequence[Edge], k: int) -> list[Edge]:
+    """:func:`greedy_circuit` from any ranking of edges, best first (e.g. a random order, as a floor)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"k must be an integer >= 0, got {k!r}")
-    graph = scores.graph
-    ranked = [(u, v) for u, v, _ in scores.ranked(by_abs)]
+    ranked = graph.check_edges(ranked)
     active, chosen = {"logits"}, []
     while len(chosen) < k:
         nxt = next((e for e in ranked if e[1] in active), None)

@@ -136,19 +136,20 @@ def _attribute(model: "HookedVLM", cache: ActivationCache, readout: Mapping[str,
     values = torch.zeros(len(labels) + 1, b)
     total = torch.zeros(b)
     image = cache.image_mask.to(embed.device).unsqueeze(-1)
+    # each component read once ([batch, d] or [batch, head, d]), however many sites it writes
     reads = {"image": prompt_read(embed * image, cache, read), "text": prompt_read(embed * ~image, cache, read)}
+    reads |= {f"L{l}H": prompt_read(head_outputs(model, cache[f"blocks.{l}.attn.hook_z"].float(), l), cache, read)
+              for l in range(head_blocks)}
+    reads |= {f"L{l}.mlp": prompt_read(cache[f"blocks.{l}.hook_mlp_out"].float(), cache, read) for l in range(mlp_blocks)}
     for s, w in weights.items():
-        layer, kind = sites[s]
-        heads, mlps = _writers(layer, kind)
+        heads, mlps = _writers(*sites[s])
         for key in ("image", "text"):
             values[labels.index(key)] += (reads[key] * w).sum(-1).cpu()
         for l in range(heads):
-            per_head = prompt_read(head_outputs(model, cache[f"blocks.{l}.attn.hook_z"].float(), l), cache, read)
             first = labels.index(f"L{l}H0")
-            values[first:first + n_heads] += (per_head * w[:, None, :]).sum(-1).T.cpu()
+            values[first:first + n_heads] += (reads[f"L{l}H"] * w[:, None, :]).sum(-1).T.cpu()
         for l in range(mlps):
-            values[labels.index(f"L{l}.mlp")] += (prompt_read(cache[f"blocks.{l}.hook_mlp_out"].float(), cache, read)
-                                                  * w).sum(-1).cpu()
+            values[labels.index(f"L{l}.mlp")] += (reads[f"L{l}.mlp"] * w).sum(-1).cpu()
         total += (prompt_read(cache[s].float(), cache, read) * w).sum(-1).cpu()
     values[-1] = total - values[:-1].sum(0)
     return Attribution(labels + ["other"], values, max(head_blocks, mlp_blocks), n_heads)
