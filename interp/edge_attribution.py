@@ -10,7 +10,9 @@ where the gradient is taken at ``v``'s input *through v alone* (Syed et al. 2023
 the residual stream, whose gradient also flows on to every later reader.  That gradient is the norm's
 vector-Jacobian product with the gradient at the norm's output, one differentiated run gives it for every
 reader, and each writer's difference then meets every reader's gradient in one contraction (heads through
-their slice of the output projection).
+their slice of the output projection).  In the graph split per head (``qkv=True``), a query, key or value
+reader's gradient is taken at its projection (``attn.hook_q`` ...), brought back to ``ln1``'s output through
+that head's rows of the projection, then through the norm.
 
 ``steps=K`` integrates along the straight input path from the corrupted inputs to the clean ones (EAP-IG,
 Hanna et al. 2024): ``sum_j`` of the mean gradient of segment ``j`` times the writer's change over it, the
@@ -34,7 +36,8 @@ True
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections import defaultdict
+from typing import TYPE_CHECKING, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -43,8 +46,8 @@ from torch import Tensor
 
 from .attribution import head_outputs
 from .attribution_patching import Terms, check_path_end, check_steps, swap_path
-from .edge_patching import norm_module, rms_norm
-from .edges import EdgeGraph, EdgeScores, edge_graph, edge_names, reader_input_name, reader_norm_name
+from .edge_patching import norm_module, qkv_projection
+from .edges import QKV, EdgeGraph, EdgeScores, edge_graph, edge_names, reader_input_name, reader_site_name
 from .gradients import GradRun
 from .inputs import VLMInputs
 from .patching import Metric, _mean, check_aligned
@@ -53,107 +56,156 @@ if TYPE_CHECKING:
     from .model import HookedVLM
 
 METHOD = "edge_attribution"
+#: Readers whose gradients are held at once in :func:`edge_terms` (each ``batch x pos x d_model`` in float32):
+#: the graph split per head has ~1,600 readers at 7B sizes, too many to stack.
+READER_CHUNK = 64
+
+Grads = Union[Mapping[str, Tensor], Callable[[Sequence[str]], Mapping[str, Tensor]]]
 
 
-def grad_names(model: "HookedVLM") -> list[str]:
-    """The hook names one differentiated run needs a gradient at: each reader's normalised input."""
-    readers = edge_graph(model).downstream
-    wanted = {reader_norm_name(model, v) for v in readers}
+def grad_names(model: "HookedVLM", qkv: bool = False) -> list[str]:
+    """The hook names one differentiated run needs a gradient at: where each reader alone is reached (its
+    norm's output, or a head's projection with ``qkv``)."""
+    wanted = {reader_site_name(model, v) for v in edge_graph(model, qkv=qkv).downstream}
     return [n for n in model.hook_names() if n in wanted]
 
 
-def read_names(model: "HookedVLM") -> list[str]:
+def read_names(model: "HookedVLM", qkv: bool = False) -> list[str]:
     """The hook names one differentiated run reads without a gradient: the writers
     (:func:`~interp.edges.edge_names`) and each reader's input."""
-    wanted = set(edge_names(model)) | {reader_input_name(model, v) for v in edge_graph(model).downstream}
+    wanted = set(edge_names(model)) | {reader_input_name(model, v) for v in edge_graph(model, qkv=qkv).downstream}
     return [n for n in model.hook_names() if n in wanted]
 
 
-def reader_grads(model: "HookedVLM", run: GradRun) -> dict[str, Float[Tensor, "batch pos d_model"]]:
-    """The gradient of the summed metric at each reader's input *through that reader alone*: the vector-Jacobian
-    product of its RMSNorm at the input the run gave it, with the gradient at the norm's output (float32)."""
+def rms_norm_vjp(x: Float[Tensor, "*batch d_model"], weight: Float[Tensor, " d_model"], eps: float,
+                 grad_out: Float[Tensor, "*readers d_model"]) -> Float[Tensor, "*readers d_model"]:
+    """The vector-Jacobian product of ``y = weight * x * rsqrt(mean(x^2) + eps)`` at ``x`` with ``grad_out``
+    (leading reader dimensions broadcast against ``x``'s), in closed form and float32:
+
+        r * (weight * g) - x * r^3 / d * sum(x * weight * g)
+
+    Why closed form: a block split per head has dozens of readers at one input, and the product is linear in
+    ``grad_out``, so one broadcast replaces dozens of autograd calls."""
+    x = x.float()
+    wg = weight.float() * grad_out.float()
+    r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return r * wg - x * (r.pow(3) / x.shape[-1]) * (x * wg).sum(-1, keepdim=True)
+
+
+def reader_grads(model: "HookedVLM", run: GradRun, readers: Optional[Sequence[str]] = None, qkv: bool = False
+                 ) -> dict[str, Float[Tensor, "batch pos d_model"]]:
+    """The gradient of the summed metric at each reader's input *through that reader alone* (default: every
+    reader of the graph ``qkv`` picks): the vector-Jacobian product of its RMSNorm at the input the run gave
+    it, with the gradient at the norm's output; for a head's query, key or value, with that head's slice of the
+    gradient at its projection brought back through its rows (float32)."""
+    graph = edge_graph(model, qkv=qkv)
+    readers = graph.downstream if readers is None else list(readers)
+    by_site: dict[str, list[str]] = defaultdict(list)
+    for v in readers:
+        by_site[reader_site_name(model, v)].append(v)
     out = {}
-    for v in edge_graph(model).downstream:
-        norm = norm_module(model, v)
-        x = run.acts[reader_input_name(model, v)].detach().float().requires_grad_(True)
-        with torch.enable_grad():
-            y = rms_norm(x, norm.weight.detach().float(), norm.variance_epsilon)
-            (g,) = torch.autograd.grad(y, x, run.grads[reader_norm_name(model, v)].float())
-        out[v] = g
-    return out
+    for site, vs in by_site.items():
+        norm = norm_module(model, vs[0])
+        x = run.acts[reader_input_name(model, vs[0])]
+        g = run.grads[site].float()
+        if graph.reader_parts(vs[0])[0] in QKV:  # [batch, pos, head, d_head] -> [reader, batch, pos, d_model]
+            g = torch.stack([g[..., graph.reader_parts(v)[2], :]
+                             @ qkv_projection(model, v)[0].detach().float().to(g.device) for v in vs])
+            got = rms_norm_vjp(x.to(g.device), norm.weight.detach().to(g.device), norm.variance_epsilon, g)
+            out.update(zip(vs, got.unbind(0)))
+        else:
+            out[vs[0]] = rms_norm_vjp(x.to(g.device), norm.weight.detach().to(g.device), norm.variance_epsilon, g)
+    return {v: out[v] for v in readers}
 
 
-def edge_terms(model: "HookedVLM", graph: EdgeGraph, deltas: dict[str, Tensor], grads: dict[str, Tensor],
+def edge_terms(model: "HookedVLM", graph: EdgeGraph, deltas: dict[str, Tensor], grads: Grads,
                image_mask: Tensor, text_mask: Tensor) -> Float[Tensor, "batch writer reader"]:
     """``sum over positions of delta_u . grad_v`` per row for every edge (NaN where there is none).
 
     ``deltas`` holds each writer site's change (``hook_embed``, ``blocks.{l}.attn.hook_z``,
-    ``blocks.{l}.hook_mlp_out``), ``grads`` each reader's gradient (:func:`reader_grads`).  Each writer's change
-    is put in the residual stream once (a head's through its slice of the output projection) and met with every
-    reader's gradient in one contraction: per block ``batch x pos x heads x d_model`` multiply-adds per reader,
-    against ``d_model`` times more for projecting each reader's gradient back through the output projection.
+    ``blocks.{l}.hook_mlp_out``), ``grads`` each reader's gradient (:func:`reader_grads`: a mapping, or a
+    function from a list of readers to their gradients, asked for :data:`READER_CHUNK` readers at a time so a
+    graph split per head never holds them all).  Each writer's change is put in the residual stream once per
+    chunk (a head's through its slice of the output projection) and met with every reader's gradient in one
+    contraction: per block ``batch x pos x heads x d_model`` multiply-adds per reader, against ``d_model`` times
+    more for projecting each reader's gradient back through the output projection.
     """
     with torch.no_grad():  # the weights' flags are on; these products need no gradient
         return _edge_terms(model, graph, deltas, grads, image_mask, text_mask)
 
 
-def _edge_terms(model: "HookedVLM", graph: EdgeGraph, deltas: dict[str, Tensor], grads: dict[str, Tensor],
+def _edge_terms(model: "HookedVLM", graph: EdgeGraph, deltas: dict[str, Tensor], grads: Grads,
                 image_mask: Tensor, text_mask: Tensor) -> Tensor:
     up, down = graph.upstream, graph.downstream
     embed = deltas["hook_embed"].float()
-    g = torch.stack([grads[v].to(embed.device) for v in down])  # [reader, batch, pos, d_model]
+    get = grads if callable(grads) else (lambda vs: {v: grads[v] for v in vs})
     out = torch.full((embed.shape[0], len(up), len(down)), float("nan"))
-    for kind, mask in (("image", image_mask), ("text", text_mask)):
-        masked = embed * mask.to(embed.device).unsqueeze(-1)
-        out[:, up.index(kind), :] = torch.einsum("bpd,vbpd->bv", masked, g).cpu()
-    for l in range(graph.n_layers):
-        per_head = head_outputs(model, deltas[f"blocks.{l}.attn.hook_z"].float(), l)  # [batch, pos, head, d_model]
-        first = up.index(f"L{l}H0")
-        out[:, first:first + graph.n_heads, :] = torch.einsum("bphd,vbpd->bhv", per_head, g).cpu()
-        out[:, up.index(f"L{l}.mlp"), :] = torch.einsum("bpd,vbpd->bv", deltas[f"blocks.{l}.hook_mlp_out"].float(),
-                                                        g).cpu()
+    for start in range(0, len(down), READER_CHUNK):
+        chunk = down[start:start + READER_CHUNK]
+        cols = slice(start, start + len(chunk))
+        got = get(chunk)
+        g = torch.stack([got[v].to(embed.device) for v in chunk])  # [reader, batch, pos, d_model]
+        for kind, mask in (("image", image_mask), ("text", text_mask)):
+            masked = embed * mask.to(embed.device).unsqueeze(-1)
+            out[:, up.index(kind), cols] = torch.einsum("bpd,vbpd->bv", masked, g).cpu()
+        last = max(graph.reader(v)[1] for v in chunk)  # no writer of a later block feeds this chunk
+        for l in range(min(last + 1, graph.n_layers)):
+            per_head = head_outputs(model, deltas[f"blocks.{l}.attn.hook_z"].float(), l)  # [batch, pos, head, d]
+            first = up.index(f"L{l}H0")
+            out[:, first:first + graph.n_heads, cols] = torch.einsum("bphd,vbpd->bhv", per_head, g).cpu()
+            out[:, up.index(f"L{l}.mlp"), cols] = torch.einsum(
+                "bpd,vbpd->bv", deltas[f"blocks.{l}.hook_mlp_out"].float(), g).cpu()
     valid = torch.tensor([[graph.is_edge(u, v) for v in down] for u in up])
     return torch.where(valid, out, torch.full_like(out, float("nan")))
 
 
 def attribution_edges(model: "HookedVLM", clean_inputs: VLMInputs, corrupted_inputs: VLMInputs, metric: Metric,
-                      steps: int = 0) -> EdgeScores:
+                      steps: int = 0, qkv: bool = False) -> EdgeScores:
     """Every edge's effect of being given its clean value in the corrupted run, estimated: ``steps=0`` first
     order (EAP: one clean forward pass, one differentiated corrupted pass), ``steps=K`` integrated along the
-    input path in ``K`` trapezoid segments (EAP-IG: ``K + 1`` differentiated passes).  Same value object as
+    input path in ``K`` trapezoid segments (EAP-IG: ``K + 1`` differentiated passes).  ``qkv`` scores the graph
+    split per head (each head's query, key and value as readers) with the same passes.  Same value object as
     :func:`interp.edge_patching.patch_each_edge`, ``meta["method"] == "edge_attribution"``."""
     check_steps(steps)
     check_aligned(clean_inputs, corrupted_inputs)
-    graph = edge_graph(model)
+    graph = edge_graph(model, qkv=qkv)
     writers = edge_names(model)
-    run_at, clean_cache, clean_rows = swap_path(model, clean_inputs, corrupted_inputs, grad_names(model), metric,
-                                                steps, reads=read_names(model))
+    run_at, clean_cache, clean_rows = swap_path(model, clean_inputs, corrupted_inputs, grad_names(model, qkv),
+                                                metric, steps, reads=read_names(model, qkv))
     image_mask, text_mask = corrupted_inputs.image_mask, corrupted_inputs.text_mask
+
+    def grads_of(*runs: GradRun) -> Callable[[Sequence[str]], dict[str, Tensor]]:
+        """The readers' gradients, the mean over ``runs`` (a trapezoid segment's two ends), a chunk at a time."""
+        def get(readers: Sequence[str]) -> dict[str, Tensor]:
+            each = [reader_grads(model, r, readers, qkv) for r in runs]
+            return {v: sum(e[v] for e in each) / len(each) for v in readers}
+        return get
+
     if steps == 0:
         run = run_at(0.0)
         deltas = {n: clean_cache[n].to(run.acts[n].device).float() - run.acts[n].float() for n in writers}
-        terms = edge_terms(model, graph, deltas, reader_grads(model, run), image_mask, text_mask)
+        terms = edge_terms(model, graph, deltas, grads_of(run), image_mask, text_mask)
         base, end = [float(x) for x in run.values], None
     else:
-        terms, prev, prev_grads = None, None, None
+        terms, prev = None, None
         base = []
         for j in range(steps + 1):
             run = run_at(j / steps)
-            grads = reader_grads(model, run)
             if prev is None:
                 base = [float(x) for x in run.values]
             else:
                 deltas = {n: run.acts[n].float() - prev.acts[n].float() for n in writers}
-                mean_grads = {v: 0.5 * (grads[v] + prev_grads[v]) for v in grads}
-                part = edge_terms(model, graph, deltas, mean_grads, image_mask, text_mask)
+                part = edge_terms(model, graph, deltas, grads_of(prev, run), image_mask, text_mask)
                 terms = part if terms is None else terms + part
-            prev, prev_grads = run, grads
+            prev = run
         end = [float(x) for x in prev.values]
     check_path_end(Terms(base, end, {}), clean_rows)
     patched = np.asarray(_mean(base) + terms.mean(0).numpy(), dtype=float)
+    meta = {"method": METHOD, "steps": steps, "n_rows": len(base)}
+    if qkv:
+        meta["qkv"] = True
     return EdgeScores(upstream=graph.upstream, downstream=graph.downstream, patched=patched,
-                      clean=_mean(clean_rows), corrupted=_mean(base),
-                      meta={"method": METHOD, "steps": steps, "n_rows": len(base)})
+                      clean=_mean(clean_rows), corrupted=_mean(base), meta=meta)
 
 
 def edge_cut_sum(scores: EdgeScores, reader: str = "logits") -> float:
@@ -164,4 +216,5 @@ def edge_cut_sum(scores: EdgeScores, reader: str = "logits") -> float:
     return float(np.nansum(col))
 
 
-__all__ = ["attribution_edges", "edge_cut_sum", "edge_terms", "grad_names", "read_names", "reader_grads"]
+__all__ = ["READER_CHUNK", "attribution_edges", "edge_cut_sum", "edge_terms", "grad_names", "read_names",
+           "reader_grads", "rms_norm_vjp"]

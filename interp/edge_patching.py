@@ -10,7 +10,10 @@ final norm), so the patch replaces that norm's output by
 
 where ``x`` is the reader's input in the run as it goes and ``current_u`` what ``u`` wrote in it: the reader
 sees ``u``'s source value, the residual stream itself is untouched, and every other reader is unaffected.  The
-norms are computed exactly as the model's RMSNorm modules compute them (checked against the modules).
+norms are computed exactly as the model's RMSNorm modules compute them (checked against the modules).  In the
+graph split per head (``qkv``), a head's query, key or value reader shares ``ln1``'s output with its block, so
+the patch goes one step further: that head's slice of ``q_proj`` / ``k_proj`` / ``v_proj`` (``attn.hook_q``
+...) becomes the projection of the patched norm, and the other heads keep theirs.
 
 >>> from interp.tiny import tiny_vlm
 >>> from PIL import Image
@@ -37,8 +40,8 @@ from torch import Tensor
 from .adapters import get_module
 from .attribution import o_proj_weight
 from .cache import ActivationCache
-from .edges import (Edge, EdgeGraph, EdgeScores, edge_graph, edge_names, reader_input_name, reader_norm_name,
-                    scores_from_rows)
+from .edges import (QKV, Edge, EdgeGraph, EdgeScores, edge_graph, edge_names, graph_of, reader_input_name,
+                    reader_norm_name, reader_site_name, scores_from_rows)
 from .hooks import HookContext, HookFn
 from .inputs import VLMInputs
 from .patching import Metric, _apply_metric, _mean, check_aligned, check_max_rows, check_source
@@ -112,12 +115,29 @@ def edge_hooks(model: "HookedVLM", source_cache: ActivationCache, edges: Sequenc
     return copy_hooks(model, source_cache, [edges])
 
 
-def copy_hooks(model: "HookedVLM", source_cache: ActivationCache, edge_sets: Sequence[Sequence[Edge]]
-               ) -> list[tuple[str, HookFn]]:
+def qkv_projection(model: "HookedVLM", reader: str) -> tuple[Tensor, Optional[Tensor]]:
+    """``(weight, bias)`` rows of one head's query, key or value projection (``[d_head, d_model]``, bias or
+    None): what a ``qkv`` reader applies to its normalised input."""
+    graph = edge_graph(model, qkv=True)
+    kind, layer, head = graph.reader_parts(reader)
+    if kind not in QKV:
+        raise ValueError(f"{reader!r} is not a head's query, key or value")
+    proj = get_module(model.hf_model, model.site(reader_site_name(model, reader)).module)
+    n = graph.n_heads if kind == "q" else graph.n_kv_heads
+    d_head = proj.weight.shape[0] // n
+    rows = slice(head * d_head, (head + 1) * d_head)
+    bias = getattr(proj, "bias", None)
+    return proj.weight[rows], (None if bias is None else bias[rows])
+
+
+def copy_hooks(model: "HookedVLM", source_cache: ActivationCache, edge_sets: Sequence[Sequence[Edge]],
+               qkv: Optional[bool] = None) -> list[tuple[str, HookFn]]:
     """:func:`edge_hooks` for a batch repeated once per edge set (:func:`interp.steering.repeat_inputs`): copy
     ``c`` of the source's rows gets ``edge_sets[c]`` patched, so one forward pass patches many sets, each
-    exactly as alone."""
-    graph = edge_graph(model)
+    exactly as alone.  ``qkv`` picks the graph (None: split per head when any reader is a head's query, key or
+    value)."""
+    flat = [e for edges in edge_sets for e in edges]
+    graph = graph_of(model, flat) if qkv is None else edge_graph(model, qkv=qkv)
     edge_sets = [graph.check_edges(edges) for edges in edge_sets]
     if not any(edge_sets):
         return []
@@ -145,44 +165,67 @@ def copy_hooks(model: "HookedVLM", source_cache: ActivationCache, edge_sets: Seq
         needed.add(reader_input_name(model, v))
     order = model.hook_names()
     hooks: list[tuple[str, HookFn]] = [(n, record(n)) for n in sorted(needed, key=order.index)]
+    by_site: dict[str, dict[str, list[list[str]]]] = defaultdict(dict)
+    for v, copies in per_copy.items():
+        by_site[reader_site_name(model, v)][v] = copies
 
-    def patch(reader: str, copies: list[list[str]]) -> HookFn:
-        norm = norm_module(model, reader)
-        inp = reader_input_name(model, reader)
+    def patch(site: str, readers: dict[str, list[list[str]]]) -> HookFn:
+        first = next(iter(readers))
+        norm = norm_module(model, first)
+        inp = reader_input_name(model, first)
+        heads = {v: (graph.reader_parts(v)[2], qkv_projection(model, v)) for v in readers
+                 if graph.reader_parts(v)[0] in QKV}
 
         def hook(y: Tensor, ctx: HookContext) -> Optional[Tensor]:
             if not ctx.is_prefill:
                 return None
-            if y.shape[0] != n_rows * len(copies):
-                raise ValueError(f"{ctx.name!r}: the run has {y.shape[0]} rows, not {len(copies)} copies of the "
+            n_copies = len(edge_sets)
+            if y.shape[0] != n_rows * n_copies:
+                raise ValueError(f"{ctx.name!r}: the run has {y.shape[0]} rows, not {n_copies} copies of the "
                                  f"source's {n_rows}: repeat the target once per edge set")
             src = {k: t.to(y.device) for k, t in source.items()}
             x = current[inp]
-            parts = []
-            for c, writers in enumerate(copies):
-                rows = slice(c * n_rows, (c + 1) * n_rows)
-                if not writers:
-                    parts.append(y[rows])
-                    continue
-                cur = {k: t[rows] for k, t in current.items()}
-                delta = writer_delta(graph, writers, model, src, cur, (ctx.image_mask[rows], ctx.text_mask[rows]))
-                parts.append(rms_norm(x[rows].float() + delta, norm.weight, norm.variance_epsilon,
-                                      dtype=x.dtype).to(y.dtype))
-            return torch.cat(parts)
+            normed: dict[tuple[int, tuple[str, ...]], Tensor] = {}  # readers of one site often share writers
+
+            def patched_norm(c: int, writers: list[str]) -> Tensor:
+                key = (c, tuple(sorted(writers)))
+                if key not in normed:
+                    rows = slice(c * n_rows, (c + 1) * n_rows)
+                    cur = {k: t[rows] for k, t in current.items()}
+                    delta = writer_delta(graph, writers, model, src, cur,
+                                         (ctx.image_mask[rows], ctx.text_mask[rows]))
+                    normed[key] = rms_norm(x[rows].float() + delta, norm.weight, norm.variance_epsilon, dtype=x.dtype)
+                return normed[key]
+
+            if not heads:  # a norm's output: the one reader there, every row
+                (copies,) = readers.values()
+                return torch.cat([y[c * n_rows:(c + 1) * n_rows] if not writers else patched_norm(c, writers).to(y.dtype)
+                                  for c, writers in enumerate(copies)])
+            out = y.clone()  # [rows, pos, heads, d_head]: each reader's head slice
+            for v, copies in readers.items():
+                head, (w, b) = heads[v]
+                for c, writers in enumerate(copies):
+                    if writers:
+                        out[c * n_rows:(c + 1) * n_rows, :, head] = F.linear(patched_norm(c, writers).to(w.dtype), w,
+                                                                             b).to(y.dtype)
+            return out
         return hook
 
-    hooks += [(reader_norm_name(model, v), patch(v, copies)) for v, copies in per_copy.items()]
+    hooks += [(site, patch(site, readers)) for site, readers in by_site.items()]
     return hooks
 
 
 def patch_edge_sets(model: "HookedVLM", target_inputs: VLMInputs, source_cache: ActivationCache,
-                    edge_sets: Sequence[Sequence[Edge]], metric: Metric, max_rows: Optional[int] = 32
-                    ) -> list[list[float]]:
+                    edge_sets: Sequence[Sequence[Edge]], metric: Metric, max_rows: Optional[int] = 32,
+                    qkv: Optional[bool] = None) -> list[list[float]]:
     """:func:`patch_edges` for each of ``edge_sets``: ``metric`` per row of the target with that set patched,
-    several sets per forward pass (the target repeated, at most ``max_rows`` rows a pass; None: all at once)."""
+    several sets per forward pass (the target repeated, at most ``max_rows`` rows a pass; None: all at once).
+    ``qkv`` as in :func:`copy_hooks`."""
     check_max_rows(max_rows)
     check_source(source_cache, target_inputs, edge_names(model))
-    graph = edge_graph(model)
+    if qkv is None:
+        qkv = graph_of(model, [e for edges in edge_sets for e in edges]).qkv
+    graph = edge_graph(model, qkv=qkv)
     edge_sets = [graph.check_edges(e) for e in edge_sets]  # validate before any forward pass
     b = target_inputs.batch_size
     per_pass = len(edge_sets) if max_rows is None else max(1, max_rows // b)
@@ -191,7 +234,7 @@ def patch_edge_sets(model: "HookedVLM", target_inputs: VLMInputs, source_cache: 
         chunk = edge_sets[s:s + per_pass]
         inputs = repeat_inputs(target_inputs, len(chunk))
         with torch.no_grad():
-            logits = model.run_with_hooks(inputs, copy_hooks(model, source_cache, chunk))
+            logits = model.run_with_hooks(inputs, copy_hooks(model, source_cache, chunk, qkv=qkv))
         rows = _apply_metric(metric, logits, inputs)
         out += [rows[c * b:(c + 1) * b] for c in range(len(chunk))]
     return out
@@ -220,13 +263,13 @@ def _runs(model: "HookedVLM", clean: VLMInputs, corrupted: VLMInputs, metric: Me
 
 
 def patch_each_edge(model: "HookedVLM", clean_inputs: VLMInputs, corrupted_inputs: VLMInputs, metric: Metric,
-                    edges: Optional[Sequence[Edge]] = None, progress: bool = False, max_rows: Optional[int] = 32
-                    ) -> EdgeScores:
-    """The corrupted run with each edge alone given its clean value (default: every edge of the graph), several
-    edges per forward pass (``max_rows`` as in :func:`patch_edge_sets`).  The exact counterpart of
-    :func:`interp.edge_attribution.attribution_edges`; ``progress`` shows a bar (a 7B model has ~35k edges:
-    estimate first, patch the top ones)."""
-    graph = edge_graph(model)
+                    edges: Optional[Sequence[Edge]] = None, progress: bool = False, max_rows: Optional[int] = 32,
+                    qkv: Optional[bool] = None) -> EdgeScores:
+    """The corrupted run with each edge alone given its clean value (default: every edge of the graph, split per
+    head with ``qkv=True``), several edges per forward pass (``max_rows`` as in :func:`patch_edge_sets`).  The
+    exact counterpart of :func:`interp.edge_attribution.attribution_edges`; ``progress`` shows a bar (a 7B model
+    has ~35k edges, ~1.5M split per head: estimate first, patch the top ones)."""
+    graph = _graph(model, edges, qkv)
     edges = graph.edges() if edges is None else graph.check_edges(edges)
     if not edges:
         raise ValueError("no edges to patch")
@@ -238,37 +281,47 @@ def patch_each_edge(model: "HookedVLM", clean_inputs: VLMInputs, corrupted_input
         from tqdm.auto import tqdm
         chunks = tqdm(chunks, desc=f"edges ({per_pass} a pass)", unit="pass")
     patched = [_mean(rows) for chunk in chunks
-               for rows in patch_edge_sets(model, corrupted_inputs, clean_cache, [[e] for e in chunk], metric, None)]
+               for rows in patch_edge_sets(model, corrupted_inputs, clean_cache, [[e] for e in chunk], metric, None,
+                                           qkv=graph.qkv)]
     return scores_from_rows(graph, edges, patched, _mean(clean_rows), _mean(corrupt_rows),
                             {"method": METHOD, "n_rows": len(clean_rows)})
 
 
-def complement(model: "HookedVLM", edges: Iterable[Edge]) -> list[Edge]:
-    """Every edge of the graph not in ``edges``."""
-    graph = edge_graph(model)
+def _graph(model: "HookedVLM", edges: Optional[Iterable[Edge]], qkv: Optional[bool]) -> EdgeGraph:
+    """The graph asked for (``qkv``), else the one ``edges`` belong to, else the graph not split per head."""
+    if qkv is not None:
+        return edge_graph(model, qkv=qkv)
+    return graph_of(model, list(edges or []))
+
+
+def complement(model: "HookedVLM", edges: Iterable[Edge], qkv: Optional[bool] = None) -> list[Edge]:
+    """Every edge of the graph not in ``edges`` (``qkv``: which graph; None: the one ``edges`` belong to)."""
+    edges = list(edges)
+    graph = _graph(model, edges, qkv)
     keep = set(graph.check_edges(edges))
     return [e for e in graph.edges() if e not in keep]
 
 
 def circuit_faithfulness(model: "HookedVLM", clean_inputs: VLMInputs, corrupted_inputs: VLMInputs,
-                         circuit: Iterable[Edge], metric: Metric) -> float:
+                         circuit: Iterable[Edge], metric: Metric, qkv: Optional[bool] = None) -> float:
     """How much of the clean behaviour a circuit keeps: the clean run with every edge *outside* ``circuit``
     given the corrupted run's value, ``(metric - corrupted) / (clean - corrupted)`` of the batch means (ACDC's
-    and EAP-IG's convention).  1 for every edge, 0 for none; NaN when clean and corrupted agree."""
-    return faithfulness_curve(model, clean_inputs, corrupted_inputs, [list(circuit)], metric)[0]
+    and EAP-IG's convention).  1 for every edge, 0 for none; NaN when clean and corrupted agree.  ``qkv``: the
+    graph whose other edges are corrupted (None: the one the circuit's edges belong to)."""
+    return faithfulness_curve(model, clean_inputs, corrupted_inputs, [list(circuit)], metric, qkv=qkv)[0]
 
 
 def faithfulness_curve(model: "HookedVLM", clean_inputs: VLMInputs, corrupted_inputs: VLMInputs,
-                       circuits: Sequence[Sequence[Edge]], metric: Metric, max_rows: Optional[int] = 32
-                       ) -> list[float]:
+                       circuits: Sequence[Sequence[Edge]], metric: Metric, max_rows: Optional[int] = 32,
+                       qkv: Optional[bool] = None) -> list[float]:
     """:func:`circuit_faithfulness` of each circuit (e.g. the top 10, 20, 40 edges of an
     :class:`~interp.edges.EdgeScores`), with the two reference runs made once and several circuits per pass."""
-    graph = edge_graph(model)
+    graph = _graph(model, [e for c in circuits for e in c], qkv)
     circuits = [graph.check_edges(c) for c in circuits]  # validate before any forward pass
     _, corrupt_cache, clean_rows, corrupt_rows = _runs(model, clean_inputs, corrupted_inputs, metric)
     gap = _mean(clean_rows) - _mean(corrupt_rows)
-    rests = [complement(model, c) for c in circuits]
-    kept = patch_edge_sets(model, clean_inputs, corrupt_cache, rests, metric, max_rows)
+    rests = [complement(model, c, qkv=graph.qkv) for c in circuits]
+    kept = patch_edge_sets(model, clean_inputs, corrupt_cache, rests, metric, max_rows, qkv=graph.qkv)
     return [(_mean(m) - _mean(corrupt_rows)) / gap if abs(gap) > 1e-12 else float("nan") for m in kept]
 
 
@@ -277,6 +330,6 @@ def top_circuits(scores: EdgeScores, counts: Sequence[int], by_abs: bool = True)
     return [scores.top(k, by_abs) for k in counts]
 
 
-__all__ = ["circuit_faithfulness", "complement", "copy_hooks", "edge_hooks", "patch_edge_sets", "faithfulness_curve", "norm_module",
-           "patch_each_edge",
-           "patch_edges", "rms_norm", "top_circuits", "writer_delta"]
+__all__ = ["circuit_faithfulness", "complement", "copy_hooks", "edge_hooks", "faithfulness_curve", "norm_module",
+           "patch_each_edge", "patch_edge_sets", "patch_edges", "qkv_projection", "rms_norm", "top_circuits",
+           "writer_delta"]

@@ -15,6 +15,12 @@ Nodes, with short labels in the style of :mod:`interp.head_patching`'s ``L{l}H{h
 - readers (``downstream``): each block's attention input ``"L{l}.attn_in"`` (the input of ``ln1``; the heads of
   a block share it, so an edge into it reaches all of its heads and their queries, keys and values alike),
   each MLP input ``"L{l}.mlp_in"`` (the input of ``ln2``) and ``"logits"`` (the input of the final norm).
+- with ``qkv=True`` (the graph of EAP and ACDC), the attention input is split per head and per input instead:
+  ``"L{l}H{h}.q"`` for each query head and ``"L{l}H{g}.k"`` / ``"L{l}H{g}.v"`` for each key/value head ``g``
+  (with grouped-query attention, Qwen2.5-VL's, key/value head ``g`` serves query heads ``g * n_heads /
+  n_kv_heads`` onwards, so a head's inputs are its own query and its group's key and value).  Whether a
+  head matters as what it looks for (query), what it is found by (key) or what it moves (value) is then an
+  edge question.
 
 A writer feeds every reader after it: heads of block l feed block l's MLP and every later block; an MLP feeds
 every later block.  The writers add up to each reader's input exactly (no architecture here has an output
@@ -26,6 +32,9 @@ projection bias or an additive position embedding; :mod:`interp.attribution` rel
 (['image', 'text', 'L0H0', 'L0H1'], ['L0.attn_in', 'L0.mlp_in', 'L1.attn_in', 'L1.mlp_in', 'logits'])
 >>> g.is_edge("L0H1", "L0.mlp_in"), g.is_edge("L1.mlp", "L1.attn_in"), len(g.edges())
 (True, False, 38)
+>>> q = edge_graph(tiny_vlm("llava", n_layers=2), qkv=True)
+>>> q.downstream[:3], len(q.downstream), len(q.edges())
+(['L0H0.q', 'L0H1.q', 'L0H2.q'], 27, 137)
 """
 from __future__ import annotations
 
@@ -47,6 +56,8 @@ EMBED_NODES = ("image", "text")
 _HEAD = re.compile(r"^L(\d+)H(\d+)$")
 _MLP = re.compile(r"^L(\d+)\.mlp$")
 _READER = re.compile(r"^L(\d+)\.(attn_in|mlp_in)$")
+_QKV = re.compile(r"^L(\d+)H(\d+)\.(q|k|v)$")
+QKV = ("q", "k", "v")
 
 
 def edge_names(model: "HookedVLM") -> list[str]:
@@ -58,36 +69,65 @@ def edge_names(model: "HookedVLM") -> list[str]:
 
 
 def reader_input_name(model: "HookedVLM", reader: str) -> str:
-    """The hook name of a reader's input: ``blocks.{l}.hook_resid_pre`` / ``hook_resid_mid`` or the last block's
-    ``hook_resid_post`` for ``"logits"``."""
+    """The hook name of a reader's input: ``blocks.{l}.hook_resid_pre`` (attention and query/key/value readers)
+    / ``hook_resid_mid`` or the last block's ``hook_resid_post`` for ``"logits"``."""
     if reader == "logits":
         return f"blocks.{model.n_layers - 1}.hook_resid_post"
-    layer, kind = _reader(reader)
-    return f"blocks.{layer}.hook_resid_pre" if kind == "attn_in" else f"blocks.{layer}.hook_resid_mid"
+    layer, kind, _ = _reader(reader)
+    return f"blocks.{layer}.hook_resid_mid" if kind == "mlp_in" else f"blocks.{layer}.hook_resid_pre"
 
 
 def reader_norm_name(model: "HookedVLM", reader: str) -> str:
-    """The hook name of a reader's normalised input (``ln1`` / ``ln2`` / the final norm's output): what the
-    reader itself consumes, so a change there reaches that reader alone."""
+    """The hook name of a reader's normalised input (``ln1`` / ``ln2`` / the final norm's output).  For the
+    block-level readers that is what the reader itself consumes, so a change there reaches that reader alone;
+    a query/key/value reader shares ``ln1``'s output with its block and is reached at
+    :func:`reader_site_name`."""
     if reader == "logits":
         return "ln_final.hook_normalized"
-    layer, kind = _reader(reader)
-    return f"blocks.{layer}.ln1.hook_normalized" if kind == "attn_in" else f"blocks.{layer}.ln2.hook_normalized"
+    layer, kind, _ = _reader(reader)
+    return f"blocks.{layer}.ln2.hook_normalized" if kind == "mlp_in" else f"blocks.{layer}.ln1.hook_normalized"
 
 
-def _reader(label: str) -> tuple[int, str]:
+def reader_site_name(model: "HookedVLM", reader: str) -> str:
+    """The hook name where a reader alone is reached (patched, differentiated): its norm's output
+    (:func:`reader_norm_name`), or for a query/key/value reader its projection, ``blocks.{l}.attn.hook_q`` /
+    ``hook_k`` / ``hook_v`` (one head's slice of it)."""
+    if reader != "logits":
+        layer, kind, _ = _reader(reader)
+        if kind in QKV:
+            return f"blocks.{layer}.attn.hook_{kind}"
+    return reader_norm_name(model, reader)
+
+
+def _reader(label: str) -> tuple[int, str, Optional[int]]:
+    """``(layer, kind, head)`` of a reader label other than ``"logits"`` (head None for the block-level ones)."""
     m = _READER.match(label)
-    if m is None:
-        raise ValueError(f"unknown reader {label!r}: readers are 'L{{l}}.attn_in', 'L{{l}}.mlp_in' and 'logits'")
-    return int(m.group(1)), m.group(2)
+    if m is not None:
+        return int(m.group(1)), m.group(2), None
+    m = _QKV.match(label)
+    if m is not None:
+        return int(m.group(1)), m.group(3), int(m.group(2))
+    raise ValueError(f"unknown reader {label!r}: readers are 'L{{l}}.attn_in' (or, split per head, "
+                     f"'L{{l}}H{{h}}.q' / '.k' / '.v'), 'L{{l}}.mlp_in' and 'logits'")
 
 
 @dataclass(frozen=True)
 class EdgeGraph:
-    """The writers, readers and edges of a language model with ``n_layers`` blocks of ``n_heads`` heads."""
+    """The writers, readers and edges of a language model with ``n_layers`` blocks of ``n_heads`` heads
+    (``n_kv_heads`` key/value heads, default ``n_heads``, kept only with ``qkv``); ``qkv`` splits each block's attention input into
+    its heads' queries, keys and values (module docstring)."""
 
     n_layers: int
     n_heads: int
+    n_kv_heads: Optional[int] = None
+    qkv: bool = False
+
+    def __post_init__(self) -> None:
+        kv = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+        if kv < 1 or self.n_heads % kv:
+            raise ValueError(f"n_kv_heads must divide n_heads ({self.n_heads}), got {self.n_kv_heads!r}")
+        # only the graph split per head has key/value readers; without it the count is not part of the graph
+        object.__setattr__(self, "n_kv_heads", kv if self.qkv else self.n_heads)
 
     @property
     def upstream(self) -> list[str]:
@@ -98,7 +138,23 @@ class EdgeGraph:
 
     @property
     def downstream(self) -> list[str]:
-        return [r for l in range(self.n_layers) for r in (f"L{l}.attn_in", f"L{l}.mlp_in")] + ["logits"]
+        return [r for l in range(self.n_layers) for r in self.attention_readers(l) + [f"L{l}.mlp_in"]] + ["logits"]
+
+    def attention_readers(self, layer: int) -> list[str]:
+        """Block ``layer``'s attention readers: ``["L{l}.attn_in"]``, or with ``qkv`` every query head's, then
+        every key head's, then every value head's."""
+        if not self.qkv:
+            return [f"L{layer}.attn_in"]
+        return ([f"L{layer}H{h}.q" for h in range(self.n_heads)] + [f"L{layer}H{g}.k" for g in range(self.n_kv_heads)]
+                + [f"L{layer}H{g}.v" for g in range(self.n_kv_heads)])
+
+    def head_inputs(self, layer: int, head: int) -> list[str]:
+        """The readers a head computes from: ``["L{l}.attn_in"]``, or with ``qkv`` its query and its group's key
+        and value."""
+        if not self.qkv:
+            return [f"L{layer}.attn_in"]
+        g = head // (self.n_heads // self.n_kv_heads)
+        return [f"L{layer}H{head}.q", f"L{layer}H{g}.k", f"L{layer}H{g}.v"]
 
     def writer(self, label: str) -> tuple[str, Optional[int], Optional[int]]:
         """``(kind, layer, head)`` of a writer label: kind ``"image"``, ``"text"``, ``"head"`` or ``"mlp"``."""
@@ -114,14 +170,31 @@ class EdgeGraph:
                          f"'image', 'text', 'L{{l}}H{{h}}' and 'L{{l}}.mlp'")
 
     def reader(self, label: str) -> tuple[str, int]:
-        """``(kind, layer)`` of a reader label: kind ``"attn_in"``, ``"mlp_in"`` or ``"logits"`` (layer
-        ``n_layers``)."""
+        """``(kind, layer)`` of a reader label: kind ``"attn_in"``, ``"q"`` / ``"k"`` / ``"v"``, ``"mlp_in"`` or
+        ``"logits"`` (layer ``n_layers``)."""
+        kind, layer, _ = self.reader_parts(label)
+        return kind, layer
+
+    def reader_parts(self, label: str) -> tuple[str, int, Optional[int]]:
+        """``(kind, layer, head)`` of a reader label (head: the query or key/value head, else None); raises for a
+        label of the other granularity (``L{l}.attn_in`` in a ``qkv`` graph and the reverse)."""
         if label == "logits":
-            return "logits", self.n_layers
-        layer, kind = _reader(label)
+            return "logits", self.n_layers, None
+        layer, kind, head = _reader(label)
         if layer >= self.n_layers:
             raise ValueError(f"reader {label!r}: the model has {self.n_layers} blocks")
-        return kind, layer
+        if kind == "attn_in" and self.qkv:
+            raise ValueError(f"reader {label!r} is not in a graph split per head (qkv=True): its heads read "
+                             f"through 'L{layer}H{{h}}.q' / '.k' / '.v'")
+        if kind in QKV:
+            if not self.qkv:
+                raise ValueError(f"reader {label!r} is one head's {kind}: pass qkv=True for the graph split per head "
+                                 f"(without it, block {layer}'s heads read through 'L{layer}.attn_in')")
+            limit = self.n_heads if kind == "q" else self.n_kv_heads
+            if head >= limit:
+                raise ValueError(f"reader {label!r}: block {layer} has {limit} {'query' if kind == 'q' else 'key/value'}"
+                                 f" heads")
+        return kind, layer, head
 
     def is_edge(self, writer: str, reader: str) -> bool:
         """Whether ``writer``'s output is part of ``reader``'s input (raises for unknown labels)."""
@@ -131,7 +204,7 @@ class EdgeGraph:
             return True
         if kind == "head" and r_kind == "mlp_in":
             return layer <= r_layer
-        return layer < r_layer
+        return layer < r_layer  # attention readers (block or q/k/v), MLP into a later block, the logits
 
     def edges(self) -> list[Edge]:
         """Every edge, readers in execution order, writers in execution order within each."""
@@ -150,9 +223,18 @@ class EdgeGraph:
         return out
 
 
-def edge_graph(model: "HookedVLM") -> EdgeGraph:
-    """The edge graph of ``model``'s language model."""
-    return EdgeGraph(n_layers=model.n_layers, n_heads=model.head_counts["lm"][0])
+def edge_graph(model: "HookedVLM", qkv: bool = False) -> EdgeGraph:
+    """The edge graph of ``model``'s language model; ``qkv`` splits attention inputs per head's query, key and
+    value."""
+    n_q, n_kv = model.head_counts["lm"]
+    return EdgeGraph(n_layers=model.n_layers, n_heads=n_q, n_kv_heads=n_kv, qkv=qkv)
+
+
+def graph_of(model: "HookedVLM", edges: Iterable[Edge]) -> EdgeGraph:
+    """The graph a set of edges belongs to: split per head (``qkv``) when any reader is a head's query, key or
+    value."""
+    return edge_graph(model, qkv=any(isinstance(e, (tuple, list)) and len(e) == 2 and isinstance(e[1], str)
+                                     and _QKV.match(e[1]) is not None for e in edges))
 
 
 @dataclass
@@ -180,9 +262,11 @@ class EdgeScores(JsonRecord):
 
     @property
     def graph(self) -> EdgeGraph:
-        """The graph these scores are over (from the labels' counts)."""
-        n_layers = (len(self.downstream) - 1) // 2
-        return EdgeGraph(n_layers=n_layers, n_heads=(len(self.upstream) - 2) // n_layers - 1 if n_layers else 0)
+        """The graph these scores are over (from the labels)."""
+        n_layers = sum(1 for v in self.downstream if v.endswith(".mlp_in"))
+        n_heads = (len(self.upstream) - 2) // n_layers - 1 if n_layers else 0
+        n_kv = sum(1 for v in self.downstream if v.startswith("L0H") and v.endswith(".k"))
+        return EdgeGraph(n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv or None, qkv=bool(n_kv))
 
     @property
     def effects(self) -> np.ndarray:
@@ -226,11 +310,21 @@ class EdgeScores(JsonRecord):
                    clean=json_number(d["clean"]), corrupted=json_number(d["corrupted"]), meta=dict(d.get("meta", {})))
 
 
+def input_readers(graph: EdgeGraph, writer: str) -> list[str]:
+    """The readers a writer computes from: a head's attention input (or its query and its group's key and
+    value), an MLP's input, none for the embeddings (the graph's sources)."""
+    kind, layer, head = graph.writer(writer)
+    if layer is None:
+        return []
+    return graph.head_inputs(layer, head) if kind == "head" else [f"L{layer}.mlp_in"]
+
+
 def input_reader(graph: EdgeGraph, writer: str) -> Optional[str]:
-    """The reader whose input a writer computes from: ``"L{l}.attn_in"`` for a head, ``"L{l}.mlp_in"`` for an MLP,
-    None for the embeddings (the graph's sources)."""
-    kind, layer, _ = graph.writer(writer)
-    return None if layer is None else f"L{layer}.attn_in" if kind == "head" else f"L{layer}.mlp_in"
+    """The one reader a writer computes from in a graph not split per head (:func:`input_readers`)."""
+    if graph.qkv:
+        raise ValueError("in a graph split per head a head has three inputs: use input_readers")
+    readers = input_readers(graph, writer)
+    return readers[0] if readers else None
 
 
 def greedy_circuit(scores: EdgeScores, k: int, by_abs: bool = True) -> list[Edge]:
@@ -258,9 +352,7 @@ def grow_circuit(graph: EdgeGraph, ranked: Sequence[Edge], k: int) -> list[Edge]
             break
         ranked.remove(nxt)
         chosen.append(nxt)
-        feeds = input_reader(graph, nxt[0])
-        if feeds is not None:
-            active.add(feeds)
+        active.update(input_readers(graph, nxt[0]))
     return chosen
 
 

@@ -148,3 +148,66 @@ def test_many_sets_per_pass_are_each_as_alone(tiny_model):
         tiny_model.run_with_hooks(corrupt, copy_hooks(tiny_model, cc, [[some[0]], [some[1]]]))
     with pytest.raises(ValueError, match="max_rows"):
         patch_edge_sets(tiny_model, corrupt, cc, [[some[0]]], metric, max_rows=0)
+
+
+def test_a_blocks_queries_keys_and_values_are_its_attention_input(tiny_model):
+    """Split per head, every edge into every query, key and value reader of a block is every edge into its
+    attention input (ln1's output feeds nothing else)."""
+    clean, corrupt = _pair(tiny_model)
+    metric = logit_diff(5, 7)
+    _, cc, _, _ = _caches(tiny_model, clean, corrupt)
+    plain, split = edge_graph(tiny_model), edge_graph(tiny_model, qkv=True)
+    whole = [(u, "L1.attn_in") for u in plain.upstream if plain.is_edge(u, "L1.attn_in")]
+    parts = [(u, v) for v in split.attention_readers(1) for u in split.upstream if split.is_edge(u, v)]
+    got, want = patch_edges(tiny_model, corrupt, cc, parts, metric), patch_edges(tiny_model, corrupt, cc, whole, metric)
+    assert np.allclose(got, want, atol=1e-5)
+    base = patch_edges(tiny_model, corrupt, cc, [], metric)
+    assert not np.allclose(want, base, atol=1e-3)  # not a reader that does nothing
+
+
+def test_one_heads_query_is_its_projection_of_the_clean_input(tiny_model):
+    """Every writer into ``L1H2.q`` = the clean run's query of head 2, in the corrupted run, by hand; the other
+    heads' queries, and every key and value, stay as they were."""
+    clean, corrupt = _pair(tiny_model)
+    metric = logit_diff(5, 7)
+    names = edge_names(tiny_model) + ["blocks.1.attn.hook_q", "blocks.1.attn.hook_k"]
+    with torch.no_grad():
+        _, cc = tiny_model.run_with_cache(clean, names=names)
+        _, kc = tiny_model.run_with_cache(corrupt, names=names)
+    g = edge_graph(tiny_model, qkv=True)
+    edges = [(u, "L1H2.q") for u in g.upstream if g.is_edge(u, "L1H2.q")]
+
+    def by_hand(q, ctx):
+        q = q.clone()
+        q[:, :, 2] = cc["blocks.1.attn.hook_q"][:, :, 2]
+        return q
+
+    with torch.no_grad():
+        want = metric(tiny_model.run_with_hooks(corrupt, [("blocks.1.attn.hook_q", by_hand)]), corrupt).tolist()
+        _, patched = tiny_model.run_with_cache(corrupt, names=names, hooks=edge_hooks(tiny_model, cc, edges))
+    assert np.allclose(patch_edges(tiny_model, corrupt, cc, edges, metric), want, atol=1e-4)
+    q, q0 = patched["blocks.1.attn.hook_q"], kc["blocks.1.attn.hook_q"]
+    assert torch.allclose(q[:, :, 2], cc["blocks.1.attn.hook_q"][:, :, 2], atol=1e-5)
+    assert not torch.allclose(q[:, :, 2], q0[:, :, 2], atol=1e-3)
+    assert torch.equal(q[:, :, [0, 1, 3]], q0[:, :, [0, 1, 3]])
+    assert torch.equal(patched["blocks.1.attn.hook_k"], kc["blocks.1.attn.hook_k"])
+
+
+def test_circuits_split_per_head(tiny_model):
+    clean, corrupt = _pair(tiny_model)
+    metric = logit_diff(5, 7)
+    every = edge_graph(tiny_model, qkv=True).edges()
+    full, empty = faithfulness_curve(tiny_model, clean, corrupt, [every, []], metric, qkv=True)
+    assert full == pytest.approx(1.0, abs=1e-4) and empty == pytest.approx(0.0, abs=1e-4)
+    assert complement(tiny_model, [], qkv=True) == every and complement(tiny_model, every) == []
+    # a split circuit is scored in the split graph without saying so; mixing the two graphs is refused
+    some = [("L1.mlp", "logits"), ("L0H1", "L1H0.v"), ("image", "L0H0.k")]
+    assert circuit_faithfulness(tiny_model, clean, corrupt, some, metric) == pytest.approx(
+        circuit_faithfulness(tiny_model, clean, corrupt, some, metric, qkv=True), abs=1e-6)
+    with pytest.raises(ValueError, match="split per head"):
+        circuit_faithfulness(tiny_model, clean, corrupt, some + [("image", "L0.attn_in")], metric)
+    each = patch_each_edge(tiny_model, clean, corrupt, metric, edges=some, max_rows=2)
+    batched = patch_each_edge(tiny_model, clean, corrupt, metric, edges=some, max_rows=64)
+    assert each.graph == edge_graph(tiny_model, qkv=True)
+    ok = np.isfinite(each.patched)
+    assert ok.sum() == 3 and np.allclose(each.patched[ok], batched.patched[ok], atol=1e-5)

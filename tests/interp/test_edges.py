@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from interp.edges import (EdgeGraph, EdgeScores, edge_graph, edge_names, greedy_circuit, input_reader,
+from interp.edges import (EdgeGraph, EdgeScores, edge_graph, edge_names, greedy_circuit, input_reader, input_readers,
                           reader_input_name, reader_norm_name)
 
 
@@ -88,3 +88,54 @@ def test_greedy_circuits_grow_from_the_logits():
     assert greedy_circuit(s, 0) == []
     with pytest.raises(ValueError, match="k must be"):
         greedy_circuit(s, -2)
+
+
+def test_graph_split_per_head_with_grouped_keys():
+    g = EdgeGraph(n_layers=2, n_heads=4, n_kv_heads=2, qkv=True)
+    assert g.attention_readers(1) == ["L1H0.q", "L1H1.q", "L1H2.q", "L1H3.q", "L1H0.k", "L1H1.k", "L1H0.v", "L1H1.v"]
+    assert len(g.downstream) == 2 * (8 + 1) + 1 and "L0.attn_in" not in g.downstream
+    # key/value head g serves query heads 2g and 2g + 1 (transformers' repeat_kv)
+    assert g.head_inputs(1, 3) == ["L1H3.q", "L1H1.k", "L1H1.v"] and g.head_inputs(0, 0) == ["L0H0.q", "L0H0.k", "L0H0.v"]
+    assert g.is_edge("L0H2", "L1H1.v") and not g.is_edge("L1H2", "L1H0.q") and g.is_edge("image", "L0H3.q")
+    assert g.reader_parts("L1H1.k") == ("k", 1, 1) and g.reader("L0H3.q") == ("q", 0)
+    plain = EdgeGraph(n_layers=2, n_heads=4, n_kv_heads=2)
+    # every edge into a block's attention input becomes one per query, key and value reader
+    n_attn = sum(1 for _, v in plain.edges() if v.endswith("attn_in"))
+    assert len(g.edges()) == len(plain.edges()) + 7 * n_attn
+    s = EdgeScores(g.upstream, g.downstream, np.zeros((len(g.upstream), len(g.downstream))), 1.0, 0.0)
+    assert s.graph == g and EdgeScores(plain.upstream, plain.downstream, np.zeros((12, 5)), 1.0, 0.0).graph == plain
+    with pytest.raises(ValueError, match="input_readers"):
+        input_reader(g, "L0H0")
+    assert input_readers(g, "L1H2") == ["L1H2.q", "L1H1.k", "L1H1.v"] and input_readers(plain, "L1H2") == ["L1.attn_in"]
+
+
+@pytest.mark.parametrize("graph, edge, match", [
+    (EdgeGraph(2, 4, 2, qkv=True), ("image", "L0.attn_in"), "split per head"),
+    (EdgeGraph(2, 4, 2), ("image", "L0H1.q"), "qkv=True"),
+    (EdgeGraph(2, 4, 2, qkv=True), ("image", "L0H2.k"), "2 key/value heads"),
+    (EdgeGraph(2, 4, 2, qkv=True), ("image", "L0H4.q"), "4 query heads"),
+    (EdgeGraph(2, 4, 2, qkv=True), ("image", "L0H0.x"), "unknown reader"),
+    (EdgeGraph(2, 4, 2, qkv=True), ("L1H0", "L1H0.q"), "runs after"),
+])
+def test_bad_head_readers_are_named(graph, edge, match):
+    with pytest.raises(ValueError, match=match):
+        graph.check_edges([edge])
+
+
+def test_bad_key_value_head_counts():
+    with pytest.raises(ValueError, match="n_kv_heads must divide"):
+        EdgeGraph(2, 4, 3)
+
+
+def test_greedy_circuit_split_per_head_follows_the_keys_and_values():
+    g = EdgeGraph(n_layers=2, n_heads=2, n_kv_heads=1, qkv=True)
+    patched = np.full((len(g.upstream), len(g.downstream)), np.nan)
+    up, down = g.upstream.index, g.downstream.index
+    for u, v in g.edges():
+        patched[up(u), down(v)] = 0.01
+    patched[up("L1H1"), down("logits")] = 0.9
+    patched[up("L0.mlp"), down("L1H0.k")] = 0.5   # the key L1H1 shares with L1H0: reachable once L1H1 is in
+    patched[up("image"), down("L1H0.q")] = 0.4    # L1H0's own query: not reachable (L1H0 is not in)
+    s = EdgeScores(g.upstream, g.downstream, patched, clean=1.0, corrupted=0.0)
+    assert greedy_circuit(s, 2) == [("L1H1", "logits"), ("L0.mlp", "L1H0.k")]
+    assert greedy_circuit(s, 3)[2] != ("image", "L1H0.q")
