@@ -435,7 +435,8 @@ def plot_circuit(source: Any, out_path: PathLike) -> Path | None:
                    "Each edge patched alone (writer -> reader)", "reader")
             for t in ax_grid.texts[:]:  # too many cells for numbers
                 t.remove()
-            ax_grid.tick_params(axis="x", labelrotation=45)
+            many = len(scores.downstream) > 20  # the graph split per head: a column per query, key and value
+            ax_grid.tick_params(axis="x", labelrotation=90 if many else 45, labelsize=5 if many else None)
             ax_grid.tick_params(axis="y", labelsize=6)
         else:
             ax_grid.set_axis_off()

@@ -27,6 +27,7 @@ def run(tmp_path_factory):
 
 def test_ladder_and_fewest():
     assert circuit.ladder(114) == [1, 2, 3, 5, 8, 12, 20, 30, 50, 80, 114]
+    assert circuit.ladder(532)[-3:] == [300, 400, 532]
     assert circuit.ladder(5) == [1, 2, 3, 5]
     assert circuit.fewest([1, 5, 20], [0.1, 0.85, 1.0]) == 5
     assert circuit.fewest([1, 5], [0.1, 0.5]) is None
@@ -83,3 +84,27 @@ def test_figure(run, tmp_path):
     assert ANALYSIS_FIGURES["circuit"][1:] == ("circuit.png", "circuit.json")
     assert is_png(plot_circuit(out, tmp_path / "again.png"))
     assert plot_circuit(tmp_path / "nothing_here", tmp_path / "none.png") is None
+
+
+def test_split_per_head(run, tmp_path):
+    """``--qkv``: the same pairs on the graph split per head; the readers both graphs share (MLP inputs, logits)
+    get the same patched effects, and the attention input's effect now divides among queries, keys and values."""
+    _, plain = run
+    from . import one_thread
+
+    with one_thread():
+        res = circuit.main(["--quick", "--out", str(tmp_path), "--limit", "2", "--no-progress", "--pairs", "2",
+                            "--steps", "4", "--qkv"])
+    assert res["config"]["qkv"] is True and res["n_edges"] == 532 and res["counts"][-1] == 532
+    assert set(res["by_input"]["patching"]) == {"q", "k", "v", "mlp_in", "logits"}
+    assert set(plain["by_input"]["patching"]) == {"attn_in", "mlp_in", "logits"}
+    for kind in ("mlp_in", "logits"):
+        assert res["by_input"]["patching"][kind] == pytest.approx(plain["by_input"]["patching"][kind], abs=1e-5)
+    shared = {f"{u} -> {v}": x for (u, v), x in zip(plain["edges"], plain["effects"]["patching"]) if "attn_in" not in v}
+    split = {f"{u} -> {v}": x for (u, v), x in zip(res["edges"], res["effects"]["patching"])}
+    assert all(split[k] == pytest.approx(x, abs=1e-5) for k, x in shared.items())
+    # measured on the quick LLaVA model: the portrait reaches the heads through their values, not their queries
+    v, q = res["by_input"]["patching"]["v"], res["by_input"]["patching"]["q"]
+    assert v > 0.2 and v > 5 * abs(q)
+    for build in circuit.BUILDS:
+        assert res["faithfulness"][build]["patching"][-1] == pytest.approx(1.0, abs=1e-3)
