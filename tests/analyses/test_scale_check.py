@@ -47,6 +47,9 @@ def test_scale_check_passes_on_the_tiny_size_and_writes_its_record(arch, tmp_pat
     assert edges["logits_edges_patched_effect"] == pytest.approx(1.0, abs=1e-3)  # the writers sum to the final residual
     assert abs(edges["integrated_logits_cut"] - 1.0) <= 0.15
     assert edges["patching_all_s_extrapolated"] == pytest.approx(edges["patching_per_edge_s"] * edges["edges"])
+    kv = SIZES[arch]["tiny"]["n_kv_heads"]
+    assert edges["split_finite"] and edges["split_edges"] == len(EdgeGraph(n, h, kv, qkv=True).edges())
+    assert edges["split_rel_gap"] <= edges["split_tolerance"]
 
 
 def test_image_tokens_of_the_7b_sizes_are_the_checkpoints():
