@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from analyses._cli import script_parser
+from analyses.circuit import by_input
 from interp.attribution_patching import attribution_patch
 from interp.edge_attribution import attribution_edges
 from interp.edge_patching import circuit_faithfulness
@@ -79,6 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"8. {len(edge_graph(model).edges())} edges (each head, MLP and the image/text embeddings into every later "
           f"reader), estimated in 9 passes; the largest: {top}; a circuit of the top 5 / 20 grown from the logits keeps "
           f"{kept[5]:.2f} / {kept[20]:.2f} of the difference (all edges: 1)")
+    split = attribution_edges(model, clean, corrupt, metric, steps=8, qkv=True)
+    kinds = by_input(split)
+    print(f"   split per head ({len(split.graph.edges())} edges: each head's query, key and value a reader), the "
+          f"summed effect into queries / keys / values: {kinds['q']:.2f} / {kinds['k']:.2f} / {kinds['v']:.2f}")
 
 
 if __name__ == "__main__":

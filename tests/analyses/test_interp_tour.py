@@ -22,3 +22,5 @@ def test_interp_tour_walks_all_eight_steps(arch, capsys):
     assert "8. 114 edges" in text  # 4 blocks of 4 heads
     largest = text.split("8. ")[1].split("the largest: ['")[1].split("'")[0]
     assert largest.startswith("image -> L0.attn_in")  # the portrait enters through block 0's attention input
+    n_split = {"llava": 532, "qwen2_5_vl": 380}[arch]  # Qwen's 4 query heads share 2 key/value heads
+    assert f"split per head ({n_split} edges" in text
