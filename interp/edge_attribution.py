@@ -155,7 +155,7 @@ def _edge_terms(model: "HookedVLM", graph: EdgeGraph, deltas: dict[str, Tensor],
             out[:, first:first + graph.n_heads, cols] = torch.einsum("bphd,vbpd->bhv", per_head, g).cpu()
             out[:, up.index(f"L{l}.mlp"), cols] = torch.einsum(
                 "bpd,vbpd->bv", deltas[f"blocks.{l}.hook_mlp_out"].float(), g).cpu()
-    valid = torch.tensor([[graph.is_edge(u, v) for v in down] for u in up])
+    valid = torch.from_numpy(graph.edge_mask())
     return torch.where(valid, out, torch.full_like(out, float("nan")))
 
 

@@ -143,11 +143,11 @@ def copy_hooks(model: "HookedVLM", source_cache: ActivationCache, edge_sets: Seq
         return []
     source = {n: source_cache[n] for n in edge_names(model)}
     n_rows = next(iter(source.values())).shape[0]
-    per_copy: dict[str, list[list[str]]] = defaultdict(lambda: [[] for _ in edge_sets])
+    seen: dict[str, list[dict[str, None]]] = defaultdict(lambda: [{} for _ in edge_sets])  # ordered sets
     for c, edges in enumerate(edge_sets):
         for u, v in edges:
-            if u not in per_copy[v][c]:
-                per_copy[v][c].append(u)
+            seen[v][c][u] = None
+    per_copy = {v: [list(writers) for writers in copies] for v, copies in seen.items()}
     current: dict[str, Tensor] = {}
 
     def record(name: str) -> HookFn:

@@ -38,6 +38,7 @@ def test_edges_run_forward_only():
     (("L0H0", "L3.attn_in"), "3 blocks"),
     (("L2.mlp", "L1.attn_in"), "runs after"),
     (("L0H0",), "pair"),
+    (("L0H0", ["logits"]), "pair"),
 ])
 def test_bad_edges_are_named(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -139,3 +140,11 @@ def test_greedy_circuit_split_per_head_follows_the_keys_and_values():
     s = EdgeScores(g.upstream, g.downstream, patched, clean=1.0, corrupted=0.0)
     assert greedy_circuit(s, 2) == [("L1H1", "logits"), ("L0.mlp", "L1H0.k")]
     assert greedy_circuit(s, 3)[2] != ("image", "L1H0.q")
+
+
+@pytest.mark.parametrize("graph", [EdgeGraph(3, 2), EdgeGraph(2, 4, 2, qkv=True), EdgeGraph(1, 1, qkv=True)])
+def test_edge_mask_is_every_pair_checked(graph):
+    up, down = graph.upstream, graph.downstream
+    want = np.array([[graph.is_edge(u, v) for v in down] for u in up])
+    assert np.array_equal(graph.edge_mask(), want)
+    assert graph.edges() == [(u, v) for v in down for u in up if graph.is_edge(u, v)]
