@@ -393,7 +393,8 @@ def scores_from_rows(graph: EdgeGraph, edges: Sequence[Edge], patched: Sequence[
                      corrupted: float, meta: dict[str, Any]) -> EdgeScores:
     """An :class:`EdgeScores` with ``patched[k]`` at edge ``edges[k]`` and NaN elsewhere."""
     up, down = graph.upstream, graph.downstream
+    row, col = {u: i for i, u in enumerate(up)}, {v: j for j, v in enumerate(down)}
     grid = np.full((len(up), len(down)), np.nan)
     for (u, v), x in zip(edges, patched):
-        grid[up.index(u), down.index(v)] = x
+        grid[row[u], col[v]] = x
     return EdgeScores(upstream=up, downstream=down, patched=grid, clean=clean, corrupted=corrupted, meta=meta)
