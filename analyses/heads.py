@@ -6,7 +6,10 @@ the logit difference between the two people's first differing name token).
 Each head's output (``blocks.{l}.attn.hook_z``, one head) is patched alone from
 the clean run into the corrupted one, at every position and at the answer
 position only (:func:`interp.head_patching.patch_heads`).  Effects are
-normalised over all pairs (clean = 1, corrupted = 0).
+normalised over all pairs (clean = 1, corrupted = 0).  Then each head's query,
+key and value alone (``attn.hook_q`` / ``hook_k`` / ``hook_v``, every position;
+with grouped-query attention one key/value head serves several query heads):
+whether a head matters for where it looks or for what it moves.
 
 Part 2, attention to the image, vanilla vs steered.  For the forget and the
 retain profiles' image questions (generation and cloze), the share of the
@@ -42,7 +45,7 @@ from eraser.data.prompts import REFUSAL
 from eraser.data.schema import Profile
 from eraser.evaluate import build_items
 from interp.attribution import attribution_names, logit_attribution
-from interp.head_patching import patch_heads
+from interp.head_patching import component_heads, patch_heads
 
 from .common import Context, base_parser, limited, load_context, out_dir, save_json
 from .patching import (
@@ -54,12 +57,14 @@ from .patching import (
 def head_flow(ctx: Context, profiles: Sequence[Profile], n_pairs: int) -> dict[str, Any]:
     model = ctx.model
     specs = name_pairs(ctx.setup, profiles, n_pairs)
-    rows: dict[str, dict[str, list[float]]] = {"all": {}, "answer": {}}
-    bar = tqdm(total=2 * n_batches(specs), desc="patching heads", disable=not ctx.progress, leave=False)
+    parts = {"all": ("all", "z"), "answer": (None, "z"), "q": ("all", "q"), "k": ("all", "k"), "v": ("all", "v")}
+    rows: dict[str, dict[str, list[float]]] = {part: {} for part in parts}
+    bar = tqdm(total=len(parts) * n_batches(specs), desc="patching heads", disable=not ctx.progress, leave=False)
     for _, clean, corrupt, pos, metric in pair_batches(model, profiles, specs):
-        for part, positions in (("all", "all"), ("answer", position_mask(pos))):
+        for part, (positions, component) in parts.items():
             with torch.no_grad():
-                res = patch_heads(model, clean, corrupt, metric, positions=positions, max_rows=ctx.args.batch_size)
+                res = patch_heads(model, clean, corrupt, metric, positions=positions or position_mask(pos),
+                                  max_rows=ctx.args.batch_size, component=component)
             for key, vals in res.rows.items():
                 rows[part].setdefault(key, []).extend(vals)
             bar.update(1)
@@ -72,19 +77,23 @@ def head_flow(ctx: Context, profiles: Sequence[Profile], n_pairs: int) -> dict[s
         out = []
         for l in range(model.n_layers):
             row = []
-            for h in range(n_heads):
+            for h in range(component_heads(model, parts[part][1])):
                 v = float(np.mean(rows[part][f"L{l}H{h}"]))
                 row.append((v - corrupt_m) / denom if denom != 0 and math.isfinite(denom) else float("nan"))
             out.append(row)
         return out
 
-    grids = {part: grid(part) for part in rows}
+    grids = {part: grid(part) for part in ("all", "answer")}
+    inputs = {part: grid(part) for part in ("q", "k", "v")}
     top = sorted(((abs(v), l, h, v) for l, r in enumerate(grids["answer"]) for h, v in enumerate(r)
                   if math.isfinite(v)), reverse=True)[:5]
     return {"question": NAME_QUESTION, "metric": "logit diff (clean − corrupted first differing name token)",
             "n_pairs": len(specs), "clean": clean_m, "corrupted": corrupt_m,
             "layers": list(range(model.n_layers)), "heads": list(range(n_heads)),
-            "effects": grids, "top_answer": [{"layer": l, "head": h, "effect": v} for _, l, h, v in top]}
+            "effects": grids, "top_answer": [{"layer": l, "head": h, "effect": v} for _, l, h, v in top],
+            "inputs": inputs,
+            "inputs_largest": {c: max((abs(v) for r in g for v in r if math.isfinite(v)), default=float("nan"))
+                               for c, g in inputs.items()}}
 
 
 # -- part 2: the eraser and attention to the image -------------------------------------------------------------
@@ -182,6 +191,13 @@ def print_summary(res: dict[str, Any]) -> None:
             print(f"  {part + ' positions':<17} layer {l}: {fmt(vals)}")
     print("  strongest at the answer position: "
           + ", ".join(f"L{t['layer']}H{t['head']} {t['effect']:.2f}" for t in f["top_answer"]))
+    if f.get("inputs"):
+        print("  each head's query / key / value patched alone (every position; columns: query heads, key/value heads):")
+        for c, label in (("q", "query"), ("k", "key"), ("v", "value")):
+            for l, vals in enumerate(f["inputs"][c]):
+                print(f"  {label:<17} layer {l}: {fmt(vals)}")
+        print("  largest |effect| of one head's query / key / value: "
+              + " / ".join(f"{f['inputs_largest'][c]:.2f}" for c in ("q", "k", "v")))
     print(f"Last token's attention on image tokens (mean over heads), vanilla -> steered; steered layers "
           f"{res['steered_layers']}")
     for split, d in a.items():

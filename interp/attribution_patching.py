@@ -51,7 +51,7 @@ from torch import Tensor
 
 from .cache import ActivationCache
 from .gradients import GradRun, run_with_grads
-from .head_patching import HeadPatchResult, check_layers
+from .head_patching import HeadPatchResult, check_layers, component_heads, head_site
 from .hooks import HookContext, HookFn, HookSpec, expand_hooks
 from .inputs import VLMInputs
 from .names import NameFilter, is_vision_side
@@ -391,20 +391,21 @@ def attribution_heads(
     layers: Optional[Sequence[int]] = None,
     positions: PositionSpec = "all",
     steps: int = 0,
+    component: str = "z",
 ) -> HeadPatchResult:
     """:func:`interp.head_patching.patch_heads`, estimated: every (layer, head) at once from the gradient at
-    ``blocks.{l}.attn.hook_z``, instead of ``n_layers x n_heads`` patched runs (``steps`` as in
-    :func:`attribution_patch`)."""
+    ``blocks.{l}.attn.hook_z`` (or the ``component``'s site: query, key, value), instead of ``n_layers x n_heads``
+    patched runs (``steps`` as in :func:`attribution_patch`)."""
     check_steps(steps)
     check_aligned(clean_inputs, corrupted_inputs)
     layers = check_layers(model, layers)
-    names = [f"blocks.{l}.attn.hook_z" for l in layers]
+    names = [f"blocks.{l}.{head_site(component)}" for l in layers]
     mask = _patch_mask(positions, names[0], corrupted_inputs)  # validate before any forward pass
     terms, clean_rows = _swap_terms(model, clean_inputs, corrupted_inputs, names, metric, steps)
     check_path_end(terms, clean_rows)
     base = terms.base
     rows: dict[str, list[float]] = {"clean": clean_rows, "corrupted": base}
-    n_heads = model.head_counts["lm"][0]
+    n_heads = component_heads(model, component)
     patched = np.full((len(layers), n_heads), np.nan)
     for i, (l, n) in enumerate(zip(layers, names)):
         per_head = reduce_terms(terms.products[n], mask, keep=3).sum(1).cpu()  # [batch, head]
@@ -412,4 +413,5 @@ def attribution_heads(
             rows[f"L{l}H{h}"] = [x + float(t) for x, t in zip(base, per_head[:, h])]
             patched[i, h] = _mean(rows[f"L{l}H{h}"])
     return HeadPatchResult(layers=layers, patched=patched, clean=_mean(clean_rows), corrupted=_mean(base),
-                           positions=_position_label(positions), rows=rows, meta={"method": METHOD, "steps": steps})
+                           positions=_position_label(positions), rows=rows,
+                           meta={"method": METHOD, "steps": steps, "component": component})

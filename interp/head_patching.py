@@ -21,6 +21,13 @@ one-head-at-a-time result.
 >>> res = patch_heads(model, clean, corrupt, answer_logprob([5]))
 >>> res.effects.shape                                  # [layer, head]
 (2, 4)
+>>> patch_heads(model, clean, corrupt, answer_logprob([5]), component="v").meta
+{'component': 'v'}
+
+``component`` patches what a head reads instead of what it writes: its query (``"q"``), key (``"k"``) or value
+(``"v"``), at ``attn.hook_q`` / ``hook_k`` / ``hook_v`` (before the rotary embedding), the TransformerLens
+experiments of the same names.  With grouped-query attention (Qwen2.5-VL) a key or value head is shared by several
+query heads, so the ``k`` / ``v`` grids have ``n_kv_heads`` columns.
 """
 from __future__ import annotations
 
@@ -100,6 +107,25 @@ class HeadPatchResult(JsonRecord):
                    meta=dict(d.get("meta", {})))
 
 
+#: What :func:`patch_heads` can patch per head: the output (``z``, before ``o_proj``) or the query, key or value.
+COMPONENTS = ("z", "q", "k", "v")
+
+
+def head_site(component: str) -> str:
+    """The per-head hook site (``attn.hook_z`` ...) of a component; raises naming the choices."""
+    if component not in COMPONENTS:
+        raise ValueError(f"component must be one of {COMPONENTS} (output, query, key, value), got {component!r}")
+    return f"attn.hook_{component}"
+
+
+def component_heads(model: "HookedVLM", component: str) -> int:
+    """How many heads a component has per layer: the query heads for ``z`` / ``q``, the key/value heads for
+    ``k`` / ``v``."""
+    head_site(component)
+    n_q, n_kv = model.head_counts["lm"]
+    return n_kv if component in ("k", "v") else n_q
+
+
 def check_layers(model: "HookedVLM", layers: Optional[Sequence[int]]) -> list[int]:
     """``layers`` as a list of distinct language-model layers (all of them for None); anything else is an error."""
     layers = list(range(model.n_layers)) if layers is None else [int(l) for l in layers]
@@ -117,8 +143,10 @@ def patch_heads(
     layers: Optional[Sequence[int]] = None,
     positions: PositionSpec = "all",
     max_rows: Optional[int] = 32,
+    component: str = "z",
 ) -> HeadPatchResult:
-    """Patch each attention head's output (``blocks.{l}.attn.hook_z``, one head) clean -> corrupted, alone.
+    """Patch each attention head's output (``blocks.{l}.attn.hook_z``, one head) clean -> corrupted, alone; or its
+    query, key or value (``component``, module docstring).
 
     ``layers``: the language-model layers to patch (default: all).  ``positions`` and ``max_rows`` as in
     :func:`interp.patching.patch_from_run` (``"last"`` asks which heads write the answer-relevant
@@ -127,9 +155,9 @@ def patch_heads(
     check_aligned(clean_inputs, corrupted_inputs)
     check_max_rows(max_rows)
     layers = check_layers(model, layers)
-    names = {l: f"blocks.{l}.attn.hook_z" for l in layers}
+    names = {l: f"blocks.{l}.{head_site(component)}" for l in layers}
     mask = _patch_mask(positions, names[layers[0]], corrupted_inputs)  # validate before any forward pass
-    n_heads = model.head_counts["lm"][0]
+    n_heads = component_heads(model, component)
 
     clean_logits, cache = model.run_with_cache(clean_inputs, names=list(names.values()))
     rows: dict[str, list[float]] = {"clean": _apply_metric(metric, clean_logits, corrupted_inputs)}
@@ -155,4 +183,5 @@ def patch_heads(
             patched[layers.index(l), h] = _mean(vals)
         del logits
     return HeadPatchResult(layers=layers, patched=patched, clean=_mean(rows["clean"]),
-                           corrupted=_mean(rows["corrupted"]), positions=_position_label(positions), rows=rows)
+                           corrupted=_mean(rows["corrupted"]), positions=_position_label(positions), rows=rows,
+                           meta={"component": component})

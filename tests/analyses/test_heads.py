@@ -52,6 +52,20 @@ def test_some_head_carries_the_identity(run):
     assert np.nanmax(np.abs(effects)) > 0.05
 
 
+def test_the_identity_head_matters_for_what_it_moves(run):
+    """Each head's query, key and value patched alone: the strongest head's value carries most of its output's
+    effect, its query and key almost none (measured, quick LLaVA, 8 pairs: L1H1 output 0.32, value 0.28, query
+    0.01, key 0.00)."""
+    _, res = run
+    flow = res["flow"]
+    for c in ("q", "k", "v"):
+        assert np.array(flow["inputs"][c], dtype=float).shape == (N_LAYERS, N_HEADS)  # LLaVA: no grouped keys
+    out = np.array(flow["effects"]["all"], dtype=float)
+    l, h = np.unravel_index(np.nanargmax(out), out.shape)
+    v, q, k = (np.array(flow["inputs"][c], dtype=float)[l, h] for c in ("v", "q", "k"))
+    assert v > 0.5 * out[l, h] and abs(q) < 0.25 * v and abs(k) < 0.25 * v
+
+
 def test_steering_leaves_attention_before_the_first_steered_layer_alone(run):
     """The eraser's hooks write at its steered layers only (reading the gate changes nothing), so the attention of
     every earlier layer is bit-for-bit the vanilla one; the shares are attention masses in [0, 1]."""

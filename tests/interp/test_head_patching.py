@@ -94,3 +94,31 @@ def test_round_trip_grid_and_errors(tiny_llava, pair, tmp_path):
     for bad in (0, -4, 2.5):  # 0 ran silently as one head per pass (an audit)
         with pytest.raises(ValueError, match="max_rows must be None .* or an integer >= 1"):
             patch_heads(tiny_llava, clean, corrupt, metric, max_rows=bad)
+
+
+@pytest.mark.parametrize("component, n", [("q", 4), ("k", 2), ("v", 2)])
+def test_query_key_value_heads_are_the_hand_patch(tiny_qwen, component, n):
+    """Qwen2.5-VL's 4 query heads share 2 key/value heads: the k and v grids have 2 columns, and each cell is
+    the clean run's slice of that projection put in by hand."""
+    clean = tiny_qwen.encode(images=[random_image(64, 1), random_image(64, 2)], prompts=PROMPTS)
+    corrupt = tiny_qwen.encode(images=[random_image(64, 3), random_image(64, 4)], prompts=PROMPTS)
+    metric = answer_logprob([5, 6])
+    res = patch_heads(tiny_qwen, clean, corrupt, metric, component=component)
+    assert res.patched.shape == (tiny_qwen.n_layers, n) and res.meta == {"component": component}
+    site = f"blocks.2.attn.hook_{component}"
+    _, cache = tiny_qwen.run_with_cache(clean, names=[site])
+
+    def patch(x, ctx):
+        x = x.clone()
+        x[:, :, n - 1] = cache[site][:, :, n - 1]
+        return x
+
+    by_hand = metric(tiny_qwen.run_with_hooks(corrupt, [(site, patch)]), corrupt).mean().item()
+    assert res.patched[2, n - 1] == pytest.approx(by_hand, abs=1e-5)
+    assert np.nanmax(np.abs(res.effects)) > 1e-3  # some query, key or value carries the images' difference
+
+
+def test_bad_component_is_named(tiny_llava, pair):
+    clean, corrupt, metric = pair
+    with pytest.raises(ValueError, match="component must be one of"):
+        patch_heads(tiny_llava, clean, corrupt, metric, component="pattern")
