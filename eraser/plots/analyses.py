@@ -169,10 +169,23 @@ def plot_heads_heatmap(source: Any, out_path: PathLike) -> Path | None:
               title) for part, title in (("all", "Head output patched, all positions"),
                                           ("answer", "Head output patched, answer position"))]
     writers = data.get("writers") or {}
+    inputs = flow.get("inputs") or {}
+    second = [({"rows": [str(l) for l in flow["layers"]], "cols": list(range(len(inputs[c][0]))), "values": inputs[c]},
+               title) for c, title in (("q", "Query patched"), ("k", "Key patched"), ("v", "Value patched"))
+              if inputs.get(c)]
     with matplotlib.rc_context({**STYLE, "axes.grid": False}):
         n_panels = len(grids) + bool(att) + bool(writers.get("top_change"))
-        fig = new_figure(4.0 * n_panels, 3.0)
-        axes = fig.subplots(1, n_panels, squeeze=False)[0]
+        n_cols = max(n_panels, len(second))
+        fig = new_figure(4.0 * n_cols, 3.0 * (1 + bool(second)))
+        every = fig.subplots(1 + bool(second), n_cols, squeeze=False)
+        axes = every[0][:n_panels]
+        for ax in every[0][n_panels:]:
+            ax.set_axis_off()
+        for ax, (grid, title) in zip(every[1] if second else [], second):
+            _panel(ax, fig, grid, title + " (all positions)", "head")
+            ax.set_ylabel("LM layer")
+        for ax in (every[1][len(second):] if second else []):
+            ax.set_axis_off()
         for ax, (grid, title) in zip(axes, grids):
             _panel(ax, fig, grid, title, "head")
             ax.set_ylabel("LM layer")
