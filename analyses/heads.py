@@ -9,7 +9,9 @@ position only (:func:`interp.head_patching.patch_heads`).  Effects are
 normalised over all pairs (clean = 1, corrupted = 0).  Then each head's query,
 key and value alone (``attn.hook_q`` / ``hook_k`` / ``hook_v``, every position;
 with grouped-query attention one key/value head serves several query heads):
-whether a head matters for where it looks or for what it moves.
+whether a head matters for where it looks or for what it moves.  And each head
+of the vision tower alone (``vision.blocks.{l}.attn.hook_z``, every patch):
+which heads of the image encoder carry the identity to the answer.
 
 Part 2, attention to the image, vanilla vs steered.  For the forget and the
 retain profiles' image questions (generation and cloze), the share of the
@@ -57,14 +59,18 @@ from .patching import (
 def head_flow(ctx: Context, profiles: Sequence[Profile], n_pairs: int) -> dict[str, Any]:
     model = ctx.model
     specs = name_pairs(ctx.setup, profiles, n_pairs)
-    parts = {"all": ("all", "z"), "answer": (None, "z"), "q": ("all", "q"), "k": ("all", "k"), "v": ("all", "v")}
+    parts = {"all": ("all", "z", "lm"), "answer": (None, "z", "lm"), "q": ("all", "q", "lm"),
+             "k": ("all", "k", "lm"), "v": ("all", "v", "lm"), "vision": ("all", "z", "vision")}
     rows: dict[str, dict[str, list[float]]] = {part: {} for part in parts}
     bar = tqdm(total=len(parts) * n_batches(specs), desc="patching heads", disable=not ctx.progress, leave=False)
     for _, clean, corrupt, pos, metric in pair_batches(model, profiles, specs):
-        for part, (positions, component) in parts.items():
+        for part, (positions, component, tower) in parts.items():
+            if tower == "vision" and not corrupt.has_images:
+                bar.update(1)
+                continue
             with torch.no_grad():
                 res = patch_heads(model, clean, corrupt, metric, positions=positions or position_mask(pos),
-                                  max_rows=ctx.args.batch_size, component=component)
+                                  max_rows=ctx.args.batch_size, component=component, tower=tower)
             for key, vals in res.rows.items():
                 rows[part].setdefault(key, []).extend(vals)
             bar.update(1)
@@ -75,9 +81,10 @@ def head_flow(ctx: Context, profiles: Sequence[Profile], n_pairs: int) -> dict[s
 
     def grid(part: str) -> list[list[float]]:
         out = []
-        for l in range(model.n_layers):
+        _, component, tower = parts[part]
+        for l in range(model.n_layers if tower == "lm" else model.n_vision_layers):
             row = []
-            for h in range(component_heads(model, parts[part][1])):
+            for h in range(component_heads(model, component, tower)):
                 v = float(np.mean(rows[part][f"L{l}H{h}"]))
                 row.append((v - corrupt_m) / denom if denom != 0 and math.isfinite(denom) else float("nan"))
             out.append(row)
@@ -85,13 +92,14 @@ def head_flow(ctx: Context, profiles: Sequence[Profile], n_pairs: int) -> dict[s
 
     grids = {part: grid(part) for part in ("all", "answer")}
     inputs = {part: grid(part) for part in ("q", "k", "v")}
+    vision = grid("vision") if rows["vision"] else []
     top = sorted(((abs(v), l, h, v) for l, r in enumerate(grids["answer"]) for h, v in enumerate(r)
                   if math.isfinite(v)), reverse=True)[:5]
     return {"question": NAME_QUESTION, "metric": "logit diff (clean − corrupted first differing name token)",
             "n_pairs": len(specs), "clean": clean_m, "corrupted": corrupt_m,
             "layers": list(range(model.n_layers)), "heads": list(range(n_heads)),
             "effects": grids, "top_answer": [{"layer": l, "head": h, "effect": v} for _, l, h, v in top],
-            "inputs": inputs,
+            "inputs": inputs, "vision": vision,
             "inputs_largest": {c: max((abs(v) for r in g for v in r if math.isfinite(v)), default=float("nan"))
                                for c, g in inputs.items()}}
 
@@ -198,6 +206,10 @@ def print_summary(res: dict[str, Any]) -> None:
                 print(f"  {label:<17} layer {l}: {fmt(vals)}")
         print("  largest |effect| of one head's query / key / value: "
               + " / ".join(f"{f['inputs_largest'][c]:.2f}" for c in ("q", "k", "v")))
+    if f.get("vision"):
+        print("  each vision-tower head's output patched alone (every patch):")
+        for l, vals in enumerate(f["vision"]):
+            print(f"  {'vision':<17} layer {l}: {fmt(vals)}")
     print(f"Last token's attention on image tokens (mean over heads), vanilla -> steered; steered layers "
           f"{res['steered_layers']}")
     for split, d in a.items():

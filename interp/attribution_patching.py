@@ -51,7 +51,7 @@ from torch import Tensor
 
 from .cache import ActivationCache
 from .gradients import GradRun, run_with_grads
-from .head_patching import HeadPatchResult, check_layers, component_heads, head_site
+from .head_patching import HeadPatchResult, check_layers, component_heads, head_names
 from .hooks import HookContext, HookFn, HookSpec, expand_hooks
 from .inputs import VLMInputs
 from .names import NameFilter, is_vision_side
@@ -392,26 +392,35 @@ def attribution_heads(
     positions: PositionSpec = "all",
     steps: int = 0,
     component: str = "z",
+    tower: str = "lm",
 ) -> HeadPatchResult:
     """:func:`interp.head_patching.patch_heads`, estimated: every (layer, head) at once from the gradient at
-    ``blocks.{l}.attn.hook_z`` (or the ``component``'s site: query, key, value), instead of ``n_layers x n_heads``
-    patched runs (``steps`` as in :func:`attribution_patch`)."""
+    ``blocks.{l}.attn.hook_z`` (or the ``component``'s site: query, key, value; or the vision tower's heads,
+    ``tower``), instead of ``n_layers x n_heads`` patched runs (``steps`` as in :func:`attribution_patch`).  On
+    the vision tower only the batch mean is estimated (its positions are images and patches, not prompt rows), so
+    ``rows`` holds just ``"clean"`` and ``"corrupted"`` there."""
     check_steps(steps)
     check_aligned(clean_inputs, corrupted_inputs)
-    layers = check_layers(model, layers)
-    names = [f"blocks.{l}.{head_site(component)}" for l in layers]
+    if tower == "vision" and not corrupted_inputs.has_images:
+        raise ValueError("the batch has no images: there are no vision-tower heads to estimate")
+    by_layer = head_names(model, check_layers(model, layers, tower), component, tower)
+    layers, names = list(by_layer), list(by_layer.values())
     mask = _patch_mask(positions, names[0], corrupted_inputs)  # validate before any forward pass
     terms, clean_rows = _swap_terms(model, clean_inputs, corrupted_inputs, names, metric, steps)
     check_path_end(terms, clean_rows)
     base = terms.base
     rows: dict[str, list[float]] = {"clean": clean_rows, "corrupted": base}
-    n_heads = component_heads(model, component)
+    n_heads = component_heads(model, component, tower)
     patched = np.full((len(layers), n_heads), np.nan)
     for i, (l, n) in enumerate(zip(layers, names)):
+        if tower == "vision":  # [..., head, d_head] in the tower's layout: one total per head, over the batch
+            per_head = terms.products[n].float().movedim(-2, 0).flatten(1).sum(1).cpu()
+            patched[i] = _mean(base) + per_head.numpy() / len(base)
+            continue
         per_head = reduce_terms(terms.products[n], mask, keep=3).sum(1).cpu()  # [batch, head]
         for h in range(n_heads):
             rows[f"L{l}H{h}"] = [x + float(t) for x, t in zip(base, per_head[:, h])]
             patched[i, h] = _mean(rows[f"L{l}H{h}"])
+    meta = {"method": METHOD, "steps": steps, "component": component} | ({"tower": tower} if tower != "lm" else {})
     return HeadPatchResult(layers=layers, patched=patched, clean=_mean(clean_rows), corrupted=_mean(base),
-                           positions=_position_label(positions), rows=rows,
-                           meta={"method": METHOD, "steps": steps, "component": component})
+                           positions=_position_label(positions), rows=rows, meta=meta)

@@ -28,6 +28,11 @@ one-head-at-a-time result.
 (``"v"``), at ``attn.hook_q`` / ``hook_k`` / ``hook_v`` (before the rotary embedding), the TransformerLens
 experiments of the same names.  With grouped-query attention (Qwen2.5-VL) a key or value head is shared by several
 query heads, so the ``k`` / ``v`` grids have ``n_kv_heads`` columns.
+
+``tower="vision"`` patches the vision tower's heads instead (``vision.blocks.{l}.attn.hook_z``, every patch of
+every image; CLIP's ``q`` / ``k`` / ``v`` too, Qwen2.5-VL's fused projection has none): which heads of the
+image encoder carry what the answer needs from the picture.  The metric is still read at the language model's
+logits, one value per prompt row.
 """
 from __future__ import annotations
 
@@ -111,6 +116,9 @@ class HeadPatchResult(JsonRecord):
 COMPONENTS = ("z", "q", "k", "v")
 
 
+TOWERS = ("lm", "vision")
+
+
 def head_site(component: str) -> str:
     """The per-head hook site (``attn.hook_z`` ...) of a component; raises naming the choices."""
     if component not in COMPONENTS:
@@ -118,20 +126,34 @@ def head_site(component: str) -> str:
     return f"attn.hook_{component}"
 
 
-def component_heads(model: "HookedVLM", component: str) -> int:
+def head_names(model: "HookedVLM", layers: Sequence[int], component: str = "z", tower: str = "lm") -> dict[int, str]:
+    """``{layer: hook name}`` of a component's per-head site in one tower; raises for a site the tower lacks."""
+    if tower not in TOWERS:
+        raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
+    prefix = "blocks" if tower == "lm" else "vision.blocks"
+    names = {l: f"{prefix}.{l}.{head_site(component)}" for l in layers}
+    if names and next(iter(names.values())) not in model.hook_names():
+        raise ValueError(f"the {model.arch} {tower} tower has no per-head {head_site(component)} (its attention fuses "
+                         f"the query, key and value projections): patch component='z' there")
+    return names
+
+
+def component_heads(model: "HookedVLM", component: str, tower: str = "lm") -> int:
     """How many heads a component has per layer: the query heads for ``z`` / ``q``, the key/value heads for
     ``k`` / ``v``."""
     head_site(component)
-    n_q, n_kv = model.head_counts["lm"]
+    n_q, n_kv = model.head_counts[tower]
     return n_kv if component in ("k", "v") else n_q
 
 
-def check_layers(model: "HookedVLM", layers: Optional[Sequence[int]]) -> list[int]:
-    """``layers`` as a list of distinct language-model layers (all of them for None); anything else is an error."""
-    layers = list(range(model.n_layers)) if layers is None else [int(l) for l in layers]
-    bad = [l for l in layers if not 0 <= l < model.n_layers]
+def check_layers(model: "HookedVLM", layers: Optional[Sequence[int]], tower: str = "lm") -> list[int]:
+    """``layers`` as a list of distinct layers of ``tower`` (all of them for None); anything else is an error."""
+    n = model.n_layers if tower == "lm" else model.n_vision_layers
+    layers = list(range(n)) if layers is None else [int(l) for l in layers]
+    bad = [l for l in layers if not 0 <= l < n]
     if not layers or bad or len(set(layers)) != len(layers):
-        raise ValueError(f"layers must be distinct LM layers in 0..{model.n_layers - 1}, got {layers}")
+        what = "LM" if tower == "lm" else "vision"
+        raise ValueError(f"layers must be distinct {what} layers in 0..{n - 1}, got {layers}")
     return layers
 
 
@@ -144,20 +166,24 @@ def patch_heads(
     positions: PositionSpec = "all",
     max_rows: Optional[int] = 32,
     component: str = "z",
+    tower: str = "lm",
 ) -> HeadPatchResult:
     """Patch each attention head's output (``blocks.{l}.attn.hook_z``, one head) clean -> corrupted, alone; or its
-    query, key or value (``component``, module docstring).
+    query, key or value (``component``), or the vision tower's heads (``tower``; module docstring).
 
-    ``layers``: the language-model layers to patch (default: all).  ``positions`` and ``max_rows`` as in
+    ``layers``: the tower's layers to patch (default: all).  ``positions`` and ``max_rows`` as in
     :func:`interp.patching.patch_from_run` (``"last"`` asks which heads write the answer-relevant
-    information into the last prompt token; ``"image"`` which heads do it at the image tokens).
+    information into the last prompt token; ``"image"`` which heads do it at the image tokens; the vision tower
+    takes ``"all"`` or ``"image"``, the same there).
     """
     check_aligned(clean_inputs, corrupted_inputs)
     check_max_rows(max_rows)
-    layers = check_layers(model, layers)
-    names = {l: f"blocks.{l}.{head_site(component)}" for l in layers}
+    if tower == "vision" and not corrupted_inputs.has_images:
+        raise ValueError("the batch has no images: there are no vision-tower heads to patch")
+    names = head_names(model, check_layers(model, layers, tower), component, tower)
+    layers = list(names)
     mask = _patch_mask(positions, names[layers[0]], corrupted_inputs)  # validate before any forward pass
-    n_heads = component_heads(model, component)
+    n_heads = component_heads(model, component, tower)
 
     clean_logits, cache = model.run_with_cache(clean_inputs, names=list(names.values()))
     rows: dict[str, list[float]] = {"clean": _apply_metric(metric, clean_logits, corrupted_inputs)}
@@ -173,8 +199,12 @@ def patch_heads(
         chunk = cells[s:s + per]
         hooks: HookSpec = []
         for c, (l, h) in enumerate(chunk):
-            head_mask = torch.zeros((b, p, n_heads), dtype=torch.bool)
-            head_mask[..., h] = base
+            if tower == "vision":  # every patch of every image: the cache's layout, whatever the tower's
+                head_mask = torch.zeros(cache[names[l]].shape[:-1], dtype=torch.bool)
+                head_mask[..., h] = True
+            else:
+                head_mask = torch.zeros((b, p, n_heads), dtype=torch.bool)
+                head_mask[..., h] = base
             hooks.append((names[l], _patch_hook(cache[names[l]], head_mask, c, len(chunk))))
         logits = model.run_with_hooks(repeat_inputs(corrupted_inputs, len(chunk)), hooks)
         for c, (l, h) in enumerate(chunk):
@@ -184,4 +214,4 @@ def patch_heads(
         del logits
     return HeadPatchResult(layers=layers, patched=patched, clean=_mean(rows["clean"]),
                            corrupted=_mean(rows["corrupted"]), positions=_position_label(positions), rows=rows,
-                           meta={"component": component})
+                           meta={"component": component} | ({"tower": tower} if tower != "lm" else {}))

@@ -173,6 +173,9 @@ def plot_heads_heatmap(source: Any, out_path: PathLike) -> Path | None:
     second = [({"rows": [str(l) for l in flow["layers"]], "cols": list(range(len(inputs[c][0]))), "values": inputs[c]},
                title) for c, title in (("q", "Query patched"), ("k", "Key patched"), ("v", "Value patched"))
               if inputs.get(c)]
+    if flow.get("vision"):
+        second.append(({"rows": [str(l) for l in range(len(flow["vision"]))], "cols": list(range(len(flow["vision"][0]))),
+                        "values": flow["vision"]}, "Vision-tower head patched"))
     with matplotlib.rc_context({**STYLE, "axes.grid": False}):
         n_panels = len(grids) + bool(att) + bool(writers.get("top_change"))
         n_cols = max(n_panels, len(second))
@@ -183,7 +186,7 @@ def plot_heads_heatmap(source: Any, out_path: PathLike) -> Path | None:
             ax.set_axis_off()
         for ax, (grid, title) in zip(every[1] if second else [], second):
             _panel(ax, fig, grid, title + " (all positions)", "head")
-            ax.set_ylabel("LM layer")
+            ax.set_ylabel("vision layer" if title.startswith("Vision") else "LM layer")
         for ax in (every[1][len(second):] if second else []):
             ax.set_axis_off()
         for ax, (grid, title) in zip(axes, grids):

@@ -64,6 +64,8 @@ def test_the_identity_head_matters_for_what_it_moves(run):
     l, h = np.unravel_index(np.nanargmax(out), out.shape)
     v, q, k = (np.array(flow["inputs"][c], dtype=float)[l, h] for c in ("v", "q", "k"))
     assert v > 0.5 * out[l, h] and abs(q) < 0.25 * v and abs(k) < 0.25 * v
+    vision = np.array(flow["vision"], dtype=float)  # the quick model's vision tower: 2 blocks of 2 heads
+    assert vision.shape == (2, 2) and np.nanmax(np.abs(vision)) > 0.05  # some vision head carries the identity
 
 
 def test_steering_leaves_attention_before_the_first_steered_layer_alone(run):

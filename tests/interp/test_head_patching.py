@@ -122,3 +122,47 @@ def test_bad_component_is_named(tiny_llava, pair):
     clean, corrupt, metric = pair
     with pytest.raises(ValueError, match="component must be one of"):
         patch_heads(tiny_llava, clean, corrupt, metric, component="pattern")
+
+
+def test_vision_heads_are_the_hand_patch(tiny_model):
+    """The vision tower's heads, patched one at a time over every patch of every image, equal the clean run's head
+    put in by hand; LLaVA's projector reads the second-to-last vision block, so the last block's heads do
+    nothing."""
+    size = 32 if tiny_model.arch == "llava" else 64
+    clean = tiny_model.encode(images=[random_image(size, 1), random_image(size, 2)], prompts=PROMPTS)
+    corrupt = tiny_model.encode(images=[random_image(size, 3), random_image(size, 4)], prompts=PROMPTS)
+    metric = answer_logprob([5, 6])
+    res = patch_heads(tiny_model, clean, corrupt, metric, tower="vision", positions="image")
+    n_v = tiny_model.head_counts["vision"][0]
+    assert res.patched.shape == (tiny_model.n_vision_layers, n_v) and res.meta == {"component": "z", "tower": "vision"}
+    site = "vision.blocks.0.attn.hook_z"
+    _, cache = tiny_model.run_with_cache(clean, names=[site])
+
+    def patch(z, ctx):
+        z = z.clone()
+        z[..., 1, :] = cache[site][..., 1, :]
+        return z
+
+    by_hand = metric(tiny_model.run_with_hooks(corrupt, [(site, patch)]), corrupt).mean().item()
+    assert res.patched[0, 1] == pytest.approx(by_hand, abs=1e-5)
+    assert res.patched[0, 1] != pytest.approx(res.corrupted, abs=1e-4)  # the head matters
+    if tiny_model.arch == "llava":
+        assert np.allclose(res.patched[-1], res.corrupted, atol=1e-6)  # never read by the projector
+        values = patch_heads(tiny_model, clean, corrupt, metric, tower="vision", component="v", layers=[0])
+        assert values.patched.shape == (1, n_v)
+
+
+def test_bad_vision_head_requests_are_named(tiny_qwen, tiny_llava, pair):
+    clean, corrupt, metric = pair
+    with pytest.raises(ValueError, match="distinct vision layers"):
+        patch_heads(tiny_llava, clean, corrupt, metric, tower="vision", layers=[5])
+    with pytest.raises(ValueError, match="no prompt positions"):
+        patch_heads(tiny_llava, clean, corrupt, metric, tower="vision", positions="last")
+    with pytest.raises(ValueError, match="tower must be"):
+        patch_heads(tiny_llava, clean, corrupt, metric, tower="audio")
+    text = tiny_llava.encode(images=[None], prompts=["who is he"])
+    with pytest.raises(ValueError, match="no images"):
+        patch_heads(tiny_llava, text, text, metric, tower="vision")
+    q = tiny_qwen.encode(images=[random_image(64, 1)], prompts=["who is he"])
+    with pytest.raises(ValueError, match="fuses"):
+        patch_heads(tiny_qwen, q, q, answer_logprob([5]), tower="vision", component="q")
