@@ -46,7 +46,8 @@ from torch import Tensor
 
 from .attribution import head_outputs
 from .attribution_patching import Terms, check_path_end, check_steps, swap_path
-from .edge_patching import norm_module, qkv_projection
+from .adapters import get_module
+from .edge_patching import norm_module
 from .edges import QKV, EdgeGraph, EdgeScores, edge_graph, edge_names, reader_input_name, reader_site_name
 from .gradients import GradRun
 from .inputs import VLMInputs
@@ -59,6 +60,10 @@ METHOD = "edge_attribution"
 #: Readers whose gradients are held at once in :func:`edge_terms` (each ``batch x pos x d_model`` in float32):
 #: the graph split per head has ~1,600 readers at 7B sizes, too many to stack.
 READER_CHUNK = 64
+
+#: Up to this many bytes of one run's reader gradients are kept between the integrated estimate's segments (each
+#: run ends one segment and starts the next); above it they are computed twice rather than held.
+GRAD_MEMO_BYTES = 1 << 30
 
 Grads = Union[Mapping[str, Tensor], Callable[[Sequence[str]], Mapping[str, Tensor]]]
 
@@ -92,6 +97,15 @@ def rms_norm_vjp(x: Float[Tensor, "*batch d_model"], weight: Float[Tensor, " d_m
     return r * wg - x * (r.pow(3) / x.shape[-1]) * (x * wg).sum(-1, keepdim=True)
 
 
+def qkv_weight(model: "HookedVLM", site: str) -> Float[Tensor, "head d_head d_model"]:
+    """A query, key or value projection's weight (``site``: ``blocks.{l}.attn.hook_q`` ...) split per head: the
+    rows :func:`interp.edge_patching.qkv_projection` takes one head's slice of."""
+    proj = get_module(model.hf_model, model.site(site).module)
+    n_q, n_kv = model.head_counts["lm"]
+    n = n_q if site.endswith("hook_q") else n_kv
+    return proj.weight.view(n, proj.weight.shape[0] // n, proj.weight.shape[1])
+
+
 def reader_grads(model: "HookedVLM", run: GradRun, readers: Optional[Sequence[str]] = None, qkv: bool = False
                  ) -> dict[str, Float[Tensor, "batch pos d_model"]]:
     """The gradient of the summed metric at each reader's input *through that reader alone* (default: every
@@ -109,8 +123,10 @@ def reader_grads(model: "HookedVLM", run: GradRun, readers: Optional[Sequence[st
         x = run.acts[reader_input_name(model, vs[0])]
         g = run.grads[site].float()
         if graph.reader_parts(vs[0])[0] in QKV:  # [batch, pos, head, d_head] -> [reader, batch, pos, d_model]
-            g = torch.stack([g[..., graph.reader_parts(v)[2], :]
-                             @ qkv_projection(model, v)[0].detach().float().to(g.device) for v in vs])
+            heads = [graph.reader_parts(v)[2] for v in vs]
+            w = qkv_weight(model, site).detach().to(g.device).float()[heads]  # [reader, d_head, d_model]
+            picked = g[..., heads, :].permute(2, 0, 1, 3)  # [reader, batch, pos, d_head]
+            g = torch.bmm(picked.flatten(1, 2), w).view(len(vs), *picked.shape[1:3], -1)
             got = rms_norm_vjp(x.to(g.device), norm.weight.detach().to(g.device), norm.variance_epsilon, g)
             out.update(zip(vs, got.unbind(0)))
         else:
@@ -144,17 +160,23 @@ def _edge_terms(model: "HookedVLM", graph: EdgeGraph, deltas: dict[str, Tensor],
         chunk = down[start:start + READER_CHUNK]
         cols = slice(start, start + len(chunk))
         got = get(chunk)
-        g = torch.stack([got[v].to(embed.device) for v in chunk])  # [reader, batch, pos, d_model]
+        # [batch, pos * d_model, reader]: every contraction below is one batched matrix product against it
+        # (torch.einsum picked a path ~20x slower for these shapes)
+        g = torch.stack([got[v].to(embed.device).float() for v in chunk], dim=-1).flatten(1, 2)
+        del got
+
+        def dot(x: Tensor) -> Tensor:  # [batch, k, pos, d_model] -> [batch, k, reader]
+            return torch.bmm(x.flatten(2), g).cpu()
+
         for kind, mask in (("image", image_mask), ("text", text_mask)):
             masked = embed * mask.to(embed.device).unsqueeze(-1)
-            out[:, up.index(kind), cols] = torch.einsum("bpd,vbpd->bv", masked, g).cpu()
+            out[:, up.index(kind), cols] = dot(masked.unsqueeze(1))[:, 0]
         last = max(graph.reader(v)[1] for v in chunk)  # no writer of a later block feeds this chunk
         for l in range(min(last + 1, graph.n_layers)):
             per_head = head_outputs(model, deltas[f"blocks.{l}.attn.hook_z"].float(), l)  # [batch, pos, head, d]
             first = up.index(f"L{l}H0")
-            out[:, first:first + graph.n_heads, cols] = torch.einsum("bphd,vbpd->bhv", per_head, g).cpu()
-            out[:, up.index(f"L{l}.mlp"), cols] = torch.einsum(
-                "bpd,vbpd->bv", deltas[f"blocks.{l}.hook_mlp_out"].float(), g).cpu()
+            out[:, first:first + graph.n_heads, cols] = dot(per_head.transpose(1, 2))
+            out[:, up.index(f"L{l}.mlp"), cols] = dot(deltas[f"blocks.{l}.hook_mlp_out"].float().unsqueeze(1))[:, 0]
     valid = torch.from_numpy(graph.edge_mask())
     return torch.where(valid, out, torch.full_like(out, float("nan")))
 
@@ -174,10 +196,28 @@ def attribution_edges(model: "HookedVLM", clean_inputs: VLMInputs, corrupted_inp
                                                 metric, steps, reads=read_names(model, qkv))
     image_mask, text_mask = corrupted_inputs.image_mask, corrupted_inputs.text_mask
 
+    b, p = corrupted_inputs.input_ids.shape
+    keep = len(graph.downstream) * b * p * model.d_model * 4 <= GRAD_MEMO_BYTES
+    # (run, readers) -> gradients; the run itself is held in the value, since an id can be reused once freed
+    memo: dict[tuple[int, tuple[str, ...]], tuple[GradRun, dict[str, Tensor]]] = {}
+
+    def grads(run: GradRun, readers: Sequence[str]) -> dict[str, Tensor]:
+        """One run's reader gradients; kept for the next segment, which shares this run as its start, when all
+        of one run's fit in :data:`GRAD_MEMO_BYTES`."""
+        key = (id(run), tuple(readers))
+        if key in memo and memo[key][0] is run:
+            return memo[key][1]
+        got = reader_grads(model, run, readers, qkv)
+        if keep:
+            memo[key] = (run, got)
+        return got
+
     def grads_of(*runs: GradRun) -> Callable[[Sequence[str]], dict[str, Tensor]]:
         """The readers' gradients, the mean over ``runs`` (a trapezoid segment's two ends), a chunk at a time."""
+        for key in [k for k, (r, _) in memo.items() if not any(r is x for x in runs)]:
+            del memo[key]  # a run no later segment uses
         def get(readers: Sequence[str]) -> dict[str, Tensor]:
-            each = [reader_grads(model, r, readers, qkv) for r in runs]
+            each = [grads(r, readers) for r in runs]
             return {v: sum(e[v] for e in each) / len(each) for v in readers}
         return get
 
@@ -216,5 +256,5 @@ def edge_cut_sum(scores: EdgeScores, reader: str = "logits") -> float:
     return float(np.nansum(col))
 
 
-__all__ = ["READER_CHUNK", "attribution_edges", "edge_cut_sum", "edge_terms", "grad_names", "read_names",
+__all__ = ["GRAD_MEMO_BYTES", "READER_CHUNK", "attribution_edges", "edge_cut_sum", "edge_terms", "grad_names", "read_names",
            "reader_grads", "rms_norm_vjp"]

@@ -8,7 +8,7 @@ import pytest
 
 from analyses._cli import torch_device
 
-SCRIPTS = ["answer_shift", "attribution", "bench_attribution", "bench_cache", "bench_fit", "bench_steer", "bench_sweep",
+SCRIPTS = ["answer_shift", "attribution", "bench_attribution", "bench_cache", "bench_edges", "bench_fit", "bench_steer", "bench_sweep",
            "circuit", "gate_attribution", "hard_negatives", "heads", "interp_tour", "leakage", "patching", "pgd_budget", "probing",
            "scale_check", "stacked_gate"]
 
