@@ -26,7 +26,10 @@ of ``logit(refusal's first token) - logit(answer's first token)`` at the last
 prompt token, vanilla and steered: each head's and MLP's own share, and
 ``other``, what the steering hook wrote into the residual stream itself.  The
 shares add up to the logit difference exactly, so the table says where the
-steered model's refusal is written.
+steered model's refusal is written.  Then the steering's write itself given to
+one reader at a time in the vanilla run (:func:`interp.hook_paths.hook_paths`:
+straight into the logits, or into a later block's attention or MLP input), the
+total effect of each path, non-linearities included.
 
 Writes ``OUT/heads.json`` and ``OUT/heads_heatmap.png``.
 
@@ -48,6 +51,8 @@ from eraser.data.schema import Profile
 from eraser.evaluate import build_items
 from interp.attribution import attribution_names, logit_attribution
 from interp.head_patching import component_heads, patch_heads
+from interp.hook_paths import HookPaths, hook_paths
+from interp.patching import logit_diff
 
 from .common import Context, base_parser, limited, load_context, out_dir, save_json
 from .patching import (
@@ -152,6 +157,7 @@ def refusal_writers(ctx: Context, forget: Sequence[Profile]) -> dict[str, Any]:
     chunks = [idx[s:s + bs] for idx in by_mod.values() for s in range(0, len(idx), bs)]
     vals: dict[str, list[torch.Tensor]] = {"vanilla": [], "steered": []}
     labels: list[str] = []
+    paths: list[tuple[int, HookPaths]] = []
     for chunk in tqdm(chunks, desc="logit attribution", disable=not ctx.progress, leave=False):
         inputs = model.encode([items[i].image for i in chunk], [items[i].prompt for i in chunk])
         for key, hooks in (("vanilla", []), ("steered", ctx.hooks())):
@@ -160,6 +166,8 @@ def refusal_writers(ctx: Context, forget: Sequence[Profile]) -> dict[str, Any]:
             att = logit_attribution(model, cache, good=refusal_id, bad=[answer_ids[i] for i in chunk])
             labels = att.labels
             vals[key].append(att.values)
+        metric = logit_diff(refusal_id, torch.tensor([answer_ids[i] for i in chunk]))
+        paths.append((len(chunk), hook_paths(model, inputs, ctx.hooks(), metric, max_rows=bs)))
     van, ste = torch.cat(vals["vanilla"], 1).mean(1), torch.cat(vals["steered"], 1).mean(1)
     change = ste - van
     order = torch.argsort(change.abs(), descending=True)[:8].tolist()
@@ -168,7 +176,21 @@ def refusal_writers(ctx: Context, forget: Sequence[Profile]) -> dict[str, Any]:
             "vanilla": van.tolist(), "steered": ste.tolist(),
             "total": {"vanilla": float(van.sum()), "steered": float(ste.sum())},
             "top_change": [{"component": labels[i], "vanilla": float(van[i]), "steered": float(ste[i]),
-                            "change": float(change[i])} for i in order]}
+                            "change": float(change[i])} for i in order],
+            "paths": pool_paths(paths)}
+
+
+def pool_paths(parts: Sequence[tuple[int, HookPaths]]) -> dict[str, Any]:
+    """Hook paths of several batches, as one (row-weighted means; the effect normalised on the pooled runs)."""
+    n = sum(k for k, _ in parts)
+
+    def mean(get) -> Any:
+        return sum(k * np.asarray(get(p), dtype=float) for k, p in parts) / n
+
+    plain, hooked = float(mean(lambda p: p.plain)), float(mean(lambda p: p.hooked))
+    pooled = HookPaths(readers=parts[0][1].readers, patched=mean(lambda p: p.patched), plain=plain, hooked=hooked,
+                       all_readers=float(mean(lambda p: p.all_readers)), meta=dict(parts[0][1].meta))
+    return {**pooled.to_dict(), "effects": pooled.effects.tolist(), "by_kind": pooled.by_kind()}
 
 
 def run(ctx: Context, n_pairs: int) -> dict[str, Any]:
@@ -220,6 +242,11 @@ def print_summary(res: dict[str, Any]) -> None:
     print(f"Refusal − answer logit on {w['n_queries']} forget queries, vanilla {w['total']['vanilla']:.2f} -> steered "
           f"{w['total']['steered']:.2f}; largest changes of one component's direct share:")
     print("  " + ", ".join(f"{t['component']} {t['vanilla']:+.2f}->{t['steered']:+.2f}" for t in w["top_change"]))
+    if w.get("paths"):
+        p = w["paths"]
+        print(f"The steering's write given to one reader alone (plain {p['plain']:.2f}, steered {p['hooked']:.2f}, every "
+              f"reader at once {p['all_readers']:.2f}; 1 = the whole effect): "
+              + ", ".join(f"{r} {e:.2f}" for r, e in zip(p["readers"], p["effects"])))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

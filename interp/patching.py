@@ -63,12 +63,14 @@ IdSpec = Union[int, Sequence[int], Tensor]
 
 # -- metrics -------------------------------------------------------------------
 def _row_ids(ids: IdSpec, batch: int, device: torch.device) -> Tensor:
+    """One id per row: a single id for every row, one per row, or one per row of a batch the patching functions
+    repeated ``k`` times (:func:`interp.steering.repeat_inputs` stacks whole copies, so the ids tile)."""
     t = torch.as_tensor(ids, dtype=torch.long, device=device).reshape(-1)
     if t.numel() == 1:
         return t.expand(batch)
-    if t.numel() != batch:
+    if t.numel() == 0 or batch % t.numel():
         raise ValueError(f"got {t.numel()} token ids for a batch of {batch}; give one id, or one per row")
-    return t
+    return t.repeat(batch // t.numel())
 
 
 def _last_logits(logits: Float[Tensor, "batch pos vocab"], inputs: VLMInputs) -> Float[Tensor, "batch vocab"]:

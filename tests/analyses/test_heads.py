@@ -99,3 +99,17 @@ def test_refusal_writers_add_up(run):
     assert math.isclose(sum(w["vanilla"]), w["total"]["vanilla"], abs_tol=1e-3)
     assert w["total"]["steered"] > w["total"]["vanilla"]
     assert len(w["top_change"]) == 8
+
+
+def test_the_steering_acts_mostly_straight_on_the_logits(run):
+    """The steering's write given to one reader at a time: every reader at once is the steered run (the same
+    logit difference the attribution sums to); the direct path to the logits carries most of it (measured, quick
+    LLaVA, all 22 forget queries: logits 0.78, block 3's MLP 0.10, its attention 0.05)."""
+    _, res = run
+    w, p = res["writers"], res["writers"]["paths"]
+    assert p["readers"][-1] == "logits" and p["readers"][0] == f"L{res['steered_layers'][0]}.attn_in"
+    assert p["all_readers"] == pytest.approx(p["hooked"], abs=1e-3)
+    assert p["hooked"] == pytest.approx(w["total"]["steered"], abs=1e-3)
+    assert p["plain"] == pytest.approx(w["total"]["vanilla"], abs=1e-3)
+    eff = dict(zip(p["readers"], p["effects"]))
+    assert eff["logits"] > 0.5 and eff["logits"] == max(eff.values())

@@ -284,3 +284,20 @@ def test_image_token_positions_pick_one_image_token_per_row(tiny_model):
         image_token(n)(inputs)
     with pytest.raises(ValueError, match="index >= 0"):
         image_token(-1)
+
+
+def test_per_row_ids_work_with_batched_patching(tiny_llava):
+    """A metric with one id per row still works when a patching function runs several copies of the batch in
+    one pass (the ids tile per copy): the same numbers as one site per pass."""
+    from interp.patching import logit_diff, patch_sites
+
+    clean = tiny_llava.encode(images=[random_image(32, 1), random_image(32, 2)], prompts=["who is he", "who is she"])
+    corrupt = tiny_llava.encode(images=[random_image(32, 3), random_image(32, 4)], prompts=["who is he", "who is she"])
+    metric = logit_diff([5, 6], [7, 8])
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(3)]
+    batched = patch_sites(tiny_llava, clean, corrupt, names, metric, max_rows=None)
+    alone = patch_sites(tiny_llava, clean, corrupt, names, metric, max_rows=2)
+    assert all(batched.rows[n] == pytest.approx(alone.rows[n], abs=1e-5) for n in names)
+    logits = tiny_llava.run_with_hooks(corrupt, [])
+    with pytest.raises(ValueError, match="3 token ids for a batch of 2"):
+        logit_diff([5, 6, 7], 8)(logits, corrupt)

@@ -1,0 +1,260 @@
+"""Where a hook's edit acts: what a steering hook writes into the residual stream, given to one reader at a time.
+
+Why: a steering vector added at block ``l``'s input (MLLMEraser's, or any ``run_with_hooks`` edit of the residual
+stream) reaches the output along many paths: straight to the logits through the final norm, and through every
+attention and MLP input after it, which then write on.  Direct logit attribution (:mod:`interp.attribution`)
+gives the straight path's share to first order; site patching (:func:`interp.patching.patch_hooks`) says which
+later activations carry the change.  Here the hook is one more writer of the edge graph (:mod:`interp.edges`):
+its write ``delta`` (what it changed at its site, recorded in the hooked run) is given to one reader alone, in
+the plain run, exactly as edge patching gives a reader one writer's clean value (``norm(x + delta)`` at the
+reader's norm, or that head's slice of its query, key or value projection with ``qkv``).  The effect of each
+path is then the metric of that run against the plain and the hooked runs: 0 = plain, 1 = the hook's whole
+effect.  Every reader given the write at once is the hooked run itself (tested), so the paths are a complete
+decomposition; they need not add up, since paths interact.
+
+Hooks must edit residual-stream sites (``blocks.{l}.hook_resid_pre`` / ``hook_resid_post``): the write is then a
+term of every later reader's input.  Several hooks are several writers; each reader gets the sum of the writes
+before it.  Readers at or after the first block a hook changed are scored (earlier ones see nothing; a hook
+that only reads, such as a gate's reader, opens no path).
+
+>>> import torch
+>>> from interp.tiny import tiny_vlm
+>>> from interp.patching import logit_diff
+>>> model = tiny_vlm("llava", n_layers=2)
+>>> inputs = model.encode(images=[None], prompts=["who is this"])
+>>> v = torch.ones(model.d_model)
+>>> paths = hook_paths(model, inputs, [("blocks.1.hook_resid_pre", lambda x, ctx: x + v)], logit_diff(5, 6))
+>>> paths.readers, abs(paths.all_readers - paths.hooked) < 1e-4   # every path at once: the hooked run
+(['L1.attn_in', 'L1.mlp_in', 'logits'], True)
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+
+from .edge_attribution import grad_names, reader_grads
+from .edge_patching import norm_module, qkv_projection, rms_norm
+from .gradients import run_with_grads
+from .edges import QKV, EdgeGraph, edge_graph, reader_input_name, reader_site_name
+from .hooks import HookContext, HookFn, HookSpec
+from .inputs import VLMInputs
+from .io import JsonRecord, json_number
+from .patching import Metric, _apply_metric, _mean, normalised
+from .steering import repeat_inputs
+
+if TYPE_CHECKING:
+    from .model import HookedVLM
+
+_RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+
+
+@dataclass
+class HookPaths(JsonRecord):
+    """A hook's effect through each reader alone: ``patched[j]`` is the batch-mean metric of the plain run with
+    reader ``readers[j]`` alone given the hook's write; ``plain`` / ``hooked`` the two runs' means, and
+    ``all_readers`` every reader given it at once (= ``hooked`` when patched, a check; the summed estimate when
+    estimated, ``meta["method"]``)."""
+
+    readers: list[str]
+    patched: np.ndarray
+    plain: float
+    hooked: float
+    all_readers: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.patched = np.asarray(self.patched, dtype=float)
+        if self.patched.shape != (len(self.readers),):
+            raise ValueError(f"patched has shape {self.patched.shape}, expected ({len(self.readers)},): one per reader")
+
+    @property
+    def effects(self) -> np.ndarray:
+        """``(patched - plain) / (hooked - plain)``: 1 = the hook's whole effect through that reader alone."""
+        return normalised(self.patched, self.hooked, self.plain)
+
+    def value(self, reader: str) -> float:
+        try:
+            return float(self.effects[self.readers.index(reader)])
+        except ValueError:
+            raise KeyError(f"no reader {reader!r} in these paths (readers: {self.readers[:4]} ...)") from None
+
+    def top(self, k: int = 5) -> list[tuple[str, float]]:
+        """The ``k`` readers through which the hook acts most (largest absolute effect)."""
+        eff = self.effects
+        order = np.argsort(-np.nan_to_num(np.abs(eff), nan=-1.0), kind="stable")[:k]
+        return [(self.readers[i], float(eff[i])) for i in order]
+
+    def by_kind(self) -> dict[str, float]:
+        """The summed effect into each kind of reader (``attn_in`` or ``q`` / ``k`` / ``v``, ``mlp_in``,
+        ``logits``)."""
+        out: dict[str, float] = {}
+        for r, e in zip(self.readers, self.effects):
+            kind = "logits" if r == "logits" else r.rsplit(".", 1)[1]
+            out[kind] = out.get(kind, 0.0) + float(np.nan_to_num(e))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": "interp.HookPaths", "readers": list(self.readers), "patched": self.patched.tolist(),
+                "plain": self.plain, "hooked": self.hooked, "all_readers": self.all_readers, "meta": dict(self.meta)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "HookPaths":
+        if d.get("format") != "interp.HookPaths":
+            raise ValueError(f"not a HookPaths (format {d.get('format')!r})")
+        return cls(readers=list(d["readers"]), patched=np.array([json_number(x) for x in d["patched"]], dtype=float),
+                   plain=json_number(d["plain"]), hooked=json_number(d["hooked"]),
+                   all_readers=json_number(d["all_readers"]), meta=dict(d.get("meta", {})))
+
+
+def write_start(model: "HookedVLM", site: str) -> int:
+    """The first block whose readers see a write at ``site``: ``l`` for ``blocks.{l}.hook_resid_pre``, ``l + 1``
+    for ``hook_resid_post`` (the logits are block ``n_layers``); raises for any other site."""
+    m = _RESID.match(site)
+    if m is None or int(m.group(1)) >= model.n_layers:
+        raise ValueError(f"hook paths need edits of the language model's residual stream: "
+                         f"'blocks.{{l}}.hook_resid_pre' or 'hook_resid_post' (l < {model.n_layers}), got {site!r}")
+    return int(m.group(1)) + (m.group(2) == "post")
+
+
+def hook_writes(model: "HookedVLM", inputs: VLMInputs, hooks: HookSpec
+                ) -> tuple[dict[str, Float[Tensor, "batch pos d_model"]], Tensor]:
+    """What each edited site's hooks wrote in the hooked run (output minus input, float32, prefill), and the
+    hooked run's logits."""
+    hooks = list(hooks)
+    if not hooks:
+        raise ValueError("no hooks: there is nothing to trace")
+    sites = list(dict.fromkeys(n for n, _ in hooks))
+    for s in sites:
+        write_start(model, s)
+    before: dict[str, Tensor] = {}
+    writes: dict[str, Tensor] = {}
+
+    def record(name: str, into: dict[str, Tensor]) -> HookFn:
+        def hook(x: Tensor, ctx: HookContext) -> None:
+            if ctx.is_prefill:
+                into[name] = x.detach().float()
+        return hook
+
+    spec = [(s, record(s, before)) for s in sites] + hooks + [(s, record(s, writes)) for s in sites]
+    with torch.no_grad():
+        logits = model.run_with_hooks(inputs, spec)
+    return {s: writes[s] - before[s] for s in sites}, logits
+
+
+def _written(writes: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The sites where the hooks changed something (a hook that only reads, such as a gate's reader, writes
+    nothing and opens no path)."""
+    out = {s: w for s, w in writes.items() if bool(w.abs().max() > 0)}
+    if not out:
+        raise ValueError(f"the hooks wrote nothing at {list(writes)}: there is no path to trace")
+    return out
+
+
+def _readers(model: "HookedVLM", graph: EdgeGraph, writes: dict[str, Tensor]) -> tuple[list[str], dict[str, Tensor]]:
+    """The readers after the first write, and each one's summed write (every write before it)."""
+    writes = _written(writes)
+    starts = {s: write_start(model, s) for s in writes}
+    first = min(starts.values())
+    readers = [v for v in graph.downstream if graph.reader(v)[1] >= first]
+    total = {v: sum(w for s, w in writes.items() if starts[s] <= graph.reader(v)[1]) for v in readers}
+    return readers, total
+
+
+def hook_paths(model: "HookedVLM", inputs: VLMInputs, hooks: HookSpec, metric: Metric, qkv: bool = False,
+               max_rows: Optional[int] = 32) -> HookPaths:
+    """The hook's effect through each reader alone (module docstring), several readers a forward pass (the batch
+    repeated, at most ``max_rows`` rows a pass), and every reader at once as the check."""
+    graph = edge_graph(model, qkv=qkv)
+    writes, hooked_logits = hook_writes(model, inputs, hooks)
+    readers, total = _readers(model, graph, writes)
+    b = inputs.batch_size
+    with torch.no_grad():
+        plain = _mean(_apply_metric(metric, model.run_with_hooks(inputs, []), inputs))
+    hooked = _mean(_apply_metric(metric, hooked_logits, inputs))
+    sets = [[v] for v in readers] + [readers]
+    per = len(sets) if max_rows is None else max(1, max_rows // b)
+    means: list[float] = []
+    for s in range(0, len(sets), per):
+        chunk = sets[s:s + per]
+        run = repeat_inputs(inputs, len(chunk))
+        with torch.no_grad():
+            logits = model.run_with_hooks(run, _path_hooks(model, graph, total, chunk, b))
+        rows = _apply_metric(metric, logits, run)
+        means += [_mean(rows[c * b:(c + 1) * b]) for c in range(len(chunk))]
+    return HookPaths(readers=readers, patched=np.array(means[:-1]), plain=plain, hooked=hooked,
+                     all_readers=means[-1], meta={"method": "patching", "qkv": qkv, "sites": list(_written(writes))})
+
+
+def _path_hooks(model: "HookedVLM", graph: EdgeGraph, total: dict[str, Tensor], copies: Sequence[Sequence[str]],
+                n_rows: int) -> list[tuple[str, HookFn]]:
+    """Copy ``c`` of the batch gives the readers ``copies[c]`` their summed write; the rest run plain."""
+    current: dict[str, Tensor] = {}
+    wanted = {v for readers in copies for v in readers}
+    inputs = sorted({reader_input_name(model, v) for v in wanted}, key=model.hook_names().index)
+
+    def record(name: str) -> HookFn:
+        def hook(x: Tensor, ctx: HookContext) -> None:
+            if ctx.is_prefill:
+                current[name] = x
+        return hook
+
+    by_site: dict[str, list[str]] = {}
+    for v in graph.downstream:
+        if v in wanted:
+            by_site.setdefault(reader_site_name(model, v), []).append(v)
+
+    def patch(site: str, readers: list[str]) -> HookFn:
+        norm = norm_module(model, readers[0])
+        inp = reader_input_name(model, readers[0])
+        heads = {v: (graph.reader_parts(v)[2], qkv_projection(model, v)) for v in readers
+                 if graph.reader_parts(v)[0] in QKV}
+
+        def hook(y: Tensor, ctx: HookContext) -> Optional[Tensor]:
+            if not ctx.is_prefill:
+                return None
+            out = y.clone()
+            x = current[inp]
+            for c, chosen in enumerate(copies):
+                rows = slice(c * n_rows, (c + 1) * n_rows)
+                for v in readers:
+                    if v not in chosen:
+                        continue
+                    normed = rms_norm(x[rows].float() + total[v].to(x.device), norm.weight, norm.variance_epsilon,
+                                      dtype=x.dtype)
+                    if v in heads:
+                        head, (w, bias) = heads[v]
+                        out[rows, :, head] = F.linear(normed.to(w.dtype), w, bias).to(y.dtype)
+                    else:
+                        out[rows] = normed.to(y.dtype)
+            return out
+        return hook
+
+    return [(n, record(n)) for n in inputs] + [(site, patch(site, rs)) for site, rs in by_site.items()]
+
+
+def attribution_hook_paths(model: "HookedVLM", inputs: VLMInputs, hooks: HookSpec, metric: Metric,
+                           qkv: bool = False) -> HookPaths:
+    """:func:`hook_paths` to first order: ``write . d metric / d input_r`` through each reader alone, from one
+    differentiated plain run (the readers' gradients as in :func:`interp.edge_attribution.reader_grads`);
+    ``all_readers`` is the plain metric plus every reader's term."""
+    graph = edge_graph(model, qkv=qkv)
+    writes, hooked_logits = hook_writes(model, inputs, hooks)
+    readers, total = _readers(model, graph, writes)
+    reads = sorted({reader_input_name(model, v) for v in readers}, key=model.hook_names().index)
+    run = run_with_grads(model, inputs, grad_names(model, qkv), metric, reads=reads)
+    grads = reader_grads(model, run, readers, qkv)
+    plain = _mean(run.values.tolist())
+    terms = [float((total[v].to(grads[v].device) * grads[v]).sum()) / inputs.batch_size for v in readers]
+    return HookPaths(readers=readers, patched=np.array([plain + t for t in terms]), plain=plain,
+                     hooked=_mean(_apply_metric(metric, hooked_logits, inputs)), all_readers=plain + sum(terms),
+                     meta={"method": "attribution", "qkv": qkv, "sites": list(_written(writes))})
+
+
+__all__ = ["HookPaths", "attribution_hook_paths", "hook_paths", "hook_writes", "write_start"]
