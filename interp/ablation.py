@@ -272,15 +272,16 @@ def ablate_sites(model: "HookedVLM", inputs: VLMInputs, names: Sequence[str] | s
 
 
 def ablate_heads(model: "HookedVLM", inputs: VLMInputs, metric: Metric, means: Optional[ModalityMeans] = None,
-                 how: str = "mean", layers: Optional[Sequence[int]] = None, positions: PositionSpec = "all"
-                 ) -> AblationResult:
-    """The metric with each attention head's output (``attn.hook_z``, one head) ablated alone; names
-    ``L{l}H{h}`` (:meth:`AblationResult.grid` for a heatmap)."""
-    from .head_patching import check_layers
+                 how: str = "mean", layers: Optional[Sequence[int]] = None, positions: PositionSpec = "all",
+                 component: str = "z") -> AblationResult:
+    """The metric with each attention head's output (``attn.hook_z``, one head) ablated alone, or its query, key
+    or value (``component`` as in :func:`interp.head_patching.patch_heads`; mean ablation needs the means of that
+    site); names ``L{l}H{h}`` (:meth:`AblationResult.grid` for a heatmap)."""
+    from .head_patching import check_layers, component_heads, head_names
 
-    layers = check_layers(model, layers)
-    n_heads = model.head_counts["lm"][0]
-    specs = {f"L{l}H{h}": (f"blocks.{l}.attn.hook_z", [h]) for l in layers for h in range(n_heads)}
+    names = head_names(model, check_layers(model, layers), component)
+    n_heads = component_heads(model, component)
+    specs = {f"L{l}H{h}": (name, [h]) for l, name in names.items() for h in range(n_heads)}
     return _ablate(model, inputs, metric, specs, how, means, positions)
 
 

@@ -145,3 +145,28 @@ def test_bad_requests_are_named(tiny_llava):
         modality_means(tiny_llava, [], ["blocks.0.hook_mlp_out"])
     with pytest.raises(ValueError, match="positions must be"):
         ablate_sites(tiny_llava, inputs, ["blocks.0.hook_mlp_out"], metric, means, positions="middle")
+
+
+def test_key_value_heads_ablated_one_at_a_time(tiny_qwen):
+    """``component="v"`` on Qwen2.5-VL: 2 key/value heads per layer (4 query heads share them), each cell the
+    value slice replaced by its mean, by hand."""
+    inputs = _inputs(tiny_qwen)
+    name = "blocks.1.attn.hook_v"
+    means = modality_means(tiny_qwen, [inputs], [name])
+    metric = answer_logprob(3)
+    res = ablate_heads(tiny_qwen, inputs, metric, means, layers=[1], component="v")
+    assert res.names == ["L1H0", "L1H1"]
+    with torch.no_grad():
+        _, cache = tiny_qwen.run_with_cache(inputs, names=[name])
+
+    def by_hand(v, ctx):
+        v = v.clone()
+        img = ctx.image_mask.to(v.device)
+        v[:, :, 1] = torch.where(img.unsqueeze(-1), means.get(name, "image")[1], means.get(name, "text")[1])
+        return v
+
+    with torch.no_grad():
+        want = metric(tiny_qwen.run_with_hooks(inputs, [(name, by_hand)]), inputs).tolist()
+    assert np.allclose(res.rows["L1H1"], want, atol=1e-5)
+    with pytest.raises(ValueError, match="component must be"):
+        ablate_heads(tiny_qwen, inputs, metric, means, component="o")
