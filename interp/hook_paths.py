@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from .attribution_patching import check_steps
 from .edge_attribution import grad_names, reader_grads
 from .edge_patching import norm_module, qkv_projection, rms_norm
 from .gradients import run_with_grads
@@ -240,21 +241,43 @@ def _path_hooks(model: "HookedVLM", graph: EdgeGraph, total: dict[str, Tensor], 
 
 
 def attribution_hook_paths(model: "HookedVLM", inputs: VLMInputs, hooks: HookSpec, metric: Metric,
-                           qkv: bool = False) -> HookPaths:
-    """:func:`hook_paths` to first order: ``write . d metric / d input_r`` through each reader alone, from one
-    differentiated plain run (the readers' gradients as in :func:`interp.edge_attribution.reader_grads`);
-    ``all_readers`` is the plain metric plus every reader's term."""
+                           qkv: bool = False, steps: int = 0) -> HookPaths:
+    """:func:`hook_paths` estimated: ``write . d metric / d input_r`` through each reader alone (the readers'
+    gradients as in :func:`interp.edge_attribution.reader_grads`).  ``steps=0``: first order, from one
+    differentiated plain run.  ``steps=K``: integrated along the path that scales every write from 0 to 1 (the
+    recorded writes added back, times ``alpha``, so ``alpha = 1`` is the hooked run), ``K + 1`` differentiated runs
+    and the trapezoid rule; the readers' terms then add up to the whole effect.  ``all_readers`` is the plain
+    metric plus every reader's term."""
+    check_steps(steps)
     graph = edge_graph(model, qkv=qkv)
     writes, hooked_logits = hook_writes(model, inputs, hooks)
     readers, total = _readers(model, graph, writes)
+    written = _written(writes)
     reads = sorted({reader_input_name(model, v) for v in readers}, key=model.hook_names().index)
-    run = run_with_grads(model, inputs, grad_names(model, qkv), metric, reads=reads)
-    grads = reader_grads(model, run, readers, qkv)
-    plain = _mean(run.values.tolist())
+
+    def grads_at(alpha: float) -> tuple[list[float], dict[str, Tensor]]:
+        def add(w: Tensor) -> HookFn:
+            def hook(x: Tensor, ctx: HookContext) -> Optional[Tensor]:
+                return (x.float() + alpha * w.to(x.device)).to(x.dtype) if ctx.is_prefill else None
+            return hook
+
+        extra = [(s, add(w)) for s, w in written.items()] if alpha else []
+        run = run_with_grads(model, inputs, grad_names(model, qkv), metric, hooks=extra, reads=reads)
+        return run.values.tolist(), reader_grads(model, run, readers, qkv)
+
+    values, grads = grads_at(0.0)
+    plain = _mean(values)
+    if steps:  # the trapezoid rule: the mean gradient of each segment, times the segment's share of the write
+        mean = {v: 0.5 * grads[v] for v in readers}
+        for j in range(1, steps + 1):
+            _, g = grads_at(j / steps)
+            for v in readers:
+                mean[v] = mean[v] + (g[v] if j < steps else 0.5 * g[v])
+        grads = {v: m / steps for v, m in mean.items()}
     terms = [float((total[v].to(grads[v].device) * grads[v]).sum()) / inputs.batch_size for v in readers]
     return HookPaths(readers=readers, patched=np.array([plain + t for t in terms]), plain=plain,
                      hooked=_mean(_apply_metric(metric, hooked_logits, inputs)), all_readers=plain + sum(terms),
-                     meta={"method": "attribution", "qkv": qkv, "sites": list(_written(writes))})
+                     meta={"method": "attribution", "steps": steps, "qkv": qkv, "sites": list(written)})
 
 
 __all__ = ["HookPaths", "attribution_hook_paths", "hook_paths", "hook_writes", "write_start"]
