@@ -65,21 +65,30 @@ def setup(d_model: int, n_layers: int, image_size: int, batch: int) -> tuple:
     return model, clean, corrupt, logit_diff(top[:, 0], top[:, 1])
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = script_parser("bench_attribution", __doc__)
+def parse_config(name: str, doc: str, argv: list[str] | None, more=None):
+    """The options every estimate-vs-patching benchmark shares (the random config, the batch, the integrated
+    steps, rows per patched pass, timing rounds, threads), plus ``more(ap)``'s; parsed, threads set, checked."""
+    ap = script_parser(name, doc)
     ap.add_argument("--d-model", type=positive_int, default=512, help="the random model's width")
     ap.add_argument("--n-layers", type=positive_int, default=8, help="its decoder depth")
     ap.add_argument("--image-size", type=positive_int, default=64, help="pixels per side (8-pixel patches)")
     ap.add_argument("--batch", type=positive_int, default=1, help="image pairs per run")
     ap.add_argument("--steps", type=positive_int, default=8, help="segments of the integrated estimate")
-    ap.add_argument("--max-rows", type=positive_int, default=32, help="rows per patched forward pass (patch_sites)")
+    ap.add_argument("--max-rows", type=positive_int, default=32, help="rows per patched forward pass")
     ap.add_argument("--repeats", type=positive_int, default=3, help="interleaved timing rounds (the median is printed)")
     ap.add_argument("--threads", type=positive_int, default=2,
                     help="torch CPU threads (use 1 when other jobs share the cores)")
+    if more is not None:
+        more(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.image_size % 8:
         raise SystemExit(f"--image-size must be a multiple of the 8-pixel patch, got {args.image_size}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_config("bench_attribution", __doc__, argv)
 
     model, clean, corrupt, metric = setup(args.d_model, args.n_layers, args.image_size, args.batch)
     n_params = sum(p.numel() for p in model.hf_model.parameters())

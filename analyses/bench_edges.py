@@ -18,11 +18,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
-from analyses._cli import script_parser
 from analyses._timing import interleaved
-from analyses.bench_attribution import setup
+from analyses.bench_attribution import parse_config, setup
 from eraser.argtypes import positive_int
 from interp.edge_attribution import attribution_edges
 from interp.edge_patching import patch_each_edge
@@ -32,21 +30,8 @@ GRAPHS = {"block": False, "split": True}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = script_parser("bench_edges", __doc__)
-    ap.add_argument("--d-model", type=positive_int, default=512, help="the random model's width")
-    ap.add_argument("--n-layers", type=positive_int, default=8, help="its decoder depth")
-    ap.add_argument("--image-size", type=positive_int, default=64, help="pixels per side (8-pixel patches)")
-    ap.add_argument("--batch", type=positive_int, default=1, help="image pairs per run")
-    ap.add_argument("--steps", type=positive_int, default=8, help="segments of the integrated estimate")
-    ap.add_argument("--sample", type=positive_int, default=32, help="edges patched per graph (extrapolated)")
-    ap.add_argument("--max-rows", type=positive_int, default=32, help="rows per patched forward pass")
-    ap.add_argument("--repeats", type=positive_int, default=3, help="interleaved timing rounds (the median is printed)")
-    ap.add_argument("--threads", type=positive_int, default=2,
-                    help="torch CPU threads (use 1 when other jobs share the cores)")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.image_size % 8:
-        raise SystemExit(f"--image-size must be a multiple of the 8-pixel patch, got {args.image_size}")
+    args = parse_config("bench_edges", __doc__, argv, lambda ap: ap.add_argument(
+        "--sample", type=positive_int, default=32, help="edges patched per graph (extrapolated)"))
 
     model, clean, corrupt, metric = setup(args.d_model, args.n_layers, args.image_size, args.batch)
     n_params = sum(p.numel() for p in model.hf_model.parameters())
