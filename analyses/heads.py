@@ -158,6 +158,7 @@ def refusal_writers(ctx: Context, forget: Sequence[Profile]) -> dict[str, Any]:
     vals: dict[str, list[torch.Tensor]] = {"vanilla": [], "steered": []}
     labels: list[str] = []
     paths: list[tuple[int, HookPaths]] = []
+    where: dict[str, list[tuple[int, HookPaths]]] = {p: [] for p in ("image", "text", "last")}
     for chunk in tqdm(chunks, desc="logit attribution", disable=not ctx.progress, leave=False):
         inputs = model.encode([items[i].image for i in chunk], [items[i].prompt for i in chunk])
         for key, hooks in (("vanilla", []), ("steered", ctx.hooks())):
@@ -168,6 +169,9 @@ def refusal_writers(ctx: Context, forget: Sequence[Profile]) -> dict[str, Any]:
             vals[key].append(att.values)
         metric = logit_diff(refusal_id, torch.tensor([answer_ids[i] for i in chunk]))
         paths.append((len(chunk), hook_paths(model, inputs, ctx.hooks(), metric, max_rows=bs)))
+        for p in where:  # the write at some positions only (a text-only batch has no image part)
+            if p != "image" or inputs.has_images:
+                where[p].append((len(chunk), hook_paths(model, inputs, ctx.hooks(), metric, max_rows=bs, positions=p)))
     van, ste = torch.cat(vals["vanilla"], 1).mean(1), torch.cat(vals["steered"], 1).mean(1)
     change = ste - van
     order = torch.argsort(change.abs(), descending=True)[:8].tolist()
@@ -177,7 +181,14 @@ def refusal_writers(ctx: Context, forget: Sequence[Profile]) -> dict[str, Any]:
             "total": {"vanilla": float(van.sum()), "steered": float(ste.sum())},
             "top_change": [{"component": labels[i], "vanilla": float(van[i]), "steered": float(ste[i]),
                             "change": float(change[i])} for i in order],
-            "paths": pool_paths(paths)}
+            "paths": pool_paths(paths),
+            "paths_by_position": {p: pool_paths(parts) for p, parts in where.items() if parts}}
+
+
+def _share(p: dict[str, Any]) -> float:
+    """``all_readers`` normalised: how much of the hook's whole effect the (partial) write gives."""
+    gap = p["hooked"] - p["plain"]
+    return (p["all_readers"] - p["plain"]) / gap if gap else float("nan")
 
 
 def pool_paths(parts: Sequence[tuple[int, HookPaths]]) -> dict[str, Any]:
@@ -247,6 +258,9 @@ def print_summary(res: dict[str, Any]) -> None:
         print(f"The steering's write given to one reader alone (plain {p['plain']:.2f}, steered {p['hooked']:.2f}, every "
               f"reader at once {p['all_readers']:.2f}; 1 = the whole effect): "
               + ", ".join(f"{r} {e:.2f}" for r, e in zip(p["readers"], p["effects"])))
+    if w.get("paths_by_position"):
+        print("  the write at some positions only, through every reader (1 = the whole effect on those questions): "
+              + ", ".join(f"{k} {_share(q):.2f}" for k, q in w["paths_by_position"].items()))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

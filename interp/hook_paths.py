@@ -47,7 +47,7 @@ from .edges import QKV, EdgeGraph, edge_graph, reader_input_name, reader_site_na
 from .hooks import HookContext, HookFn, HookSpec
 from .inputs import VLMInputs
 from .io import JsonRecord, json_number
-from .patching import Metric, _apply_metric, _mean, normalised
+from .patching import Metric, PositionSpec, _apply_metric, _mean, _patch_mask, _position_label, normalised
 from .steering import repeat_inputs
 
 if TYPE_CHECKING:
@@ -158,9 +158,17 @@ def _written(writes: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def _at(writes: dict[str, Tensor], inputs: VLMInputs, positions: PositionSpec) -> dict[str, Tensor]:
+    """The sites that were written, each write kept at ``positions`` only (zero elsewhere)."""
+    writes = _written(writes)
+    mask = _patch_mask(positions, next(iter(writes)), inputs)
+    if mask is None:
+        return writes
+    return {s: w * mask.to(w.device).unsqueeze(-1).float() for s, w in writes.items()}
+
+
 def _readers(model: "HookedVLM", graph: EdgeGraph, writes: dict[str, Tensor]) -> tuple[list[str], dict[str, Tensor]]:
     """The readers after the first write, and each one's summed write (every write before it)."""
-    writes = _written(writes)
     starts = {s: write_start(model, s) for s in writes}
     first = min(starts.values())
     readers = [v for v in graph.downstream if graph.reader(v)[1] >= first]
@@ -169,11 +177,14 @@ def _readers(model: "HookedVLM", graph: EdgeGraph, writes: dict[str, Tensor]) ->
 
 
 def hook_paths(model: "HookedVLM", inputs: VLMInputs, hooks: HookSpec, metric: Metric, qkv: bool = False,
-               max_rows: Optional[int] = 32) -> HookPaths:
+               max_rows: Optional[int] = 32, positions: PositionSpec = "all") -> HookPaths:
     """The hook's effect through each reader alone (module docstring), several readers a forward pass (the batch
-    repeated, at most ``max_rows`` rows a pass), and every reader at once as the check."""
+    repeated, at most ``max_rows`` rows a pass), and every reader at once (``all_readers``: the hooked run when
+    ``positions="all"``).  ``positions`` gives only the write at those positions (``"image"``, ``"text"``,
+    ``"last"`` or a mask function, as in :mod:`interp.patching`): which part of a prompt-wide steering matters."""
     graph = edge_graph(model, qkv=qkv)
     writes, hooked_logits = hook_writes(model, inputs, hooks)
+    writes = _at(writes, inputs, positions)
     readers, total = _readers(model, graph, writes)
     b = inputs.batch_size
     with torch.no_grad():
@@ -190,7 +201,8 @@ def hook_paths(model: "HookedVLM", inputs: VLMInputs, hooks: HookSpec, metric: M
         rows = _apply_metric(metric, logits, run)
         means += [_mean(rows[c * b:(c + 1) * b]) for c in range(len(chunk))]
     return HookPaths(readers=readers, patched=np.array(means[:-1]), plain=plain, hooked=hooked,
-                     all_readers=means[-1], meta={"method": "patching", "qkv": qkv, "sites": list(_written(writes))})
+                     all_readers=means[-1], meta={"method": "patching", "qkv": qkv, "sites": list(writes),
+                                                  "positions": _position_label(positions)})
 
 
 def _path_hooks(model: "HookedVLM", graph: EdgeGraph, total: dict[str, Tensor], copies: Sequence[Sequence[str]],
@@ -241,18 +253,19 @@ def _path_hooks(model: "HookedVLM", graph: EdgeGraph, total: dict[str, Tensor], 
 
 
 def attribution_hook_paths(model: "HookedVLM", inputs: VLMInputs, hooks: HookSpec, metric: Metric,
-                           qkv: bool = False, steps: int = 0) -> HookPaths:
+                           qkv: bool = False, steps: int = 0, positions: PositionSpec = "all") -> HookPaths:
     """:func:`hook_paths` estimated: ``write . d metric / d input_r`` through each reader alone (the readers'
     gradients as in :func:`interp.edge_attribution.reader_grads`).  ``steps=0``: first order, from one
     differentiated plain run.  ``steps=K``: integrated along the path that scales every write from 0 to 1 (the
     recorded writes added back, times ``alpha``, so ``alpha = 1`` is the hooked run), ``K + 1`` differentiated runs
     and the trapezoid rule; the readers' terms then add up to the whole effect.  ``all_readers`` is the plain
-    metric plus every reader's term."""
+    metric plus every reader's term.  ``positions`` as in :func:`hook_paths` (integrated: along the path that
+    scales the write at those positions only)."""
     check_steps(steps)
     graph = edge_graph(model, qkv=qkv)
     writes, hooked_logits = hook_writes(model, inputs, hooks)
-    readers, total = _readers(model, graph, writes)
-    written = _written(writes)
+    written = _at(writes, inputs, positions)
+    readers, total = _readers(model, graph, written)
     reads = sorted({reader_input_name(model, v) for v in readers}, key=model.hook_names().index)
 
     def grads_at(alpha: float) -> tuple[list[float], dict[str, Tensor]]:
@@ -277,7 +290,8 @@ def attribution_hook_paths(model: "HookedVLM", inputs: VLMInputs, hooks: HookSpe
     terms = [float((total[v].to(grads[v].device) * grads[v]).sum()) / inputs.batch_size for v in readers]
     return HookPaths(readers=readers, patched=np.array([plain + t for t in terms]), plain=plain,
                      hooked=_mean(_apply_metric(metric, hooked_logits, inputs)), all_readers=plain + sum(terms),
-                     meta={"method": "attribution", "steps": steps, "qkv": qkv, "sites": list(written)})
+                     meta={"method": "attribution", "steps": steps, "qkv": qkv, "sites": list(written),
+                           "positions": _position_label(positions)})
 
 
 __all__ = ["HookPaths", "attribution_hook_paths", "hook_paths", "hook_writes", "write_start"]

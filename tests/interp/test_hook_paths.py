@@ -112,3 +112,26 @@ def test_integrated_estimates_add_up_to_the_whole_effect(tiny_model):
     # measured: first order 10x / 2x off, 64 steps 0.3 % / 0.02 %
     assert est[64].meta["steps"] == 64 and err[0] > 0.5 and err[64] < 0.02 and err[64] <= err[4] + 1e-3 < err[0], err
     assert np.abs(est[64].effects - real.effects).max() < np.abs(est[0].effects - real.effects).max()
+
+
+def test_positions_split_the_write(tiny_model):
+    """The write at some positions only: at every position it is the whole hook; to first order the image, text
+    and padding parts add up to it; at the last prompt token only, patched, by hand."""
+    inputs, metric = _inputs(tiny_model), logit_diff(5, 7)
+    hooks = _steer(tiny_model, 1, scale=1e-4)
+    est = {p: attribution_hook_paths(tiny_model, inputs, hooks, metric, positions=p) for p in ("all", "image", "text")}
+    pad = lambda x: ~(x.image_mask | x.text_mask)  # noqa: E731 - a positions mask: what neither modality covers
+    rest = attribution_hook_paths(tiny_model, inputs, hooks, metric, positions=pad)
+    parts = sum(est[p].patched - est[p].plain for p in ("image", "text")) + rest.patched - rest.plain
+    assert np.allclose(parts, est["all"].patched - est["all"].plain, atol=1e-6)
+    assert est["image"].meta["positions"] == "image"
+    last = hook_paths(tiny_model, inputs, hooks, metric, positions="last")
+    writes, _ = hook_writes(tiny_model, inputs, hooks)
+    w = writes["blocks.1.hook_resid_pre"].clone()
+    keep = torch.zeros_like(inputs.image_mask)
+    keep[torch.arange(2), inputs.last_index] = True
+    w[~keep] = 0
+    with torch.no_grad():
+        by_hand = metric(tiny_model.run_with_hooks(inputs, [("blocks.1.hook_resid_pre", lambda x, ctx: x + w)]),
+                         inputs).mean().item()
+    assert last.all_readers == pytest.approx(by_hand, abs=1e-5)  # every reader given the last token's write
