@@ -44,7 +44,7 @@ from .edge_attribution import grad_names, reader_grads
 from .edge_patching import norm_module, qkv_projection, rms_norm
 from .gradients import run_with_grads
 from .edges import QKV, EdgeGraph, edge_graph, reader_input_name, reader_site_name
-from .hooks import HookContext, HookFn, HookSpec
+from .hooks import HookContext, HookFn, HookSpec, expand_hooks
 from .inputs import VLMInputs
 from .io import JsonRecord, json_number
 from .patching import Metric, PositionSpec, _apply_metric, _mean, _patch_mask, _position_label, normalised
@@ -128,10 +128,11 @@ def hook_writes(model: "HookedVLM", inputs: VLMInputs, hooks: HookSpec
                 ) -> tuple[dict[str, Float[Tensor, "batch pos d_model"]], Tensor]:
     """What each edited site's hooks wrote in the hooked run (output minus input, float32, prefill), and the
     hooked run's logits."""
-    hooks = list(hooks)
+    by_site = expand_hooks(list(hooks or []), model.hook_names())  # names, lists of names or predicates
+    hooks = [(n, fn) for n, fns in by_site.items() for fn in fns]
     if not hooks:
         raise ValueError("no hooks: there is nothing to trace")
-    sites = list(dict.fromkeys(n for n, _ in hooks))
+    sites = list(by_site)
     for s in sites:
         write_start(model, s)
     before: dict[str, Tensor] = {}

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from interp.adapters import get_module
+from interp import HookNameError
 from interp.hook_paths import HookPaths, attribution_hook_paths, hook_paths, hook_writes
 from interp.lens import unembed
 from interp.patching import logit_diff
@@ -85,7 +86,7 @@ def test_round_trip_and_bad_input(tiny_llava, tmp_path):
     assert paths.top(1)[0][0] in paths.readers
     with pytest.raises(ValueError, match="residual stream"):
         hook_paths(tiny_llava, inputs, [("blocks.0.hook_mlp_out", lambda x, ctx: x)], metric)
-    with pytest.raises(ValueError, match="residual stream"):
+    with pytest.raises(HookNameError, match="unknown hook name 'blocks.7.hook_resid_pre'"):
         hook_paths(tiny_llava, inputs, [("blocks.7.hook_resid_pre", lambda x, ctx: x)], metric)
     with pytest.raises(ValueError, match="no hooks"):
         hook_paths(tiny_llava, inputs, [], metric)
@@ -135,3 +136,14 @@ def test_positions_split_the_write(tiny_model):
         by_hand = metric(tiny_model.run_with_hooks(inputs, [("blocks.1.hook_resid_pre", lambda x, ctx: x + w)]),
                          inputs).mean().item()
     assert last.all_readers == pytest.approx(by_hand, abs=1e-5)  # every reader given the last token's write
+
+
+def test_hook_specs_by_pattern(tiny_llava):
+    """A hook given for a glob of names is a write at each of them (here blocks 1 and 2's inputs)."""
+    inputs, metric = _inputs(tiny_llava), logit_diff(5, 7)
+    v = torch.randn(tiny_llava.d_model, generator=torch.Generator().manual_seed(3))
+    spec = [(["blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"], lambda x, ctx: x + v)]
+    writes, _ = hook_writes(tiny_llava, inputs, spec)
+    assert list(writes) == ["blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"]
+    paths = hook_paths(tiny_llava, inputs, spec, metric)
+    assert paths.readers[0] == "L1.attn_in" and paths.all_readers == pytest.approx(paths.hooked, abs=1e-4)
