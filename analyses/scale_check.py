@@ -372,10 +372,34 @@ def check_edges(model, bench, batch: int, clock: _Clock, steps: int = 8, sample_
                logits_edges_patched_effect=(whole - corrupted) / (clean - corrupted) if gap > 0 else float("nan"),
                logits_edges_patched_abs_diff=abs(whole - clean), tolerance=tol_abs)
     out.update(check_split_edges(model, inputs, corrupt, metric, est["first_order"], clock))
+    out.update(check_hook_paths(model, corrupt, metric, clock, tol_abs))
     out["pass"] = (out["first_order_finite"] and out["integrated_finite"] and gap > 0
                    and out["logits_edges_patched_abs_diff"] <= tol_abs
                    and abs(out["integrated_logits_cut"] - 1.0) <= 0.15
-                   and out["split_finite"] and out["split_rel_gap"] <= out["split_tolerance"])
+                   and out["split_finite"] and out["split_rel_gap"] <= out["split_tolerance"]
+                   and out["hook_paths_abs_diff"] <= tol_abs)
+    return out
+
+
+def check_hook_paths(model, inputs, metric, clock: _Clock, tol_abs: float) -> dict[str, Any]:
+    """:func:`interp.hook_paths.hook_paths` of a seeded random steering vector at the middle block's input (as
+    large as the residual there), timed: every reader after it given the write alone, and all of them at once,
+    which must give the steered run's metric (to the dtype's rounding)."""
+    from interp.hook_paths import hook_paths
+
+    layer = model.n_layers // 2
+    site = f"blocks.{layer}.hook_resid_pre"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(inputs, names=[site])
+    scale = float(cache[site].float().norm(dim=-1).mean())
+    v = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0))
+    v = (scale * v / v.norm()).to(device=model.device, dtype=model.dtype)
+    out: dict[str, Any] = {}
+    with clock.peak(out, "hook_paths"):
+        paths = hook_paths(model, inputs, [(site, lambda x, ctx: x + v)], metric)
+    out.update(hook_paths_readers=len(paths.readers), hook_paths_abs_diff=abs(paths.all_readers - paths.hooked),
+               hook_paths_effect=paths.hooked - paths.plain,
+               hook_paths_direct=paths.value("logits"))
     return out
 
 
@@ -545,7 +569,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"{e['split_edges']} edges in {e['split_first_order_s']:.2f} s first order"
                   + (f", peak {e['split_first_order_peak_gib']:.1f} GiB" if "split_first_order_peak_gib" in e else "")
                   + f", queries + keys + values = attention input to {e['split_rel_gap']:.1e} (tolerance "
-                  f"{e['split_tolerance']:.0e}): {'ok' if e['pass'] else 'FAILED'}", flush=True)
+                  f"{e['split_tolerance']:.0e}); hook paths of a steering vector at block {model.n_layers // 2}: "
+                  f"{e['hook_paths_readers']} readers in {e['hook_paths_s']:.2f} s, every reader at once off the "
+                  f"steered run by {e['hook_paths_abs_diff']:.1e}, direct path {e['hook_paths_direct']:.2f}: "
+                  f"{'ok' if e['pass'] else 'FAILED'}", flush=True)
 
     if "baselines" in checks:
         record["baselines"] = b = check_baselines(setup, clock, args.batch)

@@ -50,6 +50,7 @@ def test_scale_check_passes_on_the_tiny_size_and_writes_its_record(arch, tmp_pat
     kv = SIZES[arch]["tiny"]["n_kv_heads"]
     assert edges["split_finite"] and edges["split_edges"] == len(EdgeGraph(n, h, kv, qkv=True).edges())
     assert edges["split_rel_gap"] <= edges["split_tolerance"]
+    assert edges["hook_paths_readers"] == 2 * (n - n // 2) + 1 and edges["hook_paths_abs_diff"] <= edges["tolerance"]
 
 
 def test_image_tokens_of_the_7b_sizes_are_the_checkpoints():
