@@ -130,6 +130,25 @@ def qkv_projection(model: "HookedVLM", reader: str) -> tuple[Tensor, Optional[Te
     return proj.weight[rows], (None if bias is None else bias[rows])
 
 
+def reader_heads(model: "HookedVLM", graph: EdgeGraph, readers: Iterable[str]
+                 ) -> dict[str, tuple[int, tuple[Tensor, Optional[Tensor]]]]:
+    """``{reader: (head, (weight, bias))}`` for the query/key/value readers among ``readers``: what
+    :func:`put_reader_input` needs to write one head's slice."""
+    return {v: (graph.reader_parts(v)[2], qkv_projection(model, v)) for v in readers
+            if graph.reader_parts(v)[0] in QKV}
+
+
+def put_reader_input(out: Tensor, rows: slice, normed: Tensor,
+                     head: Optional[tuple[int, tuple[Tensor, Optional[Tensor]]]] = None) -> None:
+    """Write a reader's patched normalised input into ``out[rows]``, in place: the whole norm output, or for a
+    query/key/value reader (``head`` from :func:`reader_heads`) that head's projection of it."""
+    if head is None:
+        out[rows] = normed.to(out.dtype)
+    else:
+        h, (w, b) = head
+        out[rows, :, h] = F.linear(normed.to(w.dtype), w, b).to(out.dtype)
+
+
 def copy_hooks(model: "HookedVLM", source_cache: ActivationCache, edge_sets: Sequence[Sequence[Edge]],
                qkv: Optional[bool] = None) -> list[tuple[str, HookFn]]:
     """:func:`edge_hooks` for a batch repeated once per edge set (:func:`interp.steering.repeat_inputs`): copy
@@ -173,8 +192,7 @@ def copy_hooks(model: "HookedVLM", source_cache: ActivationCache, edge_sets: Seq
         first = next(iter(readers))
         norm = norm_module(model, first)
         inp = reader_input_name(model, first)
-        heads = {v: (graph.reader_parts(v)[2], qkv_projection(model, v)) for v in readers
-                 if graph.reader_parts(v)[0] in QKV}
+        heads = reader_heads(model, graph, readers)
 
         def hook(y: Tensor, ctx: HookContext) -> Optional[Tensor]:
             if not ctx.is_prefill:
@@ -197,17 +215,12 @@ def copy_hooks(model: "HookedVLM", source_cache: ActivationCache, edge_sets: Seq
                     normed[key] = rms_norm(x[rows].float() + delta, norm.weight, norm.variance_epsilon, dtype=x.dtype)
                 return normed[key]
 
-            if not heads:  # a norm's output: the one reader there, every row
-                (copies,) = readers.values()
-                return torch.cat([y[c * n_rows:(c + 1) * n_rows] if not writers else patched_norm(c, writers).to(y.dtype)
-                                  for c, writers in enumerate(copies)])
-            out = y.clone()  # [rows, pos, heads, d_head]: each reader's head slice
+            out = y.clone()  # a norm's output (one reader), or [rows, pos, heads, d_head] (a slice per reader)
             for v, copies in readers.items():
-                head, (w, b) = heads[v]
                 for c, writers in enumerate(copies):
                     if writers:
-                        out[c * n_rows:(c + 1) * n_rows, :, head] = F.linear(patched_norm(c, writers).to(w.dtype), w,
-                                                                             b).to(y.dtype)
+                        put_reader_input(out, slice(c * n_rows, (c + 1) * n_rows), patched_norm(c, writers),
+                                         heads.get(v))
             return out
         return hook
 
@@ -331,5 +344,5 @@ def top_circuits(scores: EdgeScores, counts: Sequence[int], by_abs: bool = True)
 
 
 __all__ = ["circuit_faithfulness", "complement", "copy_hooks", "edge_hooks", "faithfulness_curve", "norm_module",
-           "patch_each_edge", "patch_edge_sets", "patch_edges", "qkv_projection", "rms_norm", "top_circuits",
-           "writer_delta"]
+           "patch_each_edge", "patch_edge_sets", "patch_edges", "put_reader_input", "qkv_projection",
+           "reader_heads", "rms_norm", "top_circuits", "writer_delta"]

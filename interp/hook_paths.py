@@ -35,15 +35,14 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
 from .attribution_patching import check_steps
 from .edge_attribution import grad_names, reader_grads
-from .edge_patching import norm_module, qkv_projection, rms_norm
+from .edge_patching import norm_module, put_reader_input, reader_heads, rms_norm
 from .gradients import run_with_grads
-from .edges import QKV, EdgeGraph, edge_graph, reader_input_name, reader_site_name
+from .edges import EdgeGraph, edge_graph, reader_input_name, reader_site_name
 from .hooks import HookContext, HookFn, HookSpec, expand_hooks
 from .inputs import VLMInputs
 from .io import JsonRecord, json_number
@@ -227,8 +226,7 @@ def _path_hooks(model: "HookedVLM", graph: EdgeGraph, total: dict[str, Tensor], 
     def patch(site: str, readers: list[str]) -> HookFn:
         norm = norm_module(model, readers[0])
         inp = reader_input_name(model, readers[0])
-        heads = {v: (graph.reader_parts(v)[2], qkv_projection(model, v)) for v in readers
-                 if graph.reader_parts(v)[0] in QKV}
+        heads = reader_heads(model, graph, readers)
 
         def hook(y: Tensor, ctx: HookContext) -> Optional[Tensor]:
             if not ctx.is_prefill:
@@ -242,11 +240,7 @@ def _path_hooks(model: "HookedVLM", graph: EdgeGraph, total: dict[str, Tensor], 
                         continue
                     normed = rms_norm(x[rows].float() + total[v].to(x.device), norm.weight, norm.variance_epsilon,
                                       dtype=x.dtype)
-                    if v in heads:
-                        head, (w, bias) = heads[v]
-                        out[rows, :, head] = F.linear(normed.to(w.dtype), w, bias).to(y.dtype)
-                    else:
-                        out[rows] = normed.to(y.dtype)
+                    put_reader_input(out, rows, normed, heads.get(v))
             return out
         return hook
 
