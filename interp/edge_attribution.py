@@ -46,8 +46,7 @@ from torch import Tensor
 
 from .attribution import head_outputs
 from .attribution_patching import Terms, check_path_end, check_steps, swap_path
-from .adapters import get_module
-from .edge_patching import norm_module
+from .edge_patching import norm_module, qkv_weights
 from .edges import QKV, EdgeGraph, EdgeScores, edge_graph, edge_names, reader_input_name, reader_site_name
 from .gradients import GradRun
 from .inputs import VLMInputs
@@ -97,15 +96,6 @@ def rms_norm_vjp(x: Float[Tensor, "*batch d_model"], weight: Float[Tensor, " d_m
     return r * wg - x * (r.pow(3) / x.shape[-1]) * (x * wg).sum(-1, keepdim=True)
 
 
-def qkv_weight(model: "HookedVLM", site: str) -> Float[Tensor, "head d_head d_model"]:
-    """A query, key or value projection's weight (``site``: ``blocks.{l}.attn.hook_q`` ...) split per head: the
-    rows :func:`interp.edge_patching.qkv_projection` takes one head's slice of."""
-    proj = get_module(model.hf_model, model.site(site).module)
-    n_q, n_kv = model.head_counts["lm"]
-    n = n_q if site.endswith("hook_q") else n_kv
-    return proj.weight.view(n, proj.weight.shape[0] // n, proj.weight.shape[1])
-
-
 def reader_grads(model: "HookedVLM", run: GradRun, readers: Optional[Sequence[str]] = None, qkv: bool = False
                  ) -> dict[str, Float[Tensor, "batch pos d_model"]]:
     """The gradient of the summed metric at each reader's input *through that reader alone* (default: every
@@ -124,7 +114,7 @@ def reader_grads(model: "HookedVLM", run: GradRun, readers: Optional[Sequence[st
         g = run.grads[site].float()
         if graph.reader_parts(vs[0])[0] in QKV:  # [batch, pos, head, d_head] -> [reader, batch, pos, d_model]
             heads = [graph.reader_parts(v)[2] for v in vs]
-            w = qkv_weight(model, site).detach().to(g.device).float()[heads]  # [reader, d_head, d_model]
+            w = qkv_weights(model, site)[0].detach().to(g.device).float()[heads]  # [reader, d_head, d_model]
             picked = g[..., heads, :].permute(2, 0, 1, 3)  # [reader, batch, pos, d_head]
             g = torch.bmm(picked.flatten(1, 2), w).view(len(vs), *picked.shape[1:3], -1)
             got = rms_norm_vjp(x.to(g.device), norm.weight.detach().to(g.device), norm.variance_epsilon, g)

@@ -115,19 +115,25 @@ def edge_hooks(model: "HookedVLM", source_cache: ActivationCache, edges: Sequenc
     return copy_hooks(model, source_cache, [edges])
 
 
+def qkv_weights(model: "HookedVLM", site: str) -> tuple[Float[Tensor, "head d_head d_model"],
+                                                        Optional[Float[Tensor, "head d_head"]]]:
+    """A query, key or value projection (``site``: ``blocks.{l}.attn.hook_q`` / ``hook_k`` / ``hook_v``) split per
+    head: ``(weight, bias or None)``, views of the module's own parameters."""
+    proj = get_module(model.hf_model, model.site(site).module)
+    n_q, n_kv = model.head_counts["lm"]
+    n = n_q if site.endswith("hook_q") else n_kv
+    bias = getattr(proj, "bias", None)
+    return (proj.weight.view(n, -1, proj.weight.shape[1]), None if bias is None else bias.view(n, -1))
+
+
 def qkv_projection(model: "HookedVLM", reader: str) -> tuple[Tensor, Optional[Tensor]]:
     """``(weight, bias)`` rows of one head's query, key or value projection (``[d_head, d_model]``, bias or
     None): what a ``qkv`` reader applies to its normalised input."""
-    graph = edge_graph(model, qkv=True)
-    kind, layer, head = graph.reader_parts(reader)
+    kind, _, head = edge_graph(model, qkv=True).reader_parts(reader)
     if kind not in QKV:
         raise ValueError(f"{reader!r} is not a head's query, key or value")
-    proj = get_module(model.hf_model, model.site(reader_site_name(model, reader)).module)
-    n = graph.n_heads if kind == "q" else graph.n_kv_heads
-    d_head = proj.weight.shape[0] // n
-    rows = slice(head * d_head, (head + 1) * d_head)
-    bias = getattr(proj, "bias", None)
-    return proj.weight[rows], (None if bias is None else bias[rows])
+    weight, bias = qkv_weights(model, reader_site_name(model, reader))
+    return weight[head], (None if bias is None else bias[head])
 
 
 def reader_heads(model: "HookedVLM", graph: EdgeGraph, readers: Iterable[str]
@@ -344,5 +350,5 @@ def top_circuits(scores: EdgeScores, counts: Sequence[int], by_abs: bool = True)
 
 
 __all__ = ["circuit_faithfulness", "complement", "copy_hooks", "edge_hooks", "faithfulness_curve", "norm_module",
-           "patch_each_edge", "patch_edge_sets", "patch_edges", "put_reader_input", "qkv_projection",
+           "patch_each_edge", "patch_edge_sets", "patch_edges", "put_reader_input", "qkv_projection", "qkv_weights",
            "reader_heads", "rms_norm", "top_circuits", "writer_delta"]
