@@ -51,7 +51,7 @@ from eraser.data.schema import Profile
 from eraser.evaluate import build_items
 from interp.attribution import attribution_names, logit_attribution
 from interp.head_patching import component_heads, patch_heads
-from interp.hook_paths import HookPaths, hook_paths
+from interp.hook_paths import HookPaths, hook_paths_by_position
 from interp.patching import logit_diff
 
 from .common import Context, base_parser, limited, load_context, out_dir, save_json
@@ -168,10 +168,11 @@ def refusal_writers(ctx: Context, forget: Sequence[Profile]) -> dict[str, Any]:
             labels = att.labels
             vals[key].append(att.values)
         metric = logit_diff(refusal_id, torch.tensor([answer_ids[i] for i in chunk]))
-        paths.append((len(chunk), hook_paths(model, inputs, ctx.hooks(), metric, max_rows=bs)))
-        for p in where:  # the write at some positions only (a text-only batch has no image part)
-            if p != "image" or inputs.has_images:
-                where[p].append((len(chunk), hook_paths(model, inputs, ctx.hooks(), metric, max_rows=bs, positions=p)))
+        sets = ["all"] + [p for p in where if p != "image" or inputs.has_images]  # a text-only batch has no image
+        by_pos = hook_paths_by_position(model, inputs, ctx.hooks(), metric, sets, max_rows=bs)
+        paths.append((len(chunk), by_pos["all"]))
+        for p in sets[1:]:  # the write at some positions only
+            where[p].append((len(chunk), by_pos[p]))
     van, ste = torch.cat(vals["vanilla"], 1).mean(1), torch.cat(vals["steered"], 1).mean(1)
     change = ste - van
     order = torch.argsort(change.abs(), descending=True)[:8].tolist()

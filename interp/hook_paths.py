@@ -181,35 +181,58 @@ def hook_paths(model: "HookedVLM", inputs: VLMInputs, hooks: HookSpec, metric: M
     """The hook's effect through each reader alone (module docstring), several readers a forward pass (the batch
     repeated, at most ``max_rows`` rows a pass), and every reader at once (``all_readers``: the hooked run when
     ``positions="all"``).  ``positions`` gives only the write at those positions (``"image"``, ``"text"``,
-    ``"last"`` or a mask function, as in :mod:`interp.patching`): which part of a prompt-wide steering matters."""
+    ``"last"`` or a mask function, as in :mod:`interp.patching`): which part of a prompt-wide steering matters.
+    For several position sets, :func:`hook_paths_by_position` shares the runs."""
+    return next(iter(hook_paths_by_position(model, inputs, hooks, metric, [positions], qkv, max_rows).values()))
+
+
+def hook_paths_by_position(model: "HookedVLM", inputs: VLMInputs, hooks: HookSpec, metric: Metric,
+                           positions: Sequence[PositionSpec] = ("all", "image", "text", "last"), qkv: bool = False,
+                           max_rows: Optional[int] = 32) -> dict[str, HookPaths]:
+    """:func:`hook_paths` for each of several ``positions`` (keyed by their labels, in order), with one hooked run
+    recording the writes and one plain run for all of them, and every set's rows batched into the same passes:
+    asking where a prompt-wide steering acts from its image, text and last-token parts costs one call, not four."""
+    if isinstance(positions, str) or callable(positions):
+        raise TypeError(f"positions must be a sequence of position specs, e.g. ['all', 'last']; got {positions!r}")
+    labels = [_position_label(p) for p in positions]
+    if not labels:
+        raise ValueError("no positions given: name at least one, e.g. ['all']")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"positions must have distinct labels (a mask function is labelled by its __name__); "
+                         f"got {labels}")
     graph = edge_graph(model, qkv=qkv)
-    writes, hooked_logits = hook_writes(model, inputs, hooks)
-    writes = _at(writes, inputs, positions)
-    readers, total = _readers(model, graph, writes)
+    recorded, hooked_logits = hook_writes(model, inputs, hooks)
+    parts = {label: _readers(model, graph, _at(recorded, inputs, p)) for label, p in zip(labels, positions)}
+    readers = next(iter(parts.values()))[0]  # the same for every set: the sites written decide it
     b = inputs.batch_size
     with torch.no_grad():
         plain = _mean(_apply_metric(metric, model.run_with_hooks(inputs, []), inputs))
     hooked = _mean(_apply_metric(metric, hooked_logits, inputs))
-    sets = [[v] for v in readers] + [readers]
-    per = len(sets) if max_rows is None else max(1, max_rows // b)
+    copies = [(chosen, total) for _, total in parts.values() for chosen in [[v] for v in readers] + [readers]]
+    per = len(copies) if max_rows is None else max(1, max_rows // b)
     means: list[float] = []
-    for s in range(0, len(sets), per):
-        chunk = sets[s:s + per]
+    for s in range(0, len(copies), per):
+        chunk = copies[s:s + per]
         run = repeat_inputs(inputs, len(chunk))
         with torch.no_grad():
-            logits = model.run_with_hooks(run, _path_hooks(model, graph, total, chunk, b))
+            logits = model.run_with_hooks(run, _path_hooks(model, graph, chunk, b))
         rows = _apply_metric(metric, logits, run)
         means += [_mean(rows[c * b:(c + 1) * b]) for c in range(len(chunk))]
-    return HookPaths(readers=readers, patched=np.array(means[:-1]), plain=plain, hooked=hooked,
-                     all_readers=means[-1], meta={"method": "patching", "qkv": qkv, "sites": list(writes),
-                                                  "positions": _position_label(positions)})
+    n = len(readers) + 1
+    sites = list(_written(recorded))
+    return {label: HookPaths(readers=readers, patched=np.array(means[i * n:(i + 1) * n - 1]), plain=plain,
+                             hooked=hooked, all_readers=means[(i + 1) * n - 1],
+                             meta={"method": "patching", "qkv": qkv, "sites": sites, "positions": label})
+            for i, label in enumerate(labels)}
 
 
-def _path_hooks(model: "HookedVLM", graph: EdgeGraph, total: dict[str, Tensor], copies: Sequence[Sequence[str]],
+def _path_hooks(model: "HookedVLM", graph: EdgeGraph, copies: Sequence[tuple[Sequence[str], dict[str, Tensor]]],
                 n_rows: int) -> list[tuple[str, HookFn]]:
-    """Copy ``c`` of the batch gives the readers ``copies[c]`` their summed write; the rest run plain."""
+    """Copy ``c`` of the batch gives the readers ``copies[c][0]`` their summed write from ``copies[c][1]``; the rest
+    run plain."""
     current: dict[str, Tensor] = {}
-    wanted = {v for readers in copies for v in readers}
+    chosen_sets, totals = [set(readers) for readers, _ in copies], [total for _, total in copies]
+    wanted = set().union(*chosen_sets)
     inputs = sorted({reader_input_name(model, v) for v in wanted}, key=model.hook_names().index)
 
     def record(name: str) -> HookFn:
@@ -233,7 +256,7 @@ def _path_hooks(model: "HookedVLM", graph: EdgeGraph, total: dict[str, Tensor], 
                 return None
             out = y.clone()
             x = current[inp]
-            for c, chosen in enumerate(copies):
+            for c, (chosen, total) in enumerate(zip(chosen_sets, totals)):
                 rows = slice(c * n_rows, (c + 1) * n_rows)
                 for v in readers:
                     if v not in chosen:
@@ -289,4 +312,4 @@ def attribution_hook_paths(model: "HookedVLM", inputs: VLMInputs, hooks: HookSpe
                            "positions": _position_label(positions)})
 
 
-__all__ = ["HookPaths", "attribution_hook_paths", "hook_paths", "hook_writes", "write_start"]
+__all__ = ["HookPaths", "attribution_hook_paths", "hook_paths", "hook_paths_by_position", "hook_writes", "write_start"]

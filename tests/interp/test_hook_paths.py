@@ -8,7 +8,7 @@ import torch
 
 from interp.adapters import get_module
 from interp import HookNameError
-from interp.hook_paths import HookPaths, attribution_hook_paths, hook_paths, hook_writes
+from interp.hook_paths import HookPaths, attribution_hook_paths, hook_paths, hook_paths_by_position, hook_writes
 from interp.lens import unembed
 from interp.patching import logit_diff
 from tests.conftest import random_image
@@ -136,6 +136,36 @@ def test_positions_split_the_write(tiny_model):
         by_hand = metric(tiny_model.run_with_hooks(inputs, [("blocks.1.hook_resid_pre", lambda x, ctx: x + w)]),
                          inputs).mean().item()
     assert last.all_readers == pytest.approx(by_hand, abs=1e-5)  # every reader given the last token's write
+
+
+def test_several_position_sets_in_one_call_match_one_call_each(tiny_model, monkeypatch):
+    """hook_paths_by_position = hook_paths per position set, with the hooked and plain runs done once and every
+    set's rows in shared passes (counted: 1 + 1 + ceil(rows / max_rows) forward passes)."""
+    inputs, metric = _inputs(tiny_model), logit_diff(5, 7)
+    hooks = _steer(tiny_model, 1)
+    last_two = lambda x: torch.arange(x.input_ids.shape[1]) >= x.input_ids.shape[1] - 2  # noqa: E731
+    sets = ["all", "image", "text", "last", lambda x: last_two(x).expand_as(x.input_ids)]
+    calls = []
+    real = type(tiny_model).run_with_hooks
+    monkeypatch.setattr(type(tiny_model), "run_with_hooks", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    together = hook_paths_by_position(tiny_model, inputs, hooks, metric, sets, max_rows=16)
+    n_rows = len(sets) * (len(together["all"].readers) + 1) * inputs.batch_size
+    assert len(calls) == 2 + -(-n_rows // 16)
+    monkeypatch.undo()
+    assert list(together) == ["all", "image", "text", "last", "<lambda>"]
+    for p, label in zip(sets, together):
+        alone = hook_paths(tiny_model, inputs, hooks, metric, positions=p, max_rows=4)
+        assert np.allclose(together[label].patched, alone.patched, atol=1e-5), label
+        assert together[label].all_readers == pytest.approx(alone.all_readers, abs=1e-5)
+        assert together[label].meta["positions"] == label
+    assert together["all"].all_readers == pytest.approx(together["all"].hooked, abs=1e-4)
+    assert abs(together["last"].all_readers - together["all"].all_readers) > 1e-4  # the sets differ
+    with pytest.raises(ValueError, match="distinct labels"):
+        hook_paths_by_position(tiny_model, inputs, hooks, metric, ["last", "last"])
+    with pytest.raises(ValueError, match="no positions"):
+        hook_paths_by_position(tiny_model, inputs, hooks, metric, [])
+    with pytest.raises(TypeError, match="sequence of position specs"):
+        hook_paths_by_position(tiny_model, inputs, hooks, metric, "last")
 
 
 def test_hook_specs_by_pattern(tiny_llava):
