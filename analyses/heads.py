@@ -29,7 +29,11 @@ shares add up to the logit difference exactly, so the table says where the
 steered model's refusal is written.  Then the steering's write itself given to
 one reader at a time in the vanilla run (:func:`interp.hook_paths.hook_paths`:
 straight into the logits, or into a later block's attention or MLP input), the
-total effect of each path, non-linearities included.
+total effect of each path, non-linearities included.  For an eraser that also
+steers the first answer tokens (``answer_steps``), the same at each of those
+steps, with the steered answer so far teacher-forced: how much of the refusal's
+next token comes from the answer token's own write and how much from the
+prompt's, read back through attention.
 
 Writes ``OUT/heads.json`` and ``OUT/heads_heatmap.png``.
 
@@ -186,6 +190,49 @@ def refusal_writers(ctx: Context, forget: Sequence[Profile]) -> dict[str, Any]:
             "paths_by_position": {p: pool_paths(parts) for p, parts in where.items() if parts}}
 
 
+def answer_step_paths(ctx: Context, forget: Sequence[Profile]) -> dict[str, Any]:
+    """Where the eraser's steering acts on the answer tokens it also steers (``answer_steps``; the prefill is
+    :func:`refusal_writers`): at answer step ``t``, with the steered answer's first ``t`` tokens teacher-forced,
+    ``logit(refusal token t) - logit(answer's first token)`` traced through each reader
+    (:func:`interp.hook_paths.hook_paths_by_position` with ``answer_step=t``), and split into the write at the
+    prompt (read through attention) and the write at the answer tokens.  Rows whose steered answer ends before
+    step ``t`` are left out (counted)."""
+    model, tok, bs = ctx.model, ctx.model.tokenizer, ctx.args.batch_size
+    steps = int(getattr(ctx.eraser.config, "answer_steps", 0) or 0)
+    refusal = answer_tokens(tok, REFUSAL)
+    items = steering_queries(forget, ctx.args.limit)
+    answer_ids = [answer_tokens(tok, it.reference)[0] for it in items]
+    by_mod: dict[bool, list[int]] = {}
+    for i, it in enumerate(items):
+        by_mod.setdefault(it.image is None, []).append(i)
+    chunks = [idx[s:s + bs] for idx in by_mod.values() for s in range(0, len(idx), bs)]
+    out: dict[str, Any] = {}
+    eos = tok.eos_token_id
+    for t in range(1, min(steps, len(refusal) - 1) + 1):
+        parts: dict[str, list[tuple[int, HookPaths]]] = {p: [] for p in ("all", "prompt", "answer")}
+        dropped = 0
+        for chunk in tqdm(chunks, desc=f"answer step {t}", disable=not ctx.progress, leave=False):
+            enc = lambda rows: model.encode([items[i].image for i in rows], [items[i].prompt for i in rows])  # noqa: E731
+            with torch.no_grad():
+                gen = model.generate(enc(chunk), max_new_tokens=t, hooks=ctx.hooks())
+            kept = [i for i, row in zip(chunk, gen.new_tokens.tolist()) if len(row) >= t and eos not in row[:t]]
+            dropped += len(chunk) - len(kept)
+            if not kept:
+                continue
+            metric = logit_diff(refusal[t], torch.tensor([answer_ids[i] for i in kept]))
+            by_pos = hook_paths_by_position(model, enc(kept), ctx.hooks(), metric, list(parts), max_rows=bs,
+                                            answer_step=t)
+            for p in parts:
+                parts[p].append((len(kept), by_pos[p]))
+        if parts["all"]:
+            out[str(t)] = {"metric": f"logit({tok.convert_ids_to_tokens(refusal[t])!r}) − logit(answer first token) "
+                                     f"after the steered answer's first {t} token(s)",
+                           "n_queries": sum(k for k, _ in parts["all"]), "left_out": dropped,
+                           "paths": pool_paths(parts["all"]),
+                           "by_position": {p: pool_paths(parts[p]) for p in ("prompt", "answer")}}
+    return out
+
+
 def _share(p: dict[str, Any]) -> float:
     """``all_readers`` normalised: how much of the hook's whole effect the (partial) write gives."""
     gap = p["hooked"] - p["plain"]
@@ -215,6 +262,7 @@ def run(ctx: Context, n_pairs: int) -> dict[str, Any]:
     shift = attention_shift(ctx, {"forget": forget, "retain": retain})
     t2 = time.perf_counter()
     writers = refusal_writers(ctx, forget)
+    writers["answer_steps"] = answer_step_paths(ctx, forget)
     return {"config": ctx.config(), "flow": flow, "attention": shift, "writers": writers,
             "steered_layers": list(ctx.eraser.layers),
             "timing": {"flow_s": t1 - t0, "attention_s": t2 - t1, "writers_s": time.perf_counter() - t2}}
@@ -262,6 +310,13 @@ def print_summary(res: dict[str, Any]) -> None:
     if w.get("paths_by_position"):
         print("  the write at some positions only, through every reader (1 = the whole effect on those questions): "
               + ", ".join(f"{k} {_share(q):.2f}" for k, q in w["paths_by_position"].items()))
+    for t, d in w.get("answer_steps", {}).items():
+        p = d["paths"]
+        print(f"Answer step {t} ({d['metric']}; {d['n_queries']} queries, {d['left_out']} left out): plain "
+              f"{p['plain']:.2f}, steered {p['hooked']:.2f}; through one reader alone: "
+              + ", ".join(f"{r} {e:.2f}" for r, e in zip(p["readers"], p["effects"]))
+              + "; the write at the prompt only " + f"{_share(d['by_position']['prompt']):.2f}"
+              + ", at the answer tokens only " + f"{_share(d['by_position']['answer']):.2f}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

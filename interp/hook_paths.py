@@ -43,7 +43,7 @@ from .edge_attribution import grad_names, reader_grads
 from .edge_patching import norm_module, put_reader_input, reader_heads, rms_norm
 from .gradients import run_with_grads
 from .edges import EdgeGraph, edge_graph, reader_input_name, reader_site_name
-from .hooks import HookContext, HookFn, HookSpec, expand_hooks
+from .hooks import HookContext, HookFn, HookSpec, expand_hooks, first_steps
 from .inputs import VLMInputs
 from .io import JsonRecord, json_number
 from .patching import Metric, PositionSpec, _apply_metric, _mean, _patch_mask, _position_label, normalised
@@ -140,13 +140,63 @@ def hook_writes(model: "HookedVLM", inputs: VLMInputs, hooks: HookSpec
     def record(name: str, into: dict[str, Tensor]) -> HookFn:
         def hook(x: Tensor, ctx: HookContext) -> None:
             if ctx.is_prefill:
-                into[name] = x.detach().float()
+                into[name] = x.detach().float().clone()  # a copy: an in-place hook must not change "before"
         return hook
 
     spec = [(s, record(s, before)) for s in sites] + hooks + [(s, record(s, writes)) for s in sites]
     with torch.no_grad():
         logits = model.run_with_hooks(inputs, spec)
     return {s: writes[s] - before[s] for s in sites}, logits
+
+
+def generation_writes(model: "HookedVLM", inputs: VLMInputs, hooks: HookSpec, answer_step: int,
+                      every_step: bool = False
+                      ) -> tuple[VLMInputs, dict[str, Float[Tensor, "batch pos d_model"]], Tensor]:
+    """What each edited site's hooks wrote while generating, up to the step that chooses answer token
+    ``answer_step`` (0 = the prefill, the first answer token).  Returns the prompt with the first ``answer_step``
+    generated tokens appended (:meth:`VLMInputs.with_tokens`), the writes over all of its positions (the
+    prefill's at the prompt, each decode step's at its token) and the hooked logits there, step by step as
+    generation computed them.  One plain forward pass of those inputs with the writes added reproduces the
+    hooked logits (tested, both architectures), so the paths of a hook's effect on a later answer token are
+    those of that teacher-forced run.  ``every_step`` as in :meth:`HookedVLM.generate` (hooks marked
+    :func:`~interp.hooks.first_steps` act where their mark says).  Rows must still be answering at that step."""
+    if not isinstance(answer_step, int) or isinstance(answer_step, bool) or answer_step < 0:
+        raise ValueError(f"answer_step must be an int >= 0, got {answer_step!r}")
+    if answer_step == 0:
+        writes, logits = hook_writes(model, inputs, hooks)
+        return inputs, writes, logits
+    by_site = expand_hooks(list(hooks or []), model.hook_names())
+    if not any(by_site.values()):
+        raise ValueError("no hooks: there is nothing to trace")
+    for s in by_site:
+        write_start(model, s)
+    before: dict[str, dict[int, Tensor]] = {s: {} for s in by_site}
+    after: dict[str, dict[int, Tensor]] = {s: {} for s in by_site}
+    logits: dict[int, Tensor] = {}
+
+    def record(into: dict[int, Tensor]) -> HookFn:
+        def hook(x: Tensor, ctx: HookContext) -> None:
+            into[ctx.step] = x.detach().float().clone()
+        return first_steps(hook, answer_step)
+
+    spec = ([(s, record(before[s])) for s in by_site] + [(n, fn) for n, fns in by_site.items() for fn in fns]
+            + [(s, record(after[s])) for s in by_site] + [("hook_logits", record(logits))])
+    with torch.no_grad():
+        gen = model.generate(inputs, max_new_tokens=answer_step + 1, hooks=spec, every_step=every_step)
+    tokens = gen.new_tokens[:, :answer_step]
+    eos = model.tokenizer.eos_token_id
+    ended = sorted({int(r) for r in (tokens == eos).nonzero()[:, 0]}) if eos is not None else []
+    if ended or len(logits) <= answer_step:
+        raise ValueError(f"rows {ended or 'all'} ended before answer step {answer_step}: trace an earlier step, or "
+                         f"leave out the rows with shorter answers")
+    steps = range(answer_step + 1)
+    writes = {s: torch.cat([after[s][t] - before[s][t] for t in steps], 1) for s in by_site}
+    forced = inputs.with_tokens(tokens)
+    # generation keeps the prefill's logits at the last prompt token only: the positions before it are NaN
+    known = torch.cat([logits[t][:, -1:] for t in steps], 1)
+    full = known.new_full((known.shape[0], forced.input_ids.shape[1], known.shape[2]), float("nan"))
+    full[:, -known.shape[1]:] = known
+    return forced, writes, full
 
 
 def _written(writes: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -167,6 +217,26 @@ def _at(writes: dict[str, Tensor], inputs: VLMInputs, positions: PositionSpec) -
     return {s: w * mask.to(w.device).unsqueeze(-1).float() for s, w in writes.items()}
 
 
+ANSWER_POSITIONS = ("prompt", "answer")
+
+
+def _resolve(positions: PositionSpec, n_prompt: int, n_total: int) -> PositionSpec:
+    """``"prompt"`` / ``"answer"`` (the positions before / from ``n_prompt``: the prompt and the appended answer
+    tokens of an answer step's run) as mask functions; any other spec as it is."""
+    if not (isinstance(positions, str) and positions in ANSWER_POSITIONS):
+        return positions
+    answer = positions == "answer"
+    if answer and n_prompt >= n_total:
+        raise ValueError("positions='answer' needs answer_step >= 1: at the prefill there are no answer tokens yet")
+
+    def mask(inputs: VLMInputs) -> Tensor:
+        at = torch.arange(inputs.input_ids.shape[1], device=inputs.input_ids.device) >= n_prompt
+        return (at if answer else ~at).expand_as(inputs.input_ids)
+
+    mask.__name__ = positions
+    return mask
+
+
 def _readers(model: "HookedVLM", graph: EdgeGraph, writes: dict[str, Tensor]) -> tuple[list[str], dict[str, Tensor]]:
     """The readers after the first write, and each one's summed write (every write before it)."""
     starts = {s: write_start(model, s) for s in writes}
@@ -177,21 +247,31 @@ def _readers(model: "HookedVLM", graph: EdgeGraph, writes: dict[str, Tensor]) ->
 
 
 def hook_paths(model: "HookedVLM", inputs: VLMInputs, hooks: HookSpec, metric: Metric, qkv: bool = False,
-               max_rows: Optional[int] = 32, positions: PositionSpec = "all") -> HookPaths:
+               max_rows: Optional[int] = 32, positions: PositionSpec = "all", answer_step: int = 0,
+               every_step: bool = False) -> HookPaths:
     """The hook's effect through each reader alone (module docstring), several readers a forward pass (the batch
     repeated, at most ``max_rows`` rows a pass), and every reader at once (``all_readers``: the hooked run when
     ``positions="all"``).  ``positions`` gives only the write at those positions (``"image"``, ``"text"``,
     ``"last"`` or a mask function, as in :mod:`interp.patching`): which part of a prompt-wide steering matters.
-    For several position sets, :func:`hook_paths_by_position` shares the runs."""
-    return next(iter(hook_paths_by_position(model, inputs, hooks, metric, [positions], qkv, max_rows).values()))
+    For several position sets, :func:`hook_paths_by_position` shares the runs.
+
+    ``answer_step=t`` traces the hook's effect on the logits that choose answer token ``t`` of a hooked greedy
+    generation (:func:`generation_writes`; the metric then reads the last of the prompt + ``t`` answer tokens,
+    teacher-forced): the writes of the prefill and of decode steps ``1..t`` are given to the readers at every
+    position, and ``positions`` may also be ``"prompt"`` or ``"answer"`` (the write at the prompt, or at the
+    answer tokens, alone).  ``every_step`` as in :meth:`HookedVLM.generate`."""
+    return next(iter(hook_paths_by_position(model, inputs, hooks, metric, [positions], qkv, max_rows, answer_step,
+                                            every_step).values()))
 
 
 def hook_paths_by_position(model: "HookedVLM", inputs: VLMInputs, hooks: HookSpec, metric: Metric,
                            positions: Sequence[PositionSpec] = ("all", "image", "text", "last"), qkv: bool = False,
-                           max_rows: Optional[int] = 32) -> dict[str, HookPaths]:
+                           max_rows: Optional[int] = 32, answer_step: int = 0, every_step: bool = False
+                           ) -> dict[str, HookPaths]:
     """:func:`hook_paths` for each of several ``positions`` (keyed by their labels, in order), with one hooked run
     recording the writes and one plain run for all of them, and every set's rows batched into the same passes:
-    asking where a prompt-wide steering acts from its image, text and last-token parts costs one call, not four."""
+    asking where a prompt-wide steering acts from its image, text and last-token parts costs one call, not four.
+    ``answer_step`` / ``every_step`` as in :func:`hook_paths`."""
     if isinstance(positions, str) or callable(positions):
         raise TypeError(f"positions must be a sequence of position specs, e.g. ['all', 'last']; got {positions!r}")
     labels = [_position_label(p) for p in positions]
@@ -201,7 +281,9 @@ def hook_paths_by_position(model: "HookedVLM", inputs: VLMInputs, hooks: HookSpe
         raise ValueError(f"positions must have distinct labels (a mask function is labelled by its __name__); "
                          f"got {labels}")
     graph = edge_graph(model, qkv=qkv)
-    recorded, hooked_logits = hook_writes(model, inputs, hooks)
+    n_prompt = inputs.input_ids.shape[1]
+    inputs, recorded, hooked_logits = generation_writes(model, inputs, hooks, answer_step, every_step)
+    positions = [_resolve(p, n_prompt, inputs.input_ids.shape[1]) for p in positions]
     parts = {label: _readers(model, graph, _at(recorded, inputs, p)) for label, p in zip(labels, positions)}
     readers = next(iter(parts.values()))[0]  # the same for every set: the sites written decide it
     b = inputs.batch_size
@@ -222,7 +304,8 @@ def hook_paths_by_position(model: "HookedVLM", inputs: VLMInputs, hooks: HookSpe
     sites = list(_written(recorded))
     return {label: HookPaths(readers=readers, patched=np.array(means[i * n:(i + 1) * n - 1]), plain=plain,
                              hooked=hooked, all_readers=means[(i + 1) * n - 1],
-                             meta={"method": "patching", "qkv": qkv, "sites": sites, "positions": label})
+                             meta={"method": "patching", "qkv": qkv, "sites": sites, "positions": label,
+                                   "answer_step": answer_step})
             for i, label in enumerate(labels)}
 
 
@@ -271,18 +354,21 @@ def _path_hooks(model: "HookedVLM", graph: EdgeGraph, copies: Sequence[tuple[Seq
 
 
 def attribution_hook_paths(model: "HookedVLM", inputs: VLMInputs, hooks: HookSpec, metric: Metric,
-                           qkv: bool = False, steps: int = 0, positions: PositionSpec = "all") -> HookPaths:
+                           qkv: bool = False, steps: int = 0, positions: PositionSpec = "all", answer_step: int = 0,
+                           every_step: bool = False) -> HookPaths:
     """:func:`hook_paths` estimated: ``write . d metric / d input_r`` through each reader alone (the readers'
     gradients as in :func:`interp.edge_attribution.reader_grads`).  ``steps=0``: first order, from one
     differentiated plain run.  ``steps=K``: integrated along the path that scales every write from 0 to 1 (the
     recorded writes added back, times ``alpha``, so ``alpha = 1`` is the hooked run), ``K + 1`` differentiated runs
     and the trapezoid rule; the readers' terms then add up to the whole effect.  ``all_readers`` is the plain
     metric plus every reader's term.  ``positions`` as in :func:`hook_paths` (integrated: along the path that
-    scales the write at those positions only)."""
+    scales the write at those positions only); ``answer_step`` / ``every_step`` as there."""
     check_steps(steps)
     graph = edge_graph(model, qkv=qkv)
-    writes, hooked_logits = hook_writes(model, inputs, hooks)
-    written = _at(writes, inputs, positions)
+    n_prompt = inputs.input_ids.shape[1]
+    inputs, writes, hooked_logits = generation_writes(model, inputs, hooks, answer_step, every_step)
+    label = _position_label(positions)
+    written = _at(writes, inputs, _resolve(positions, n_prompt, inputs.input_ids.shape[1]))
     readers, total = _readers(model, graph, written)
     reads = sorted({reader_input_name(model, v) for v in readers}, key=model.hook_names().index)
 
@@ -309,7 +395,8 @@ def attribution_hook_paths(model: "HookedVLM", inputs: VLMInputs, hooks: HookSpe
     return HookPaths(readers=readers, patched=np.array([plain + t for t in terms]), plain=plain,
                      hooked=_mean(_apply_metric(metric, hooked_logits, inputs)), all_readers=plain + sum(terms),
                      meta={"method": "attribution", "steps": steps, "qkv": qkv, "sites": list(written),
-                           "positions": _position_label(positions)})
+                           "positions": label, "answer_step": answer_step})
 
 
-__all__ = ["HookPaths", "attribution_hook_paths", "hook_paths", "hook_paths_by_position", "hook_writes", "write_start"]
+__all__ = ["ANSWER_POSITIONS", "HookPaths", "attribution_hook_paths", "generation_writes", "hook_paths", "hook_paths_by_position",
+           "hook_writes", "write_start"]

@@ -91,6 +91,28 @@ class VLMInputs:
             **changes,
         )
 
+    def with_tokens(self, tokens: Int[Tensor, "batch n"]) -> "VLMInputs":
+        """The batch with ``tokens`` appended to every row as text (attended, not image; labels, if any, -100
+        there), ``last_index`` moved to the last appended token: prompt + the first answer tokens, teacher-forced,
+        so that one forward pass gives the logits generation computed step by step."""
+        tokens = torch.as_tensor(tokens, device=self.input_ids.device, dtype=self.input_ids.dtype)
+        if tokens.ndim != 2 or tokens.shape[0] != self.batch_size:
+            raise ValueError(f"tokens must be [batch, n] with batch {self.batch_size}, got shape {tuple(tokens.shape)}")
+        n = tokens.shape[1]
+        if n == 0:
+            return self
+        ones = torch.ones_like(tokens, dtype=self.attention_mask.dtype)
+        text = torch.ones_like(tokens, dtype=torch.bool)
+        return replace(
+            self,
+            input_ids=torch.cat([self.input_ids, tokens], 1),
+            attention_mask=torch.cat([self.attention_mask, ones], 1),
+            image_mask=torch.cat([self.image_mask, ~text], 1),
+            text_mask=torch.cat([self.text_mask, text], 1),
+            last_index=torch.full_like(self.last_index, self.input_ids.shape[1] + n - 1),
+            labels=None if self.labels is None else torch.cat([self.labels, torch.full_like(tokens, -100)], 1),
+        )
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "VLMInputs":
         """Move every tensor to ``device``; ``dtype`` applies to floating image tensors only."""
 

@@ -117,3 +117,20 @@ def test_the_steering_acts_mostly_straight_on_the_logits(run):
     # (measured: last 0.96, text 1.00, image -0.01)
     by = {k: (q["all_readers"] - q["plain"]) / (q["hooked"] - q["plain"]) for k, q in w["paths_by_position"].items()}
     assert by["last"] > 0.8 and abs(by["image"]) < 0.1
+
+
+def test_the_answer_steps_are_traced_with_the_answer_so_far_teacher_forced(run):
+    """Each answer step the eraser steers is traced: every reader given the recorded writes is the steered
+    generation; the answer token's own write carries most of the refusal's next token, the prompt's write (read
+    through attention) little (measured, quick LLaVA, 22 forget queries, step 1: answer tokens 0.96, prompt 0.14,
+    straight on the logits 0.77)."""
+    _, res = run
+    steps = res["writers"]["answer_steps"]
+    assert list(steps) == [str(t) for t in range(1, res["config"]["eraser"]["answer_steps"] + 1)]
+    assert steps, "the quick model's stacked gate steers at least one answer token"
+    for d in steps.values():
+        p = d["paths"]
+        assert p["all_readers"] == pytest.approx(p["hooked"], abs=1e-3) and p["hooked"] > p["plain"]
+        share = {k: (q["all_readers"] - q["plain"]) / (q["hooked"] - q["plain"]) for k, q in d["by_position"].items()}
+        assert share["answer"] > 0.5 > share["prompt"]
+        assert d["n_queries"] + d["left_out"] > 0 and d["n_queries"] > 0

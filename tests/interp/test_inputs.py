@@ -1,11 +1,14 @@
 """Encoding: masks, left padding, image-count checks, image conversion."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from interp.hooks import first_steps
 from interp.inputs import InputError
 
 
@@ -123,3 +126,27 @@ def test_qwen_image_tokens_get_their_3d_rope_positions(tiny_qwen, tiny_llava):
     assert torch.allclose(ours[1][real[1]], fallback[1][real[1]], atol=1e-5)  # text-only rows: 1-D either way
     assert "mm_token_type_ids" not in model.encode(prompts=["who is ada lovelace ?"]).model_kwargs()
     assert "mm_token_type_ids" not in tiny_llava.encode(images=[img], prompts=["who ?"]).model_kwargs()
+
+
+def test_with_tokens_teacher_forces_what_generation_computed(tiny_model, two_prompts):
+    """The prompt + the first generated tokens in one forward pass gives the logits greedy generation computed at
+    each step (left padding and Qwen's 3-D rope positions included), with the masks and labels extended."""
+    images, prompts = two_prompts
+    inputs = tiny_model.encode(images=images, prompts=prompts)
+    steps: dict[int, torch.Tensor] = {}
+    record = first_steps(lambda x, ctx: steps.__setitem__(ctx.step, x[:, -1].float().clone()), 3)
+    gen = tiny_model.generate(inputs, max_new_tokens=4, hooks=[("hook_logits", record)])
+    forced = inputs.with_tokens(gen.new_tokens[:, :3])
+    width = inputs.input_ids.shape[1]
+    assert forced.input_ids.shape == (2, width + 3) and (forced.last_index == width + 2).all()
+    assert forced.text_mask[:, width:].all() and not forced.image_mask[:, width:].any()
+    assert torch.equal(forced.image_mask[:, :width], inputs.image_mask)
+    with torch.no_grad():
+        logits = tiny_model.run_with_hooks(forced, [])
+    for t in range(4):
+        assert torch.allclose(logits[:, width - 1 + t].float(), steps[t], atol=1e-5), t
+    labelled = replace(inputs, labels=torch.zeros_like(inputs.input_ids)).with_tokens(gen.new_tokens[:, :2])
+    assert (labelled.labels[:, width:] == -100).all() and (labelled.labels[:, :width] == 0).all()
+    assert inputs.with_tokens(gen.new_tokens[:, :0]) is inputs
+    with pytest.raises(ValueError, match=r"\[batch, n\] with batch 2"):
+        inputs.with_tokens(gen.new_tokens[:1])
