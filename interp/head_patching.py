@@ -30,7 +30,7 @@ experiments of the same names.  With grouped-query attention (Qwen2.5-VL) a key 
 query heads, so the ``k`` / ``v`` grids have ``n_kv_heads`` columns.
 
 ``tower="vision"`` patches the vision tower's heads instead (``vision.blocks.{l}.attn.hook_z``, every patch of
-every image; CLIP's ``q`` / ``k`` / ``v`` too, Qwen2.5-VL's fused projection has none): which heads of the
+every image; ``q`` / ``k`` / ``v`` too, Qwen2.5-VL's as thirds of its fused projection): which heads of the
 image encoder carry what the answer needs from the picture.  The metric is still read at the language model's
 logits, one value per prompt row.
 """
@@ -133,8 +133,8 @@ def head_names(model: "HookedVLM", layers: Sequence[int], component: str = "z", 
     prefix = "blocks" if tower == "lm" else "vision.blocks"
     names = {l: f"{prefix}.{l}.{head_site(component)}" for l in layers}
     if names and next(iter(names.values())) not in model.hook_names():
-        raise ValueError(f"the {model.arch} {tower} tower has no per-head {head_site(component)} (its attention fuses "
-                         f"the query, key and value projections): patch component='z' there")
+        raise ValueError(f"the {model.arch} {tower} tower has no per-head {head_site(component)}: patch component='z' "
+                         "there")
     return names
 
 

@@ -46,6 +46,24 @@ def tuple_set(index: int) -> Setter:
     return set_
 
 
+def part_get(index: int, parts: int = 3) -> Getter:
+    """Read part ``index`` of ``parts`` equal slices of the last axis (a fused ``qkv`` projection's q, k or v)."""
+
+    def get(value: Any) -> torch.Tensor:
+        n = value.shape[-1] // parts
+        return value[..., index * n:(index + 1) * n]
+
+    return get
+
+
+def part_set(index: int, parts: int = 3) -> Setter:
+    def set_(value: Any, new: torch.Tensor) -> Any:
+        n = value.shape[-1] // parts
+        return torch.cat([value[..., :index * n], new.to(value.dtype), value[..., (index + 1) * n:]], dim=-1)
+
+    return set_
+
+
 def attr_get(attr: str) -> Getter:
     """Read a field of a ModelOutput (Qwen's vision tower returns the merged features as ``pooler_output``)."""
     return lambda value: getattr(value, attr)

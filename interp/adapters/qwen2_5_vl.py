@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from .base import (
-    LLAMA_BLOCK_INNER, ArchAdapter, BlockSites, Site, attr_get, attr_set, register, tuple_get, tuple_set,
+    LLAMA_BLOCK_INNER, ArchAdapter, BlockSites, Site, attr_get, attr_set, part_get, part_set, register, tuple_get,
+    tuple_set,
 )
 
 _VISION = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -54,10 +55,14 @@ QWEN2_5_VL = register(
             attn=Site("attn", "output", tuple_get(0), tuple_set(0)),
             resid_mid=Site("norm2", "input"),
             mlp=Site("mlp", "output"),
-            # q, k and v come out of one fused projection, and the windowed attention returns no weights:
-            # the vision tower has no attn.hook_q/k/v or attn.hook_pattern
+            # q, k and v come out of one fused projection (``attn.qkv``, its output laid out [q | k | v], each
+            # head after head): each is a third of it, before the rotary embedding as in the language model.
+            # The windowed attention returns no weights: the vision tower has no attn.hook_pattern
             inner=(
                 ("ln1.hook_normalized", Site("norm1", "output")),
+                ("attn.hook_q", Site("attn.qkv", "output", part_get(0), part_set(0), heads="q")),
+                ("attn.hook_k", Site("attn.qkv", "output", part_get(1), part_set(1), heads="kv")),
+                ("attn.hook_v", Site("attn.qkv", "output", part_get(2), part_set(2), heads="kv")),
                 ("attn.hook_z", Site("attn.proj", "input", heads="q")),
                 ("ln2.hook_normalized", Site("norm2", "output")),
                 ("mlp.hook_pre", Site("mlp.gate_proj", "output")),

@@ -148,8 +148,20 @@ def test_vision_heads_are_the_hand_patch(tiny_model):
     assert res.patched[0, 1] != pytest.approx(res.corrupted, abs=1e-4)  # the head matters
     if tiny_model.arch == "llava":
         assert np.allclose(res.patched[-1], res.corrupted, atol=1e-6)  # never read by the projector
-        values = patch_heads(tiny_model, clean, corrupt, metric, tower="vision", component="v", layers=[0])
-        assert values.patched.shape == (1, n_v)
+    # what a vision head reads: its value, by hand (Qwen2.5-VL's is a third of the fused qkv projection)
+    values = patch_heads(tiny_model, clean, corrupt, metric, tower="vision", component="v", layers=[0])
+    assert values.patched.shape == (1, n_v) and values.meta["component"] == "v"
+    v_site = "vision.blocks.0.attn.hook_v"
+    _, v_cache = tiny_model.run_with_cache(clean, names=[v_site])
+
+    def patch_v(v, ctx):
+        v = v.clone()
+        v[..., 1, :] = v_cache[v_site][..., 1, :]
+        return v
+
+    by_hand = metric(tiny_model.run_with_hooks(corrupt, [(v_site, patch_v)]), corrupt).mean().item()
+    assert values.patched[0, 1] == pytest.approx(by_hand, abs=1e-5)
+    assert values.patched[0, 1] != pytest.approx(values.corrupted, abs=1e-4)
 
 
 def test_bad_vision_head_requests_are_named(tiny_qwen, tiny_llava, pair):
@@ -163,6 +175,5 @@ def test_bad_vision_head_requests_are_named(tiny_qwen, tiny_llava, pair):
     text = tiny_llava.encode(images=[None], prompts=["who is he"])
     with pytest.raises(ValueError, match="no images"):
         patch_heads(tiny_llava, text, text, metric, tower="vision")
-    q = tiny_qwen.encode(images=[random_image(64, 1)], prompts=["who is he"])
-    with pytest.raises(ValueError, match="fuses"):
-        patch_heads(tiny_qwen, q, q, answer_logprob([5]), tower="vision", component="q")
+    with pytest.raises(ValueError, match="component must be"):
+        patch_heads(tiny_qwen, clean, corrupt, metric, tower="vision", component="o")

@@ -91,9 +91,22 @@ def test_vision_tower_sites(tiny_model, padded):
             assert _close(blk.mlp.fc1(c["ln2.hook_normalized"]), c["mlp.hook_pre"]) < TOL
             assert _close(blk.mlp.activation_fn(c["mlp.hook_pre"]), c["mlp.hook_post"]) < TOL
             assert _close(blk.mlp.fc2(c["mlp.hook_post"]), c["hook_mlp_out"]) < TOL
-        else:  # Qwen2.5-VL: flat [patches, d], fused qkv (no q/k/v/pattern sites), gated MLP
-            assert "attn.hook_q" not in c and "attn.hook_pattern" not in c
-            assert c["attn.hook_z"].dim() == 3
+        else:  # Qwen2.5-VL: flat [patches, d], fused qkv ([q | k | v] thirds), no pattern site, gated MLP
+            assert "attn.hook_pattern" not in c
+            assert c["attn.hook_z"].dim() == 3 and c["attn.hook_q"].shape == c["attn.hook_z"].shape
+            fused = blk.attn.qkv(c["ln1.hook_normalized"])
+            parts = torch.cat([c[f"attn.hook_{x}"].flatten(-2) for x in "qkv"], -1)
+            assert _close(parts, fused) < TOL
+
+            def sharpen(q, ctx):  # head 0's query only: head 0's output moves, head 1's does not
+                q = q.clone()
+                q[..., 0, :] *= 50
+                return q
+
+            _, moved = model.run_with_cache(padded, names=["vision.blocks.0.attn.hook_z"],
+                                            hooks=[("vision.blocks.0.attn.hook_q", sharpen)])
+            z = moved["vision.blocks.0.attn.hook_z"]
+            assert _close(z[:, 0], c["attn.hook_z"][:, 0]) > 1e-2 and _close(z[:, 1:], c["attn.hook_z"][:, 1:]) < TOL
             assert _close(c["ln1.hook_normalized"], blk.norm1(c["hook_resid_pre"])) < TOL
             assert _close(blk.attn.proj(c["attn.hook_z"].flatten(-2)), c["hook_attn_out"]) < TOL
             assert _close(c["mlp.hook_post"], F.silu(c["mlp.hook_pre"]) * c["mlp.hook_pre_linear"]) < TOL
@@ -173,5 +186,6 @@ def test_site_lookup_and_errors(tiny_model):
     with pytest.raises(HookNameError, match="blocks.0.attn.hook_z"):
         model.site("blocks.0.attn.hook_zz")
     if model.arch == "qwen2_5_vl":
-        with pytest.raises(HookNameError):  # the fused-qkv vision tower has no per-head q
-            model.site("vision.blocks.0.attn.hook_q")
+        with pytest.raises(HookNameError):  # the windowed vision attention returns no weights
+            model.site("vision.blocks.0.attn.hook_pattern")
+        assert model.site("vision.blocks.0.attn.hook_v").module == model.site("vision.blocks.0.attn.hook_q").module
