@@ -104,6 +104,10 @@ _QWEN_VISION_SITES = {
     "ln1.hook_normalized": "norm1.hook_out",
     "ln2.hook_normalized": "norm2.hook_out",
     "attn.hook_z": "attn.proj.hook_in",  # [patches, heads * d_head] there; split into heads here
+    # the fused projection's whole output there; our accessor takes its third and splits it into heads
+    "attn.hook_q": "attn.qkv.hook_out",
+    "attn.hook_k": "attn.qkv.hook_out",
+    "attn.hook_v": "attn.qkv.hook_out",
 }
 
 

@@ -13,9 +13,9 @@ def test_overrides_shape_the_model(arch):
                  vision_layers=3, image_size=32, patch_size=8)
     assert (m.d_model, m.n_layers, m.n_vision_layers) == (64, 2, 3)
     # per block: 5 residual-level sites + ln1, ln2 and the MLP's hook_pre, hook_post; the LM's gated MLP adds
-    # hook_pre_linear and its attention q, k, v, z and pattern; CLIP's too, Qwen's vision tower (fused qkv,
-    # windowed attention) only z, and its gated MLP hook_pre_linear
-    lm, vision = 5 + 4 + 1 + 5, 5 + 4 + (5 if arch == "llava" else 2)
+    # hook_pre_linear and its attention q, k, v, z and pattern; CLIP's too, Qwen's vision tower (windowed
+    # attention, no weights) q, k, v (thirds of its fused qkv) and z, and its gated MLP hook_pre_linear
+    lm, vision = 5 + 4 + 1 + 5, 5 + 4 + (5 if arch == "llava" else 5)
     assert len(m.hook_names()) == 1 + 3 * vision + 3 + 2 * lm + 2
     assert m.head_counts == {"lm": (4, 2), "vision": (2, 2)}  # vision heads: the tiny builder's default
 
