@@ -10,8 +10,9 @@ normalised over all pairs (clean = 1, corrupted = 0).  Then each head's query,
 key and value alone (``attn.hook_q`` / ``hook_k`` / ``hook_v``, every position;
 with grouped-query attention one key/value head serves several query heads):
 whether a head matters for where it looks or for what it moves.  And each head
-of the vision tower alone (``vision.blocks.{l}.attn.hook_z``, every patch):
-which heads of the image encoder carry the identity to the answer.
+of the vision tower alone (``vision.blocks.{l}.attn.hook_z``, every patch), then
+its query, key and value: which heads of the image encoder carry the identity
+to the answer, and how.
 
 Part 2, attention to the image, vanilla vs steered.  For the forget and the
 retain profiles' image questions (generation and cloze), the share of the
@@ -69,7 +70,8 @@ def head_flow(ctx: Context, profiles: Sequence[Profile], n_pairs: int) -> dict[s
     model = ctx.model
     specs = name_pairs(ctx.setup, profiles, n_pairs)
     parts = {"all": ("all", "z", "lm"), "answer": (None, "z", "lm"), "q": ("all", "q", "lm"),
-             "k": ("all", "k", "lm"), "v": ("all", "v", "lm"), "vision": ("all", "z", "vision")}
+             "k": ("all", "k", "lm"), "v": ("all", "v", "lm"), "vision": ("all", "z", "vision"),
+             "vision_q": ("all", "q", "vision"), "vision_k": ("all", "k", "vision"), "vision_v": ("all", "v", "vision")}
     rows: dict[str, dict[str, list[float]]] = {part: {} for part in parts}
     bar = tqdm(total=len(parts) * n_batches(specs), desc="patching heads", disable=not ctx.progress, leave=False)
     for _, clean, corrupt, pos, metric in pair_batches(model, profiles, specs):
@@ -102,13 +104,14 @@ def head_flow(ctx: Context, profiles: Sequence[Profile], n_pairs: int) -> dict[s
     grids = {part: grid(part) for part in ("all", "answer")}
     inputs = {part: grid(part) for part in ("q", "k", "v")}
     vision = grid("vision") if rows["vision"] else []
+    vision_inputs = {c: grid(f"vision_{c}") for c in "qkv"} if rows["vision"] else {}
     top = sorted(((abs(v), l, h, v) for l, r in enumerate(grids["answer"]) for h, v in enumerate(r)
                   if math.isfinite(v)), reverse=True)[:5]
     return {"question": NAME_QUESTION, "metric": "logit diff (clean − corrupted first differing name token)",
             "n_pairs": len(specs), "clean": clean_m, "corrupted": corrupt_m,
             "layers": list(range(model.n_layers)), "heads": list(range(n_heads)),
             "effects": grids, "top_answer": [{"layer": l, "head": h, "effect": v} for _, l, h, v in top],
-            "inputs": inputs, "vision": vision,
+            "inputs": inputs, "vision": vision, "vision_inputs": vision_inputs,
             "inputs_largest": {c: max((abs(v) for r in g for v in r if math.isfinite(v)), default=float("nan"))
                                for c, g in inputs.items()}}
 
@@ -292,6 +295,11 @@ def print_summary(res: dict[str, Any]) -> None:
         print("  each vision-tower head's output patched alone (every patch):")
         for l, vals in enumerate(f["vision"]):
             print(f"  {'vision':<17} layer {l}: {fmt(vals)}")
+    if f.get("vision_inputs"):
+        print("  each vision-tower head's query / key / value patched alone (every patch):")
+        for c, label in (("q", "vision query"), ("k", "vision key"), ("v", "vision value")):
+            for l, vals in enumerate(f["vision_inputs"][c]):
+                print(f"  {label:<17} layer {l}: {fmt(vals)}")
     print(f"Last token's attention on image tokens (mean over heads), vanilla -> steered; steered layers "
           f"{res['steered_layers']}")
     for split, d in a.items():
