@@ -215,7 +215,8 @@ def answer_step_paths(ctx: Context, forget: Sequence[Profile]) -> dict[str, Any]
         parts: dict[str, list[tuple[int, HookPaths]]] = {p: [] for p in ("all", "prompt", "answer")}
         dropped = 0
         for chunk in tqdm(chunks, desc=f"answer step {t}", disable=not ctx.progress, leave=False):
-            enc = lambda rows: model.encode([items[i].image for i in rows], [items[i].prompt for i in rows])  # noqa: E731
+            enc = lambda rows: model.encode([items[i].image for i in rows],  # noqa: E731
+                                            [items[i].prompt for i in rows])
             with torch.no_grad():
                 gen = model.generate(enc(chunk), max_new_tokens=t, hooks=ctx.hooks())
             kept = [i for i, row in zip(chunk, gen.new_tokens.tolist()) if len(row) >= t and eos not in row[:t]]

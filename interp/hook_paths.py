@@ -12,6 +12,12 @@ path is then the metric of that run against the plain and the hooked runs: 0 = p
 effect.  Every reader given the write at once is the hooked run itself (tested), so the paths are a complete
 decomposition; they need not add up, since paths interact.
 
+The same works at any later answer token of a hooked generation (``answer_step=t``): the writes are recorded
+step by step while generating (:func:`generation_writes`), the answer so far is teacher-forced, and one forward
+pass of prompt + answer with every write added is the hooked generation's step ``t`` exactly (tested); an eraser
+that also steers its first answer tokens can then be asked whether a token's refusal comes from that token's own
+write or from the prompt's, read back through attention (``positions="answer"`` / ``"prompt"``).
+
 Hooks must edit residual-stream sites (``blocks.{l}.hook_resid_pre`` / ``hook_resid_post``): the write is then a
 term of every later reader's input.  Several hooks are several writers; each reader gets the sum of the writes
 before it.  Readers at or after the first block a hook changed are scored (earlier ones see nothing; a hook
@@ -398,5 +404,5 @@ def attribution_hook_paths(model: "HookedVLM", inputs: VLMInputs, hooks: HookSpe
                            "positions": label, "answer_step": answer_step})
 
 
-__all__ = ["ANSWER_POSITIONS", "HookPaths", "attribution_hook_paths", "generation_writes", "hook_paths", "hook_paths_by_position",
-           "hook_writes", "write_start"]
+__all__ = ["ANSWER_POSITIONS", "HookPaths", "attribution_hook_paths", "generation_writes", "hook_paths",
+           "hook_paths_by_position", "hook_writes", "write_start"]

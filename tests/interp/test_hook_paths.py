@@ -149,7 +149,8 @@ def test_several_position_sets_in_one_call_match_one_call_each(tiny_model, monke
     sets = ["all", "image", "text", "last", lambda x: last_two(x).expand_as(x.input_ids)]
     calls = []
     real = type(tiny_model).run_with_hooks
-    monkeypatch.setattr(type(tiny_model), "run_with_hooks", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    counted = lambda self, *a, **k: calls.append(1) or real(self, *a, **k)  # noqa: E731
+    monkeypatch.setattr(type(tiny_model), "run_with_hooks", counted)
     together = hook_paths_by_position(tiny_model, inputs, hooks, metric, sets, max_rows=16)
     n_rows = len(sets) * (len(together["all"].readers) + 1) * inputs.batch_size
     assert len(calls) == 2 + -(-n_rows // 16)
@@ -189,7 +190,8 @@ def test_generation_writes_reproduce_the_hooked_generation(tiny_model):
     assert torch.allclose(w[:, width:], u.expand(2, 2, -1), atol=1e-5)
     assert torch.isnan(logits[:, :width - 1]).all() and not torch.isnan(logits[:, width - 1:]).any()
     with torch.no_grad():
-        again = tiny_model.run_with_hooks(forced, [("blocks.1.hook_resid_pre", lambda x, ctx: (x.float() + w).to(x.dtype))])
+        add = lambda x, ctx: (x.float() + w).to(x.dtype)  # noqa: E731
+        again = tiny_model.run_with_hooks(forced, [("blocks.1.hook_resid_pre", add)])
     assert torch.allclose(again[:, width - 1:].float(), logits[:, width - 1:], atol=1e-5)
     gen = tiny_model.generate(inputs, max_new_tokens=2, hooks=hooks)
     assert torch.equal(forced.input_ids[:, width:], gen.new_tokens)
