@@ -149,6 +149,14 @@ class EdgeGraph:
         return ([f"L{layer}H{h}.q" for h in range(self.n_heads)] + [f"L{layer}H{g}.k" for g in range(self.n_kv_heads)]
                 + [f"L{layer}H{g}.v" for g in range(self.n_kv_heads)])
 
+    @property
+    def output(self) -> str:
+        """The reader the graph ends in (circuits grow backwards from it)."""
+        return "logits"
+
+    def mlp_input(self, layer: int) -> str:
+        return f"L{layer}.mlp_in"
+
     def head_inputs(self, layer: int, head: int) -> list[str]:
         """The readers a head computes from: ``["L{l}.attn_in"]``, or with ``qkv`` its query and its group's key
         and value."""
@@ -295,8 +303,13 @@ class EdgeScores(JsonRecord):
 
     @property
     def graph(self) -> EdgeGraph:
-        """The graph these scores are over (from the labels)."""
+        """The graph these scores are over (from the labels; a vision tower's, :mod:`interp.vision_edges`, when the
+        writers start with its ``"patches"``)."""
         n_layers = sum(1 for v in self.downstream if v.endswith(".mlp_in"))
+        if self.upstream[:1] == ["patches"]:
+            from .vision_edges import VisionEdgeGraph
+
+            return VisionEdgeGraph(n_layers=n_layers, n_heads=(len(self.upstream) - 1) // max(n_layers, 1) - 1)
         n_heads = (len(self.upstream) - 2) // n_layers - 1 if n_layers else 0
         n_kv = sum(1 for v in self.downstream if v.startswith("L0H") and v.endswith(".k"))
         return EdgeGraph(n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv or None, qkv=bool(n_kv))
@@ -349,7 +362,7 @@ def input_readers(graph: EdgeGraph, writer: str) -> list[str]:
     kind, layer, head = graph.writer(writer)
     if layer is None:
         return []
-    return graph.head_inputs(layer, head) if kind == "head" else [f"L{layer}.mlp_in"]
+    return graph.head_inputs(layer, head) if kind == "head" else [graph.mlp_input(layer)]
 
 
 def input_reader(graph: EdgeGraph, writer: str) -> Optional[str]:
@@ -361,8 +374,9 @@ def input_reader(graph: EdgeGraph, writer: str) -> Optional[str]:
 
 
 def greedy_circuit(scores: EdgeScores, k: int, by_abs: bool = True) -> list[Edge]:
-    """``k`` edges grown backwards from the logits, best first: at each step the highest-ranked edge whose reader
-    already feeds the circuit (the logits, or the input of a component one of its edges comes from).
+    """``k`` edges grown backwards from the logits (a vision graph's: the projector), best first: at each step the
+    highest-ranked edge whose reader already feeds the circuit (the logits, or the input of a component one of its
+    edges comes from).
 
     Why not simply :meth:`EdgeScores.top`: the effect of an edge patched alone includes everything upstream of
     its writer (the source run computed it), but in a circuit a writer whose own inputs are all corrupted writes
@@ -378,7 +392,7 @@ def grow_circuit(graph: EdgeGraph, ranked: Sequence[Edge], k: int) -> list[Edge]
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"k must be an integer >= 0, got {k!r}")
     ranked = graph.check_edges(ranked)
-    active, chosen = {"logits"}, []
+    active, chosen = {graph.output}, []
     while len(chosen) < k:
         nxt = next((e for e in ranked if e[1] in active), None)
         if nxt is None:
