@@ -12,7 +12,9 @@ with grouped-query attention one key/value head serves several query heads):
 whether a head matters for where it looks or for what it moves.  And each head
 of the vision tower alone (``vision.blocks.{l}.attn.hook_z``, every patch), then
 its query, key and value: which heads of the image encoder carry the identity
-to the answer, and how.
+to the answer, and how.  Then the vision tower's edges
+(:func:`interp.vision_edges.patch_each_vision_edge`): whether a vision head
+matters because the projector reads what it wrote or through later blocks.
 
 Part 2, attention to the image, vanilla vs steered.  For the forget and the
 retain profiles' image questions (generation and cloze), the share of the
@@ -56,8 +58,10 @@ from eraser.data.schema import Profile
 from eraser.evaluate import build_items
 from interp.attribution import attribution_names, logit_attribution
 from interp.head_patching import component_heads, patch_heads
+from interp.edges import EdgeScores
 from interp.hook_paths import HookPaths, hook_paths_by_position
 from interp.patching import logit_diff
+from interp.vision_edges import PROJECTOR, patch_each_vision_edge
 
 from .common import Context, base_parser, limited, load_context, out_dir, save_json
 from .patching import (
@@ -114,6 +118,32 @@ def head_flow(ctx: Context, profiles: Sequence[Profile], n_pairs: int) -> dict[s
             "inputs": inputs, "vision": vision, "vision_inputs": vision_inputs,
             "inputs_largest": {c: max((abs(v) for r in g for v in r if math.isfinite(v)), default=float("nan"))
                                for c, g in inputs.items()}}
+
+
+def vision_flow(ctx: Context, profiles: Sequence[Profile], n_pairs: int) -> dict[str, Any]:
+    """The vision tower's edges on the same pairs (:func:`interp.vision_edges.patch_each_vision_edge`): each
+    writer's clean value given to one later reader alone, pooled over the pairs (clean 1, corrupted 0).  Says
+    whether a vision head matters because the projector reads what it wrote or because later vision blocks build
+    on it."""
+    model = ctx.model
+    specs = name_pairs(ctx.setup, profiles, n_pairs)
+    parts: list[tuple[int, EdgeScores]] = []
+    for _, clean, corrupt, _, metric in tqdm(pair_batches(model, profiles, specs), total=n_batches(specs),
+                                             desc="vision edges", disable=not ctx.progress, leave=False):
+        if clean.has_images:
+            parts.append((clean.batch_size, patch_each_vision_edge(model, clean, corrupt, metric,
+                                                                   max_rows=ctx.args.batch_size)))
+    if not parts:
+        return {}
+    n = sum(k for k, _ in parts)
+    first = parts[0][1]
+    pooled = EdgeScores(upstream=first.upstream, downstream=first.downstream,
+                        patched=sum(k * p.patched for k, p in parts) / n, clean=sum(k * p.clean for k, p in parts) / n,
+                        corrupted=sum(k * p.corrupted for k, p in parts) / n, meta=dict(first.meta))
+    into = {u: pooled.value(u, PROJECTOR) for u in pooled.upstream}
+    return {"n_pairs": len(specs), "n_edges": len(pooled.graph.edges()), "scores": pooled.to_dict(),
+            "top": [{"writer": u, "reader": v, "effect": e} for u, v, e in pooled.ranked()[:8]],
+            "into_projector": into}
 
 
 # -- part 2: the eraser and attention to the image -------------------------------------------------------------
@@ -262,6 +292,7 @@ def run(ctx: Context, n_pairs: int) -> dict[str, Any]:
     retain = limited(bench.retain, None if limit is None else max(limit, 2))
     t0 = time.perf_counter()
     flow = head_flow(ctx, forget + retain, n_pairs)
+    flow["vision_edges"] = vision_flow(ctx, forget + retain, n_pairs)
     t1 = time.perf_counter()
     shift = attention_shift(ctx, {"forget": forget, "retain": retain})
     t2 = time.perf_counter()
@@ -296,6 +327,11 @@ def print_summary(res: dict[str, Any]) -> None:
         print("  each vision-tower head's output patched alone (every patch):")
         for l, vals in enumerate(f["vision"]):
             print(f"  {'vision':<17} layer {l}: {fmt(vals)}")
+    if f.get("vision_edges"):
+        v = f["vision_edges"]
+        print(f"  vision-tower edges ({v['n_edges']}), each alone (1 = clean restored): "
+              + ", ".join(f"{t['writer']}->{t['reader']} {t['effect']:.2f}" for t in v["top"][:6]))
+        print("  straight into the projector: " + ", ".join(f"{u} {e:.2f}" for u, e in v["into_projector"].items()))
     if f.get("vision_inputs"):
         print("  each vision-tower head's query / key / value patched alone (every patch):")
         for c, label in (("q", "vision query"), ("k", "vision key"), ("v", "vision value")):
