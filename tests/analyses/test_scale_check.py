@@ -51,6 +51,9 @@ def test_scale_check_passes_on_the_tiny_size_and_writes_its_record(arch, tmp_pat
     assert edges["split_finite"] and edges["split_edges"] == len(EdgeGraph(n, h, kv, qkv=True).edges())
     assert edges["split_rel_gap"] <= edges["split_tolerance"]
     assert edges["hook_paths_readers"] == 2 * (n - n // 2) + 1 and edges["hook_paths_abs_diff"] <= edges["tolerance"]
+    assert edges["vision_finite"] and edges["vision_edges"] > 0  # the vision tower's edges, estimated
+    assert edges["vision_projector_patched_abs_diff"] <= edges["tolerance"]  # every edge into the projector: clean
+    assert abs(edges["vision_integrated_projector_cut"] - 1.0) <= 0.15
 
 
 def test_image_tokens_of_the_7b_sizes_are_the_checkpoints():
