@@ -1,10 +1,11 @@
 """An eight-step tour of ``interp`` on a tiny random LLaVA: hook names, a modality-sliced cache, a steering hook, heads,
-patching and its estimate from gradients, edges and a circuit.
+patching and its estimate from gradients, edges and a circuit (the vision tower's edges too).
 
 Run: ``python -m analyses.interp_tour``.  Everything is built offline from config.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -16,6 +17,7 @@ from interp.edge_patching import circuit_faithfulness
 from interp.edges import edge_graph, greedy_circuit
 from interp.patching import logit_diff, patch_sites
 from interp.tiny import tiny_vlm
+from interp.vision_edge_attribution import attribution_vision_edges
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,6 +86,12 @@ def main(argv: list[str] | None = None) -> None:
     kinds = by_input(split)
     print(f"   split per head ({len(split.graph.edges())} edges: each head's query, key and value a reader), the "
           f"summed effect into queries / keys / values: {kinds['q']:.2f} / {kinds['k']:.2f} / {kinds['v']:.2f}")
+    vision = attribution_vision_edges(model, clean, corrupt, metric, steps=8)
+    into = vision.downstream.index("projector")
+    print(f"   inside the image writer: the vision tower's {len(vision.ranked())} edges (patches, vision heads and "
+          f"MLPs into later vision blocks and the projector), the largest: "
+          f"{[f'{u} -> {v} {e:.2f}' for u, v, e in vision.ranked()[:2]]}; those into the projector add up to "
+          f"{float(np.nansum(vision.effects[:, into])):.2f}")
 
 
 if __name__ == "__main__":

@@ -24,3 +24,7 @@ def test_interp_tour_walks_all_eight_steps(arch, capsys):
     assert largest.startswith("image -> L0.attn_in")  # the portrait enters through block 0's attention input
     n_split = {"llava": 532, "qwen2_5_vl": 380}[arch]  # Qwen's 4 query heads share 2 key/value heads
     assert f"split per head ({n_split} edges" in text
+    n_vision = {"llava": 8, "qwen2_5_vl": 21}[arch]  # LLaVA's projector reads block 0 of 2 (feature layer -2)
+    assert f"the vision tower's {n_vision} edges" in text
+    cut = float(text.split("those into the projector add up to ")[1].split()[0])
+    assert abs(cut - 1.0) < 0.1  # integrated: a complete cut (measured 0.95 / 0.99)
