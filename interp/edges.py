@@ -309,7 +309,9 @@ class EdgeScores(JsonRecord):
         if self.upstream[:1] == ["patches"]:
             from .vision_edges import VisionEdgeGraph
 
-            return VisionEdgeGraph(n_layers=n_layers, n_heads=(len(self.upstream) - 1) // max(n_layers, 1) - 1)
+            split = any(v.endswith(".q") for v in self.downstream)
+            return VisionEdgeGraph(n_layers=n_layers, n_heads=(len(self.upstream) - 1) // max(n_layers, 1) - 1,
+                                   qkv=split)
         n_heads = (len(self.upstream) - 2) // n_layers - 1 if n_layers else 0
         n_kv = sum(1 for v in self.downstream if v.startswith("L0H") and v.endswith(".k"))
         return EdgeGraph(n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv or None, qkv=bool(n_kv))

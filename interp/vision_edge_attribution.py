@@ -37,7 +37,10 @@ from .edges import EdgeScores
 from .gradients import GradRun
 from .inputs import VLMInputs
 from .patching import Metric, _mean, check_aligned
-from .vision_edges import PATCHES, VisionEdgeGraph, _reader_names, apply_norm, vision_edge_graph, vision_edge_names
+from .vision_edges import (
+    PATCHES, QKV, VisionEdgeGraph, _reader_names, apply_norm, norm_site, qkv_weights, vision_edge_graph,
+    vision_edge_names,
+)
 
 if TYPE_CHECKING:
     from .model import HookedVLM
@@ -54,13 +57,18 @@ def _float_norm(module: torch.nn.Module, x: Tensor) -> Tensor:
 
 
 def reader_grads(model: "HookedVLM", graph: VisionEdgeGraph, run: GradRun) -> dict[str, Tensor]:
-    """``d sum(metric) / d x_v`` for every reader ``v`` of ``graph`` in one differentiated run (float32)."""
+    """``d sum(metric) / d x_v`` for every reader ``v`` of ``graph`` in one differentiated run (float32); a
+    query/key/value reader's through that head's rows of the projection, then the norm."""
     out: dict[str, Tensor] = {}
     for v in graph.downstream:
         inp, site, normed = _reader_names(graph, v)
+        kind, layer, head = graph.reader_parts(v)
         g = run.grads[site].float()
+        if kind in QKV:  # [..., head, d_head] at the projection: back through this head's rows
+            w, _ = qkv_weights(model, layer, kind)
+            g = g[..., head, :] @ w[head].detach().float()
         if normed:
-            module = get_module(model.hf_model, model.site(site).module)
+            module = get_module(model.hf_model, model.site(norm_site(graph, v)).module)
             with torch.enable_grad():
                 x = run.acts[inp].detach().float().requires_grad_(True)
                 g = torch.autograd.grad(_float_norm(module, x), x, g)[0]
@@ -98,17 +106,17 @@ def _edge_terms(model: "HookedVLM", graph: VisionEdgeGraph, deltas: dict[str, Te
 
 
 def attribution_vision_edges(model: "HookedVLM", clean_inputs: VLMInputs, corrupted_inputs: VLMInputs,
-                             metric: Metric, steps: int = 0) -> EdgeScores:
+                             metric: Metric, steps: int = 0, qkv: bool = False) -> EdgeScores:
     """Every vision edge's effect of being given its clean value in the corrupted run, estimated (module
     docstring): ``steps=0`` first order (one clean pass, one differentiated corrupted pass), ``steps=K``
     integrated (``K + 1`` differentiated passes; the terms into the projector then add up to the clean -
-    corrupted difference)."""
+    corrupted difference).  ``qkv`` scores the graph split per head with the same passes."""
     check_steps(steps)
     check_aligned(clean_inputs, corrupted_inputs)
     if not (clean_inputs.has_images and corrupted_inputs.has_images):
         raise ValueError("the batch has no images: there are no vision edges to estimate")
-    graph = vision_edge_graph(model)
-    sites = [_reader_names(graph, v)[1] for v in graph.downstream]
+    graph = vision_edge_graph(model, qkv=qkv)
+    sites = list(dict.fromkeys(_reader_names(graph, v)[1] for v in graph.downstream))
     reads = list(dict.fromkeys([_reader_names(graph, v)[0] for v in graph.downstream] + vision_edge_names(model)))
     reads = [n for n in reads if n not in sites]
     writers = vision_edge_names(model)
@@ -141,7 +149,7 @@ def attribution_vision_edges(model: "HookedVLM", clean_inputs: VLMInputs, corrup
     check_path_end(Terms(base, end, {}), clean_rows)
     return EdgeScores(upstream=graph.upstream, downstream=graph.downstream, patched=_mean(base) + terms / b,
                       clean=_mean(clean_rows), corrupted=_mean(base),
-                      meta={"method": METHOD, "steps": steps, "n_rows": len(base)})
+                      meta={"method": METHOD, "steps": steps, "n_rows": len(base)} | ({"qkv": True} if qkv else {}))
 
 
 __all__ = ["attribution_vision_edges", "edge_terms", "reader_grads"]

@@ -22,8 +22,13 @@ output projections' and MLPs' biases are the same in both runs and cancel in the
 reader is patched where it reads, the read block's ``hook_resid_post`` (nothing else that reaches the logits reads
 that tensor).  Every edge patched at once is the clean run (tested, both architectures).
 
+With ``qkv=True`` each block's attention input is split per head into ``"V{l}H{h}.q"`` / ``".k"`` / ``".v"``
+readers, patched at that head's slice of the query, key or value projection (CLIP's ``q_proj`` / ``k_proj`` /
+``v_proj``, a third of Qwen2.5-VL's fused ``qkv``) of the patched norm, the other heads untouched: whether a
+vision head matters for where it looks, what it is found by or what it moves, as an edge question.
+
 Every vision position is patched (every patch of every image, CLS included); the metric is read at the language
-model's logits.  Not split per head (no ``qkv`` graph here) and no first-order estimate yet: patch.
+model's logits.  First-order and integrated estimates: :mod:`interp.vision_edge_attribution`.
 
 >>> from interp.tiny import tiny_vlm
 >>> g = vision_edge_graph(tiny_vlm("llava", vision_layers=3))   # the projector reads block 1 (feature layer -2)
@@ -60,13 +65,16 @@ METHOD = "vision_edge_patching"
 _HEAD = re.compile(r"^V(\d+)H(\d+)$")
 _MLP = re.compile(r"^V(\d+)\.mlp$")
 _READER = re.compile(r"^V(\d+)\.(attn_in|mlp_in)$")
+_QKV = re.compile(r"^V(\d+)H(\d+)\.(q|k|v)$")
+QKV = ("q", "k", "v")
 
 
 @dataclass(frozen=True)
 class VisionEdgeGraph:
     """The writers, readers and edges of the ``n_layers`` vision blocks of ``n_heads`` heads the projector reads
-    (module docstring).  The same interface as :class:`interp.edges.EdgeGraph` (``qkv`` is always False), so
-    :class:`~interp.edges.EdgeScores` and :func:`~interp.edges.greedy_circuit` work on it."""
+    (module docstring; ``qkv`` splits each attention input per head).  The same interface as
+    :class:`interp.edges.EdgeGraph`, so :class:`~interp.edges.EdgeScores` and :func:`~interp.edges.greedy_circuit`
+    work on it."""
 
     n_layers: int
     n_heads: int
@@ -76,8 +84,6 @@ class VisionEdgeGraph:
     def __post_init__(self) -> None:
         if self.n_layers < 1 or self.n_heads < 1:
             raise ValueError(f"a vision edge graph needs >= 1 block and head, got {self.n_layers} / {self.n_heads}")
-        if self.qkv:
-            raise NotImplementedError("the vision edge graph is not split per head (qkv) yet")
 
     @property
     def upstream(self) -> list[str]:
@@ -88,7 +94,14 @@ class VisionEdgeGraph:
 
     @property
     def downstream(self) -> list[str]:
-        return [r for l in range(self.n_layers) for r in (f"V{l}.attn_in", f"V{l}.mlp_in")] + [PROJECTOR]
+        return [r for l in range(self.n_layers) for r in self.attention_readers(l) + [f"V{l}.mlp_in"]] + [PROJECTOR]
+
+    def attention_readers(self, layer: int) -> list[str]:
+        """Block ``layer``'s attention readers: ``["V{l}.attn_in"]``, or with ``qkv`` every head's query, then
+        key, then value."""
+        if not self.qkv:
+            return [f"V{layer}.attn_in"]
+        return [f"V{layer}H{h}.{c}" for c in QKV for h in range(self.n_heads)]
 
     @property
     def output(self) -> str:
@@ -96,7 +109,7 @@ class VisionEdgeGraph:
         return PROJECTOR
 
     def head_inputs(self, layer: int, head: int) -> list[str]:
-        return [f"V{layer}.attn_in"]
+        return [f"V{layer}H{head}.{c}" for c in QKV] if self.qkv else [f"V{layer}.attn_in"]
 
     def mlp_input(self, layer: int) -> str:
         return f"V{layer}.mlp_in"
@@ -115,14 +128,31 @@ class VisionEdgeGraph:
                          f"writers are 'patches', 'V{{l}}H{{h}}' and 'V{{l}}.mlp'")
 
     def reader(self, label: str) -> tuple[str, int]:
-        """``(kind, layer)``: kind ``"attn_in"``, ``"mlp_in"`` or ``"projector"`` (layer ``n_layers``)."""
+        """``(kind, layer)``: kind ``"attn_in"``, ``"q"`` / ``"k"`` / ``"v"``, ``"mlp_in"`` or ``"projector"``
+        (layer ``n_layers``)."""
+        kind, layer, _ = self.reader_parts(label)
+        return kind, layer
+
+    def reader_parts(self, label: str) -> tuple[str, int, Optional[int]]:
+        """``(kind, layer, head)`` of a reader label (head for a query/key/value reader, else None); raises for a
+        label of the other granularity."""
         if label == PROJECTOR:
-            return PROJECTOR, self.n_layers
+            return PROJECTOR, self.n_layers, None
         m = _READER.match(label) if isinstance(label, str) else None
         if m is not None and int(m.group(1)) < self.n_layers:
-            return m.group(2), int(m.group(1))
-        raise ValueError(f"unknown vision reader {label!r} for {self.n_layers} blocks: readers are "
-                         f"'V{{l}}.attn_in', 'V{{l}}.mlp_in' and 'projector'")
+            if m.group(2) == "attn_in" and self.qkv:
+                raise ValueError(f"reader {label!r} is not in a graph split per head (qkv=True): its heads read "
+                                 f"through 'V{m.group(1)}H{{h}}.q' / '.k' / '.v'")
+            return m.group(2), int(m.group(1)), None
+        m = _QKV.match(label) if isinstance(label, str) else None
+        if m is not None and int(m.group(1)) < self.n_layers and int(m.group(2)) < self.n_heads:
+            if not self.qkv:
+                raise ValueError(f"reader {label!r} is one head's {m.group(3)}: pass qkv=True for the graph split "
+                                 f"per head")
+            return m.group(3), int(m.group(1)), int(m.group(2))
+        raise ValueError(f"unknown vision reader {label!r} for {self.n_layers} blocks of {self.n_heads} heads: "
+                         f"readers are 'V{{l}}.attn_in' (split per head 'V{{l}}H{{h}}.q' / '.k' / '.v'), "
+                         f"'V{{l}}.mlp_in' and 'projector'")
 
     def is_edge(self, writer: str, reader: str) -> bool:
         kind, layer, _ = self.writer(writer)
@@ -167,9 +197,32 @@ def projector_block(model: "HookedVLM") -> int:
     return blocks[0]
 
 
-def vision_edge_graph(model: "HookedVLM") -> VisionEdgeGraph:
-    """The vision edge graph of ``model``: the blocks up to the one the projector reads."""
-    return VisionEdgeGraph(n_layers=projector_block(model) + 1, n_heads=model.head_counts["vision"][0])
+def vision_edge_graph(model: "HookedVLM", qkv: bool = False) -> VisionEdgeGraph:
+    """The vision edge graph of ``model``: the blocks up to the one the projector reads (``qkv``: split per
+    head)."""
+    return VisionEdgeGraph(n_layers=projector_block(model) + 1, n_heads=model.head_counts["vision"][0], qkv=qkv)
+
+
+def vision_graph_of(model: "HookedVLM", edges: Iterable[Edge]) -> VisionEdgeGraph:
+    """The graph a set of edges belongs to: split per head when any reader is a head's query, key or value."""
+    split = any(isinstance(e, (tuple, list)) and len(e) == 2 and isinstance(e[1], str) and _QKV.match(e[1])
+                for e in edges)
+    return vision_edge_graph(model, qkv=split)
+
+
+def qkv_weights(model: "HookedVLM", layer: int, kind: str) -> tuple[Tensor, Optional[Tensor]]:
+    """Vision block ``layer``'s query, key or value projection per head: weight ``[head, d_head, d]`` and bias
+    ``[head, d_head]`` (None without): CLIP's ``q_proj`` / ``k_proj`` / ``v_proj``, or a third of Qwen2.5-VL's
+    fused ``qkv``."""
+    site = f"vision.blocks.{layer}.attn.hook_{kind}"
+    module = get_module(model.hf_model, model.site(site).module)
+    w, b = module.weight, module.bias
+    n_heads = model.head_counts["vision"][0]
+    if model.site(site).module.endswith("qkv"):  # fused [q | k | v] rows
+        n = w.shape[0] // 3
+        i = QKV.index(kind)
+        w, b = w[i * n:(i + 1) * n], None if b is None else b[i * n:(i + 1) * n]
+    return w.reshape(n_heads, -1, w.shape[-1]), None if b is None else b.reshape(n_heads, -1)
 
 
 def vision_edge_names(model: "HookedVLM") -> list[str]:
@@ -187,16 +240,24 @@ def _writer_name(graph: VisionEdgeGraph, writer: str) -> str:
 
 
 def _reader_names(graph: VisionEdgeGraph, reader: str) -> tuple[str, str, bool]:
-    """``(input, site, normed)``: where the reader's input is recorded, where it is patched, and whether that site
-    is a norm's output (whose module then computes the patched value; the projector reads the residual stream
-    itself)."""
-    kind, layer = graph.reader(reader)
+    """``(input, site, normed)``: where the reader's input is recorded, where it is patched, and whether it reads
+    through a norm (whose module then computes the patched value; the projector reads the residual stream
+    itself).  A query/key/value reader is patched at its projection's site, one head's slice."""
+    kind, layer, _ = graph.reader_parts(reader)
     if kind == PROJECTOR:
         name = f"vision.blocks.{layer - 1}.hook_resid_post"
         return name, name, False
+    if kind in QKV:
+        return f"vision.blocks.{layer}.hook_resid_pre", f"vision.blocks.{layer}.attn.hook_{kind}", True
     if kind == "attn_in":
         return f"vision.blocks.{layer}.hook_resid_pre", f"vision.blocks.{layer}.ln1.hook_normalized", True
     return f"vision.blocks.{layer}.hook_resid_mid", f"vision.blocks.{layer}.ln2.hook_normalized", True
+
+
+def norm_site(graph: VisionEdgeGraph, reader: str) -> str:
+    """The norm output a (normed) reader reads through: ``ln1`` for attention readers, ``ln2`` for the MLP's."""
+    kind, layer, _ = graph.reader_parts(reader)
+    return f"vision.blocks.{layer}.{'ln2' if kind == 'mlp_in' else 'ln1'}.hook_normalized"
 
 
 def apply_norm(module: torch.nn.Module, x: Tensor) -> Tensor:
@@ -237,12 +298,14 @@ def writer_deltas(model: "HookedVLM", graph: VisionEdgeGraph, writers: Sequence[
     return total
 
 
-def vision_copy_hooks(model: "HookedVLM", source_cache: ActivationCache, edge_sets: Sequence[Sequence[Edge]]
-                      ) -> list[tuple[str, HookFn]]:
+def vision_copy_hooks(model: "HookedVLM", source_cache: ActivationCache, edge_sets: Sequence[Sequence[Edge]],
+                      qkv: Optional[bool] = None) -> list[tuple[str, HookFn]]:
     """Hooks for a batch repeated once per edge set (:func:`interp.steering.repeat_inputs`): copy ``c`` of the
     images gets ``edge_sets[c]`` patched from ``source_cache`` (which holds :func:`vision_edge_names` of a run
-    with one copy's images), each set exactly as alone."""
-    graph = vision_edge_graph(model)
+    with one copy's images), each set exactly as alone.  ``qkv``: which graph (None: split per head when any
+    reader is a head's query, key or value)."""
+    graph = vision_graph_of(model, [e for edges in edge_sets for e in edges]) if qkv is None else \
+        vision_edge_graph(model, qkv=qkv)
     edge_sets = [graph.check_edges(edges) for edges in edge_sets]
     if not any(edge_sets):
         return []
@@ -269,7 +332,9 @@ def vision_copy_hooks(model: "HookedVLM", source_cache: ActivationCache, edge_se
 
     def patch(reader: str, copies: list[list[str]]) -> HookFn:
         inp, site, normed = _reader_names(graph, reader)
-        module = get_module(model.hf_model, model.site(site).module) if normed else None
+        module = get_module(model.hf_model, model.site(norm_site(graph, reader)).module) if normed else None
+        kind, layer, head = graph.reader_parts(reader)
+        proj = qkv_weights(model, layer, kind) if kind in QKV else None
 
         def hook(y: Tensor, ctx: HookContext) -> Optional[Tensor]:
             if not ctx.is_prefill:
@@ -286,7 +351,13 @@ def vision_copy_hooks(model: "HookedVLM", source_cache: ActivationCache, edge_se
                 rows = slice(c * n_first, (c + 1) * n_first)
                 delta = writer_deltas(model, graph, writers, src, {k: t[rows] for k, t in current.items()})
                 new = (x[rows].float() + delta).to(x.dtype)
-                out[rows] = (new if module is None else apply_norm(module, new)).to(out.dtype)
+                new = new if module is None else apply_norm(module, new)
+                if proj is None:
+                    out[rows] = new.to(out.dtype)
+                else:  # one head's slice of the projection of the patched norm
+                    w, bias = proj
+                    out[rows, ..., head, :] = F.linear(new.to(w.dtype), w[head],
+                                                       None if bias is None else bias[head]).to(out.dtype)
             return out
         return hook
 
@@ -294,16 +365,21 @@ def vision_copy_hooks(model: "HookedVLM", source_cache: ActivationCache, edge_se
     return hooks
 
 
+def _graph(model: "HookedVLM", edges: Iterable[Edge], qkv: Optional[bool]) -> VisionEdgeGraph:
+    return vision_graph_of(model, edges) if qkv is None else vision_edge_graph(model, qkv=qkv)
+
+
 def patch_vision_edge_sets(model: "HookedVLM", target_inputs: VLMInputs, source_cache: ActivationCache,
-                           edge_sets: Sequence[Sequence[Edge]], metric: Metric, max_rows: Optional[int] = 32
-                           ) -> list[list[float]]:
+                           edge_sets: Sequence[Sequence[Edge]], metric: Metric, max_rows: Optional[int] = 32,
+                           qkv: Optional[bool] = None) -> list[list[float]]:
     """``metric`` per row of the target with each of ``edge_sets`` patched from ``source_cache``, several sets a
-    forward pass (the target repeated, at most ``max_rows`` rows a pass; None: all at once)."""
+    forward pass (the target repeated, at most ``max_rows`` rows a pass; None: all at once).  ``qkv`` as in
+    :func:`vision_copy_hooks`."""
     check_max_rows(max_rows)
     if not target_inputs.has_images:
         raise ValueError("the batch has no images: there are no vision edges to patch")
     check_source(source_cache, target_inputs, vision_edge_names(model))
-    graph = vision_edge_graph(model)
+    graph = _graph(model, [e for edges in edge_sets for e in edges], qkv)
     edge_sets = [graph.check_edges(e) for e in edge_sets]  # validate before any forward pass
     b = target_inputs.batch_size
     per_pass = len(edge_sets) if max_rows is None else max(1, max_rows // b)
@@ -312,7 +388,7 @@ def patch_vision_edge_sets(model: "HookedVLM", target_inputs: VLMInputs, source_
         chunk = edge_sets[s:s + per_pass]
         inputs = repeat_inputs(target_inputs, len(chunk))
         with torch.no_grad():
-            logits = model.run_with_hooks(inputs, vision_copy_hooks(model, source_cache, chunk))
+            logits = model.run_with_hooks(inputs, vision_copy_hooks(model, source_cache, chunk, qkv=graph.qkv))
         rows = _apply_metric(metric, logits, inputs)
         out += [rows[c * b:(c + 1) * b] for c in range(len(chunk))]
     return out
@@ -333,11 +409,11 @@ def _runs(model: "HookedVLM", clean: VLMInputs, corrupted: VLMInputs, metric: Me
 
 def patch_each_vision_edge(model: "HookedVLM", clean_inputs: VLMInputs, corrupted_inputs: VLMInputs, metric: Metric,
                            edges: Optional[Sequence[Edge]] = None, max_rows: Optional[int] = 32,
-                           progress: bool = False) -> EdgeScores:
+                           progress: bool = False, qkv: Optional[bool] = None) -> EdgeScores:
     """The corrupted run with each vision edge alone given its clean value (default: every edge of
-    :func:`vision_edge_graph`), several edges a forward pass; normalised like
+    :func:`vision_edge_graph`, split per head with ``qkv=True``), several edges a forward pass; normalised like
     :func:`interp.edge_patching.patch_each_edge` (clean 1, corrupted 0)."""
-    graph = vision_edge_graph(model)
+    graph = _graph(model, edges or [], qkv)
     edges = graph.edges() if edges is None else graph.check_edges(edges)
     if not edges:
         raise ValueError("no edges to patch")
@@ -351,27 +427,28 @@ def patch_each_vision_edge(model: "HookedVLM", clean_inputs: VLMInputs, corrupte
         chunks = tqdm(chunks, desc=f"vision edges ({per_pass} a pass)", unit="pass")
     patched = [_mean(rows) for chunk in chunks
                for rows in patch_vision_edge_sets(model, corrupted_inputs, clean_cache, [[e] for e in chunk],
-                                                  metric, None)]
+                                                  metric, None, qkv=graph.qkv)]
     return scores_from_rows(graph, edges, patched, _mean(clean_rows), _mean(corrupt_rows),
                             {"method": METHOD, "n_rows": len(clean_rows)})
 
 
 def vision_faithfulness_curve(model: "HookedVLM", clean_inputs: VLMInputs, corrupted_inputs: VLMInputs,
-                              circuits: Sequence[Sequence[Edge]], metric: Metric, max_rows: Optional[int] = 32
-                              ) -> list[float]:
+                              circuits: Sequence[Sequence[Edge]], metric: Metric, max_rows: Optional[int] = 32,
+                              qkv: Optional[bool] = None) -> list[float]:
     """How much of the clean behaviour each vision circuit keeps: the clean run with every vision edge outside it
     given the corrupted run's value, ``(metric - corrupted) / (clean - corrupted)`` of the batch means (1 for
-    every edge, 0 for none; the rest of the model, the language model included, runs clean)."""
-    graph = vision_edge_graph(model)
+    every edge, 0 for none; the rest of the model, the language model included, runs clean).  ``qkv``: the graph
+    whose other edges are corrupted (None: the one the circuits' edges belong to)."""
+    graph = _graph(model, [e for c in circuits for e in c], qkv)
     circuits = [graph.check_edges(c) for c in circuits]
     _, corrupt_cache, clean_rows, corrupt_rows = _runs(model, clean_inputs, corrupted_inputs, metric)
     gap = _mean(clean_rows) - _mean(corrupt_rows)
     every = graph.edges()
     rests = [[e for e in every if e not in keep] for keep in map(set, circuits)]
-    kept = patch_vision_edge_sets(model, clean_inputs, corrupt_cache, rests, metric, max_rows)
+    kept = patch_vision_edge_sets(model, clean_inputs, corrupt_cache, rests, metric, max_rows, qkv=graph.qkv)
     return [(_mean(m) - _mean(corrupt_rows)) / gap if abs(gap) > 1e-12 else float("nan") for m in kept]
 
 
-__all__ = ["PATCHES", "PROJECTOR", "VisionEdgeGraph", "apply_norm", "patch_each_vision_edge", "patch_vision_edge_sets",
-           "projector_block", "vision_copy_hooks", "vision_edge_graph", "vision_edge_names",
-           "vision_faithfulness_curve", "writer_deltas"]
+__all__ = ["PATCHES", "PROJECTOR", "QKV", "VisionEdgeGraph", "apply_norm", "norm_site", "patch_each_vision_edge",
+           "patch_vision_edge_sets", "projector_block", "qkv_weights", "vision_copy_hooks", "vision_edge_graph",
+           "vision_edge_names", "vision_faithfulness_curve", "vision_graph_of", "writer_deltas"]

@@ -13,7 +13,7 @@ from interp.patching import logit_diff
 from interp.tiny import tiny_vlm
 from interp.vision_edges import (
     VisionEdgeGraph, apply_norm, patch_each_vision_edge, patch_vision_edge_sets, vision_edge_graph, vision_edge_names,
-    vision_faithfulness_curve,
+    vision_copy_hooks, vision_faithfulness_curve, vision_graph_of,
 )
 from tests.conftest import random_image
 
@@ -45,8 +45,14 @@ def test_the_graph_ends_where_the_projector_reads():
         g.check_edges([("patches", "V2.attn_in")])
     with pytest.raises(ValueError, match="no edge 'V1.mlp' -> 'V1.attn_in'"):
         g.check_edges([("V1.mlp", "V1.attn_in")])
-    with pytest.raises(NotImplementedError, match="per head"):
-        VisionEdgeGraph(2, 2, qkv=True)
+    split = vision_edge_graph(llava, qkv=True)
+    assert split.downstream[:7] == ["V0H0.q", "V0H1.q", "V0H0.k", "V0H1.k", "V0H0.v", "V0H1.v", "V0.mlp_in"]
+    assert split.head_inputs(1, 0) == ["V1H0.q", "V1H0.k", "V1H0.v"] and split.is_edge("V0H1", "V1H0.k")
+    with pytest.raises(ValueError, match="qkv=True"):
+        g.check_edges([("patches", "V1H0.q")])
+    with pytest.raises(ValueError, match="not in a graph split per head"):
+        split.check_edges([("patches", "V1.attn_in")])
+    assert vision_graph_of(llava, [("patches", "V1H0.v")]).qkv and not vision_graph_of(llava, g.edges()).qkv
 
 
 def test_every_edge_is_the_clean_run_and_none_the_corrupted(tiny_model):
@@ -127,3 +133,36 @@ def test_bad_requests_are_named(tiny_llava):
     _, cache = tiny_llava.run_with_cache(clean, names=["vision.blocks.0.hook_resid_pre"])
     with pytest.raises(ValueError, match="lacks"):
         patch_vision_edge_sets(tiny_llava, corrupt, cache, [[("patches", "projector")]], METRIC)
+
+
+def test_a_blocks_queries_keys_and_values_together_are_its_attention_input(tiny_model):
+    """Split per head: every head's query, key and value reader of block 0 given a writer's clean value equals its
+    attention input given it (``ln1`` feeds nothing else); one head's query alone changes that head's query only."""
+    clean, corrupt = _pair(tiny_model)
+    _, cache = tiny_model.run_with_cache(clean, names=vision_edge_names(tiny_model))
+    split = vision_edge_graph(tiny_model, qkv=True)
+    readers = split.attention_readers(0)
+    together = patch_vision_edge_sets(tiny_model, corrupt, cache, [[("patches", v) for v in readers]], METRIC)[0]
+    whole = patch_vision_edge_sets(tiny_model, corrupt, cache, [[("patches", "V0.attn_in")]], METRIC)[0]
+    assert np.allclose(together, whole, atol=1e-5)
+    with torch.no_grad():
+        plain = METRIC(tiny_model.run_with_hooks(corrupt, []), corrupt)
+    assert not np.allclose(whole, plain.tolist(), atol=1e-5)
+    q = "vision.blocks.0.attn.hook_q"
+    hooks = vision_copy_hooks(tiny_model, cache, [[("patches", "V0H1.q")]])
+    _, got = tiny_model.run_with_cache(corrupt, names=[q], hooks=hooks)
+    _, ref = tiny_model.run_with_cache(corrupt, names=[q])
+    _, want = tiny_model.run_with_cache(clean, names=[q])
+    assert torch.allclose(got[q][..., 0, :], ref[q][..., 0, :])  # head 0 untouched
+    assert torch.allclose(got[q][..., 1, :], want[q][..., 1, :], atol=1e-5)  # head 1: the clean query
+
+
+def test_split_scores_and_circuits(tiny_model):
+    clean, corrupt = _pair(tiny_model)
+    scores = patch_each_vision_edge(tiny_model, clean, corrupt, METRIC, qkv=True)
+    g = vision_edge_graph(tiny_model, qkv=True)
+    assert scores.graph == g and np.isfinite(scores.effects).sum() == len(g.edges())
+    circuit = greedy_circuit(scores, 6)
+    assert circuit[0][1] == "projector"
+    assert vision_faithfulness_curve(tiny_model, clean, corrupt, [g.edges(), []], METRIC) == pytest.approx([1, 0],
+                                                                                                            abs=1e-4)
