@@ -63,6 +63,7 @@ from interp.hook_paths import HookPaths, hook_paths_by_position
 from interp.patching import logit_diff
 from interp.vision_edges import PROJECTOR, patch_each_vision_edge
 
+from .circuit import by_input
 from .common import Context, base_parser, limited, load_context, out_dir, save_json
 from .patching import (
     NAME_QUESTION, answer_tokens, n_batches, name_pairs, pair_batches, position_mask, steering_queries,
@@ -120,30 +121,37 @@ def head_flow(ctx: Context, profiles: Sequence[Profile], n_pairs: int) -> dict[s
                                for c, g in inputs.items()}}
 
 
+def pool_scores(parts: Sequence[tuple[int, EdgeScores]]) -> EdgeScores:
+    """Edge scores of several batches as one (row-weighted means)."""
+    n = sum(k for k, _ in parts)
+    first = parts[0][1]
+    return EdgeScores(upstream=first.upstream, downstream=first.downstream,
+                      patched=sum(k * p.patched for k, p in parts) / n, clean=sum(k * p.clean for k, p in parts) / n,
+                      corrupted=sum(k * p.corrupted for k, p in parts) / n, meta=dict(first.meta))
+
+
 def vision_flow(ctx: Context, profiles: Sequence[Profile], n_pairs: int) -> dict[str, Any]:
     """The vision tower's edges on the same pairs (:func:`interp.vision_edges.patch_each_vision_edge`): each
-    writer's clean value given to one later reader alone, pooled over the pairs (clean 1, corrupted 0).  Says
-    whether a vision head matters because the projector reads what it wrote or because later vision blocks build
-    on it."""
+    writer's clean value given to one later reader alone, pooled over the pairs (clean 1, corrupted 0); then split
+    per head (each vision head's query, key and value a reader).  Says whether a vision head matters because the
+    projector reads what it wrote or because later vision blocks build on it, and through which input."""
     model = ctx.model
     specs = name_pairs(ctx.setup, profiles, n_pairs)
-    parts: list[tuple[int, EdgeScores]] = []
+    parts: dict[bool, list[tuple[int, EdgeScores]]] = {False: [], True: []}
     for _, clean, corrupt, _, metric in tqdm(pair_batches(model, profiles, specs), total=n_batches(specs),
                                              desc="vision edges", disable=not ctx.progress, leave=False):
         if clean.has_images:
-            parts.append((clean.batch_size, patch_each_vision_edge(model, clean, corrupt, metric,
-                                                                   max_rows=ctx.args.batch_size)))
-    if not parts:
+            for qkv in parts:
+                parts[qkv].append((clean.batch_size, patch_each_vision_edge(
+                    model, clean, corrupt, metric, max_rows=ctx.args.batch_size, qkv=qkv)))
+    if not parts[False]:
         return {}
-    n = sum(k for k, _ in parts)
-    first = parts[0][1]
-    pooled = EdgeScores(upstream=first.upstream, downstream=first.downstream,
-                        patched=sum(k * p.patched for k, p in parts) / n, clean=sum(k * p.clean for k, p in parts) / n,
-                        corrupted=sum(k * p.corrupted for k, p in parts) / n, meta=dict(first.meta))
+    pooled, split = pool_scores(parts[False]), pool_scores(parts[True])
     into = {u: pooled.value(u, PROJECTOR) for u in pooled.upstream}
     return {"n_pairs": len(specs), "n_edges": len(pooled.graph.edges()), "scores": pooled.to_dict(),
             "top": [{"writer": u, "reader": v, "effect": e} for u, v, e in pooled.ranked()[:8]],
-            "into_projector": into}
+            "into_projector": into, "split_edges": len(split.graph.edges()), "split_by_input": by_input(split),
+            "split_top": [{"writer": u, "reader": v, "effect": e} for u, v, e in split.ranked()[:8]]}
 
 
 # -- part 2: the eraser and attention to the image -------------------------------------------------------------
@@ -332,6 +340,10 @@ def print_summary(res: dict[str, Any]) -> None:
         print(f"  vision-tower edges ({v['n_edges']}), each alone (1 = clean restored): "
               + ", ".join(f"{t['writer']}->{t['reader']} {t['effect']:.2f}" for t in v["top"][:6]))
         print("  straight into the projector: " + ", ".join(f"{u} {e:.2f}" for u, e in v["into_projector"].items()))
+        k = v["split_by_input"]
+        print(f"  split per head ({v['split_edges']} edges), the summed effect into vision queries / keys / values: "
+              f"{k.get('q', 0):.2f} / {k.get('k', 0):.2f} / {k.get('v', 0):.2f}; largest: "
+              + ", ".join(f"{t['writer']}->{t['reader']} {t['effect']:.2f}" for t in v["split_top"][:4]))
     if f.get("vision_inputs"):
         print("  each vision-tower head's query / key / value patched alone (every patch):")
         for c, label in (("q", "vision query"), ("k", "vision key"), ("v", "vision value")):

@@ -78,6 +78,7 @@ def test_the_identity_head_matters_for_what_it_moves(run):
     assert edges["n_edges"] == 21 and list(edges["into_projector"])[0] == "patches"
     assert edges["top"][0]["writer"] == "patches" and edges["top"][0]["effect"] > 0.3
     assert abs(edges["top"][0]["effect"]) >= abs(edges["top"][-1]["effect"])
+    assert edges["split_edges"] == 46 and set(edges["split_by_input"]) == {"q", "k", "v", "mlp_in", "projector"}
 
 
 def test_steering_leaves_attention_before_the_first_steered_layer_alone(run):
