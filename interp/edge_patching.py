@@ -30,7 +30,7 @@ the patch goes one step further: that head's slice of ``q_proj`` / ``k_proj`` / 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TYPE_CHECKING, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -270,10 +270,13 @@ def patch_edges(model: "HookedVLM", target_inputs: VLMInputs, source_cache: Acti
     return _apply_metric(metric, logits, target_inputs)
 
 
-def _runs(model: "HookedVLM", clean: VLMInputs, corrupted: VLMInputs, metric: Metric
-          ) -> tuple[ActivationCache, ActivationCache, list[float], list[float]]:
+def _runs(model: "HookedVLM", clean: VLMInputs, corrupted: VLMInputs, metric: Metric,
+          names: Optional[Sequence[str]] = None) -> tuple[ActivationCache, ActivationCache, list[float], list[float]]:
+    """The clean and corrupted runs every edge function compares against: both caches of ``names`` (default the
+    language model's :func:`~interp.edges.edge_names`) and both metrics per row (read with the corrupted run's
+    positions)."""
     check_aligned(clean, corrupted)
-    names = edge_names(model)
+    names = edge_names(model) if names is None else names
     with torch.no_grad():
         clean_logits, clean_cache = model.run_with_cache(clean, names=names)
         corrupt_logits, corrupt_cache = model.run_with_cache(corrupted, names=names)
@@ -294,16 +297,30 @@ def patch_each_edge(model: "HookedVLM", clean_inputs: VLMInputs, corrupted_input
         raise ValueError("no edges to patch")
     check_max_rows(max_rows)
     clean_cache, _, clean_rows, corrupt_rows = _runs(model, clean_inputs, corrupted_inputs, metric)
-    per_pass = max(1, (max_rows or len(edges) * clean_inputs.batch_size) // clean_inputs.batch_size)
+    patched = each_alone(edges, clean_inputs.batch_size, max_rows, progress, "edges",
+                         lambda sets: patch_edge_sets(model, corrupted_inputs, clean_cache, sets, metric, None,
+                                                      qkv=graph.qkv))
+    return scores_from_rows(graph, edges, patched, _mean(clean_rows), _mean(corrupt_rows),
+                            {"method": METHOD, "n_rows": len(clean_rows)})
+
+
+def each_alone(edges: Sequence[Edge], batch: int, max_rows: Optional[int], progress: bool, what: str,
+               patch_sets: Callable[[list[list[Edge]]], list[list[float]]]) -> list[float]:
+    """The batch-mean metric with each edge alone patched, ``max_rows // batch`` edges a forward pass
+    (``patch_sets`` patches a list of edge sets in one pass), with a progress bar when asked."""
+    per_pass = max(1, (max_rows or len(edges) * batch) // batch)
     chunks = [edges[s:s + per_pass] for s in range(0, len(edges), per_pass)]
     if progress:
         from tqdm.auto import tqdm
-        chunks = tqdm(chunks, desc=f"edges ({per_pass} a pass)", unit="pass")
-    patched = [_mean(rows) for chunk in chunks
-               for rows in patch_edge_sets(model, corrupted_inputs, clean_cache, [[e] for e in chunk], metric, None,
-                                           qkv=graph.qkv)]
-    return scores_from_rows(graph, edges, patched, _mean(clean_rows), _mean(corrupt_rows),
-                            {"method": METHOD, "n_rows": len(clean_rows)})
+        chunks = tqdm(chunks, desc=f"{what} ({per_pass} a pass)", unit="pass")
+    return [_mean(rows) for chunk in chunks for rows in patch_sets([[e] for e in chunk])]
+
+
+def kept_fractions(kept: Sequence[Sequence[float]], clean_rows: Sequence[float], corrupt_rows: Sequence[float]
+                   ) -> list[float]:
+    """``(metric - corrupted) / (clean - corrupted)`` of the batch means, per circuit; NaN when the runs agree."""
+    gap = _mean(clean_rows) - _mean(corrupt_rows)
+    return [(_mean(m) - _mean(corrupt_rows)) / gap if abs(gap) > 1e-12 else float("nan") for m in kept]
 
 
 def _graph(model: "HookedVLM", edges: Optional[Iterable[Edge]], qkv: Optional[bool]) -> EdgeGraph:
@@ -338,10 +355,9 @@ def faithfulness_curve(model: "HookedVLM", clean_inputs: VLMInputs, corrupted_in
     graph = _graph(model, [e for c in circuits for e in c], qkv)
     circuits = [graph.check_edges(c) for c in circuits]  # validate before any forward pass
     _, corrupt_cache, clean_rows, corrupt_rows = _runs(model, clean_inputs, corrupted_inputs, metric)
-    gap = _mean(clean_rows) - _mean(corrupt_rows)
     rests = [complement(model, c, qkv=graph.qkv) for c in circuits]
     kept = patch_edge_sets(model, clean_inputs, corrupt_cache, rests, metric, max_rows, qkv=graph.qkv)
-    return [(_mean(m) - _mean(corrupt_rows)) / gap if abs(gap) > 1e-12 else float("nan") for m in kept]
+    return kept_fractions(kept, clean_rows, corrupt_rows)
 
 
 def top_circuits(scores: EdgeScores, counts: Sequence[int], by_abs: bool = True) -> list[list[Edge]]:
@@ -349,6 +365,7 @@ def top_circuits(scores: EdgeScores, counts: Sequence[int], by_abs: bool = True)
     return [scores.top(k, by_abs) for k in counts]
 
 
-__all__ = ["circuit_faithfulness", "complement", "copy_hooks", "edge_hooks", "faithfulness_curve", "norm_module",
+__all__ = ["circuit_faithfulness", "complement", "copy_hooks", "each_alone", "edge_hooks", "faithfulness_curve",
+           "kept_fractions", "norm_module",
            "patch_each_edge", "patch_edge_sets", "patch_edges", "put_reader_input", "qkv_projection", "qkv_weights",
            "reader_heads", "rms_norm", "top_circuits", "writer_delta"]

@@ -238,23 +238,28 @@ class EdgeGraph:
 
     def check_edges(self, edges: Iterable[Edge]) -> list[Edge]:
         """``edges`` as a list of ``(writer, reader)`` tuples, every one checked; raises naming the first bad one."""
-        out = []
-        known = _edge_set(self)
-        for e in edges:
-            try:
-                hit = isinstance(e, tuple) and e in known  # the common case, without parsing labels
-            except TypeError:  # an unhashable part: reported below
-                hit = False
-            if hit:
-                out.append(e)
-                continue
-            if not (isinstance(e, (tuple, list)) and len(e) == 2 and all(isinstance(x, str) for x in e)):
-                raise ValueError(f"an edge is a (writer, reader) pair of labels, got {e!r}")
-            u, v = e
-            if not self.is_edge(u, v):
-                raise ValueError(f"no edge {u!r} -> {v!r}: {u!r} runs after {v!r} reads the residual stream")
-            out.append((u, v))
-        return out
+        return checked_edges(self, edges, _edge_set(self))
+
+
+def checked_edges(graph: Any, edges: Iterable[Edge], known: frozenset[Edge]) -> list[Edge]:
+    """``edges`` as ``(writer, reader)`` tuples of ``graph`` (any graph with ``is_edge``), each looked up in
+    ``known`` (its edges) first and its labels parsed only on a miss; raises naming the first bad one."""
+    out = []
+    for e in edges:
+        try:
+            hit = isinstance(e, tuple) and e in known  # the common case, without parsing labels
+        except TypeError:  # an unhashable part: reported below
+            hit = False
+        if hit:
+            out.append(e)
+            continue
+        if not (isinstance(e, (tuple, list)) and len(e) == 2 and all(isinstance(x, str) for x in e)):
+            raise ValueError(f"an edge is a (writer, reader) pair of labels, got {e!r}")
+        u, v = e
+        if not graph.is_edge(u, v):
+            raise ValueError(f"no edge {u!r} -> {v!r}: {u!r} runs after {v!r} reads the residual stream")
+        out.append((u, v))
+    return out
 
 
 @functools.lru_cache(maxsize=4)

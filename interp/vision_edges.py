@@ -49,11 +49,12 @@ from torch import Tensor
 
 from .adapters import get_module
 from .cache import ActivationCache
-from .edge_patching import rms_norm
-from .edges import Edge, EdgeScores, scores_from_rows
+from .edge_patching import _runs as paired_runs
+from .edge_patching import each_alone, kept_fractions, rms_norm
+from .edges import Edge, EdgeScores, checked_edges, scores_from_rows
 from .hooks import HookContext, HookFn
 from .inputs import VLMInputs
-from .patching import Metric, _apply_metric, _mean, check_aligned, check_max_rows, check_source
+from .patching import Metric, _apply_metric, _mean, check_max_rows, check_source
 from .steering import repeat_inputs
 
 if TYPE_CHECKING:
@@ -169,17 +170,7 @@ class VisionEdgeGraph:
 
     def check_edges(self, edges: Iterable[Edge]) -> list[Edge]:
         """``edges`` as ``(writer, reader)`` tuples, each checked; raises naming the first bad one."""
-        known, out = _edge_set(self), []
-        for e in edges:
-            if not (isinstance(e, (tuple, list)) and len(e) == 2 and all(isinstance(x, str) for x in e)):
-                raise ValueError(f"an edge is a (writer, reader) pair of labels, got {e!r}")
-            e = (e[0], e[1])
-            if e not in known:
-                if not self.is_edge(*e):  # raises for unknown labels first
-                    raise ValueError(f"no edge {e[0]!r} -> {e[1]!r}: {e[0]!r} runs after {e[1]!r} reads the "
-                                     "residual stream")
-            out.append(e)
-        return out
+        return checked_edges(self, edges, _edge_set(self))
 
 
 @functools.lru_cache(maxsize=8)
@@ -394,17 +385,10 @@ def patch_vision_edge_sets(model: "HookedVLM", target_inputs: VLMInputs, source_
     return out
 
 
-def _runs(model: "HookedVLM", clean: VLMInputs, corrupted: VLMInputs, metric: Metric
-          ) -> tuple[ActivationCache, ActivationCache, list[float], list[float]]:
-    check_aligned(clean, corrupted)
+def _runs(model: "HookedVLM", clean: VLMInputs, corrupted: VLMInputs, metric: Metric):
     if not (clean.has_images and corrupted.has_images):
         raise ValueError("the batch has no images: there are no vision edges to patch")
-    names = vision_edge_names(model)
-    with torch.no_grad():
-        clean_logits, clean_cache = model.run_with_cache(clean, names=names)
-        corrupt_logits, corrupt_cache = model.run_with_cache(corrupted, names=names)
-    return (clean_cache, corrupt_cache, _apply_metric(metric, clean_logits, corrupted),
-            _apply_metric(metric, corrupt_logits, corrupted))
+    return paired_runs(model, clean, corrupted, metric, vision_edge_names(model))
 
 
 def patch_each_vision_edge(model: "HookedVLM", clean_inputs: VLMInputs, corrupted_inputs: VLMInputs, metric: Metric,
@@ -419,15 +403,9 @@ def patch_each_vision_edge(model: "HookedVLM", clean_inputs: VLMInputs, corrupte
         raise ValueError("no edges to patch")
     check_max_rows(max_rows)
     clean_cache, _, clean_rows, corrupt_rows = _runs(model, clean_inputs, corrupted_inputs, metric)
-    b = clean_inputs.batch_size
-    per_pass = max(1, (max_rows or len(edges) * b) // b)
-    chunks = [edges[s:s + per_pass] for s in range(0, len(edges), per_pass)]
-    if progress:
-        from tqdm.auto import tqdm
-        chunks = tqdm(chunks, desc=f"vision edges ({per_pass} a pass)", unit="pass")
-    patched = [_mean(rows) for chunk in chunks
-               for rows in patch_vision_edge_sets(model, corrupted_inputs, clean_cache, [[e] for e in chunk],
-                                                  metric, None, qkv=graph.qkv)]
+    patched = each_alone(edges, clean_inputs.batch_size, max_rows, progress, "vision edges",
+                         lambda sets: patch_vision_edge_sets(model, corrupted_inputs, clean_cache, sets, metric, None,
+                                                             qkv=graph.qkv))
     return scores_from_rows(graph, edges, patched, _mean(clean_rows), _mean(corrupt_rows),
                             {"method": METHOD, "n_rows": len(clean_rows)})
 
@@ -442,11 +420,10 @@ def vision_faithfulness_curve(model: "HookedVLM", clean_inputs: VLMInputs, corru
     graph = _graph(model, [e for c in circuits for e in c], qkv)
     circuits = [graph.check_edges(c) for c in circuits]
     _, corrupt_cache, clean_rows, corrupt_rows = _runs(model, clean_inputs, corrupted_inputs, metric)
-    gap = _mean(clean_rows) - _mean(corrupt_rows)
     every = graph.edges()
     rests = [[e for e in every if e not in keep] for keep in map(set, circuits)]
     kept = patch_vision_edge_sets(model, clean_inputs, corrupt_cache, rests, metric, max_rows, qkv=graph.qkv)
-    return [(_mean(m) - _mean(corrupt_rows)) / gap if abs(gap) > 1e-12 else float("nan") for m in kept]
+    return kept_fractions(kept, clean_rows, corrupt_rows)
 
 
 __all__ = ["PATCHES", "PROJECTOR", "QKV", "VisionEdgeGraph", "apply_norm", "norm_site", "patch_each_vision_edge",
