@@ -207,13 +207,7 @@ class EdgeGraph:
 
     def is_edge(self, writer: str, reader: str) -> bool:
         """Whether ``writer``'s output is part of ``reader``'s input (raises for unknown labels)."""
-        kind, layer, _ = self.writer(writer)
-        r_kind, r_layer = self.reader(reader)
-        if layer is None:
-            return True
-        if kind == "head" and r_kind == "mlp_in":
-            return layer <= r_layer
-        return layer < r_layer  # attention readers (block or q/k/v), MLP into a later block, the logits
+        return feeds(self.writer(writer), self.reader(reader))
 
     def edge_mask(self) -> np.ndarray:
         """``mask[i, j]``: whether ``upstream[i] -> downstream[j]`` is an edge (:meth:`is_edge` for every pair at
@@ -239,6 +233,19 @@ class EdgeGraph:
     def check_edges(self, edges: Iterable[Edge]) -> list[Edge]:
         """``edges`` as a list of ``(writer, reader)`` tuples, every one checked; raises naming the first bad one."""
         return checked_edges(self, edges, _edge_set(self))
+
+
+def feeds(writer: tuple[str, Optional[int], Optional[int]], reader: tuple[str, int]) -> bool:
+    """Whether a writer ``(kind, layer, head)`` feeds a reader ``(kind, layer)`` in a pre-norm residual stream:
+    the embeddings (layer None) feed every reader, a head feeds its own block's MLP and everything after, an MLP
+    only later blocks' readers and the output."""
+    kind, layer, _ = writer
+    r_kind, r_layer = reader
+    if layer is None:
+        return True
+    if kind == "head" and r_kind == "mlp_in":
+        return layer <= r_layer
+    return layer < r_layer  # attention readers (block or q/k/v), MLP into a later block, the output
 
 
 def checked_edges(graph: Any, edges: Iterable[Edge], known: frozenset[Edge]) -> list[Edge]:

@@ -51,7 +51,7 @@ from .adapters import get_module
 from .cache import ActivationCache
 from .edge_patching import _runs as paired_runs
 from .edge_patching import each_alone, kept_fractions, rms_norm
-from .edges import Edge, EdgeScores, checked_edges, scores_from_rows
+from .edges import Edge, EdgeScores, checked_edges, feeds, scores_from_rows
 from .hooks import HookContext, HookFn
 from .inputs import VLMInputs
 from .patching import Metric, _apply_metric, _mean, check_max_rows, check_source
@@ -156,13 +156,7 @@ class VisionEdgeGraph:
                          f"'V{{l}}.mlp_in' and 'projector'")
 
     def is_edge(self, writer: str, reader: str) -> bool:
-        kind, layer, _ = self.writer(writer)
-        r_kind, r_layer = self.reader(reader)
-        if layer is None:
-            return True
-        if kind == "head" and r_kind == "mlp_in":
-            return layer <= r_layer
-        return layer < r_layer
+        return feeds(self.writer(writer), self.reader(reader))
 
     def edges(self) -> list[Edge]:
         """Every edge, readers in execution order, writers in execution order within each."""
