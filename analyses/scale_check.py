@@ -380,13 +380,16 @@ def check_edges(model, bench, batch: int, clock: _Clock, steps: int = 8, sample_
                    and out["split_finite"] and out["split_rel_gap"] <= out["split_tolerance"]
                    and out["hook_paths_abs_diff"] <= tol_abs
                    and out["vision_finite"] and out["vision_projector_patched_abs_diff"] <= tol_abs
+                   and out["vision_split_rel_gap"] <= out["split_tolerance"]
                    and abs(out["vision_integrated_projector_cut"] - 1.0) <= 0.15)
     return out
 
 
 def check_vision_edges(model, inputs, corrupt, metric, clock: _Clock, steps: int, tol_abs: float) -> dict[str, Any]:
-    """The vision tower's edges (:mod:`interp.vision_edges`: 9,408 for LLaVA-1.5-7B's CLIP-L read at block 22, 17,985 for Qwen2.5-VL-7B's tower)
-    estimated first order and integrated, with time and peak memory; every edge into the projector patched from
+    """The vision tower's edges (:mod:`interp.vision_edges`: 9,408 for LLaVA-1.5-7B's CLIP-L read at block 22, 17,985
+    for Qwen2.5-VL-7B's tower) estimated first order and integrated, with time and peak memory, and split per head
+    first order (its queries, keys and values must add up to the attention input); every edge into the projector
+    patched from
     the clean run, which must give the clean run's metric (to the dtype's rounding), and the integrated edges into
     the projector must add up to within 0.15 of 1."""
     from interp.vision_edge_attribution import attribution_vision_edges
@@ -399,6 +402,21 @@ def check_vision_edges(model, inputs, corrupt, metric, clock: _Clock, steps: int
         with clock.peak(out, f"vision_{key}"):
             est[key] = attribution_vision_edges(model, inputs, corrupt, metric, steps=k)
     out["vision_finite"] = all(bool(np.isfinite(e.effects).sum() == len(graph.edges())) for e in est.values())
+    with clock.peak(out, "vision_split_first_order"):  # each vision head's query, key and value a reader
+        split = attribution_vision_edges(model, inputs, corrupt, metric, qkv=True)
+    g = split.graph
+    out["vision_split_edges"] = len(g.edges())
+    out["vision_finite"] &= bool(np.isfinite(split.patched).sum() == out["vision_split_edges"])
+    worst, scale = 0.0, 0.0
+    plain = est["first_order"]
+    for layer in range(g.n_layers):  # per writer, a block's q + k + v readers = its attention input
+        cols = [split.downstream.index(v) for v in g.attention_readers(layer)]
+        total = np.nansum(split.patched[:, cols] - split.corrupted, axis=1)
+        want = plain.patched[:, plain.downstream.index(f"V{layer}.attn_in")] - plain.corrupted
+        ok = np.isfinite(want)
+        worst = max(worst, float(np.abs(total[ok] - want[ok]).max()))
+        scale = max(scale, float(np.abs(want[ok]).max()))
+    out["vision_split_rel_gap"] = worst / scale if scale > 0 else float("nan")
     j = graph.downstream.index(PROJECTOR)
     out["vision_integrated_projector_cut"] = float(np.nansum(est["integrated"].effects[:, j]))
     with torch.no_grad():
@@ -607,6 +625,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"vision tower {e['vision_edges']} edges in {e['vision_first_order_s']:.2f} s first order, "
                   f"{e['vision_integrated_s']:.2f} s integrated"
                   + (f" (peak {e['vision_integrated_peak_gib']:.1f} GiB)" if "vision_integrated_peak_gib" in e else "")
+                  + f", split per head {e['vision_split_edges']} in {e['vision_split_first_order_s']:.2f} s (q + k + v"
+                  f" = attention input to {e['vision_split_rel_gap']:.1e})"
                   + f", the edges into the projector: integrated {e['vision_integrated_projector_cut']:.2f}, patched "
                   f"off the clean run by {e['vision_projector_patched_abs_diff']:.1e} ({e['vision_patch_pass_s']:.2f} "
                   f"s a pass): {'ok' if e['pass'] else 'FAILED'}", flush=True)

@@ -33,12 +33,12 @@ from torch import Tensor
 
 from .adapters import get_module
 from .attribution_patching import Terms, check_path_end, check_steps, swap_path
-from .edges import EdgeScores
+from .edges import EdgeScores, feeds
 from .gradients import GradRun
 from .inputs import VLMInputs
 from .patching import Metric, _mean, check_aligned
 from .vision_edges import (
-    PATCHES, QKV, VisionEdgeGraph, _reader_names, apply_norm, norm_site, qkv_weights, vision_edge_graph,
+    QKV, VisionEdgeGraph, _reader_names, apply_norm, norm_site, qkv_weights, vision_edge_graph,
     vision_edge_names,
 )
 
@@ -87,22 +87,29 @@ def edge_terms(model: "HookedVLM", graph: VisionEdgeGraph, deltas: dict[str, Ten
 def _edge_terms(model: "HookedVLM", graph: VisionEdgeGraph, deltas: dict[str, Tensor], grads: dict[str, Tensor]
                 ) -> np.ndarray:
     up, down = graph.upstream, graph.downstream
-    out = np.full((len(up), len(down)), np.nan)
-    writes: dict[str, Tensor] = {PATCHES: deltas["vision.blocks.0.hook_resid_pre"].float()}
+    patches = deltas["vision.blocks.0.hook_resid_pre"].float()
+    heads, mlps = [], []
     for l in range(graph.n_layers):
         z = f"vision.blocks.{l}.attn.hook_z"
-        diff = deltas[z].float()  # [..., head, d_head]
         w = get_module(model.hf_model, model.site(z).module).weight.float()  # [d, head * d_head]
-        per_head = torch.einsum("...hk,dhk->...hd", diff, w.view(w.shape[0], graph.n_heads, -1))
-        for h in range(graph.n_heads):
-            writes[f"V{l}H{h}"] = per_head[..., h, :]
-        writes[f"V{l}.mlp"] = deltas[f"vision.blocks.{l}.hook_mlp_out"].float()
-    for j, v in enumerate(down):
-        g = grads[v]
-        for i, u in enumerate(up):
-            if graph.is_edge(u, v):
-                out[i, j] = float((writes[u] * g.to(writes[u].device)).sum())
-    return out
+        heads.append(torch.einsum("...hk,dhk->...hd", deltas[z].float(), w.view(w.shape[0], graph.n_heads, -1)))
+        mlps.append(deltas[f"vision.blocks.{l}.hook_mlp_out"].float())
+    out = torch.full((len(up), len(down)), float("nan"), dtype=torch.float64)
+    first_head = {l: up.index(f"V{l}H0") for l in range(graph.n_layers)}
+    for j, v in enumerate(down):  # one product per writer group (a block's heads at once), not per edge
+        g = grads[v].to(patches.device)
+        reader = graph.reader(v)
+        cells = [(patches * g).sum().reshape(1)]
+        rows = [0]
+        for l in range(graph.n_layers):
+            if feeds(("head", l, 0), reader):
+                cells.append(torch.einsum("...hd,...d->h", heads[l], g))
+                rows += list(range(first_head[l], first_head[l] + graph.n_heads))
+            if feeds(("mlp", l, None), reader):
+                cells.append((mlps[l] * g).sum().reshape(1))
+                rows.append(first_head[l] + graph.n_heads)
+        out[rows, j] = torch.cat(cells).double().cpu()
+    return out.numpy()
 
 
 def attribution_vision_edges(model: "HookedVLM", clean_inputs: VLMInputs, corrupted_inputs: VLMInputs,

@@ -54,6 +54,7 @@ def test_scale_check_passes_on_the_tiny_size_and_writes_its_record(arch, tmp_pat
     assert edges["vision_finite"] and edges["vision_edges"] > 0  # the vision tower's edges, estimated
     assert edges["vision_projector_patched_abs_diff"] <= edges["tolerance"]  # every edge into the projector: clean
     assert abs(edges["vision_integrated_projector_cut"] - 1.0) <= 0.15
+    assert edges["vision_split_edges"] > edges["vision_edges"] and edges["vision_split_rel_gap"] <= 1e-4
 
 
 def test_image_tokens_of_the_7b_sizes_are_the_checkpoints():
