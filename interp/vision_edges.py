@@ -16,8 +16,8 @@ Nodes (``V`` for vision, so they never collide with the language model's ``L`` l
   last) are left out: nothing they write reaches the language model.
 
 Edges are patched exactly as in :mod:`interp.edge_patching`: the reader's norm output becomes
-``norm(x + sum over patched writers u of (source_u - current_u))``, computed by the model's own norm module
-(CLIP's LayerNorm or Qwen2.5-VL's RMSNorm), so the residual stream and every other reader are untouched.  The
+``norm(x + sum over patched writers u of (source_u - current_u))``, with the model's own norm (CLIP's LayerNorm or
+Qwen2.5-VL's RMSNorm, its weights and epsilon, as a function: :func:`apply_norm`), so the residual stream and every other reader are untouched.  The
 output projections' and MLPs' biases are the same in both runs and cancel in the differences.  The projector
 reader is patched where it reads, the read block's ``hook_resid_post`` (nothing else that reaches the logits reads
 that tensor).  Every edge patched at once is the clean run (tested, both architectures).
