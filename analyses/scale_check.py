@@ -407,16 +407,7 @@ def check_vision_edges(model, inputs, corrupt, metric, clock: _Clock, steps: int
     g = split.graph
     out["vision_split_edges"] = len(g.edges())
     out["vision_finite"] &= bool(np.isfinite(split.patched).sum() == out["vision_split_edges"])
-    worst, scale = 0.0, 0.0
-    plain = est["first_order"]
-    for layer in range(g.n_layers):  # per writer, a block's q + k + v readers = its attention input
-        cols = [split.downstream.index(v) for v in g.attention_readers(layer)]
-        total = np.nansum(split.patched[:, cols] - split.corrupted, axis=1)
-        want = plain.patched[:, plain.downstream.index(f"V{layer}.attn_in")] - plain.corrupted
-        ok = np.isfinite(want)
-        worst = max(worst, float(np.abs(total[ok] - want[ok]).max()))
-        scale = max(scale, float(np.abs(want[ok]).max()))
-    out["vision_split_rel_gap"] = worst / scale if scale > 0 else float("nan")
+    out["vision_split_rel_gap"] = split_rel_gap(split, est["first_order"])
     j = graph.downstream.index(PROJECTOR)
     out["vision_integrated_projector_cut"] = float(np.nansum(est["integrated"].effects[:, j]))
     with torch.no_grad():
@@ -466,17 +457,25 @@ def check_split_edges(model, inputs, corrupt, metric, plain, clock: _Clock) -> d
     g = split.graph
     out["split_edges"] = len(g.edges())
     out["split_finite"] = bool(np.isfinite(split.patched).sum() == out["split_edges"])
+    out["split_rel_gap"] = split_rel_gap(split, plain)
+    out["split_tolerance"] = max(1e-3, 4 * torch.finfo(model.dtype).eps)
+    return out
+
+
+def split_rel_gap(split, plain) -> float:
+    """How far, per writer, a block's query, key and value readers' estimates (graph split per head) are from its
+    attention input's (the plain graph), relative to the largest such estimate: the gradient at ``ln1``'s output
+    is their sum, so only rounding separates them.  Either tower's edge scores."""
+    g, p = split.graph, plain.graph
     worst, scale = 0.0, 0.0
     for layer in range(g.n_layers):
         cols = [split.downstream.index(v) for v in g.attention_readers(layer)]
         total = np.nansum(split.patched[:, cols] - split.corrupted, axis=1)
-        want = plain.patched[:, plain.downstream.index(f"L{layer}.attn_in")] - plain.corrupted
+        want = plain.patched[:, plain.downstream.index(p.attention_readers(layer)[0])] - plain.corrupted
         ok = np.isfinite(want)
         worst = max(worst, float(np.abs(total[ok] - want[ok]).max()))
         scale = max(scale, float(np.abs(want[ok]).max()))
-    out["split_rel_gap"] = worst / scale if scale > 0 else float("nan")
-    out["split_tolerance"] = max(1e-3, 4 * torch.finfo(model.dtype).eps)
-    return out
+    return worst / scale if scale > 0 else float("nan")
 
 
 def check_baselines(setup, clock: _Clock, batch: int) -> dict[str, Any]:
